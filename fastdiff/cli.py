@@ -1,0 +1,134 @@
+"""``fastdiff``: distill, export and sample. User errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import FastdiffError
+
+
+def _device(name: str | None):
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cmd_distill(args) -> None:
+    from .config import load_config
+    from .trainer import Trainer
+
+    cfg = load_config(args.config, args.set or [])
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    out = trainer.fit()
+    if out is not None:
+        trainer.accelerator.print(f"student exported to {out}")
+
+
+def cmd_export(args) -> None:
+    import yaml
+
+    from . import checkpoint as ckpt
+    from .config import Config, _apply
+    from .trainer import Trainer
+
+    run = Path(args.run_dir)
+    config_file = run / "config.yaml"
+    if not config_file.is_file():
+        raise FastdiffError(f"{run} is not a fastdiff run folder (no config.yaml)")
+    path = ckpt.find_checkpoint(run, args.checkpoint)
+    cfg = Config()
+    _apply(cfg, yaml.safe_load((path / "config.yaml").read_text()))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
+    cfg.output_dir = str(run)  # the run may have moved since it was trained
+    trainer = Trainer(cfg, resume=args.checkpoint)
+    trainer.load(args.checkpoint)
+    print(f"student exported to {trainer.export(out)}")
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from .export import read_student_info
+    from .generator import Generator
+    from .sampling import sample_model, save_pngs
+    from .teacher import load_teacher
+
+    if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
+        raise FastdiffError("--num, --steps and --batch-size must be positive")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to write into it")
+    from .embedded import resolve_teacher_path
+
+    model_dir = resolve_teacher_path(args.model_dir)
+    info = read_student_info(model_dir)
+    loaded = load_teacher(model_dir)
+    device = _device(args.device)
+    loaded.model.to(device)
+    model = Generator(loaded.denoiser, info["num_steps"]) if info else loaded.denoiser
+    if info and args.guidance_scale is not None:
+        raise FastdiffError("--guidance-scale is for teachers; a student has its guidance distilled in")
+    with torch.no_grad():
+        for start, images in sample_model(model, loaded.sample_shape, args.num, args.steps, args.seed,
+                                          args.batch_size, loaded.num_classes, device, args.guidance_scale):
+            save_pngs(images, out, start)
+    kind = f"{info['num_steps']}-step student" if info else "teacher (DDIM)"
+    print(f"wrote {args.num} images from the {kind} at {args.steps} step(s) to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import named_configs
+
+    p = argparse.ArgumentParser(prog="fastdiff", description="Distill a diffusers teacher into a one- or few-step student.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="train a student from a teacher",
+                       description="Train a student. Configuration: a YAML file or a named config, then --set overrides.")
+    d.add_argument("--config", help=f"YAML file or named config ({', '.join(named_configs())})")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
+    d.add_argument("--resume", metavar="latest|STEP", help="continue the run in output_dir from a checkpoint")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("export", help="export a run's checkpoint as a diffusers folder")
+    e.add_argument("run_dir", help="the run folder (output_dir of fastdiff distill)")
+    e.add_argument("--out", required=True, help="folder to write the diffusers student into")
+    e.add_argument("--checkpoint", default="latest", help="'latest' or a step number (default: latest)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("sample", help="write PNG samples from a student or a teacher folder")
+    s.add_argument("model_dir", help="an exported student, or a teacher folder (diffusers layout)")
+    s.add_argument("--num", type=int, required=True, help="number of images")
+    s.add_argument("--steps", type=int, required=True, help="sampling steps (students: K-step sampler; teachers: DDIM)")
+    s.add_argument("--out", required=True, help="folder for the PNG files")
+    s.add_argument("--seed", type=int, default=0, help="noise seed; batch b uses seed + b (default 0)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    s.add_argument("--guidance-scale", type=float, default=None, help="teachers only: classifier-free guidance scale")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FastdiffError as exc:
+        print(f"fastdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastdiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Typed run configuration: YAML file + ``--set key=value`` overrides into dataclasses.
+
+Unknown keys and values of the wrong type are one-line errors naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import FastdiffError
+
+DEFAULT_TEACHER = "embedded:fmnist-ddpm"
+
+
+@dataclass
+class TeacherConfig:
+    path: str = DEFAULT_TEACHER  # local diffusers folder, hub id, or embedded:<name>
+    guidance_scale: float = 1.0  # CFG on the real score (teacher); 1 = none
+    null_class: typing.Optional[int] = None  # class label meaning "no class"; default: the last embedding
+
+
+@dataclass
+class StudentConfig:
+    num_steps: int = 1  # sampling steps the student is trained for (multi-step: backward simulation)
+    sigma_init: typing.Optional[float] = None  # first noise level; None = top of the teacher's schedule
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dmd2"
+    critic_updates: int = 5  # fake-score updates per generator update (two time-scale rule)
+    min_t: float = 0.02  # distribution-matching timesteps as a fraction of T
+    max_t: float = 0.98
+    gan: bool = False  # GAN head on the fake score's bottleneck (needs data)
+    gan_generator_weight: float = 3e-3
+    gan_critic_weight: float = 1e-2
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    path: str = "/usr/share/datasets/fashion-mnist"
+    split: str = "train"
+    resolution: typing.Optional[int] = None  # None = the teacher's sample size (Fashion-MNIST is padded with -1)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # generator updates
+    batch_size: int = 64  # per process and per micro-batch
+    gradient_accumulation: int = 1
+    seed: int = 0
+    lr_generator: float = 1e-5
+    lr_critic: float = 1e-5
+    adam_betas: typing.List[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    ema_decay: float = 0.999  # 0 disables the EMA
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    checkpoint_every: int = 500
+    checkpoint_limit: int = 3  # how many checkpoints to keep
+    sample_every: int = 500
+    num_sample_images: int = 64
+    log_every: int = 10
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/fastdiff"
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(key: str, value, tp):
+    """Check (and gently convert) a value against a dataclass field type; raise FastdiffError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except FastdiffError:
+                pass
+        raise FastdiffError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin in (list, typing.List):
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise FastdiffError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise FastdiffError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _apply(obj, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise FastdiffError(f"unknown config key {full!r}; known keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise FastdiffError(f"{full}: expected a section (mapping), got {value!r}")
+            _apply(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def named_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("fastdiff.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if path.is_file():
+        text = path.read_text()
+    else:
+        packaged = resources.files("fastdiff.configs") / f"{name_or_path}.yaml"
+        if not packaged.is_file():
+            raise FastdiffError(
+                f"config {name_or_path!r} is neither a file nor a named config ({', '.join(named_configs())})")
+        text = packaged.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise FastdiffError(f"config {name_or_path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise FastdiffError(f"config {name_or_path}: the top level must be a mapping of sections")
+    return data
+
+
+def parse_override(item: str) -> dict:
+    """``a.b.c=value`` -> nested dict; the value is read as YAML (numbers, booleans, lists, null)."""
+    if "=" not in item:
+        raise FastdiffError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=100")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    t = cfg.train
+    positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
+                "train.gradient_accumulation": t.gradient_accumulation, "train.checkpoint_every": t.checkpoint_every,
+                "train.sample_every": t.sample_every, "train.log_every": t.log_every,
+                "train.checkpoint_limit": t.checkpoint_limit, "student.num_steps": cfg.student.num_steps,
+                "objective.critic_updates": cfg.objective.critic_updates}
+    for key, value in positive.items():
+        if value <= 0:
+            raise FastdiffError(f"{key} must be a positive integer, got {value}")
+    if t.mixed_precision not in ("no", "bf16", "fp16"):
+        raise FastdiffError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise FastdiffError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0.0 <= cfg.objective.min_t < cfg.objective.max_t <= 1.0:
+        raise FastdiffError("objective.min_t and objective.max_t must satisfy 0 <= min_t < max_t <= 1")
+    for key in ("lr_generator", "lr_critic"):
+        if getattr(t, key) <= 0:
+            raise FastdiffError(f"train.{key} must be positive, got {getattr(t, key)}")
+    if len(t.adam_betas) != 2:
+        raise FastdiffError(f"train.adam_betas must have two values, got {t.adam_betas}")
+    from .objectives import OBJECTIVES
+
+    if cfg.objective.name not in OBJECTIVES:
+        raise FastdiffError(f"unknown objective {cfg.objective.name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    cfg = Config()
+    if config:
+        _apply(cfg, _read_yaml(config))
+    for item in overrides:
+        _apply(cfg, parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

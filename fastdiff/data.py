@@ -1,0 +1,90 @@
+"""Real images for GAN heads: a Fashion-MNIST IDX reader (Debian's dataset-fashion-mnist layout)."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FastdiffError
+
+SPLITS = {"train": "train", "test": "t10k"}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise FastdiffError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise FastdiffError(f"{path}: truncated IDX file ({body.size} bytes for shape {dims})")
+    return body.reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise FastdiffError(f"{root}: missing {stem}.gz; point data.path at a Fashion-MNIST folder "
+                        "(apt-get install dataset-fashion-mnist puts one in /usr/share/datasets/fashion-mnist)")
+
+
+def load_fashion_mnist(path: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 28, 28) and int64 labels (N,)."""
+    root = Path(path)
+    if split not in SPLITS:
+        raise FastdiffError(f"data.split must be one of {sorted(SPLITS)}, got {split!r}")
+    if not root.is_dir():
+        raise FastdiffError(f"data.path {path!r} is not a folder")
+    prefix = SPLITS[split]
+    images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    if len(images) != len(labels):
+        raise FastdiffError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def to_model_range(images: np.ndarray, resolution: int) -> torch.Tensor:
+    """uint8 (N, H, W) -> float (N, 1, R, R) in [-1, 1], padded with -1 (black) as the teachers were trained."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0).unsqueeze(1)
+    pad = resolution - x.shape[-1]
+    if pad < 0 or pad % 2:
+        raise FastdiffError(f"images of size {x.shape[-1]} cannot be padded to resolution {resolution}")
+    if pad:
+        x = torch.nn.functional.pad(x, (pad // 2,) * 4, value=-1.0)
+    return x
+
+
+class RealImages:
+    """Random batches of real images and labels, drawn with a dedicated torch.Generator (checkpointable)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0):
+        self.images, self.labels = images, labels
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return len(self.images)
+
+    def batch(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.images), (n,), generator=self.rng)
+        return self.images[idx].to(device), self.labels[idx].to(device)
+
+
+def real_images_for(data_cfg, sample_shape: tuple[int, int, int], seed: int) -> RealImages:
+    """Load the configured data set and check it against the teacher's sample shape."""
+    if data_cfg.name != "fashion-mnist":
+        raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist")
+    channels, height, width = sample_shape
+    resolution = data_cfg.resolution or height
+    if resolution != height or height != width:
+        raise FastdiffError(f"data.resolution {resolution} does not match the teacher's sample size {height}x{width}")
+    if channels != 1:
+        raise FastdiffError(f"fashion-mnist has 1 channel but the teacher takes {channels}")
+    images, labels = load_fashion_mnist(data_cfg.path, data_cfg.split)
+    return RealImages(to_model_range(images, resolution), torch.from_numpy(labels), seed)

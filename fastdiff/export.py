@@ -1,0 +1,116 @@
+"""Export a student as a diffusers folder that ``from_pretrained`` loads.
+
+VP students get diffusers' ``LCMScheduler`` configured so the pipeline reproduces fastdiff's K-step
+sampler exactly: ``original_inference_steps = T`` gives the same K timesteps, ``clip_sample = False``
+matches fastdiff (the pipeline clamps the final image anyway), and a huge ``timestep_scaling`` makes
+LCM's consistency boundary scalings exactly ``c_skip = 0, c_out = 1`` in float32, so each step is the
+student's plain x0 estimate, then re-noising with fresh noise, as in fastdiff.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffusers import DDPMPipeline, LCMScheduler
+
+from .errors import FastdiffError
+
+PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+CLASS_COND_FILE = "pipeline_fastdiff_class_conditional.py"
+
+
+def student_scheduler(teacher_scheduler, prediction_type: str) -> LCMScheduler:
+    config = dict(teacher_scheduler.config)
+    T = config["num_train_timesteps"]
+    for key in ("clip_sample", "thresholding", "timestep_spacing", "variance_type", "steps_offset"):
+        config.pop(key, None)
+    return LCMScheduler.from_config(config, original_inference_steps=T, timestep_scaling=1e9, clip_sample=False,
+                                    thresholding=False, prediction_type=prediction_type)
+
+
+def _class_cond_pipeline_file() -> Path:
+    try:  # installed: fastdiff.pipelines maps to the repository's pipelines/ folder
+        import fastdiff.pipelines as pkg
+
+        return Path(pkg.__file__).parent / CLASS_COND_FILE
+    except ImportError:
+        return PIPELINES_DIR / CLASS_COND_FILE
+
+
+def model_card(info: dict) -> str:
+    steps = info["num_steps"]
+    usage = ("from fastdiff.pipelines import FastdiffClassConditionalPipeline\n"
+             "pipe = FastdiffClassConditionalPipeline.from_pretrained(\".\")\n"
+             f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}).images"
+             if info["num_classes"] else
+             "from diffusers import DDPMPipeline\n"
+             "pipe = DDPMPipeline.from_pretrained(\".\")\n"
+             f"images = pipe(batch_size=4, num_inference_steps={steps}).images")
+    settings = "\n".join(f"- `{k}`: {v}" for k, v in info["settings"].items())
+    return f"""---
+library_name: diffusers
+tags: [fastdiff, distillation, {info['objective']}]
+---
+# {info['num_steps']}-step student distilled with fastdiff
+
+- teacher: `{info['teacher']}`
+- objective: `{info['objective']}`
+- sampling steps trained for: {steps} (other step counts run, but were not trained)
+- training steps: {info['train_step']}
+- weights: {'EMA of the generator' if info['ema'] else 'generator'}
+
+## Use
+
+```python
+{usage}
+```
+
+The scheduler is diffusers' `LCMScheduler` set so that `num_inference_steps=K` reproduces fastdiff's
+own K-step sampler (denoise, re-noise) exactly.
+
+## Settings
+
+{settings}
+"""
+
+
+def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
+    """Write ``out`` atomically: a diffusers pipeline folder + fastdiff.json + README.md model card.
+
+    ``info`` holds: teacher, objective, num_steps, sigma_init, train_step, ema, settings (a dict).
+    """
+    out = Path(out)
+    if teacher.denoiser.schedule.kind != "vp" or type(unet).__name__ != "UNet2DModel":
+        raise FastdiffError(f"export of {type(unet).__name__} students on a {teacher.denoiser.schedule.kind} "
+                            "schedule is not supported yet; export supports UNet2DModel with a VP scheduler")
+    if info.get("sigma_init") is not None:
+        raise FastdiffError("a student with student.sigma_init set starts below the top of the schedule, which a "
+                            "diffusers scheduler cannot express; sample it with `fastdiff sample` instead")
+    info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class,
+            "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1"}
+    scheduler = student_scheduler(teacher.scheduler, teacher.denoiser.prediction_type)
+    if teacher.num_classes:
+        from fastdiff.pipelines import FastdiffClassConditionalPipeline
+
+        pipe = FastdiffClassConditionalPipeline(unet=unet, scheduler=scheduler)
+    else:
+        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if teacher.num_classes:  # lets DiffusionPipeline.from_pretrained(out, custom_pipeline=out) work without fastdiff
+        shutil.copy(_class_cond_pipeline_file(), tmp / "pipeline.py")
+    (tmp / "fastdiff.json").write_text(json.dumps(info, indent=2, default=str))
+    (tmp / "README.md").write_text(model_card(info))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def read_student_info(folder: str | Path) -> dict | None:
+    path = Path(folder) / "fastdiff.json"
+    return json.loads(path.read_text()) if path.is_file() else None

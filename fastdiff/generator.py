@@ -1,0 +1,101 @@
+"""The student generator: a Denoiser initialised from the teacher, sampled in one or a few steps.
+
+One step: ``G(z, c) = D_student(x_init, sigma_init, c)`` where the initial state is pure noise in the
+teacher's native input space, ``x_native = z`` (what diffusers pipelines feed at the first timestep).
+In the VE scale that is ``x = z / alpha(sigma_init)``, i.e. ``sigma_init * z`` up to the factor
+``sqrt(1 + 1 / sigma_init^2)`` (1 + 2e-5 at the top of a DDPM schedule); fastdiff uses the native
+form so an exported pipeline reproduces the student exactly.
+
+K steps: denoise, then re-noise the x0 estimate with fresh noise to the next level,
+``x_native = alpha x0 + s eps``, the LCM / multi-step DMD2 sampler. On a VP teacher the K levels are
+the timesteps that diffusers' ``LCMScheduler(original_inference_steps=T).set_timesteps(K)`` picks
+(999, 499 for K=2; 999, 749, 499, 249 for K=4), so the export needs no custom scheduler.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .denoiser import Denoiser, _expand
+from .schedule import FlowSchedule
+
+
+def step_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """LCMScheduler's K-step timesteps with ``original_inference_steps = T`` (evenly spaced, from T-1)."""
+    reversed_grid = np.arange(num_train_timesteps)[::-1]
+    idx = np.floor(np.linspace(0, num_train_timesteps, num=num_steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in reversed_grid[idx]]
+
+
+def step_sigmas(denoiser: Denoiser, num_steps: int, sigma_init: float | None = None) -> torch.Tensor:
+    """Noise levels of a K-step student, highest first."""
+    schedule = denoiser.schedule
+    if isinstance(schedule, FlowSchedule):
+        # t_i = 1 - i/K, sigma = t / (1 - t); the first level (t = 1) is pure noise, sigma = inf.
+        sigmas = torch.tensor([float("inf")] + [(num_steps - i) / i for i in range(1, num_steps)])
+    else:
+        sigmas = schedule.sigma_at(torch.tensor(step_timesteps(schedule.num_train_timesteps, num_steps)))
+    if sigma_init is not None:
+        sigmas[0] = sigma_init
+    return sigmas.float()
+
+
+class Generator(nn.Module):
+    """A student Denoiser driven as a K-step sampler.
+
+    Args:
+        denoiser: the student network as a Denoiser (same schedule and parametrisation as the teacher).
+        num_steps: number of sampling steps the student is trained for (1 = one-step generator).
+        sigma_init: noise level of the first step; None = the top of the teacher's schedule.
+    """
+
+    def __init__(self, denoiser: Denoiser, num_steps: int = 1, sigma_init: float | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.num_steps = num_steps
+        self.sigma_init = sigma_init
+        self.register_buffer("sigmas", step_sigmas(denoiser, num_steps, sigma_init), persistent=False)
+
+    def levels(self, num_steps: int | None = None) -> torch.Tensor:
+        if num_steps is None or num_steps == self.num_steps:
+            return self.sigmas
+        return step_sigmas(self.denoiser, num_steps, self.sigma_init).to(self.sigmas.device)
+
+    def renoise(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Native input at level sigma for clean x0: ``alpha x0 + s eps``."""
+        schedule = self.denoiser.schedule
+        sigma = sigma.expand(x0.shape[0])
+        return _expand(schedule.alpha(sigma), x0) * x0 + _expand(schedule.noise_scale(sigma), x0) * noise
+
+    def forward(self, z: torch.Tensor, cond: dict | None = None, num_steps: int | None = None,
+                rng: torch.Generator | None = None) -> torch.Tensor:
+        """Sample: z is the initial noise (N(0, I) in native scale); fresh noise for re-noising comes from rng."""
+        sigmas = self.levels(num_steps)
+        x_native = z
+        x0 = z
+        for i, sigma in enumerate(sigmas):
+            x0 = self.denoiser.denoise_native(x_native, sigma, cond)
+            if i + 1 < len(sigmas):
+                # Drawn on the generator's device, as diffusers' randn_tensor does, so CPU seeds match on GPU.
+                noise = torch.randn(z.shape, generator=rng, device=rng.device if rng else z.device, dtype=z.dtype)
+                noise = noise.to(z.device)
+                x_native = self.renoise(x0, sigmas[i + 1], noise)
+        return x0
+
+    def training_sample(self, z: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        """A sample with gradient through the last step only.
+
+        Multi-step students are trained by backward simulation (DMD2, Yin et al. 2024, Sec. 4.5): pick a
+        step k, run the current student without gradient through steps < k, as at inference, and train
+        the k-th step on its own input distribution.
+        """
+        if self.num_steps == 1:
+            return self.denoiser.denoise_native(z, self.sigmas[0], cond)
+        k = int(torch.randint(self.num_steps, (1,)).item())
+        x_native = z
+        with torch.no_grad():
+            for i in range(k):
+                x0 = self.denoiser.denoise_native(x_native, self.sigmas[i], cond)
+                x_native = self.renoise(x0, self.sigmas[i + 1], torch.randn_like(z))
+        return self.denoiser.denoise_native(x_native, self.sigmas[k], cond)

@@ -1,0 +1,66 @@
+"""A GAN head on the fake score's bottleneck (DMD2, Yin et al. 2024, Sec. 4.3).
+
+The fake score network doubles as the discriminator's trunk: a forward hook reads its bottleneck
+(UNet ``mid_block`` output, or the middle transformer block) on noised images, and a small head turns
+it into one logit per image. Non-saturating losses: generator ``softplus(-D(fake))``, discriminator
+``softplus(-D(real)) + softplus(D(fake))``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..denoiser import Denoiser
+
+
+def bottleneck_module(model: nn.Module) -> nn.Module:
+    if getattr(model, "mid_block", None) is not None:
+        return model.mid_block
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is not None and len(blocks) > 0:
+        return blocks[len(blocks) // 2]
+    raise ValueError(f"{type(model).__name__} has no mid_block or transformer_blocks for a GAN head")
+
+
+def bottleneck_channels(model: nn.Module) -> int:
+    cfg = model.config
+    if getattr(cfg, "block_out_channels", None):
+        return cfg.block_out_channels[-1]
+    return cfg.num_attention_heads * cfg.attention_head_dim
+
+
+class GANHead(nn.Module):
+    """Logits from the fake score's bottleneck features; owns only the head's parameters."""
+
+    def __init__(self, fake: Denoiser):
+        super().__init__()
+        channels = bottleneck_channels(fake.model)
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(min(32, channels), channels), nn.SiLU())
+        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
+        self._fake = [fake]  # a list keeps the fake score out of this module's parameters
+        self._features = None
+        bottleneck_module(fake.model).register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self._features = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        self._features = None
+        self._fake[0](x, sigma, cond)
+        h = self._features.float()
+        self._features = None
+        if h.ndim == 4:
+            h = self.conv(h).mean(dim=(2, 3))
+        else:  # tokens (B, N, D)
+            h = h.mean(dim=1)
+        return self.mlp(h).squeeze(1)
+
+
+def generator_gan_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-logits_fake).mean()
+
+
+def discriminator_gan_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()

@@ -1,0 +1,85 @@
+"""Sampling for students (K-step generator) and teachers (deterministic DDIM), and PNG output."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .denoiser import Denoiser
+from .generator import Generator, step_sigmas
+
+
+def class_labels_for(n: int, num_classes: int | None, device) -> dict | None:
+    """Labels 0, 1, ..., cycling over the classes (None for unconditional models)."""
+    if not num_classes:
+        return None
+    return {"class_labels": torch.arange(n, device=device) % num_classes}
+
+
+@torch.no_grad()
+def ddim_sample(denoiser: Denoiser, z: torch.Tensor, num_steps: int, cond: dict | None = None,
+                guidance_scale: float | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from pure noise over the same K levels a K-step student uses
+    (trailing spacing: 999, 499 for K=2), i.e. Euler on the probability-flow ODE in the VE scale."""
+    sigmas = step_sigmas(denoiser, num_steps).to(z.device)
+    x0 = denoiser.denoise_native(z, sigmas[0], cond, guidance_scale)
+    for i in range(1, num_steps):
+        if torch.isinf(sigmas[i - 1]):  # flow at t=1: the noise estimate is the input itself
+            eps = z
+        else:
+            prev_x = z / denoiser.schedule.alpha(sigmas[i - 1])
+            eps = (prev_x - x0) / sigmas[i - 1]
+        x = x0 + sigmas[i] * eps
+        z = x * denoiser.schedule.alpha(sigmas[i])
+        x0 = denoiser.denoise_native(z, sigmas[i], cond, guidance_scale)
+    return x0
+
+
+def to_uint8(x0: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC, with the same rounding as diffusers' numpy_to_pil."""
+    images = (x0.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (images * 255).round().astype(np.uint8)
+
+
+def save_pngs(images: np.ndarray, out: Path, start: int = 0) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{start + i:06d}.png")
+
+
+def save_grid(images: np.ndarray, path: Path, ncol: int | None = None) -> None:
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    grid = np.zeros((nrow * h, ncol * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+@torch.no_grad()
+def sample_model(model: Generator | Denoiser, shape, num: int, steps: int, seed: int, batch_size: int,
+                 num_classes: int | None, device, guidance_scale: float | None = None):
+    """Yield uint8 image batches: a student Generator samples K steps, a teacher Denoiser runs DDIM.
+
+    Each batch draws its noise from ``torch.Generator().manual_seed(seed + batch_index)`` on the CPU, the
+    way diffusers pipelines draw it, so a batch equals the exported pipeline's output for that seed.
+    """
+    for b, start in enumerate(range(0, num, batch_size)):
+        n = min(batch_size, num - start)
+        rng = torch.Generator().manual_seed(seed + b)
+        z = torch.randn((n, *shape), generator=rng).to(device)
+        cond = class_labels_for(n, num_classes, device)
+        if cond is not None:
+            cond["class_labels"] = (cond["class_labels"] + start) % num_classes
+        if isinstance(model, Generator):
+            x0 = model(z, cond, num_steps=steps, rng=rng)
+        else:
+            x0 = ddim_sample(model, z, steps, cond, guidance_scale)
+        yield start, to_uint8(x0)
+

@@ -1,0 +1,132 @@
+"""Load a frozen diffusers teacher (model + scheduler) and wrap it as a Denoiser."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .denoiser import Denoiser
+from .errors import FastdiffError
+from .schedule import schedule_from_scheduler
+
+MODEL_FOLDERS = ("unet", "transformer")
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher: its network, its scheduler and the Denoiser view of them."""
+
+    path: str
+    model: nn.Module
+    scheduler: object
+    denoiser: Denoiser
+    model_folder: str  # "unet" or "transformer"
+    num_classes: int | None  # class-conditional teachers: number of real classes
+    null_class: int | None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        cfg = self.model.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (cfg.in_channels, h, w)
+
+    @property
+    def conditioning(self) -> str:
+        if self.num_classes:
+            return "class"
+        if "encoder_hidden_states" in self.denoiser._accepted:
+            return "text"
+        return "none"
+
+
+def _resolve_folders(path: str) -> tuple[str, str]:
+    """Find (model_subfolder, scheduler_subfolder) of a local teacher folder, or raise FastdiffError."""
+    root = Path(path)
+    index = root / "model_index.json"
+    if index.is_file():
+        components = json.loads(index.read_text())
+        folder = next((f for f in MODEL_FOLDERS if f in components and (root / f).is_dir()), None)
+        if folder is None:
+            raise FastdiffError(f"{path}: model_index.json names no unet or transformer folder that exists")
+    else:
+        folder = next((f for f in MODEL_FOLDERS if (root / f / "config.json").is_file()), None)
+        if folder is None:
+            raise FastdiffError(
+                f"{path}: no diffusers model found; expected a pipeline folder (model_index.json) "
+                "or a folder with unet/ or transformer/ plus scheduler/"
+            )
+    if not (root / "scheduler" / "scheduler_config.json").is_file():
+        raise FastdiffError(f"{path}: no scheduler/scheduler_config.json next to {folder}/; add the teacher's scheduler")
+    return folder, "scheduler"
+
+
+def _class_from_config(path: str, subfolder: str, config_name: str):
+    import diffusers
+
+    local = Path(path) / subfolder / config_name
+    if local.is_file():
+        name = json.loads(local.read_text()).get("_class_name")
+    else:  # hub id: let diffusers resolve the config
+        from huggingface_hub import hf_hub_download
+
+        name = json.loads(Path(hf_hub_download(path, config_name, subfolder=subfolder)).read_text())["_class_name"]
+    cls = getattr(diffusers, name or "", None)
+    if cls is None:
+        raise FastdiffError(f"{path}/{subfolder}: class {name!r} is not a diffusers class")
+    return cls
+
+
+def prediction_type_of(scheduler) -> str:
+    if "FlowMatch" in type(scheduler).__name__:
+        return "flow"
+    return getattr(scheduler.config, "prediction_type", "epsilon")
+
+
+def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> Teacher:
+    """Load a teacher from a local diffusers folder, or from a hub id on a machine with a network.
+
+    The network is frozen (``requires_grad=False``, eval mode).
+    """
+    path = str(path)
+    if os.path.isdir(path):
+        folder, sched_folder = _resolve_folders(path)
+        kwargs = {}
+    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FastdiffError(f"teacher path {path!r} does not exist; pass a local diffusers folder (teacher.path)")
+    else:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE=1 forbids the hub")
+        folder = "unet"
+        sched_folder = "scheduler"
+        kwargs = {}
+    try:
+        model_cls = _class_from_config(path, folder, "config.json")
+        sched_cls = _class_from_config(path, sched_folder, "scheduler_config.json")
+        model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype, **kwargs)
+        scheduler = sched_cls.from_pretrained(path, subfolder=sched_folder)
+    except FastdiffError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FastdiffError(f"could not load teacher from {path!r}: {first}") from exc
+    model.requires_grad_(False).eval()
+
+    num_classes = None
+    cfg = model.config
+    if getattr(cfg, "num_class_embeds", None):
+        # fastdiff's convention (and the reference teachers'): the last embedding is the null class.
+        num_classes = cfg.num_class_embeds - 1
+        null_class = cfg.num_class_embeds - 1 if null_class is None else null_class
+    elif getattr(cfg, "num_embeds_ada_norm", None) and "DiT" in type(model).__name__:
+        num_classes = cfg.num_embeds_ada_norm  # DiT's label table has one extra row: the null class
+        null_class = num_classes if null_class is None else null_class
+
+    denoiser = Denoiser(model, schedule_from_scheduler(scheduler), prediction_type_of(scheduler),
+                        null_class=null_class, guidance_scale=guidance_scale)
+    return Teacher(path, model, scheduler, denoiser, folder, num_classes, null_class)

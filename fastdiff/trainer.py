@@ -1,0 +1,295 @@
+"""The training loop: alternating critic / generator updates on accelerate.
+
+Per generator update: ``objective.critic_updates`` critic updates (fake score, GAN head) on fresh
+generator samples, then one generator update, an EMA update, and (at their intervals) logs, a sample
+grid and a checkpoint. Gradients are averaged across processes by hand (one all-reduce per
+optimizer step), so the same code runs on one CPU or under ``accelerate launch`` on several GPUs, and
+frozen networks can be called freely without a DDP wrapper getting in the way.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config, to_dict
+from .data import real_images_for
+from .denoiser import Denoiser
+from .errors import FastdiffError
+from .export import export_student
+from .generator import Generator
+from .objectives import OBJECTIVES
+from .objectives.gan import GANHead
+from .sampling import class_labels_for, save_grid, to_uint8
+from .teacher import Teacher, load_teacher
+from .embedded import resolve_teacher_path
+
+
+def student_like(teacher: Teacher, model: torch.nn.Module) -> Denoiser:
+    """A Denoiser for a trainable copy of the teacher (same schedule, parametrisation, null class)."""
+    d = teacher.denoiser
+    return Denoiser(model, d.schedule, d.prediction_type, null_class=d.null_class)
+
+
+def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser):
+    o = cfg.objective
+    gan_head = GANHead(fake) if o.gan else None
+    return OBJECTIVES[o.name](teacher.denoiser, fake, min_t=o.min_t, max_t=o.max_t, critic_updates=o.critic_updates,
+                              gan_head=gan_head, gan_generator_weight=o.gan_generator_weight,
+                              gan_critic_weight=o.gan_critic_weight)
+
+
+def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class _Optimizer:
+    """AdamW + gradient clipping + (fp16) loss scaling for one group of modules."""
+
+    def __init__(self, modules: list[torch.nn.Module], lr: float, cfg: Config, fp16: bool):
+        self.params = [p for m in modules for p in m.parameters()]
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(cfg.train.adam_betas),
+                                     weight_decay=cfg.train.weight_decay, fused=fused or None)
+        self.scaler = torch.amp.GradScaler(enabled=fp16)
+        self.clip = cfg.train.grad_clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, accelerator: Accelerator) -> torch.Tensor:
+        _average_gradients(self.params, accelerator)
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict(self):
+        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.opt.load_state_dict(state["opt"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FastdiffError(f"output_dir {out} exists and is not a folder")
+    if resume is None and out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FastdiffError(f"output_dir {out} is not empty; pass --resume latest to continue it "
+                                "or --overwrite to replace it")
+    return out
+
+
+class Trainer:
+    """Builds every piece of a run from a Config and runs it. See ``fit``."""
+
+    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False):
+        self.cfg = cfg
+        self.out = prepare_output_dir(cfg, resume, overwrite)
+        self.resume = resume
+        self.overwrite = overwrite
+        teacher_path = resolve_teacher_path(cfg.teacher.path)
+        # Everything that can fail on bad input happens before anything is written.
+        self.teacher = load_teacher(teacher_path, cfg.teacher.guidance_scale, cfg.teacher.null_class)
+        if self.teacher.conditioning == "text":
+            raise FastdiffError("text-conditioned teachers are not supported by this version of fastdiff")
+        self.real = (real_images_for(cfg.data, self.teacher.sample_shape, cfg.train.seed)
+                     if cfg.objective.gan else None)
+
+        mp = cfg.train.mixed_precision
+        self.accelerator = Accelerator(
+            mixed_precision=mp, log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        set_seed(cfg.train.seed, device_specific=True)
+        device = self.accelerator.device
+        teacher = self.teacher
+        teacher.model.to(device)
+
+        student_model = copy.deepcopy(teacher.model).to(device).requires_grad_(True).train()
+        self.generator = Generator(student_like(teacher, student_model), cfg.student.num_steps, cfg.student.sigma_init)
+        fake = student_like(teacher, copy.deepcopy(teacher.model).to(device).requires_grad_(True).train())
+        self.objective = build_objective(cfg, teacher, fake).to(device)
+        self.ema = copy.deepcopy(student_model).requires_grad_(False).eval() if cfg.train.ema_decay > 0 else None
+        self.opt_g = _Optimizer([student_model], cfg.train.lr_generator, cfg, mp == "fp16")
+        self.opt_c = _Optimizer(self.objective.critic_modules(), cfg.train.lr_critic, cfg, mp == "fp16")
+        self.step = 0
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def _inputs(self, n: int):
+        device = self.accelerator.device
+        z = torch.randn((n, *self.teacher.sample_shape), device=device)
+        cond = None
+        if self.teacher.num_classes:
+            cond = {"class_labels": torch.randint(self.teacher.num_classes, (n,), device=device)}
+        return z, cond
+
+    def _real(self, n: int):
+        if self.real is None:
+            return None
+        x, labels = self.real.batch(n, self.accelerator.device)
+        return x, ({"class_labels": labels} if self.teacher.num_classes else None)
+
+    # --- state ----------------------------------------------------------------------------------
+    def _modules(self) -> dict:
+        modules = {"generator": self.generator.denoiser.model, "fake": self.objective.fake.model}
+        if self.ema is not None:
+            modules["ema"] = self.ema
+        if self.objective.gan_head is not None:
+            modules["gan_head"] = self.objective.gan_head
+        return modules
+
+    def _generators(self) -> dict:
+        return {"data": self.real.rng} if self.real is not None else {}
+
+    def save(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        state = {"step": self.step, "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
+                 "rng": ckpt.rng_state(self._generators())}
+        path = ckpt.write_checkpoint(self.out, self.step, self._modules(), state, self.cfg.train.checkpoint_limit)
+        (path / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+
+    def load(self, which: str) -> None:
+        if which == "latest":
+            path, state = ckpt.load_latest_valid(self.out, self._modules())
+        else:
+            path = ckpt.find_checkpoint(self.out, which)
+            state = ckpt.load_checkpoint(path, self._modules())
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_c.load_state_dict(state["opt_c"])
+        ckpt.set_rng_state(state["rng"], self._generators())
+        self.step = state["step"]
+        self.accelerator.print(f"resumed from {path}")
+
+    # --- one step ---------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, acc, obj = self.cfg, self.accelerator, self.objective
+        accum, n = cfg.train.gradient_accumulation, cfg.train.batch_size
+        critic_params = self.opt_c.params
+        logs = {}
+        for p in critic_params:
+            p.requires_grad_(True)
+        for _ in range(obj.critic_updates):
+            for _ in range(accum):
+                z, cond = self._inputs(n)
+                with acc.autocast():
+                    with torch.no_grad():
+                        x = self.generator.training_sample(z, cond)
+                    loss, part = obj.critic_loss(x, cond, self._real(n))
+                self.opt_c.backward(loss / accum)
+            logs.update(part)
+            logs["grad_norm_critic"] = self.opt_c.step(acc)
+        for p in critic_params:  # the generator's loss reads the critic; it must not train it
+            p.requires_grad_(False)
+        for _ in range(accum):
+            z, cond = self._inputs(n)
+            with acc.autocast():
+                x = self.generator.training_sample(z, cond)
+                loss, part = obj.generator_loss(x, cond, self._real(n))
+            self.opt_g.backward(loss / accum)
+        logs.update(part)
+        logs["grad_norm_generator"] = self.opt_g.step(acc)
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.generator.denoiser.model.parameters()):
+                    e.lerp_(p, 1 - cfg.train.ema_decay)
+        return logs
+
+    # --- outputs ----------------------------------------------------------------------------------
+    def sample_grid(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        n = self.cfg.train.num_sample_images
+        rng = torch.Generator().manual_seed(self.cfg.train.seed + 12345)
+        z = torch.randn((n, *self.teacher.sample_shape), generator=rng).to(self.accelerator.device)
+        cond = class_labels_for(n, self.teacher.num_classes, self.accelerator.device)
+        gen = self._export_generator()
+        with torch.no_grad(), self.accelerator.autocast():
+            x0 = gen(z, cond, rng=rng)
+        ncol = self.teacher.num_classes or None
+        save_grid(to_uint8(x0), self.out / "samples" / f"step-{self.step:08d}.png", ncol=ncol)
+
+    def _export_generator(self) -> Generator:
+        model = self.ema if self.ema is not None else self.generator.denoiser.model
+        return Generator(student_like(self.teacher, model), self.cfg.student.num_steps, self.cfg.student.sigma_init)
+
+    def export(self, out: Path | None = None) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        model = copy.deepcopy(self.ema if self.ema is not None else self.generator.denoiser.model).cpu().eval()
+        info = export_info(self.cfg, self.step, self.ema is not None)
+        return export_student(model, self.teacher, info, out or self.out / "student")
+
+    def fit(self) -> Path | None:
+        cfg, acc = self.cfg, self.accelerator
+        if self.resume:
+            self.load(self.resume)
+        elif self.overwrite and acc.is_main_process and self.out.exists():
+            shutil.rmtree(self.out)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        acc.init_trackers("fastdiff")
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not acc.is_main_process, desc="distill")
+        metrics = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None
+        start = time.time()
+        while self.step < cfg.train.max_steps:
+            logs = self.train_step()
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                # .item() only here: logging is the one place the step waits for the device.
+                values = {k: float(v) for k, v in logs.items()}
+                values["images_per_second"] = (self.step * cfg.train.batch_size * acc.num_processes
+                                               * cfg.train.gradient_accumulation) / max(time.time() - start, 1e-9)
+                acc.log(values, step=self.step)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.startswith("loss")})
+                if metrics:
+                    metrics.write(json.dumps({"step": self.step, **values}) + "\n")
+                    metrics.flush()
+            if self.step % cfg.train.sample_every == 0:
+                self.sample_grid()
+            if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
+                self.save()
+            acc.wait_for_everyone()
+        bar.close()
+        if metrics:
+            metrics.close()
+        acc.end_training()
+        self.sample_grid()
+        if cfg.student.sigma_init is not None:
+            acc.print("student.sigma_init is set: no diffusers export; use `fastdiff sample` on the run")
+            return None
+        return self.export()
+
+
+def export_info(cfg: Config, step: int, ema: bool) -> dict:
+    return {"teacher": cfg.teacher.path, "objective": cfg.objective.name, "num_steps": cfg.student.num_steps,
+            "sigma_init": cfg.student.sigma_init, "train_step": step, "ema": ema,
+            "settings": {"teacher.guidance_scale": cfg.teacher.guidance_scale,
+                         "objective": to_dict(cfg)["objective"], "train.batch_size": cfg.train.batch_size,
+                         "train.lr_generator": cfg.train.lr_generator, "train.lr_critic": cfg.train.lr_critic,
+                         "train.mixed_precision": cfg.train.mixed_precision, "train.ema_decay": cfg.train.ema_decay}}
