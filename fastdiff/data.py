@@ -52,7 +52,7 @@ def load_fashion_mnist(path: str, split: str = "train") -> tuple[np.ndarray, np.
 
 def to_model_range(images: np.ndarray, resolution: int) -> torch.Tensor:
     """uint8 (N, H, W) -> float (N, 1, R, R) in [-1, 1], padded with -1 (black) as the teachers were trained."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0).unsqueeze(1)
+    x = torch.from_numpy(np.array(images, copy=True)).float().div(127.5).sub(1.0).unsqueeze(1)
     pad = resolution - x.shape[-1]
     if pad < 0 or pad % 2:
         raise FastdiffError(f"images of size {x.shape[-1]} cannot be padded to resolution {resolution}")

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny diffusers teachers built in code (never from the hub) and the reference teachers."""
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TEACHERS = SHARED / "teachers"
+
+
+def tiny_unet(num_class_embeds=None, sample_size=8, seed=0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4,
+                       num_class_embeds=num_class_embeds)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> str:
+    """Unconditional eps-prediction DDPM pipeline folder (linear betas, clip_sample as the reference)."""
+    path = tmp_path_factory.mktemp("tiny-ddpm")
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(clip_sample=True)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_cond_teacher(tmp_path_factory) -> str:
+    """Class-conditional v-prediction teacher, unet/ + scheduler/ only (3 classes + the null class)."""
+    path = tmp_path_factory.mktemp("tiny-cond")
+    tiny_unet(num_class_embeds=4, seed=1).save_pretrained(path / "unet")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False
+                  ).save_pretrained(path / "scheduler")
+    return str(path)
+
+
+@pytest.fixture
+def shared_teacher():
+    def get(name):
+        path = TEACHERS / name
+        if not (path / "unet" / "config.json").is_file():
+            pytest.skip(f"reference teacher {path} not present")
+        return str(path)
+
+    return get

@@ -1,0 +1,44 @@
+"""Config: YAML + --set overrides into typed dataclasses, one-line errors for unknown keys and wrong types."""
+import pytest
+
+from fastdiff.config import load_config, named_configs, parse_override
+from fastdiff.errors import FastdiffError
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 7\nobjective:\n  name: dmd2\n")
+    cfg = load_config(str(f), ["train.batch_size=3", "train.lr_generator=1e-4", "teacher.path=/x",
+                               "train.adam_betas=[0.5, 0.9]", "student.sigma_init=null", "objective.gan=true"])
+    assert cfg.train.max_steps == 7 and cfg.train.batch_size == 3 and cfg.train.lr_generator == 1e-4
+    assert cfg.teacher.path == "/x" and cfg.train.adam_betas == [0.5, 0.9] and cfg.objective.gan is True
+    assert parse_override("a.b=2") == {"a": {"b": 2}}
+
+
+def test_named_configs_load():
+    assert "quickstart" in named_configs()
+    for name in named_configs():
+        load_config(name)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.batch_size=abc", "train.batch_size: expected int"),
+    ("train.batch_size=2.5", "train.batch_size: expected int"),
+    ("objective.gan=maybe", "objective.gan: expected bool"),
+    ("train.batch_size=0", "train.batch_size must be a positive integer"),
+    ("objective.name=magic", "unknown objective 'magic'"),
+    ("train.mixed_precision=fp8", "train.mixed_precision must be"),
+    ("train", "expected key=value"),
+    ("train=3", "train: expected a section"),
+])
+def test_bad_overrides_are_one_line_errors(override, message):
+    with pytest.raises(FastdiffError, match=message) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(FastdiffError, match="neither a file nor a named config"):
+        load_config("no-such-config.yaml")

@@ -1,0 +1,126 @@
+"""DMD2: generator gradient and fake-score loss against independent computations, GAN head, multi-step."""
+import torch
+from diffusers import DDPMScheduler
+
+from conftest import tiny_unet
+from fastdiff.denoiser import Denoiser
+from fastdiff.generator import Generator
+from fastdiff.objectives import DMD2
+from fastdiff.objectives.base import sample_sigma
+from fastdiff.objectives.gan import GANHead
+from fastdiff.schedule import schedule_from_scheduler
+
+
+def _pair(pred="epsilon", num_class_embeds=None):
+    sched = DDPMScheduler(prediction_type=pred)
+    schedule = schedule_from_scheduler(sched)
+    teacher = Denoiser(tiny_unet(num_class_embeds, seed=0).eval(), schedule, pred, null_class=num_class_embeds and num_class_embeds - 1)
+    fake = Denoiser(tiny_unet(num_class_embeds, seed=1), schedule, pred, null_class=num_class_embeds and num_class_embeds - 1)
+    return sched, teacher, fake
+
+
+def test_generator_gradient_is_normalised_score_difference():
+    sched, teacher, fake = _pair()
+    obj = DMD2(teacher, fake)
+    x = torch.randn(3, 1, 8, 8, requires_grad=True)
+    torch.manual_seed(5)
+    loss, _ = obj.generator_loss(x)
+    loss.backward()
+
+    # Written out plainly (DMD Eq. 7-8): same noise level and noise, then (x0_fake - x0_real) / mean|x - x0_real|.
+    torch.manual_seed(5)
+    sigma = sample_sigma(teacher.schedule, 3, 0.02, 0.98, "cpu")
+    noise = torch.randn_like(x)
+    with torch.no_grad():
+        x_t = x + sigma.reshape(-1, 1, 1, 1) * noise
+        real, fake_x0 = teacher(x_t, sigma), fake(x_t, sigma)
+        weight = (x - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+        expected = (fake_x0 - real) / weight / x.numel()
+    assert torch.allclose(x.grad, expected, rtol=1e-4, atol=1e-9)
+    assert int(teacher.schedule.timestep(sigma).min()) >= 20 and int(teacher.schedule.timestep(sigma).max()) <= 980
+
+
+def test_fake_loss_is_the_teachers_epsilon_loss():
+    sched, teacher, fake = _pair("epsilon")
+    obj = DMD2(teacher, fake)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    torch.manual_seed(7)
+    loss = obj.fake_denoising_loss(x)
+    torch.manual_seed(7)
+    sigma = sample_sigma(fake.schedule, 4, 0.0, 1.0, "cpu")
+    noise = torch.randn_like(x)
+    t = fake.schedule.timestep(sigma).long()
+    with torch.no_grad():
+        eps_hat = fake.model(sched.add_noise(x, noise, t), t).sample
+    expected = ((eps_hat - noise) ** 2).mean()
+    assert torch.allclose(loss, expected, rtol=1e-3), (loss, expected)
+
+
+def test_fake_loss_is_the_teachers_v_loss():
+    sched, teacher, fake = _pair("v_prediction")
+    obj = DMD2(teacher, fake)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    torch.manual_seed(3)
+    loss = obj.fake_denoising_loss(x)
+    torch.manual_seed(3)
+    sigma = sample_sigma(fake.schedule, 4, 0.0, 1.0, "cpu")
+    noise = torch.randn_like(x)
+    t = fake.schedule.timestep(sigma).long()
+    with torch.no_grad():
+        v_hat = fake.model(sched.add_noise(x, noise, t), t).sample
+    expected = ((v_hat - sched.get_velocity(x, noise, t)) ** 2).mean()
+    assert torch.allclose(loss, expected, rtol=1e-3), (loss, expected)
+
+
+def test_cfg_on_the_real_score_only():
+    sched, teacher, fake = _pair(num_class_embeds=4)
+    teacher.guidance_scale = 3.0
+    obj = DMD2(teacher, fake)
+    x = torch.randn(2, 1, 8, 8)
+    cond = {"class_labels": torch.tensor([0, 2])}
+    sigma = teacher.schedule.sigma_at(torch.tensor([500, 500]))
+    grad = obj.dm_gradient(x, x, sigma, cond)
+    real = teacher(x, sigma, cond, guidance_scale=3.0)
+    fake_x0 = fake(x, sigma, cond, guidance_scale=1.0)
+    expected = (fake_x0 - real) / (x - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+def test_gan_head_trains_critic_and_passes_gradient_to_the_generator():
+    sched, teacher, fake = _pair(num_class_embeds=4)
+    head = GANHead(fake)
+    obj = DMD2(teacher, fake, gan_head=head)
+    cond = {"class_labels": torch.tensor([0, 1])}
+    x = torch.randn(2, 1, 8, 8)
+    real = (torch.rand(2, 1, 8, 8) * 2 - 1, cond)
+    loss, logs = obj.critic_loss(x, cond, real)
+    loss.backward()
+    assert "loss_gan_d" in logs and all(p.grad is not None for p in head.parameters())
+    assert any(p.grad is not None for p in fake.parameters())
+
+    fake.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    xg = torch.randn(2, 1, 8, 8, requires_grad=True)
+    loss, logs = obj.generator_loss(xg, cond)
+    loss.backward()
+    assert "loss_gan_g" in logs and xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_backward_simulation_trains_the_later_steps():
+    sched, teacher, _ = _pair()
+    student = Denoiser(tiny_unet(seed=2), teacher.schedule, "epsilon")
+    gen = Generator(student, num_steps=4)
+    assert [int(t) for t in teacher.schedule.timestep(gen.sigmas)] == [999, 749, 499, 249]
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        k = int(torch.randint(4, (1,)))
+        seen.add(k)
+        z = torch.randn(2, 1, 8, 8)
+        torch.manual_seed(seed)  # training_sample draws k first, as computed above
+        out = gen.training_sample(z)
+        out.sum().backward()
+        assert out.shape == (2, 1, 8, 8)
+    assert seen == {0, 1, 2, 3}
+    assert all(p.grad is not None for p in student.model.parameters() if p.requires_grad)

@@ -1,0 +1,137 @@
+"""End to end: distill -> checkpoint -> export -> load with diffusers -> same images as fastdiff's sampler."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline
+
+from fastdiff.cli import main
+from fastdiff.export import read_student_info
+from fastdiff.generator import Generator
+from fastdiff.pipelines import FastdiffClassConditionalPipeline
+from fastdiff.teacher import load_teacher
+
+FAST = ["train.max_steps=2", "train.batch_size=2", "objective.critic_updates=1", "train.checkpoint_every=1",
+        "train.sample_every=1", "train.num_sample_images=4", "train.log_every=1"]
+
+
+def distill(teacher: str, out: Path, *extra: str) -> Path:
+    args = ["distill"]
+    for item in [f"teacher.path={teacher}", f"output_dir={out}", *FAST, *extra]:
+        args += ["--set", item]
+    assert main(args) == 0
+    return out
+
+
+def fastdiff_images(folder, steps, seed, n, labels=None):
+    """fastdiff's own K-step sampler on the noise a diffusers pipeline draws for this seed."""
+    teacher = load_teacher(folder)
+    gen = Generator(teacher.denoiser, read_student_info(folder)["num_steps"])
+    rng = torch.Generator().manual_seed(seed)
+    z = torch.randn((n, *teacher.sample_shape), generator=rng)
+    cond = None if labels is None else {"class_labels": torch.tensor(labels)}
+    with torch.no_grad():
+        x0 = gen(z, cond, num_steps=steps, rng=rng)
+    return (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def assert_pipeline_matches(student: Path, labels=None):
+    n = 3 if labels is None else len(labels)
+    for steps in (1, 2, 4):
+        if labels is None:
+            pipe = DDPMPipeline.from_pretrained(student)
+            ref = pipe(batch_size=n, num_inference_steps=steps, generator=torch.Generator().manual_seed(11),
+                       output_type="np").images
+        else:
+            pipe = FastdiffClassConditionalPipeline.from_pretrained(student)
+            ref = pipe(class_labels=labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(11),
+                       output_type="np").images
+        ours = fastdiff_images(student, steps, 11, n, labels)
+        assert np.abs(ours - ref).max() <= 1e-5, (steps, np.abs(ours - ref).max())
+
+
+def test_unconditional_distill_export_and_diffusers_load(tiny_teacher, tmp_path):
+    run = distill(tiny_teacher, tmp_path / "run")
+    student = run / "student"
+    assert (run / "samples").is_dir() and list((run / "samples").glob("*.png"))
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
+    assert (run / "logs").is_dir() and (run / "metrics.jsonl").read_text().count("\n") == 2
+    info = json.loads((student / "fastdiff.json").read_text())
+    assert info["objective"] == "dmd2" and info["num_steps"] == 1
+    assert "dmd2" in (student / "README.md").read_text()
+    assert_pipeline_matches(student)
+
+    # The student really trained: its weights moved away from the teacher's.
+    teacher_w = load_teacher(tiny_teacher).model.state_dict()
+    student_w = DDPMPipeline.from_pretrained(student).unet.state_dict()
+    assert any(not torch.equal(teacher_w[k], student_w[k]) for k in teacher_w)
+
+    # export from a checkpoint gives the same folder contents
+    assert main(["export", str(run), "--out", str(tmp_path / "exp"), "--checkpoint", "2"]) == 0
+    assert_pipeline_matches(tmp_path / "exp")
+
+    # sample: PNGs from the student and from the teacher
+    assert main(["sample", str(student), "--num", "5", "--steps", "1", "--out", str(tmp_path / "s"),
+                 "--batch-size", "2"]) == 0
+    assert len(list((tmp_path / "s").glob("*.png"))) == 5
+    assert main(["sample", tiny_teacher, "--num", "2", "--steps", "3", "--out", str(tmp_path / "t")]) == 0
+    assert len(list((tmp_path / "t").glob("*.png"))) == 2
+
+
+def test_class_conditional_multistep_with_gan(tiny_cond_teacher, tmp_path):
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=6)
+    run = distill(tiny_cond_teacher, tmp_path / "run", "student.num_steps=2", "objective.gan=true",
+                  f"data.path={data}", "teacher.guidance_scale=2.0")
+    student = run / "student"
+    assert json.loads((student / "fastdiff.json").read_text())["num_steps"] == 2
+    assert (student / "pipeline.py").is_file()
+    assert_pipeline_matches(student, labels=[0, 1, 2, 0])
+    assert main(["sample", str(student), "--num", "3", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+
+
+def test_resume_continues_from_the_checkpoint(tiny_teacher, tmp_path):
+    run = distill(tiny_teacher, tmp_path / "run")
+    args = ["distill", "--resume", "latest"]
+    for item in [f"teacher.path={tiny_teacher}", f"output_dir={run}", *FAST, "train.max_steps=3"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["fmnist-ddpm", "fmnist-cond-vpred"])
+def test_reference_teachers(shared_teacher, tmp_path, name):
+    """A few DMD2 steps on the real reference teachers, exported and reproduced by diffusers."""
+    teacher = shared_teacher(name)
+    extra = ["train.batch_size=2", "train.max_steps=1"]
+    if name == "fmnist-cond-vpred":
+        extra.append("teacher.guidance_scale=2.0")
+    run = distill(teacher, tmp_path / "run", *extra)
+    labels = [3, 7] if name == "fmnist-cond-vpred" else None
+    n = 2
+    student = run / "student"
+    if labels is None:
+        ref = DDPMPipeline.from_pretrained(student)(batch_size=n, num_inference_steps=1,
+                                                    generator=torch.Generator().manual_seed(0), output_type="np").images
+    else:
+        ref = FastdiffClassConditionalPipeline.from_pretrained(student)(
+            class_labels=labels, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.abs(fastdiff_images(student, 1, 0, n, labels) - ref).max() <= 1e-5
+
+
+def write_fake_fashion_mnist(folder: Path, size: int = 28, n: int = 16) -> None:
+    """A small data set in Fashion-MNIST's gzipped IDX layout."""
+    import gzip
+    import struct
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, n, size, size) + images.tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">BBBBI", 0, 0, 8, 1, n) + rng.integers(0, 3, n, dtype=np.uint8).tobytes())
