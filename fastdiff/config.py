@@ -11,11 +11,28 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import re
+
 import yaml
 
 from .errors import FastdiffError
 
 DEFAULT_TEACHER = "embedded:fmnist-ddpm"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read ``mixed_precision: no`` as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -28,7 +45,9 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     num_steps: int = 1  # sampling steps the student is trained for (multi-step: backward simulation)
-    sigma_init: typing.Optional[float] = None  # first noise level; None = top of the teacher's schedule
+    # First noise level (VE sigma; snapped to a training timestep on VP teachers). 2.5 as in SiD: at the top of
+    # a linear DDPM schedule an eps student's x0 is eps * 157, which diverged in our H100 runs. null = the top.
+    sigma_init: typing.Optional[float] = 2.5
 
 
 @dataclass
@@ -157,7 +176,7 @@ def _read_yaml(name_or_path: str) -> dict:
                 f"config {name_or_path!r} is neither a file nor a named config ({', '.join(named_configs())})")
         text = packaged.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = _yaml(text) or {}
     except yaml.YAMLError as exc:
         raise FastdiffError(f"config {name_or_path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(data, dict):
@@ -171,7 +190,7 @@ def parse_override(item: str) -> dict:
         raise FastdiffError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=100")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     nested: dict = {}

@@ -20,11 +20,16 @@ PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 CLASS_COND_FILE = "pipeline_fastdiff_class_conditional.py"
 
 
-def student_scheduler(teacher_scheduler, prediction_type: str) -> LCMScheduler:
+def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int | None = None) -> LCMScheduler:
+    """LCMScheduler reproducing fastdiff's K-step sampler; a student starting at timestep t0 < T-1 gets the
+    teacher's first t0 + 1 betas, so its table is the teacher's, truncated, and its top timestep is t0."""
     config = dict(teacher_scheduler.config)
-    T = config["num_train_timesteps"]
     for key in ("clip_sample", "thresholding", "timestep_spacing", "variance_type", "steps_offset"):
         config.pop(key, None)
+    T = config["num_train_timesteps"]
+    if top_timestep is not None and top_timestep < T - 1:
+        T = top_timestep + 1
+        config.update(num_train_timesteps=T, trained_betas=[float(b) for b in teacher_scheduler.betas[:T]])
     return LCMScheduler.from_config(config, original_inference_steps=T, timestep_scaling=1e9, clip_sample=False,
                                     thresholding=False, prediction_type=prediction_type)
 
@@ -84,12 +89,13 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
     if teacher.denoiser.schedule.kind != "vp" or type(unet).__name__ != "UNet2DModel":
         raise FastdiffError(f"export of {type(unet).__name__} students on a {teacher.denoiser.schedule.kind} "
                             "schedule is not supported yet; export supports UNet2DModel with a VP scheduler")
-    if info.get("sigma_init") is not None:
-        raise FastdiffError("a student with student.sigma_init set starts below the top of the schedule, which a "
-                            "diffusers scheduler cannot express; sample it with `fastdiff sample` instead")
     info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class,
             "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1"}
-    scheduler = student_scheduler(teacher.scheduler, teacher.denoiser.prediction_type)
+    from .generator import top_timestep
+
+    top = top_timestep(teacher.denoiser, info.get("sigma_init"))
+    info["top_timestep"] = top
+    scheduler = student_scheduler(teacher.scheduler, teacher.denoiser.prediction_type, top)
     if teacher.num_classes:
         from fastdiff.pipelines import FastdiffClassConditionalPipeline
 

@@ -6,6 +6,11 @@ In the VE scale that is ``x = z / alpha(sigma_init)``, i.e. ``sigma_init * z`` u
 ``sqrt(1 + 1 / sigma_init^2)`` (1 + 2e-5 at the top of a DDPM schedule); fastdiff uses the native
 form so an exported pipeline reproduces the student exactly.
 
+Why sigma_init matters: an epsilon-prediction student at the top of a linear DDPM schedule returns
+``x0 = (x - s eps) / a`` with ``1 / a = 157``, so each optimizer step on eps moves the image 157 times
+as far (and bf16 rounding of eps becomes visible noise). Starting lower (SiD uses sigma 2.5) keeps the
+one-step map well conditioned.
+
 K steps: denoise, then re-noise the x0 estimate with fresh noise to the next level,
 ``x_native = alpha x0 + s eps``, the LCM / multi-step DMD2 sampler. On a VP teacher the K levels are
 the timesteps that diffusers' ``LCMScheduler(original_inference_steps=T).set_timesteps(K)`` picks
@@ -28,17 +33,30 @@ def step_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
     return [int(t) for t in reversed_grid[idx]]
 
 
+def top_timestep(denoiser: Denoiser, sigma_init: float | None) -> int:
+    """The VP table timestep a student starts from: T-1, or the one nearest to sigma_init."""
+    T = denoiser.schedule.num_train_timesteps
+    if sigma_init is None:
+        return T - 1
+    return int(denoiser.schedule.timestep(torch.tensor([float(sigma_init)])).round().item())
+
+
 def step_sigmas(denoiser: Denoiser, num_steps: int, sigma_init: float | None = None) -> torch.Tensor:
-    """Noise levels of a K-step student, highest first."""
+    """Noise levels of a K-step student, highest first.
+
+    On a VP teacher a sigma_init below the top is snapped to the nearest training timestep t0 and the
+    K levels follow the LCM rule on the truncated table [0, t0]: an exported LCMScheduler whose betas are
+    the teacher's first t0 + 1 betas reproduces them exactly.
+    """
     schedule = denoiser.schedule
     if isinstance(schedule, FlowSchedule):
         # t_i = 1 - i/K, sigma = t / (1 - t); the first level (t = 1) is pure noise, sigma = inf.
         sigmas = torch.tensor([float("inf")] + [(num_steps - i) / i for i in range(1, num_steps)])
-    else:
-        sigmas = schedule.sigma_at(torch.tensor(step_timesteps(schedule.num_train_timesteps, num_steps)))
-    if sigma_init is not None:
-        sigmas[0] = sigma_init
-    return sigmas.float()
+        if sigma_init is not None:
+            sigmas[0] = sigma_init
+        return sigmas.float()
+    top = top_timestep(denoiser, sigma_init)
+    return schedule.sigma_at(torch.tensor(step_timesteps(top + 1, num_steps))).float()
 
 
 class Generator(nn.Module):

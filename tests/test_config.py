@@ -9,7 +9,9 @@ def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  max_steps: 7\nobjective:\n  name: dmd2\n")
     cfg = load_config(str(f), ["train.batch_size=3", "train.lr_generator=1e-4", "teacher.path=/x",
-                               "train.adam_betas=[0.5, 0.9]", "student.sigma_init=null", "objective.gan=true"])
+                               "train.adam_betas=[0.5, 0.9]", "student.sigma_init=null", "objective.gan=true",
+                               "train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
     assert cfg.train.max_steps == 7 and cfg.train.batch_size == 3 and cfg.train.lr_generator == 1e-4
     assert cfg.teacher.path == "/x" and cfg.train.adam_betas == [0.5, 0.9] and cfg.objective.gan is True
     assert parse_override("a.b=2") == {"a": {"b": 2}}
