@@ -110,7 +110,7 @@ class Generator(nn.Module):
         """
         if self.num_steps == 1:
             return self.denoiser.denoise_native(z, self.sigmas[0], cond)
-        k = int(torch.randint(self.num_steps, (1,)).item())
+        k = int(torch.randint(self.num_steps, (1,)).item())  # CPU draw: choosing k needs no device sync
         x_native = z
         with torch.no_grad():
             for i in range(k):

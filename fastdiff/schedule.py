@@ -28,6 +28,13 @@ class VPSchedule:
         ac = self.alphas_cumprod.double()
         self.sigmas = ((1 - ac) / ac).sqrt()  # float64, increasing with t
         self._log_sigmas = self.sigmas.log()
+        self._tables = {}  # device -> log-sigma table there: lookups never wait for the host
+
+    def _log_table(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = self._log_sigmas.to(device)
+        return self._tables[key]
 
     @property
     def sigma_min(self) -> float:
@@ -39,21 +46,23 @@ class VPSchedule:
 
     def sigma_at(self, timesteps: torch.Tensor) -> torch.Tensor:
         """sigma for (integer or fractional) timesteps, float32."""
-        t = timesteps.double().cpu().clamp(0, self.num_train_timesteps - 1)
+        table = self._log_table(timesteps.device)
+        t = timesteps.double().clamp(0, self.num_train_timesteps - 1)
         lo = t.floor().long()
         hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
         w = t - lo
-        log_sigma = (1 - w) * self._log_sigmas[lo] + w * self._log_sigmas[hi]
-        return log_sigma.exp().float().to(timesteps.device)
+        log_sigma = (1 - w) * table[lo] + w * table[hi]
+        return log_sigma.exp().float()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep for sigma (float32), snapped to the integer grid within 1e-3."""
-        log_sigma = sigma.detach().double().cpu().clamp(self.sigma_min, self.sigma_max).log()
-        idx = torch.searchsorted(self._log_sigmas, log_sigma).clamp(1, self.num_train_timesteps - 1)
-        lo_val, hi_val = self._log_sigmas[idx - 1], self._log_sigmas[idx]
+        table = self._log_table(sigma.device)
+        log_sigma = sigma.detach().double().clamp(self.sigma_min, self.sigma_max).log()
+        idx = torch.searchsorted(table, log_sigma).clamp(1, self.num_train_timesteps - 1)
+        lo_val, hi_val = table[idx - 1], table[idx]
         t = (idx - 1).double() + (log_sigma - lo_val) / (hi_val - lo_val)
         t = torch.where((t - t.round()).abs() < 1e-3, t.round(), t)
-        return t.float().to(sigma.device)
+        return t.float()
 
     def alpha(self, sigma: torch.Tensor) -> torch.Tensor:
         """Signal scale a_t of the native input; equals sqrt(alphas_cumprod[t]) on the table."""

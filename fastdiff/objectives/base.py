@@ -16,11 +16,11 @@ def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: flo
     """Noise levels at timesteps drawn uniformly from [lo, hi] * T (integers for discrete VP teachers)."""
     T = schedule.num_train_timesteps
     if isinstance(schedule, VPSchedule):
-        t = torch.randint(int(lo * T), min(int(hi * T), T - 1) + 1, (n,))
-        return schedule.sigma_at(t).to(device)
-    t = lo + (hi - lo) * torch.rand(n, dtype=torch.float64)
+        t = torch.randint(int(lo * T), min(int(hi * T), T - 1) + 1, (n,), device=device)
+        return schedule.sigma_at(t)
+    t = lo + (hi - lo) * torch.rand(n, dtype=torch.float64, device=device)
     t = t.clamp(1.0 / T, 1 - 1e-4)  # flow: stay off t = 1, where sigma is infinite
-    return (t / (1 - t)).float().to(device)
+    return (t / (1 - t)).float()
 
 
 class Objective(nn.Module):
