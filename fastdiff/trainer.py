@@ -186,37 +186,37 @@ class Trainer:
         self.accelerator.print(f"resumed from {path}")
 
     # --- one step ---------------------------------------------------------------------------------
-    def train_step(self) -> dict:
-        cfg, acc, obj = self.cfg, self.accelerator, self.objective
-        accum, n = cfg.train.gradient_accumulation, cfg.train.batch_size
-        critic_params = self.opt_c.params
-        logs = {}
-        for p in critic_params:
-            p.requires_grad_(True)
-        for _ in range(obj.critic_updates):
-            for _ in range(accum):
-                z, cond = self._inputs(n)
-                with acc.autocast():
-                    with torch.no_grad():
-                        x = self.generator.training_sample(z, cond)
-                    loss, part = obj.critic_loss(x, cond, self._real(n))
-                self.opt_c.backward(loss / accum)
-            logs.update(part)
-            logs["grad_norm_critic"] = self.opt_c.step(acc)
-        for p in critic_params:  # the generator's loss reads the critic; it must not train it
-            p.requires_grad_(False)
+    def _update(self, opt: _Optimizer, loss_of, critic: bool):
+        """One optimizer step over ``gradient_accumulation`` micro-batches of fresh generator samples.
+
+        Critic updates see detached samples and real images; generator updates backpropagate into the sample.
+        """
+        accum, n = self.cfg.train.gradient_accumulation, self.cfg.train.batch_size
         for _ in range(accum):
             z, cond = self._inputs(n)
-            with acc.autocast():
-                x = self.generator.training_sample(z, cond)
-                loss, part = obj.generator_loss(x, cond, self._real(n))
-            self.opt_g.backward(loss / accum)
+            with self.accelerator.autocast():
+                with torch.set_grad_enabled(not critic):
+                    x = self.generator.training_sample(z, cond)
+                loss, logs = loss_of(x, cond, self._real(n) if critic else None)
+            opt.backward(loss / accum)
+        return logs, opt.step(self.accelerator)
+
+    def train_step(self) -> dict:
+        obj = self.objective
+        logs = {}
+        for p in self.opt_c.params:
+            p.requires_grad_(True)
+        for _ in range(obj.critic_updates):
+            part, logs["grad_norm_critic"] = self._update(self.opt_c, obj.critic_loss, critic=True)
+            logs.update(part)
+        for p in self.opt_c.params:  # the generator's loss reads the critic; it must not train it
+            p.requires_grad_(False)
+        part, logs["grad_norm_generator"] = self._update(self.opt_g, obj.generator_loss, critic=False)
         logs.update(part)
-        logs["grad_norm_generator"] = self.opt_g.step(acc)
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.generator.denoiser.model.parameters()):
-                    e.lerp_(p, 1 - cfg.train.ema_decay)
+                    e.lerp_(p, 1 - self.cfg.train.ema_decay)
         return logs
 
     # --- outputs ----------------------------------------------------------------------------------
