@@ -27,10 +27,8 @@ def cmd_distill(args) -> None:
 
 
 def cmd_export(args) -> None:
-    import yaml
-
     from . import checkpoint as ckpt
-    from .config import Config, _apply
+    from .config import Config, _apply, _yaml
     from .trainer import Trainer
 
     run = Path(args.run_dir)
@@ -39,13 +37,13 @@ def cmd_export(args) -> None:
         raise FastdiffError(f"{run} is not a fastdiff run folder (no config.yaml)")
     path = ckpt.find_checkpoint(run, args.checkpoint)
     cfg = Config()
-    _apply(cfg, yaml.safe_load((path / "config.yaml").read_text()))
+    _apply(cfg, _yaml((path / "config.yaml").read_text()))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
     cfg.output_dir = str(run)  # the run may have moved since it was trained
-    trainer = Trainer(cfg, resume=args.checkpoint)
-    trainer.load(args.checkpoint)
+    trainer = Trainer(cfg, resume=path.name.split("-")[1])
+    trainer.load(path.name.split("-")[1])  # exactly the checkpoint named, no fallback
     print(f"student exported to {trainer.export(out)}")
 
 

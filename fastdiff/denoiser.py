@@ -49,7 +49,7 @@ class Denoiser(nn.Module):
         params = inspect.signature(model.forward).parameters
         self._sample_arg = "sample" if "sample" in params else "hidden_states"
         self._accepted = {k for k in COND_KEYS if k in params}
-        self._out_channels = getattr(getattr(model, "config", None), "in_channels", None)
+        self._in_channels = getattr(getattr(model, "config", None), "in_channels", None)
 
     # --- the interface objectives use -------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None,
@@ -120,8 +120,8 @@ class Denoiser(nn.Module):
         dtype = next(self.model.parameters()).dtype
         out = self.model(**{self._sample_arg: x_native.to(dtype)}, timestep=self.schedule.model_timestep(sigma),
                          **kwargs, return_dict=False)[0]
-        if self._out_channels and out.shape[1] == 2 * self._out_channels:
-            out = out[:, : self._out_channels]  # learned-variance models (DiT) also output a variance
+        if self._in_channels and out.shape[1] == 2 * self._in_channels:
+            out = out[:, : self._in_channels]  # learned-variance models (DiT) also output a variance
         return out.float()
 
     def _x0(self, x_native: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> torch.Tensor:

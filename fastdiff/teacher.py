@@ -96,19 +96,16 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
     path = str(path)
     if os.path.isdir(path):
         folder, sched_folder = _resolve_folders(path)
-        kwargs = {}
     elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FastdiffError(f"teacher path {path!r} does not exist; pass a local diffusers folder (teacher.path)")
     else:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE=1 forbids the hub")
-        folder = "unet"
-        sched_folder = "scheduler"
-        kwargs = {}
+        folder, sched_folder = "unet", "scheduler"  # hub ids: the SD-style layout
     try:
         model_cls = _class_from_config(path, folder, "config.json")
         sched_cls = _class_from_config(path, sched_folder, "scheduler_config.json")
-        model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype, **kwargs)
+        model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype)
         scheduler = sched_cls.from_pretrained(path, subfolder=sched_folder)
     except FastdiffError:
         raise
