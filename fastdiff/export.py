@@ -47,7 +47,9 @@ def model_card(info: dict) -> str:
     steps = info["num_steps"]
     usage = ("from fastdiff.pipelines import FastdiffClassConditionalPipeline\n"
              "pipe = FastdiffClassConditionalPipeline.from_pretrained(\".\")\n"
-             f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}).images"
+             f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}).images\n"
+             "# without fastdiff, run the pipeline.py in this folder (read it first):\n"
+             "# DiffusionPipeline.from_pretrained(\".\", custom_pipeline=\".\", trust_remote_code=True)"
              if info["num_classes"] else
              "from diffusers import DDPMPipeline\n"
              "pipe = DDPMPipeline.from_pretrained(\".\")\n"

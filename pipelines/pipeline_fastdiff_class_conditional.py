@@ -3,7 +3,9 @@
 diffusers ships no pipeline for a class-conditional UNet2DModel, so fastdiff exports one. It is the
 DDPM pipeline with class labels (and optional classifier-free guidance with the null class, the last
 class embedding). Load it with ``FastdiffClassConditionalPipeline.from_pretrained(folder)``, or without
-fastdiff installed via ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder)``.
+fastdiff installed via
+``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)`` (the folder
+holds a copy of this file as pipeline.py; read it before trusting it).
 """
 from __future__ import annotations
 

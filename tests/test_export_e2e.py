@@ -88,6 +88,10 @@ def test_class_conditional_multistep_with_gan(tiny_cond_teacher, tmp_path):
     student = run / "student"
     assert json.loads((student / "fastdiff.json").read_text())["num_steps"] == 2
     assert (student / "pipeline.py").is_file()
+    from diffusers import DiffusionPipeline  # the copied pipeline.py loads without fastdiff's import path
+
+    plain = DiffusionPipeline.from_pretrained(student, custom_pipeline=str(student), trust_remote_code=True)
+    assert type(plain).__name__ == "FastdiffClassConditionalPipeline"
     assert_pipeline_matches(student, labels=[0, 1, 2, 0])
     assert main(["sample", str(student), "--num", "3", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
 
