@@ -117,7 +117,7 @@ class Denoiser(nn.Module):
         unknown = [k for k in (cond or {}) if k not in self._accepted and not k.startswith("uncond_")]
         if unknown:
             raise ValueError(f"{type(self.model).__name__} takes no condition {unknown}")
-        dtype = next(self.model.parameters()).dtype
+        dtype = getattr(self.model, "dtype", torch.float32)  # ModelMixin: parameters' dtype, else buffers'
         out = self.model(**{self._sample_arg: x_native.to(dtype)}, timestep=self.schedule.model_timestep(sigma),
                          **kwargs, return_dict=False)[0]
         if self._in_channels and out.shape[1] == 2 * self._in_channels:
