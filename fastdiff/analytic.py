@@ -61,8 +61,7 @@ class GaussianMixtureModel(ModelMixin, ConfigMixin):
         b = x.shape[0]
         flat = x.reshape(b, -1).float()
         var = sigma.float().reshape(b, 1) ** 2 + self.variances.reshape(1, -1)  # (B, K)
-        d2 = torch.cdist(flat, self.means) ** 2  # (B, K)
-        logits = self.log_weights - 0.5 * d2 / var - 0.5 * flat.shape[1] * var.log()
+        logits = self._log_joint(flat, var)
         if class_labels is not None:
             k = class_labels.reshape(b, 1)
             pick = torch.nn.functional.one_hot(k.clamp(max=self.num_modes - 1).squeeze(1), self.num_modes).bool()
@@ -95,8 +94,11 @@ class GaussianMixtureModel(ModelMixin, ConfigMixin):
         return self.posterior_logits(x).argmax(dim=1)
 
     def posterior_logits(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(x.shape[0], -1).float()
-        var = self.variances.reshape(1, -1)
+        """log w_k + log N(x; mu_k, s_k^2 I) up to a constant, for clean samples."""
+        return self._log_joint(x.reshape(x.shape[0], -1).float(), self.variances.reshape(1, -1))
+
+    def _log_joint(self, flat: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """log w_k + log N(flat; mu_k, var_k I) up to a constant; var is (B or 1, K)."""
         return self.log_weights - 0.5 * torch.cdist(flat, self.means) ** 2 / var - 0.5 * flat.shape[1] * var.log()
 
     def mode_weights(self, x: torch.Tensor) -> torch.Tensor:
