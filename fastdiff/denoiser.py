@@ -19,7 +19,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 COND_KEYS = ("class_labels", "encoder_hidden_states", "pooled_projections", "added_cond_kwargs", "encoder_attention_mask")
 
 
-def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
@@ -56,7 +56,7 @@ class Denoiser(nn.Module):
                 guidance_scale: float | None = None) -> torch.Tensor:
         """x0 estimate for ``x = x0 + sigma * eps`` (VE scale); sigma has shape (B,) or is a scalar."""
         sigma = self._per_sample(sigma, x)
-        return self.denoise_native(x * _expand(self.schedule.alpha(sigma), x), sigma, cond, guidance_scale)
+        return self.denoise_native(x * expand(self.schedule.alpha(sigma), x), sigma, cond, guidance_scale)
 
     def denoise_native(self, x_native: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None,
                        guidance_scale: float | None = None) -> torch.Tensor:
@@ -127,8 +127,8 @@ class Denoiser(nn.Module):
     def _x0(self, x_native: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> torch.Tensor:
         out = self.raw(x_native, sigma, cond)
         x = x_native.float()
-        a = _expand(self.schedule.alpha(sigma), x)
-        s = _expand(self.schedule.noise_scale(sigma), x)
+        a = expand(self.schedule.alpha(sigma), x)
+        s = expand(self.schedule.noise_scale(sigma), x)
         # Same arithmetic as diffusers' schedulers, so exported pipelines match to the last bits.
         if self.prediction_type == "epsilon":
             return (x - s * out) / a

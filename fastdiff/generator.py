@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .denoiser import Denoiser, _expand
+from .denoiser import Denoiser, expand
 from .schedule import FlowSchedule
 
 
@@ -84,7 +84,7 @@ class Generator(nn.Module):
         """Native input at level sigma for clean x0: ``alpha x0 + s eps``."""
         schedule = self.denoiser.schedule
         sigma = sigma.expand(x0.shape[0])
-        return _expand(schedule.alpha(sigma), x0) * x0 + _expand(schedule.noise_scale(sigma), x0) * noise
+        return expand(schedule.alpha(sigma), x0) * x0 + expand(schedule.noise_scale(sigma), x0) * noise
 
     def forward(self, z: torch.Tensor, cond: dict | None = None, num_steps: int | None = None,
                 rng: torch.Generator | None = None) -> torch.Tensor:

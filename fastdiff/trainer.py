@@ -233,14 +233,18 @@ class Trainer:
         ncol = self.teacher.num_classes or None
         save_grid(to_uint8(x0), self.out / "samples" / f"step-{self.step:08d}.png", ncol=ncol)
 
+    def _student_weights(self) -> torch.nn.Module:
+        """The weights users get: the EMA when enabled, else the raw generator."""
+        return self.ema if self.ema is not None else self.generator.denoiser.model
+
     def _export_generator(self) -> Generator:
-        model = self.ema if self.ema is not None else self.generator.denoiser.model
+        model = self._student_weights()
         return Generator(student_like(self.teacher, model), self.cfg.student.num_steps, self.cfg.student.sigma_init)
 
     def export(self, out: Path | None = None) -> Path | None:
         if not self.accelerator.is_main_process:
             return None
-        model = copy.deepcopy(self.ema if self.ema is not None else self.generator.denoiser.model).cpu().eval()
+        model = copy.deepcopy(self._student_weights()).cpu().eval()
         info = export_info(self.cfg, self.step, self.ema is not None)
         return export_student(model, self.teacher, info, out or self.out / "student")
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, expand
 from ..schedule import FlowSchedule, VPSchedule
-
-
-def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: float, device) -> torch.Tensor:
@@ -21,6 +17,12 @@ def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: flo
     t = lo + (hi - lo) * torch.rand(n, dtype=torch.float64, device=device)
     t = t.clamp(1.0 / T, 1 - 1e-4)  # flow: stay off t = 1, where sigma is infinite
     return (t / (1 - t)).float()
+
+
+def noised(x: torch.Tensor, schedule, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + sigma * eps, sigma) with sigma drawn by ``sample_sigma`` over [lo, hi] * T, then fresh eps."""
+    sigma = sample_sigma(schedule, x.shape[0], lo, hi, x.device)
+    return x + expand(sigma, x) * torch.randn_like(x), sigma
 
 
 class Objective(nn.Module):
@@ -43,8 +45,8 @@ class Objective(nn.Module):
     def fake_denoising_loss(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         """The teacher's training loss (its own target: eps, v, x0 or velocity), on samples x, all noise levels."""
         x = x.detach()
-        sigma = sample_sigma(self.fake.schedule, x.shape[0], 0.0, 1.0, x.device)
-        x0_hat = self.fake(x + expand(sigma, x) * torch.randn_like(x), sigma, cond, guidance_scale=1.0)
+        x_t, sigma = noised(x, self.fake.schedule, 0.0, 1.0)
+        x0_hat = self.fake(x_t, sigma, cond, guidance_scale=1.0)
         per_sample = ((x0_hat - x.float()) ** 2).flatten(1).mean(1)
         return (self.fake.loss_weight(sigma).to(x.device) * per_sample).mean()
 

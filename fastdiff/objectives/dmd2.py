@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import Denoiser
-from .base import Objective, expand, sample_sigma
+from .base import Objective, noised
 from .gan import GANHead, discriminator_gan_loss, generator_gan_loss
 
 
@@ -47,14 +47,12 @@ class DMD2(Objective):
         return torch.nan_to_num(grad)
 
     def generator_loss(self, x, cond=None, real=None):
-        sigma = sample_sigma(self.teacher.schedule, x.shape[0], self.min_t, self.max_t, x.device)
-        x_t = x.detach() + expand(sigma, x) * torch.randn_like(x)
+        x_t, sigma = noised(x.detach(), self.teacher.schedule, self.min_t, self.max_t)
         grad = self.dm_gradient(x, x_t, sigma, cond)
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         logs = {"loss_dm": loss.detach()}
         if self.gan_head is not None:
-            sigma = sample_sigma(self.teacher.schedule, x.shape[0], self.min_t, self.max_t, x.device)
-            logits = self.gan_head(x + expand(sigma, x) * torch.randn_like(x), sigma, cond)
+            logits = self.gan_head(*noised(x, self.teacher.schedule, self.min_t, self.max_t), cond)
             gan = generator_gan_loss(logits)
             logs["loss_gan_g"] = gan.detach()
             loss = loss + self.gan_generator_weight * gan
@@ -67,10 +65,8 @@ class DMD2(Objective):
             if real is None:
                 raise ValueError("the DMD2 GAN head needs real images (data.path)")
             x_real, cond_real = real
-            sigma = sample_sigma(self.teacher.schedule, x.shape[0], self.min_t, self.max_t, x.device)
-            logits_fake = self.gan_head(x + expand(sigma, x) * torch.randn_like(x), sigma, cond)
-            sigma_r = sample_sigma(self.teacher.schedule, x_real.shape[0], self.min_t, self.max_t, x.device)
-            logits_real = self.gan_head(x_real + expand(sigma_r, x_real) * torch.randn_like(x_real), sigma_r, cond_real)
+            logits_fake = self.gan_head(*noised(x, self.teacher.schedule, self.min_t, self.max_t), cond)
+            logits_real = self.gan_head(*noised(x_real, self.teacher.schedule, self.min_t, self.max_t), cond_real)
             gan = discriminator_gan_loss(logits_real, logits_fake)
             logs["loss_gan_d"] = gan.detach()
             loss = loss + self.gan_critic_weight * gan

@@ -41,16 +41,20 @@ class GANHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
         self._fake = [fake]  # a list keeps the fake score out of this module's parameters
         self._features = None
+        self._capturing = False  # other fake-score passes (DM gradient, fake loss) keep nothing
         bottleneck_module(fake.model).register_forward_hook(self._keep)
 
     def _keep(self, module, args, output):
-        self._features = output[0] if isinstance(output, tuple) else output
+        if self._capturing:
+            self._features = output[0] if isinstance(output, tuple) else output
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        self._features = None
-        self._fake[0](x, sigma, cond)
-        h = self._features.float()
-        self._features = None
+        self._capturing = True
+        try:
+            self._fake[0](x, sigma, cond)
+        finally:
+            self._capturing = False
+        h, self._features = self._features.float(), None
         if h.ndim == 4:
             h = self.conv(h).mean(dim=(2, 3))
         else:  # tokens (B, N, D)
