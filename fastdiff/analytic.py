@@ -41,11 +41,25 @@ class GaussianMixtureModel(ModelMixin, ConfigMixin):
             raise ValueError("weights and stds need one entry per mode")
         dim = in_channels * sample_size * sample_size
         means = mean_scale * torch.randn(len(weights), dim, generator=torch.Generator().manual_seed(seed))
-        self.register_buffer("means", means)
-        self.register_buffer("log_weights", torch.tensor(weights, dtype=torch.float64).log().float())
-        self.register_buffer("variances", torch.tensor(stds, dtype=torch.float32) ** 2)
+        # Parameters, not buffers: the teacher is frozen by load_teacher, and a trainable copy is a fake
+        # score of exactly the teacher's family (how DMD2 and SiD initialise theirs from real teachers).
+        self.means = torch.nn.Parameter(means)
+        self.weight_logits = torch.nn.Parameter(torch.tensor(weights, dtype=torch.float64).log().float())
+        self.log_stds = torch.nn.Parameter(torch.tensor(stds, dtype=torch.float64).log().float())
         self._schedule = VPSchedule(self.scheduler().alphas_cumprod)
         self.num_class_embeds = len(weights) + 1 if class_conditional else None
+        # Features a GAN head reads (gan.py hooks ``mid_block``): per-mode log responsibilities and
+        # squared distances per dimension, which see both mode weights and spreads.
+        self.mid_block = torch.nn.Identity()
+        self.bottleneck_channels = 2 * len(weights)
+
+    @property
+    def log_weights(self) -> torch.Tensor:
+        return self.weight_logits.log_softmax(0)
+
+    @property
+    def variances(self) -> torch.Tensor:
+        return (2 * self.log_stds).exp()
 
     @property
     def num_modes(self) -> int:
@@ -61,11 +75,13 @@ class GaussianMixtureModel(ModelMixin, ConfigMixin):
         b = x.shape[0]
         flat = x.reshape(b, -1).float()
         var = sigma.float().reshape(b, 1) ** 2 + self.variances.reshape(1, -1)  # (B, K)
-        logits = self._log_joint(flat, var)
+        d2 = torch.cdist(flat, self.means) ** 2
+        logits = self._log_joint(flat, var, d2)
         if class_labels is not None:
             k = class_labels.reshape(b, 1)
             pick = torch.nn.functional.one_hot(k.clamp(max=self.num_modes - 1).squeeze(1), self.num_modes).bool()
             logits = torch.where((k < self.num_modes) & ~pick, torch.full_like(logits, -math.inf), logits)
+        self.mid_block(torch.cat([logits.log_softmax(dim=1).clamp(min=-50), d2 / (var * flat.shape[1])], dim=1))
         r = logits.softmax(dim=1)  # (B, K)
         shrink = (self.variances / var)  # s_k^2 / (s_k^2 + sigma^2)
         x0 = (r * shrink).sum(1, keepdim=True) * flat + (r * (1 - shrink)) @ self.means
@@ -78,6 +94,7 @@ class GaussianMixtureModel(ModelMixin, ConfigMixin):
         x0 = self.posterior_mean(sample.float() / a, sigma, class_labels)
         return Transformer2DModelOutput(sample=x0) if return_dict else (x0,)
 
+    @torch.no_grad()
     def sample_true(self, n: int, generator: torch.Generator | None = None, class_labels=None) -> torch.Tensor:
         """Exact samples of the mixture (of mode k for class label k)."""
         if class_labels is None:
@@ -89,6 +106,7 @@ class GaussianMixtureModel(ModelMixin, ConfigMixin):
         c, s = self.config.in_channels, self.config.sample_size
         return x.reshape(n, c, s, s)
 
+    @torch.no_grad()
     def assign_modes(self, x: torch.Tensor) -> torch.Tensor:
         """Most likely mode of each clean sample."""
         return self.posterior_logits(x).argmax(dim=1)
@@ -97,10 +115,12 @@ class GaussianMixtureModel(ModelMixin, ConfigMixin):
         """log w_k + log N(x; mu_k, s_k^2 I) up to a constant, for clean samples."""
         return self._log_joint(x.reshape(x.shape[0], -1).float(), self.variances.reshape(1, -1))
 
-    def _log_joint(self, flat: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """log w_k + log N(flat; mu_k, var_k I) up to a constant; var is (B or 1, K)."""
-        return self.log_weights - 0.5 * torch.cdist(flat, self.means) ** 2 / var - 0.5 * flat.shape[1] * var.log()
+    def _log_joint(self, flat: torch.Tensor, var: torch.Tensor, d2: torch.Tensor | None = None) -> torch.Tensor:
+        """log w_k + log N(flat; mu_k, var_k I) up to a constant; var is (B or 1, K), d2 = |flat - mu_k|^2."""
+        d2 = torch.cdist(flat, self.means) ** 2 if d2 is None else d2
+        return self.log_weights - 0.5 * d2 / var - 0.5 * flat.shape[1] * var.log()
 
+    @torch.no_grad()
     def mode_weights(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bincount(self.assign_modes(x), minlength=self.num_modes).float() / x.shape[0]
 

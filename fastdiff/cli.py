@@ -78,6 +78,19 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.num} images from the {kind} at {args.steps} step(s) to {out}")
 
 
+def cmd_bench(args) -> None:
+    from . import bench_gmm
+
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise FastdiffError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    result = bench_gmm.run(objectives, args.steps, args.num_eval, args.seed)
+    print(bench_gmm.table(result))
+    if args.json:
+        bench_gmm.write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import named_configs
 
@@ -111,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", help="benchmarks (gmm: every objective against the analytic teacher)")
+    b.add_argument("suite", choices=["gmm"], help="gmm: one-step students vs an exact Gaussian mixture, on the CPU")
+    b.add_argument("--objectives", default="dmd2,sid,sida,sim,vsd", help="comma-separated (default: all five)")
+    b.add_argument("--steps", type=int, default=None, help="generator updates per objective (default: each its own)")
+    b.add_argument("--num-eval", type=int, default=5000, help="samples scored per row (default 5000)")
+    b.add_argument("--seed", type=int, default=0, help="seed for the teacher's samples, noise and training")
+    b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

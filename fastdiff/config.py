@@ -48,22 +48,34 @@ class StudentConfig:
     # First noise level (VE sigma; snapped to a training timestep on VP teachers). 2.5 as in SiD: at the top of
     # a linear DDPM schedule an eps student's x0 is eps * 157, which diverged in our H100 runs. null = the top.
     sigma_init: typing.Optional[float] = 2.5
+    # A diffusers model folder to start the student from (predicting in the teacher's parametrisation);
+    # null = a copy of the teacher, as DMD2 and SiD do.
+    model: typing.Optional[str] = None
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "dmd2"
-    critic_updates: int = 5  # fake-score updates per generator update (two time-scale rule)
-    min_t: float = 0.02  # distribution-matching timesteps as a fraction of T
-    max_t: float = 0.98
-    gan: bool = False  # GAN head on the fake score's bottleneck (needs data)
-    gan_generator_weight: float = 3e-3
-    gan_critic_weight: float = 1e-2
+    """Objective settings. null means "the objective's own default" (shown per objective in the README)."""
+
+    name: str = "dmd2"  # dmd2 | vsd | sid | sida | sim
+    critic_updates: typing.Optional[int] = None  # fake-score updates per generator update (dmd2 5, others 1)
+    min_t: typing.Optional[float] = None  # generator-loss timesteps as a fraction of T (dmd2 [0.02, 0.98],
+    max_t: typing.Optional[float] = None  # sid/sim [0, 0.8])
+    gan: bool = False  # GAN head on the fake score's bottleneck (needs data); sida implies it
+    gan_generator_weight: typing.Optional[float] = None  # dmd2: 3e-3
+    gan_critic_weight: typing.Optional[float] = None  # dmd2: 1e-2
+    gan_weight: typing.Optional[float] = None  # sida: share of the GAN term in both losses (0.5)
+    alpha: typing.Optional[float] = None  # sid: 1.2, sida: 1.0
+    c: typing.Optional[float] = None  # sim: pseudo-Huber constant
+    fake_loss: typing.Optional[str] = None  # teacher | edm (sid/sim: edm)
+    fake_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score in the generator loss
+    fake_train_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score while it trains
+    fake_lora_rank: typing.Optional[int] = None  # fake score as a LoRA on the teacher (vsd: 16 when peft works)
 
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"
+    name: str = "fashion-mnist"  # fashion-mnist | analytic (exact samples of the analytic teacher)
     path: str = "/usr/share/datasets/fashion-mnist"
     split: str = "train"
     resolution: typing.Optional[int] = None  # None = the teacher's sample size (Fashion-MNIST is padded with -1)
@@ -208,8 +220,11 @@ def validate(cfg: Config) -> None:
     positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
                 "train.gradient_accumulation": t.gradient_accumulation, "train.checkpoint_every": t.checkpoint_every,
                 "train.sample_every": t.sample_every, "train.log_every": t.log_every,
-                "train.checkpoint_limit": t.checkpoint_limit, "student.num_steps": cfg.student.num_steps,
-                "objective.critic_updates": cfg.objective.critic_updates}
+                "train.checkpoint_limit": t.checkpoint_limit, "student.num_steps": cfg.student.num_steps}
+    o = cfg.objective
+    for key in ("critic_updates", "fake_lora_rank"):
+        if getattr(o, key) is not None:
+            positive[f"objective.{key}"] = getattr(o, key)
     for key, value in positive.items():
         if value <= 0:
             raise FastdiffError(f"{key} must be a positive integer, got {value}")
@@ -217,8 +232,13 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise FastdiffError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if not 0.0 <= cfg.objective.min_t < cfg.objective.max_t <= 1.0:
+    lo, hi = 0.0 if o.min_t is None else o.min_t, 1.0 if o.max_t is None else o.max_t
+    if not 0.0 <= lo < hi <= 1.0:
         raise FastdiffError("objective.min_t and objective.max_t must satisfy 0 <= min_t < max_t <= 1")
+    if o.fake_loss not in (None, "teacher", "edm"):
+        raise FastdiffError(f"objective.fake_loss must be teacher or edm, got {o.fake_loss!r}")
+    if o.c is not None and o.c <= 0:
+        raise FastdiffError(f"objective.c must be positive, got {o.c}")
     for key in ("lr_generator", "lr_critic"):
         if getattr(t, key) <= 0:
             raise FastdiffError(f"train.{key} must be positive, got {getattr(t, key)}")

@@ -76,11 +76,24 @@ class RealImages:
         return self.images[idx].to(device), self.labels[idx].to(device)
 
 
-def real_images_for(data_cfg, sample_shape: tuple[int, int, int], seed: int) -> RealImages:
-    """Load the configured data set and check it against the teacher's sample shape."""
+ANALYTIC_SAMPLES = 50_000
+
+
+def real_images_for(data_cfg, teacher, seed: int) -> RealImages:
+    """Load the configured data set and check it against the teacher's sample shape.
+
+    ``analytic``: exact samples of the analytic teacher's mixture (labels = modes), for GAN heads in benchmarks.
+    """
+    if data_cfg.name == "analytic":
+        if not hasattr(teacher.model, "sample_true"):
+            raise FastdiffError("data.name analytic needs the analytic (Gaussian-mixture) teacher")
+        rng = torch.Generator().manual_seed(seed + 1)
+        modes = torch.multinomial(teacher.model.log_weights.exp(), ANALYTIC_SAMPLES, replacement=True, generator=rng)
+        images = teacher.model.sample_true(ANALYTIC_SAMPLES, rng, class_labels=modes)
+        return RealImages(images, modes, seed)
     if data_cfg.name != "fashion-mnist":
-        raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist")
-    channels, height, width = sample_shape
+        raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist or analytic")
+    channels, height, width = teacher.sample_shape
     resolution = data_cfg.resolution or height
     if resolution != height or height != width:
         raise FastdiffError(f"data.resolution {resolution} does not match the teacher's sample size {height}x{width}")

@@ -75,12 +75,36 @@ def _class_from_config(path: str, subfolder: str, config_name: str):
         from huggingface_hub import hf_hub_download
 
         name = json.loads(Path(hf_hub_download(path, config_name, subfolder=subfolder)).read_text())["_class_name"]
-    cls = getattr(diffusers, name or "", None)
-    if cls is None and name == "GaussianMixtureModel":  # fastdiff's analytic teacher
-        from .analytic import GaussianMixtureModel as cls
+    cls = getattr(diffusers, name or "", None) or fastdiff_model_classes().get(name)
     if cls is None:
         raise FastdiffError(f"{path}/{subfolder}: class {name!r} is not a diffusers class")
     return cls
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A single diffusers model folder (config.json + weights), e.g. a student's starting network."""
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise FastdiffError(f"student.model {path!r} is not a diffusers model folder (no config.json)")
+    try:
+        return _class_from_config(path, "", "config.json").from_pretrained(path, torch_dtype=dtype)
+    except FastdiffError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise FastdiffError(f"could not load student.model {path!r}: {_first_line(exc)}") from exc
+
+
+def fastdiff_model_classes() -> dict:
+    """fastdiff's own diffusers-style models (the analytic benchmark's teacher and student)."""
+    from .analytic import GaussianMixtureModel
+    from .mlp import MLPDenoiser
+
+    return {"GaussianMixtureModel": GaussianMixtureModel, "MLPDenoiser": MLPDenoiser}
 
 
 def prediction_type_of(scheduler) -> str:
@@ -112,8 +136,7 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
     except FastdiffError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FastdiffError(f"could not load teacher from {path!r}: {first}") from exc
+        raise FastdiffError(f"could not load teacher from {path!r}: {_first_line(exc)}") from exc
     model.requires_grad_(False).eval()
 
     num_classes = None
@@ -124,6 +147,9 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
         null_class = cfg.num_class_embeds - 1 if null_class is None else null_class
     elif getattr(cfg, "num_embeds_ada_norm", None) and "DiT" in type(model).__name__:
         num_classes = cfg.num_embeds_ada_norm  # DiT's label table has one extra row: the null class
+        null_class = num_classes if null_class is None else null_class
+    elif getattr(cfg, "class_conditional", False):  # the analytic teacher: class k is mode k, then null
+        num_classes = len(cfg.weights)
         null_class = num_classes if null_class is None else null_class
 
     denoiser = Denoiser(model, schedule_from_scheduler(scheduler), prediction_type_of(scheduler),

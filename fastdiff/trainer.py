@@ -27,10 +27,10 @@ from .denoiser import Denoiser
 from .errors import FastdiffError
 from .export import export_student
 from .generator import Generator
-from .objectives import OBJECTIVES
+from .objectives import NEEDS_GAN, build
 from .objectives.gan import GANHead
 from .sampling import class_labels_for, save_grid, to_uint8
-from .teacher import Teacher, load_teacher
+from .teacher import Teacher, load_model, load_teacher
 from .embedded import resolve_teacher_path
 
 
@@ -40,12 +40,54 @@ def student_like(teacher: Teacher, model: torch.nn.Module) -> Denoiser:
     return Denoiser(model, d.schedule, d.prediction_type, null_class=d.null_class)
 
 
+def uses_gan(cfg: Config) -> bool:
+    return cfg.objective.gan or cfg.objective.name in NEEDS_GAN
+
+
 def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser):
     o = cfg.objective
-    gan_head = GANHead(fake) if o.gan else None
-    return OBJECTIVES[o.name](teacher.denoiser, fake, min_t=o.min_t, max_t=o.max_t, critic_updates=o.critic_updates,
-                              gan_head=gan_head, gan_generator_weight=o.gan_generator_weight,
-                              gan_critic_weight=o.gan_critic_weight)
+    try:
+        gan_head = GANHead(fake) if uses_gan(cfg) else None
+        options = {k: getattr(o, k) for k in OBJECTIVE_OPTIONS}
+        return build(o.name, teacher.denoiser, fake, gan_head=gan_head, **options)
+    except ValueError as exc:
+        raise FastdiffError(str(exc)) from exc
+
+
+# Config fields passed to the objective's constructor (the rest shape the networks or the trainer).
+OBJECTIVE_OPTIONS = ("critic_updates", "min_t", "max_t", "gan_generator_weight", "gan_critic_weight", "gan_weight",
+                     "alpha", "c", "fake_loss", "fake_guidance", "fake_train_guidance")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.2")
+DEFAULT_LORA_RANK = {"vsd": 16}
+
+
+def fake_score_model(cfg: Config, teacher: Teacher) -> torch.nn.Module:
+    """The fake score's network: a trainable copy of the teacher, or the frozen teacher plus a LoRA.
+
+    VSD / SwiftBrush train the fake score as a LoRA (rank ``objective.fake_lora_rank``, default 16 for vsd)
+    on the teacher's attention and convolution layers; a teacher with no such layers (the analytic
+    teacher) or no peft falls back to a full copy unless a rank was asked for explicitly.
+    """
+    model = copy.deepcopy(teacher.model)
+    rank = cfg.objective.fake_lora_rank
+    explicit = rank is not None
+    rank = rank if explicit else DEFAULT_LORA_RANK.get(cfg.objective.name)
+    if not rank:
+        return model.requires_grad_(True).train()
+    targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())]
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        targets = []
+    if not targets:
+        if explicit:
+            raise FastdiffError(f"objective.fake_lora_rank: no LoRA for {type(model).__name__} "
+                                "(needs peft and attention or convolution layers); set it to null")
+        return model.requires_grad_(True).train()
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model.train()
 
 
 def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -65,7 +107,7 @@ class _Optimizer:
     """AdamW + gradient clipping + (fp16) loss scaling for one group of modules."""
 
     def __init__(self, modules: list[torch.nn.Module], lr: float, cfg: Config, fp16: bool):
-        self.params = [p for m in modules for p in m.parameters()]
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]  # LoRA: adapters only
         fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params)
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(cfg.train.adam_betas),
                                      weight_decay=cfg.train.weight_decay, fused=fused or None)
@@ -92,6 +134,14 @@ class _Optimizer:
         self.scaler.load_state_dict(state["scaler"])
 
 
+def check_student(model: torch.nn.Module, teacher: Teacher) -> None:
+    cfg = model.config
+    size = getattr(cfg, "sample_size", None)
+    shape = (getattr(cfg, "in_channels", None), *((size, size) if isinstance(size, int) else tuple(size or ())))
+    if shape != teacher.sample_shape:
+        raise FastdiffError(f"student.model takes {shape} samples but the teacher makes {teacher.sample_shape}")
+
+
 def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -106,8 +156,9 @@ def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path
 class Trainer:
     """Builds every piece of a run from a Config and runs it. See ``fit``."""
 
-    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False):
+    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True):
         self.cfg = cfg
+        self.progress = progress
         self.out = prepare_output_dir(cfg, resume, overwrite)
         self.resume = resume
         self.overwrite = overwrite
@@ -116,8 +167,9 @@ class Trainer:
         self.teacher = load_teacher(teacher_path, cfg.teacher.guidance_scale, cfg.teacher.null_class)
         if self.teacher.conditioning == "text":
             raise FastdiffError("text-conditioned teachers are not supported by this version of fastdiff")
-        self.real = (real_images_for(cfg.data, self.teacher.sample_shape, cfg.train.seed)
-                     if cfg.objective.gan else None)
+        self.real = real_images_for(cfg.data, self.teacher, cfg.train.seed) if uses_gan(cfg) else None
+        student_model = load_model(cfg.student.model) if cfg.student.model else copy.deepcopy(self.teacher.model)
+        check_student(student_model, self.teacher)
 
         mp = cfg.train.mixed_precision
         self.accelerator = Accelerator(
@@ -129,9 +181,9 @@ class Trainer:
         teacher = self.teacher
         teacher.model.to(device)
 
-        student_model = copy.deepcopy(teacher.model).to(device).requires_grad_(True).train()
+        student_model = student_model.to(device).requires_grad_(True).train()
         self.generator = Generator(student_like(teacher, student_model), cfg.student.num_steps, cfg.student.sigma_init)
-        fake = student_like(teacher, copy.deepcopy(teacher.model).to(device).requires_grad_(True).train())
+        fake = student_like(teacher, fake_score_model(cfg, teacher).to(device))
         self.objective = build_objective(cfg, teacher, fake).to(device)
         self.ema = copy.deepcopy(student_model).requires_grad_(False).eval() if cfg.train.ema_decay > 0 else None
         self.opt_g = _Optimizer([student_model], cfg.train.lr_generator, cfg, mp == "fp16")
@@ -248,7 +300,7 @@ class Trainer:
         info = export_info(self.cfg, self.step, self.ema is not None)
         return export_student(model, self.teacher, info, out or self.out / "student")
 
-    def fit(self) -> Path | None:
+    def fit(self, export: bool = True) -> Path | None:
         cfg, acc = self.cfg, self.accelerator
         if self.resume:
             self.load(self.resume)
@@ -258,7 +310,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         acc.init_trackers("fastdiff")
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not acc.is_main_process, desc="distill")
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (acc.is_main_process and self.progress), desc="distill")
         metrics = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None
         start = time.time()
         while self.step < cfg.train.max_steps:
@@ -284,6 +336,8 @@ class Trainer:
         if metrics:
             metrics.close()
         acc.end_training()
+        if not export:
+            return None
         self.sample_grid()
         return self.export()
 

@@ -19,6 +19,33 @@ def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: flo
     return (t / (1 - t)).float()
 
 
+def edm_sigma(schedule, n: int, device, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+    """EDM's training noise levels, ``ln sigma ~ N(p_mean, p_std^2)`` (Karras et al. 2022, Table 1), kept inside
+    the teacher's own range so every level maps to a timestep it was trained on."""
+    lo, hi = schedule_range(schedule)
+    return (torch.randn(n, device=device) * p_std + p_mean).exp().clamp(lo, hi)
+
+
+def schedule_range(schedule) -> tuple[float, float]:
+    T = schedule.num_train_timesteps
+    if isinstance(schedule, VPSchedule):
+        sig = schedule.sigma_at(torch.tensor([0, T - 1]))
+        return float(sig[0]), float(sig[1])
+    return 1.0 / (T - 1), float(T - 1)  # flow: t in [1/T, 1 - 1/T]
+
+
+def finite_samples(*tensors: torch.Tensor) -> torch.Tensor:
+    """Per-sample mask: True where every element of every tensor is finite (SiD masks the rest)."""
+    ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        ok &= torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1)
+    return ok
+
+
+def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
 def noised(x: torch.Tensor, schedule, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + sigma * eps, sigma) with sigma drawn by ``sample_sigma`` over [lo, hi] * T, then fresh eps."""
     sigma = sample_sigma(schedule, x.shape[0], lo, hi, x.device)
@@ -42,13 +69,27 @@ class Objective(nn.Module):
     def critic_modules(self) -> list[nn.Module]:
         return [m for m in (self.fake, self.gan_head) if m is not None]
 
-    def fake_denoising_loss(self, x: torch.Tensor, cond=None) -> torch.Tensor:
-        """The teacher's training loss (its own target: eps, v, x0 or velocity), on samples x, all noise levels."""
-        x = x.detach()
-        x_t, sigma = noised(x, self.fake.schedule, 0.0, 1.0)
-        x0_hat = self.fake(x_t, sigma, cond, guidance_scale=1.0)
-        per_sample = ((x0_hat - x.float()) ** 2).flatten(1).mean(1)
-        return (self.fake.loss_weight(sigma).to(x.device) * per_sample).mean()
+    def fake_denoising_loss(self, x: torch.Tensor, cond=None, weighting: str = "teacher",
+                            guidance_scale: float = 1.0) -> torch.Tensor:
+        """Denoising loss of the fake score on generator samples x (detached), written in x0 terms.
+
+        weighting "teacher": the teacher's own loss (its target: eps, v, x0 or velocity), timesteps uniform.
+        weighting "edm": EDM's loss, ``(sigma^2 + sd^2) / (sigma sd)^2 * |D - x|^2`` with log-normal sigma
+        (Karras et al. 2022, Eq. 8 and Table 1), as SiD trains its fake score.
+        guidance_scale: CFG on the fake score's own prediction while it trains (SiD-LSG's kappa_1).
+        """
+        x = x.detach().float()
+        if weighting == "edm":
+            sigma = edm_sigma(self.fake.schedule, x.shape[0], x.device)
+            x_t = x + expand(sigma, x) * torch.randn_like(x)
+            weight = (sigma ** 2 + 0.25) / (0.25 * sigma ** 2)  # sigma_data = 0.5
+        else:
+            x_t, sigma = noised(x, self.fake.schedule, 0.0, 1.0)
+            weight = self.fake.loss_weight(sigma).to(x.device)
+        x0_hat = self.fake(x_t, sigma, cond, guidance_scale=guidance_scale)
+        per_sample = per_sample_mean((x0_hat - x) ** 2)
+        ok = finite_samples(per_sample)
+        return (weight[ok] * per_sample[ok]).sum() / ok.sum().clamp(min=1)
 
     def generator_loss(self, x: torch.Tensor, cond=None, real=None):
         raise NotImplementedError

@@ -24,6 +24,8 @@ def bottleneck_module(model: nn.Module) -> nn.Module:
 
 
 def bottleneck_channels(model: nn.Module) -> int:
+    if getattr(model, "bottleneck_channels", None):  # models that say it (the analytic teacher)
+        return model.bottleneck_channels
     cfg = model.config
     if getattr(cfg, "block_out_channels", None):
         return cfg.block_out_channels[-1]
@@ -57,7 +59,7 @@ class GANHead(nn.Module):
         h, self._features = self._features.float(), None
         if h.ndim == 4:
             h = self.conv(h).mean(dim=(2, 3))
-        else:  # tokens (B, N, D)
+        elif h.ndim == 3:  # tokens (B, N, D)
             h = h.mean(dim=1)
         return self.mlp(h).squeeze(1)
 

@@ -1,0 +1,81 @@
+"""Every objective through the real training loop: tiny teachers built in code, the reference teacher
+(fmnist-cond-vpred) when ../shared is present, and the analytic teacher's benchmark."""
+import json
+
+import pytest
+import torch
+
+from fastdiff.cli import main
+from fastdiff.config import load_config
+from fastdiff.teacher import load_teacher
+from fastdiff.trainer import fake_score_model
+from test_export_e2e import assert_pipeline_matches, distill, write_fake_fashion_mnist
+
+OBJECTIVES = ["dmd2", "vsd", "sid", "sida", "sim"]
+
+
+@pytest.mark.parametrize("name", ["vsd", "sid", "sida", "sim"])
+def test_objective_trains_exports_and_loads(name, tiny_cond_teacher, tmp_path):
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=6)
+    run = distill(tiny_cond_teacher, tmp_path / "run", f"objective.name={name}", f"data.path={data}",
+                  "teacher.guidance_scale=2.0")
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(v)) for row in logs for v in row.values())
+    if name == "sida":
+        assert "loss_gan_g" in logs[-1] and "loss_gan_d" in logs[-1]
+    assert json.loads((run / "student" / "fastdiff.json").read_text())["objective"] == name
+    assert_pipeline_matches(run / "student", labels=[0, 1, 2])
+
+
+def test_vsd_fake_score_is_a_lora_on_the_teacher(tiny_teacher):
+    teacher = load_teacher(tiny_teacher)
+    fake = fake_score_model(load_config(None, ["objective.name=vsd"]), teacher)
+    trainable = [n for n, p in fake.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base = {n.replace(".base_layer", ""): p for n, p in fake.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base[n], p) for n, p in teacher.model.named_parameters())
+    full = fake_score_model(load_config(None, ["objective.name=vsd", "objective.fake_lora_rank=null"]), teacher)
+    assert full is not None
+    dmd2 = fake_score_model(load_config(None, []), teacher)
+    assert all(p.requires_grad for p in dmd2.parameters())
+
+
+def test_options_that_do_not_apply_are_errors(tiny_teacher, tmp_path, capsys):
+    code = main(["distill", "--set", f"teacher.path={tiny_teacher}", "--set", f"output_dir={tmp_path / 'r'}",
+                 "--set", "objective.c=0.5"])
+    assert code == 2 and "objective.c does not apply to dmd2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_reference_teacher_smoke(name, shared_teacher, tmp_path):
+    """A few steps of each objective on fmnist-cond-vpred, exported and reproduced by diffusers."""
+    teacher = shared_teacher("fmnist-cond-vpred")
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=28)
+    run = distill(teacher, tmp_path / "run", f"objective.name={name}", f"data.path={data}",
+                  "teacher.guidance_scale=2.0", "train.max_steps=2")
+    assert_pipeline_matches(run / "student", labels=[3, 7])
+
+
+@pytest.mark.slow
+def test_bench_gmm_every_objective_reaches_the_target(tmp_path):
+    """The issue's bar: one step, sw2 <= 2 x floor, every mode weight within 0.02, better than DDIM-4."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "gmm", "--json", str(out)]) == 0
+    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in OBJECTIVES:
+        r = rows[name]
+        assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
+        assert r["sw2"] < rows["teacher-ddim-4"]["sw2"]
+
+
+def test_bench_gmm_short_run_writes_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "gmm", "--objectives", "sim", "--steps", "3", "--num-eval", "500", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["objective"] for r in rows][-1] == "sim"
+    assert {"objective", "sw2", "sw2_floor", "max_mode_weight_error"} <= set(rows[-1])
+    assert "teacher-ddim-4" in capsys.readouterr().out
+    assert main(["bench", "gmm", "--objectives", "nope"]) == 2
