@@ -84,7 +84,7 @@ def cmd_bench(args) -> None:
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise FastdiffError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
-    result = bench_gmm.run(objectives, args.steps, args.num_eval, args.seed)
+    result = bench_gmm.run(objectives, args.steps, args.num_eval, args.seed, overrides=args.set or [])
     print(bench_gmm.table(result))
     if args.json:
         bench_gmm.write_json(result, args.json)
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-eval", type=int, default=5000, help="samples scored per row (default 5000)")
     b.add_argument("--seed", type=int, default=0, help="seed for the teacher's samples, noise and training")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override for every objective run, e.g. --set objective.alpha=0.5 (repeatable)")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -56,3 +56,23 @@ def test_sliced_wasserstein_and_mode_weights():
     assert (gmm.mode_weights(a) - torch.tensor([0.1, 0.2, 0.3, 0.4])).abs().max() < 0.03
     assert sliced_wasserstein(a, a) == 0.0
     assert sliced_wasserstein(a, a + 0.5) > 0.4  # a shift by 0.5 in every pixel moves every projection
+
+
+def test_class_conditional_teacher_loads_with_its_classes_and_trains_a_fake_copy(tmp_path):
+    GaussianMixtureModel(class_conditional=True).save_teacher(tmp_path / "gmm")
+    teacher = load_teacher(str(tmp_path / "gmm"))
+    assert teacher.num_classes == 4 and teacher.null_class == 4 and teacher.conditioning == "class"
+    x = torch.randn(2, 1, 8, 8)
+    sigma = torch.full((2,), 1.0)
+    with torch.no_grad():
+        one = teacher.denoiser(x, sigma, {"class_labels": torch.tensor([1, 1])})
+        guided = teacher.denoiser(x, sigma, {"class_labels": torch.tensor([1, 1])}, guidance_scale=3.0)
+    assert not torch.allclose(one, guided)  # CFG against the null class (the whole mixture) moves the estimate
+    # The teacher is frozen; a copy is a trainable fake score of the same family.
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    import copy
+
+    fake = copy.deepcopy(teacher.model).requires_grad_(True)
+    loss = fake.posterior_mean(x, sigma).pow(2).mean()
+    loss.backward()
+    assert fake.means.grad is not None and fake.weight_logits.grad is not None and fake.log_stds.grad is not None
