@@ -12,6 +12,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,9 +81,10 @@ def fake_score_model(cfg: Config, teacher: Teacher) -> torch.nn.Module:
     except ImportError:
         targets = []
     if not targets:
+        why = f"no LoRA for {type(model).__name__} (needs peft and attention or convolution layers)"
         if explicit:
-            raise FastdiffError(f"objective.fake_lora_rank: no LoRA for {type(model).__name__} "
-                                "(needs peft and attention or convolution layers); set it to null")
+            raise FastdiffError(f"objective.fake_lora_rank: {why}; set it to null")
+        warnings.warn(f"{why}: the fake score is a full copy of the teacher", stacklevel=2)
         return model.requires_grad_(True).train()
     model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), model)
     for name, p in model.named_parameters():

@@ -7,6 +7,8 @@ it into one logit per image. Non-saturating losses: generator ``softplus(-D(fake
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +41,7 @@ class GANHead(nn.Module):
         super().__init__()
         channels = bottleneck_channels(fake.model)
         self.conv = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(min(32, channels), channels), nn.SiLU())
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(math.gcd(32, channels), channels), nn.SiLU())
         self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
         self._fake = [fake]  # a list keeps the fake score out of this module's parameters
         self._features = None
