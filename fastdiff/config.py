@@ -70,7 +70,7 @@ class ObjectiveConfig:
     fake_loss: typing.Optional[str] = None  # teacher | edm (sid/sim: edm)
     fake_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score in the generator loss
     fake_train_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score while it trains
-    fake_lora_rank: typing.Optional[int] = None  # fake score as a LoRA on the teacher (vsd: 16 when peft works)
+    fake_lora_rank: typing.Optional[int] = None  # fake score as a LoRA on the teacher (vsd: 16); 0 = full copy
 
 
 @dataclass
@@ -222,9 +222,8 @@ def validate(cfg: Config) -> None:
                 "train.sample_every": t.sample_every, "train.log_every": t.log_every,
                 "train.checkpoint_limit": t.checkpoint_limit, "student.num_steps": cfg.student.num_steps}
     o = cfg.objective
-    for key in ("critic_updates", "fake_lora_rank"):
-        if getattr(o, key) is not None:
-            positive[f"objective.{key}"] = getattr(o, key)
+    if o.critic_updates is not None:
+        positive["objective.critic_updates"] = o.critic_updates
     for key, value in positive.items():
         if value <= 0:
             raise FastdiffError(f"{key} must be a positive integer, got {value}")
@@ -237,6 +236,8 @@ def validate(cfg: Config) -> None:
         raise FastdiffError("objective.min_t and objective.max_t must satisfy 0 <= min_t < max_t <= 1")
     if o.fake_loss not in (None, "teacher", "edm"):
         raise FastdiffError(f"objective.fake_loss must be teacher or edm, got {o.fake_loss!r}")
+    if o.fake_lora_rank is not None and o.fake_lora_rank < 0:
+        raise FastdiffError(f"objective.fake_lora_rank must be 0 (full copy) or positive, got {o.fake_lora_rank}")
     if o.c is not None and o.c <= 0:
         raise FastdiffError(f"objective.c must be positive, got {o.c}")
     for key in ("lr_generator", "lr_critic"):

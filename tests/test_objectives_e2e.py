@@ -35,8 +35,8 @@ def test_vsd_fake_score_is_a_lora_on_the_teacher(tiny_teacher):
     assert trainable and all("lora_" in n for n in trainable)
     base = {n.replace(".base_layer", ""): p for n, p in fake.named_parameters() if "lora_" not in n}
     assert all(torch.equal(base[n], p) for n, p in teacher.model.named_parameters())
-    full = fake_score_model(load_config(None, ["objective.name=vsd", "objective.fake_lora_rank=null"]), teacher)
-    assert full is not None
+    full = fake_score_model(load_config(None, ["objective.name=vsd", "objective.fake_lora_rank=0"]), teacher)
+    assert all(p.requires_grad for p in full.parameters()) and not any("lora_" in n for n, _ in full.named_parameters())
     dmd2 = fake_score_model(load_config(None, []), teacher)
     assert all(p.requires_grad for p in dmd2.parameters())
 
