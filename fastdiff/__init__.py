@@ -7,4 +7,16 @@ from .teacher import Teacher, load_teacher
 
 __version__ = "0.1.0"
 
+# fastdiff's own diffusers models, found by name when diffusers loads a pipeline folder whose
+# model_index.json says ["fastdiff", "<class>"]; imported on first use (they import diffusers).
+_MODELS = {"GuidanceEmbeddedUNet": ".guidance", "MLPDenoiser": ".mlp", "GaussianMixtureModel": ".analytic"}
+
+
+def __getattr__(name):
+    if name in _MODELS:
+        import importlib
+
+        return getattr(importlib.import_module(_MODELS[name], __name__), name)
+    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
+
 __all__ = ["Denoiser", "FastdiffError", "Generator", "FlowSchedule", "VPSchedule", "Teacher", "load_teacher"]

@@ -10,7 +10,10 @@ Setup (all on the CPU, a few minutes):
   modes only through the few samples between them, so a student that starts with wrong mode weights
   keeps them for thousands of steps (measured: DMD2, SiD and SIM from a cold start all settle at weights
   0.34 / 0.37 for true 0.3 / 0.4). The table's "init" row shows what the warm start alone gives;
-- each objective then trains through the ordinary ``Trainer`` from the same start.
+- consistency objectives (cd, scm) learn the whole ODE, not one map, so their student starts as what
+  CD prescribes, a copy of the teacher: the MLP regressed onto the teacher's exact denoiser at every
+  level ("init (teacher copy)" rows). They are scored at one, two and four steps;
+- each objective then trains through the ordinary ``Trainer`` from its start.
 Metrics on ``num_eval`` samples: sliced Wasserstein-2 to exact samples, its floor (two exact sample sets),
 and the largest error of a mode's weight. The teacher's own 1-, 2- and 4-step DDIM are rows too.
 """
@@ -32,7 +35,7 @@ from .generator import Generator
 from .mlp import MLPDenoiser
 from .sampling import ddim_sample
 from .teacher import Teacher, load_teacher
-from .trainer import Trainer
+from .trainer import Trainer, trains_on_data
 
 DEFAULT_OBJECTIVES = ("dmd2", "sid", "sida", "sim", "vsd")
 # Per objective: generator steps and objective settings. Every objective uses its own defaults except the
@@ -41,27 +44,59 @@ DEFAULT_OBJECTIVES = ("dmd2", "sid", "sida", "sim", "vsd")
 # (SIM at 1:1: 2.27 x floor, mode error 0.033; at 5:1: 1.71 x floor, 0.017; same start and seed).
 SETTINGS = {name: {"steps": 400, "objective": {"critic_updates": 5}} for name in ("dmd2", "vsd", "sid", "sida", "sim")}
 SETTINGS["vsd"]["objective"]["fake_lora_rank"] = 0  # the analytic teacher has no layers to put a LoRA on
+# Consistency objectives: every update is one regression (no fake score), so more of them fit. Settings from a
+# sweep (eval/results/bench-gmm-cpu/README.md): cd with Heun steps on an 18-interval Karras grid (the teacher's
+# own Heun-18 chain is 1.22 x floor; a 50-step DDIM chain, cd's default, 1.85 x) and l2; scm with wider noise
+# levels than sCM's images (ln sigma ~ N(0.5, 2^2)) so the top of the schedule, where one step starts, is trained.
+# Both with a cosine learning rate.
+SETTINGS["cd"] = {"steps": 4000, "objective": {"num_intervals": 18, "grid": "karras", "solver": "heun", "distance": "l2"},
+                  "train": {"lr_generator": 5e-4, "lr_schedule": "cosine", "ema_decay": 0.999}}
+SETTINGS["scm"] = {"steps": 2000, "objective": {"tangent_warmup": 500, "p_mean": 0.5, "p_std": 2.0},
+                   "train": {"lr_generator": 1e-3, "lr_schedule": "cosine", "ema_decay": 0.995}}
+SAMPLING_STEPS = (1, 2, 4)  # consistency students are scored at these step counts
+# The MLP student per start. A consistency function must be right at every noise level, not at one:
+# regressing the 256x3 MLP straight onto exact consistency targets (Heun-200 chains, 4000 cosine steps)
+# gave 2.35 / 1.94 x floor at one / two steps, a 512x4 one 2.04 / 1.64 x, so consistency students get that.
+STUDENT = {"ode": {}, "denoiser": {"hidden": 512, "depth": 4}}
 TRAIN = {"batch_size": 256, "lr_generator": 1e-4, "lr_critic": 3e-3, "ema_decay": 0.99, "weight_decay": 0.0,
          "adam_betas": [0.0, 0.999], "checkpoint_every": 10**9, "sample_every": 10**9, "checkpoint_limit": 1}
 
 
-def warm_start(teacher: Teacher, out: Path, num_pairs: int = 16384, steps: int = 2500, ode_steps: int = 200,
-               seed: int = 0) -> Path:
-    """Fit an MLP one-step map z -> teacher ODE sample (200-step DDIM from the top) and save it as a model folder."""
+def warm_start(teacher: Teacher, out: Path, kind: str = "ode", num_pairs: int = 16384, steps: int = 2500,
+               ode_steps: int = 200, seed: int = 0, hidden: int = 256, depth: int = 3) -> Path:
+    """Fit an MLP by regression and save it as a model folder.
+
+    kind "ode": the one-step map z -> teacher ODE sample (200-step DDIM from the top).
+    kind "denoiser": the teacher's exact x0 estimate at every training timestep (a copy of the teacher).
+    """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the MLP's initial weights
-    z = torch.randn(num_pairs, *teacher.sample_shape, generator=gen)
-    target = ddim_sample(teacher.denoiser, z, ode_steps)
     c, s, _ = teacher.sample_shape
     cfg = teacher.model.config
-    model = MLPDenoiser(sample_size=s, in_channels=c, num_train_timesteps=cfg.num_train_timesteps,
+    model = MLPDenoiser(sample_size=s, in_channels=c, hidden=hidden, depth=depth, num_train_timesteps=cfg.num_train_timesteps,
                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule)
-    student = Generator(Denoiser(model, teacher.denoiser.schedule, teacher.denoiser.prediction_type), 1, None)
+    student = Denoiser(model, teacher.denoiser.schedule, teacher.denoiser.prediction_type)
+    if kind == "ode":
+        z = torch.randn(num_pairs, *teacher.sample_shape, generator=gen)
+        target = ddim_sample(teacher.denoiser, z, ode_steps)
+        one_step = Generator(student, 1, None)
+
+        def loss_of(idx):
+            return ((one_step.training_sample(z[idx]) - target[idx]) ** 2).mean()
+    else:
+        x0 = teacher.model.sample_true(num_pairs, gen)
+        table = teacher.denoiser.schedule
+
+        def loss_of(idx):
+            sigma = table.sigma_at(torch.randint(table.num_train_timesteps, (len(idx),), generator=gen))
+            x = x0[idx] + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0[idx].shape, generator=gen)
+            with torch.no_grad():
+                target = teacher.denoiser(x, sigma)
+            return ((student(x, sigma) - target) ** 2).mean()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # the low final lr sharpens mode boundaries
     for _ in range(steps):
-        idx = torch.randint(num_pairs, (256,), generator=gen)
-        loss = ((student.training_sample(z[idx]) - target[idx]) ** 2).mean()
+        loss = loss_of(torch.randint(num_pairs, (256,), generator=gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -77,7 +112,7 @@ def score(samples: torch.Tensor, truth: torch.Tensor, gmm: GaussianMixtureModel)
 
 
 def train_objective(name: str, teacher_dir: Path, init_dir: Path, out: Path, steps: int, seed: int,
-                    overrides=()) -> torch.nn.Module:
+                    overrides=()) -> Trainer:
     cfg = Config()
     _apply(cfg, {"teacher": {"path": str(teacher_dir)},
                  "student": {"model": str(init_dir), "sigma_init": None, "num_steps": 1},
@@ -91,7 +126,7 @@ def train_objective(name: str, teacher_dir: Path, init_dir: Path, out: Path, ste
     validate(cfg)
     trainer = Trainer(cfg, overwrite=True, progress=False)
     trainer.fit(export=False)
-    return trainer._student_weights()
+    return trainer
 
 
 def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int = 5000, seed: int = 0,
@@ -125,20 +160,42 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
         for k in (1, 2, 4):
             t0 = time.time()
             add(f"teacher-ddim-{k}", ddim_sample(teacher.denoiser, z, k), "teacher", 0, t0)
-        t0 = time.time()
-        init = warm_start(teacher, tmp / "init", seed=seed)
-        with torch.no_grad():
-            init_gen = Generator(Denoiser(MLPDenoiser.from_pretrained(init), teacher.denoiser.schedule, "sample"), 1, None)
-            add("init (ODE regression)", init_gen(z), "init", 0, t0)
+        inits = {}
+        for kind, label in (("ode", "init (ODE regression)"), ("denoiser", "init (teacher copy)")):
+            if not any(is_consistency(o) == (kind == "denoiser") for o in objectives):
+                continue
+            t0 = time.time()
+            inits[kind] = warm_start(teacher, tmp / f"init-{kind}", kind, seed=seed, **STUDENT[kind])
+            init_gen = Generator(Denoiser(MLPDenoiser.from_pretrained(inits[kind]), teacher.denoiser.schedule, "sample"))
+            for k in SAMPLING_STEPS if kind == "denoiser" else (1,):
+                with torch.no_grad():
+                    add(label + ("" if k == 1 else f", {k} steps"), init_gen(z, num_steps=k, rng=eval_rng(seed)),
+                        "init", 0, t0)
         for name in objectives:
             t0 = time.time()
             n = steps or SETTINGS[name]["steps"]
-            model = train_objective(name, tmp / "teacher", init, tmp / name, n, seed, overrides)
-            with torch.no_grad():
-                student = Generator(Denoiser(model.eval(), teacher.denoiser.schedule, "sample"), 1, None)
-                add(name, student(z), "objective", n, t0)
+            init = inits["denoiser" if is_consistency(name) else "ode"]
+            student = train_objective(name, tmp / "teacher", init, tmp / name, n, seed, overrides)._export_generator()
+            student.eval()
+            for k in SAMPLING_STEPS if is_consistency(name) else (1,):
+                with torch.no_grad():
+                    samples = student(z, num_steps=k, rng=eval_rng(seed))
+                add(name if k == 1 else f"{name}, {k} steps", samples, "objective", n, t0)
     return {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
             "overrides": list(overrides), "num_eval": num_eval, "sw2_floor": floor, "seconds": round(time.time() - start, 1), "rows": rows}
+
+
+def is_consistency(name: str) -> bool:
+    from .config import Config
+
+    cfg = Config()
+    cfg.objective.name = name
+    return trains_on_data(cfg)
+
+
+def eval_rng(seed: int) -> torch.Generator:
+    """The re-noising noise of multi-step evaluation samples (the same for every row)."""
+    return torch.Generator().manual_seed(seed + 4)
 
 
 def cpu_name() -> str:

@@ -45,9 +45,10 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     num_steps: int = 1  # sampling steps the student is trained for (multi-step: backward simulation)
-    # First noise level (VE sigma; snapped to a training timestep on VP teachers). 2.5 as in SiD: at the top of
-    # a linear DDPM schedule an eps student's x0 is eps * 157, which diverged in our H100 runs. null = the top.
-    sigma_init: typing.Optional[float] = 2.5
+    # First noise level (VE sigma; snapped to a training timestep on VP teachers); null = the top of the schedule.
+    # auto: 2.5 for distribution matching, as in SiD (at the top of a linear DDPM schedule an eps student's x0 is
+    # eps * 157, which diverged in our H100 runs); the top for consistency students, which learn every level.
+    sigma_init: typing.Union[float, str, None] = "auto"
     # A diffusers model folder to start the student from (predicting in the teacher's parametrisation);
     # null = a copy of the teacher, as DMD2 and SiD do.
     model: typing.Optional[str] = None
@@ -57,7 +58,7 @@ class StudentConfig:
 class ObjectiveConfig:
     """Objective settings. null means "the objective's own default" (shown per objective in the README)."""
 
-    name: str = "dmd2"  # dmd2 | vsd | sid | sida | sim
+    name: str = "dmd2"  # dmd2 | vsd | sid | sida | sim | cd | scm
     critic_updates: typing.Optional[int] = None  # fake-score updates per generator update (dmd2 5, others 1)
     min_t: typing.Optional[float] = None  # generator-loss timesteps as a fraction of T (dmd2 [0.02, 0.98],
     max_t: typing.Optional[float] = None  # sid/sim [0, 0.8])
@@ -71,6 +72,25 @@ class ObjectiveConfig:
     fake_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score in the generator loss
     fake_train_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score while it trains
     fake_lora_rank: typing.Optional[int] = None  # fake score as a LoRA on the teacher (vsd: 16); 0 = full copy
+    # consistency distillation (cd): grid, teacher solver, distance, target network
+    num_intervals: typing.Optional[int] = None  # N (50)
+    skip: typing.Optional[int] = None  # k, grid intervals per teacher step (1)
+    grid: typing.Optional[str] = None  # timesteps (uniform, LCM) | karras (rho = 7, CM)
+    start_intervals: typing.Optional[int] = None  # iCT doubling: N starts here ...
+    double_every: typing.Optional[int] = None  # ... and doubles every this many steps, up to num_intervals
+    solver: typing.Optional[str] = None  # ddim | heun
+    distance: typing.Optional[str] = None  # pseudo_huber | l2
+    target_ema: typing.Optional[float] = None  # target network EMA rate (0.95); 0 = online student (iCT)
+    timestep_scaling: typing.Optional[float] = None  # LCM boundary scalings' k (10); exported with the scheduler
+    # cd and scm: CFG scales drawn per example, fed to the student as an embedding (LCM-style)
+    guidance_range: typing.Optional[typing.List[float]] = None
+    # continuous-time consistency (scm)
+    tangent: typing.Optional[str] = None  # auto | jvp | finite_difference
+    tangent_warmup: typing.Optional[int] = None  # steps of sCM's tangent warm-up (1000)
+    tangent_norm: typing.Optional[float] = None  # tangent normalisation constant (0.1)
+    fd_step: typing.Optional[float] = None  # finite-difference step in TrigFlow time (3e-4)
+    p_mean: typing.Optional[float] = None  # log-normal training noise levels, ln sigma ~ N(p_mean, p_std^2)
+    p_std: typing.Optional[float] = None  # (scm: -1.0, 1.4 as sCM)
 
 
 @dataclass
@@ -89,6 +109,8 @@ class TrainConfig:
     seed: int = 0
     lr_generator: float = 1e-5
     lr_critic: float = 1e-5
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps), for both optimizers
+    lr_warmup_steps: int = 0  # linear warm-up of both learning rates
     adam_betas: typing.List[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.01
     grad_clip: float = 10.0
@@ -227,6 +249,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise FastdiffError(f"{key} must be a positive integer, got {value}")
+    if isinstance(cfg.student.sigma_init, str) and cfg.student.sigma_init != "auto":
+        raise FastdiffError(f"student.sigma_init must be a number, null (the top) or auto, got {cfg.student.sigma_init!r}")
+    if t.lr_schedule not in ("constant", "cosine"):
+        raise FastdiffError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
+    if t.lr_warmup_steps < 0:
+        raise FastdiffError(f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise FastdiffError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
     if not 0.0 <= t.ema_decay < 1.0:
@@ -238,6 +266,10 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"objective.fake_loss must be teacher or edm, got {o.fake_loss!r}")
     if o.fake_lora_rank is not None and o.fake_lora_rank < 0:
         raise FastdiffError(f"objective.fake_lora_rank must be 0 (full copy) or positive, got {o.fake_lora_rank}")
+    if o.guidance_range is not None and len(o.guidance_range) != 2:
+        raise FastdiffError(f"objective.guidance_range must be [lo, hi], got {o.guidance_range}")
+    if o.timestep_scaling is not None and o.timestep_scaling <= 0:
+        raise FastdiffError(f"objective.timestep_scaling must be positive, got {o.timestep_scaling}")
     if o.c is not None and o.c <= 0:
         raise FastdiffError(f"objective.c must be positive, got {o.c}")
     for key in ("lr_generator", "lr_critic"):

@@ -16,7 +16,8 @@ from .schedule import FlowSchedule, VPSchedule
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 # Condition keys fastdiff understands, mapped onto the model forward argument of the same name.
-COND_KEYS = ("class_labels", "encoder_hidden_states", "pooled_projections", "added_cond_kwargs", "encoder_attention_mask")
+COND_KEYS = ("class_labels", "encoder_hidden_states", "pooled_projections", "added_cond_kwargs", "encoder_attention_mask",
+             "timestep_cond")
 
 
 def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ class Denoiser(nn.Module):
         schedule: :class:`VPSchedule` or :class:`FlowSchedule` built from the teacher's scheduler.
         prediction_type: what the network outputs: ``epsilon``, ``v_prediction``, ``sample`` or ``flow``.
         null_class: class label used as the unconditional input for classifier-free guidance.
-        guidance_scale: default CFG scale (1 = no guidance, one forward pass).
+        guidance_scale: default CFG scale (1 = no guidance, one forward pass); a call may pass a (B,) tensor.
     """
 
     def __init__(self, model: nn.Module, schedule: VPSchedule | FlowSchedule, prediction_type: str,
@@ -66,11 +67,13 @@ class Denoiser(nn.Module):
         """
         sigma = self._per_sample(sigma, x_native)
         g = self.guidance_scale if guidance_scale is None else guidance_scale
-        if g == 1.0:
+        if not torch.is_tensor(g) and g == 1.0:
             return self._x0(x_native, sigma, cond)
         uncond = self.null_cond(cond, x_native.shape[0])
         both = self._x0(torch.cat([x_native, x_native]), torch.cat([sigma, sigma]), _cat_cond(uncond, cond))
         x0_uncond, x0_cond = both.chunk(2)
+        if torch.is_tensor(g):  # one scale per sample (LCM-style guidance ranges)
+            g = expand(g, x0_cond)
         # CFG is linear in the prediction, so guiding x0 equals guiding eps / v at fixed (x, sigma).
         return x0_uncond + g * (x0_cond - x0_uncond)
 

@@ -2,9 +2,10 @@
 
 VP students get diffusers' ``LCMScheduler`` configured so the pipeline reproduces fastdiff's K-step
 sampler exactly: ``original_inference_steps = T`` gives the same K timesteps, ``clip_sample = False``
-matches fastdiff (the pipeline clamps the final image anyway), and a huge ``timestep_scaling`` makes
-LCM's consistency boundary scalings exactly ``c_skip = 0, c_out = 1`` in float32, so each step is the
-student's plain x0 estimate, then re-noising with fresh noise, as in fastdiff.
+matches fastdiff (the pipeline clamps the final image anyway), and ``timestep_scaling`` is the one the
+student was trained with: a consistency-distilled (cd) student's boundary scalings (LCM's k, 10 by
+default), or, for every other student, a huge value that makes them exactly ``c_skip = 0, c_out = 1`` in
+float32, so each step is the student's plain x0 estimate. Then re-noising with fresh noise, as in fastdiff.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 CLASS_COND_FILE = "pipeline_fastdiff_class_conditional.py"
 
 
-def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int | None = None) -> LCMScheduler:
+def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int | None = None,
+                      timestep_scaling: float | None = None) -> LCMScheduler:
     """LCMScheduler reproducing fastdiff's K-step sampler; a student starting at timestep t0 < T-1 gets the
     teacher's first t0 + 1 betas, so its table is the teacher's, truncated, and its top timestep is t0."""
     config = dict(teacher_scheduler.config)
@@ -30,7 +32,8 @@ def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int
     if top_timestep is not None and top_timestep < T - 1:
         T = top_timestep + 1
         config.update(num_train_timesteps=T, trained_betas=[float(b) for b in teacher_scheduler.betas[:T]])
-    return LCMScheduler.from_config(config, original_inference_steps=T, timestep_scaling=1e9, clip_sample=False,
+    return LCMScheduler.from_config(config, original_inference_steps=T, timestep_scaling=timestep_scaling or 1e9,
+                                    clip_sample=False,
                                     thresholding=False, prediction_type=prediction_type)
 
 
@@ -47,9 +50,12 @@ def model_card(info: dict) -> str:
     steps = info["num_steps"]
     usage = ("from fastdiff.pipelines import FastdiffClassConditionalPipeline\n"
              "pipe = FastdiffClassConditionalPipeline.from_pretrained(\".\")\n"
-             f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}).images\n"
-             "# without fastdiff, run the pipeline.py in this folder (read it first):\n"
-             "# DiffusionPipeline.from_pretrained(\".\", custom_pipeline=\".\", trust_remote_code=True)"
+             f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}"
+             f"{', guidance_scale=2.0' if info.get('guidance_embedded') else ''}).images\n"
+             + ("# the network is fastdiff's GuidanceEmbeddedUNet: loading needs fastdiff installed"
+                if info.get("guidance_embedded") else
+                "# without fastdiff, run the pipeline.py in this folder (read it first):\n"
+                "# DiffusionPipeline.from_pretrained(\".\", custom_pipeline=\".\", trust_remote_code=True)")
              if info["num_classes"] else
              "from diffusers import DDPMPipeline\n"
              "pipe = DDPMPipeline.from_pretrained(\".\")\n"
@@ -88,16 +94,17 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
     ``info`` holds: teacher, objective, num_steps, sigma_init, train_step, ema, settings (a dict).
     """
     out = Path(out)
-    if teacher.denoiser.schedule.kind != "vp" or type(unet).__name__ != "UNet2DModel":
+    guided = type(unet).__name__ == "GuidanceEmbeddedUNet"
+    if teacher.denoiser.schedule.kind != "vp" or type(unet).__name__ != "UNet2DModel" and not guided:
         raise FastdiffError(f"export of {type(unet).__name__} students on a {teacher.denoiser.schedule.kind} "
                             "schedule is not supported yet; export supports UNet2DModel with a VP scheduler")
-    info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class,
+    info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": guided,
             "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1"}
     from .generator import top_timestep
 
     top = top_timestep(teacher.denoiser, info.get("sigma_init"))
     info["top_timestep"] = top
-    scheduler = student_scheduler(teacher.scheduler, teacher.denoiser.prediction_type, top)
+    scheduler = student_scheduler(teacher.scheduler, teacher.denoiser.prediction_type, top, info.get("timestep_scaling"))
     if teacher.num_classes:
         from fastdiff.pipelines import FastdiffClassConditionalPipeline
 
@@ -122,3 +129,15 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
 def read_student_info(folder: str | Path) -> dict | None:
     path = Path(folder) / "fastdiff.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def student_generator(loaded, info: dict):
+    """fastdiff's K-step sampler for an exported student folder loaded with ``load_teacher``: the consistency
+    boundary scalings when it was trained with them, and the top of its (truncated) table as first level."""
+    from .consistency import ConsistencyDenoiser
+    from .generator import Generator
+
+    d = loaded.denoiser
+    if info.get("timestep_scaling"):
+        d = ConsistencyDenoiser(d.model, d.schedule, d.prediction_type, d.null_class, info["timestep_scaling"])
+    return Generator(d, info["num_steps"])

@@ -38,6 +38,18 @@ def ddim_sample(denoiser: Denoiser, z: torch.Tensor, num_steps: int, cond: dict 
     return x0
 
 
+def guided_cond(model, cond: dict | None, guidance_scale: float | None) -> dict | None:
+    """Add the guidance embedding a guidance-distilled (LCM-style) student reads; other models: cond as is."""
+    dim = getattr(getattr(model, "config", None), "time_cond_proj_dim", None)
+    if not dim or cond is None:
+        return cond
+    from .guidance import guidance_embedding
+
+    scale = 1.0 if guidance_scale is None else guidance_scale
+    w = torch.full((len(cond["class_labels"]),), scale - 1.0)
+    return {**cond, "timestep_cond": guidance_embedding(w, dim).to(cond["class_labels"].device)}
+
+
 def to_uint8(x0: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW -> uint8 NHWC, with the same rounding as diffusers' numpy_to_pil."""
     images = (x0.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
@@ -78,7 +90,7 @@ def sample_model(model: Generator | Denoiser, shape, num: int, steps: int, seed:
         if cond is not None:
             cond["class_labels"] = (cond["class_labels"] + start) % num_classes
         if isinstance(model, Generator):
-            x0 = model(z, cond, num_steps=steps, rng=rng)
+            x0 = model(z, guided_cond(model.denoiser.model, cond, guidance_scale), num_steps=steps, rng=rng)
         else:
             x0 = ddim_sample(model, z, steps, cond, guidance_scale)
         yield start, to_uint8(x0)

@@ -55,13 +55,16 @@ class VPSchedule:
         return log_sigma.exp().float()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep for sigma (float32), snapped to the integer grid within 1e-3."""
+        """Fractional timestep for sigma (float32), snapped to the integer grid within 1e-3; differentiable."""
         table = self._log_table(sigma.device)
-        log_sigma = sigma.detach().double().clamp(self.sigma_min, self.sigma_max).log()
+        log_sigma = sigma.double().clamp(self.sigma_min, self.sigma_max).log()
         idx = torch.searchsorted(table, log_sigma).clamp(1, self.num_train_timesteps - 1)
         lo_val, hi_val = table[idx - 1], table[idx]
         t = (idx - 1).double() + (log_sigma - lo_val) / (hi_val - lo_val)
-        t = torch.where((t - t.round()).abs() < 1e-3, t.round(), t)
+        # Straight-through snap: the value is the integer, the derivative stays d t / d sigma, so
+        # continuous-time objectives (sCM's JVP) see the true time derivative everywhere.
+        snap = (t.round() - t).detach()
+        t = torch.where(snap.abs() < 1e-3, t + snap, t)
         return t.float()
 
     def alpha(self, sigma: torch.Tensor) -> torch.Tensor:

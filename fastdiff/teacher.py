@@ -100,11 +100,13 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def fastdiff_model_classes() -> dict:
-    """fastdiff's own diffusers-style models (the analytic benchmark's teacher and student)."""
+    """fastdiff's own diffusers-style models (the analytic benchmark's teacher and student, guided students)."""
     from .analytic import GaussianMixtureModel
+    from .guidance import GuidanceEmbeddedUNet
     from .mlp import MLPDenoiser
 
-    return {"GaussianMixtureModel": GaussianMixtureModel, "MLPDenoiser": MLPDenoiser}
+    return {"GaussianMixtureModel": GaussianMixtureModel, "MLPDenoiser": MLPDenoiser,
+            "GuidanceEmbeddedUNet": GuidanceEmbeddedUNet}
 
 
 def prediction_type_of(scheduler) -> str:

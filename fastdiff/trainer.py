@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 import warnings
@@ -28,9 +29,11 @@ from .denoiser import Denoiser
 from .errors import FastdiffError
 from .export import export_student
 from .generator import Generator
-from .objectives import NEEDS_GAN, build
+from .consistency import ConsistencyDenoiser
+from .guidance import with_guidance_embedding
+from .objectives import NEEDS_GAN, build, objective_class
 from .objectives.gan import GANHead
-from .sampling import class_labels_for, save_grid, to_uint8
+from .sampling import class_labels_for, guided_cond, save_grid, to_uint8
 from .teacher import Teacher, load_model, load_teacher
 from .embedded import resolve_teacher_path
 
@@ -41,23 +44,64 @@ def student_like(teacher: Teacher, model: torch.nn.Module) -> Denoiser:
     return Denoiser(model, d.schedule, d.prediction_type, null_class=d.null_class)
 
 
+DEFAULT_TIMESTEP_SCALING = 10.0  # LCM's
+
+
+def timestep_scaling(cfg: Config) -> float | None:
+    """The consistency boundary scalings' k for ``cd`` students (None: the student's x0 estimate is used as is)."""
+    if cfg.objective.name != "cd":
+        return None
+    return cfg.objective.timestep_scaling or DEFAULT_TIMESTEP_SCALING
+
+
+def student_denoiser(cfg: Config, teacher: Teacher, model: torch.nn.Module) -> Denoiser:
+    """The student network as the objective sees it: plain, or with the consistency boundary condition (cd)."""
+    k = timestep_scaling(cfg)
+    if k is None:
+        return student_like(teacher, model)
+    d = teacher.denoiser
+    return ConsistencyDenoiser(model, d.schedule, d.prediction_type, null_class=d.null_class, timestep_scaling=k)
+
+
+def sigma_init(cfg: Config) -> float | None:
+    """student.sigma_init with ``auto`` resolved: 2.5 for distribution matching, the top for consistency."""
+    if cfg.student.sigma_init != "auto":
+        return cfg.student.sigma_init
+    return None if trains_on_data(cfg) else 2.5
+
+
+def trains_on_data(cfg: Config) -> bool:
+    return objective_class(cfg.objective.name).trains_on == "data"
+
+
 def uses_gan(cfg: Config) -> bool:
     return cfg.objective.gan or cfg.objective.name in NEEDS_GAN
 
 
-def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser):
+def check_objective_settings(cfg: Config) -> None:
+    """Settings the objective's constructor does not see but that only make sense for some objectives."""
+    o = cfg.objective
+    if o.timestep_scaling is not None and o.name != "cd":
+        raise FastdiffError(f"objective.timestep_scaling does not apply to {o.name}")
+    if uses_gan(cfg) and not objective_class(o.name).uses_fake_score:
+        raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
+
+
+def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, student: Denoiser):
     o = cfg.objective
     try:
         gan_head = GANHead(fake) if uses_gan(cfg) else None
         options = {k: getattr(o, k) for k in OBJECTIVE_OPTIONS}
-        return build(o.name, teacher.denoiser, fake, gan_head=gan_head, **options)
+        return build(o.name, teacher.denoiser, fake, gan_head=gan_head, student=student, **options)
     except ValueError as exc:
         raise FastdiffError(str(exc)) from exc
 
 
 # Config fields passed to the objective's constructor (the rest shape the networks or the trainer).
 OBJECTIVE_OPTIONS = ("critic_updates", "min_t", "max_t", "gan_generator_weight", "gan_critic_weight", "gan_weight",
-                     "alpha", "c", "fake_loss", "fake_guidance", "fake_train_guidance")
+                     "alpha", "c", "fake_loss", "fake_guidance", "fake_train_guidance", "num_intervals", "skip", "grid",
+                     "start_intervals", "double_every", "solver", "distance", "target_ema", "guidance_range",
+                     "tangent", "tangent_warmup", "tangent_norm", "fd_step", "p_mean", "p_std")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.2")
 DEFAULT_LORA_RANK = {"vsd": 16}
 
@@ -106,15 +150,16 @@ def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerato
 
 
 class _Optimizer:
-    """AdamW + gradient clipping + (fp16) loss scaling for one group of modules."""
+    """AdamW + gradient clipping + (fp16) loss scaling + learning-rate schedule for one group of modules."""
 
-    def __init__(self, modules: list[torch.nn.Module], lr: float, cfg: Config, fp16: bool):
+    def __init__(self, modules: list[torch.nn.Module], lr: float, cfg: Config, fp16: bool, steps_per_update: int = 1):
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]  # LoRA: adapters only
         fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params)
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(cfg.train.adam_betas),
                                      weight_decay=cfg.train.weight_decay, fused=fused or None)
         self.scaler = torch.amp.GradScaler(enabled=fp16)
         self.clip = cfg.train.grad_clip
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step // steps_per_update, cfg.train))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -126,14 +171,27 @@ class _Optimizer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
+        self.schedule.step()
         return norm
 
     def state_dict(self):
-        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state):
         self.opt.load_state_dict(state["opt"])
         self.scaler.load_state_dict(state["scaler"])
+        if "schedule" in state:  # checkpoints from before learning-rate schedules
+            self.schedule.load_state_dict(state["schedule"])
+
+
+def lr_factor(step: int, train) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps: linear warm-up, then constant or cosine to 0."""
+    if step < train.lr_warmup_steps:
+        return (step + 1) / train.lr_warmup_steps
+    if train.lr_schedule == "constant":
+        return 1.0
+    span = max(train.max_steps - train.lr_warmup_steps, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - train.lr_warmup_steps, span) / span))
 
 
 def check_student(model: torch.nn.Module, teacher: Teacher) -> None:
@@ -169,9 +227,18 @@ class Trainer:
         self.teacher = load_teacher(teacher_path, cfg.teacher.guidance_scale, cfg.teacher.null_class)
         if self.teacher.conditioning == "text":
             raise FastdiffError("text-conditioned teachers are not supported by this version of fastdiff")
-        self.real = real_images_for(cfg.data, self.teacher, cfg.train.seed) if uses_gan(cfg) else None
+        check_objective_settings(cfg)
+        if cfg.objective.guidance_range is not None and not self.teacher.num_classes:
+            raise FastdiffError("objective.guidance_range needs a conditional teacher (class labels)")
+        needs_data = uses_gan(cfg) or trains_on_data(cfg)
+        self.real = real_images_for(cfg.data, self.teacher, cfg.train.seed) if needs_data else None
         student_model = load_model(cfg.student.model) if cfg.student.model else copy.deepcopy(self.teacher.model)
         check_student(student_model, self.teacher)
+        if cfg.objective.guidance_range is not None and not getattr(student_model.config, "time_cond_proj_dim", None):
+            try:  # LCM-style: the student reads the guidance scale from an embedding
+                student_model = with_guidance_embedding(student_model)
+            except ValueError as exc:
+                raise FastdiffError(str(exc)) from exc
 
         mp = cfg.train.mixed_precision
         self.accelerator = Accelerator(
@@ -184,12 +251,17 @@ class Trainer:
         teacher.model.to(device)
 
         student_model = student_model.to(device).requires_grad_(True).train()
-        self.generator = Generator(student_like(teacher, student_model), cfg.student.num_steps, cfg.student.sigma_init)
-        fake = student_like(teacher, fake_score_model(cfg, teacher).to(device))
-        self.objective = build_objective(cfg, teacher, fake).to(device)
+        self.generator = Generator(student_denoiser(cfg, teacher, student_model), cfg.student.num_steps, sigma_init(cfg))
+        fake = None
+        if objective_class(cfg.objective.name).uses_fake_score:
+            fake = student_like(teacher, fake_score_model(cfg, teacher).to(device))
+        self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
         self.ema = copy.deepcopy(student_model).requires_grad_(False).eval() if cfg.train.ema_decay > 0 else None
         self.opt_g = _Optimizer([student_model], cfg.train.lr_generator, cfg, mp == "fp16")
-        self.opt_c = _Optimizer(self.objective.critic_modules(), cfg.train.lr_critic, cfg, mp == "fp16")
+        critic = self.objective.critic_modules()
+        # The critic's schedule follows generator updates, of which each has critic_updates critic steps.
+        self.opt_c = (_Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates)
+                      if critic else None)
         self.step = 0
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -209,7 +281,9 @@ class Trainer:
 
     # --- state ----------------------------------------------------------------------------------
     def _modules(self) -> dict:
-        modules = {"generator": self.generator.denoiser.model, "fake": self.objective.fake.model}
+        modules = {"generator": self.generator.denoiser.model, **self.objective.state_modules()}
+        if self.objective.fake is not None:
+            modules["fake"] = self.objective.fake.model
         if self.ema is not None:
             modules["ema"] = self.ema
         if self.objective.gan_head is not None:
@@ -222,8 +296,8 @@ class Trainer:
     def save(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
-                 "rng": ckpt.rng_state(self._generators())}
+        state = {"step": self.step, "opt_g": self.opt_g.state_dict(),
+                 "opt_c": self.opt_c.state_dict() if self.opt_c else None, "rng": ckpt.rng_state(self._generators())}
         path = ckpt.write_checkpoint(self.out, self.step, self._modules(), state, self.cfg.train.checkpoint_limit)
         (path / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
@@ -234,7 +308,8 @@ class Trainer:
             path = ckpt.find_checkpoint(self.out, which)
             state = ckpt.load_checkpoint(path, self._modules())
         self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_c.load_state_dict(state["opt_c"])
+        if self.opt_c is not None:
+            self.opt_c.load_state_dict(state["opt_c"])
         ckpt.set_rng_state(state["rng"], self._generators())
         self.step = state["step"]
         self.accelerator.print(f"resumed from {path}")
@@ -244,29 +319,36 @@ class Trainer:
         """One optimizer step over ``gradient_accumulation`` micro-batches of fresh generator samples.
 
         Critic updates see detached samples and real images; generator updates backpropagate into the sample.
+        Objectives that train on data (consistency distillation) get a batch of real images instead.
         """
         accum, n = self.cfg.train.gradient_accumulation, self.cfg.train.batch_size
         for _ in range(accum):
-            z, cond = self._inputs(n)
             with self.accelerator.autocast():
-                with torch.set_grad_enabled(not critic):
-                    x = self.generator.training_sample(z, cond)
+                if self.objective.trains_on == "data":
+                    x, cond = self._real(n)
+                else:
+                    z, cond = self._inputs(n)
+                    with torch.set_grad_enabled(not critic):
+                        x = self.generator.training_sample(z, cond)
                 loss, logs = loss_of(x, cond, self._real(n) if critic else None)
             opt.backward(loss / accum)
         return logs, opt.step(self.accelerator)
 
     def train_step(self) -> dict:
         obj = self.objective
+        obj.step = self.step
         logs = {}
-        for p in self.opt_c.params:
+        critic_params = self.opt_c.params if self.opt_c else []
+        for p in critic_params:
             p.requires_grad_(True)
         for _ in range(obj.critic_updates):
             part, logs["grad_norm_critic"] = self._update(self.opt_c, obj.critic_loss, critic=True)
             logs.update(part)
-        for p in self.opt_c.params:  # the generator's loss reads the critic; it must not train it
+        for p in critic_params:  # the generator's loss reads the critic; it must not train it
             p.requires_grad_(False)
         part, logs["grad_norm_generator"] = self._update(self.opt_g, obj.generator_loss, critic=False)
         logs.update(part)
+        obj.after_generator_step()
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.generator.denoiser.model.parameters()):
@@ -282,6 +364,8 @@ class Trainer:
         z = torch.randn((n, *self.teacher.sample_shape), generator=rng).to(self.accelerator.device)
         cond = class_labels_for(n, self.teacher.num_classes, self.accelerator.device)
         gen = self._export_generator()
+        g_range = self.cfg.objective.guidance_range
+        cond = guided_cond(gen.denoiser.model, cond, sum(g_range) / 2 if g_range else None)
         with torch.no_grad(), self.accelerator.autocast():
             x0 = gen(z, cond, rng=rng)
         ncol = self.teacher.num_classes or None
@@ -293,7 +377,7 @@ class Trainer:
 
     def _export_generator(self) -> Generator:
         model = self._student_weights()
-        return Generator(student_like(self.teacher, model), self.cfg.student.num_steps, self.cfg.student.sigma_init)
+        return Generator(student_denoiser(self.cfg, self.teacher, model), self.cfg.student.num_steps, sigma_init(self.cfg))
 
     def export(self, out: Path | None = None) -> Path | None:
         if not self.accelerator.is_main_process:
@@ -346,7 +430,7 @@ class Trainer:
 
 def export_info(cfg: Config, step: int, ema: bool) -> dict:
     return {"teacher": cfg.teacher.path, "objective": cfg.objective.name, "num_steps": cfg.student.num_steps,
-            "sigma_init": cfg.student.sigma_init, "train_step": step, "ema": ema,
+            "sigma_init": sigma_init(cfg), "timestep_scaling": timestep_scaling(cfg), "train_step": step, "ema": ema,
             "settings": {"teacher.guidance_scale": cfg.teacher.guidance_scale,
                          "objective": to_dict(cfg)["objective"], "train.batch_size": cfg.train.batch_size,
                          "train.lr_generator": cfg.train.lr_generator, "train.lr_critic": cfg.train.lr_critic,

@@ -9,15 +9,29 @@ holds a copy of this file as pipeline.py; read it before trusting it).
 """
 from __future__ import annotations
 
+import math
+
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+
+
+def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance weight ``w = guidance_scale - 1`` (scaled by 1000, as LCM feeds it),
+    shape (B, dim): the input of a guidance-distilled student's ``timestep_cond``."""
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=w.device) / (half - 1))
+    angles = w[:, None] * freqs[None, :]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
 class FastdiffClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    # unet: a class-conditional UNet2DModel, or fastdiff's GuidanceEmbeddedUNet (a guidance-distilled student)
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
@@ -40,9 +54,17 @@ class FastdiffClassConditionalPipeline(DiffusionPipeline):
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         null = torch.full_like(labels, self.unet.config.num_class_embeds - 1)
 
+        # A guidance-distilled student (LCM-style) takes the scale as an embedding: one pass, no CFG.
+        embed_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        w_emb = None
+        if embed_dim:
+            w_emb = guidance_embedding(torch.full((len(labels),), guidance_scale - 1.0), embed_dim).to(device)
+
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
-            if guidance_scale == 1.0:
+            if w_emb is not None:
+                output = self.unet(image, t, class_labels=labels, timestep_cond=w_emb).sample
+            elif guidance_scale == 1.0:
                 output = self.unet(image, t, class_labels=labels).sample
             else:
                 both = self.unet(torch.cat([image, image]), t, class_labels=torch.cat([null, labels])).sample

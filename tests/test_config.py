@@ -44,3 +44,15 @@ def test_bad_overrides_are_one_line_errors(override, message):
 def test_missing_config_file():
     with pytest.raises(FastdiffError, match="neither a file nor a named config"):
         load_config("no-such-config.yaml")
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    from fastdiff.trainer import lr_factor
+
+    cfg = load_config(None, ["train.max_steps=110", "train.lr_warmup_steps=10", "train.lr_schedule=cosine"])
+    factors = [lr_factor(step, cfg.train) for step in (0, 9, 10, 60, 110)]
+    assert factors[:3] == [0.1, 1.0, 1.0] and abs(factors[3] - 0.5) < 1e-12 and factors[4] == 0.0
+    constant = load_config(None, [])
+    assert lr_factor(500, constant.train) == 1.0
+    with pytest.raises(FastdiffError, match="train.lr_schedule must be constant or cosine"):
+        load_config(None, ["train.lr_schedule=linear"])

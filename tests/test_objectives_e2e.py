@@ -80,6 +80,19 @@ def test_bench_gmm_objectives_reach_the_target(tmp_path):
     assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
 
 
+def test_bench_gmm_consistency_rows_at_one_two_and_four_steps(tmp_path, monkeypatch):
+    from functools import partial
+
+    from fastdiff import bench_gmm
+
+    monkeypatch.setattr(bench_gmm, "warm_start", partial(bench_gmm.warm_start, steps=20, num_pairs=512))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "gmm", "--objectives", "cd,scm", "--steps", "2", "--num-eval", "300", "--json", str(out)]) == 0
+    names = [r["objective"] for r in json.loads(out.read_text())["rows"]]
+    assert names[3:] == ["init (teacher copy)", "init (teacher copy), 2 steps", "init (teacher copy), 4 steps",
+                         "cd", "cd, 2 steps", "cd, 4 steps", "scm", "scm, 2 steps", "scm, 4 steps"]
+
+
 def test_bench_gmm_short_run_writes_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "gmm", "--objectives", "sim", "--steps", "3", "--num-eval", "500", "--json", str(out)]) == 0

@@ -57,7 +57,15 @@ class Objective(nn.Module):
 
     Trainable modules that belong to the critic side (fake score, GAN head) are the objective's
     ``critic_modules``; the trainer gives them their own optimizer.
+
+    ``trains_on``: what the trainer passes as ``x`` to ``generator_loss``: "generator" samples (distribution
+    matching) or "data" (consistency distillation, which noises real images and needs no fake score).
+    ``step``: the generator update about to run, set by the trainer (schedules such as sCM's warm-up read it).
     """
+
+    trains_on = "generator"
+    uses_fake_score = True
+    step = 0
 
     def __init__(self, teacher: Denoiser, fake: Denoiser | None, critic_updates: int, gan_head: nn.Module | None = None):
         super().__init__()
@@ -68,6 +76,13 @@ class Objective(nn.Module):
 
     def critic_modules(self) -> list[nn.Module]:
         return [m for m in (self.fake, self.gan_head) if m is not None]
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        """Modules the objective updates itself (a consistency target network) and checkpoints must keep."""
+        return {}
+
+    def after_generator_step(self) -> None:
+        """Called after each generator optimizer step (e.g. to move an EMA target network)."""
 
     def fake_denoising_loss(self, x: torch.Tensor, cond=None, weighting: str = "teacher",
                             guidance_scale: float = 1.0) -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""Consistency functions on top of a student Denoiser.
+
+A consistency model maps any point of a probability-flow ODE trajectory to its origin and must be the
+identity at the smallest noise level. Discrete consistency distillation builds that boundary into the
+network (Song et al. 2023, "Consistency Models", Eq. 5-6):
+``f(x, t) = c_skip(t) x + c_out(t) D(x, t)`` with ``c_skip(t_min) = 1`` and ``c_out(t_min) = 0``.
+fastdiff uses LCM's scalings on the teacher's native input and timestep (Luo et al. 2023, Eq. 4; the
+formula of diffusers' ``LCMScheduler``), ``c_skip = sd^2 / ((k t)^2 + sd^2)``, ``c_out = k t / sqrt((k t)^2 + sd^2)``
+with ``sd = 0.5`` and ``k = timestep_scaling``: both are exact at timestep 0, and an exported
+``LCMScheduler`` with the same ``timestep_scaling`` applies the very same function, so a K-step pipeline
+reproduces fastdiff's sampler.
+
+The continuous-time objective (sCM) needs no such scalings: in TrigFlow the x0 estimate is already
+``cos(t) x_t - sin(t) sd F``, the identity at t = 0 (see ``objectives/scm.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .denoiser import Denoiser, expand
+
+SIGMA_DATA = 0.5  # LCMScheduler's fixed sigma_data
+
+
+def boundary_scalings(timestep: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) at native timesteps, in float32 with LCMScheduler's operation order."""
+    scaled = timestep.float() * timestep_scaling
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip, c_out
+
+
+class ConsistencyDenoiser(Denoiser):
+    """A student Denoiser whose x0 estimate obeys the consistency boundary condition.
+
+    Args (beyond :class:`Denoiser`):
+        timestep_scaling: LCM's k; 10 as in LCM. Larger values make f = D everywhere but near timestep 0.
+    """
+
+    def __init__(self, model, schedule, prediction_type: str, null_class: int | None = None,
+                 timestep_scaling: float = 10.0):
+        super().__init__(model, schedule, prediction_type, null_class=null_class)
+        self.timestep_scaling = timestep_scaling
+
+    def denoise_native(self, x_native: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None,
+                       guidance_scale: float | None = None) -> torch.Tensor:
+        sigma = self._per_sample(sigma, x_native)
+        x0 = super().denoise_native(x_native, sigma, cond, guidance_scale)
+        c_skip, c_out = boundary_scalings(self.schedule.model_timestep(sigma), self.timestep_scaling)
+        return expand(c_out, x0) * x0 + expand(c_skip, x0) * x_native.float()

@@ -1,0 +1,142 @@
+"""Discrete consistency distillation (CD; Song et al. 2023 "Consistency Models", Eq. 7 and Alg. 2) in the
+LCM form (Luo et al. 2023, Alg. 1): skipping steps, CFG from a range, uniform weighting.
+
+A data point is noised to level ``sigma_n`` of an N-interval grid; one teacher ODE step (DDIM, i.e. Euler
+in the VE scale, or Heun) carries it to ``sigma_{n-k}`` (k = ``skip``, LCM's skipping step); the student's
+consistency function at the first point must equal the target network's at the second:
+``d(f_theta(x_n, sigma_n), f_target(x_{n-k}, sigma_{n-k}))``. The target is an EMA of the student
+(``target_ema`` > 0, CM / LCM) or the student itself under stop-gradient (``target_ema = 0``, iCT, Song &
+Dhariwal 2023). Distance: pseudo-Huber ``sqrt(|d|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)`` (iCT Sec. 3.3)
+or mean squared error. ``start_intervals`` / ``double_every`` give iCT's doubling schedule of N.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..denoiser import Denoiser, expand
+from .base import Objective, finite_samples
+from .guidance import TeacherGuidance
+
+SOLVERS = ("ddim", "heun")
+GRIDS = ("timesteps", "karras")
+DISTANCES = ("pseudo_huber", "l2")
+
+
+def consistency_distance(delta: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-sample distance between student and target outputs."""
+    flat = delta.flatten(1)
+    if distance == "l2":
+        return flat.pow(2).mean(dim=1)
+    c = 0.00054 * math.sqrt(flat.shape[1])
+    return (flat.pow(2).sum(dim=1) + c * c).sqrt() - c
+
+
+class ConsistencyDistillation(Objective):
+    """Args:
+        teacher: the frozen teacher (its guidance_scale is the fixed CFG scale).
+        student: the student's ConsistencyDenoiser (trained by the trainer's generator optimizer).
+        num_intervals: N, intervals of the grid from the teacher's lowest to its highest noise level.
+        grid: "timesteps" (uniform in the teacher's timesteps, as LCM) or "karras" (EDM's rho = 7 spacing in
+            sigma, as CM; denser at low noise, where a mixture's modes separate).
+        skip: k, grid intervals one teacher step spans (LCM's skipping step).
+        start_intervals, double_every: iCT's schedule: N starts at start_intervals and doubles every
+            double_every generator updates, up to num_intervals (None = fixed N).
+        solver: the teacher ODE step, "ddim" or "heun".
+        distance: "pseudo_huber" or "l2".
+        target_ema: EMA rate of the target network; 0 = the online student (iCT).
+        guidance_range: CFG scales drawn per example (needs a guidance-embedded student), or None.
+    """
+
+    trains_on = "data"
+    uses_fake_score = False
+
+    def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, num_intervals: int = 50,
+                 skip: int = 1, start_intervals: int | None = None, double_every: int | None = None,
+                 solver: str = "ddim", distance: str = "pseudo_huber", target_ema: float = 0.95,
+                 guidance_range=None, grid: str = "timesteps"):
+        super().__init__(teacher, None, 0, None)
+        if solver not in SOLVERS:
+            raise ValueError(f"objective.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        if grid not in GRIDS:
+            raise ValueError(f"objective.grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+        if distance not in DISTANCES:
+            raise ValueError(f"objective.distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+        if num_intervals < 1 or skip < 1:
+            raise ValueError("objective.num_intervals and objective.skip must be positive")
+        if (start_intervals is None) != (double_every is None) or (start_intervals is not None and (
+                start_intervals < 1 or double_every < 1 or start_intervals > num_intervals)):
+            raise ValueError("objective.start_intervals and objective.double_every go together: "
+                             "1 <= start_intervals <= num_intervals, double_every >= 1")
+        if not 0.0 <= target_ema < 1.0:
+            raise ValueError(f"objective.target_ema must be in [0, 1), got {target_ema}")
+        self.student = student
+        self.num_intervals, self.skip = num_intervals, skip
+        self.start_intervals, self.double_every = start_intervals, double_every
+        self.solver, self.distance, self.target_ema, self.grid_kind = solver, distance, target_ema, grid
+        self.guidance = TeacherGuidance(student, guidance_range)
+        self.target = copy.deepcopy(student).requires_grad_(False).eval() if target_ema > 0 else None
+
+    def intervals(self) -> int:
+        if self.start_intervals is None:
+            return self.num_intervals
+        return min(self.start_intervals * 2 ** (self.step // self.double_every), self.num_intervals)
+
+    def grid(self, n: int, device) -> torch.Tensor:
+        """N + 1 noise levels, lowest first: the teacher's timesteps round(i (T-1) / N), i = 0..N, or
+        Karras et al. (2022, Eq. 5) ``(lo^(1/7) + i/N (hi^(1/7) - lo^(1/7)))^7`` over the teacher's range."""
+        T = self.teacher.schedule.num_train_timesteps
+        timesteps = torch.round(torch.linspace(0, T - 1, n + 1, dtype=torch.float64)).to(device)
+        table = self.teacher.schedule.sigma_at(timesteps)
+        if self.grid_kind == "timesteps":
+            return table
+        lo, hi = table[0].double(), table[-1].double()
+        frac = torch.linspace(0, 1, n + 1, dtype=torch.float64, device=device)
+        levels = ((lo ** (1 / 7) + frac * (hi ** (1 / 7) - lo ** (1 / 7))) ** 7).float()
+        levels[0], levels[-1] = table[0], table[-1]  # exactly: timestep 0 is where the boundary condition holds
+        return levels
+
+    @torch.no_grad()
+    def teacher_step(self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, cond, scale) -> torch.Tensor:
+        """One probability-flow ODE step of the teacher from sigma to sigma_next (VE scale; DDIM = Euler)."""
+        s, s_next = expand(sigma, x), expand(sigma_next, x)
+        d = (x - self.teacher(x, sigma, cond, scale)) / s
+        x_next = x + (s_next - s) * d
+        if self.solver == "heun":
+            d_next = (x_next - self.teacher(x_next, sigma_next, cond, scale)) / s_next
+            x_next = x + (s_next - s) * (d + d_next) / 2
+        return x_next
+
+    def generator_loss(self, x, cond=None, real=None):
+        x = x.detach().float()
+        n_int = self.intervals()
+        levels = self.grid(n_int, x.device)
+        i = torch.randint(1, n_int + 1, (x.shape[0],), device=x.device)
+        sigma, sigma_prev = levels[i], levels[(i - self.skip).clamp(min=0)]
+        x_n = x + expand(sigma, x) * torch.randn_like(x)
+        scale, student_cond = self.guidance.draw(x.shape[0], cond, x.device)
+        per_sample = self.loss_at(x_n, sigma, sigma_prev, cond, scale, student_cond)
+        ok = finite_samples(per_sample)
+        loss = per_sample[ok].sum() / ok.sum().clamp(min=1)
+        return loss, {"loss_cd": loss.detach(), "num_intervals": torch.tensor(float(n_int))}
+
+    def loss_at(self, x_n, sigma, sigma_prev, cond=None, scale=None, student_cond=None) -> torch.Tensor:
+        """Per-sample CD loss for noised points x_n at sigma, the teacher stepping them to sigma_prev."""
+        student_cond = cond if student_cond is None else student_cond
+        with torch.no_grad():
+            x_prev = self.teacher_step(x_n, sigma, sigma_prev, cond, scale)
+            target = (self.target or self.student)(x_prev, sigma_prev, student_cond)
+        pred = self.student(x_n, sigma, student_cond)
+        return consistency_distance(pred - target, self.distance)
+
+    def state_modules(self):
+        return {"cd_target": self.target.model} if self.target is not None else {}
+
+    @torch.no_grad()
+    def after_generator_step(self) -> None:
+        if self.target is None:
+            return
+        for t, p in zip(self.target.model.parameters(), self.student.model.parameters()):
+            t.lerp_(p, 1 - self.target_ema)
