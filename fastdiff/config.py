@@ -52,6 +52,9 @@ class StudentConfig:
     # A diffusers model folder to start the student from (predicting in the teacher's parametrisation);
     # null = a copy of the teacher, as DMD2 and SiD do.
     model: typing.Optional[str] = None
+    # Multi-step sampling: lcm (fresh noise between steps, exported as LCMScheduler) or ddim (the noise the step
+    # implies: deterministic consistency sampling, exported as DDIMScheduler; needs the top of the schedule).
+    sampler: str = "lcm"
 
 
 @dataclass
@@ -255,6 +258,8 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
     if t.lr_warmup_steps < 0:
         raise FastdiffError(f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
+    if cfg.student.sampler not in ("lcm", "ddim"):
+        raise FastdiffError(f"student.sampler must be lcm or ddim, got {cfg.student.sampler!r}")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise FastdiffError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
     if not 0.0 <= t.ema_decay < 1.0:

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from diffusers import DDPMPipeline, LCMScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, LCMScheduler
 
 from .errors import FastdiffError
 
@@ -35,6 +35,17 @@ def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int
     return LCMScheduler.from_config(config, original_inference_steps=T, timestep_scaling=timestep_scaling or 1e9,
                                     clip_sample=False,
                                     thresholding=False, prediction_type=prediction_type)
+
+
+def deterministic_scheduler(teacher_scheduler, prediction_type: str) -> DDIMScheduler:
+    """DDIMScheduler (eta 0, trailing timesteps) reproducing the ``ddim`` sampler from the top of the schedule:
+    its K timesteps equal the LCM rule's whenever K divides T (1, 2, 4, 5, 8, ... for T = 1000)."""
+    config = dict(teacher_scheduler.config)
+    for key in ("clip_sample", "thresholding", "timestep_spacing", "variance_type", "steps_offset",
+                "original_inference_steps", "timestep_scaling"):
+        config.pop(key, None)
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, thresholding=False,
+                                     set_alpha_to_one=True, prediction_type=prediction_type)
 
 
 def _class_cond_pipeline_file() -> Path:
@@ -61,6 +72,11 @@ def model_card(info: dict) -> str:
              "pipe = DDPMPipeline.from_pretrained(\".\")\n"
              f"images = pipe(batch_size=4, num_inference_steps={steps}).images")
     settings = "\n".join(f"- `{k}`: {v}" for k, v in info["settings"].items())
+    scheduler_note = ("The scheduler is diffusers' `DDIMScheduler` (eta 0, trailing timesteps): `num_inference_steps=K`\n"
+                      "reproduces fastdiff's deterministic K-step consistency sampler when K divides the table length."
+                      if info.get("sampler") == "ddim" else
+                      "The scheduler is diffusers' `LCMScheduler` set so that `num_inference_steps=K` reproduces fastdiff's\n"
+                      "own K-step sampler (denoise, re-noise) exactly.")
     return f"""---
 library_name: diffusers
 tags: [fastdiff, distillation, {info['objective']}]
@@ -79,8 +95,7 @@ tags: [fastdiff, distillation, {info['objective']}]
 {usage}
 ```
 
-The scheduler is diffusers' `LCMScheduler` set so that `num_inference_steps=K` reproduces fastdiff's
-own K-step sampler (denoise, re-noise) exactly.
+{scheduler_note}
 
 ## Settings
 
@@ -104,7 +119,11 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
 
     top = top_timestep(teacher.denoiser, info.get("sigma_init"))
     info["top_timestep"] = top
-    scheduler = student_scheduler(teacher.scheduler, teacher.denoiser.prediction_type, top, info.get("timestep_scaling"))
+    if info.get("sampler") == "ddim":
+        scheduler = deterministic_scheduler(teacher.scheduler, teacher.denoiser.prediction_type)
+    else:
+        scheduler = student_scheduler(teacher.scheduler, teacher.denoiser.prediction_type, top,
+                                      info.get("timestep_scaling"))
     if teacher.num_classes:
         from fastdiff.pipelines import FastdiffClassConditionalPipeline
 
@@ -140,4 +159,4 @@ def student_generator(loaded, info: dict):
     d = loaded.denoiser
     if info.get("timestep_scaling"):
         d = ConsistencyDenoiser(d.model, d.schedule, d.prediction_type, d.null_class, info["timestep_scaling"])
-    return Generator(d, info["num_steps"])
+    return Generator(d, info["num_steps"], sampler=info.get("sampler", "lcm"))

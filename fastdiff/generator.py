@@ -12,7 +12,10 @@ as far (and bf16 rounding of eps becomes visible noise). Starting lower (SiD use
 one-step map well conditioned.
 
 K steps: denoise, then re-noise the x0 estimate with fresh noise to the next level,
-``x_native = alpha x0 + s eps``, the LCM / multi-step DMD2 sampler. On a VP teacher the K levels are
+``x_native = alpha x0 + s eps``, the LCM / multi-step DMD2 sampler (``sampler="lcm"``). ``sampler="ddim"``
+re-noises with the noise the step itself implies, ``eps = (x_native - alpha x0) / s`` (deterministic
+multi-step consistency sampling, TCD with gamma = 0; diffusers' DDIMScheduler with eta = 0 and trailing
+timesteps is the same step, and the export uses it). On a VP teacher the K levels are
 the timesteps that diffusers' ``LCMScheduler(original_inference_steps=T).set_timesteps(K)`` picks
 (999, 499 for K=2; 999, 749, 499, 249 for K=4), so the export needs no custom scheduler.
 """
@@ -24,6 +27,9 @@ from torch import nn
 
 from .denoiser import Denoiser, expand
 from .schedule import FlowSchedule
+
+
+SAMPLERS = ("lcm", "ddim")
 
 
 def step_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
@@ -66,13 +72,17 @@ class Generator(nn.Module):
         denoiser: the student network as a Denoiser (same schedule and parametrisation as the teacher).
         num_steps: number of sampling steps the student is trained for (1 = one-step generator).
         sigma_init: noise level of the first step; None = the top of the teacher's schedule.
+        sampler: "lcm" (fresh noise between steps) or "ddim" (the implied noise; needs sigma_init at the top).
     """
 
-    def __init__(self, denoiser: Denoiser, num_steps: int = 1, sigma_init: float | None = None):
+    def __init__(self, denoiser: Denoiser, num_steps: int = 1, sigma_init: float | None = None, sampler: str = "lcm"):
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         self.denoiser = denoiser
         self.num_steps = num_steps
         self.sigma_init = sigma_init
+        self.sampler = sampler
         self.register_buffer("sigmas", step_sigmas(denoiser, num_steps, sigma_init), persistent=False)
 
     def levels(self, num_steps: int | None = None) -> torch.Tensor:
@@ -95,9 +105,13 @@ class Generator(nn.Module):
         for i, sigma in enumerate(sigmas):
             x0 = self.denoiser.denoise_native(x_native, sigma, cond)
             if i + 1 < len(sigmas):
-                # Drawn on the generator's device, as diffusers' randn_tensor does, so CPU seeds match on GPU.
-                noise = torch.randn(z.shape, generator=rng, device=rng.device if rng else z.device, dtype=z.dtype)
-                noise = noise.to(z.device)
+                if self.sampler == "ddim":
+                    schedule = self.denoiser.schedule
+                    noise = (x_native - expand(schedule.alpha(sigma), x0) * x0) / expand(schedule.noise_scale(sigma), x0)
+                else:
+                    # Drawn on the generator's device, as diffusers' randn_tensor does, so CPU seeds match on GPU.
+                    noise = torch.randn(z.shape, generator=rng, device=rng.device if rng else z.device, dtype=z.dtype)
+                    noise = noise.to(z.device)
                 x_native = self.renoise(x0, sigmas[i + 1], noise)
         return x0
 

@@ -83,6 +83,8 @@ def check_objective_settings(cfg: Config) -> None:
     o = cfg.objective
     if o.timestep_scaling is not None and o.name != "cd":
         raise FastdiffError(f"objective.timestep_scaling does not apply to {o.name}")
+    if cfg.student.sampler == "ddim" and sigma_init(cfg) is not None:
+        raise FastdiffError("student.sampler ddim starts at the top of the schedule: set student.sigma_init to null")
     if uses_gan(cfg) and not objective_class(o.name).uses_fake_score:
         raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
 
@@ -251,7 +253,8 @@ class Trainer:
         teacher.model.to(device)
 
         student_model = student_model.to(device).requires_grad_(True).train()
-        self.generator = Generator(student_denoiser(cfg, teacher, student_model), cfg.student.num_steps, sigma_init(cfg))
+        self.generator = Generator(student_denoiser(cfg, teacher, student_model), cfg.student.num_steps, sigma_init(cfg),
+                                   cfg.student.sampler)
         fake = None
         if objective_class(cfg.objective.name).uses_fake_score:
             fake = student_like(teacher, fake_score_model(cfg, teacher).to(device))
@@ -377,7 +380,8 @@ class Trainer:
 
     def _export_generator(self) -> Generator:
         model = self._student_weights()
-        return Generator(student_denoiser(self.cfg, self.teacher, model), self.cfg.student.num_steps, sigma_init(self.cfg))
+        return Generator(student_denoiser(self.cfg, self.teacher, model), self.cfg.student.num_steps,
+                         sigma_init(self.cfg), self.cfg.student.sampler)
 
     def export(self, out: Path | None = None) -> Path | None:
         if not self.accelerator.is_main_process:
@@ -430,7 +434,7 @@ class Trainer:
 
 def export_info(cfg: Config, step: int, ema: bool) -> dict:
     return {"teacher": cfg.teacher.path, "objective": cfg.objective.name, "num_steps": cfg.student.num_steps,
-            "sigma_init": sigma_init(cfg), "timestep_scaling": timestep_scaling(cfg), "train_step": step, "ema": ema,
+            "sigma_init": sigma_init(cfg), "timestep_scaling": timestep_scaling(cfg), "sampler": cfg.student.sampler, "train_step": step, "ema": ema,
             "settings": {"teacher.guidance_scale": cfg.teacher.guidance_scale,
                          "objective": to_dict(cfg)["objective"], "train.batch_size": cfg.train.batch_size,
                          "train.lr_generator": cfg.train.lr_generator, "train.lr_critic": cfg.train.lr_critic,

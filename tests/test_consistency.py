@@ -182,6 +182,7 @@ def test_auto_tangent_falls_back_to_finite_differences(tiny_teacher):
     ("cd", ["objective.solver=heun", "objective.start_intervals=4", "objective.double_every=1", "student.num_steps=2"]),
     ("cd", ["objective.target_ema=0", "objective.distance=l2"]),
     ("scm", ["objective.tangent_warmup=1"]),
+    ("cd", ["student.sampler=ddim", "student.num_steps=4"]),
 ])
 def test_consistency_trains_exports_and_diffusers_reproduces_it(name, extra, tiny_cond_teacher, tmp_path):
     data = tmp_path / "fmnist"
@@ -192,6 +193,9 @@ def test_consistency_trains_exports_and_diffusers_reproduces_it(name, extra, tin
     assert f"loss_{name}" in logs[-1] and all(torch.isfinite(torch.tensor(v)) for r in logs for v in r.values())
     info = json.loads((run / "student" / "fastdiff.json").read_text())
     assert info["timestep_scaling"] == (10.0 if name == "cd" else None) and info["top_timestep"] == 999
+    sampler = "ddim" if "student.sampler=ddim" in extra else "lcm"
+    scheduler = json.loads((run / "student" / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    assert info["sampler"] == sampler and scheduler == {"ddim": "DDIMScheduler", "lcm": "LCMScheduler"}[sampler]
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     assert (ckpt / "cd_target.safetensors").is_file() == (name == "cd" and "objective.target_ema=0" not in extra)
     assert_pipeline_matches(run / "student", labels=[0, 1, 2])
@@ -241,6 +245,8 @@ def test_resumed_cd_run_equals_an_uninterrupted_one(tiny_teacher, tmp_path):
     (["objective.name=cd", "objective.start_intervals=4"], "go together"),
     (["objective.name=cd", "objective.critic_updates=2"], "objective.critic_updates does not apply to cd"),
     (["student.sigma_init=top"], "student.sigma_init must be a number, null (the top) or auto"),
+    (["student.sampler=ddim"], "student.sampler ddim starts at the top of the schedule"),
+    (["student.sampler=euler"], "student.sampler must be lcm or ddim"),
 ])
 def test_consistency_bad_input(sets, fragment, tiny_teacher, tmp_path, capsys):
     data = tmp_path / "fmnist"
@@ -267,3 +273,21 @@ def test_reference_teacher_consistency_smoke(name, teacher_name, shared_teacher,
                   *extra)
     labels = [3, 7] if teacher_name == "fmnist-cond-vpred" else None
     assert_pipeline_matches(run / "student", labels=labels)
+
+
+@pytest.mark.slow
+def test_bench_gmm_consistency_rows(tmp_path):
+    """What holds on the analytic teacher (eval/results/bench-gmm-cpu/README.md, about 6 minutes): cd meets the
+    bar (sw2 <= 2 x floor, mode weights within 0.02) at two steps with the deterministic sampler and at four
+    with fresh noise; with fresh noise at two steps cd and scm stay within 3 x floor with weights within 0.02
+    and beat the teacher's 4-step DDIM by 2x (the README shows why they do not reach 2 x there)."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "gmm", "--objectives", "cd,scm", "--json", str(out)]) == 0
+    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ("cd, 4 steps", "cd, 2 steps ddim"):
+        r = rows[name]
+        assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
+    for name in ("cd, 2 steps", "scm, 2 steps"):
+        r = rows[name]
+        assert r["sw2"] <= 3 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
+        assert r["sw2"] < rows["teacher-ddim-4"]["sw2"] / 2, r
