@@ -36,7 +36,8 @@ from .generator import Generator
 from .mlp import MLPDenoiser
 from .sampling import ddim_sample
 from .teacher import Teacher, load_teacher
-from .trainer import Trainer, trains_on_data
+from .objectives import objective_class
+from .trainer import Trainer
 
 DEFAULT_OBJECTIVES = ("dmd2", "sid", "sida", "sim", "vsd")
 # Per objective: generator steps and objective settings. Every objective uses its own defaults except the
@@ -192,11 +193,7 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
 
 
 def is_consistency(name: str) -> bool:
-    from .config import Config
-
-    cfg = Config()
-    cfg.objective.name = name
-    return trains_on_data(cfg)
+    return objective_class(name).trains_on == "data"
 
 
 def eval_rng(seed: int) -> torch.Generator:

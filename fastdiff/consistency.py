@@ -30,6 +30,14 @@ def boundary_scalings(timestep: torch.Tensor, timestep_scaling: float) -> tuple[
     return c_skip, c_out
 
 
+def network_view(model, like: Denoiser, timestep_scaling: float | None = None) -> Denoiser:
+    """``model`` as a Denoiser with ``like``'s schedule, parametrisation and null class; with the consistency
+    boundary condition when ``timestep_scaling`` is given (cd students, in training and once exported)."""
+    if timestep_scaling is None:
+        return Denoiser(model, like.schedule, like.prediction_type, null_class=like.null_class)
+    return ConsistencyDenoiser(model, like.schedule, like.prediction_type, like.null_class, timestep_scaling)
+
+
 class ConsistencyDenoiser(Denoiser):
     """A student Denoiser whose x0 estimate obeys the consistency boundary condition.
 

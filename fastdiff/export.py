@@ -21,13 +21,20 @@ PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 CLASS_COND_FILE = "pipeline_fastdiff_class_conditional.py"
 
 
+def _table_config(teacher_scheduler) -> dict:
+    """The teacher scheduler's noise table (betas, prediction type), without its sampling options."""
+    config = dict(teacher_scheduler.config)
+    for key in ("clip_sample", "thresholding", "timestep_spacing", "variance_type", "steps_offset",
+                "original_inference_steps", "timestep_scaling"):
+        config.pop(key, None)
+    return config
+
+
 def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int | None = None,
                       timestep_scaling: float | None = None) -> LCMScheduler:
     """LCMScheduler reproducing fastdiff's K-step sampler; a student starting at timestep t0 < T-1 gets the
     teacher's first t0 + 1 betas, so its table is the teacher's, truncated, and its top timestep is t0."""
-    config = dict(teacher_scheduler.config)
-    for key in ("clip_sample", "thresholding", "timestep_spacing", "variance_type", "steps_offset"):
-        config.pop(key, None)
+    config = _table_config(teacher_scheduler)
     T = config["num_train_timesteps"]
     if top_timestep is not None and top_timestep < T - 1:
         T = top_timestep + 1
@@ -40,11 +47,7 @@ def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int
 def deterministic_scheduler(teacher_scheduler, prediction_type: str) -> DDIMScheduler:
     """DDIMScheduler (eta 0, trailing timesteps) reproducing the ``ddim`` sampler from the top of the schedule:
     its K timesteps equal the LCM rule's whenever K divides T (1, 2, 4, 5, 8, ... for T = 1000)."""
-    config = dict(teacher_scheduler.config)
-    for key in ("clip_sample", "thresholding", "timestep_spacing", "variance_type", "steps_offset",
-                "original_inference_steps", "timestep_scaling"):
-        config.pop(key, None)
-    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, thresholding=False,
+    return DDIMScheduler.from_config(_table_config(teacher_scheduler), timestep_spacing="trailing", clip_sample=False, thresholding=False,
                                      set_alpha_to_one=True, prediction_type=prediction_type)
 
 
@@ -110,7 +113,7 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
     """
     out = Path(out)
     guided = type(unet).__name__ == "GuidanceEmbeddedUNet"
-    if teacher.denoiser.schedule.kind != "vp" or type(unet).__name__ != "UNet2DModel" and not guided:
+    if teacher.denoiser.schedule.kind != "vp" or (type(unet).__name__ != "UNet2DModel" and not guided):
         raise FastdiffError(f"export of {type(unet).__name__} students on a {teacher.denoiser.schedule.kind} "
                             "schedule is not supported yet; export supports UNet2DModel with a VP scheduler")
     info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": guided,
@@ -153,10 +156,8 @@ def read_student_info(folder: str | Path) -> dict | None:
 def student_generator(loaded, info: dict):
     """fastdiff's K-step sampler for an exported student folder loaded with ``load_teacher``: the consistency
     boundary scalings when it was trained with them, and the top of its (truncated) table as first level."""
-    from .consistency import ConsistencyDenoiser
+    from .consistency import network_view
     from .generator import Generator
 
-    d = loaded.denoiser
-    if info.get("timestep_scaling"):
-        d = ConsistencyDenoiser(d.model, d.schedule, d.prediction_type, d.null_class, info["timestep_scaling"])
+    d = network_view(loaded.model, loaded.denoiser, info.get("timestep_scaling"))
     return Generator(d, info["num_steps"], sampler=info.get("sampler", "lcm"))

@@ -16,7 +16,13 @@ from torch import nn
 
 from fastdiff.pipelines.pipeline_fastdiff_class_conditional import guidance_embedding
 
-__all__ = ["GuidanceEmbeddedUNet", "guidance_embedding", "with_guidance_embedding"]
+__all__ = ["GuidanceEmbeddedUNet", "guidance_embedding", "guided_condition", "with_guidance_embedding"]
+
+
+def guided_condition(cond: dict, w: torch.Tensor, dim: int, device) -> dict:
+    """The condition of a guidance-embedded student: ``cond`` plus the embedding of ``w = guidance_scale - 1``
+    (computed where w lives, as the exported pipeline computes it on the CPU, then moved to ``device``)."""
+    return {**cond, "timestep_cond": guidance_embedding(w, dim).to(device)}
 
 
 class GuidanceEmbeddedUNet(ModelMixin, ConfigMixin):

@@ -43,11 +43,11 @@ def guided_cond(model, cond: dict | None, guidance_scale: float | None) -> dict 
     dim = getattr(getattr(model, "config", None), "time_cond_proj_dim", None)
     if not dim or cond is None:
         return cond
-    from .guidance import guidance_embedding
+    from .guidance import guided_condition
 
     scale = 1.0 if guidance_scale is None else guidance_scale
-    w = torch.full((len(cond["class_labels"]),), scale - 1.0)
-    return {**cond, "timestep_cond": guidance_embedding(w, dim).to(cond["class_labels"].device)}
+    labels = cond["class_labels"]
+    return guided_condition(cond, torch.full((len(labels),), scale - 1.0), dim, labels.device)
 
 
 def to_uint8(x0: torch.Tensor) -> np.ndarray:

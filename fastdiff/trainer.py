@@ -9,6 +9,7 @@ frozen networks can be called freely without a DDP wrapper getting in the way.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -23,13 +24,13 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, to_dict
+from .config import Config, ObjectiveConfig, to_dict
 from .data import real_images_for
 from .denoiser import Denoiser
 from .errors import FastdiffError
 from .export import export_student
 from .generator import Generator
-from .consistency import ConsistencyDenoiser
+from .consistency import network_view
 from .guidance import with_guidance_embedding
 from .objectives import NEEDS_GAN, build, objective_class
 from .objectives.gan import GANHead
@@ -40,8 +41,7 @@ from .embedded import resolve_teacher_path
 
 def student_like(teacher: Teacher, model: torch.nn.Module) -> Denoiser:
     """A Denoiser for a trainable copy of the teacher (same schedule, parametrisation, null class)."""
-    d = teacher.denoiser
-    return Denoiser(model, d.schedule, d.prediction_type, null_class=d.null_class)
+    return network_view(model, teacher.denoiser)
 
 
 DEFAULT_TIMESTEP_SCALING = 10.0  # LCM's
@@ -56,11 +56,7 @@ def timestep_scaling(cfg: Config) -> float | None:
 
 def student_denoiser(cfg: Config, teacher: Teacher, model: torch.nn.Module) -> Denoiser:
     """The student network as the objective sees it: plain, or with the consistency boundary condition (cd)."""
-    k = timestep_scaling(cfg)
-    if k is None:
-        return student_like(teacher, model)
-    d = teacher.denoiser
-    return ConsistencyDenoiser(model, d.schedule, d.prediction_type, null_class=d.null_class, timestep_scaling=k)
+    return network_view(model, teacher.denoiser, timestep_scaling(cfg))
 
 
 def sigma_init(cfg: Config) -> float | None:
@@ -100,10 +96,8 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
 
 
 # Config fields passed to the objective's constructor (the rest shape the networks or the trainer).
-OBJECTIVE_OPTIONS = ("critic_updates", "min_t", "max_t", "gan_generator_weight", "gan_critic_weight", "gan_weight",
-                     "alpha", "c", "fake_loss", "fake_guidance", "fake_train_guidance", "num_intervals", "skip", "grid",
-                     "start_intervals", "double_every", "solver", "distance", "target_ema", "guidance_range",
-                     "tangent", "tangent_warmup", "tangent_norm", "fd_step", "p_mean", "p_std")
+OBJECTIVE_OPTIONS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
+                          if f.name not in ("name", "gan", "fake_lora_rank", "timestep_scaling"))
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.2")
 DEFAULT_LORA_RANK = {"vsd": 16}
 
@@ -230,8 +224,6 @@ class Trainer:
         if self.teacher.conditioning == "text":
             raise FastdiffError("text-conditioned teachers are not supported by this version of fastdiff")
         check_objective_settings(cfg)
-        if cfg.objective.guidance_range is not None and not self.teacher.num_classes:
-            raise FastdiffError("objective.guidance_range needs a conditional teacher (class labels)")
         needs_data = uses_gan(cfg) or trains_on_data(cfg)
         self.real = real_images_for(cfg.data, self.teacher, cfg.train.seed) if needs_data else None
         student_model = load_model(cfg.student.model) if cfg.student.model else copy.deepcopy(self.teacher.model)

@@ -19,11 +19,12 @@ def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: flo
     return (t / (1 - t)).float()
 
 
-def edm_sigma(schedule, n: int, device, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+def edm_sigma(schedule, n: int, device, p_mean: float = -1.2, p_std: float = 1.2,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """EDM's training noise levels, ``ln sigma ~ N(p_mean, p_std^2)`` (Karras et al. 2022, Table 1), kept inside
     the teacher's own range so every level maps to a timestep it was trained on."""
     lo, hi = schedule_range(schedule)
-    return (torch.randn(n, device=device) * p_std + p_mean).exp().clamp(lo, hi)
+    return (torch.randn(n, device=device, dtype=dtype) * p_std + p_mean).exp().clamp(lo, hi)
 
 
 def schedule_range(schedule) -> tuple[float, float]:
@@ -40,6 +41,13 @@ def finite_samples(*tensors: torch.Tensor) -> torch.Tensor:
     for t in tensors:
         ok &= torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1)
     return ok
+
+
+def finite_mean(per_sample: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of a per-sample loss over the samples where it is finite (optionally weighted per sample)."""
+    ok = finite_samples(per_sample)
+    kept = per_sample[ok] if weight is None else weight[ok] * per_sample[ok]
+    return kept.sum() / ok.sum().clamp(min=1)
 
 
 def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
@@ -102,9 +110,7 @@ class Objective(nn.Module):
             x_t, sigma = noised(x, self.fake.schedule, 0.0, 1.0)
             weight = self.fake.loss_weight(sigma).to(x.device)
         x0_hat = self.fake(x_t, sigma, cond, guidance_scale=guidance_scale)
-        per_sample = per_sample_mean((x0_hat - x) ** 2)
-        ok = finite_samples(per_sample)
-        return (weight[ok] * per_sample[ok]).sum() / ok.sum().clamp(min=1)
+        return finite_mean(per_sample_mean((x0_hat - x) ** 2), weight)
 
     def generator_loss(self, x: torch.Tensor, cond=None, real=None):
         raise NotImplementedError

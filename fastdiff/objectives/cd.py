@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..denoiser import Denoiser, expand
-from .base import Objective, finite_samples
+from .base import Objective, finite_mean
 from .guidance import TeacherGuidance
 
 SOLVERS = ("ddim", "heun")
@@ -76,7 +76,7 @@ class ConsistencyDistillation(Objective):
         self.num_intervals, self.skip = num_intervals, skip
         self.start_intervals, self.double_every = start_intervals, double_every
         self.solver, self.distance, self.target_ema, self.grid_kind = solver, distance, target_ema, grid
-        self.guidance = TeacherGuidance(student, guidance_range)
+        self.guidance = TeacherGuidance(teacher, student, guidance_range)
         self.target = copy.deepcopy(student).requires_grad_(False).eval() if target_ema > 0 else None
 
     def intervals(self) -> int:
@@ -117,9 +117,7 @@ class ConsistencyDistillation(Objective):
         sigma, sigma_prev = levels[i], levels[(i - self.skip).clamp(min=0)]
         x_n = x + expand(sigma, x) * torch.randn_like(x)
         scale, student_cond = self.guidance.draw(x.shape[0], cond, x.device)
-        per_sample = self.loss_at(x_n, sigma, sigma_prev, cond, scale, student_cond)
-        ok = finite_samples(per_sample)
-        loss = per_sample[ok].sum() / ok.sum().clamp(min=1)
+        loss = finite_mean(self.loss_at(x_n, sigma, sigma_prev, cond, scale, student_cond))
         return loss, {"loss_cd": loss.detach(), "num_intervals": torch.tensor(float(n_int))}
 
     def loss_at(self, x_n, sigma, sigma_prev, cond=None, scale=None, student_cond=None) -> torch.Tensor:

@@ -6,23 +6,26 @@ from __future__ import annotations
 import torch
 
 from ..denoiser import Denoiser
-from ..guidance import guidance_embedding
+from ..guidance import guided_condition
 
 
 class TeacherGuidance:
     """Draw per-example guidance scales and the student's matching condition.
 
     Args:
+        teacher: the teacher Denoiser; a range needs a conditional one (CFG needs its null condition).
         student: the student Denoiser; with a range its model must take ``timestep_cond``.
         guidance_range: (lo, hi) CFG scales drawn uniformly per example, or None for the teacher's fixed scale.
     """
 
-    def __init__(self, student: Denoiser, guidance_range=None):
+    def __init__(self, teacher: Denoiser, student: Denoiser, guidance_range=None):
         self.range = None if guidance_range is None else (float(guidance_range[0]), float(guidance_range[1]))
         self.embed_dim = getattr(getattr(student.model, "config", None), "time_cond_proj_dim", None)
         if self.range is not None:
             if not 1.0 <= self.range[0] <= self.range[1]:
                 raise ValueError(f"objective.guidance_range must be [lo, hi] with 1 <= lo <= hi, got {list(guidance_range)}")
+            if teacher.null_class is None:
+                raise ValueError("objective.guidance_range needs a conditional teacher (class labels)")
             if not self.embed_dim:
                 raise ValueError("objective.guidance_range needs a student with a guidance embedding (time_cond_proj_dim)")
 
@@ -30,8 +33,6 @@ class TeacherGuidance:
         """(scales for the teacher, or None = its own fixed scale; the student's condition)."""
         if self.range is None:
             return None, cond
-        if not cond:
-            raise ValueError("objective.guidance_range needs a conditional teacher (class labels)")
         lo, hi = self.range
         w = lo + (hi - lo) * torch.rand(n, device=device)
-        return w, {**cond, "timestep_cond": guidance_embedding(w - 1.0, self.embed_dim).to(device)}
+        return w, guided_condition(cond, w - 1.0, self.embed_dim, device)

@@ -17,14 +17,13 @@ which supports it) and falls back for good, with a warning, at the first failure
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..denoiser import Denoiser, expand
-from .base import Objective, finite_samples, schedule_range
+from .base import Objective, edm_sigma, finite_mean
 from .guidance import TeacherGuidance
 
 TANGENTS = ("auto", "jvp", "finite_difference")
@@ -59,7 +58,7 @@ class ContinuousConsistency(Objective):
         self.tangent = tangent
         self.tangent_warmup, self.tangent_norm, self.fd_step = tangent_warmup, tangent_norm, fd_step
         self.p_mean, self.p_std = p_mean, p_std
-        self.guidance = TeacherGuidance(student, guidance_range)
+        self.guidance = TeacherGuidance(teacher, student, guidance_range)
 
     def F(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """The student's TrigFlow output F(x_t, t), differentiable in x_t and t."""
@@ -91,8 +90,7 @@ class ContinuousConsistency(Objective):
 
     def sample_time(self, n: int, device) -> torch.Tensor:
         """t = arctan(sigma / sd) with log-normal sigma, kept inside the teacher's noise range."""
-        lo, hi = schedule_range(self.teacher.schedule)
-        sigma = (torch.randn(n, device=device, dtype=torch.float64) * self.p_std + self.p_mean).exp().clamp(lo, hi)
+        sigma = edm_sigma(self.teacher.schedule, n, device, self.p_mean, self.p_std, dtype=torch.float64)
         return torch.atan(sigma / SIGMA_DATA).float()
 
     def generator_loss(self, x, cond=None, real=None):
@@ -101,8 +99,7 @@ class ContinuousConsistency(Objective):
         x_t = expand(torch.cos(t), x) * x + expand(torch.sin(t), x) * SIGMA_DATA * torch.randn_like(x)
         scale, student_cond = self.guidance.draw(x.shape[0], cond, x.device)
         per_sample, rms = self.loss_at(x_t, t, cond, scale, student_cond)
-        ok = finite_samples(per_sample)
-        loss = per_sample[ok].sum() / ok.sum().clamp(min=1)
+        loss = finite_mean(per_sample)
         return loss, {"loss_scm": loss.detach(), "tangent_rms": rms.mean().detach()}
 
     def loss_at(self, x_t, t, cond=None, scale=None, student_cond=None) -> tuple[torch.Tensor, torch.Tensor]:
