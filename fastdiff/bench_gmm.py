@@ -21,7 +21,6 @@ and the largest error of a mode's weight. The teacher's own 1-, 2- and 4-step DD
 from __future__ import annotations
 
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 from .analytic import GaussianMixtureModel, sliced_wasserstein
+from .checkpoint import atomic_write_text
+from .machine import describe
 from .config import Config, _apply, parse_override, validate
 from .denoiser import Denoiser
 from .errors import FastdiffError
@@ -188,7 +189,7 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
                 for k in SAMPLING_STEPS[1:]:
                     with torch.no_grad():
                         add(f"{name}, {k} steps ddim", student(z, num_steps=k), "objective", n, t0)
-    return {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
+    return {"machine": describe("cpu"),
             "overrides": list(overrides), "num_eval": num_eval, "sw2_floor": floor, "seconds": round(time.time() - start, 1), "rows": rows}
 
 
@@ -199,16 +200,6 @@ def is_consistency(name: str) -> bool:
 def eval_rng(seed: int) -> torch.Generator:
     """The re-noising noise of multi-step evaluation samples (the same for every row)."""
     return torch.Generator().manual_seed(seed + 4)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def table(result: dict) -> str:
@@ -228,4 +219,4 @@ def write_json(result: dict, path: str) -> None:
     keep = ("objective", "sw2", "sw2_floor", "max_mode_weight_error", "kind", "steps", "seconds")
     rows = [{k: r[k] for k in keep} for r in result["rows"]]
     meta = {k: result[k] for k in ("machine", "overrides", "num_eval")}
-    Path(path).write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    atomic_write_text(Path(path), json.dumps({**meta, "rows": rows}, indent=2))

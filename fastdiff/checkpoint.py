@@ -20,6 +20,14 @@ from .errors import FastdiffError
 PREFIX = "step-"
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def save_weights(module: torch.nn.Module, path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
 

