@@ -63,7 +63,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=step_of)
 
 
 def write_checkpoint(run_dir: Path, step: int, modules: dict[str, torch.nn.Module], state: dict, limit: int) -> Path:
@@ -80,9 +80,21 @@ def write_checkpoint(run_dir: Path, step: int, modules: dict[str, torch.nn.Modul
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in checkpoint_dirs(run_dir)[:-limit]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, step, limit)
     return final
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def prune(run_dir: Path, step: int, limit: int) -> None:
+    """Keep the ``limit`` newest checkpoints up to ``step`` (the one just written is always among them).
+    Checkpoints past ``step`` belong to a run that crashed after them and was resumed from an earlier one
+    (they may be the corrupt ones); they are not counted, and the resumed run overwrites them as it gets there."""
+    upto = [p for p in checkpoint_dirs(run_dir) if step_of(p) <= step]
+    for old in upto[:-max(limit, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(run_dir: Path, which: str = "latest") -> Path:
@@ -94,7 +106,7 @@ def find_checkpoint(run_dir: Path, which: str = "latest") -> Path:
         return dirs[-1]
     if not str(which).isdigit():
         raise FastdiffError(f"checkpoint must be 'latest' or a step number, got {which!r}")
-    wanted = [d for d in dirs if int(d.name[len(PREFIX):]) == int(which)]
+    wanted = [d for d in dirs if step_of(d) == int(which)]
     if not wanted:
         raise FastdiffError(f"{run_dir}: no checkpoint for step {which}; have {', '.join(d.name for d in dirs)}")
     return wanted[0]

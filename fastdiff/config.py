@@ -121,6 +121,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     checkpoint_every: int = 500
     checkpoint_limit: int = 3  # how many checkpoints to keep
+    max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) updates before the run stops
     sample_every: int = 500
     num_sample_images: int = 64
     log_every: int = 10
@@ -245,7 +246,8 @@ def validate(cfg: Config) -> None:
     positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
                 "train.gradient_accumulation": t.gradient_accumulation, "train.checkpoint_every": t.checkpoint_every,
                 "train.sample_every": t.sample_every, "train.log_every": t.log_every,
-                "train.checkpoint_limit": t.checkpoint_limit, "student.num_steps": cfg.student.num_steps}
+                "train.checkpoint_limit": t.checkpoint_limit, "student.num_steps": cfg.student.num_steps,
+                "train.max_nonfinite_steps": t.max_nonfinite_steps}
     o = cfg.objective
     if o.critic_updates is not None:
         positive["objective.critic_updates"] = o.critic_updates

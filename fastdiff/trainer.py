@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -160,15 +161,20 @@ class _Optimizer:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, accelerator: Accelerator) -> torch.Tensor:
+    def step(self, accelerator: Accelerator) -> tuple[torch.Tensor, bool]:
+        """(gradient norm, applied). A non-finite gradient is never applied: the update is skipped (the
+        learning-rate schedule still advances, so it stays tied to the step count). Deciding that costs one
+        host synchronisation per update."""
         _average_gradients(self.params, accelerator)
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.scaler.step(self.opt)
+        self.scaler.update()  # fp16: a skipped step also lowers the loss scale
         self.opt.zero_grad(set_to_none=True)
         self.schedule.step()
-        return norm
+        return norm, applied
 
     def state_dict(self):
         return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict()}
@@ -209,6 +215,11 @@ def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path
     return out
 
 
+# Settings that decide which networks a run has and what their weights mean.
+RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "objective.name", "objective.gan",
+               "objective.fake_lora_rank", "objective.guidance_range", "objective.timestep_scaling", "train.ema_decay")
+
+
 class Trainer:
     """Builds every piece of a run from a Config and runs it. See ``fit``."""
 
@@ -238,7 +249,8 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=mp, log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
-        set_seed(cfg.train.seed, device_specific=True)
+        # The same seed on every process: replicated networks (fake score, GAN head, LoRA) start identical.
+        set_seed(cfg.train.seed, device_specific=False)
         torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: fp32 runs stay fast
         device = self.accelerator.device
         teacher = self.teacher
@@ -258,6 +270,7 @@ class Trainer:
         self.opt_c = (_Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates)
                       if critic else None)
         self.step = 0
+        self.skipped = {"generator": 0, "critic": 0, "consecutive": 0}  # non-finite updates not applied
 
     # --- inputs ---------------------------------------------------------------------------------
     def _inputs(self, n: int):
@@ -291,12 +304,26 @@ class Trainer:
     def save(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "opt_g": self.opt_g.state_dict(),
+        state = {"step": self.step, "skipped": dict(self.skipped), "opt_g": self.opt_g.state_dict(),
                  "opt_c": self.opt_c.state_dict() if self.opt_c else None, "rng": ckpt.rng_state(self._generators())}
         path = ckpt.write_checkpoint(self.out, self.step, self._modules(), state, self.cfg.train.checkpoint_limit)
         (path / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
+    def check_resume_config(self) -> None:
+        """A checkpoint only fits the networks its own config built: refuse another teacher, objective or student."""
+        saved_file = self.out / "config.yaml"
+        if not saved_file.is_file():
+            return
+        saved, now = yaml.safe_load(saved_file.read_text()) or {}, to_dict(self.cfg)
+        for key in RESUME_KEYS:
+            section, name = key.split(".")
+            before, after = saved.get(section, {}).get(name), now[section][name]
+            if before != after:
+                raise FastdiffError(f"{self.out} was trained with {key}={before!r}, this config has {after!r}; resume "
+                                    f"with the run's own config ({saved_file}) or start a new output_dir")
+
     def load(self, which: str) -> None:
+        self.check_resume_config()
         if which == "latest":
             path, state = ckpt.load_latest_valid(self.out, self._modules())
         else:
@@ -307,17 +334,30 @@ class Trainer:
             self.opt_c.load_state_dict(state["opt_c"])
         ckpt.set_rng_state(state["rng"], self._generators())
         self.step = state["step"]
+        self.skipped = dict(state.get("skipped", self.skipped))
         self.accelerator.print(f"resumed from {path}")
 
     # --- one step ---------------------------------------------------------------------------------
-    def _update(self, opt: _Optimizer, loss_of, critic: bool):
+    def _seed_micro_batch(self, phase: str, index: int) -> None:
+        key = f"{self.cfg.train.seed}/{self.step}/{phase}/{index}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        torch.manual_seed(seed)
+        if self.real is not None:
+            self.real.rng.manual_seed(seed)
+
+    def _update(self, opt: _Optimizer, loss_of, critic: bool, phase: str):
         """One optimizer step over ``gradient_accumulation`` micro-batches of fresh generator samples.
 
         Critic updates see detached samples and real images; generator updates backpropagate into the sample.
         Objectives that train on data (consistency distillation) get a batch of real images instead.
         """
         accum, n = self.cfg.train.gradient_accumulation, self.cfg.train.batch_size
-        for _ in range(accum):
+        acc = self.accelerator
+        for a in range(accum):
+            # Randomness is a function of (seed, step, update, global micro-batch index): rank r of P processes
+            # draws exactly what micro-batch r of a P-fold accumulation draws in one process, and a resumed run
+            # draws what the uninterrupted one drew.
+            self._seed_micro_batch(phase, acc.process_index * accum + a)
             with self.accelerator.autocast():
                 if self.objective.trains_on == "data":
                     x, cond = self._real(n)
@@ -336,13 +376,23 @@ class Trainer:
         critic_params = self.opt_c.params if self.opt_c else []
         for p in critic_params:
             p.requires_grad_(True)
-        for _ in range(obj.critic_updates):
-            part, logs["grad_norm_critic"] = self._update(self.opt_c, obj.critic_loss, critic=True)
+        for u in range(obj.critic_updates):
+            part, (logs["grad_norm_critic"], applied) = self._update(self.opt_c, obj.critic_loss, True, f"critic{u}")
             logs.update(part)
+            self.skipped["critic"] += not applied
         for p in critic_params:  # the generator's loss reads the critic; it must not train it
             p.requires_grad_(False)
-        part, logs["grad_norm_generator"] = self._update(self.opt_g, obj.generator_loss, critic=False)
+        part, (logs["grad_norm_generator"], applied) = self._update(self.opt_g, obj.generator_loss, False, "generator")
         logs.update(part)
+        self.skipped["generator"] += not applied
+        self.skipped["consecutive"] = 0 if applied else self.skipped["consecutive"] + 1
+        logs["skipped_updates"] = self.skipped["generator"] + self.skipped["critic"]
+        if self.skipped["consecutive"] >= self.cfg.train.max_nonfinite_steps:
+            last = ckpt.checkpoint_dirs(self.out)
+            raise FastdiffError(
+                f"training stopped at step {self.step}: {self.skipped['consecutive']} generator updates in a row had "
+                f"non-finite gradients (train.max_nonfinite_steps); the last good checkpoint is "
+                f"{last[-1] if last else 'none'}; lower train.lr_generator / train.lr_critic and resume from it")
         obj.after_generator_step()
         if self.ema is not None:
             with torch.no_grad():
@@ -393,35 +443,55 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         acc.init_trackers("fastdiff")
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (acc.is_main_process and self.progress), desc="distill")
+        if acc.is_main_process:
+            keep_metrics_upto(self.out / "metrics.jsonl", self.step)
         metrics = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None
-        start = time.time()
-        while self.step < cfg.train.max_steps:
-            logs = self.train_step()
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                # .item() only here: logging is the one place the step waits for the device.
-                values = {k: float(v) for k, v in logs.items()}
-                values["images_per_second"] = (self.step * cfg.train.batch_size * acc.num_processes
-                                               * cfg.train.gradient_accumulation) / max(time.time() - start, 1e-9)
-                acc.log(values, step=self.step)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.startswith("loss")})
-                if metrics:
-                    metrics.write(json.dumps({"step": self.step, **values}) + "\n")
-                    metrics.flush()
-            if self.step % cfg.train.sample_every == 0:
-                self.sample_grid()
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
-                self.save()
-            acc.wait_for_everyone()
-        bar.close()
-        if metrics:
-            metrics.close()
+        try:
+            start, first_step = time.time(), self.step
+            while self.step < cfg.train.max_steps:
+                logs = self.train_step()
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    # Logging waits for the device; the only other wait is _Optimizer.step's finite check.
+                    values = {k: float(v) for k, v in logs.items()}
+                    values["images_per_second"] = ((self.step - first_step) * cfg.train.batch_size * acc.num_processes
+                                                   * cfg.train.gradient_accumulation) / max(time.time() - start, 1e-9)
+                    acc.log(values, step=self.step)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.startswith("loss")})
+                    if metrics:
+                        metrics.write(json.dumps({"step": self.step, **values}) + "\n")
+                        metrics.flush()
+                if self.step % cfg.train.sample_every == 0:
+                    self.sample_grid()
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
+                    self.save()
+                acc.wait_for_everyone()
+        finally:  # an error message starts on its own line, and the log is flushed
+            bar.close()
+            if metrics:
+                metrics.close()
         acc.end_training()
         if not export:
             return None
         self.sample_grid()
         return self.export()
+
+
+def keep_metrics_upto(path: Path, step: int) -> None:
+    """On resume, drop the log lines a crashed run wrote after its last checkpoint (they are redone)."""
+    if not path.is_file():
+        return
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except ValueError:  # half a line written when the process was killed
+            return float("inf")
+
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and step_of(line) <= step]
+    if len(kept) != len(lines):
+        ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def export_info(cfg: Config, step: int, ema: bool) -> dict:

@@ -1,18 +1,43 @@
-"""Bad input: one line on stderr saying what is wrong, exit status 2, nothing written.
+"""Bad input: one line on stderr saying what is wrong, exit status 2, nothing written, nothing existing changed.
 
-| case                                   | expected message fragment                 |
-|----------------------------------------|-------------------------------------------|
-| teacher path does not exist            | does not exist                            |
-| folder without a diffusers model       | no diffusers model found                  |
-| model folder without scheduler         | no scheduler/scheduler_config.json        |
-| unknown objective                      | unknown objective                         |
-| unknown config key                     | unknown config key                        |
-| wrong value type                       | expected int                              |
-| data resolution != teacher resolution  | does not match the teacher's sample size  |
-| missing data folder for the GAN head   | is not a folder                           |
-| non-empty output_dir without --resume  | is not empty                              |
-| export of a folder that is not a run   | is not a fastdiff run folder              |
-| sample with --num 0                    | must be positive                          |
+The matrix (this file, plus the evaluation cases in test_fid.py / test_clip_score.py / test_eval_bench.py
+and the run-state cases in test_reliability.py):
+
+| area       | case                                              | expected message fragment                      |
+|------------|---------------------------------------------------|------------------------------------------------|
+| teacher    | teacher path does not exist                       | does not exist                                 |
+| teacher    | folder without a diffusers model                  | no diffusers model found                       |
+| teacher    | model folder without scheduler                    | no scheduler/scheduler_config.json             |
+| config     | unknown objective                                 | unknown objective                              |
+| config     | unknown config key                                | unknown config key                             |
+| config     | wrong value type (int, float)                     | expected int / expected float                  |
+| config     | negative batch size, zero max_steps / num_steps   | must be a positive integer                     |
+| config     | zero max_nonfinite_steps                          | must be a positive integer                     |
+| config     | unknown lr_schedule / mixed_precision / sampler   | must be ... or ...                             |
+| config     | option that does not apply to the objective       | does not apply to dmd2                         |
+| config     | ddim sampler with a truncated first level         | set student.sigma_init to null                 |
+| config     | config file missing / not a mapping               | neither a file nor a named config / mapping    |
+| data       | data resolution != teacher resolution             | does not match the teacher's sample size       |
+| data       | missing data folder for the GAN head              | is not a folder                                |
+| data       | Fashion-MNIST folder missing / unknown split      | --data-path / fashion-mnist:test               |
+| output     | non-empty output_dir without --resume/--overwrite | is not empty (the files are kept)              |
+| output     | ref-stats over an existing file                   | --overwrite (the file is kept)                 |
+| resume     | --resume latest with no checkpoints               | no readable checkpoint to resume from          |
+| resume     | checkpoint from another config                    | was trained with objective.name='dmd2'         |
+| CLI        | export of a folder that is not a run              | is not a fastdiff run folder                   |
+| CLI        | sample / fid with --num or --batch-size <= 0      | must be positive                               |
+| CLI        | model input without --steps / --num               | --steps / --num                                |
+| CLI        | bad step list for the benchmark                   | comma-separated                                |
+| evaluation | missing Inception weights file                    | no such file                                   |
+| evaluation | images of another size than the reference        | pass --crop                                    |
+| evaluation | RGBA images / 4-channel npz / float npz           | mode RGBA / 1 (grayscale) or 3 / uint8         |
+| evaluation | channel count differs from the reference          | channel                                        |
+| evaluation | reference from another extractor / resize mode    | extractor inception-... / resize mode ...      |
+| evaluation | N larger than the folder                          | only 4 images                                  |
+| evaluation | missing or corrupt reference file                 | no such file / not a fastdiff reference        |
+| evaluation | images of mixed sizes in one folder               | differs from                                   |
+| evaluation | crop larger than the image                        | --crop 9                                       |
+| evaluation | empty prompt file / missing CLIP weights          | no prompts / --clip-weights                    |
 """
 import os
 import subprocess
@@ -40,6 +65,17 @@ def _distill(tmp_path, *sets):
     (["teacher.path={teacher}", "objective.gan=true", "data.resolution=16", "data.path={data}"],
      "does not match the teacher's sample size"),
     (["teacher.path={teacher}", "objective.gan=true", "data.path=/no/data"], "is not a folder"),
+    (["teacher.path={teacher}", "train.batch_size=-2"], "train.batch_size must be a positive integer, got -2"),
+    (["teacher.path={teacher}", "train.max_steps=0"], "train.max_steps must be a positive integer, got 0"),
+    (["teacher.path={teacher}", "train.max_nonfinite_steps=0"], "train.max_nonfinite_steps must be a positive"),
+    (["teacher.path={teacher}", "train.lr_schedule=step"], "train.lr_schedule must be constant or cosine"),
+    (["teacher.path={teacher}", "train.mixed_precision=fp8"], "train.mixed_precision must be no, bf16 or fp16"),
+    (["teacher.path={teacher}", "student.sampler=euler"], "student.sampler must be lcm or ddim"),
+    (["teacher.path={teacher}", "student.num_steps=0"], "student.num_steps must be a positive integer"),
+    (["teacher.path={teacher}", "train.lr_generator=abc"], "train.lr_generator: expected float"),
+    (["teacher.path={teacher}", "objective.c=0.1"], "objective.c does not apply to dmd2"),
+    (["teacher.path={teacher}", "objective.name=cd", "student.sampler=ddim", "student.sigma_init=2.5"],
+     "set student.sigma_init to null"),
 ])
 def test_distill_bad_input(tmp_path, capsys, tiny_teacher, sets, fragment):
     (tmp_path / "empty").mkdir()
@@ -70,6 +106,19 @@ def test_export_and_sample_bad_input(tmp_path, capsys, tiny_teacher):
     assert main(["sample", tiny_teacher, "--num", "0", "--steps", "1", "--out", str(tmp_path / "s")]) == 2
     assert "must be positive" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()
+
+
+def test_config_file_and_resume_bad_input(tmp_path, capsys, tiny_teacher):
+    (tmp_path / "list.yaml").write_text("[1, 2]\n")
+    cases = [(["distill", "--config", str(tmp_path / "nope.yaml")], "is neither a file nor a named config"),
+             (["distill", "--config", str(tmp_path / "list.yaml")], "the top level must be a mapping"),
+             (["distill", "--set", f"teacher.path={tiny_teacher}", "--set", f"output_dir={tmp_path / 'o'}",
+               "--resume", "latest"], "no readable checkpoint to resume from")]
+    for argv, fragment in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_process_exit_code_and_no_traceback(tmp_path):
