@@ -76,6 +76,20 @@ def _extractor(args, resize: str):
     return extractor.to(_device(args.device))
 
 
+def _check_json_target(path: str | None) -> None:
+    if path and not Path(path).resolve().parent.is_dir():
+        raise FastdiffError(f"--json {path}: folder {Path(path).parent} does not exist")
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        import json
+
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(result, indent=2))
+
+
 def cmd_ref_stats(args) -> None:
     from .evaluate import check_positive, make_reference
     from .images import open_source
@@ -100,8 +114,7 @@ def cmd_fid(args) -> None:
     from .metrics import ReferenceStats
 
     check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise FastdiffError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    _check_json_target(args.json)
     ref = ReferenceStats.load(args.ref)
     device = _device(args.device)
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
@@ -118,12 +131,7 @@ def cmd_fid(args) -> None:
     print(line)
     if "images_per_second" in result:
         print(f"sampling {result['images_per_second']:.1f} img/s, total {result['total_seconds']:.1f} s")
-    if args.json:
-        import json
-
-        from .checkpoint import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2))
+    _write_json(args.json, result)
 
 
 def cmd_clip_score(args) -> None:
@@ -132,8 +140,7 @@ def cmd_clip_score(args) -> None:
     from .images import open_source
 
     check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise FastdiffError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    _check_json_target(args.json)
     prompts = read_prompts(args.prompts)
     device = _device(args.device)
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
@@ -141,12 +148,7 @@ def cmd_clip_score(args) -> None:
     scorer = ClipScorer(args.clip_model, args.clip_weights, args.clip_config, args.convention).to(device)
     result = clip_score(source, scorer, prompts, args.num, args.batch_size, args.crop)
     print(f"{result['clip_score_label']} = {result['clip_score']:.4f} (std {result['clip_score_std']:.4f})")
-    if args.json:
-        import json
-
-        from .checkpoint import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2))
+    _write_json(args.json, result)
 
 
 def cmd_bench(args) -> None:
@@ -155,8 +157,7 @@ def cmd_bench(args) -> None:
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     if objectives == ["all"]:
         objectives = list(bench_gmm.SETTINGS)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise FastdiffError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    _check_json_target(args.json)
     result = bench_gmm.run(objectives, args.steps, args.num_eval, args.seed, overrides=args.set or [])
     print(bench_gmm.table(result))
     if args.json:
@@ -164,7 +165,14 @@ def cmd_bench(args) -> None:
         print(f"wrote {args.json}")
 
 
-def _eval_args(p, inception: bool = True) -> None:
+def _eval_args(p, inception: bool = True, model_input: bool = False) -> None:
+    if model_input:
+        p.add_argument("--num", type=int, default=None, help="images to use (required for a model; default: all)")
+        p.add_argument("--steps", type=int, default=None,
+                       help="model input: sampling steps (students: K-step sampler; teachers: DDIM)")
+        p.add_argument("--seed", type=int, default=0, help="model input: noise seed (default 0)")
+        p.add_argument("--guidance-scale", type=float, default=None,
+                       help="model input: CFG scale (teachers, guidance-embedded students)")
     p.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
     p.add_argument("--crop", type=int, default=None, help="centre-crop images to CROP x CROP (e.g. 28 for 32x32 Fashion-MNIST samples)")
     if inception:
@@ -221,11 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fid", help="FID and KID of images, or of a model sampled on the fly, against reference statistics")
     f.add_argument("input", help="a folder of images, an .npz of uint8 images, or a model folder (student or teacher)")
     f.add_argument("--ref", required=True, help="reference statistics from fastdiff ref-stats")
-    f.add_argument("--num", type=int, default=None, help="images to use (required for a model; default: all)")
-    f.add_argument("--steps", type=int, default=None, help="model input: sampling steps (students: K-step sampler; teachers: DDIM)")
-    f.add_argument("--seed", type=int, default=0, help="model input: noise seed (default 0)")
-    f.add_argument("--guidance-scale", type=float, default=None, help="model input: CFG scale (teachers, guidance-embedded students)")
-    _eval_args(f)
+    _eval_args(f, model_input=True)
     f.add_argument("--resize", default=None, help="resize mode (default: the reference's)")
     f.add_argument("--json", default=None, help="also write the result to this JSON file")
     f.set_defaults(func=cmd_fid)
@@ -239,11 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clip-config", default=None, help="an open_clip model config JSON (its file stem is the model name)")
     c.add_argument("--convention", default="torchmetrics", choices=["torchmetrics", "cosine"],
                    help="torchmetrics: 100 * max(cos, 0) (default); cosine: the raw cosine")
-    c.add_argument("--num", type=int, default=None, help="images to use (required for a model; default: all)")
-    c.add_argument("--steps", type=int, default=None, help="model input: sampling steps")
-    c.add_argument("--seed", type=int, default=0, help="model input: noise seed (default 0)")
-    c.add_argument("--guidance-scale", type=float, default=None, help="model input: CFG scale")
-    _eval_args(c, inception=False)
+    _eval_args(c, inception=False, model_input=True)
     c.add_argument("--json", default=None, help="also write the result to this JSON file")
     c.set_defaults(func=cmd_clip_score)
 

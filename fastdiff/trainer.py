@@ -353,11 +353,14 @@ class Trainer:
         """
         accum, n = self.cfg.train.gradient_accumulation, self.cfg.train.batch_size
         acc = self.accelerator
+        split = acc.num_processes * accum > 1
         for a in range(accum):
-            # Randomness is a function of (seed, step, update, global micro-batch index): rank r of P processes
-            # draws exactly what micro-batch r of a P-fold accumulation draws in one process, and a resumed run
-            # draws what the uninterrupted one drew.
-            self._seed_micro_batch(phase, acc.process_index * accum + a)
+            if split:
+                # A global batch split over processes or accumulation draws each micro-batch's randomness from
+                # (seed, step, update, global index): rank r of P processes draws exactly what micro-batch r of a
+                # P-fold accumulation draws in one process. A single micro-batch draws from the global stream,
+                # whose state the checkpoint restores (so results of unsplit runs are unchanged by this).
+                self._seed_micro_batch(phase, acc.process_index * accum + a)
             with self.accelerator.autocast():
                 if self.objective.trains_on == "data":
                     x, cond = self._real(n)
