@@ -20,7 +20,8 @@ import torch
 from fastdiff.checkpoint import atomic_write_text
 from fastdiff.errors import FastdiffError
 from fastdiff.evaluate import evaluate
-from fastdiff.images import open_source
+from fastdiff.embedded import resolve_teacher_path
+from fastdiff.images import is_model_folder, model_sources
 from fastdiff.inception import InceptionFeatures
 from fastdiff.machine import describe, today, versions
 from fastdiff.metrics import ReferenceStats, count_label
@@ -44,22 +45,22 @@ def run(teacher: str | None, students: list[str], ref_path: str, num: int, teach
         device=None, inception: str | None = None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref = ReferenceStats.load(ref_path)
-    plan = ([("teacher", teacher, k) for k in teacher_nfe] if teacher else []) + \
-           [("student", s, k) for s in students for k in student_steps]
-    if not plan:
+    models = ([("teacher", teacher, teacher_nfe)] if teacher else []) + [("student", s, student_steps) for s in students]
+    if not models:
         raise FastdiffError("nothing to evaluate: give --teacher and/or --students")
-    sources = {}
-    for kind, model, steps in plan:  # open (and check) every model before the long part
-        src = open_source(model, steps=steps, seed=seed, guidance_scale=guidance_scale if kind == "teacher" else None,
-                          device=device)
-        if not src.is_model:
+    plan = []
+    for kind, model, steps in models:  # each model loaded once, and every row checked before the long part
+        folder = Path(resolve_teacher_path(model))
+        if not (folder.is_dir() and is_model_folder(folder)):
             raise FastdiffError(f"{model} is not a model folder (a teacher or an exported student)")
-        ref.check_images(ref.resize, src.cropped_shape(crop))
-        sources[(model, steps)] = src
+        scale = guidance_scale if kind == "teacher" else None
+        for k, src in zip(steps, model_sources(str(folder), list(steps), seed, scale, device)):
+            ref.check_images(ref.resize, src.cropped_shape(crop))
+            plan.append((kind, model, k, src))
     extractor = InceptionFeatures(inception, ref.resize).to(device)
     rows, start = [], time.perf_counter()
-    for kind, model, steps in plan:
-        r = evaluate(sources[(model, steps)], ref, extractor, num, batch_size, crop)
+    for kind, model, steps, src in plan:
+        r = evaluate(src, ref, extractor, num, batch_size, crop)
         rows.append({"model": model, "kind": kind, "steps": steps, **r})
         print(f"{kind:8s} {Path(model).name:28s} {steps:3d}  {r['fid_label']} = {r['fid']:.3f}"
               f"  KID = {r.get('kid', float('nan')):.5f}  {r['images_per_second']:.1f} img/s", flush=True)

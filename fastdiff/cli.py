@@ -50,7 +50,7 @@ def cmd_export(args) -> None:
 def cmd_sample(args) -> None:
     import torch
 
-    from .export import read_student_info
+    from .generator import Generator
     from .sampling import load_sampler, sample_model, save_pngs
 
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
@@ -64,8 +64,7 @@ def cmd_sample(args) -> None:
         for start, images in sample_model(model, loaded.sample_shape, args.num, args.steps, args.seed,
                                           args.batch_size, loaded.num_classes, device, args.guidance_scale):
             save_pngs(images, out, start)
-    info = read_student_info(loaded.path)
-    kind = f"{info['num_steps']}-step student" if info else "teacher (DDIM)"
+    kind = f"{model.num_steps}-step student" if isinstance(model, Generator) else "teacher (DDIM)"
     print(f"wrote {args.num} images from the {kind} at {args.steps} step(s) to {out}")
 
 
@@ -119,11 +118,10 @@ def cmd_fid(args) -> None:
     device = _device(args.device)
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
                          device=device, data_path=args.data_path)
-    if source.is_model and args.num is None:
-        raise FastdiffError(f"{args.input} is a model folder: pass --num N (how many images to sample)")
+    num = source.resolve_num(args.num)  # before the slow part, like the checks below
     ref.check_images(args.resize or ref.resize, source.cropped_shape(args.crop))  # before the slow part
     extractor = _extractor(args, args.resize or ref.resize)
-    result = evaluate(source, ref, extractor, args.num, args.batch_size, args.crop)
+    result = evaluate(source, ref, extractor, num, args.batch_size, args.crop)
     result["steps"] = args.steps if source.is_model else None
     line = f"{result['fid_label']} = {result['fid']:.4f}"
     if "kid" in result:

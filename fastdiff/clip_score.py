@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FastdiffError
+from .machine import offline
 
 CONVENTIONS = ("torchmetrics", "cosine")
 
@@ -67,7 +68,7 @@ class ClipScorer(torch.nn.Module):
             raise FastdiffError(f"unknown open_clip model {model_name!r}; e.g. ViT-B-32, or pass --clip-config FILE.json")
         if weights is None and not random_weights:
             raise FastdiffError("CLIP score needs weights: pass --clip-weights FILE (open_clip ships configs, not weights)")
-        if weights and not Path(weights).is_file() and (os.sep in weights or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        if weights and not Path(weights).is_file() and (os.sep in weights or offline()):
             raise FastdiffError(f"--clip-weights {weights}: no such file")
         try:
             with warnings.catch_warnings():

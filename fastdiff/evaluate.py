@@ -45,9 +45,9 @@ def evaluate(source: ImageSource, ref: ReferenceStats, extractor: InceptionFeatu
     channel count or image size before any image is made."""
     ref.check_images(extractor.resize, source.cropped_shape(crop))
     ref.check_extractor(extractor.extractor_id)
-    keep = num if num is not None else (source.count or 0)
+    num = source.resolve_num(num)
     t0 = time.perf_counter()
-    stats, timing = source_features(source, extractor, num, batch_size, crop, keep=keep)
+    stats, timing = source_features(source, extractor, num, batch_size, crop, keep=num)
     mu, sigma = stats.mean_cov()
     fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     result = {"fid_label": ref.label("FID", stats.n), "fid": fid, "n": stats.n, "reference": ref.name,
@@ -74,10 +74,8 @@ def clip_score(source: ImageSource, scorer, prompts: list[str], num: int | None,
 
     from .clip_score import prompts_for
 
-    total = num if num is not None else source.count
-    if total is None:
-        raise FastdiffError("a model source needs --num (how many images to sample)")
-    paired = prompts_for(prompts, total, source.num_classes)
+    num = source.resolve_num(num)
+    paired = prompts_for(prompts, num, source.num_classes)
     values, start = [], 0
     for batch in source.batches(num, batch_size, crop):
         values.append(scorer.scores(batch, paired[start:start + len(batch)]).cpu().numpy())

@@ -27,18 +27,22 @@ class ImageSource:
     is_model: bool = False
     num_classes: int | None = None    # class-conditional models: image i has label i mod num_classes
 
-    def batches(self, num: int | None, batch_size: int, crop: int | None = None) -> Iterator[torch.Tensor]:
-        if batch_size <= 0:
-            raise FastdiffError(f"--batch-size must be positive, got {batch_size}")
+    def resolve_num(self, num: int | None) -> int:
+        """How many images ``num`` means here (None: all of them), checked against what the source has."""
         if num is None:
             if self.count is None:
-                raise FastdiffError("a model source needs --num (how many images to sample)")
-            num = self.count
+                raise FastdiffError(f"{self.name} is a model: pass --num N (how many images to sample)")
+            return self.count
         if num <= 0:
             raise FastdiffError(f"--num must be positive, got {num}")
         if self.count is not None and num > self.count:
             raise FastdiffError(f"--num {num} but {self.name} has only {self.count} images")
-        for batch in self.read(num, batch_size):
+        return num
+
+    def batches(self, num: int | None, batch_size: int, crop: int | None = None) -> Iterator[torch.Tensor]:
+        if batch_size <= 0:
+            raise FastdiffError(f"--batch-size must be positive, got {batch_size}")
+        for batch in self.read(self.resolve_num(num), batch_size):
             yield centre_crop(batch, crop) if crop else batch
 
     def cropped_shape(self, crop: int | None) -> tuple[int, int, int]:
@@ -135,20 +139,23 @@ def _fashion_mnist_source(spec: str, data_path: str | None) -> ImageSource:
     return ImageSource(f"fmnist-{split}", len(images), (1, *images.shape[1:]), _array_batches(images[:, None]))
 
 
-def _model_source(path: str, steps: int | None, seed: int, guidance_scale: float | None, device) -> ImageSource:
+def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float | None, device) -> list[ImageSource]:
+    """One source per step count, all sampling the same network (loaded once)."""
     from .sampling import load_sampler, sample_model
 
-    if steps is None or steps <= 0:
-        raise FastdiffError(f"{path} is a model folder: pass --steps K (> 0) to sample it")
+    for k in steps:
+        if k is None or k <= 0:
+            raise FastdiffError(f"{path} is a model folder: pass --steps K (> 0) to sample it")
     model, loaded = load_sampler(path, device, guidance_scale)
-    c, h, w = loaded.sample_shape
 
-    def read(num, batch_size):
-        for _, images in sample_model(model, loaded.sample_shape, num, steps, seed, batch_size, loaded.num_classes,
-                                      device, guidance_scale):
-            yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    name = f"{Path(path).name}-{steps}step"
-    return ImageSource(name, None, (c, h, w), read, is_model=True, num_classes=loaded.num_classes)
+    def source(k: int) -> ImageSource:
+        def read(num, batch_size):
+            for _, images in sample_model(model, loaded.sample_shape, num, k, seed, batch_size, loaded.num_classes,
+                                          device, guidance_scale):
+                yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        return ImageSource(f"{Path(path).name}-{k}step", None, loaded.sample_shape, read, is_model=True,
+                           num_classes=loaded.num_classes)
+    return [source(k) for k in steps]
 
 
 def is_model_folder(path: Path) -> bool:
@@ -170,7 +177,7 @@ def open_source(spec: str, *, steps: int | None = None, seed: int = 0, guidance_
         if not allow_model:
             raise FastdiffError(f"{spec} is a model folder; reference statistics come from real images "
                                 "(a folder of images, an .npz or fashion-mnist:train)")
-        return _model_source(str(path), steps, seed, guidance_scale, device)
+        return model_sources(str(path), [steps], seed, guidance_scale, device)[0]
     if path.is_dir():
         return _folder_source(path)
     if path.exists():

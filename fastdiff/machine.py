@@ -1,7 +1,9 @@
-"""What a benchmark ran on: the device in words and the versions that matter, for every results file."""
+"""What a benchmark ran on (the device in words, the versions that matter), and whether this machine may
+use the network."""
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 from pathlib import Path
 
@@ -36,3 +38,8 @@ def versions() -> dict:
 
 def today() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE or FASTDIFF_OFFLINE set (to anything but 0): nothing may be downloaded."""
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "FASTDIFF_OFFLINE"))

@@ -11,6 +11,7 @@ from torch import nn
 
 from .denoiser import Denoiser
 from .errors import FastdiffError
+from .machine import offline
 from .schedule import schedule_from_scheduler
 
 MODEL_FOLDERS = ("unet", "transformer")
@@ -127,8 +128,8 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
     elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FastdiffError(f"teacher path {path!r} does not exist; pass a local diffusers folder (teacher.path)")
     else:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE=1 forbids the hub")
+        if offline():
+            raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE / FASTDIFF_OFFLINE forbid the hub")
         folder, sched_folder = "unet", "scheduler"  # hub ids: the SD-style layout
     try:
         model_cls = _class_from_config(path, folder, "config.json")

@@ -485,14 +485,15 @@ def keep_metrics_upto(path: Path, step: int) -> None:
     """On resume, drop the log lines a crashed run wrote after its last checkpoint (they are redone)."""
     if not path.is_file():
         return
-    def step_of(line: str) -> float:
+
+    def logged_step(line: str) -> float:
         try:
             return json.loads(line).get("step", 0)
         except ValueError:  # half a line written when the process was killed
             return float("inf")
 
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and step_of(line) <= step]
+    kept = [line for line in lines if line.strip() and logged_step(line) <= step]
     if len(kept) != len(lines):
         ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
 

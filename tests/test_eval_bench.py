@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fastdiff.cli import main as fastdiff_main
 from test_export_e2e import distill
