@@ -60,12 +60,22 @@ def cmd_sample(args) -> None:
         raise FastdiffError(f"--out {out} is not empty; pass --overwrite to write into it")
     device = _device(args.device)
     model, loaded = load_sampler(args.model_dir, device, args.guidance_scale)
+    prompts = _paired_prompts(args.prompts, args.num)
     with torch.no_grad():
-        for start, images in sample_model(model, loaded.sample_shape, args.num, args.steps, args.seed,
-                                          args.batch_size, loaded.num_classes, device, args.guidance_scale):
+        for start, images in sample_model(model, loaded, args.num, args.steps, args.seed, args.batch_size, device,
+                                          args.guidance_scale, prompts):
             save_pngs(images, out, start)
     kind = f"{model.num_steps}-step student" if isinstance(model, Generator) else "teacher (DDIM)"
     print(f"wrote {args.num} images from the {kind} at {args.steps} step(s) to {out}")
+
+
+def _paired_prompts(path: str | None, num: int) -> list[str] | None:
+    """--prompts FILE read and paired with ``num`` images (one per image, or one for all)."""
+    if not path:
+        return None
+    from .clip_score import prompts_for, read_prompts
+
+    return prompts_for(read_prompts(path), num)
 
 
 def _extractor(args, resize: str):
@@ -108,6 +118,7 @@ def cmd_ref_stats(args) -> None:
 
 
 def cmd_fid(args) -> None:
+    from .clip_score import read_prompts
     from .evaluate import check_positive, evaluate
     from .images import open_source
     from .metrics import ReferenceStats
@@ -117,7 +128,8 @@ def cmd_fid(args) -> None:
     ref = ReferenceStats.load(args.ref)
     device = _device(args.device)
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
-                         device=device, data_path=args.data_path)
+                         device=device, data_path=args.data_path,
+                         prompts=read_prompts(args.prompts) if args.prompts else None)
     num = source.resolve_num(args.num)  # before the slow part, like the checks below
     ref.check_images(args.resize or ref.resize, source.cropped_shape(args.crop))  # before the slow part
     extractor = _extractor(args, args.resize or ref.resize)
@@ -141,8 +153,10 @@ def cmd_clip_score(args) -> None:
     _check_json_target(args.json)
     prompts = read_prompts(args.prompts)
     device = _device(args.device)
+    # A text-to-image model samples image i from prompt i (one image per prompt when --num is not given).
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
-                         device=device, data_path=args.data_path)
+                         device=device, data_path=args.data_path,
+                         prompts=prompts)
     scorer = ClipScorer(args.clip_model, args.clip_weights, args.clip_config, args.convention).to(device)
     result = clip_score(source, scorer, prompts, args.num, args.batch_size, args.crop)
     print(f"{result['clip_score_label']} = {result['clip_score']:.4f} (std {result['clip_score_std']:.4f})")
@@ -210,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="noise seed; batch b uses seed + b (default 0)")
     s.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     s.add_argument("--guidance-scale", type=float, default=None, help="teachers only: classifier-free guidance scale")
+    s.add_argument("--prompts", default=None, help="text-to-image models: prompts file (one per line, or JSONL); "
+                   "one prompt per image, or one for all")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     s.set_defaults(func=cmd_sample)
@@ -229,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ref", required=True, help="reference statistics from fastdiff ref-stats")
     _eval_args(f, model_input=True)
     f.add_argument("--resize", default=None, help="resize mode (default: the reference's)")
+    f.add_argument("--prompts", default=None, help="text-to-image models: prompts file (one per image, or one for all)")
     f.add_argument("--json", default=None, help="also write the result to this JSON file")
     f.set_defaults(func=cmd_fid)
 

@@ -16,26 +16,9 @@ import torch.nn.functional as F
 
 from .errors import FastdiffError
 from .machine import offline
+from .text import read_prompts  # noqa: F401 - re-exported: prompts for CLIP scores and for training
 
 CONVENTIONS = ("torchmetrics", "cosine")
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line (blank lines skipped), or a JSONL file of {"prompt": ...} objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise FastdiffError(f"--prompts {path}: no such file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        import json
-
-        try:
-            lines = [str(json.loads(line)["prompt"]) for line in lines]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FastdiffError(f"--prompts {path}: each JSONL line needs a \"prompt\" field ({exc})") from None
-    if not lines:
-        raise FastdiffError(f"--prompts {path}: the file has no prompts")
-    return lines
 
 
 def prompts_for(prompts: list[str], num_images: int, num_classes: int | None = None) -> list[str]:

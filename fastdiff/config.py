@@ -18,6 +18,7 @@ import yaml
 from .errors import FastdiffError
 
 DEFAULT_TEACHER = "embedded:fmnist-ddpm"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Loader(yaml.SafeLoader):
@@ -40,6 +41,9 @@ class TeacherConfig:
     path: str = DEFAULT_TEACHER  # local diffusers folder, hub id, or embedded:<name>
     guidance_scale: float = 1.0  # CFG on the real score (teacher); 1 = none
     null_class: typing.Optional[int] = None  # class label meaning "no class"; default: the last embedding
+    # Precision of every frozen network (teacher, VAE, text encoders): float32 | bfloat16 | float16. Trainable
+    # copies (student, fake score) are always float32 master weights; a LoRA's frozen base is shared, in this dtype.
+    dtype: str = "float32"
 
 
 @dataclass
@@ -55,6 +59,10 @@ class StudentConfig:
     # Multi-step sampling: lcm (fresh noise between steps, exported as LCMScheduler) or ddim (the noise the step
     # implies: deterministic consistency sampling, exported as DDIMScheduler; needs the top of the schedule).
     sampler: str = "lcm"
+    # LoRA student: rank of adapters on the teacher's attention / projection layers (0 = train all weights).
+    # The frozen base is the teacher's own tensors (not a copy); exported as LoRA weights for the teacher pipeline.
+    lora_rank: int = 0
+    lora_export: str = "both"  # lora (weights for load_lora_weights) | fused (a full pipeline) | both
 
 
 @dataclass
@@ -98,10 +106,15 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"  # fashion-mnist | analytic (exact samples of the analytic teacher)
+    # fashion-mnist | imagefolder (images + metadata.jsonl captions) | analytic (exact samples of the analytic teacher)
+    name: str = "fashion-mnist"
     path: str = "/usr/share/datasets/fashion-mnist"
     split: str = "train"
-    resolution: typing.Optional[int] = None  # None = the teacher's sample size (Fashion-MNIST is padded with -1)
+    resolution: typing.Optional[int] = None  # None = the teacher's image size (Fashion-MNIST is padded with -1)
+    # Text-to-image teachers: training prompts (one per line, or JSONL with "prompt"/"text"); null = the captions
+    # of an imagefolder data set.
+    prompts: typing.Optional[str] = None
+    negative_prompt: typing.Optional[str] = None  # the unconditional prompt for CFG; null = the pipeline's default
 
 
 @dataclass
@@ -122,6 +135,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     checkpoint_limit: int = 3  # how many checkpoints to keep
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) updates before the run stops
+    gradient_checkpointing: bool = False  # recompute activations of the trainable networks in backward (less memory)
     sample_every: int = 500
     num_sample_images: int = 64
     log_every: int = 10
@@ -262,6 +276,12 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
     if cfg.student.sampler not in ("lcm", "ddim"):
         raise FastdiffError(f"student.sampler must be lcm or ddim, got {cfg.student.sampler!r}")
+    if cfg.teacher.dtype not in DTYPES:
+        raise FastdiffError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {cfg.teacher.dtype!r}")
+    if cfg.student.lora_rank < 0:
+        raise FastdiffError(f"student.lora_rank must be 0 (full student) or positive, got {cfg.student.lora_rank}")
+    if cfg.student.lora_export not in ("lora", "fused", "both"):
+        raise FastdiffError(f"student.lora_export must be lora, fused or both, got {cfg.student.lora_export!r}")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise FastdiffError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
     if not 0.0 <= t.ema_decay < 1.0:

@@ -1,4 +1,6 @@
-"""Real images for GAN heads: a Fashion-MNIST IDX reader (Debian's dataset-fashion-mnist layout)."""
+"""Real images for GAN heads and consistency distillation: Fashion-MNIST (Debian's dataset-fashion-mnist IDX
+layout), or a folder of images with captions (the Hugging Face imagefolder layout) for latent and
+text-to-image teachers."""
 from __future__ import annotations
 
 import gzip
@@ -62,18 +64,64 @@ def to_model_range(images: np.ndarray, resolution: int) -> torch.Tensor:
 
 
 class RealImages:
-    """Random batches of real images and labels, drawn with a dedicated torch.Generator (checkpointable)."""
+    """Random batches of real images with their labels or captions, drawn with a dedicated torch.Generator
+    (checkpointable). Images are float in [-1, 1] (or uint8, converted per batch)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0):
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0,
+                 captions: list[str] | None = None):
+        self.images, self.labels, self.captions = images, labels, captions
         self.rng = torch.Generator().manual_seed(seed)
 
     def __len__(self):
         return len(self.images)
 
-    def batch(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+        """(images, labels or None, captions or None)."""
         idx = torch.randint(len(self.images), (n,), generator=self.rng)
-        return self.images[idx].to(device), self.labels[idx].to(device)
+        x = self.images[idx].to(device)
+        if x.dtype == torch.uint8:
+            x = x.float().div(127.5).sub(1.0)
+        labels = self.labels[idx].to(device) if self.labels is not None else None
+        captions = [self.captions[i] for i in idx.tolist()] if self.captions is not None else None
+        return x, labels, captions
+
+
+def load_image_folder(path: str, size: int, channels: int = 3) -> tuple[torch.Tensor, list[str] | None]:
+    """uint8 (N, C, size, size) images, each resized (shortest side, bicubic) and centre-cropped, and their
+    captions from ``metadata.jsonl`` ({"file_name": ..., "text": ...} per line) when the folder has one."""
+    from PIL import Image
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FastdiffError(f"data.path {path!r} is not a folder")
+    meta = root / "metadata.jsonl"
+    captions = None
+    if meta.is_file():
+        import json
+
+        try:
+            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+            files = [root / r["file_name"] for r in rows]
+            captions = [str(r["text"] if "text" in r else r["caption"]) for r in rows]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FastdiffError(f"{meta}: each line needs \"file_name\" and \"text\" ({exc})") from None
+    else:
+        files = sorted(f for f in root.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    if not files:
+        raise FastdiffError(f"data.path {path}: no images (png, jpg, webp, bmp) found")
+    out = []
+    for f in files:
+        try:
+            img = Image.open(f).convert("RGB" if channels == 3 else "L")
+        except (OSError, ValueError) as exc:
+            raise FastdiffError(f"{f}: not a readable image ({exc})") from None
+        scale = size / min(img.size)
+        w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+        img = img.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        arr = np.asarray(img.crop((left, top, left + size, top + size)))
+        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out)), captions
 
 
 ANALYTIC_SAMPLES = 50_000
@@ -91,13 +139,26 @@ def real_images_for(data_cfg, teacher, seed: int) -> RealImages:
         modes = torch.multinomial(teacher.model.log_weights.exp(), ANALYTIC_SAMPLES, replacement=True, generator=rng)
         images = teacher.model.sample_true(ANALYTIC_SAMPLES, rng, class_labels=modes)
         return RealImages(images, modes, seed)
+    channels, height, width = teacher.image_shape
+    if data_cfg.name == "imagefolder":
+        if data_cfg.resolution not in (None, height) or height != width:
+            raise FastdiffError(f"data.resolution {data_cfg.resolution} does not match the teacher's image size "
+                                f"{height}x{width}")
+        if teacher.num_classes:
+            raise FastdiffError("data.name imagefolder has no class labels; a class-conditional teacher needs "
+                                "labelled data (fashion-mnist)")
+        images, captions = load_image_folder(data_cfg.path, height, channels)
+        if teacher.conditioning == "text" and captions is None:
+            raise FastdiffError(f"data.path {data_cfg.path}: a text-to-image teacher needs captions "
+                                "(metadata.jsonl with file_name and text)")
+        return RealImages(images, None, seed, captions if teacher.conditioning == "text" else None)
     if data_cfg.name != "fashion-mnist":
-        raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist or analytic")
-    channels, height, width = teacher.sample_shape
+        raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist, imagefolder or analytic")
     resolution = data_cfg.resolution or height
     if resolution != height or height != width:
         raise FastdiffError(f"data.resolution {resolution} does not match the teacher's sample size {height}x{width}")
     if channels != 1:
-        raise FastdiffError(f"fashion-mnist has 1 channel but the teacher takes {channels}")
+        raise FastdiffError(f"fashion-mnist has 1 channel but the teacher makes {channels}-channel images; "
+                            "use data.name=imagefolder with data.path pointing at a folder of images")
     images, labels = load_fashion_mnist(data_cfg.path, data_cfg.split)
     return RealImages(to_model_range(images, resolution), torch.from_numpy(labels), seed)

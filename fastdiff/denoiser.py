@@ -121,6 +121,7 @@ class Denoiser(nn.Module):
         if unknown:
             raise ValueError(f"{type(self.model).__name__} takes no condition {unknown}")
         dtype = getattr(self.model, "dtype", torch.float32)  # ModelMixin: parameters' dtype, else buffers'
+        kwargs = _cast(kwargs, dtype)  # text embeddings of a bf16 text encoder meet a float32 student
         out = self.model(**{self._sample_arg: x_native.to(dtype)}, timestep=self.schedule.model_timestep(sigma),
                          **kwargs, return_dict=False)[0]
         if self._in_channels and out.shape[1] == 2 * self._in_channels:
@@ -140,6 +141,12 @@ class Denoiser(nn.Module):
         if self.prediction_type == "flow":
             return x - s * out
         return out
+
+
+def _cast(cond: dict, dtype: torch.dtype) -> dict:
+    """Floating tensors of a condition (nested dicts too) in the network's dtype; labels and masks unchanged."""
+    return {k: _cast(v, dtype) if isinstance(v, dict) else
+            (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in cond.items()}
 
 
 def _cat_cond(a: dict | None, b: dict | None) -> dict | None:

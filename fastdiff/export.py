@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from diffusers import DDIMScheduler, DDPMPipeline, LCMScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
 from .errors import FastdiffError
 
@@ -39,7 +39,8 @@ def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int
     if top_timestep is not None and top_timestep < T - 1:
         T = top_timestep + 1
         config.update(num_train_timesteps=T, trained_betas=[float(b) for b in teacher_scheduler.betas[:T]])
-    return LCMScheduler.from_config(config, original_inference_steps=T, timestep_scaling=timestep_scaling or 1e9,
+    # steps_offset 1: unused by LCM and trailing DDIM, but SD pipelines rewrite (and warn about) any other value.
+    return LCMScheduler.from_config(config, original_inference_steps=T, timestep_scaling=timestep_scaling or 1e9, steps_offset=1,
                                     clip_sample=False,
                                     thresholding=False, prediction_type=prediction_type)
 
@@ -47,8 +48,32 @@ def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int
 def deterministic_scheduler(teacher_scheduler, prediction_type: str) -> DDIMScheduler:
     """DDIMScheduler (eta 0, trailing timesteps) reproducing the ``ddim`` sampler from the top of the schedule:
     its K timesteps equal the LCM rule's whenever K divides T (1, 2, 4, 5, 8, ... for T = 1000)."""
-    return DDIMScheduler.from_config(_table_config(teacher_scheduler), timestep_spacing="trailing", clip_sample=False, thresholding=False,
+    return DDIMScheduler.from_config(_table_config(teacher_scheduler), timestep_spacing="trailing", clip_sample=False, thresholding=False, steps_offset=1,
                                      set_alpha_to_one=True, prediction_type=prediction_type)
+
+
+def flow_scheduler(teacher_scheduler, num_steps: int, sampler: str) -> FlowMatchEulerDiscreteScheduler:
+    """FlowMatchEulerDiscreteScheduler whose K levels are fastdiff's flow levels ``t_i = 1 - i/K``.
+
+    With shift 1 the scheduler's K timesteps are ``linspace(1, 1/T, K)``; ``shift_terminal = 1/K`` stretches
+    them so the last is 1/K, which makes them exactly ``1 - i/K``. One step is ``x0 = z - v`` at t = 1, the
+    same arithmetic as fastdiff. ``lcm`` students re-noise with fresh noise (``stochastic_sampling``), ``ddim``
+    ones take Euler steps, which equal fastdiff's deterministic re-noising algebraically."""
+    extra = {"shift_terminal": 1.0 / num_steps} if num_steps > 1 else {"shift_terminal": None}
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        teacher_scheduler.config, shift=1.0, use_dynamic_shifting=False, invert_sigmas=False, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=sampler == "lcm" and num_steps > 1,
+        **extra)
+
+
+def scheduler_for(teacher, info: dict):
+    """The scheduler an exported student samples with (see the module docstring and ``flow_scheduler``)."""
+    prediction = teacher.denoiser.prediction_type
+    if teacher.denoiser.schedule.kind == "flow":
+        return flow_scheduler(teacher.scheduler, info["num_steps"], info.get("sampler", "lcm"))
+    if info.get("sampler") == "ddim":
+        return deterministic_scheduler(teacher.scheduler, prediction)
+    return student_scheduler(teacher.scheduler, prediction, info["top_timestep"], info.get("timestep_scaling"))
 
 
 def _class_cond_pipeline_file() -> Path:
@@ -60,9 +85,24 @@ def _class_cond_pipeline_file() -> Path:
         return PIPELINES_DIR / CLASS_COND_FILE
 
 
+def _pipeline_usage(info: dict) -> str:
+    steps, cls, sched = info["num_steps"], info["pipeline_class"], info["scheduler_class"]
+    call = (f"pipe(class_labels=[0, 1, 2], num_inference_steps={steps}, guidance_scale=1)" if info["num_classes"]
+            else f"pipe(\"a photo of a cat\", num_inference_steps={steps}, guidance_scale=0)")
+    if info.get("export") == "lora":
+        return (f"from diffusers import {cls}, {sched}\n"
+                f"pipe = {cls}.from_pretrained(\"{info['teacher']}\")  # the teacher\n"
+                "pipe.load_lora_weights(\".\")  # this folder\n"
+                f"pipe.scheduler = {sched}.from_pretrained(\".\", subfolder=\"scheduler\")\n"
+                f"images = {call}.images")
+    return (f"from diffusers import {cls}\n"
+            f"pipe = {cls}.from_pretrained(\".\")\n"
+            f"images = {call}.images")
+
+
 def model_card(info: dict) -> str:
     steps = info["num_steps"]
-    usage = ("from fastdiff.pipelines import FastdiffClassConditionalPipeline\n"
+    usage = _pipeline_usage(info) if info.get("pipeline_class") else ("from fastdiff.pipelines import FastdiffClassConditionalPipeline\n"
              "pipe = FastdiffClassConditionalPipeline.from_pretrained(\".\")\n"
              f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}"
              f"{', guidance_scale=2.0' if info.get('guidance_embedded') else ''}).images\n"
@@ -75,7 +115,10 @@ def model_card(info: dict) -> str:
              "pipe = DDPMPipeline.from_pretrained(\".\")\n"
              f"images = pipe(batch_size=4, num_inference_steps={steps}).images")
     settings = "\n".join(f"- `{k}`: {v}" for k, v in info["settings"].items())
-    scheduler_note = ("The scheduler is diffusers' `DDIMScheduler` (eta 0, trailing timesteps): `num_inference_steps=K`\n"
+    scheduler_note = ("The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1 (and `shift_terminal`\n"
+                      f"1/K for K > 1): `num_inference_steps={steps}` gives fastdiff's levels t = 1 - i/K."
+                      if info.get("scheduler_class") == "FlowMatchEulerDiscreteScheduler" else
+                      "The scheduler is diffusers' `DDIMScheduler` (eta 0, trailing timesteps): `num_inference_steps=K`\n"
                       "reproduces fastdiff's deterministic K-step consistency sampler when K divides the table length."
                       if info.get("sampler") == "ddim" else
                       "The scheduler is diffusers' `LCMScheduler` set so that `num_inference_steps=K` reproduces fastdiff's\n"
@@ -112,6 +155,12 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
     ``info`` holds: teacher, objective, num_steps, sigma_init, train_step, ema, settings (a dict).
     """
     out = Path(out)
+    if teacher.pipeline is not None:
+        return export_pipeline_student(unet, teacher, info, out)
+    from .lora import is_lora, merged_model
+
+    if is_lora(unet):  # pipelines without a latent / text part take LoRA students fused
+        unet = merged_model(unet)
     guided = type(unet).__name__ == "GuidanceEmbeddedUNet"
     if teacher.denoiser.schedule.kind != "vp" or (type(unet).__name__ != "UNet2DModel" and not guided):
         raise FastdiffError(f"export of {type(unet).__name__} students on a {teacher.denoiser.schedule.kind} "
@@ -120,13 +169,8 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
             "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1"}
     from .generator import top_timestep
 
-    top = top_timestep(teacher.denoiser, info.get("sigma_init"))
-    info["top_timestep"] = top
-    if info.get("sampler") == "ddim":
-        scheduler = deterministic_scheduler(teacher.scheduler, teacher.denoiser.prediction_type)
-    else:
-        scheduler = student_scheduler(teacher.scheduler, teacher.denoiser.prediction_type, top,
-                                      info.get("timestep_scaling"))
+    info["top_timestep"] = top_timestep(teacher.denoiser, info.get("sigma_init"))
+    scheduler = scheduler_for(teacher, info)
     if teacher.num_classes:
         from fastdiff.pipelines import FastdiffClassConditionalPipeline
 
@@ -134,18 +178,89 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
     else:
         pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
 
+    def fill(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if teacher.num_classes:  # lets DiffusionPipeline.from_pretrained(out, custom_pipeline=out) work without fastdiff
+            shutil.copy(_class_cond_pipeline_file(), tmp / "pipeline.py")
+        (tmp / "fastdiff.json").write_text(json.dumps(info, indent=2, default=str))
+        (tmp / "README.md").write_text(model_card(info))
+    return _write_folder(out, fill)
+
+
+def _write_folder(out: Path, fill) -> Path:
+    """Write a folder atomically: ``fill(tmp)`` writes into a hidden temporary folder, renamed to ``out`` at the end."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if teacher.num_classes:  # lets DiffusionPipeline.from_pretrained(out, custom_pipeline=out) work without fastdiff
-        shutil.copy(_class_cond_pipeline_file(), tmp / "pipeline.py")
-    (tmp / "fastdiff.json").write_text(json.dumps(info, indent=2, default=str))
-    (tmp / "README.md").write_text(model_card(info))
+    fill(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def export_pipeline_student(model, teacher, info: dict, out: Path) -> Path:
+    """A latent / text-to-image student as the teacher's own pipeline class with the student network and a
+    scheduler reproducing fastdiff's sampler; a LoRA student as LoRA weights for the teacher pipeline
+    (``student.lora_export`` lora), a fused full pipeline (fused), or both (the fused one in ``fused/``)."""
+    from .generator import top_timestep
+    from .lora import is_lora, lora_state_dict, merged_model
+    from .teacher import load_pipeline, pipeline_index
+
+    info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": False,
+            "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1",
+            "top_timestep": None if teacher.denoiser.schedule.kind == "flow" else top_timestep(teacher.denoiser,
+                                                                                              info.get("sigma_init"))}
+    scheduler = scheduler_for(teacher, info)
+    index = pipeline_index(teacher.path)
+    info.update(pipeline_class=index["_class_name"], scheduler_class=type(scheduler).__name__)
+    lora = is_lora(model)
+    mode = info.get("lora_export", "both") if lora else "fused"
+
+    def write_pipeline(folder: Path, network) -> None:
+        pipe = load_pipeline(teacher.path, index, safety_checker=True,
+                             **{teacher.model_folder: network, "scheduler": scheduler})
+        pipe.save_pretrained(folder, safe_serialization=True)
+        card = {**info, "export": "pipeline"}
+        (folder / "fastdiff.json").write_text(json.dumps(card, indent=2, default=str))
+        (folder / "README.md").write_text(model_card(card))
+
+    def write_lora(folder: Path) -> None:
+        cls = type(teacher.pipeline)
+        if not hasattr(cls, "save_lora_weights"):
+            raise FastdiffError(f"{cls.__name__} cannot load LoRA weights; set student.lora_export to fused")
+        cls.save_lora_weights(folder, **{f"{teacher.model_folder}_lora_layers": lora_state_dict(model)},
+                              safe_serialization=True)
+        scheduler.save_pretrained(folder / "scheduler")
+        card = {**info, "export": "lora", "format": "fastdiff-lora-v1"}
+        (folder / "fastdiff.json").write_text(json.dumps(card, indent=2, default=str))
+        (folder / "README.md").write_text(model_card(card))
+        if mode == "both":
+            write_pipeline(folder / "fused", merged_model(model))
+
+    if mode in ("lora", "both"):
+        return _write_folder(out, write_lora)
+    return _write_folder(out, lambda tmp: write_pipeline(tmp, merged_model(model) if lora else model))
+
+
+def load_lora_student(folder: str | Path, info: dict):
+    """An exported LoRA student as a loaded teacher: the teacher pipeline with the folder's adapters applied by
+    diffusers' ``load_lora_weights`` and the folder's scheduler (whose table the student was trained on)."""
+    import diffusers
+
+    from .denoiser import Denoiser
+    from .schedule import schedule_from_scheduler
+    from .teacher import load_teacher, prediction_type_of
+
+    loaded = load_teacher(info["teacher_folder"])
+    loaded.pipeline.load_lora_weights(str(folder))
+    name = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    scheduler = getattr(diffusers, name).from_pretrained(str(folder), subfolder="scheduler")
+    loaded.scheduler = loaded.pipeline.scheduler = scheduler
+    loaded.denoiser = Denoiser(loaded.model, schedule_from_scheduler(scheduler), prediction_type_of(scheduler),
+                               null_class=loaded.null_class)
+    loaded.model.requires_grad_(False).eval()
+    return loaded
 
 
 def read_student_info(folder: str | Path) -> dict | None:

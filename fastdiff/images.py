@@ -139,21 +139,30 @@ def _fashion_mnist_source(spec: str, data_path: str | None) -> ImageSource:
     return ImageSource(f"fmnist-{split}", len(images), (1, *images.shape[1:]), _array_batches(images[:, None]))
 
 
-def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float | None, device) -> list[ImageSource]:
-    """One source per step count, all sampling the same network (loaded once)."""
+def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float | None, device,
+                  prompts: list[str] | None = None) -> list[ImageSource]:
+    """One source per step count, all sampling the same network (loaded once); text-to-image models sample
+    image i from ``prompts[i]``."""
+    from .clip_score import prompts_for
     from .sampling import load_sampler, sample_model
 
     for k in steps:
         if k is None or k <= 0:
             raise FastdiffError(f"{path} is a model folder: pass --steps K (> 0) to sample it")
     model, loaded = load_sampler(path, device, guidance_scale)
+    if loaded.conditioning != "text":
+        prompts = None  # class-conditional models pair prompts with classes (CLIP score), not samples
+    elif not prompts:
+        raise FastdiffError(f"{path} is a text-to-image model: pass --prompts FILE to sample it")
 
     def source(k: int) -> ImageSource:
         def read(num, batch_size):
-            for _, images in sample_model(model, loaded.sample_shape, num, k, seed, batch_size, loaded.num_classes,
-                                          device, guidance_scale):
+            paired = prompts_for(prompts, num) if prompts else None
+            for _, images in sample_model(model, loaded, num, k, seed, batch_size, device, guidance_scale, paired):
                 yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        return ImageSource(f"{Path(path).name}-{k}step", None, loaded.sample_shape, read, is_model=True,
+        count = len(prompts) if prompts and len(prompts) > 1 else None  # one image per prompt, unless one for all
+        return ImageSource(f"{Path(path).name}-{k}step", count, loaded.image_shape, read,
+                           is_model=True,
                            num_classes=loaded.num_classes)
     return [source(k) for k in steps]
 
@@ -164,7 +173,8 @@ def is_model_folder(path: Path) -> bool:
 
 
 def open_source(spec: str, *, steps: int | None = None, seed: int = 0, guidance_scale: float | None = None,
-                device=None, data_path: str | None = None, allow_model: bool = True) -> ImageSource:
+                device=None, data_path: str | None = None, allow_model: bool = True,
+                prompts: list[str] | None = None) -> ImageSource:
     """Open SOURCE: ``fashion-mnist:train|test``, an ``.npz``, a folder of images, or a model folder."""
     if spec.startswith(FMNIST_PREFIX):
         return _fashion_mnist_source(spec, data_path)
@@ -177,7 +187,7 @@ def open_source(spec: str, *, steps: int | None = None, seed: int = 0, guidance_
         if not allow_model:
             raise FastdiffError(f"{spec} is a model folder; reference statistics come from real images "
                                 "(a folder of images, an .npz or fashion-mnist:train)")
-        return model_sources(str(path), [steps], seed, guidance_scale, device)[0]
+        return model_sources(str(path), [steps], seed, guidance_scale, device, prompts)[0]
     if path.is_dir():
         return _folder_source(path)
     if path.exists():

@@ -75,16 +75,21 @@ def save_grid(images: np.ndarray, path: Path, ncol: int | None = None) -> None:
 
 
 def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
-    """(sampler, loaded): an exported student's K-step Generator, or a teacher folder's Denoiser (DDIM)."""
+    """(sampler, loaded): an exported student's K-step Generator, or a teacher folder's Denoiser (DDIM).
+
+    A LoRA student folder loads its teacher (``teacher_folder`` in fastdiff.json) with the adapters applied by
+    diffusers' ``load_lora_weights``, as a user of the teacher pipeline would."""
     from .embedded import resolve_teacher_path
     from .errors import FastdiffError
-    from .export import read_student_info, student_generator
+    from .export import load_lora_student, read_student_info, student_generator
     from .teacher import load_teacher
 
     model_dir = resolve_teacher_path(model_dir)
     info = read_student_info(model_dir)
-    loaded = load_teacher(model_dir)
+    loaded = load_lora_student(model_dir, info) if info and info.get("export") == "lora" else load_teacher(model_dir)
     loaded.model.to(device)
+    if loaded.pipeline is not None:
+        loaded.pipeline.to(device)
     guided = bool(getattr(loaded.model.config, "time_cond_proj_dim", None))
     if info and guidance_scale is not None and not guided:
         raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; "
@@ -92,24 +97,45 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
     return (student_generator(loaded, info) if info else loaded.denoiser), loaded
 
 
+def check_prompts(loaded, prompts: list[str] | None) -> None:
+    """A text-to-image model samples from prompts; other models take none."""
+    from .errors import FastdiffError
+
+    if loaded.conditioning == "text" and not prompts:
+        raise FastdiffError("this is a text-to-image model: pass --prompts FILE (one prompt per line)")
+    if loaded.conditioning != "text" and prompts:
+        raise FastdiffError(f"--prompts is for text-to-image models; this one is {loaded.conditioning}-conditioned")
+
+
 @torch.no_grad()
-def sample_model(model: Generator | Denoiser, shape, num: int, steps: int, seed: int, batch_size: int,
-                 num_classes: int | None, device, guidance_scale: float | None = None):
-    """Yield uint8 image batches: a student Generator samples K steps, a teacher Denoiser runs DDIM.
+def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed: int, batch_size: int, device,
+                 guidance_scale: float | None = None, prompts: list[str] | None = None):
+    """Yield (start, uint8 images): a student Generator samples K steps, a teacher Denoiser runs DDIM.
 
     Each batch draws its noise from ``torch.Generator().manual_seed(seed + batch_index)`` on the CPU, the
-    way diffusers pipelines draw it, so a batch equals the exported pipeline's output for that seed.
+    way diffusers pipelines draw it, so a batch equals the exported pipeline's output for that seed (with the
+    batch's prompts, for text-to-image models: image i gets ``prompts[i]``). Latents are decoded by the VAE.
     """
+    check_prompts(loaded, prompts)
+    num_classes, latents = loaded.num_classes, loaded.latents
+    text = None
+    if prompts:
+        from .text import PromptEncoder
+
+        text = PromptEncoder(loaded.pipeline, device=device)
     for b, start in enumerate(range(0, num, batch_size)):
         n = min(batch_size, num - start)
         rng = torch.Generator().manual_seed(seed + b)
-        z = torch.randn((n, *shape), generator=rng).to(device)
+        z = torch.randn((n, *loaded.sample_shape), generator=rng).to(device)
         cond = class_labels_for(n, num_classes, device)
         if cond is not None:
             cond["class_labels"] = (cond["class_labels"] + start) % num_classes
+        if text is not None:
+            cond = text(prompts[start:start + n])
         if isinstance(model, Generator):
             x0 = model(z, guided_cond(model.denoiser.model, cond, guidance_scale), num_steps=steps, rng=rng)
         else:
             x0 = ddim_sample(model, z, steps, cond, guidance_scale)
+        if latents is not None:
+            x0 = latents.decode(x0)
         yield start, to_uint8(x0)
-

@@ -28,6 +28,25 @@ class Teacher:
     model_folder: str  # "unet" or "transformer"
     num_classes: int | None  # class-conditional teachers: number of real classes
     null_class: int | None
+    pipeline: object | None = None  # latent / text teachers: the diffusers pipeline (VAE, text encoders)
+    dtype: torch.dtype = torch.float32  # of the frozen networks
+
+    @property
+    def latents(self):
+        """The VAE wrapper of a latent teacher (None for pixel-space teachers)."""
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is None:
+            return None
+        if getattr(self, "_latents", None) is None:
+            from .latent import Latents
+
+            self._latents = Latents(vae)
+        return self._latents
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the teacher makes: the decoded size for latent teachers."""
+        return self.latents.image_shape(self.sample_shape) if self.latents else self.sample_shape
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -40,7 +59,7 @@ class Teacher:
     def conditioning(self) -> str:
         if self.num_classes:
             return "class"
-        if "encoder_hidden_states" in self.denoiser._accepted:
+        if getattr(self.pipeline, "text_encoder", None) is not None or "encoder_hidden_states" in self.denoiser._accepted:
             return "text"
         return "none"
 
@@ -116,31 +135,83 @@ def prediction_type_of(scheduler) -> str:
     return getattr(scheduler.config, "prediction_type", "epsilon")
 
 
+LATENT_OR_TEXT = ("vae", "text_encoder", "text_encoder_2")
+
+
+def pipeline_index(path: str) -> dict | None:
+    """The pipeline's model_index.json (local, or from the hub), or None for a bare unet/scheduler folder."""
+    local = Path(path) / "model_index.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if os.path.isdir(path):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(path, "model_index.json")).read_text())
+
+
+def load_pipeline(path: str, index: dict, dtype: torch.dtype = torch.float32, safety_checker: bool = False,
+                  **components):
+    """A diffusers pipeline from a teacher folder; ``components`` replace the folder's own (e.g. a student unet).
+
+    Only classes diffusers itself defines are loaded (no remote code). Components a pipeline expects but the
+    folder leaves out (SD3 without T5) are passed as None; the safety checker is loaded only when asked for.
+    """
+    import diffusers
+
+    cls = getattr(diffusers, index.get("_class_name") or "", None)
+    if cls is None or not issubclass(cls, diffusers.DiffusionPipeline):
+        raise FastdiffError(f"{path}: pipeline class {index.get('_class_name')!r} is not a diffusers pipeline "
+                            "(fastdiff loads no remote code)")
+    expected, _ = diffusers.DiffusionPipeline._get_signature_keys(cls)
+    given = {k: None for k in expected if k not in index or index[k] in (None, [None, None])}
+    if not safety_checker:
+        given.update({k: None for k in ("safety_checker", "feature_extractor") if k in expected})
+    given.update(components)
+    try:
+        return cls.from_pretrained(path, torch_dtype=dtype, **given)
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable line
+        raise FastdiffError(f"could not load the pipeline in {path!r}: {_first_line(exc)}") from exc
+
+
 def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None = None,
                  dtype: torch.dtype = torch.float32) -> Teacher:
     """Load a teacher from a local diffusers folder, or from a hub id on a machine with a network.
 
-    The network is frozen (``requires_grad=False``, eval mode).
+    Latent and text-to-image teachers (a pipeline folder with a VAE or text encoders: SD, SDXL, SD3, DiT) load
+    as their whole pipeline, so VAE and prompt encoding are the pipeline's own. ``dtype`` is that of every frozen
+    network. The denoising network is frozen (``requires_grad=False``, eval mode).
     """
     path = str(path)
+    pipeline = None
     if os.path.isdir(path):
-        folder, sched_folder = _resolve_folders(path)
+        index = pipeline_index(path)
     elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FastdiffError(f"teacher path {path!r} does not exist; pass a local diffusers folder (teacher.path)")
+    elif offline():
+        raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE / FASTDIFF_OFFLINE forbid the hub")
     else:
-        if offline():
-            raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE / FASTDIFF_OFFLINE forbid the hub")
-        folder, sched_folder = "unet", "scheduler"  # hub ids: the SD-style layout
-    try:
-        model_cls = _class_from_config(path, folder, "config.json")
-        sched_cls = _class_from_config(path, sched_folder, "scheduler_config.json")
-        model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype)
-        scheduler = sched_cls.from_pretrained(path, subfolder=sched_folder)
-    except FastdiffError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable line
-        raise FastdiffError(f"could not load teacher from {path!r}: {_first_line(exc)}") from exc
+        index = pipeline_index(path)
+    if index is not None and any(k in index for k in LATENT_OR_TEXT):
+        pipeline = load_pipeline(path, index, dtype)
+        folder = next(f for f in MODEL_FOLDERS if getattr(pipeline, f, None) is not None)
+        model, scheduler = getattr(pipeline, folder), pipeline.scheduler
+    else:
+        folder, sched_folder = _resolve_folders(path) if os.path.isdir(path) else ("unet", "scheduler")
+        try:
+            model_cls = _class_from_config(path, folder, "config.json")
+            sched_cls = _class_from_config(path, sched_folder, "scheduler_config.json")
+            model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype)
+            scheduler = sched_cls.from_pretrained(path, subfolder=sched_folder)
+        except FastdiffError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable line
+            raise FastdiffError(f"could not load teacher from {path!r}: {_first_line(exc)}") from exc
     model.requires_grad_(False).eval()
+    if pipeline is not None:
+        for part in pipeline.components.values():
+            if isinstance(part, nn.Module):
+                part.requires_grad_(False).eval()
 
     num_classes = None
     cfg = model.config
@@ -157,4 +228,4 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
 
     denoiser = Denoiser(model, schedule_from_scheduler(scheduler), prediction_type_of(scheduler),
                         null_class=null_class, guidance_scale=guidance_scale)
-    return Teacher(path, model, scheduler, denoiser, folder, num_classes, null_class)
+    return Teacher(path, model, scheduler, denoiser, folder, num_classes, null_class, pipeline, dtype)

@@ -38,6 +38,8 @@ from .objectives.gan import GANHead
 from .sampling import class_labels_for, guided_cond, save_grid, to_uint8
 from .teacher import Teacher, load_model, load_teacher
 from .embedded import resolve_teacher_path
+from .lora import AdapterWeights, is_lora, lora_copy, with_lora
+from .text import PromptEncoder, PromptSampler, read_prompts
 
 
 def student_like(teacher: Teacher, model: torch.nn.Module) -> Denoiser:
@@ -60,11 +62,15 @@ def student_denoiser(cfg: Config, teacher: Teacher, model: torch.nn.Module) -> D
     return network_view(model, teacher.denoiser, timestep_scaling(cfg))
 
 
-def sigma_init(cfg: Config) -> float | None:
-    """student.sigma_init with ``auto`` resolved: 2.5 for distribution matching, the top for consistency."""
+def sigma_init(cfg: Config, teacher: Teacher | None = None) -> float | None:
+    """student.sigma_init with ``auto`` resolved: 2.5 for distribution matching on VP teachers, else the top.
+
+    Flow students start at t = 1 (pure noise) as their pipelines do: there ``x0 = x - t v`` is well conditioned,
+    unlike an epsilon student's ``x0 = (x - s eps) / a`` at the top of a VP schedule."""
     if cfg.student.sigma_init != "auto":
         return cfg.student.sigma_init
-    return None if trains_on_data(cfg) else 2.5
+    flow = teacher is not None and teacher.denoiser.schedule.kind == "flow"
+    return None if trains_on_data(cfg) or flow else 2.5
 
 
 def trains_on_data(cfg: Config) -> bool:
@@ -75,15 +81,25 @@ def uses_gan(cfg: Config) -> bool:
     return cfg.objective.gan or cfg.objective.name in NEEDS_GAN
 
 
-def check_objective_settings(cfg: Config) -> None:
+def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
     """Settings the objective's constructor does not see but that only make sense for some objectives."""
     o = cfg.objective
     if o.timestep_scaling is not None and o.name != "cd":
         raise FastdiffError(f"objective.timestep_scaling does not apply to {o.name}")
-    if cfg.student.sampler == "ddim" and sigma_init(cfg) is not None:
+    if teacher.denoiser.schedule.kind == "flow" and sigma_init(cfg, teacher) is not None:
+        raise FastdiffError("flow-matching students start from pure noise (t = 1), as their pipelines do: "
+                            "set student.sigma_init to null or auto")
+    if cfg.student.sampler == "ddim" and sigma_init(cfg, teacher) is not None:
         raise FastdiffError("student.sampler ddim starts at the top of the schedule: set student.sigma_init to null")
     if uses_gan(cfg) and not objective_class(o.name).uses_fake_score:
         raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
+    if cfg.student.lora_rank and (cfg.student.model or o.guidance_range is not None):
+        raise FastdiffError("student.lora_rank adapts the teacher's own weights: it cannot be combined with "
+                            "student.model or objective.guidance_range")
+    pipe = teacher.pipeline
+    if cfg.student.lora_rank and cfg.student.lora_export != "fused" and pipe is not None \
+            and not hasattr(type(pipe), "save_lora_weights"):
+        raise FastdiffError(f"{type(pipe).__name__} cannot load LoRA weights: set student.lora_export=fused")
 
 
 def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, student: Denoiser):
@@ -91,6 +107,11 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
     try:
         gan_head = GANHead(fake) if uses_gan(cfg) else None
         options = {k: getattr(o, k) for k in OBJECTIVE_OPTIONS}
+        if teacher.conditioning == "text":  # the papers' text-to-image settings where the config leaves them open
+            if o.name == "dmd2" and options["critic_updates"] is None:
+                options["critic_updates"] = 10  # DMD2 Sec. 4.2: 10 fake-score updates per generator update (SDXL)
+            if o.name == "sid" and options["alpha"] is None:
+                options["alpha"] = 1.0  # SiD-LSG (Zhou et al. 2024b) uses alpha 1 for Stable Diffusion
         return build(o.name, teacher.denoiser, fake, gan_head=gan_head, student=student, **options)
     except ValueError as exc:
         raise FastdiffError(str(exc)) from exc
@@ -99,38 +120,48 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
 # Config fields passed to the objective's constructor (the rest shape the networks or the trainer).
 OBJECTIVE_OPTIONS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
                           if f.name not in ("name", "gan", "fake_lora_rank", "timestep_scaling"))
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.2")
 DEFAULT_LORA_RANK = {"vsd": 16}
 
 
+def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A full trainable copy of a frozen network, in float32 master weights whatever the teacher's dtype."""
+    return copy.deepcopy(model).float().requires_grad_(True).train()
+
+
 def fake_score_model(cfg: Config, teacher: Teacher) -> torch.nn.Module:
-    """The fake score's network: a trainable copy of the teacher, or the frozen teacher plus a LoRA.
+    """The fake score's network: a trainable copy of the teacher, or a LoRA on the teacher's own weights.
 
     VSD / SwiftBrush train the fake score as a LoRA (rank ``objective.fake_lora_rank``, default 16 for vsd)
     on the teacher's attention and convolution layers; a teacher with no such layers (the analytic
     teacher) or no peft falls back to a full copy unless a rank was asked for explicitly.
     """
-    model = copy.deepcopy(teacher.model)
     rank = cfg.objective.fake_lora_rank
     explicit = rank is not None
     rank = rank if explicit else DEFAULT_LORA_RANK.get(cfg.objective.name)
     if not rank:
-        return model.requires_grad_(True).train()
-    targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())]
+        return trainable_copy(teacher.model)
     try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:
-        targets = []
-    if not targets:
-        why = f"no LoRA for {type(model).__name__} (needs peft and attention or convolution layers)"
+        return with_lora(teacher.model, rank, "objective.fake_lora_rank")
+    except FastdiffError:
         if explicit:
-            raise FastdiffError(f"objective.fake_lora_rank: {why}; set it to null")
-        warnings.warn(f"{why}: the fake score is a full copy of the teacher", stacklevel=2)
-        return model.requires_grad_(True).train()
-    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return model.train()
+            raise
+    warnings.warn(f"no LoRA for {type(teacher.model).__name__} (needs peft and attention or convolution layers): "
+                  "the fake score is a full copy of the teacher", stacklevel=2)
+    return trainable_copy(teacher.model)
+
+
+def student_model_for(cfg: Config, teacher: Teacher) -> torch.nn.Module:
+    """The student's network: a full copy of the teacher, a LoRA on it, or the model in ``student.model``."""
+    if cfg.student.model:
+        return load_model(cfg.student.model).requires_grad_(True).train()
+    if cfg.student.lora_rank:
+        return with_lora(teacher.model, cfg.student.lora_rank, "student.lora_rank")
+    return trainable_copy(teacher.model)
+
+
+def checkpoint_view(model: torch.nn.Module) -> torch.nn.Module:
+    """What a checkpoint stores of a network: everything, or only the adapters of a LoRA on the teacher."""
+    return AdapterWeights(model) if is_lora(model) else model
 
 
 def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -231,13 +262,13 @@ class Trainer:
         self.overwrite = overwrite
         teacher_path = resolve_teacher_path(cfg.teacher.path)
         # Everything that can fail on bad input happens before anything is written.
-        self.teacher = load_teacher(teacher_path, cfg.teacher.guidance_scale, cfg.teacher.null_class)
-        if self.teacher.conditioning == "text":
-            raise FastdiffError("text-conditioned teachers are not supported by this version of fastdiff")
-        check_objective_settings(cfg)
+        self.teacher = load_teacher(teacher_path, cfg.teacher.guidance_scale, cfg.teacher.null_class,
+                                    getattr(torch, cfg.teacher.dtype))
+        check_objective_settings(cfg, self.teacher)
         needs_data = uses_gan(cfg) or trains_on_data(cfg)
         self.real = real_images_for(cfg.data, self.teacher, cfg.train.seed) if needs_data else None
-        student_model = load_model(cfg.student.model) if cfg.student.model else copy.deepcopy(self.teacher.model)
+        self.prompts = self._training_prompts()
+        student_model = student_model_for(cfg, self.teacher)
         check_student(student_model, self.teacher)
         if cfg.objective.guidance_range is not None and not getattr(student_model.config, "time_cond_proj_dim", None):
             try:  # LCM-style: the student reads the guidance scale from an embedding
@@ -255,15 +286,29 @@ class Trainer:
         device = self.accelerator.device
         teacher = self.teacher
         teacher.model.to(device)
+        self.text = None
+        if self.prompts is not None:
+            self.text = self._prompt_encoder(device)
 
-        student_model = student_model.to(device).requires_grad_(True).train()
-        self.generator = Generator(student_denoiser(cfg, teacher, student_model), cfg.student.num_steps, sigma_init(cfg),
+        student_model = student_model.to(device)
+        self.generator = Generator(student_denoiser(cfg, teacher, student_model), cfg.student.num_steps, sigma_init(cfg, teacher),
                                    cfg.student.sampler)
         fake = None
         if objective_class(cfg.objective.name).uses_fake_score:
             fake = student_like(teacher, fake_score_model(cfg, teacher).to(device))
+        if cfg.train.gradient_checkpointing:
+            for net in (student_model, fake.model if fake else None):
+                if net is not None and getattr(net, "_supports_gradient_checkpointing", False):
+                    net.enable_gradient_checkpointing()
         self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
-        self.ema = copy.deepcopy(student_model).requires_grad_(False).eval() if cfg.train.ema_decay > 0 else None
+        self.ema = None
+        if cfg.train.ema_decay > 0:  # a LoRA student's EMA keeps its own adapters and shares the base
+            self.ema = lora_copy(student_model) if is_lora(student_model) else copy.deepcopy(student_model)
+            self.ema.requires_grad_(False).eval()
+        trainable = [n for n, p in student_model.named_parameters() if p.requires_grad]
+        ema_params = dict(self.ema.named_parameters()) if self.ema is not None else {}
+        own = dict(student_model.named_parameters())
+        self._ema_pairs = [(ema_params[n], own[n]) for n in trainable] if self.ema is not None else []
         self.opt_g = _Optimizer([student_model], cfg.train.lr_generator, cfg, mp == "fp16")
         critic = self.objective.critic_modules()
         # The critic's schedule follows generator updates, of which each has critic_updates critic steps.
@@ -273,33 +318,78 @@ class Trainer:
         self.skipped = {"generator": 0, "critic": 0, "consecutive": 0}  # non-finite updates not applied
 
     # --- inputs ---------------------------------------------------------------------------------
+    def _training_prompts(self) -> PromptSampler | None:
+        """Text-to-image teachers: prompts from data.prompts, else the captions of the image data."""
+        if self.teacher.conditioning != "text":
+            if self.cfg.data.prompts:
+                raise FastdiffError(f"data.prompts is for text-to-image teachers; {self.cfg.teacher.path} is "
+                                    f"{self.teacher.conditioning}-conditioned")
+            return None
+        if self.cfg.data.prompts:
+            prompts = read_prompts(self.cfg.data.prompts, "data.prompts")
+        elif self.real is not None and self.real.captions is not None:
+            prompts = self.real.captions
+        else:
+            raise FastdiffError("a text-to-image teacher needs training prompts: set data.prompts to a text file "
+                                "(one prompt per line) or a JSONL file")
+        return PromptSampler(prompts, self.cfg.train.seed)
+
+    def _prompt_encoder(self, device) -> PromptEncoder:
+        """Encode every training prompt once, then move the text encoders off the accelerator."""
+        pipe = self.teacher.pipeline
+        encoders = [m for k, m in pipe.components.items() if k.startswith("text_encoder") and m is not None]
+        for m in encoders:
+            m.to(device)
+        text = PromptEncoder(pipe, self.cfg.data.negative_prompt, device)
+        prompts = list(self.prompts.prompts)
+        if self.real is not None and self.real.captions is not None:
+            prompts += self.real.captions
+        text.encode_all(prompts + self._sample_prompts())
+        for m in encoders:
+            m.to("cpu")
+        return text
+
+    def _sample_prompts(self) -> list[str]:
+        prompts = self.prompts.prompts
+        return [prompts[i % len(prompts)] for i in range(self.cfg.train.num_sample_images)]
+
     def _inputs(self, n: int):
         device = self.accelerator.device
         z = torch.randn((n, *self.teacher.sample_shape), device=device)
         cond = None
         if self.teacher.num_classes:
             cond = {"class_labels": torch.randint(self.teacher.num_classes, (n,), device=device)}
+        elif self.text is not None:
+            cond = self.text(self.prompts.batch(n))
         return z, cond
 
     def _real(self, n: int):
+        """A batch of real data as the teacher sees it (latents for latent teachers) and its condition."""
         if self.real is None:
             return None
-        x, labels = self.real.batch(n, self.accelerator.device)
-        return x, ({"class_labels": labels} if self.teacher.num_classes else None)
+        x, labels, captions = self.real.batch(n, self.accelerator.device)
+        if self.teacher.latents is not None:
+            x = self.teacher.latents.encode(x, self.real.rng)
+        if self.teacher.num_classes:
+            return x, {"class_labels": labels}
+        return x, (self.text(captions) if self.text is not None else None)
 
     # --- state ----------------------------------------------------------------------------------
     def _modules(self) -> dict:
-        modules = {"generator": self.generator.denoiser.model, **self.objective.state_modules()}
+        modules = {"generator": checkpoint_view(self.generator.denoiser.model), **self.objective.state_modules()}
         if self.objective.fake is not None:
-            modules["fake"] = self.objective.fake.model
+            modules["fake"] = checkpoint_view(self.objective.fake.model)
         if self.ema is not None:
-            modules["ema"] = self.ema
+            modules["ema"] = checkpoint_view(self.ema)
         if self.objective.gan_head is not None:
             modules["gan_head"] = self.objective.gan_head
         return modules
 
     def _generators(self) -> dict:
-        return {"data": self.real.rng} if self.real is not None else {}
+        gens = {"data": self.real.rng} if self.real is not None else {}
+        if self.prompts is not None:
+            gens["prompts"] = self.prompts.rng
+        return gens
 
     def save(self) -> None:
         if not self.accelerator.is_main_process:
@@ -397,9 +487,9 @@ class Trainer:
                 f"non-finite gradients (train.max_nonfinite_steps); the last good checkpoint is "
                 f"{last[-1] if last else 'none'}; lower train.lr_generator / train.lr_critic and resume from it")
         obj.after_generator_step()
-        if self.ema is not None:
+        if self._ema_pairs:
             with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.generator.denoiser.model.parameters()):
+                for e, p in self._ema_pairs:
                     e.lerp_(p, 1 - self.cfg.train.ema_decay)
         return logs
 
@@ -411,11 +501,15 @@ class Trainer:
         rng = torch.Generator().manual_seed(self.cfg.train.seed + 12345)
         z = torch.randn((n, *self.teacher.sample_shape), generator=rng).to(self.accelerator.device)
         cond = class_labels_for(n, self.teacher.num_classes, self.accelerator.device)
+        if self.text is not None:
+            cond = self.text(self._sample_prompts())
         gen = self._export_generator()
         g_range = self.cfg.objective.guidance_range
         cond = guided_cond(gen.denoiser.model, cond, sum(g_range) / 2 if g_range else None)
         with torch.no_grad(), self.accelerator.autocast():
             x0 = gen(z, cond, rng=rng)
+            if self.teacher.latents is not None:
+                x0 = self.teacher.latents.decode(x0)
         ncol = self.teacher.num_classes or None
         save_grid(to_uint8(x0), self.out / "samples" / f"step-{self.step:08d}.png", ncol=ncol)
 
@@ -426,13 +520,15 @@ class Trainer:
     def _export_generator(self) -> Generator:
         model = self._student_weights()
         return Generator(student_denoiser(self.cfg, self.teacher, model), self.cfg.student.num_steps,
-                         sigma_init(self.cfg), self.cfg.student.sampler)
+                         sigma_init(self.cfg, self.teacher), self.cfg.student.sampler)
 
     def export(self, out: Path | None = None) -> Path | None:
         if not self.accelerator.is_main_process:
             return None
-        model = copy.deepcopy(self._student_weights()).cpu().eval()
-        info = export_info(self.cfg, self.step, self.ema is not None)
+        model = self._student_weights()
+        if not is_lora(model):  # a LoRA student's export reads its adapters and merges into a fresh model
+            model = copy.deepcopy(model).cpu().eval()
+        info = export_info(self.cfg, self.step, self.ema is not None, self.teacher)
         return export_student(model, self.teacher, info, out or self.out / "student")
 
     def fit(self, export: bool = True) -> Path | None:
@@ -498,9 +594,11 @@ def keep_metrics_upto(path: Path, step: int) -> None:
         ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def export_info(cfg: Config, step: int, ema: bool) -> dict:
-    return {"teacher": cfg.teacher.path, "objective": cfg.objective.name, "num_steps": cfg.student.num_steps,
-            "sigma_init": sigma_init(cfg), "timestep_scaling": timestep_scaling(cfg), "sampler": cfg.student.sampler, "train_step": step, "ema": ema,
+def export_info(cfg: Config, step: int, ema: bool, teacher: Teacher) -> dict:
+    return {"teacher": cfg.teacher.path, "teacher_folder": str(Path(teacher.path).resolve()) if Path(teacher.path).is_dir()
+            else teacher.path, "lora_rank": cfg.student.lora_rank, "lora_export": cfg.student.lora_export,
+            "objective": cfg.objective.name, "num_steps": cfg.student.num_steps,
+            "sigma_init": sigma_init(cfg, teacher), "timestep_scaling": timestep_scaling(cfg), "sampler": cfg.student.sampler, "train_step": step, "ema": ema,
             "settings": {"teacher.guidance_scale": cfg.teacher.guidance_scale,
                          "objective": to_dict(cfg)["objective"], "train.batch_size": cfg.train.batch_size,
                          "train.lr_generator": cfg.train.lr_generator, "train.lr_critic": cfg.train.lr_critic,

@@ -39,6 +39,31 @@ def tiny_cond_teacher(tmp_path_factory) -> str:
     return str(path)
 
 
+TINY_CLIP_NAME = "fastdiff-tiny-clip"
+TINY_CLIP = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """(config file, safetensors weights) of a random tiny open_clip model."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("clip")
+    config = root / f"{TINY_CLIP_NAME}.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP_NAME)
+    weights = root / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return str(config), str(weights)
+
+
 @pytest.fixture
 def shared_teacher():
     def get(name):

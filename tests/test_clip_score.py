@@ -11,26 +11,7 @@ from PIL import Image
 from fastdiff.cli import main
 from fastdiff.errors import FastdiffError
 
-NAME = "fastdiff-tiny-clip"
-TINY = {"embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    import open_clip
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("clip")
-    config = root / f"{NAME}.json"
-    config.write_text(json.dumps(TINY))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    model = open_clip.create_model(NAME)
-    weights = root / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    return str(config), str(weights)
+from conftest import TINY_CLIP_NAME as NAME  # noqa: E402 - the tiny_clip fixture lives in conftest
 
 
 def test_scores_match_open_clip_pipeline(tiny_clip):

@@ -1,0 +1,157 @@
+"""Peak memory of one DMD2 / SiD training step for an SD1.5-shaped UNet (random weights), with and without a
+LoRA fake score (sharing the teacher's weights) and gradient checkpointing.
+
+Each row runs in a fresh process: it builds a text-to-image teacher folder (the SD1.5 UNet config, scaled by
+--width, a small VAE and a CLIP text encoder of SD1.5's width), starts fastdiff's Trainer on it and runs two
+training steps (the first allocates the optimizer states). On a GPU the figure is
+``torch.cuda.max_memory_allocated``; on the CPU it is the process's peak resident memory (VmHWM), which
+also counts the Python runtime and libraries, so compare rows rather than read absolute numbers there.
+
+    python eval/memory.py --out eval/results/memory-cpu                    # CPU: width 0.2, latent 32
+    python eval/memory.py --width 1 --latent 64 --batch-size 4 --out eval/results/memory-h100  # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = [(obj, fake, ckpt) for obj in ("dmd2", "sid") for fake in (0, 64) for ckpt in (False, True)]
+
+
+def sd15_unet_config(width: float, latent: int) -> dict:
+    """SD1.5's UNet2DConditionModel config with channel widths scaled (multiples of 32 for its GroupNorms)."""
+    channels = [max(32, int(round(c * width / 32)) * 32) for c in (320, 640, 1280, 1280)]
+    return dict(sample_size=latent, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=2,
+                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=768,
+                attention_head_dim=8, norm_num_groups=32)
+
+
+def build_teacher(path: Path, width: float, latent: int) -> int:
+    """Write the teacher pipeline folder; returns the UNet's parameter count."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_pipelines import tokenizer  # a local character-level CLIP tokenizer (no hub)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**sd15_unet_config(width, latent))
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=768,
+                                        intermediate_size=3072, num_attention_heads=12, num_hidden_layers=1,
+                                        vocab_size=514, max_position_embeddings=77))
+    vae = AutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          steps_offset=1)
+    StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer(77), scheduler=sched,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                            ).save_pretrained(path)
+    return sum(p.numel() for p in unet.parameters())
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_row(args) -> dict:
+    """One configuration, in this process: build the trainer, two steps, report memory and time."""
+    import torch
+
+    from fastdiff.config import load_config
+    from fastdiff.trainer import Trainer
+
+    prompts = Path(args.teacher).parent / "prompts.txt"
+    prompts.write_text("a photo of a cat\na watercolor of a lighthouse\n")
+    cuda = torch.cuda.is_available()
+    cfg = load_config(None, [
+        f"teacher.path={args.teacher}", f"data.prompts={prompts}", f"output_dir={args.run_dir}",
+        f"objective.name={args.objective}", f"objective.fake_lora_rank={args.fake_lora}", "objective.critic_updates=1",
+        f"train.gradient_checkpointing={str(args.checkpointing).lower()}", f"train.batch_size={args.batch_size}",
+        f"train.mixed_precision={'bf16' if cuda else 'no'}", f"teacher.dtype={'bfloat16' if cuda else 'float32'}",
+        "train.ema_decay=0", "train.max_steps=2", "train.checkpoint_every=1000", "train.sample_every=1000"])
+    trainer = Trainer(cfg, overwrite=True, progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = peak_rss_mb()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    return {"objective": args.objective, "fake_lora_rank": args.fake_lora, "gradient_checkpointing": args.checkpointing,
+            "after_setup_mb": round(base, 1), "peak_mb": round(peak, 1), "step_seconds": round(times[-1], 3),
+            "trainable_parameters": sum(p.numel() for p in trainer.opt_g.params + (trainer.opt_c.params if trainer.opt_c else []))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=float, default=0.2, help="channel width relative to SD1.5 (1 = the real shape)")
+    p.add_argument("--latent", type=int, default=32, help="latent size (SD1.5 at 512 px: 64)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", default=None, help="folder for table.md and results.json")
+    p.add_argument("--work", default="/tmp/fastdiff-memory", help="scratch folder (teacher, runs)")
+    p.add_argument("--row", nargs=3, default=None, help=argparse.SUPPRESS)  # objective fake_lora checkpointing
+    args = p.parse_args()
+    work = Path(args.work)
+    args.teacher = str(work / "teacher")
+    if args.row:  # child process: one configuration, one JSON line
+        args.objective, args.fake_lora, args.checkpointing = args.row[0], int(args.row[1]), args.row[2] == "1"
+        args.run_dir = str(work / f"run-{'-'.join(args.row)}")
+        print("ROW " + json.dumps(run_row(args)), flush=True)
+        return
+
+    from fastdiff.machine import describe
+
+    work.mkdir(parents=True, exist_ok=True)
+    params = build_teacher(work / "teacher", args.width, args.latent)
+    rows = []
+    for obj, fake, ckpt in ROWS:
+        cmd = [sys.executable, __file__, "--width", str(args.width), "--latent", str(args.latent), "--batch-size",
+               str(args.batch_size), "--work", str(work), "--row", obj, str(fake), "1" if ckpt else "0"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("ROW ")), None)
+        if line is None:
+            raise SystemExit(f"row {obj} fake_lora={fake} checkpointing={ckpt} failed:\n{res.stderr[-2000:]}")
+        rows.append(json.loads(line[4:]))
+        print(rows[-1], flush=True)
+    machine = describe()
+    unit = "GPU max_memory_allocated" if "cuda" in str(machine).lower() or "GPU" in str(machine) else "process VmHWM"
+    lines = [f"# Peak memory of one training step, SD1.5-shaped UNet ({params / 1e6:.0f}M parameters, width "
+             f"{args.width}, latent {args.latent}, batch {args.batch_size})", "", f"machine: {machine}", "",
+             f"memory: {unit}", "",
+             "| objective | fake score | checkpointing | after setup MB | peak MB | step s | trainable params |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fake = f"LoRA r{r['fake_lora_rank']} (shared base)" if r["fake_lora_rank"] else "full copy"
+        lines.append(f"| {r['objective']} | {fake} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+                     f"{r['after_setup_mb']:.0f} | {r['peak_mb']:.0f} | {r['step_seconds']:.2f} | "
+                     f"{r['trainable_parameters'] / 1e6:.1f}M |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(table)
+        (out / "results.json").write_text(json.dumps({"unet_parameters": params, "width": args.width,
+                                                      "latent": args.latent, "batch_size": args.batch_size,
+                                                      "machine": machine, "rows": rows}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""LoRA (peft) on frozen teacher weights: LoRA students and LoRA fake scores that share one copy of the base.
+
+Memory is what text-to-image users run out of, so a LoRA network never copies the teacher's weights: it is a
+copy of the module tree whose parameters *are* the teacher's tensors (``shared_copy``), plus adapters. The
+teacher, a LoRA fake score and a LoRA student then hold one set of base weights between them. Each is a
+separate module, so no adapter is switched on and off around a call: that keeps gradient checkpointing
+(which re-runs forwards during backward) and ``torch.compile`` correct.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .errors import FastdiffError
+
+# Attention projections, feed-forward outputs, transformer in/out projections and ResNet convolutions
+# (the layers LCM-LoRA and SwiftBrush adapt).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.2")
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules whose parameters are ``model``'s own (buffers are copied)."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    return [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())]
+
+
+def is_lora(model: nn.Module) -> bool:
+    return any("lora_" in n for n, _ in model.named_parameters())
+
+
+def with_lora(model: nn.Module, rank: int, what: str) -> nn.Module:
+    """A LoRA network on ``model``'s frozen weights: adapters (rank r, alpha r) trainable, everything else frozen.
+
+    ``what`` names the config key in errors (a model without adapter targets, or no peft installed).
+    """
+    targets = lora_targets(model)
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise FastdiffError(f"{what}: LoRA needs peft (pip install 'fastdiff[lora]')") from None
+    if not targets:
+        raise FastdiffError(f"{what}: {type(model).__name__} has no attention or convolution layers for a LoRA; "
+                            "set it to 0")
+    net = shared_copy(model)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True)
+    if hasattr(net, "add_adapter"):  # diffusers models: keeps their own adapter bookkeeping consistent
+        net.add_adapter(config)
+    else:
+        net = inject_adapter_in_model(config, net)
+    for name, p in net.named_parameters():
+        p.requires_grad_("lora_" in name)
+    for name, p in net.named_parameters():
+        if "lora_" in name:  # trainable weights in float32, also on a bf16 base
+            p.data = p.data.float()
+    return net.train()
+
+
+def lora_copy(lora_model: nn.Module) -> nn.Module:
+    """A copy of a LoRA network with its own adapter weights and the same shared base (for the EMA)."""
+    frozen = {id(p): p for n, p in lora_model.named_parameters() if "lora_" not in n}
+    return copy.deepcopy(lora_model, memo=frozen)
+
+
+class AdapterWeights(nn.Module):
+    """Checkpoint view of a LoRA network: its adapter weights only (the base is the teacher's, saved nowhere)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._model = [model]  # a list keeps the model out of this module's own state
+
+    def state_dict(self, *args, **kwargs):
+        return {n: p.detach() for n, p in self._model[0].named_parameters() if "lora_" in n}
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        own = self.state_dict()
+        if set(own) != set(state):
+            raise RuntimeError(f"adapter weights differ: {len(own)} expected, {len(state)} in the checkpoint")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights in peft's naming (``<module>.lora_A.weight``), as diffusers' ``load_lora_weights`` reads."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def merged_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A plain diffusers model (same class and config) whose weights are base + LoRA delta; the shared base is
+    left untouched."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                state[f"{name}.weight"] = base.weight.float() + delta.float()
+                if base.bias is not None:
+                    state[f"{name}.bias"] = base.bias.float()
+        for name, value in model.state_dict().items():
+            if "lora_" in name or ".base_layer." in name:
+                continue
+            state.setdefault(name, value.float() if value.is_floating_point() else value)
+    plain = type(model).from_config(model.config)
+    plain.load_state_dict(state)
+    return (plain if dtype == torch.float32 else plain.to(dtype)).eval()

@@ -1,0 +1,129 @@
+"""Text conditioning: prompt files, and prompts -> the teacher's condition dict.
+
+Embeddings come from the teacher pipeline's own ``encode_prompt`` (its tokenizers, text encoders, clip-skip
+and padding rules), so a student sees exactly what the exported pipeline will feed it. Each prompt is
+encoded once and cached; the unconditional (negative) embedding is computed once per run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import FastdiffError
+
+
+def read_prompts(path: str | Path, what: str = "--prompts") -> list[str]:
+    """One prompt per line (blank lines skipped), or a JSONL file of {"prompt": ...} (or {"text": ...}) objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastdiffError(f"{what} {path}: no such file")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        try:
+            rows = [json.loads(line) for line in lines]
+            lines = [str(r["prompt"] if "prompt" in r else r["text"]) for r in rows]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FastdiffError(f"{what} {path}: each JSONL line needs a \"prompt\" or \"text\" field ({exc})") from None
+    if not lines:
+        raise FastdiffError(f"{what} {path}: the file has no prompts")
+    return lines
+
+
+def pipeline_family(pipe) -> str:
+    """How a pipeline's ``encode_prompt`` is called and what it returns: sd, sdxl or sd3."""
+    name = type(pipe).__name__
+    if "XL" in name:
+        return "sdxl"
+    if "StableDiffusion3" in name:
+        return "sd3"
+    if "StableDiffusion" in name or "LatentConsistency" in name:
+        return "sd"
+    raise FastdiffError(f"{name}: fastdiff encodes prompts for StableDiffusion, SDXL and SD3 pipelines; "
+                        "this pipeline's text conditioning is not supported")
+
+
+class PromptEncoder:
+    """Prompts -> condition dict (``encoder_hidden_states`` and, per family, pooled embeddings / SDXL time ids),
+    with the ``uncond_*`` entries classifier-free guidance needs.
+
+    Args:
+        pipe: the teacher's diffusers pipeline (tokenizers and text encoders loaded).
+        negative_prompt: the unconditional prompt; None = the pipeline's default (empty, or zeros where the
+            pipeline zeroes an empty prompt, as SDXL does).
+        device: where the embeddings are returned.
+    """
+
+    def __init__(self, pipe, negative_prompt: str | None = None, device=None):
+        self.pipe = pipe
+        self.family = pipeline_family(pipe)
+        self.negative_prompt = negative_prompt
+        self.device = torch.device(device or "cpu")
+        self.cache: dict[str, dict] = {}
+        self.negative: dict | None = None
+
+    def _encode(self, prompts: list[str]) -> tuple[dict, dict]:
+        """(positive, negative) condition dicts for a list of prompts, straight from the pipeline."""
+        pipe, neg = self.pipe, None if self.negative_prompt is None else [self.negative_prompt] * len(prompts)
+        kw = dict(device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=neg)
+        if self.family == "sd":
+            pos, negative = pipe.encode_prompt(prompts, **kw)
+            return {"encoder_hidden_states": pos}, {"encoder_hidden_states": negative}
+        if self.family == "sd3":
+            pos, negative, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, **kw)
+            return ({"encoder_hidden_states": pos, "pooled_projections": pooled},
+                    {"encoder_hidden_states": negative, "pooled_projections": neg_pooled})
+        pos, negative, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, **kw)
+        ids = self._sdxl_time_ids(pos.dtype).expand(len(prompts), -1)
+        return ({"encoder_hidden_states": pos, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}},
+                {"encoder_hidden_states": negative, "added_cond_kwargs": {"text_embeds": neg_pooled, "time_ids": ids}})
+
+    def _sdxl_time_ids(self, dtype) -> torch.Tensor:
+        """The pipeline's default added time ids: original size = target size = the default image size, no crop."""
+        pipe = self.pipe
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        proj = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None
+                else pipe.unet.config.projection_class_embeddings_input_dim)
+        ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=dtype, text_encoder_projection_dim=proj)
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_all(self, prompts: list[str], batch_size: int = 64) -> None:
+        """Fill the cache for every distinct prompt (after this the text encoders can be moved off the device)."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            pos, neg = self._encode(chunk)
+            for j, prompt in enumerate(chunk):
+                self.cache[prompt] = _rows(pos, j)
+            if self.negative is None:
+                self.negative = _rows(neg, 0)
+
+    def __call__(self, prompts: list[str]) -> dict:
+        """The condition of a batch of prompts: cached rows stacked, plus the negative as ``uncond_*``."""
+        self.encode_all(prompts)
+        cond = _stack([self.cache[p] for p in prompts])
+        cond.update({"uncond_" + k: v for k, v in _stack([self.negative] * len(prompts)).items()})
+        return cond
+
+
+def _rows(cond: dict, j: int) -> dict:
+    return {k: _rows(v, j) if isinstance(v, dict) else v[j].detach() for k, v in cond.items()}
+
+
+def _stack(rows: list[dict]) -> dict:
+    return {k: _stack([r[k] for r in rows]) if isinstance(v, dict) else torch.stack([r[k] for r in rows])
+            for k, v in rows[0].items()}
+
+
+class PromptSampler:
+    """Random training prompts, drawn with their own torch.Generator (checkpointed with the run)."""
+
+    def __init__(self, prompts: list[str], seed: int = 0):
+        self.prompts = prompts
+        self.rng = torch.Generator().manual_seed(seed + 2)
+
+    def batch(self, n: int) -> list[str]:
+        idx = torch.randint(len(self.prompts), (n,), generator=self.rng)
+        return [self.prompts[i] for i in idx.tolist()]

@@ -1,0 +1,234 @@
+"""Latent and text-to-image teachers, end to end on tiny pipelines built in code (tests/tiny_pipelines.py):
+SD-style (UNet2DConditionModel, AutoencoderKL, CLIP text model, a local tokenizer), SDXL-style (two text
+encoders, pooled embeddings and time ids), SD3-style flow matching
+(SD3Transformer2DModel, two CLIP encoders) and DiT (class-conditional transformer, learned sigma).
+
+Each runs a couple of distillation steps from the saved folder, exports, loads with the standard diffusers
+pipeline class, and checks the pipeline's images equal fastdiff's own sampler for the same seed and prompts.
+LoRA students export as LoRA weights that ``load_lora_weights`` applies to the teacher pipeline, and fused.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_pipelines as tp
+from fastdiff.cli import main
+from fastdiff.errors import FastdiffError
+from fastdiff.sampling import load_sampler, sample_model
+
+PROMPTS = ["a red shoe on a table", "a blue bag", "a green shirt"]
+FAST = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=2", "train.sample_every=2",
+        "train.num_sample_images=2", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    return {"sd": str(tp.sd_pipeline(root / "sd")), "sd3": str(tp.sd3_pipeline(root / "sd3")),
+            "sdxl": str(tp.sdxl_pipeline(root / "sdxl")),
+            "dit": str(tp.dit_pipeline(root / "dit")), "prompts": str(tp.prompts_file(root / "prompts.txt")),
+            "images": str(tp.caption_folder(root / "images"))}
+
+
+def distill(teacher: str, out: Path, *extra: str) -> Path:
+    args = ["distill"]
+    for item in [f"teacher.path={teacher}", f"output_dir={out}", *FAST, *extra]:
+        args += ["--set", item]
+    assert main(args) == 0
+    return out / "student"
+
+
+def ours(folder, steps: int, seed: int = 5, prompts=PROMPTS, labels=False) -> np.ndarray:
+    """fastdiff's sampler (the one behind fastdiff sample / fid / clip-score) on an exported folder."""
+    model, loaded = load_sampler(str(folder), "cpu")
+    n = len(prompts)
+    (_, images), = list(sample_model(model, loaded, n, steps, seed, n, "cpu", None, None if labels else prompts))
+    return images
+
+
+def theirs(pipe, steps: int, seed: int = 5, prompts=PROMPTS, labels=False) -> np.ndarray:
+    """The standard diffusers call: guidance off, the seed's generator, uint8 as diffusers rounds it."""
+    kw = {"class_labels": list(range(len(prompts))), "guidance_scale": 1} if labels else \
+        {"prompt": prompts, "guidance_scale": 0, "generator": torch.Generator().manual_seed(seed)}
+    if labels:
+        torch.manual_seed(seed)
+        kw["generator"] = torch.Generator().manual_seed(seed)
+    images = pipe(**kw, num_inference_steps=steps, output_type="np").images
+    return (images * 255).round().astype(np.uint8)
+
+
+def assert_same(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    assert np.array_equal(a, b), f"max difference {np.abs(a.astype(int) - b.astype(int)).max()}"
+
+
+def changed(folder, teacher: str, model_folder: str) -> float:
+    """Largest weight change of the exported network against the teacher's (a student must have trained)."""
+    from safetensors.torch import load_file
+
+    name = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(f"{folder}/{model_folder}/{name}"), load_file(f"{teacher}/{model_folder}/{name}")
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("objective", ["dmd2", "sid", "cd"])
+def test_sd_distill_export_matches_stable_diffusion_pipeline(files, tmp_path, objective):
+    from diffusers import StableDiffusionPipeline
+
+    data = [f"data.prompts={files['prompts']}", "objective.critic_updates=1"] if objective != "cd" else \
+        ["data.name=imagefolder", f"data.path={files['images']}"]  # cd trains on captioned images
+    student = distill(files["sd"], tmp_path / "run", f"objective.name={objective}", *data,
+                      "train.lr_generator=1e-3", "train.ema_decay=0")
+    assert changed(student, files["sd"], "unet") > 0
+    info = json.loads((student / "fastdiff.json").read_text())
+    assert info["pipeline_class"] == "StableDiffusionPipeline" and info["scheduler_class"] == "LCMScheduler"
+    pipe = StableDiffusionPipeline.from_pretrained(student)
+    for steps in (1, 2):
+        assert_same(ours(student, steps), theirs(pipe, steps))
+    assert (tmp_path / "run" / "samples").is_dir()  # grids are decoded by the VAE
+
+
+def test_sdxl_added_conditions_and_export(files, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from fastdiff.teacher import load_teacher
+    from fastdiff.text import PromptEncoder
+
+    teacher = load_teacher(files["sdxl"])
+    cond = PromptEncoder(teacher.pipeline)(PROMPTS[:2])
+    added = cond["added_cond_kwargs"]
+    assert added["text_embeds"].shape == (2, 32) and added["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 2
+    assert not cond["uncond_added_cond_kwargs"]["text_embeds"].any()  # SDXL zeroes the empty negative prompt
+    student = distill(files["sdxl"], tmp_path / "run", f"data.prompts={files['prompts']}", "objective.critic_updates=1",
+                      "train.lr_generator=1e-3", "teacher.guidance_scale=3")
+    pipe = StableDiffusionXLPipeline.from_pretrained(student)
+    assert_same(ours(student, 1), theirs(pipe, 1))
+
+
+def test_flow_transformer_distill_export_matches_sd3_pipeline(files, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    student = distill(files["sd3"], tmp_path / "run", "objective.name=dmd2", f"data.prompts={files['prompts']}",
+                      "objective.critic_updates=1",
+                      "train.lr_generator=1e-3")
+    info = json.loads((student / "fastdiff.json").read_text())
+    assert info["scheduler_class"] == "FlowMatchEulerDiscreteScheduler" and info["sigma_init"] is None
+    pipe = StableDiffusion3Pipeline.from_pretrained(student, text_encoder_3=None, tokenizer_3=None)
+    assert_same(ours(student, 1), theirs(pipe, 1))
+    # A 2-step consistency student (deterministic sampler = Euler steps at t = 1, 1/2).
+    student = distill(files["sd3"], tmp_path / "cd", "objective.name=cd", "data.name=imagefolder",
+                      f"data.path={files['images']}", "student.num_steps=2", "student.sampler=ddim")
+    pipe = StableDiffusion3Pipeline.from_pretrained(student, text_encoder_3=None, tokenizer_3=None)
+    np.testing.assert_allclose(pipe.scheduler.set_timesteps(2) or pipe.scheduler.sigmas.numpy(), [1.0, 0.5, 0.0],
+                               atol=1e-6)
+    a, b = ours(student, 2), theirs(pipe, 2)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # Euler = fastdiff's re-noising up to float rounding
+
+
+def test_dit_distill_export_matches_dit_pipeline(files, tmp_path):
+    from diffusers import DiTPipeline
+
+    student = distill(files["dit"], tmp_path / "run", "objective.name=sid", "train.lr_generator=1e-3")
+    pipe = DiTPipeline.from_pretrained(student)
+    assert_same(ours(student, 1, labels=True), theirs(pipe, 1, labels=True))
+
+
+def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from fastdiff.lora import is_lora
+    from fastdiff.trainer import Trainer
+    from fastdiff.config import load_config
+
+    cfg = load_config(None, [f"teacher.path={files['sd']}", f"output_dir={tmp_path / 'run'}", *FAST,
+                             f"data.prompts={files['prompts']}", "student.lora_rank=4", "objective.fake_lora_rank=4",
+                             "train.lr_generator=1e-2", "train.lr_critic=1e-2"])
+    trainer = Trainer(cfg, progress=False)
+    teacher_params = {p.data_ptr() for p in trainer.teacher.model.parameters()}
+    student_net, fake_net = trainer.generator.denoiser.model, trainer.objective.fake.model
+    assert is_lora(student_net) and is_lora(fake_net)
+    # One copy of the base weights: student, fake score and EMA point at the teacher's own tensors.
+    for net in (student_net, fake_net, trainer.ema):
+        base = [p for n, p in net.named_parameters() if "lora_" not in n]
+        assert base and all(p.data_ptr() in teacher_params and not p.requires_grad for p in base)
+    out = trainer.fit()
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "fastdiff.json", "fused",
+                                                    "pytorch_lora_weights.safetensors", "scheduler"]
+    ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
+    from safetensors.torch import load_file
+
+    assert all("lora_" in k for k in load_file(str(ckpt / "generator.safetensors")))  # adapters only
+
+    # The user's path: the teacher pipeline + load_lora_weights + the exported scheduler.
+    pipe = StableDiffusionPipeline.from_pretrained(files["sd"])
+    plain = theirs(pipe, 1)
+    pipe.load_lora_weights(str(out))
+    pipe.scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    with_lora = theirs(pipe, 1)
+    assert_same(ours(out, 1), with_lora)
+    assert_same(ours(out / "fused", 1), with_lora)
+    assert_same(theirs(StableDiffusionPipeline.from_pretrained(out / "fused"), 1), with_lora)
+    assert not np.array_equal(plain, with_lora)  # the adapters did train
+    # The trainer's own EMA student (in memory) samples what the export samples.
+    with torch.no_grad():
+        gen = trainer._export_generator()
+        text = trainer.text(PROMPTS)
+        z = torch.randn((3, *trainer.teacher.sample_shape), generator=torch.Generator().manual_seed(5))
+        x = trainer.teacher.latents.decode(gen(z, text))
+    from fastdiff.sampling import to_uint8
+
+    assert_same(to_uint8(x), with_lora)
+
+
+def test_clip_score_of_text_to_image_student(files, tmp_path, tiny_clip):
+    student = distill(files["sd"], tmp_path / "run", f"data.prompts={files['prompts']}")
+    config, weights = tiny_clip
+    out = tmp_path / "clip.json"
+    assert main(["clip-score", str(student), "--prompts", files["prompts"], "--steps", "1", "--clip-config", config,
+                 "--clip-model", "fastdiff-tiny-clip", "--clip-weights", weights, "--json", str(out),
+                 "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 6 and 0 <= result["clip_score"] <= 100
+    assert result["clip_score_label"].startswith("CLIPScore@6(fastdiff-tiny-clip")
+    # The same number by hand: fastdiff sample's PNGs (image i from prompt i) scored by the same scorer.
+    from fastdiff.clip_score import ClipScorer, read_prompts
+
+    assert main(["sample", str(student), "--num", "6", "--steps", "1", "--out", str(tmp_path / "png"),
+                 "--prompts", files["prompts"], "--device", "cpu"]) == 0
+    from PIL import Image
+
+    images = np.stack([np.asarray(Image.open(tmp_path / "png" / f"{i:06d}.png")) for i in range(6)])
+    scorer = ClipScorer("fastdiff-tiny-clip", weights, config)
+    scores = scorer.scores(torch.from_numpy(images).permute(0, 3, 1, 2), read_prompts(files["prompts"]))
+    assert abs(scores.double().mean().item() - result["clip_score"]) < 1e-4
+
+
+def test_text_teacher_errors(files, tmp_path, capsys):
+    def run(*items):
+        args = ["distill"]
+        for item in [f"output_dir={tmp_path / 'x'}", *FAST, *items]:
+            args += ["--set", item]
+        code = main(args)
+        return code, capsys.readouterr().err
+
+    cases = [
+        ([f"teacher.path={files['sd']}"], "needs training prompts: set data.prompts"),
+        ([f"teacher.path={files['sd']}", "data.prompts=/no/prompts.txt"], "data.prompts /no/prompts.txt: no such file"),
+        ([f"teacher.path={files['dit']}", f"data.prompts={files['prompts']}"], "data.prompts is for text-to-image"),
+        ([f"teacher.path={files['sd']}", "objective.name=cd"], "fashion-mnist has 1 channel"),
+        ([f"teacher.path={files['dit']}", "student.lora_rank=2"], "DiTPipeline cannot load LoRA weights"),
+        ([f"teacher.path={files['sd3']}", f"data.prompts={files['prompts']}", "student.sigma_init=2.5"],
+         "flow-matching students start from pure noise"),
+        ([f"teacher.path={files['sd']}", f"data.prompts={files['prompts']}", "teacher.dtype=float8"],
+         "teacher.dtype must be one of"),
+    ]
+    for items, message in cases:
+        code, err = run(*items)
+        assert code == 2 and message in err, (items, err[-800:])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(FastdiffError, match="pass --prompts"):
+        model, loaded = load_sampler(files["sd"], "cpu")
+        list(sample_model(model, loaded, 1, 1, 0, 1, "cpu"))

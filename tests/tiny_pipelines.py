@@ -1,0 +1,133 @@
+"""Tiny text-to-image and latent pipelines built in code (no hub): random weights, real diffusers classes.
+
+The tokenizer is a character-level CLIP BPE (no merges) written locally; text encoders, VAE and denoisers
+use the smallest shapes diffusers' own tests use, so a distillation step runs in about a second on a CPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LATENT = 8  # latent size; the VAE's two blocks make images of 16 x 16
+
+
+def tokenizer(max_length: int = 16):
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in bytes_to_unicode().values():
+        vocab.setdefault(c, len(vocab))
+    for c in bytes_to_unicode().values():
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def text_encoder(projection: bool = False, hidden: int = 32, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=37,
+                         num_attention_heads=4, num_hidden_layers=2, vocab_size=514, max_position_embeddings=16,
+                         projection_dim=hidden, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def vae(latent_channels: int = 4, seed: int = 0, **extra):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, sample_size=2 * LATENT, **extra).eval()
+
+
+def sd_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
+    """A StableDiffusionPipeline folder: UNet2DConditionModel, AutoencoderKL, CLIP text model, DDPM schedule."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=LATENT, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae(), text_encoder=text_encoder(), tokenizer=tokenizer(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def sdxl_pipeline(path: Path) -> Path:
+    """A StableDiffusionXLPipeline folder: two CLIP encoders (the second with projection), text-time embeddings."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=LATENT, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+                                norm_num_groups=8)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(unet=unet, vae=vae(), text_encoder=text_encoder(seed=1), tokenizer=tokenizer(),
+                                     text_encoder_2=text_encoder(True, seed=2), tokenizer_2=tokenizer(),
+                                     scheduler=scheduler)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def sd3_pipeline(path: Path) -> Path:
+    """A StableDiffusion3Pipeline folder (flow matching): SD3Transformer2DModel, two CLIP encoders, no T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=LATENT, patch_size=1, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae(shift_factor=0.0609, scaling_factor=1.5035), text_encoder=text_encoder(True, seed=1),
+        tokenizer=tokenizer(), text_encoder_2=text_encoder(True, seed=2), tokenizer_2=tokenizer(),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def dit_pipeline(path: Path) -> Path:
+    """A DiTPipeline folder: class-conditional DiTTransformer2DModel (learned sigma), AutoencoderKL, DDPM."""
+    from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(sample_size=LATENT, patch_size=2, in_channels=4, out_channels=8,
+                                        num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                        num_embeds_ada_norm=10, norm_num_groups=8)
+    pipe = DiTPipeline(transformer=transformer, vae=vae(), scheduler=DDPMScheduler())
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def caption_folder(path: Path, n: int = 8, size: int = 2 * LATENT) -> Path:
+    """An image folder with captions in metadata.jsonl (the Hugging Face imagefolder layout)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size + 4, size, 3), dtype=np.uint8)).save(path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"picture number {i}"})
+    (path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def prompts_file(path: Path, n: int = 6) -> Path:
+    path.write_text("".join(f"a {c} shoe on a table\n" for c in ("red", "blue", "green", "black", "white", "tiny")[:n]))
+    return path
