@@ -164,9 +164,11 @@ def cmd_clip_score(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.suite == "speed":
+        return cmd_bench_speed(args)
     from . import bench_gmm
 
-    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    objectives = [o.strip() for o in (args.objectives or "dmd2,sid,sida,sim,vsd").split(",") if o.strip()]
     if objectives == ["all"]:
         objectives = list(bench_gmm.SETTINGS)
     _check_json_target(args.json)
@@ -175,6 +177,26 @@ def cmd_bench(args) -> None:
     if args.json:
         bench_gmm.write_json(result, args.json)
         print(f"wrote {args.json}")
+
+
+def cmd_bench_speed(args) -> None:
+    from . import bench_speed
+
+    objectives = [o.strip() for o in (args.objectives or "dmd2,sid").split(",") if o.strip()]
+    batches = [int(b) for b in args.sample_batch_sizes.split(",") if b.strip()]
+    device = _device(args.device)
+    batch = args.batch_size if args.batch_size is not None else (128 if device.type == "cuda" else 4)
+    steps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 3)
+    check_values = {"--batch-size": batch, "--steps": steps, "--warmup": args.warmup + 1, "--sample-batch-sizes": min(batches or [0])}
+    for name, value in check_values.items():
+        if value <= 0:
+            raise FastdiffError(f"{name} must be positive")
+    result = bench_speed.run(args.teacher, objectives, batch, batches, steps, args.warmup, device, args.set or [],
+                             compile_sampler=not args.skip_compile)
+    print(bench_speed.table(result))
+    if args.out:
+        md, js = bench_speed.write(result, args.out)
+        print(f"wrote {md} and {js}")
 
 
 def _eval_args(p, inception: bool = True, model_input: bool = False) -> None:
@@ -262,11 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", default=None, help="also write the result to this JSON file")
     c.set_defaults(func=cmd_clip_score)
 
-    b = sub.add_parser("bench", help="benchmarks (gmm: every objective against the analytic teacher)")
-    b.add_argument("suite", choices=["gmm"], help="gmm: one-step students vs an exact Gaussian mixture, on the CPU")
-    b.add_argument("--objectives", default="dmd2,sid,sida,sim,vsd", help="comma-separated, or all (default: the five distribution-matching ones; "
-                   "cd and scm are scored at 1, 2 and 4 steps)")
-    b.add_argument("--steps", type=int, default=None, help="generator updates per objective (default: each its own)")
+    b = sub.add_parser("bench", help="benchmarks (gmm: every objective against the analytic teacher; speed: "
+                       "training and sampling throughput, MFU, memory)")
+    b.add_argument("suite", choices=["gmm", "speed"], help="gmm: one-step students vs an exact Gaussian mixture, on the "
+                   "CPU; speed: naive loop vs fastdiff's step, and one-step sampling, on this machine")
+    b.add_argument("--objectives", default=None, help="comma-separated (gmm default: dmd2,sid,sida,sim,vsd, or all; "
+                   "speed default: dmd2,sid)")
+    b.add_argument("--steps", type=int, default=None, help="gmm: generator updates per objective (default: each its "
+                   "own); speed: timed steps per row (default 20 on GPUs, 3 on CPUs)")
+    b.add_argument("--teacher", default="embedded:fmnist-ddpm", help="speed: teacher folder, embedded:NAME or "
+                   "synthetic:ddpm-cifar (DDPM-CIFAR UNet shape, 35.7M parameters, random weights)")
+    b.add_argument("--batch-size", type=int, default=None, help="speed: training batch (default 128 on GPUs, 4 on CPUs)")
+    b.add_argument("--sample-batch-sizes", default="1,256", help="speed: one-step sampling batch sizes (default 1,256)")
+    b.add_argument("--warmup", type=int, default=2, help="speed: untimed steps before timing (default 2)")
+    b.add_argument("--skip-compile", action="store_true", help="speed: do not time compiled sampling (saves the "
+                   "compile time on CPUs)")
+    b.add_argument("--device", default=None, help="speed: cpu, cuda ... (default: cuda when available)")
+    b.add_argument("--out", default=None, help="speed: folder for speed-<device>.md and .json (e.g. eval/results)")
     b.add_argument("--num-eval", type=int, default=5000, help="samples scored per row (default 5000)")
     b.add_argument("--seed", type=int, default=0, help="seed for the teacher's samples, noise and training")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")

@@ -136,6 +136,9 @@ class TrainConfig:
     checkpoint_limit: int = 3  # how many checkpoints to keep
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) updates before the run stops
     gradient_checkpointing: bool = False  # recompute activations of the trainable networks in backward (less memory)
+    attention: str = "auto"  # auto (xformers where its kernels run, else SDPA) | sdpa | xformers
+    compile: bool = False  # torch.compile the teacher, fake score and generator networks
+    channels_last: bool = False  # channels-last memory format for convolutional networks (faster convs on GPUs)
     sample_every: int = 500
     num_sample_images: int = 64
     log_every: int = 10
@@ -276,6 +279,8 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
     if cfg.student.sampler not in ("lcm", "ddim"):
         raise FastdiffError(f"student.sampler must be lcm or ddim, got {cfg.student.sampler!r}")
+    if t.attention not in ("auto", "sdpa", "xformers"):
+        raise FastdiffError(f"train.attention must be auto, sdpa or xformers, got {t.attention!r}")
     if cfg.teacher.dtype not in DTYPES:
         raise FastdiffError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {cfg.teacher.dtype!r}")
     if cfg.student.lora_rank < 0:

@@ -29,6 +29,8 @@ class VPSchedule:
         self.sigmas = ((1 - ac) / ac).sqrt()  # float64, increasing with t
         self._log_sigmas = self.sigmas.log()
         self._tables = {}  # device -> log-sigma table there: lookups never wait for the host
+        # Python floats, read once: no tensor-to-number conversion in a step (which would break torch.compile graphs).
+        self._range = (float(self.sigmas[0]), float(self.sigmas[-1]))
 
     def _log_table(self, device) -> torch.Tensor:
         key = str(device)
@@ -38,11 +40,11 @@ class VPSchedule:
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+        return self._range[0]
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+        return self._range[1]
 
     def sigma_at(self, timesteps: torch.Tensor) -> torch.Tensor:
         """sigma for (integer or fractional) timesteps, float32."""

@@ -55,8 +55,9 @@ class PromptEncoder:
         device: where the embeddings are returned.
     """
 
-    def __init__(self, pipe, negative_prompt: str | None = None, device=None):
+    def __init__(self, pipe, negative_prompt: str | None = None, device=None, max_cached: int = 10_000):
         self.pipe = pipe
+        self.max_cached = max_cached  # SD1.5 embeddings are 236 kB a prompt: large prompt sets are encoded per batch
         self.family = pipeline_family(pipe)
         self.negative_prompt = negative_prompt
         self.device = torch.device(device or "cpu")
@@ -102,8 +103,16 @@ class PromptEncoder:
 
     def __call__(self, prompts: list[str]) -> dict:
         """The condition of a batch of prompts: cached rows stacked, plus the negative as ``uncond_*``."""
-        self.encode_all(prompts)
-        cond = _stack([self.cache[p] for p in prompts])
+        if len(self.cache) + len(prompts) > self.max_cached and any(p not in self.cache for p in prompts):
+            with torch.no_grad():
+                pos, neg = self._encode(prompts)
+            if self.negative is None:
+                self.negative = _rows(neg, 0)
+            rows = [self.cache.get(p) or _rows(pos, j) for j, p in enumerate(prompts)]
+        else:
+            self.encode_all(prompts)
+            rows = [self.cache[p] for p in prompts]
+        cond = _stack(rows)
         cond.update({"uncond_" + k: v for k, v in _stack([self.negative] * len(prompts)).items()})
         return cond
 

@@ -38,6 +38,7 @@ from .objectives.gan import GANHead
 from .sampling import class_labels_for, guided_cond, save_grid, to_uint8
 from .teacher import Teacher, load_model, load_teacher
 from .embedded import resolve_teacher_path
+from .attention import set_attention
 from .lora import AdapterWeights, is_lora, lora_copy, with_lora
 from .text import PromptEncoder, PromptSampler, read_prompts
 
@@ -192,20 +193,29 @@ class _Optimizer:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, accelerator: Accelerator) -> tuple[torch.Tensor, bool]:
-        """(gradient norm, applied). A non-finite gradient is never applied: the update is skipped (the
-        learning-rate schedule still advances, so it stays tied to the step count). Deciding that costs one
-        host synchronisation per update."""
+    def step(self, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gradient norm, applied): both device tensors. A non-finite gradient is never applied: the update is
+        skipped (the learning-rate schedule still advances, so it stays tied to the step count).
+
+        With fused AdamW (CUDA) the skip happens inside the kernel: it takes ``found_inf`` as GradScaler hands
+        it over, so the step never waits for the device. Elsewhere (CPU, fp16 loss scaling) deciding it costs one
+        host synchronisation, which the CPU does not notice."""
         _average_gradients(self.params, accelerator)
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        applied = bool(torch.isfinite(norm))
-        if applied:
+        finite = torch.isfinite(norm)
+        if self.opt.defaults.get("fused") and not self.scaler.is_enabled():
+            self.opt.grad_scale, self.opt.found_inf = None, (~finite).float()
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.grad_scale, self.opt.found_inf
+        elif bool(finite):
             self.scaler.step(self.opt)
         self.scaler.update()  # fp16: a skipped step also lowers the loss scale
         self.opt.zero_grad(set_to_none=True)
         self.schedule.step()
-        return norm, applied
+        return norm, finite
 
     def state_dict(self):
         return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict()}
@@ -247,7 +257,7 @@ def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path
 
 
 # Settings that decide which networks a run has and what their weights mean.
-RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "objective.name", "objective.gan",
+RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lora_rank", "objective.name", "objective.gan",
                "objective.fake_lora_rank", "objective.guidance_range", "objective.timestep_scaling", "train.ema_decay")
 
 
@@ -289,6 +299,8 @@ class Trainer:
         self.text = None
         if self.prompts is not None:
             self.text = self._prompt_encoder(device)
+        if self.teacher.latents is not None and self.real is not None:  # real images are encoded every step
+            self.teacher.latents.vae.to(device)
 
         student_model = student_model.to(device)
         self.generator = Generator(student_denoiser(cfg, teacher, student_model), cfg.student.num_steps, sigma_init(cfg, teacher),
@@ -300,6 +312,7 @@ class Trainer:
             for net in (student_model, fake.model if fake else None):
                 if net is not None and getattr(net, "_supports_gradient_checkpointing", False):
                     net.enable_gradient_checkpointing()
+        self.attention = self._speed_up([teacher.model, student_model, fake.model if fake else None])
         self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
         self.ema = None
         if cfg.train.ema_decay > 0:  # a LoRA student's EMA keeps its own adapters and shares the base
@@ -315,7 +328,8 @@ class Trainer:
         self.opt_c = (_Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates)
                       if critic else None)
         self.step = 0
-        self.skipped = {"generator": 0, "critic": 0, "consecutive": 0}  # non-finite updates not applied
+        # Non-finite updates not applied, counted on the device (read at log steps, so no step waits for it).
+        self.skipped = {k: torch.zeros((), dtype=torch.long, device=device) for k in ("generator", "critic", "consecutive")}
 
     # --- inputs ---------------------------------------------------------------------------------
     def _training_prompts(self) -> PromptSampler | None:
@@ -335,7 +349,8 @@ class Trainer:
         return PromptSampler(prompts, self.cfg.train.seed)
 
     def _prompt_encoder(self, device) -> PromptEncoder:
-        """Encode every training prompt once, then move the text encoders off the accelerator."""
+        """Encode every training prompt once, then move the text encoders off the accelerator (prompt sets larger
+        than the cache are encoded per batch, with the encoders kept on the accelerator)."""
         pipe = self.teacher.pipeline
         encoders = [m for k, m in pipe.components.items() if k.startswith("text_encoder") and m is not None]
         for m in encoders:
@@ -344,9 +359,11 @@ class Trainer:
         prompts = list(self.prompts.prompts)
         if self.real is not None and self.real.captions is not None:
             prompts += self.real.captions
-        text.encode_all(prompts + self._sample_prompts())
-        for m in encoders:
-            m.to("cpu")
+        prompts = list(dict.fromkeys(prompts + self._sample_prompts()))
+        if len(prompts) <= text.max_cached:
+            text.encode_all(prompts)
+            for m in encoders:
+                m.to("cpu")
         return text
 
     def _sample_prompts(self) -> list[str]:
@@ -394,7 +411,7 @@ class Trainer:
     def save(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "skipped": dict(self.skipped), "opt_g": self.opt_g.state_dict(),
+        state = {"step": self.step, "skipped": {k: int(v) for k, v in self.skipped.items()}, "opt_g": self.opt_g.state_dict(),
                  "opt_c": self.opt_c.state_dict() if self.opt_c else None, "rng": ckpt.rng_state(self._generators())}
         path = ckpt.write_checkpoint(self.out, self.step, self._modules(), state, self.cfg.train.checkpoint_limit)
         (path / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
@@ -424,7 +441,8 @@ class Trainer:
             self.opt_c.load_state_dict(state["opt_c"])
         ckpt.set_rng_state(state["rng"], self._generators())
         self.step = state["step"]
-        self.skipped = dict(state.get("skipped", self.skipped))
+        for key, value in state.get("skipped", {}).items():
+            self.skipped[key].fill_(int(value))
         self.accelerator.print(f"resumed from {path}")
 
     # --- one step ---------------------------------------------------------------------------------
@@ -472,26 +490,47 @@ class Trainer:
         for u in range(obj.critic_updates):
             part, (logs["grad_norm_critic"], applied) = self._update(self.opt_c, obj.critic_loss, True, f"critic{u}")
             logs.update(part)
-            self.skipped["critic"] += not applied
+            self.skipped["critic"] += ~applied
         for p in critic_params:  # the generator's loss reads the critic; it must not train it
             p.requires_grad_(False)
         part, (logs["grad_norm_generator"], applied) = self._update(self.opt_g, obj.generator_loss, False, "generator")
         logs.update(part)
-        self.skipped["generator"] += not applied
-        self.skipped["consecutive"] = 0 if applied else self.skipped["consecutive"] + 1
+        self.skipped["generator"] += ~applied
+        self.skipped["consecutive"] = torch.where(applied, 0, self.skipped["consecutive"] + 1)
         logs["skipped_updates"] = self.skipped["generator"] + self.skipped["critic"]
-        if self.skipped["consecutive"] >= self.cfg.train.max_nonfinite_steps:
-            last = ckpt.checkpoint_dirs(self.out)
-            raise FastdiffError(
-                f"training stopped at step {self.step}: {self.skipped['consecutive']} generator updates in a row had "
-                f"non-finite gradients (train.max_nonfinite_steps); the last good checkpoint is "
-                f"{last[-1] if last else 'none'}; lower train.lr_generator / train.lr_critic and resume from it")
         obj.after_generator_step()
         if self._ema_pairs:
             with torch.no_grad():
                 for e, p in self._ema_pairs:
                     e.lerp_(p, 1 - self.cfg.train.ema_decay)
         return logs
+
+    def _speed_up(self, nets: list) -> str:
+        """Attention backend, channels-last and torch.compile on the networks a step runs; returns the backend.
+
+        ``nn.Module.compile`` compiles in place, so parameter names (checkpoints, EMA pairs) stay as they are.
+        A fake score carrying the GAN head's forward hook is left eager (the hook keeps features aside)."""
+        t = self.cfg.train
+        backend = "sdpa"
+        for net in (n for n in nets if n is not None):
+            backend, _, _ = set_attention(net, t.attention)
+            if t.channels_last:
+                net.to(memory_format=torch.channels_last)
+            if t.compile and not (uses_gan(self.cfg) and net is nets[-1]):
+                net.compile()
+        self.accelerator.print(f"attention: {backend}")
+        return backend
+
+    def _check_divergence(self) -> None:
+        """Stop after ``train.max_nonfinite_steps`` generator updates in a row were skipped (read at log steps).
+        Skipped updates leave the weights as they were, so every checkpoint holds finite weights."""
+        consecutive = int(self.skipped["consecutive"])
+        if consecutive >= self.cfg.train.max_nonfinite_steps:
+            last = ckpt.checkpoint_dirs(self.out)
+            raise FastdiffError(
+                f"training stopped at step {self.step}: {consecutive} generator updates in a row had "
+                f"non-finite gradients (train.max_nonfinite_steps); the last good checkpoint is "
+                f"{last[-1] if last else 'none'}; lower train.lr_generator / train.lr_critic and resume from it")
 
     # --- outputs ----------------------------------------------------------------------------------
     def sample_grid(self) -> None:
@@ -508,8 +547,12 @@ class Trainer:
         cond = guided_cond(gen.denoiser.model, cond, sum(g_range) / 2 if g_range else None)
         with torch.no_grad(), self.accelerator.autocast():
             x0 = gen(z, cond, rng=rng)
-            if self.teacher.latents is not None:
-                x0 = self.teacher.latents.decode(x0)
+            latents = self.teacher.latents
+            if latents is not None:  # the VAE visits the accelerator for the grid only, unless training encodes
+                home = latents.vae.device
+                latents.vae.to(self.accelerator.device)
+                x0 = latents.decode(x0)
+                latents.vae.to(home)
         ncol = self.teacher.num_classes or None
         save_grid(to_uint8(x0), self.out / "samples" / f"step-{self.step:08d}.png", ncol=ncol)
 
@@ -552,7 +595,8 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    # Logging waits for the device; the only other wait is _Optimizer.step's finite check.
+                    # Logging waits for the device; on CUDA nothing else in the step does.
+                    self._check_divergence()
                     values = {k: float(v) for k, v in logs.items()}
                     values["images_per_second"] = ((self.step - first_step) * cfg.train.batch_size * acc.num_processes
                                                    * cfg.train.gradient_accumulation) / max(time.time() - start, 1e-9)

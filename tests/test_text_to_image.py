@@ -144,6 +144,7 @@ def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
     from fastdiff.config import load_config
 
     cfg = load_config(None, [f"teacher.path={files['sd']}", f"output_dir={tmp_path / 'run'}", *FAST,
+                             "train.checkpoint_every=1",
                              f"data.prompts={files['prompts']}", "student.lora_rank=4", "objective.fake_lora_rank=4",
                              "train.lr_generator=1e-2", "train.lr_critic=1e-2"])
     trainer = Trainer(cfg, progress=False)
@@ -157,7 +158,7 @@ def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
     out = trainer.fit()
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "fastdiff.json", "fused",
                                                     "pytorch_lora_weights.safetensors", "scheduler"]
-    ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
+    ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     from safetensors.torch import load_file
 
     assert all("lora_" in k for k in load_file(str(ckpt / "generator.safetensors")))  # adapters only
@@ -181,6 +182,14 @@ def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
     from fastdiff.sampling import to_uint8
 
     assert_same(to_uint8(x), with_lora)
+
+    # Resume from the adapters-only checkpoint of step 1 and continue to step 2: the same adapters as before.
+    final = {n: p.detach().clone() for n, p in student_net.named_parameters() if "lora_" in n}
+    again = Trainer(cfg, resume="1", progress=False)
+    again.fit(export=False)
+    for n, p in again.generator.denoiser.model.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(p, final[n], rtol=0, atol=0)
 
 
 def test_clip_score_of_text_to_image_student(files, tmp_path, tiny_clip):
@@ -232,3 +241,16 @@ def test_text_teacher_errors(files, tmp_path, capsys):
     with pytest.raises(FastdiffError, match="pass --prompts"):
         model, loaded = load_sampler(files["sd"], "cpu")
         list(sample_model(model, loaded, 1, 1, 0, 1, "cpu"))
+
+
+def test_prompt_sets_larger_than_the_cache_are_encoded_per_batch(files):
+    from fastdiff.teacher import load_teacher
+    from fastdiff.text import PromptEncoder
+
+    pipe = load_teacher(files["sd"]).pipeline
+    cached = PromptEncoder(pipe)(PROMPTS)
+    small = PromptEncoder(pipe, max_cached=2)
+    got = small(PROMPTS)
+    assert len(small.cache) == 0
+    for key in ("encoder_hidden_states", "uncond_encoder_hidden_states"):
+        torch.testing.assert_close(got[key], cached[key])

@@ -43,6 +43,11 @@ def vae(latent_channels: int = 4, seed: int = 0, **extra):
                          norm_num_groups=4, sample_size=2 * LATENT, **extra).eval()
 
 
+def _save(pipe, path: Path) -> Path:
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def sd_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
     """A StableDiffusionPipeline folder: UNet2DConditionModel, AutoencoderKL, CLIP text model, DDPM schedule."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -57,8 +62,7 @@ def sd_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
     pipe = StableDiffusionPipeline(unet=unet, vae=vae(), text_encoder=text_encoder(), tokenizer=tokenizer(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    return _save(pipe, path)
 
 
 def sdxl_pipeline(path: Path) -> Path:
@@ -77,8 +81,7 @@ def sdxl_pipeline(path: Path) -> Path:
     pipe = StableDiffusionXLPipeline(unet=unet, vae=vae(), text_encoder=text_encoder(seed=1), tokenizer=tokenizer(),
                                      text_encoder_2=text_encoder(True, seed=2), tokenizer_2=tokenizer(),
                                      scheduler=scheduler)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    return _save(pipe, path)
 
 
 def sd3_pipeline(path: Path) -> Path:
@@ -89,13 +92,10 @@ def sd3_pipeline(path: Path) -> Path:
     transformer = SD3Transformer2DModel(sample_size=LATENT, patch_size=1, in_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                         joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae(shift_factor=0.0609, scaling_factor=1.5035), text_encoder=text_encoder(True, seed=1),
-        tokenizer=tokenizer(), text_encoder_2=text_encoder(True, seed=2), tokenizer_2=tokenizer(),
-        text_encoder_3=None, tokenizer_3=None)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    encoders = dict(text_encoder=text_encoder(True, seed=1), tokenizer=tokenizer(),
+                    text_encoder_2=text_encoder(True, seed=2), tokenizer_2=tokenizer(), text_encoder_3=None, tokenizer_3=None)
+    return _save(StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                          vae=vae(shift_factor=0.0609, scaling_factor=1.5035), **encoders), path)
 
 
 def dit_pipeline(path: Path) -> Path:
@@ -107,8 +107,7 @@ def dit_pipeline(path: Path) -> Path:
                                         num_layers=2, attention_head_dim=8, num_attention_heads=2,
                                         num_embeds_ada_norm=10, norm_num_groups=8)
     pipe = DiTPipeline(transformer=transformer, vae=vae(), scheduler=DDPMScheduler())
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    return _save(pipe, path)
 
 
 def caption_folder(path: Path, n: int = 8, size: int = 2 * LATENT) -> Path:

@@ -43,10 +43,20 @@ def finite_samples(*tensors: torch.Tensor) -> torch.Tensor:
     return ok
 
 
+def only_finite(ok: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors with the samples outside ``ok`` replaced by zeros.
+
+    A select, not boolean indexing: indexing needs the count of kept samples on the host (a device sync every
+    step) and changes shapes under ``torch.compile``. The select's backward passes exactly zero to a dropped
+    sample, so a NaN computed from it never reaches the networks' gradients.
+    """
+    return tuple(torch.where(ok.reshape(-1, *([1] * (t.ndim - 1))), t, torch.zeros_like(t)) for t in tensors)
+
+
 def finite_mean(per_sample: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of a per-sample loss over the samples where it is finite (optionally weighted per sample)."""
     ok = finite_samples(per_sample)
-    kept = per_sample[ok] if weight is None else weight[ok] * per_sample[ok]
+    (kept,) = only_finite(ok, per_sample if weight is None else weight * per_sample)
     return kept.sum() / ok.sum().clamp(min=1)
 
 

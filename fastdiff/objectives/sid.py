@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import Denoiser
-from .base import Objective, finite_samples, noised, per_sample_mean
+from .base import Objective, finite_samples, noised, only_finite, per_sample_mean
 from .gan import GANHead, discriminator_gan_loss
 
 
@@ -62,14 +62,14 @@ class SiD(Objective):
         y_real = self.teacher(x_t, sigma, cond).float()
         y_fake = self.fake(x_t, sigma, cond, guidance_scale=self.fake_guidance).float()
         ok = finite_samples(x, y_real, y_fake)
-        per_sample = sid_loss(x[ok], y_real[ok], y_fake[ok], self.alpha)
-        loss = per_sample.sum() / x.shape[0]
+        per_sample = sid_loss(*only_finite(ok, x, y_real, y_fake), self.alpha)
+        loss = only_finite(ok, per_sample)[0].sum() / x.shape[0]
         logs = {"loss_sid": loss.detach(), "nonfinite_samples": (~ok).sum()}
         if self.gan_head is not None:
             with torch.no_grad():
                 norm = per_sample_mean((x - y_real).abs()).clamp(min=1e-5)
             logits = self.gan_head(x_t, sigma, cond)
-            gan = (F.softplus(-logits.float()) / norm)[ok].sum() / x.shape[0]
+            gan = only_finite(ok, F.softplus(-logits.float()) / norm)[0].sum() / x.shape[0]
             logs["loss_gan_g"] = gan.detach()
             loss = (1 - self.gan_weight) * loss + self.gan_weight * gan
         return loss, logs

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..denoiser import Denoiser
-from .base import Objective, finite_samples, noised, per_sample_mean
+from .base import Objective, finite_samples, noised, only_finite, per_sample_mean
 
 
 def pseudo_huber_grad(delta: torch.Tensor, c: float) -> torch.Tensor:
@@ -59,7 +59,7 @@ class SIM(Objective):
         y_real = self.teacher(x_t, sigma, cond).float()
         y_fake = self.fake(x_t, sigma, cond, guidance_scale=1.0).float()
         ok = finite_samples(x, y_real, y_fake)
-        loss = sim_loss(x[ok], x_t[ok], y_real[ok], y_fake[ok], self.c).sum() / x.shape[0]
+        loss = only_finite(ok, sim_loss(*only_finite(ok, x, x_t, y_real, y_fake), self.c))[0].sum() / x.shape[0]
         return loss, {"loss_sim": loss.detach(), "nonfinite_samples": (~ok).sum()}
 
     def critic_loss(self, x, cond=None, real=None):

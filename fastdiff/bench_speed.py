@@ -1,0 +1,265 @@
+"""``fastdiff bench speed``: training-step and one-step-sampling throughput, FLOPs, MFU and peak memory.
+
+For each objective the same step runs twice in one process:
+
+- **naive**: the loop a user writes first: fp32 networks, bf16 autocast on GPUs, eager, the models' default
+  attention, foreach AdamW, ``loss.item()`` every step;
+- **fastdiff**: ``Trainer.train_step`` with the fast settings (bf16 autocast and bf16 frozen networks on GPUs,
+  ``torch.compile``, channels-last, the attention backend ``auto`` picks, fused AdamW, no host sync).
+
+FLOPs per step are counted once with ``torch.utils.flop_counter`` (the same for both), MFU is achieved FLOP/s
+over a matmul peak measured here (bf16 on GPUs, fp32 on CPUs), and the sampling rows time the one-step
+generator eager and compiled (CUDA graphs on GPUs) at each batch size.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import FastdiffError
+
+CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                  block_out_channels=(128, 256, 256, 256),
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+
+
+def synthetic_teacher(name: str, folder: Path) -> str:
+    """``synthetic:ddpm-cifar``: google/ddpm-cifar10-32's UNet shape (35.7M parameters), random weights."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    if name != "ddpm-cifar":
+        raise FastdiffError(f"unknown synthetic teacher {name!r}; known: ddpm-cifar")
+    torch.manual_seed(0)
+    DDPMPipeline(unet=UNet2DModel(**CIFAR_UNET), scheduler=DDPMScheduler()).save_pretrained(folder)
+    return str(folder)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device) -> tuple[float, str]:
+    """Best FLOP/s of square matmuls: bf16 n=8192 on GPUs, fp32 n=1024 on CPUs."""
+    cuda = device.type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(3 if cuda else 2):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10 if cuda else 3):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / (10 if cuda else 3))
+    return 2 * n**3 / best, f"{'bf16' if cuda else 'fp32'} {n}x{n} matmul"
+
+
+def timed(fn, device, steps: int, warmup: int) -> float:
+    """Median seconds per call after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_trainer(teacher: str, objective: str, batch: int, fast: bool, device, overrides: list[str], out: str):
+    from .config import load_config
+    from .trainer import Trainer
+
+    cuda = device.type == "cuda"
+    settings = [f"teacher.path={teacher}", f"objective.name={objective}", f"train.batch_size={batch}",
+                f"output_dir={out}", "train.ema_decay=0.999", "train.max_steps=1000000",
+                f"train.mixed_precision={'bf16' if cuda else 'no'}"]
+    if fast:
+        settings += ["train.attention=auto", f"train.compile={str(cuda).lower()}", f"train.channels_last={str(cuda).lower()}",
+                     f"teacher.dtype={'bfloat16' if cuda else 'float32'}"]
+    else:
+        settings += ["train.attention=sdpa"]
+    cfg = load_config(None, settings + list(overrides))
+    return Trainer(cfg, overwrite=True, progress=False)
+
+
+def naive_step(trainer):
+    """One update of the objective the plain way (what ``Trainer.train_step`` replaces): eager, foreach AdamW,
+    the same clipping and EMA, the loss read back every step."""
+    obj, gen, acc = trainer.objective, trainer.generator, trainer.accelerator
+    n = trainer.cfg.train.batch_size
+    state = trainer._naive
+    critic = trainer.opt_c.params if trainer.opt_c else []
+    for p in critic:
+        p.requires_grad_(True)
+    for _ in range(obj.critic_updates):
+        z, cond = trainer._inputs(n)
+        with acc.autocast():
+            with torch.no_grad():
+                x = gen.training_sample(z, cond)
+            loss, _ = obj.critic_loss(x, cond, trainer._real(n))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(critic, trainer.cfg.train.grad_clip)
+        state["critic"].step()
+        state["critic"].zero_grad(set_to_none=True)
+        float(loss.detach())
+    for p in critic:
+        p.requires_grad_(False)
+    z, cond = trainer._inputs(n)
+    with acc.autocast():
+        loss, _ = obj.generator_loss(gen.training_sample(z, cond), cond, None)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.opt_g.params, trainer.cfg.train.grad_clip)
+    state["generator"].step()
+    state["generator"].zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for e, p in trainer._ema_pairs:
+            e.lerp_(p, 1 - trainer.cfg.train.ema_decay)
+    return float(loss.detach())
+
+
+def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, warmup: int, device, peak: float,
+                  overrides: list[str]) -> list[dict]:
+    rows = []
+    for name in objectives:
+        with tempfile.TemporaryDirectory() as tmp:
+            naive = make_trainer(teacher, name, batch, False, device, overrides, f"{tmp}/naive")
+            lr = naive.cfg.train
+            naive._naive = {"generator": torch.optim.AdamW(naive.opt_g.params, lr=lr.lr_generator, foreach=True),
+                            "critic": torch.optim.AdamW(naive.opt_c.params if naive.opt_c else
+                                                        [torch.nn.Parameter(torch.zeros(1, device=device))],
+                                                        lr=lr.lr_critic, foreach=True)}
+            flops = count_flops(lambda: naive.train_step())
+            reset_memory(device)
+            t_naive = timed(lambda: naive_step(naive), device, steps, warmup)
+            mem_naive = peak_memory(device)
+            del naive
+            fast = make_trainer(teacher, name, batch, True, device, overrides, f"{tmp}/fast")
+            reset_memory(device)
+            t_fast = timed(fast.train_step, device, steps, warmup + (2 if device.type == "cuda" else 0))
+            mem_fast = peak_memory(device)
+            attention = fast.attention
+            del fast
+        rows.append({"objective": name, "batch_size": batch, "flops_per_step": flops,
+                     "naive_seconds": t_naive, "fast_seconds": t_fast,
+                     "naive_images_per_second": batch / t_naive, "fast_images_per_second": batch / t_fast,
+                     "speedup": t_naive / t_fast, "naive_mfu": flops / t_naive / peak, "fast_mfu": flops / t_fast / peak,
+                     "naive_peak_mb": mem_naive, "fast_peak_mb": mem_fast, "attention": attention})
+    return rows
+
+
+def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, device, peak: float,
+                  compile_sampler: bool = True) -> list[dict]:
+    """One-step sampling of a student-shaped generator (the teacher's network at sigma_init 2.5)."""
+    from .generator import Generator
+    from .teacher import load_teacher
+
+    cuda = device.type == "cuda"
+    loaded = load_teacher(teacher, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = loaded.model.to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    gen = Generator(loaded.denoiser, 1, 2.5).to(device)
+    rows = []
+    for batch in batches:
+        z = torch.randn((batch, *loaded.sample_shape), device=device)
+        cond = {"class_labels": torch.arange(batch, device=device) % loaded.num_classes} if loaded.num_classes else None
+
+        def eager():
+            with torch.no_grad():
+                return gen(z, cond)
+        flops = count_flops(eager)
+        t_eager = timed(eager, device, steps, warmup)
+        row = {"batch_size": batch, "eager_images_per_second": batch / t_eager, "flops_per_image": flops / batch,
+               "eager_mfu": flops / t_eager / peak}
+        if compile_sampler:  # CUDA graphs on GPUs ("reduce-overhead"): batch 1 is launch-bound without them
+            compiled_gen = torch.compile(gen, mode="reduce-overhead" if cuda else None, dynamic=False)
+
+            def compiled():
+                with torch.no_grad():
+                    return compiled_gen(z, cond).clone()
+            t_compiled = timed(compiled, device, steps, warmup + 3)
+            row.update(compiled_images_per_second=batch / t_compiled, speedup=t_eager / t_compiled,
+                       compiled_mfu=flops / t_compiled / peak)
+        rows.append(row)
+    return rows
+
+
+def run(teacher: str, objectives: list[str], batch: int, sample_batches: list[int], steps: int, warmup: int,
+        device: torch.device, overrides: list[str], compile_sampler: bool = True) -> dict:
+    from .embedded import resolve_teacher_path
+    from .machine import describe, today, versions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if teacher.startswith("synthetic:"):
+            teacher = synthetic_teacher(teacher.split(":", 1)[1], Path(tmp) / "teacher")
+        else:
+            teacher = resolve_teacher_path(teacher)
+        peak, peak_how = matmul_peak(device)
+        train = training_rows(teacher, objectives, batch, steps, warmup, device, peak, overrides)
+        sample = sampling_rows(teacher, sample_batches, steps, warmup, device, peak, compile_sampler)
+    return {"device": describe(device), "versions": versions(), "date": today(), "matmul_peak_flops": peak,
+            "matmul_peak": peak_how, "training": train, "sampling": sample}
+
+
+def table(result: dict) -> str:
+    lines = [f"# fastdiff bench speed: {result['device']}", "",
+             f"{result['date']}, " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) +
+             f"; MFU against {result['matmul_peak_flops'] / 1e12:.1f} TFLOP/s ({result['matmul_peak']}, measured)", "",
+             "| objective | batch | GFLOP/step | naive img/s | fastdiff img/s | ratio | naive MFU | fastdiff MFU | "
+             "naive peak MB | fastdiff peak MB | attention |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    mb = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731 - CPU runs have no allocator peak
+    for r in result["training"]:
+        lines.append(f"| {r['objective']} | {r['batch_size']} | {r['flops_per_step'] / 1e9:.1f} | "
+                     f"{r['naive_images_per_second']:.1f} | {r['fast_images_per_second']:.1f} | {r['speedup']:.2f}x | "
+                     f"{100 * r['naive_mfu']:.1f}% | {100 * r['fast_mfu']:.1f}% | {mb(r['naive_peak_mb'])} | "
+                     f"{mb(r['fast_peak_mb'])} | {r['attention']} |")
+    lines += ["", "| one-step sampling, batch | eager img/s | compiled img/s | ratio | GFLOP/image | compiled MFU |",
+              "|---|---|---|---|---|---|"]
+    for r in result["sampling"]:
+        compiled = (f"{r['compiled_images_per_second']:.1f} | {r['speedup']:.2f}x" if "speedup" in r else "not run | -")
+        mfu = r.get("compiled_mfu", r["eager_mfu"])
+        lines.append(f"| {r['batch_size']} | {r['eager_images_per_second']:.1f} | {compiled} | "
+                     f"{r['flops_per_image'] / 1e9:.2f} | {100 * mfu:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out_dir: str) -> tuple[Path, Path]:
+    """eval/results/speed-<device>.md and .json (the device name made file-safe)."""
+    from .checkpoint import atomic_write_text
+
+    slug = "".join(c if c.isalnum() else "-" for c in result["device"].split(",")[0].lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / f"speed-{slug}.md", out / f"speed-{slug}.json"
+    atomic_write_text(md, table(result))
+    atomic_write_text(js, json.dumps(result, indent=2))
+    return md, js
