@@ -120,6 +120,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # generator updates
+    time_limit_minutes: typing.Optional[float] = None  # stop (checkpoint, export) after this much training time
     batch_size: int = 64  # per process and per micro-batch
     gradient_accumulation: int = 1
     seed: int = 0
@@ -273,6 +274,8 @@ def validate(cfg: Config) -> None:
             raise FastdiffError(f"{key} must be a positive integer, got {value}")
     if isinstance(cfg.student.sigma_init, str) and cfg.student.sigma_init != "auto":
         raise FastdiffError(f"student.sigma_init must be a number, null (the top) or auto, got {cfg.student.sigma_init!r}")
+    if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
+        raise FastdiffError(f"train.time_limit_minutes must be positive, got {t.time_limit_minutes}")
     if t.lr_schedule not in ("constant", "cosine"):
         raise FastdiffError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
     if t.lr_warmup_steps < 0:

@@ -521,6 +521,18 @@ class Trainer:
         self.accelerator.print(f"attention: {backend}")
         return backend
 
+    def _out_of_time(self, start: float) -> bool:
+        """train.time_limit_minutes reached (the main process decides, so every process stops at the same step)."""
+        limit = self.cfg.train.time_limit_minutes
+        if limit is None:
+            return False
+        over = time.time() - start > 60 * limit
+        if self.accelerator.num_processes == 1:
+            return over
+        flag = torch.tensor(float(over), device=self.accelerator.device)  # one sync a step, only with a time limit
+        torch.distributed.broadcast(flag, 0)
+        return bool(flag)
+
     def _check_divergence(self) -> None:
         """Stop after ``train.max_nonfinite_steps`` generator updates in a row were skipped (read at log steps).
         Skipped updates leave the weights as they were, so every checkpoint holds finite weights."""
@@ -607,9 +619,13 @@ class Trainer:
                         metrics.flush()
                 if self.step % cfg.train.sample_every == 0:
                     self.sample_grid()
-                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
+                out_of_time = self._out_of_time(start)
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps or out_of_time:
                     self.save()
                 acc.wait_for_everyone()
+                if out_of_time:
+                    acc.print(f"train.time_limit_minutes reached at step {self.step}: stopping")
+                    break
         finally:  # an error message starts on its own line, and the log is flushed
             bar.close()
             if metrics:
