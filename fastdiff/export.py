@@ -87,16 +87,17 @@ def _class_cond_pipeline_file() -> Path:
 
 def _pipeline_usage(info: dict) -> str:
     steps, cls, sched = info["num_steps"], info["pipeline_class"], info["scheduler_class"]
+    absent = "".join(f", {k}=None" for k in info.get("absent_components", []))  # diffusers wants them named
     call = (f"pipe(class_labels=[0, 1, 2], num_inference_steps={steps}, guidance_scale=1)" if info["num_classes"]
             else f"pipe(\"a photo of a cat\", num_inference_steps={steps}, guidance_scale=0)")
     if info.get("export") == "lora":
         return (f"from diffusers import {cls}, {sched}\n"
-                f"pipe = {cls}.from_pretrained(\"{info['teacher']}\")  # the teacher\n"
+                f"pipe = {cls}.from_pretrained(\"{info['teacher']}\"{absent})  # the teacher\n"
                 "pipe.load_lora_weights(\".\")  # this folder\n"
                 f"pipe.scheduler = {sched}.from_pretrained(\".\", subfolder=\"scheduler\")\n"
                 f"images = {call}.images")
     return (f"from diffusers import {cls}\n"
-            f"pipe = {cls}.from_pretrained(\".\")\n"
+            f"pipe = {cls}.from_pretrained(\".\"{absent})\n"
             f"images = {call}.images")
 
 
@@ -213,7 +214,13 @@ def export_pipeline_student(model, teacher, info: dict, out: Path) -> Path:
                                                                                               info.get("sigma_init"))}
     scheduler = scheduler_for(teacher, info)
     index = pipeline_index(teacher.path)
-    info.update(pipeline_class=index["_class_name"], scheduler_class=type(scheduler).__name__)
+    from diffusers import DiffusionPipeline
+
+    cls = type(teacher.pipeline)
+    expected, _ = DiffusionPipeline._get_signature_keys(cls)
+    absent = [k for k in expected if index.get(k) in (None, [None, None]) and k not in cls._optional_components]
+    info.update(pipeline_class=index["_class_name"], scheduler_class=type(scheduler).__name__,
+                absent_components=absent)  # e.g. SD3 without T5: from_pretrained needs them passed as None
     lora = is_lora(model)
     mode = info.get("lora_export", "both") if lora else "fused"
 

@@ -116,6 +116,8 @@ def test_flow_transformer_distill_export_matches_sd3_pipeline(files, tmp_path):
                       "train.lr_generator=1e-3")
     info = json.loads((student / "fastdiff.json").read_text())
     assert info["scheduler_class"] == "FlowMatchEulerDiscreteScheduler" and info["sigma_init"] is None
+    card = (student / "README.md").read_text()
+    assert 'StableDiffusion3Pipeline.from_pretrained(".", text_encoder_3=None, tokenizer_3=None)' in card
     pipe = StableDiffusion3Pipeline.from_pretrained(student, text_encoder_3=None, tokenizer_3=None)
     assert_same(ours(student, 1), theirs(pipe, 1))
     # A 2-step consistency student (deterministic sampler = Euler steps at t = 1, 1/2).
