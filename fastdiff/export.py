@@ -89,16 +89,19 @@ def _pipeline_usage(info: dict) -> str:
     steps, cls, sched = info["num_steps"], info["pipeline_class"], info["scheduler_class"]
     absent = "".join(f", {k}=None" for k in info.get("absent_components", []))  # diffusers wants them named
     call = (f"pipe(class_labels=[0, 1, 2], num_inference_steps={steps}, guidance_scale=1)" if info["num_classes"]
-            else f"pipe(\"a photo of a cat\", num_inference_steps={steps}, guidance_scale=0)")
+            else f"pipe(\"a photo of a cat\", num_inference_steps={steps}, "
+            f"guidance_scale={'3.0' if info.get('guidance_embedded') else '0'})")
+    note = ("# guidance_scale is an input of this student (LCM-style): one pass, no CFG\n"
+            if info.get("guidance_embedded") and not info["num_classes"] else "")
     if info.get("export") == "lora":
         return (f"from diffusers import {cls}, {sched}\n"
                 f"pipe = {cls}.from_pretrained(\"{info['teacher']}\"{absent})  # the teacher\n"
                 "pipe.load_lora_weights(\".\")  # this folder\n"
                 f"pipe.scheduler = {sched}.from_pretrained(\".\", subfolder=\"scheduler\")\n"
-                f"images = {call}.images")
+                f"{note}images = {call}.images")
     return (f"from diffusers import {cls}\n"
             f"pipe = {cls}.from_pretrained(\".\"{absent})\n"
-            f"images = {call}.images")
+            f"{note}images = {call}.images")
 
 
 def model_card(info: dict) -> str:
@@ -208,7 +211,8 @@ def export_pipeline_student(model, teacher, info: dict, out: Path) -> Path:
     from .lora import is_lora, lora_state_dict, merged_model
     from .teacher import load_pipeline, pipeline_index
 
-    info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": False,
+    guided = bool(getattr(model.config, "time_cond_proj_dim", None))  # LCM-style: the scale is an input
+    info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": guided,
             "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1",
             "top_timestep": None if teacher.denoiser.schedule.kind == "flow" else top_timestep(teacher.denoiser,
                                                                                               info.get("sigma_init"))}

@@ -10,7 +10,7 @@ starts as an exact copy of the teacher.
 from __future__ import annotations
 
 import torch
-from diffusers import ConfigMixin, ModelMixin, UNet2DModel
+from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
@@ -54,12 +54,23 @@ class GuidanceEmbeddedUNet(ModelMixin, ConfigMixin):
             self._pending = None
 
 
-def with_guidance_embedding(model: nn.Module, dim: int = 256) -> GuidanceEmbeddedUNet:
-    """Wrap a UNet2DModel (weights kept) so it takes a guidance embedding; raise ValueError for other models."""
+def with_guidance_embedding(model: nn.Module, dim: int = 256) -> nn.Module:
+    """The student network with a guidance input (weights kept, the new projection zero, so it starts as the
+    teacher): a UNet2DModel is wrapped as :class:`GuidanceEmbeddedUNet`; a UNet2DConditionModel is rebuilt with
+    diffusers' own ``time_cond_proj_dim`` (LCM-SD's layout, which StableDiffusionPipeline feeds from its
+    ``guidance_scale``). Other models raise ValueError."""
+    device = next(model.parameters()).device
+    if isinstance(model, UNet2DConditionModel):
+        guided = UNet2DConditionModel.from_config({**model.config, "time_cond_proj_dim": dim})
+        missing, unexpected = guided.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
+            raise ValueError(f"could not add a guidance embedding to {type(model).__name__}: {missing + unexpected}")
+        nn.init.zeros_(guided.time_embedding.cond_proj.weight)
+        return guided.to(device)
     if not isinstance(model, UNet2DModel):
-        raise ValueError(f"objective.guidance_range needs a UNet2DModel student to embed the scale into, "
-                         f"got {type(model).__name__}")
+        raise ValueError(f"objective.guidance_range needs a UNet2DModel or UNet2DConditionModel student to embed "
+                         f"the scale into, got {type(model).__name__}")
     cfg = model.config
     wrapped = GuidanceEmbeddedUNet(dict(cfg), dim, cfg.sample_size, cfg.in_channels, cfg.num_class_embeds)
     wrapped.unet.load_state_dict(model.state_dict())
-    return wrapped.to(next(model.parameters()).device)
+    return wrapped.to(device)

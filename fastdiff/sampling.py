@@ -46,8 +46,8 @@ def guided_cond(model, cond: dict | None, guidance_scale: float | None) -> dict 
     from .guidance import guided_condition
 
     scale = 1.0 if guidance_scale is None else guidance_scale
-    labels = cond["class_labels"]
-    return guided_condition(cond, torch.full((len(labels),), scale - 1.0), dim, labels.device)
+    first = next(v for k, v in cond.items() if torch.is_tensor(v) and not k.startswith("uncond_"))
+    return guided_condition(cond, torch.full((len(first),), scale - 1.0), dim, first.device)
 
 
 def to_uint8(x0: torch.Tensor) -> np.ndarray:

@@ -41,18 +41,19 @@ def distill(teacher: str, out: Path, *extra: str) -> Path:
     return out / "student"
 
 
-def ours(folder, steps: int, seed: int = 5, prompts=PROMPTS, labels=False) -> np.ndarray:
+def ours(folder, steps: int, seed: int = 5, prompts=PROMPTS, labels=False, guidance=None) -> np.ndarray:
     """fastdiff's sampler (the one behind fastdiff sample / fid / clip-score) on an exported folder."""
-    model, loaded = load_sampler(str(folder), "cpu")
+    model, loaded = load_sampler(str(folder), "cpu", guidance)
     n = len(prompts)
-    (_, images), = list(sample_model(model, loaded, n, steps, seed, n, "cpu", None, None if labels else prompts))
+    (_, images), = list(sample_model(model, loaded, n, steps, seed, n, "cpu", guidance, None if labels else prompts))
     return images
 
 
-def theirs(pipe, steps: int, seed: int = 5, prompts=PROMPTS, labels=False) -> np.ndarray:
-    """The standard diffusers call: guidance off, the seed's generator, uint8 as diffusers rounds it."""
+def theirs(pipe, steps: int, seed: int = 5, prompts=PROMPTS, labels=False, guidance=0) -> np.ndarray:
+    """The standard diffusers call: guidance off (or the embedded scale), the seed's generator, uint8 as diffusers
+    rounds it."""
     kw = {"class_labels": list(range(len(prompts))), "guidance_scale": 1} if labels else \
-        {"prompt": prompts, "guidance_scale": 0, "generator": torch.Generator().manual_seed(seed)}
+        {"prompt": prompts, "guidance_scale": guidance, "generator": torch.Generator().manual_seed(seed)}
     if labels:
         torch.manual_seed(seed)
         kw["generator"] = torch.Generator().manual_seed(seed)
@@ -63,6 +64,22 @@ def theirs(pipe, steps: int, seed: int = 5, prompts=PROMPTS, labels=False) -> np
 def assert_same(a: np.ndarray, b: np.ndarray) -> None:
     assert a.shape == b.shape
     assert np.array_equal(a, b), f"max difference {np.abs(a.astype(int) - b.astype(int)).max()}"
+
+
+def run_model_card(folder: Path) -> None:
+    """Execute the Python block of the exported model card from inside the folder, as a user would."""
+    import os
+    import re
+
+    code = re.search(r"```python\n(.*?)```", (Path(folder) / "README.md").read_text(), re.S).group(1)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        scope = {}
+        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own generated card
+        assert len(scope["images"]) >= 1
+    finally:
+        os.chdir(cwd)
 
 
 def changed(folder, teacher: str, model_folder: str) -> float:
@@ -89,6 +106,23 @@ def test_sd_distill_export_matches_stable_diffusion_pipeline(files, tmp_path, ob
     for steps in (1, 2):
         assert_same(ours(student, steps), theirs(pipe, steps))
     assert (tmp_path / "run" / "samples").is_dir()  # grids are decoded by the VAE
+    run_model_card(student)
+
+
+def test_lcm_style_guidance_embedding_for_sd_students(files, tmp_path):
+    """objective.guidance_range on a text teacher: the student is rebuilt with diffusers' time_cond_proj_dim
+    (zero-initialised), and StableDiffusionPipeline feeds it the embedded scale from guidance_scale (no CFG)."""
+    from diffusers import StableDiffusionPipeline
+
+    student = distill(files["sd"], tmp_path / "run", "objective.name=cd", "data.name=imagefolder",
+                      f"data.path={files['images']}", "objective.guidance_range=[1.0,4.0]", "train.lr_generator=1e-2",
+                      "train.ema_decay=0")
+    pipe = StableDiffusionPipeline.from_pretrained(student)
+    assert pipe.unet.config.time_cond_proj_dim == 256
+    for scale in (1.0, 3.0):
+        assert_same(ours(student, 1, guidance=scale), theirs(pipe, 1, guidance=scale))
+    assert not np.array_equal(theirs(pipe, 1, guidance=1.0), theirs(pipe, 1, guidance=3.0))
+    run_model_card(student)
 
 
 def test_sdxl_added_conditions_and_export(files, tmp_path):
@@ -106,6 +140,7 @@ def test_sdxl_added_conditions_and_export(files, tmp_path):
                       "train.lr_generator=1e-3", "teacher.guidance_scale=3")
     pipe = StableDiffusionXLPipeline.from_pretrained(student)
     assert_same(ours(student, 1), theirs(pipe, 1))
+    run_model_card(student)
 
 
 def test_flow_transformer_distill_export_matches_sd3_pipeline(files, tmp_path):
@@ -118,6 +153,7 @@ def test_flow_transformer_distill_export_matches_sd3_pipeline(files, tmp_path):
     assert info["scheduler_class"] == "FlowMatchEulerDiscreteScheduler" and info["sigma_init"] is None
     card = (student / "README.md").read_text()
     assert 'StableDiffusion3Pipeline.from_pretrained(".", text_encoder_3=None, tokenizer_3=None)' in card
+    run_model_card(student)
     pipe = StableDiffusion3Pipeline.from_pretrained(student, text_encoder_3=None, tokenizer_3=None)
     assert_same(ours(student, 1), theirs(pipe, 1))
     # A 2-step consistency student (deterministic sampler = Euler steps at t = 1, 1/2).
@@ -136,6 +172,7 @@ def test_dit_distill_export_matches_dit_pipeline(files, tmp_path):
     student = distill(files["dit"], tmp_path / "run", "objective.name=sid", "train.lr_generator=1e-3")
     pipe = DiTPipeline.from_pretrained(student)
     assert_same(ours(student, 1, labels=True), theirs(pipe, 1, labels=True))
+    run_model_card(student)
 
 
 def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
@@ -175,6 +212,8 @@ def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
     assert_same(ours(out / "fused", 1), with_lora)
     assert_same(theirs(StableDiffusionPipeline.from_pretrained(out / "fused"), 1), with_lora)
     assert not np.array_equal(plain, with_lora)  # the adapters did train
+    run_model_card(out)
+    run_model_card(out / "fused")
     # The trainer's own EMA student (in memory) samples what the export samples.
     with torch.no_grad():
         gen = trainer._export_generator()

@@ -24,8 +24,8 @@ class TeacherGuidance:
         if self.range is not None:
             if not 1.0 <= self.range[0] <= self.range[1]:
                 raise ValueError(f"objective.guidance_range must be [lo, hi] with 1 <= lo <= hi, got {list(guidance_range)}")
-            if teacher.null_class is None:
-                raise ValueError("objective.guidance_range needs a conditional teacher (class labels)")
+            if teacher.null_class is None and "encoder_hidden_states" not in teacher._accepted:
+                raise ValueError("objective.guidance_range needs a conditional teacher (class labels or text)")
             if not self.embed_dim:
                 raise ValueError("objective.guidance_range needs a student with a guidance embedding (time_cond_proj_dim)")
 
