@@ -12,10 +12,8 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -36,10 +34,12 @@ from .guidance import with_guidance_embedding
 from .objectives import NEEDS_GAN, build, objective_class
 from .objectives.gan import GANHead
 from .sampling import class_labels_for, guided_cond, save_grid, to_uint8
-from .teacher import Teacher, load_model, load_teacher
+from .teacher import Teacher, load_teacher
 from .embedded import resolve_teacher_path
 from .attention import set_attention
-from .lora import AdapterWeights, is_lora, lora_copy, with_lora
+from .lora import is_lora, lora_copy
+from .networks import check_student, checkpoint_view, fake_score_model, student_model_for  # noqa: F401 - re-exported
+from .optim import Optimizer, lr_factor  # noqa: F401 - lr_factor re-exported
 from .text import PromptEncoder, PromptSampler, read_prompts
 
 
@@ -121,128 +121,6 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
 # Config fields passed to the objective's constructor (the rest shape the networks or the trainer).
 OBJECTIVE_OPTIONS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
                           if f.name not in ("name", "gan", "fake_lora_rank", "timestep_scaling"))
-DEFAULT_LORA_RANK = {"vsd": 16}
-
-
-def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A full trainable copy of a frozen network, in float32 master weights whatever the teacher's dtype."""
-    return copy.deepcopy(model).float().requires_grad_(True).train()
-
-
-def fake_score_model(cfg: Config, teacher: Teacher) -> torch.nn.Module:
-    """The fake score's network: a trainable copy of the teacher, or a LoRA on the teacher's own weights.
-
-    VSD / SwiftBrush train the fake score as a LoRA (rank ``objective.fake_lora_rank``, default 16 for vsd)
-    on the teacher's attention and convolution layers; a teacher with no such layers (the analytic
-    teacher) or no peft falls back to a full copy unless a rank was asked for explicitly.
-    """
-    rank = cfg.objective.fake_lora_rank
-    explicit = rank is not None
-    rank = rank if explicit else DEFAULT_LORA_RANK.get(cfg.objective.name)
-    if not rank:
-        return trainable_copy(teacher.model)
-    try:
-        return with_lora(teacher.model, rank, "objective.fake_lora_rank")
-    except FastdiffError:
-        if explicit:
-            raise
-    warnings.warn(f"no LoRA for {type(teacher.model).__name__} (needs peft and attention or convolution layers): "
-                  "the fake score is a full copy of the teacher", stacklevel=2)
-    return trainable_copy(teacher.model)
-
-
-def student_model_for(cfg: Config, teacher: Teacher) -> torch.nn.Module:
-    """The student's network: a full copy of the teacher, a LoRA on it, or the model in ``student.model``."""
-    if cfg.student.model:
-        return load_model(cfg.student.model).requires_grad_(True).train()
-    if cfg.student.lora_rank:
-        return with_lora(teacher.model, cfg.student.lora_rank, "student.lora_rank")
-    return trainable_copy(teacher.model)
-
-
-def checkpoint_view(model: torch.nn.Module) -> torch.nn.Module:
-    """What a checkpoint stores of a network: everything, or only the adapters of a LoRA on the teacher."""
-    return AdapterWeights(model) if is_lora(model) else model
-
-
-def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= accelerator.num_processes
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-class _Optimizer:
-    """AdamW + gradient clipping + (fp16) loss scaling + learning-rate schedule for one group of modules."""
-
-    def __init__(self, modules: list[torch.nn.Module], lr: float, cfg: Config, fp16: bool, steps_per_update: int = 1):
-        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]  # LoRA: adapters only
-        fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params)
-        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(cfg.train.adam_betas),
-                                     weight_decay=cfg.train.weight_decay, fused=fused or None)
-        self.scaler = torch.amp.GradScaler(enabled=fp16)
-        self.clip = cfg.train.grad_clip
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step // steps_per_update, cfg.train))
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
-
-    def step(self, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gradient norm, applied): both device tensors. A non-finite gradient is never applied: the update is
-        skipped (the learning-rate schedule still advances, so it stays tied to the step count).
-
-        With fused AdamW (CUDA) the skip happens inside the kernel: it takes ``found_inf`` as GradScaler hands
-        it over, so the step never waits for the device. Elsewhere (CPU, fp16 loss scaling) deciding it costs one
-        host synchronisation, which the CPU does not notice."""
-        _average_gradients(self.params, accelerator)
-        self.scaler.unscale_(self.opt)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        finite = torch.isfinite(norm)
-        if self.opt.defaults.get("fused") and not self.scaler.is_enabled():
-            self.opt.grad_scale, self.opt.found_inf = None, (~finite).float()
-            try:
-                self.opt.step()
-            finally:
-                del self.opt.grad_scale, self.opt.found_inf
-        elif bool(finite):
-            self.scaler.step(self.opt)
-        self.scaler.update()  # fp16: a skipped step also lowers the loss scale
-        self.opt.zero_grad(set_to_none=True)
-        self.schedule.step()
-        return norm, finite
-
-    def state_dict(self):
-        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict()}
-
-    def load_state_dict(self, state):
-        self.opt.load_state_dict(state["opt"])
-        self.scaler.load_state_dict(state["scaler"])
-        if "schedule" in state:  # checkpoints from before learning-rate schedules
-            self.schedule.load_state_dict(state["schedule"])
-
-
-def lr_factor(step: int, train) -> float:
-    """Learning-rate multiplier after ``step`` optimizer steps: linear warm-up, then constant or cosine to 0."""
-    if step < train.lr_warmup_steps:
-        return (step + 1) / train.lr_warmup_steps
-    if train.lr_schedule == "constant":
-        return 1.0
-    span = max(train.max_steps - train.lr_warmup_steps, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(step - train.lr_warmup_steps, span) / span))
-
-
-def check_student(model: torch.nn.Module, teacher: Teacher) -> None:
-    cfg = model.config
-    size = getattr(cfg, "sample_size", None)
-    shape = (getattr(cfg, "in_channels", None), *((size, size) if isinstance(size, int) else tuple(size or ())))
-    if shape != teacher.sample_shape:
-        raise FastdiffError(f"student.model takes {shape} samples but the teacher makes {teacher.sample_shape}")
 
 
 def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path:
@@ -322,10 +200,10 @@ class Trainer:
         ema_params = dict(self.ema.named_parameters()) if self.ema is not None else {}
         own = dict(student_model.named_parameters())
         self._ema_pairs = [(ema_params[n], own[n]) for n in trainable] if self.ema is not None else []
-        self.opt_g = _Optimizer([student_model], cfg.train.lr_generator, cfg, mp == "fp16")
+        self.opt_g = Optimizer([student_model], cfg.train.lr_generator, cfg, mp == "fp16")
         critic = self.objective.critic_modules()
         # The critic's schedule follows generator updates, of which each has critic_updates critic steps.
-        self.opt_c = (_Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates)
+        self.opt_c = (Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates)
                       if critic else None)
         self.step = 0
         # Non-finite updates not applied, counted on the device (read at log steps, so no step waits for it).
@@ -453,7 +331,7 @@ class Trainer:
         if self.real is not None:
             self.real.rng.manual_seed(seed)
 
-    def _update(self, opt: _Optimizer, loss_of, critic: bool, phase: str):
+    def _update(self, opt: Optimizer, loss_of, critic: bool, phase: str):
         """One optimizer step over ``gradient_accumulation`` micro-batches of fresh generator samples.
 
         Critic updates see detached samples and real images; generator updates backpropagate into the sample.

@@ -1,0 +1,80 @@
+"""The optimizer of one group of modules: AdamW, gradient clipping, (fp16) loss scaling, a learning-rate schedule,
+a hand-made gradient all-reduce across processes, and non-finite updates skipped without waiting for the device."""
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+
+
+def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class Optimizer:
+    """AdamW + gradient clipping + (fp16) loss scaling + learning-rate schedule for one group of modules."""
+
+    def __init__(self, modules: list[torch.nn.Module], lr: float, cfg, fp16: bool, steps_per_update: int = 1):
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]  # LoRA: adapters only
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(cfg.train.adam_betas),
+                                     weight_decay=cfg.train.weight_decay, fused=fused or None)
+        self.scaler = torch.amp.GradScaler(enabled=fp16)
+        self.clip = cfg.train.grad_clip
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step // steps_per_update, cfg.train))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gradient norm, applied): both device tensors. A non-finite gradient is never applied: the update is
+        skipped (the learning-rate schedule still advances, so it stays tied to the step count).
+
+        With fused AdamW (CUDA) the skip happens inside the kernel: it takes ``found_inf`` as GradScaler hands
+        it over, so the step never waits for the device. Elsewhere (CPU, fp16 loss scaling) deciding it costs one
+        host synchronisation, which the CPU does not notice."""
+        _average_gradients(self.params, accelerator)
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        finite = torch.isfinite(norm)
+        if self.opt.defaults.get("fused") and not self.scaler.is_enabled():
+            self.opt.grad_scale, self.opt.found_inf = None, (~finite).float()
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.grad_scale, self.opt.found_inf
+        elif bool(finite):
+            self.scaler.step(self.opt)
+        self.scaler.update()  # fp16: a skipped step also lowers the loss scale
+        self.opt.zero_grad(set_to_none=True)
+        self.schedule.step()
+        return norm, finite
+
+    def state_dict(self):
+        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state):
+        self.opt.load_state_dict(state["opt"])
+        self.scaler.load_state_dict(state["scaler"])
+        if "schedule" in state:  # checkpoints from before learning-rate schedules
+            self.schedule.load_state_dict(state["schedule"])
+
+
+def lr_factor(step: int, train) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps: linear warm-up, then constant or cosine to 0."""
+    if step < train.lr_warmup_steps:
+        return (step + 1) / train.lr_warmup_steps
+    if train.lr_schedule == "constant":
+        return 1.0
+    span = max(train.max_steps - train.lr_warmup_steps, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - train.lr_warmup_steps, span) / span))
