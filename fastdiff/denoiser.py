@@ -156,8 +156,8 @@ def _cat_cond(a: dict | None, b: dict | None) -> dict | None:
     for key, value in b.items():
         if key.startswith("uncond_"):
             continue
-        if isinstance(value, dict):
-            out[key] = {k: torch.cat([a[key][k], v]) for k, v in value.items()}
+        if isinstance(value, dict):  # None entries (inputs a model leaves unused) stay None
+            out[key] = {k: None if v is None else torch.cat([a[key][k], v]) for k, v in value.items()}
         else:
             out[key] = torch.cat([a[key], value])
     return out

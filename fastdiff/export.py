@@ -90,7 +90,7 @@ def _pipeline_usage(info: dict) -> str:
     absent = "".join(f", {k}=None" for k in info.get("absent_components", []))  # diffusers wants them named
     call = (f"pipe(class_labels=[0, 1, 2], num_inference_steps={steps}, guidance_scale=1)" if info["num_classes"]
             else f"pipe(\"a photo of a cat\", num_inference_steps={steps}, "
-            f"guidance_scale={'3.0' if info.get('guidance_embedded') else '0'})")
+            f"guidance_scale={'3.0' if info.get('guidance_embedded') else '0'}{info.get('call_args', '')})")
     note = ("# guidance_scale is an input of this student (LCM-style): one pass, no CFG\n"
             if info.get("guidance_embedded") and not info["num_classes"] else "")
     if info.get("export") == "lora":
@@ -225,6 +225,8 @@ def export_pipeline_student(model, teacher, info: dict, out: Path) -> Path:
     absent = [k for k in expected if index.get(k) in (None, [None, None]) and k not in cls._optional_components]
     info.update(pipeline_class=index["_class_name"], scheduler_class=type(scheduler).__name__,
                 absent_components=absent)  # e.g. SD3 without T5: from_pretrained needs them passed as None
+    if "PixArt" in info["pipeline_class"] and model.config.sample_size not in (32, 64, 128):
+        info["call_args"] = ", use_resolution_binning=False"  # PixArt bins only its 256/512/1024 px sizes
     lora = is_lora(model)
     mode = info.get("lora_export", "both") if lora else "fused"
 

@@ -32,15 +32,17 @@ def read_prompts(path: str | Path, what: str = "--prompts") -> list[str]:
 
 
 def pipeline_family(pipe) -> str:
-    """How a pipeline's ``encode_prompt`` is called and what it returns: sd, sdxl or sd3."""
+    """How a pipeline's ``encode_prompt`` is called and what it returns: sd, sdxl, sd3 or pixart."""
     name = type(pipe).__name__
+    if "PixArt" in name:
+        return "pixart"
     if "XL" in name:
         return "sdxl"
     if "StableDiffusion3" in name:
         return "sd3"
     if "StableDiffusion" in name or "LatentConsistency" in name:
         return "sd"
-    raise FastdiffError(f"{name}: fastdiff encodes prompts for StableDiffusion, SDXL and SD3 pipelines; "
+    raise FastdiffError(f"{name}: fastdiff encodes prompts for StableDiffusion, SDXL, SD3 and PixArt pipelines; "
                         "this pipeline's text conditioning is not supported")
 
 
@@ -71,6 +73,14 @@ class PromptEncoder:
         if self.family == "sd":
             pos, negative = pipe.encode_prompt(prompts, **kw)
             return {"encoder_hidden_states": pos}, {"encoder_hidden_states": negative}
+        if self.family == "pixart":
+            # As PixArt's __call__ does by default: captions cleaned when bs4 and ftfy are installed (else it warns).
+            pos, mask, negative, neg_mask = pipe.encode_prompt(prompts, negative_prompt=self.negative_prompt or "",
+                                                               clean_caption=True, **{k: v for k, v in kw.items()
+                                                                                      if k != "negative_prompt"})
+            added = self._pixart_micro_conditions(len(prompts), pos.dtype)
+            return ({"encoder_hidden_states": pos, "encoder_attention_mask": mask, "added_cond_kwargs": added},
+                    {"encoder_hidden_states": negative, "encoder_attention_mask": neg_mask, "added_cond_kwargs": added})
         if self.family == "sd3":
             pos, negative, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, **kw)
             return ({"encoder_hidden_states": pos, "pooled_projections": pooled},
@@ -88,6 +98,15 @@ class PromptEncoder:
                 else pipe.unet.config.projection_class_embeddings_input_dim)
         ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=dtype, text_encoder_projection_dim=proj)
         return ids.to(self.device)
+
+    def _pixart_micro_conditions(self, n: int, dtype) -> dict:
+        """PixArt's resolution / aspect-ratio inputs at the default image size (used by 1024-px models only)."""
+        pipe = self.pipe
+        if pipe.transformer.config.sample_size != 128:
+            return {"resolution": None, "aspect_ratio": None}
+        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        res = torch.tensor([size, size], dtype=dtype, device=self.device).repeat(n, 1)
+        return {"resolution": res, "aspect_ratio": torch.ones(n, 1, dtype=dtype, device=self.device)}
 
     @torch.no_grad()
     def encode_all(self, prompts: list[str], batch_size: int = 64) -> None:
@@ -118,12 +137,13 @@ class PromptEncoder:
 
 
 def _rows(cond: dict, j: int) -> dict:
-    return {k: _rows(v, j) if isinstance(v, dict) else v[j].detach() for k, v in cond.items()}
+    return {k: _rows(v, j) if isinstance(v, dict) else None if v is None else v[j].detach() for k, v in cond.items()}
 
 
 def _stack(rows: list[dict]) -> dict:
-    return {k: _stack([r[k] for r in rows]) if isinstance(v, dict) else torch.stack([r[k] for r in rows])
-            for k, v in rows[0].items()}
+    """Rows back into a batch; None entries (PixArt's unused micro-conditions) stay None."""
+    return {k: _stack([r[k] for r in rows]) if isinstance(v, dict) else
+            None if v is None else torch.stack([r[k] for r in rows]) for k, v in rows[0].items()}
 
 
 class PromptSampler:

@@ -1,6 +1,6 @@
 """Latent and text-to-image teachers, end to end on tiny pipelines built in code (tests/tiny_pipelines.py):
 SD-style (UNet2DConditionModel, AutoencoderKL, CLIP text model, a local tokenizer), SDXL-style (two text
-encoders, pooled embeddings and time ids), SD3-style flow matching
+encoders, pooled embeddings and time ids), PixArt-style (T5 with attention masks), SD3-style flow matching
 (SD3Transformer2DModel, two CLIP encoders) and DiT (class-conditional transformer, learned sigma).
 
 Each runs a couple of distillation steps from the saved folder, exports, loads with the standard diffusers
@@ -28,7 +28,7 @@ FAST = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=2", "
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i")
     return {"sd": str(tp.sd_pipeline(root / "sd")), "sd3": str(tp.sd3_pipeline(root / "sd3")),
-            "sdxl": str(tp.sdxl_pipeline(root / "sdxl")),
+            "sdxl": str(tp.sdxl_pipeline(root / "sdxl")), "pixart": str(tp.pixart_pipeline(root / "pixart")),
             "dit": str(tp.dit_pipeline(root / "dit")), "prompts": str(tp.prompts_file(root / "prompts.txt")),
             "images": str(tp.caption_folder(root / "images"))}
 
@@ -49,7 +49,7 @@ def ours(folder, steps: int, seed: int = 5, prompts=PROMPTS, labels=False, guida
     return images
 
 
-def theirs(pipe, steps: int, seed: int = 5, prompts=PROMPTS, labels=False, guidance=0) -> np.ndarray:
+def theirs(pipe, steps: int, seed: int = 5, prompts=PROMPTS, labels=False, guidance=0, **extra) -> np.ndarray:
     """The standard diffusers call: guidance off (or the embedded scale), the seed's generator, uint8 as diffusers
     rounds it."""
     kw = {"class_labels": list(range(len(prompts))), "guidance_scale": 1} if labels else \
@@ -57,7 +57,7 @@ def theirs(pipe, steps: int, seed: int = 5, prompts=PROMPTS, labels=False, guida
     if labels:
         torch.manual_seed(seed)
         kw["generator"] = torch.Generator().manual_seed(seed)
-    images = pipe(**kw, num_inference_steps=steps, output_type="np").images
+    images = pipe(**kw, num_inference_steps=steps, output_type="np", **extra).images
     return (images * 255).round().astype(np.uint8)
 
 
@@ -164,6 +164,19 @@ def test_flow_transformer_distill_export_matches_sd3_pipeline(files, tmp_path):
                                atol=1e-6)
     a, b = ours(student, 2), theirs(pipe, 2)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # Euler = fastdiff's re-noising up to float rounding
+
+
+def test_pixart_t5_teacher_distill_export_matches_pipeline(files, tmp_path):
+    """A PixArt-style transformer with a T5 encoder (attention masks, micro-conditions, learned sigma)."""
+    from diffusers import PixArtAlphaPipeline
+
+    student = distill(files["pixart"], tmp_path / "run", "objective.name=sid", f"data.prompts={files['prompts']}",
+                      "train.lr_generator=1e-3", "teacher.guidance_scale=2")
+    assert changed(student, files["pixart"], "transformer") > 0
+    pipe = PixArtAlphaPipeline.from_pretrained(student)
+    for steps in (1, 2):
+        assert_same(ours(student, steps), theirs(pipe, steps, use_resolution_binning=False))
+    run_model_card(student)
 
 
 def test_dit_distill_export_matches_dit_pipeline(files, tmp_path):

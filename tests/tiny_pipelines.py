@@ -98,6 +98,33 @@ def sd3_pipeline(path: Path) -> Path:
                                           vae=vae(shift_factor=0.0609, scaling_factor=1.5035), **encoders), path)
 
 
+def t5_tokenizer():
+    """A character-level T5 (Unigram) tokenizer built locally: no sentencepiece file, no hub."""
+    from transformers import T5Tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -2.0) for c in letters]
+    return T5Tokenizer(vocab=vocab + [("\u2581" + c, -1.0) for c in letters], extra_ids=0)
+
+
+def pixart_pipeline(path: Path) -> Path:
+    """A PixArtAlphaPipeline folder: PixArtTransformer2DModel (learned sigma), a tiny T5 encoder, DDPM schedule."""
+    from diffusers import DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(sample_size=LATENT, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=2, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=16, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    text = T5EncoderModel(T5Config(vocab_size=75, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+    return _save(PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=text, vae=vae(), transformer=transformer,
+                                     scheduler=scheduler), path)
+
+
 def dit_pipeline(path: Path) -> Path:
     """A DiTPipeline folder: class-conditional DiTTransformer2DModel (learned sigma), AutoencoderKL, DDPM."""
     from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
