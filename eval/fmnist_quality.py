@@ -30,16 +30,16 @@ MULTI_STEP = {"cd"}  # students trained to sample at several step counts
 def fid_rows(model: Path, steps: list[int], guidance: float | None, ref, extractor, args, label: str) -> list[dict]:
     from fastdiff.evaluate import evaluate
     from fastdiff.images import model_sources
-    from fastdiff.sampling import load_sampler, sample_model, save_grid
+    from fastdiff.sampling import save_grid
 
     rows = []
-    for k, source in zip(steps, model_sources(str(model), steps, args.seed, guidance, args.device)):
+    sources = model_sources(str(model), steps, args.seed, guidance, args.device)  # the model is loaded once
+    for k, source in zip(steps, sources):
         result = evaluate(source, ref, extractor, args.num, args.batch_size, args.crop)
         rows.append({"model": label, "steps": k, "fid": result["fid"], "fid_label": result["fid_label"],
                      "kid": result.get("kid"), "kid_std": result.get("kid_std"),
                      "images_per_second": result.get("images_per_second")})
-    sampler, loaded = load_sampler(str(model), args.device, guidance)
-    _, images = next(sample_model(sampler, loaded, 100, steps[0], args.seed, 100, args.device, guidance))
+    images = next(sources[0].read(100, 100)).permute(0, 2, 3, 1).numpy()  # uint8 NCHW -> NHWC
     save_grid(images, Path(args.out) / "grids" / f"{label}-{steps[0]}step.png", ncol=10)
     return rows
 

@@ -109,12 +109,11 @@ def make_trainer(teacher: str, objective: str, batch: int, fast: bool, device, o
     return Trainer(cfg, overwrite=True, progress=False)
 
 
-def naive_step(trainer):
+def naive_step(trainer, opts: dict):
     """One update of the objective the plain way (what ``Trainer.train_step`` replaces): eager, foreach AdamW,
     the same clipping and EMA, the loss read back every step."""
     obj, gen, acc = trainer.objective, trainer.generator, trainer.accelerator
     n = trainer.cfg.train.batch_size
-    state = trainer._naive
     critic = trainer.opt_c.params if trainer.opt_c else []
     for p in critic:
         p.requires_grad_(True)
@@ -126,8 +125,8 @@ def naive_step(trainer):
             loss, _ = obj.critic_loss(x, cond, trainer._real(n))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(critic, trainer.cfg.train.grad_clip)
-        state["critic"].step()
-        state["critic"].zero_grad(set_to_none=True)
+        opts["critic"].step()
+        opts["critic"].zero_grad(set_to_none=True)
         float(loss.detach())
     for p in critic:
         p.requires_grad_(False)
@@ -136,8 +135,8 @@ def naive_step(trainer):
         loss, _ = obj.generator_loss(gen.training_sample(z, cond), cond, None)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainer.opt_g.params, trainer.cfg.train.grad_clip)
-    state["generator"].step()
-    state["generator"].zero_grad(set_to_none=True)
+    opts["generator"].step()
+    opts["generator"].zero_grad(set_to_none=True)
     with torch.no_grad():
         for e, p in trainer._ema_pairs:
             e.lerp_(p, 1 - trainer.cfg.train.ema_decay)
@@ -151,13 +150,13 @@ def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, w
         with tempfile.TemporaryDirectory() as tmp:
             naive = make_trainer(teacher, name, batch, False, device, overrides, f"{tmp}/naive")
             lr = naive.cfg.train
-            naive._naive = {"generator": torch.optim.AdamW(naive.opt_g.params, lr=lr.lr_generator, foreach=True),
-                            "critic": torch.optim.AdamW(naive.opt_c.params if naive.opt_c else
-                                                        [torch.nn.Parameter(torch.zeros(1, device=device))],
-                                                        lr=lr.lr_critic, foreach=True)}
-            flops = count_flops(lambda: naive.train_step())
+            opts = {"generator": torch.optim.AdamW(naive.opt_g.params, lr=lr.lr_generator, foreach=True),
+                    "critic": torch.optim.AdamW(naive.opt_c.params if naive.opt_c else
+                                                [torch.nn.Parameter(torch.zeros(1, device=device))],
+                                                lr=lr.lr_critic, foreach=True)}
+            flops = count_flops(naive.train_step)
             reset_memory(device)
-            t_naive = timed(lambda: naive_step(naive), device, steps, warmup)
+            t_naive = timed(lambda: naive_step(naive, opts), device, steps, warmup)
             mem_naive = peak_memory(device)
             del naive
             fast = make_trainer(teacher, name, batch, True, device, overrides, f"{tmp}/fast")

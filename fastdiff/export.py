@@ -169,11 +169,7 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
     if teacher.denoiser.schedule.kind != "vp" or (type(unet).__name__ != "UNet2DModel" and not guided):
         raise FastdiffError(f"export of {type(unet).__name__} students on a {teacher.denoiser.schedule.kind} "
                             "schedule is not supported yet; export supports UNet2DModel with a VP scheduler")
-    info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": guided,
-            "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1"}
-    from .generator import top_timestep
-
-    info["top_timestep"] = top_timestep(teacher.denoiser, info.get("sigma_init"))
+    info = _student_info(info, teacher, guided)
     scheduler = scheduler_for(teacher, info)
     if teacher.num_classes:
         from fastdiff.pipelines import FastdiffClassConditionalPipeline
@@ -186,9 +182,23 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if teacher.num_classes:  # lets DiffusionPipeline.from_pretrained(out, custom_pipeline=out) work without fastdiff
             shutil.copy(_class_cond_pipeline_file(), tmp / "pipeline.py")
-        (tmp / "fastdiff.json").write_text(json.dumps(info, indent=2, default=str))
-        (tmp / "README.md").write_text(model_card(info))
+        _write_card(tmp, info)
     return _write_folder(out, fill)
+
+
+def _student_info(info: dict, teacher, guided: bool) -> dict:
+    """What fastdiff.json records about every exported student (and the model card reads)."""
+    from .generator import top_timestep
+
+    vp = teacher.denoiser.schedule.kind == "vp"
+    return {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": guided,
+            "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1",
+            "top_timestep": top_timestep(teacher.denoiser, info.get("sigma_init")) if vp else None}
+
+
+def _write_card(folder: Path, info: dict) -> None:
+    (folder / "fastdiff.json").write_text(json.dumps(info, indent=2, default=str))
+    (folder / "README.md").write_text(model_card(info))
 
 
 def _write_folder(out: Path, fill) -> Path:
@@ -207,19 +217,15 @@ def export_pipeline_student(model, teacher, info: dict, out: Path) -> Path:
     """A latent / text-to-image student as the teacher's own pipeline class with the student network and a
     scheduler reproducing fastdiff's sampler; a LoRA student as LoRA weights for the teacher pipeline
     (``student.lora_export`` lora), a fused full pipeline (fused), or both (the fused one in ``fused/``)."""
-    from .generator import top_timestep
+    from diffusers import DiffusionPipeline
+
     from .lora import is_lora, lora_state_dict, merged_model
     from .teacher import load_pipeline, pipeline_index
 
     guided = bool(getattr(model.config, "time_cond_proj_dim", None))  # LCM-style: the scale is an input
-    info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": guided,
-            "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1",
-            "top_timestep": None if teacher.denoiser.schedule.kind == "flow" else top_timestep(teacher.denoiser,
-                                                                                              info.get("sigma_init"))}
+    info = _student_info(info, teacher, guided)
     scheduler = scheduler_for(teacher, info)
     index = pipeline_index(teacher.path)
-    from diffusers import DiffusionPipeline
-
     cls = type(teacher.pipeline)
     expected, _ = DiffusionPipeline._get_signature_keys(cls)
     absent = [k for k in expected if index.get(k) in (None, [None, None]) and k not in cls._optional_components]
@@ -234,20 +240,13 @@ def export_pipeline_student(model, teacher, info: dict, out: Path) -> Path:
         pipe = load_pipeline(teacher.path, index, safety_checker=True,
                              **{teacher.model_folder: network, "scheduler": scheduler})
         pipe.save_pretrained(folder, safe_serialization=True)
-        card = {**info, "export": "pipeline"}
-        (folder / "fastdiff.json").write_text(json.dumps(card, indent=2, default=str))
-        (folder / "README.md").write_text(model_card(card))
+        _write_card(folder, {**info, "export": "pipeline"})
 
-    def write_lora(folder: Path) -> None:
-        cls = type(teacher.pipeline)
-        if not hasattr(cls, "save_lora_weights"):
-            raise FastdiffError(f"{cls.__name__} cannot load LoRA weights; set student.lora_export to fused")
+    def write_lora(folder: Path) -> None:  # the trainer has checked that the pipeline class loads LoRA weights
         cls.save_lora_weights(folder, **{f"{teacher.model_folder}_lora_layers": lora_state_dict(model)},
                               safe_serialization=True)
         scheduler.save_pretrained(folder / "scheduler")
-        card = {**info, "export": "lora", "format": "fastdiff-lora-v1"}
-        (folder / "fastdiff.json").write_text(json.dumps(card, indent=2, default=str))
-        (folder / "README.md").write_text(model_card(card))
+        _write_card(folder, {**info, "export": "lora", "format": "fastdiff-lora-v1"})
         if mode == "both":
             write_pipeline(folder / "fused", merged_model(model))
 

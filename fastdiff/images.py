@@ -144,7 +144,7 @@ def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float 
     """One source per step count, all sampling the same network (loaded once); text-to-image models sample
     image i from ``prompts[i]``."""
     from .clip_score import prompts_for
-    from .sampling import load_sampler, sample_model
+    from .sampling import check_prompts, load_sampler, sample_model
 
     for k in steps:
         if k is None or k <= 0:
@@ -152,8 +152,7 @@ def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float 
     model, loaded = load_sampler(path, device, guidance_scale)
     if loaded.conditioning != "text":
         prompts = None  # class-conditional models pair prompts with classes (CLIP score), not samples
-    elif not prompts:
-        raise FastdiffError(f"{path} is a text-to-image model: pass --prompts FILE to sample it")
+    check_prompts(loaded, prompts)  # before the slow part
 
     def source(k: int) -> ImageSource:
         def read(num, batch_size):

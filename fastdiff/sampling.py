@@ -87,9 +87,7 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
     model_dir = resolve_teacher_path(model_dir)
     info = read_student_info(model_dir)
     loaded = load_lora_student(model_dir, info) if info and info.get("export") == "lora" else load_teacher(model_dir)
-    loaded.model.to(device)
-    if loaded.pipeline is not None:
-        loaded.pipeline.to(device)
+    (loaded.pipeline if loaded.pipeline is not None else loaded.model).to(device)  # a pipeline moves its network too
     guided = bool(getattr(loaded.model.config, "time_cond_proj_dim", None))
     if info and guidance_scale is not None and not guided:
         raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; "

@@ -1,6 +1,7 @@
 """Load a frozen diffusers teacher (model + scheduler) and wrap it as a Denoiser."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -31,17 +32,15 @@ class Teacher:
     pipeline: object | None = None  # latent / text teachers: the diffusers pipeline (VAE, text encoders)
     dtype: torch.dtype = torch.float32  # of the frozen networks
 
-    @property
+    @functools.cached_property
     def latents(self):
         """The VAE wrapper of a latent teacher (None for pixel-space teachers)."""
         vae = getattr(self.pipeline, "vae", None)
         if vae is None:
             return None
-        if getattr(self, "_latents", None) is None:
-            from .latent import Latents
+        from .latent import Latents
 
-            self._latents = Latents(vae)
-        return self._latents
+        return Latents(vae)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -109,30 +109,31 @@ class PromptEncoder:
         return {"resolution": res, "aspect_ratio": torch.ones(n, 1, dtype=dtype, device=self.device)}
 
     @torch.no_grad()
+    def _encode_rows(self, prompts: list[str]) -> list[dict]:
+        """Per-prompt rows straight from the pipeline (and the negative, the first time)."""
+        pos, neg = self._encode(prompts)
+        if self.negative is None:
+            self.negative = _rows(neg, 0)
+        return [_rows(pos, j) for j in range(len(prompts))]
+
     def encode_all(self, prompts: list[str], batch_size: int = 64) -> None:
         """Fill the cache for every distinct prompt (after this the text encoders can be moved off the device)."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
-            pos, neg = self._encode(chunk)
-            for j, prompt in enumerate(chunk):
-                self.cache[prompt] = _rows(pos, j)
-            if self.negative is None:
-                self.negative = _rows(neg, 0)
+            self.cache.update(zip(chunk, self._encode_rows(chunk)))
 
     def __call__(self, prompts: list[str]) -> dict:
-        """The condition of a batch of prompts: cached rows stacked, plus the negative as ``uncond_*``."""
-        if len(self.cache) + len(prompts) > self.max_cached and any(p not in self.cache for p in prompts):
-            with torch.no_grad():
-                pos, neg = self._encode(prompts)
-            if self.negative is None:
-                self.negative = _rows(neg, 0)
-            rows = [self.cache.get(p) or _rows(pos, j) for j, p in enumerate(prompts)]
-        else:
-            self.encode_all(prompts)
-            rows = [self.cache[p] for p in prompts]
-        cond = _stack(rows)
-        cond.update({"uncond_" + k: v for k, v in _stack([self.negative] * len(prompts)).items()})
+        """The condition of a batch of prompts: cached rows stacked, plus the negative as ``uncond_*``.
+        Prompts the cache has no room for are encoded for this batch only."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        fresh = {}
+        if len(self.cache) + len(missing) <= self.max_cached:
+            self.encode_all(missing)
+        elif missing:
+            fresh = dict(zip(missing, self._encode_rows(missing)))
+        cond = _stack([self.cache[p] if p in self.cache else fresh[p] for p in prompts])
+        cond.update({"uncond_" + k: v for k, v in _repeat(self.negative, len(prompts)).items()})
         return cond
 
 
@@ -144,6 +145,12 @@ def _stack(rows: list[dict]) -> dict:
     """Rows back into a batch; None entries (PixArt's unused micro-conditions) stay None."""
     return {k: _stack([r[k] for r in rows]) if isinstance(v, dict) else
             None if v is None else torch.stack([r[k] for r in rows]) for k, v in rows[0].items()}
+
+
+def _repeat(row: dict, n: int) -> dict:
+    """One row as a batch of n without copying it (a broadcast view)."""
+    return {k: _repeat(v, n) if isinstance(v, dict) else None if v is None else v.expand(n, *v.shape)
+            for k, v in row.items()}
 
 
 class PromptSampler:

@@ -186,20 +186,16 @@ class Trainer:
         fake = None
         if objective_class(cfg.objective.name).uses_fake_score:
             fake = student_like(teacher, fake_score_model(cfg, teacher).to(device))
-        if cfg.train.gradient_checkpointing:
-            for net in (student_model, fake.model if fake else None):
-                if net is not None and getattr(net, "_supports_gradient_checkpointing", False):
-                    net.enable_gradient_checkpointing()
-        self.attention = self._speed_up([teacher.model, student_model, fake.model if fake else None])
+        self.attention = self._prepare_networks(teacher.model, student_model, fake.model if fake else None)
         self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
         self.ema = None
         if cfg.train.ema_decay > 0:  # a LoRA student's EMA keeps its own adapters and shares the base
             self.ema = lora_copy(student_model) if is_lora(student_model) else copy.deepcopy(student_model)
             self.ema.requires_grad_(False).eval()
-        trainable = [n for n, p in student_model.named_parameters() if p.requires_grad]
-        ema_params = dict(self.ema.named_parameters()) if self.ema is not None else {}
-        own = dict(student_model.named_parameters())
-        self._ema_pairs = [(ema_params[n], own[n]) for n in trainable] if self.ema is not None else []
+        self._ema_pairs = []  # (EMA parameter, trained parameter): a LoRA student's adapters only
+        if self.ema is not None:
+            ema_params = dict(self.ema.named_parameters())
+            self._ema_pairs = [(ema_params[n], p) for n, p in student_model.named_parameters() if p.requires_grad]
         self.opt_g = Optimizer([student_model], cfg.train.lr_generator, cfg, mp == "fp16")
         critic = self.objective.critic_modules()
         # The critic's schedule follows generator updates, of which each has critic_updates critic steps.
@@ -383,18 +379,21 @@ class Trainer:
                     e.lerp_(p, 1 - self.cfg.train.ema_decay)
         return logs
 
-    def _speed_up(self, nets: list) -> str:
-        """Attention backend, channels-last and torch.compile on the networks a step runs; returns the backend.
+    def _prepare_networks(self, teacher_model, student_model, fake_model) -> str:
+        """Gradient checkpointing (trainable networks), attention backend, channels-last and torch.compile on the
+        networks a step runs; returns the attention backend.
 
         ``nn.Module.compile`` compiles in place, so parameter names (checkpoints, EMA pairs) stay as they are.
         A fake score carrying the GAN head's forward hook is left eager (the hook keeps features aside)."""
         t = self.cfg.train
         backend = "sdpa"
-        for net in (n for n in nets if n is not None):
+        for net in (n for n in (teacher_model, student_model, fake_model) if n is not None):
+            if t.gradient_checkpointing and net is not teacher_model and getattr(net, "_supports_gradient_checkpointing", False):
+                net.enable_gradient_checkpointing()
             backend, _, _ = set_attention(net, t.attention)
             if t.channels_last:
                 net.to(memory_format=torch.channels_last)
-            if t.compile and not (uses_gan(self.cfg) and net is nets[-1]):
+            if t.compile and not (net is fake_model and uses_gan(self.cfg)):
                 net.compile()
         self.accelerator.print(f"attention: {backend}")
         return backend
