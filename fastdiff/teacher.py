@@ -100,6 +100,20 @@ def _class_from_config(path: str, subfolder: str, config_name: str):
     return cls
 
 
+@functools.cache
+def _dtype_keyword() -> str:
+    """diffusers 0.40 renamed from_pretrained's ``torch_dtype`` to ``dtype`` and warns on the old name."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The keyword argument that sets the dtype in this diffusers' ``from_pretrained``."""
+    return {_dtype_keyword(): dtype}
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -111,7 +125,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     if not (root / "config.json").is_file():
         raise FastdiffError(f"student.model {path!r} is not a diffusers model folder (no config.json)")
     try:
-        return _class_from_config(path, "", "config.json").from_pretrained(path, torch_dtype=dtype)
+        return _class_from_config(path, "", "config.json").from_pretrained(path, **dtype_kwargs(dtype))
     except FastdiffError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -168,7 +182,7 @@ def load_pipeline(path: str, index: dict, dtype: torch.dtype = torch.float32, sa
         given.update({k: None for k in ("safety_checker", "feature_extractor") if k in expected})
     given.update(components)
     try:
-        return cls.from_pretrained(path, torch_dtype=dtype, **given)
+        return cls.from_pretrained(path, **dtype_kwargs(dtype), **given)
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable line
         raise FastdiffError(f"could not load the pipeline in {path!r}: {_first_line(exc)}") from exc
 
@@ -200,7 +214,7 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
         try:
             model_cls = _class_from_config(path, folder, "config.json")
             sched_cls = _class_from_config(path, sched_folder, "scheduler_config.json")
-            model = model_cls.from_pretrained(path, subfolder=folder, torch_dtype=dtype)
+            model = model_cls.from_pretrained(path, subfolder=folder, **dtype_kwargs(dtype))
             scheduler = sched_cls.from_pretrained(path, subfolder=sched_folder)
         except FastdiffError:
             raise

@@ -58,7 +58,7 @@ def sd_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=4, norm_num_groups=8)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type=prediction_type)
+                              prediction_type=prediction_type, clip_sample=False, steps_offset=1)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae(), text_encoder=text_encoder(), tokenizer=tokenizer(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
