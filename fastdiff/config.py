@@ -115,6 +115,9 @@ class DataConfig:
     # of an imagefolder data set.
     prompts: typing.Optional[str] = None
     negative_prompt: typing.Optional[str] = None  # the unconditional prompt for CFG; null = the pipeline's default
+    # Latent teachers: encode the real images with the VAE once, at the start, and draw each step's latents from
+    # the stored posteriors (the VAE then leaves the accelerator); false = encode every batch.
+    cache_latents: bool = True
 
 
 @dataclass

@@ -63,6 +63,11 @@ def to_model_range(images: np.ndarray, resolution: int) -> torch.Tensor:
     return x
 
 
+def as_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1]; float tensors are already there."""
+    return x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x
+
+
 class RealImages:
     """Random batches of real images with their labels or captions, drawn with a dedicated torch.Generator
     (checkpointable). Images are float in [-1, 1] (or uint8, converted per batch)."""
@@ -75,12 +80,15 @@ class RealImages:
     def __len__(self):
         return len(self.images)
 
+    def map_images(self, fn, chunk: int = 32) -> None:
+        """Replace every image by ``fn`` of it, ``chunk`` images at a time (e.g. latent teachers' VAE posteriors,
+        computed once instead of every step). The batches drawn afterwards follow the same random stream."""
+        self.images = torch.cat([fn(self.images[i:i + chunk]) for i in range(0, len(self.images), chunk)])
+
     def batch(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
         """(images, labels or None, captions or None)."""
         idx = torch.randint(len(self.images), (n,), generator=self.rng)
-        x = self.images[idx].to(device)
-        if x.dtype == torch.uint8:
-            x = x.float().div(127.5).sub(1.0)
+        x = as_model_range(self.images[idx].to(device))
         labels = self.labels[idx].to(device) if self.labels is not None else None
         captions = [self.captions[i] for i in idx.tolist()] if self.captions is not None else None
         return x, labels, captions

@@ -25,14 +25,23 @@ class Latents:
         return (self.image_channels, h * self.factor, w * self.factor)
 
     @torch.no_grad()
+    def posterior(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the VAE posterior's (mean, std), concatenated on the channels, in the VAE's dtype
+        on the images' device: what ``sample`` draws from, so a data set can be encoded once (``data.cache_latents``)."""
+        vae = self.vae
+        dist = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1).to(images.device)
+
+    def sample(self, posterior: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw from ``posterior`` (as ``posterior`` returns it), as float32 latents in the teacher's scale."""
+        mean, std = posterior.chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
+        z = mean + std * noise.to(mean)
+        return (z.float() - self.shift) * self.scale
+
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> latents in the teacher's scale (a sample of the VAE's posterior)."""
-        vae = self.vae
-        x = images.to(device=vae.device, dtype=vae.dtype)
-        dist = vae.encode(x).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator, device=generator.device if generator else x.device)
-        z = dist.mean + dist.std * noise.to(dist.mean)
-        return ((z.float() - self.shift) * self.scale).to(images.device)
+        return self.sample(self.posterior(images), generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

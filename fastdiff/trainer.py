@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, ObjectiveConfig, to_dict
-from .data import real_images_for
+from .data import as_model_range, real_images_for
 from .denoiser import Denoiser
 from .errors import FastdiffError
 from .export import export_student
@@ -177,8 +177,8 @@ class Trainer:
         self.text = None
         if self.prompts is not None:
             self.text = self._prompt_encoder(device)
-        if self.teacher.latents is not None and self.real is not None:  # real images are encoded every step
-            self.teacher.latents.vae.to(device)
+        if self.teacher.latents is not None and self.real is not None:
+            self._prepare_latents(device)
 
         student_model = student_model.to(device)
         self.generator = Generator(student_denoiser(cfg, teacher, student_model), cfg.student.num_steps, sigma_init(cfg, teacher),
@@ -222,6 +222,15 @@ class Trainer:
                                 "(one prompt per line) or a JSONL file")
         return PromptSampler(prompts, self.cfg.train.seed)
 
+    def _prepare_latents(self, device) -> None:
+        """Real images for a latent teacher: their VAE posteriors computed once (data.cache_latents), after which
+        the VAE leaves the accelerator; or the VAE stays there to encode every batch."""
+        latents = self.teacher.latents
+        latents.vae.to(device)
+        if self.cfg.data.cache_latents:
+            self.real.map_images(lambda x: latents.posterior(as_model_range(x.to(device))).cpu())
+            latents.vae.to("cpu")
+
     def _prompt_encoder(self, device) -> PromptEncoder:
         """Encode every training prompt once, then move the text encoders off the accelerator (prompt sets larger
         than the cache are encoded per batch, with the encoders kept on the accelerator)."""
@@ -259,8 +268,9 @@ class Trainer:
         if self.real is None:
             return None
         x, labels, captions = self.real.batch(n, self.accelerator.device)
-        if self.teacher.latents is not None:
-            x = self.teacher.latents.encode(x, self.real.rng)
+        latents = self.teacher.latents
+        if latents is not None:  # the same draws of the data RNG whether the posteriors are cached or not
+            x = latents.sample(x, self.real.rng) if self.cfg.data.cache_latents else latents.encode(x, self.real.rng)
         if self.teacher.num_classes:
             return x, {"class_labels": labels}
         return x, (self.text(captions) if self.text is not None else None)
