@@ -83,7 +83,12 @@ class RealImages:
     def map_images(self, fn, chunk: int = 32) -> None:
         """Replace every image by ``fn`` of it, ``chunk`` images at a time (e.g. latent teachers' VAE posteriors,
         computed once instead of every step). The batches drawn afterwards follow the same random stream."""
-        self.images = torch.cat([fn(self.images[i:i + chunk]) for i in range(0, len(self.images), chunk)])
+        first = fn(self.images[:chunk])
+        mapped = first.new_empty((len(self.images), *first.shape[1:]))  # filled in place: no second copy at the end
+        mapped[:len(first)] = first
+        for i in range(chunk, len(self.images), chunk):
+            mapped[i:i + chunk] = fn(self.images[i:i + chunk])
+        self.images = mapped
 
     def batch(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
         """(images, labels or None, captions or None)."""
@@ -117,8 +122,9 @@ def load_image_folder(path: str, size: int, channels: int = 3) -> tuple[torch.Te
         files = sorted(f for f in root.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
     if not files:
         raise FastdiffError(f"data.path {path}: no images (png, jpg, webp, bmp) found")
-    out = []
-    for f in files:
+    out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)  # filled in place: one copy in memory
+    pixels = out.numpy()
+    for i, f in enumerate(files):
         try:
             img = Image.open(f).convert("RGB" if channels == 3 else "L")
         except (OSError, ValueError) as exc:
@@ -128,8 +134,8 @@ def load_image_folder(path: str, size: int, channels: int = 3) -> tuple[torch.Te
         img = img.resize((w, h), Image.BICUBIC)
         left, top = (w - size) // 2, (h - size) // 2
         arr = np.asarray(img.crop((left, top, left + size, top + size)))
-        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(out)), captions
+        pixels[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return out, captions
 
 
 ANALYTIC_SAMPLES = 50_000
