@@ -334,8 +334,9 @@ class Trainer:
         key = f"{self.cfg.train.seed}/{self.step}/{phase}/{index}".encode()
         seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
         torch.manual_seed(seed)
-        if self.real is not None:
-            self.real.rng.manual_seed(seed)
+        # Every stream a micro-batch draws from (real images, training prompts), each offset so no two coincide.
+        for offset, gen in enumerate(self._generators().values()):
+            gen.manual_seed(seed + offset)
 
     def _update(self, opt: Optimizer, loss_of, critic: bool, phase: str):
         """One optimizer step over ``gradient_accumulation`` micro-batches of fresh generator samples.

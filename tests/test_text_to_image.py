@@ -347,3 +347,24 @@ def test_trainer_draws_the_same_real_latents_with_and_without_the_cache(files, t
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cond["encoder_hidden_states"], cond_y["encoder_hidden_states"])
     assert not torch.allclose(cached[0][0], cached[1][0])  # successive batches are new draws
+
+
+def test_split_batches_draw_prompts_by_global_micro_batch_index(files, tmp_path):
+    """A global batch split over processes or accumulation: micro-batch i draws its prompts from (step, phase, i)
+    alone, so rank r of a DDP run draws what micro-batch r of an accumulated run draws, and ranks differ."""
+    from fastdiff.config import load_config
+    from fastdiff.trainer import Trainer
+
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("\n".join(f"prompt number {i}" for i in range(50)))
+    cfg = load_config(None, [f"teacher.path={files['sd']}", f"output_dir={tmp_path / 'run'}", *FAST,
+                             f"data.prompts={prompts}", "train.gradient_accumulation=2"])
+    trainer = Trainer(cfg, progress=False)
+
+    def drawn(index: int) -> list[str]:
+        trainer._seed_micro_batch("generator", index)
+        return trainer.prompts.batch(8)
+
+    first, second = drawn(0), drawn(1)
+    assert first != second
+    assert drawn(0) == first and drawn(1) == second
