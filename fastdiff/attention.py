@@ -72,15 +72,22 @@ def _probe_xformers() -> tuple[bool, str]:
     return True, f"xformers kernels run (max difference to SDPA {err:.1e})"
 
 
-def _twins():
-    """(SDPA processor class, xformers processor class) pairs, by the family of attention they implement."""
+# Per kind of attention: its SDPA processor, its xformers processor, and the other processors of that kind.
+_FAMILIES = (("AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessor"),
+             ("JointAttnProcessor2_0", "XFormersJointAttnProcessor"),
+             ("AttnAddedKVProcessor2_0", "XFormersAttnAddedKVProcessor", "AttnAddedKVProcessor"))
+
+
+def _twins() -> dict:
+    """Processor class -> (its kind's SDPA processor, its kind's xformers processor)."""
     from diffusers.models import attention_processor as ap
 
-    pairs = [("AttnProcessor2_0", "XFormersAttnProcessor"), ("AttnProcessor", "XFormersAttnProcessor"),
-             ("JointAttnProcessor2_0", "XFormersJointAttnProcessor"),
-             ("AttnAddedKVProcessor2_0", "XFormersAttnAddedKVProcessor"),
-             ("AttnAddedKVProcessor", "XFormersAttnAddedKVProcessor")]
-    return [(getattr(ap, a), getattr(ap, b)) for a, b in pairs if hasattr(ap, a) and hasattr(ap, b)]
+    twins = {}
+    for sdpa, xformers, *others in _FAMILIES:
+        if hasattr(ap, sdpa) and hasattr(ap, xformers):
+            pair = (getattr(ap, sdpa), getattr(ap, xformers))
+            twins.update({getattr(ap, name): pair for name in (sdpa, xformers, *others) if hasattr(ap, name)})
+    return twins
 
 
 def set_attention(model: torch.nn.Module, backend: str) -> tuple[str, int, int]:
@@ -104,7 +111,7 @@ def set_attention(model: torch.nn.Module, backend: str) -> tuple[str, int, int]:
         if not isinstance(module, Attention):
             continue
         current = type(module.processor)
-        pair = next(((s, x) for s, x in twins if current in (s, x)), None)
+        pair = twins.get(current)
         if pair is None:
             kept += 1
             continue

@@ -32,6 +32,18 @@ def test_sdpa_backend_reaches_every_attention_module_and_keeps_outputs(tmp_path)
     assert set_attention(unet, "sdpa")[1] == sum(isinstance(m, Attention) for m in unet.modules()) > 0
 
 
+def test_sdpa_replaces_the_classic_attention_processors():
+    """A model left on diffusers' pre-SDPA processor (AttnProcessor) moves to its SDPA twin, not to itself."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    unet = tiny_unet()
+    attention = [m for m in unet.modules() if isinstance(m, Attention)]
+    for m in attention:
+        m.set_processor(AttnProcessor())
+    assert set_attention(unet, "sdpa")[1:] == (len(attention), 0)
+    assert all(type(m.processor) is AttnProcessor2_0 for m in attention)
+
+
 def test_xformers_asked_for_without_its_kernels_is_a_clear_error():
     usable, why = xformers_status()
     if usable:
