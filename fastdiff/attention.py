@@ -14,6 +14,7 @@ with SDPA before ``auto`` picks it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import importlib.util
 import os
@@ -24,7 +25,6 @@ import torch
 from .errors import FastdiffError
 
 BACKENDS = ("auto", "sdpa", "xformers")
-_XFORMERS_STATE: dict = {}
 
 
 def preload_cudart12() -> str | None:
@@ -41,16 +41,9 @@ def preload_cudart12() -> str | None:
     return None
 
 
+@functools.cache
 def xformers_status() -> tuple[bool, str]:
     """(usable, why): xformers imports, its memory-efficient kernel runs on CUDA, and agrees with SDPA."""
-    if "result" in _XFORMERS_STATE:
-        return _XFORMERS_STATE["result"]
-    result = _probe_xformers()
-    _XFORMERS_STATE["result"] = result
-    return result
-
-
-def _probe_xformers() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     if importlib.util.find_spec("xformers") is None:

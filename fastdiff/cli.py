@@ -73,7 +73,8 @@ def _paired_prompts(path: str | None, num: int) -> list[str] | None:
     """--prompts FILE read and paired with ``num`` images (one per image, or one for all)."""
     if not path:
         return None
-    from .clip_score import prompts_for, read_prompts
+    from .clip_score import prompts_for
+    from .text import read_prompts
 
     return prompts_for(read_prompts(path), num)
 
@@ -118,10 +119,10 @@ def cmd_ref_stats(args) -> None:
 
 
 def cmd_fid(args) -> None:
-    from .clip_score import read_prompts
     from .evaluate import check_positive, evaluate
     from .images import open_source
     from .metrics import ReferenceStats
+    from .text import read_prompts
 
     check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
     _check_json_target(args.json)
@@ -145,7 +146,8 @@ def cmd_fid(args) -> None:
 
 
 def cmd_clip_score(args) -> None:
-    from .clip_score import ClipScorer, read_prompts
+    from .clip_score import ClipScorer
+    from .text import read_prompts
     from .evaluate import check_positive, clip_score
     from .images import open_source
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from .errors import FastdiffError
 from .machine import offline
-from .text import read_prompts  # noqa: F401 - re-exported: prompts for CLIP scores and for training
 
 CONVENTIONS = ("torchmetrics", "cosine")
 

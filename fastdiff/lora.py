@@ -53,9 +53,9 @@ def with_lora(model: nn.Module, rank: int, what: str) -> nn.Module:
     else:
         net = inject_adapter_in_model(config, net)
     for name, p in net.named_parameters():
-        p.requires_grad_("lora_" in name)
-    for name, p in net.named_parameters():
-        if "lora_" in name:  # trainable weights in float32, also on a bf16 base
+        adapter = "lora_" in name
+        p.requires_grad_(adapter)
+        if adapter:  # trainable weights in float32, also on a bf16 base
             p.data = p.data.float()
     return net.train()
 

@@ -120,7 +120,7 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
     if prompts:
         from .text import PromptEncoder
 
-        text = PromptEncoder(loaded.pipeline, device=device)
+        text = PromptEncoder(loaded.pipeline, device=device, max_cached=0)  # each prompt is used once: no cache
     for b, start in enumerate(range(0, num, batch_size)):
         n = min(batch_size, num - start)
         rng = torch.Generator().manual_seed(seed + b)

@@ -100,18 +100,13 @@ def _class_from_config(path: str, subfolder: str, config_name: str):
     return cls
 
 
-@functools.cache
-def _dtype_keyword() -> str:
-    """diffusers 0.40 renamed from_pretrained's ``torch_dtype`` to ``dtype`` and warns on the old name."""
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The keyword that sets the dtype in this diffusers' ``from_pretrained``: 0.40 renamed ``torch_dtype`` to
+    ``dtype`` and warns on the old name."""
     import diffusers
     from packaging.version import Version
 
-    return "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
-
-
-def dtype_kwargs(dtype: torch.dtype) -> dict:
-    """The keyword argument that sets the dtype in this diffusers' ``from_pretrained``."""
-    return {_dtype_keyword(): dtype}
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
 
 
 def _first_line(exc: Exception) -> str:

@@ -257,7 +257,8 @@ def test_clip_score_of_text_to_image_student(files, tmp_path, tiny_clip):
     assert result["n"] == 6 and 0 <= result["clip_score"] <= 100
     assert result["clip_score_label"].startswith("CLIPScore@6(fastdiff-tiny-clip")
     # The same number by hand: fastdiff sample's PNGs (image i from prompt i) scored by the same scorer.
-    from fastdiff.clip_score import ClipScorer, read_prompts
+    from fastdiff.clip_score import ClipScorer
+    from fastdiff.text import read_prompts
 
     assert main(["sample", str(student), "--num", "6", "--steps", "1", "--out", str(tmp_path / "png"),
                  "--prompts", files["prompts"], "--device", "cpu"]) == 0
