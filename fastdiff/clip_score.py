@@ -71,18 +71,18 @@ class ClipScorer(torch.nn.Module):
         self.model_name = model_name
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 1 or 3, H, W) -> CLIP input: shortest side resized to the model's size (bicubic, antialiased,
-        as open_clip's PIL transform), centre crop, the model's mean/std."""
-        x = images.to(self.mean.device).float() / 255.0
+        """uint8 (N, 1 or 3, H, W) -> CLIP input as open_clip's own transform makes it: shortest side resized to the
+        model's size (long side truncated, as torchvision's Resize does), bicubic with antialiasing on the uint8
+        image (PIL resizes in uint8 too), centre crop with a rounded offset, then the model's mean/std. torchvision's
+        tensor ops are within one uint8 level of open_clip's PIL path (tests/test_clip_score.py)."""
+        from torchvision.transforms.v2 import functional as TF
+
+        x = images.to(self.mean.device)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        h, w = x.shape[-2:]
-        if min(h, w) != self.size:
-            scale = self.size / min(h, w)
-            size = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
-            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
-        x = x[..., top:top + self.size, left:left + self.size]
+        if min(x.shape[-2:]) != self.size:
+            x = TF.resize(x, self.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        x = TF.center_crop(x, [self.size, self.size]).float() / 255.0
         return (x - self.mean) / self.std
 
     @torch.no_grad()

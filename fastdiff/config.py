@@ -74,12 +74,17 @@ class ObjectiveConfig:
     min_t: typing.Optional[float] = None  # generator-loss timesteps as a fraction of T (dmd2 [0.02, 0.98],
     max_t: typing.Optional[float] = None  # sid/sim [0, 0.8])
     gan: bool = False  # GAN head on the fake score's bottleneck (needs data); sida implies it
-    gan_generator_weight: typing.Optional[float] = None  # dmd2: 3e-3
-    gan_critic_weight: typing.Optional[float] = None  # dmd2: 1e-2
-    gan_weight: typing.Optional[float] = None  # sida: share of the GAN term in both losses (0.5)
+    gan_generator_weight: typing.Optional[float] = None  # dmd2: 3e-3; sida: 1e-4 (SiDA's 0.01 / 100, per element)
+    gan_critic_weight: typing.Optional[float] = None  # dmd2: 1e-2; sida: 1
+    gan_weight: typing.Optional[float] = None  # sida: share of the GAN term in the generator loss once on (0.5)
+    gan_start_images: typing.Optional[int] = None  # sida: the GAN term joins the generator loss after 200k images
+    critic_clip_value: typing.Optional[float] = None  # sida: clip critic gradients by value (1, SiDA's units); 0 = off
+    # Noise-level grid of the generator loss, fake-score loss and GAN: teacher (its own DDPM table) | karras
+    # (1000-point rho=7 over the teacher's sigma range, as the EDM references). null: teacher.
+    sigma_grid: typing.Optional[str] = None
     alpha: typing.Optional[float] = None  # sid: 1.2, sida: 1.0
     c: typing.Optional[float] = None  # sim: pseudo-Huber constant
-    fake_loss: typing.Optional[str] = None  # teacher | edm (sid/sim: edm)
+    fake_loss: typing.Optional[str] = None  # teacher | eps | edm (dmd2: teacher; sid/sim: edm on x0, eps on eps/v teachers)
     fake_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score in the generator loss
     fake_train_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score while it trains
     fake_lora_rank: typing.Optional[int] = None  # fake score as a LoRA on the teacher (vsd: 16); 0 = full copy
@@ -97,18 +102,21 @@ class ObjectiveConfig:
     guidance_range: typing.Optional[typing.List[float]] = None
     # continuous-time consistency (scm)
     tangent: typing.Optional[str] = None  # auto | jvp | finite_difference
-    tangent_warmup: typing.Optional[int] = None  # steps of sCM's tangent warm-up (1000)
+    tangent_warmup: typing.Optional[int] = None  # steps of sCM's tangent warm-up (10000, as sCM)
     tangent_norm: typing.Optional[float] = None  # tangent normalisation constant (0.1)
     fd_step: typing.Optional[float] = None  # finite-difference step in TrigFlow time (3e-4)
     p_mean: typing.Optional[float] = None  # log-normal training noise levels, ln sigma ~ N(p_mean, p_std^2)
     p_std: typing.Optional[float] = None  # (scm: -1.0, 1.4 as sCM)
+    prior_weighting: typing.Optional[bool] = None  # scm: weight the loss by 1 / sigma (true, as sCM)
+    adaptive_weighting: typing.Optional[bool] = None  # scm: learned log-variance weighting of noise levels (true)
 
 
 @dataclass
 class DataConfig:
     # fashion-mnist | imagefolder (images + metadata.jsonl captions) | analytic (exact samples of the analytic teacher)
     name: str = "fashion-mnist"
-    path: str = "/usr/share/datasets/fashion-mnist"
+    # fashion-mnist: null = $FASTDIFF_FASHION_MNIST, else /usr/share/datasets/fashion-mnist (Debian's package)
+    path: typing.Optional[str] = None
     split: str = "train"
     resolution: typing.Optional[int] = None  # None = the teacher's image size (Fashion-MNIST is padded with -1)
     # Text-to-image teachers: training prompts (one per line, or JSONL with "prompt"/"text"); null = the captions
@@ -130,11 +138,19 @@ class TrainConfig:
     lr_generator: float = 1e-5
     lr_critic: float = 1e-5
     lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps), for both optimizers
-    lr_warmup_steps: int = 0  # linear warm-up of both learning rates
-    adam_betas: typing.List[float] = field(default_factory=lambda: [0.0, 0.999])
-    weight_decay: float = 0.01
+    # null = the objective's reference (Objective.train_defaults; README's parity table): dmd2 warms up for
+    # 500 fake-score iterations as DMD2's scripts do, the others start at once.
+    lr_warmup_steps: typing.Optional[int] = None  # linear warm-up of both learning rates, in generator updates
+    # null = the objective's reference: (0.9, 0.999) for dmd2 / vsd / cd (PyTorch's default, DMD2's and LCM's
+    # scripts), (0, 0.999) for sid / sida / sim (SiD's sid_train.py)
+    adam_betas: typing.Optional[typing.List[float]] = None
+    weight_decay: typing.Optional[float] = None  # null = the objective's reference: 0.01 (AdamW, DMD2), 0 for SiD (Adam)
     grad_clip: float = 10.0
-    ema_decay: float = 0.999  # 0 disables the EMA
+    # Generator EMA as SiD / EDM keep it: a half-life in images, ramped up to ema_rampup x the images seen so far
+    # (so a short run never exports its start: the start's weight falls to 0 at the first update).
+    ema_halflife_kimg: float = 500.0  # SiD's --ema 0.5 (Mimg); 0 disables the EMA
+    ema_rampup: typing.Optional[float] = 0.05  # null = no ramp-up
+    ema_decay: typing.Optional[float] = None  # a fixed per-update decay instead of the half-life (0 disables the EMA)
     mixed_precision: str = "no"  # no | bf16 | fp16
     checkpoint_every: int = 500
     checkpoint_limit: int = 3  # how many checkpoints to keep
@@ -281,7 +297,7 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"train.time_limit_minutes must be positive, got {t.time_limit_minutes}")
     if t.lr_schedule not in ("constant", "cosine"):
         raise FastdiffError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
-    if t.lr_warmup_steps < 0:
+    if t.lr_warmup_steps is not None and t.lr_warmup_steps < 0:
         raise FastdiffError(f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
     if cfg.student.sampler not in ("lcm", "ddim"):
         raise FastdiffError(f"student.sampler must be lcm or ddim, got {cfg.student.sampler!r}")
@@ -295,13 +311,23 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"student.lora_export must be lora, fused or both, got {cfg.student.lora_export!r}")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise FastdiffError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
-    if not 0.0 <= t.ema_decay < 1.0:
+    if t.ema_decay is not None and not 0.0 <= t.ema_decay < 1.0:
         raise FastdiffError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.ema_halflife_kimg < 0 or (t.ema_rampup is not None and t.ema_rampup <= 0):
+        raise FastdiffError("train.ema_halflife_kimg must be >= 0 and train.ema_rampup positive or null")
+    if t.weight_decay is not None and t.weight_decay < 0:
+        raise FastdiffError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
     lo, hi = 0.0 if o.min_t is None else o.min_t, 1.0 if o.max_t is None else o.max_t
     if not 0.0 <= lo < hi <= 1.0:
         raise FastdiffError("objective.min_t and objective.max_t must satisfy 0 <= min_t < max_t <= 1")
-    if o.fake_loss not in (None, "teacher", "edm"):
-        raise FastdiffError(f"objective.fake_loss must be teacher or edm, got {o.fake_loss!r}")
+    if o.fake_loss not in (None, "teacher", "eps", "edm"):
+        raise FastdiffError(f"objective.fake_loss must be teacher, eps or edm, got {o.fake_loss!r}")
+    if o.sigma_grid not in (None, "teacher", "karras"):
+        raise FastdiffError(f"objective.sigma_grid must be teacher or karras, got {o.sigma_grid!r}")
+    if o.gan_start_images is not None and o.gan_start_images < 0:
+        raise FastdiffError(f"objective.gan_start_images must be >= 0, got {o.gan_start_images}")
+    if o.critic_clip_value is not None and o.critic_clip_value < 0:
+        raise FastdiffError(f"objective.critic_clip_value must be >= 0 (0 = off), got {o.critic_clip_value}")
     if o.fake_lora_rank is not None and o.fake_lora_rank < 0:
         raise FastdiffError(f"objective.fake_lora_rank must be 0 (full copy) or positive, got {o.fake_lora_rank}")
     if o.guidance_range is not None and len(o.guidance_range) != 2:
@@ -313,7 +339,7 @@ def validate(cfg: Config) -> None:
     for key in ("lr_generator", "lr_critic"):
         if getattr(t, key) <= 0:
             raise FastdiffError(f"train.{key} must be positive, got {getattr(t, key)}")
-    if len(t.adam_betas) != 2:
+    if t.adam_betas is not None and len(t.adam_betas) != 2:
         raise FastdiffError(f"train.adam_betas must have two values, got {t.adam_betas}")
     from .objectives import OBJECTIVES
 

@@ -12,6 +12,18 @@ reproduces fastdiff's sampler.
 
 The continuous-time objective (sCM) needs no such scalings: in TrigFlow the x0 estimate is already
 ``cos(t) x_t - sin(t) sd F``, the identity at t = 0 (see ``objectives/scm.py``).
+
+Where consistency students start (``consistency_start``, issue 26): an epsilon network's x0 estimate is
+``(x_native - s eps) / a``, so a change of its output moves the image ``1 / a`` times as far. At the top of a
+linear-beta DDPM table ``1 / a = 157``: measured on the fmnist-ddpm teacher (eval/results/consistency-cpu/), the
+x0 moved per unit weight step grows with ``1 / a`` (0.5 at t = 20, 138 at t = 700, 1783 at t = 999), the cd loss
+gradient of the top 10% of levels is 10-100x that of the rest, and above t ~ 750 the teacher's own x0 estimate is
+worse than the per-pixel data mean (RMSE 0.57 at t = 800, 1.86 at t = 999, against 0.51), so the consistency
+targets there are noise too. Epsilon students
+on VP teachers therefore start (and train) at the highest table level with ``1 / a <= 15`` (Stable Diffusion's
+top, where LCM is run), snapped down so its table length is a multiple of 8 (DDIMScheduler's trailing timesteps
+then equal fastdiff's for K = 1, 2, 4, 8); pure noise is fed there, as SD's pipelines do. v / x0 / flow students
+have ``x0 = a x - s v`` (bounded by 1) and start at the top.
 """
 from __future__ import annotations
 
@@ -20,6 +32,23 @@ import torch
 from .denoiser import Denoiser, expand
 
 SIGMA_DATA = 0.5  # LCMScheduler's fixed sigma_data
+MAX_X0_GAIN = 15.0  # 1 / a_t at a consistency student's first level: SD's top (1 / sqrt(0.00466) = 14.6)
+TABLE_MULTIPLE = 8
+
+
+def consistency_start(denoiser: Denoiser) -> float | None:
+    """First (and highest training) noise level of a consistency student: None = the top of the schedule;
+    for epsilon students on VP tables the highest level with ``1 / a_t <= MAX_X0_GAIN`` (see the module docstring)."""
+    schedule = denoiser.schedule
+    if denoiser.prediction_type != "epsilon" or schedule.kind != "vp":
+        return None
+    sigmas = schedule.sigmas  # float64, increasing with t
+    ok = torch.nonzero((1 + sigmas**2).sqrt() <= MAX_X0_GAIN).flatten()
+    top = int(ok[-1]) if len(ok) else 0
+    if top == schedule.num_train_timesteps - 1:
+        return None
+    top = max((top + 1) // TABLE_MULTIPLE * TABLE_MULTIPLE - 1, 0)
+    return float(schedule.sigma_at(torch.tensor([top]))[0])
 
 
 def boundary_scalings(timestep: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ text-to-image teachers."""
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -13,6 +14,19 @@ import torch
 from .errors import FastdiffError
 
 SPLITS = {"train": "train", "test": "t10k"}
+FMNIST_ENV = "FASTDIFF_FASHION_MNIST"
+FMNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+
+
+def fashion_mnist_root(path: str | None, flag: str = "data.path") -> str:
+    """The Fashion-MNIST folder: ``path`` when given, else ``$FASTDIFF_FASHION_MNIST``, else Debian's; a missing
+    one is a one-line error saying the three ways to provide it."""
+    root = path or os.environ.get(FMNIST_ENV) or FMNIST_DEFAULT
+    if not Path(root).is_dir():
+        how = f"{flag} DIR" if flag.startswith("--") else f"{flag}=DIR"
+        raise FastdiffError(f"Fashion-MNIST: {root} is not a folder; pass {how}, set ${FMNIST_ENV}, or "
+                            f"`apt-get install dataset-fashion-mnist` (installs it in {FMNIST_DEFAULT})")
+    return root
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -37,13 +51,11 @@ def _find(root: Path, stem: str) -> Path:
                         "(apt-get install dataset-fashion-mnist puts one in /usr/share/datasets/fashion-mnist)")
 
 
-def load_fashion_mnist(path: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(path: str | None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, 28, 28) and int64 labels (N,)."""
-    root = Path(path)
+    root = Path(fashion_mnist_root(path))
     if split not in SPLITS:
         raise FastdiffError(f"data.split must be one of {sorted(SPLITS)}, got {split!r}")
-    if not root.is_dir():
-        raise FastdiffError(f"data.path {path!r} is not a folder")
     prefix = SPLITS[split]
     images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
@@ -104,6 +116,9 @@ def load_image_folder(path: str, size: int, channels: int = 3) -> tuple[torch.Te
     captions from ``metadata.jsonl`` ({"file_name": ..., "text": ...} per line) when the folder has one."""
     from PIL import Image
 
+    if path is None:
+        raise FastdiffError("data.name imagefolder needs data.path: a folder of images (with metadata.jsonl captions "
+                            "for text-to-image teachers)")
     root = Path(path)
     if not root.is_dir():
         raise FastdiffError(f"data.path {path!r} is not a folder")

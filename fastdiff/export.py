@@ -30,25 +30,34 @@ def _table_config(teacher_scheduler) -> dict:
     return config
 
 
-def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int | None = None,
-                      timestep_scaling: float | None = None) -> LCMScheduler:
-    """LCMScheduler reproducing fastdiff's K-step sampler; a student starting at timestep t0 < T-1 gets the
-    teacher's first t0 + 1 betas, so its table is the teacher's, truncated, and its top timestep is t0."""
+def _truncated_table_config(teacher_scheduler, top_timestep: int | None) -> dict:
+    """The teacher's table; for a student starting at timestep t0 < T-1, its first t0 + 1 betas, so the table is
+    the teacher's, truncated, and its top timestep is t0."""
     config = _table_config(teacher_scheduler)
     T = config["num_train_timesteps"]
     if top_timestep is not None and top_timestep < T - 1:
         T = top_timestep + 1
         config.update(num_train_timesteps=T, trained_betas=[float(b) for b in teacher_scheduler.betas[:T]])
+    return config
+
+
+def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int | None = None,
+                      timestep_scaling: float | None = None) -> LCMScheduler:
+    """LCMScheduler reproducing fastdiff's K-step sampler, on the table truncated at the student's first timestep."""
+    config = _truncated_table_config(teacher_scheduler, top_timestep)
+    T = config["num_train_timesteps"]
     # steps_offset 1: unused by LCM and trailing DDIM, but SD pipelines rewrite (and warn about) any other value.
     return LCMScheduler.from_config(config, original_inference_steps=T, timestep_scaling=timestep_scaling or 1e9, steps_offset=1,
                                     clip_sample=False,
                                     thresholding=False, prediction_type=prediction_type)
 
 
-def deterministic_scheduler(teacher_scheduler, prediction_type: str) -> DDIMScheduler:
-    """DDIMScheduler (eta 0, trailing timesteps) reproducing the ``ddim`` sampler from the top of the schedule:
-    its K timesteps equal the LCM rule's whenever K divides T (1, 2, 4, 5, 8, ... for T = 1000)."""
-    return DDIMScheduler.from_config(_table_config(teacher_scheduler), timestep_spacing="trailing", clip_sample=False, thresholding=False, steps_offset=1,
+def deterministic_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int | None = None) -> DDIMScheduler:
+    """DDIMScheduler (eta 0, trailing timesteps) reproducing the ``ddim`` sampler from the student's first timestep
+    t0 (the table truncated there): its K timesteps equal the LCM rule's whenever K divides t0 + 1 (1, 2, 4, 5, 8, ...
+    for 1000; consistency students on epsilon teachers start where t0 + 1 is a multiple of 8)."""
+    config = _truncated_table_config(teacher_scheduler, top_timestep)
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, thresholding=False, steps_offset=1,
                                      set_alpha_to_one=True, prediction_type=prediction_type)
 
 
@@ -72,7 +81,7 @@ def scheduler_for(teacher, info: dict):
     if teacher.denoiser.schedule.kind == "flow":
         return flow_scheduler(teacher.scheduler, info["num_steps"], info.get("sampler", "lcm"))
     if info.get("sampler") == "ddim":
-        return deterministic_scheduler(teacher.scheduler, prediction)
+        return deterministic_scheduler(teacher.scheduler, prediction, info["top_timestep"])
     return student_scheduler(teacher.scheduler, prediction, info["top_timestep"], info.get("timestep_scaling"))
 
 
@@ -153,6 +162,20 @@ tags: [fastdiff, distillation, {info['objective']}]
 """
 
 
+def check_exportable(model, teacher) -> None:
+    """Raise if ``export_student`` cannot write this student (the trainer asks before training, not after).
+
+    Teachers with a pipeline (latent, text-to-image) export into their own pipeline class; the rest into
+    DDPMPipeline or fastdiff's class-conditional pipeline, which take a UNet2DModel (or the guidance-embedded one)
+    on a VP schedule."""
+    if teacher.pipeline is not None:
+        return
+    name, kind = type(model).__name__, teacher.denoiser.schedule.kind
+    if kind != "vp" or name not in ("UNet2DModel", "GuidanceEmbeddedUNet"):
+        raise FastdiffError(f"export of {name} students on a {kind} schedule is not supported yet; export supports "
+                            "UNet2DModel students on a VP schedule and students of teachers with a diffusers pipeline")
+
+
 def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
     """Write ``out`` atomically: a diffusers pipeline folder + fastdiff.json + README.md model card.
 
@@ -165,10 +188,8 @@ def export_student(unet, teacher, info: dict, out: str | Path) -> Path:
 
     if is_lora(unet):  # pipelines without a latent / text part take LoRA students fused
         unet = merged_model(unet)
+    check_exportable(unet, teacher)
     guided = type(unet).__name__ == "GuidanceEmbeddedUNet"
-    if teacher.denoiser.schedule.kind != "vp" or (type(unet).__name__ != "UNet2DModel" and not guided):
-        raise FastdiffError(f"export of {type(unet).__name__} students on a {teacher.denoiser.schedule.kind} "
-                            "schedule is not supported yet; export supports UNet2DModel with a VP scheduler")
     info = _student_info(info, teacher, guided)
     scheduler = scheduler_for(teacher, info)
     if teacher.num_classes:

@@ -100,27 +100,38 @@ class Generator(nn.Module):
                 rng: torch.Generator | None = None) -> torch.Tensor:
         """Sample: z is the initial noise (N(0, I) in native scale); fresh noise for re-noising comes from rng."""
         sigmas = self.levels(num_steps)
-        x_native = z
-        x0 = z
+
+        def fresh():  # drawn on the generator's device, as diffusers' randn_tensor does, so CPU seeds match on GPU
+            return torch.randn(z.shape, generator=rng, device=rng.device if rng else z.device, dtype=z.dtype).to(z.device)
+
+        x_native = x0 = z
         for i, sigma in enumerate(sigmas):
             x0 = self.denoiser.denoise_native(x_native, sigma, cond)
             if i + 1 < len(sigmas):
-                if self.sampler == "ddim":
-                    schedule = self.denoiser.schedule
-                    noise = (x_native - expand(schedule.alpha(sigma), x0) * x0) / expand(schedule.noise_scale(sigma), x0)
-                else:
-                    # Drawn on the generator's device, as diffusers' randn_tensor does, so CPU seeds match on GPU.
-                    noise = torch.randn(z.shape, generator=rng, device=rng.device if rng else z.device, dtype=z.dtype)
-                    noise = noise.to(z.device)
-                x_native = self.renoise(x0, sigmas[i + 1], noise)
+                x_native = self.next_input(x_native, x0, sigma, sigmas[i + 1], fresh)
         return x0
+
+    def next_input(self, x_native: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                   fresh_noise) -> torch.Tensor:
+        """The native input of the next step: x0 re-noised to ``sigma_next`` with the sampler's noise.
+
+        "ddim" uses the noise the step implies, ``(x_native - alpha x0) / s``; "lcm" calls ``fresh_noise()``
+        (only then, so a ddim step draws nothing from the RNG).
+        """
+        if self.sampler == "ddim":
+            schedule = self.denoiser.schedule
+            noise = (x_native - expand(schedule.alpha(sigma), x0) * x0) / expand(schedule.noise_scale(sigma), x0)
+        else:
+            noise = fresh_noise()
+        return self.renoise(x0, sigma_next, noise)
 
     def training_sample(self, z: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         """A sample with gradient through the last step only.
 
         Multi-step students are trained by backward simulation (DMD2, Yin et al. 2024, Sec. 4.5): pick a
         step k, run the current student without gradient through steps < k, as at inference, and train
-        the k-th step on its own input distribution.
+        the k-th step on its own input distribution. The earlier steps re-noise as the sampler does
+        (``student.sampler``), so a ddim student trains on the deterministic trajectory it samples.
         """
         if self.num_steps == 1:
             return self.denoiser.denoise_native(z, self.sigmas[0], cond)
@@ -129,5 +140,5 @@ class Generator(nn.Module):
         with torch.no_grad():
             for i in range(k):
                 x0 = self.denoiser.denoise_native(x_native, self.sigmas[i], cond)
-                x_native = self.renoise(x0, self.sigmas[i + 1], torch.randn_like(z))
+                x_native = self.next_input(x_native, x0, self.sigmas[i], self.sigmas[i + 1], lambda: torch.randn_like(z))
         return self.denoiser.denoise_native(x_native, self.sigmas[k], cond)

@@ -2,7 +2,6 @@
 folder (a student or a teacher) sampled on the fly. Every source yields uint8 (N, C, H, W) tensors."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -14,8 +13,6 @@ from .errors import FastdiffError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FMNIST_PREFIX = "fashion-mnist:"
-FMNIST_ENV = "FASTDIFF_FASHION_MNIST"
-FMNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass
@@ -127,15 +124,12 @@ def _folder_source(path: Path) -> ImageSource:
 
 
 def _fashion_mnist_source(spec: str, data_path: str | None) -> ImageSource:
-    from .data import load_fashion_mnist
+    from .data import fashion_mnist_root, load_fashion_mnist
 
     split = spec[len(FMNIST_PREFIX):]
     if split not in ("train", "test"):
         raise FastdiffError(f"{spec}: use fashion-mnist:train or fashion-mnist:test")
-    root = data_path or os.environ.get(FMNIST_ENV) or FMNIST_DEFAULT
-    if not Path(root).is_dir():
-        raise FastdiffError(f"Fashion-MNIST folder {root} does not exist; pass --data-path DIR or set ${FMNIST_ENV}")
-    images, _ = load_fashion_mnist(root, split)
+    images, _ = load_fashion_mnist(fashion_mnist_root(data_path, "--data-path"), split)
     return ImageSource(f"fmnist-{split}", len(images), (1, *images.shape[1:]), _array_batches(images[:, None]))
 
 

@@ -60,6 +60,15 @@ def with_lora(model: nn.Module, rank: int, what: str) -> nn.Module:
     return net.train()
 
 
+def lora_rank(model: nn.Module) -> int:
+    """The rank of a LoRA network's adapters (the largest, should they differ); 0 for a network without any."""
+    if not is_lora(model):
+        return 0
+    from peft.tuners.lora import LoraLayer
+
+    return max((r for m in model.modules() if isinstance(m, LoraLayer) for r in m.r.values()), default=0)
+
+
 def lora_copy(lora_model: nn.Module) -> nn.Module:
     """A copy of a LoRA network with its own adapter weights and the same shared base (for the EMA)."""
     frozen = {id(p): p for n, p in lora_model.named_parameters() if "lora_" not in n}

@@ -36,15 +36,20 @@ class Optimizer:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, accelerator: Accelerator, clip_value: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(gradient norm, applied): both device tensors. A non-finite gradient is never applied: the update is
         skipped (the learning-rate schedule still advances, so it stays tied to the step count).
 
         With fused AdamW (CUDA) the skip happens inside the kernel: it takes ``found_inf`` as GradScaler hands
         it over, so the step never waits for the device. Elsewhere (CPU, fp16 loss scaling) deciding it costs one
-        host synchronisation, which the CPU does not notice."""
+        host synchronisation, which the CPU does not notice.
+
+        ``clip_value``: clip each gradient element to [-clip_value, clip_value] before the norm clip (SiDA's
+        fake-score ``clip_grad_value_``)."""
         _average_gradients(self.params, accelerator)
         self.scaler.unscale_(self.opt)
+        if clip_value:
+            torch.nn.utils.clip_grad_value_(self.params, clip_value)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         finite = torch.isfinite(norm)
         if self.opt.defaults.get("fused") and not self.scaler.is_enabled():
@@ -72,9 +77,10 @@ class Optimizer:
 
 def lr_factor(step: int, train) -> float:
     """Learning-rate multiplier after ``step`` optimizer steps: linear warm-up, then constant or cosine to 0."""
-    if step < train.lr_warmup_steps:
-        return (step + 1) / train.lr_warmup_steps
+    warmup = train.lr_warmup_steps or 0  # null before the trainer resolves the objective's default
+    if step < warmup:
+        return (step + 1) / warmup
     if train.lr_schedule == "constant":
         return 1.0
-    span = max(train.max_steps - train.lr_warmup_steps, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(step - train.lr_warmup_steps, span) / span))
+    span = max(train.max_steps - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))

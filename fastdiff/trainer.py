@@ -27,9 +27,9 @@ from .config import Config, ObjectiveConfig, to_dict
 from .data import as_model_range, real_images_for
 from .denoiser import Denoiser
 from .errors import FastdiffError
-from .export import export_student
+from .export import check_exportable, export_student
 from .generator import Generator
-from .consistency import network_view
+from .consistency import consistency_start, network_view
 from .guidance import with_guidance_embedding
 from .objectives import NEEDS_GAN, build, objective_class
 from .objectives.gan import GANHead
@@ -39,6 +39,7 @@ from .embedded import resolve_teacher_path
 from .attention import set_attention
 from .lora import is_lora, lora_copy
 from .networks import check_student, checkpoint_view, fake_score_model, student_model_for  # noqa: F401 - re-exported
+from .networks import enable_gradient_checkpointing, lora_export_mode, methods_used
 from .optim import Optimizer, lr_factor  # noqa: F401 - lr_factor re-exported
 from .text import PromptEncoder, PromptSampler, read_prompts
 
@@ -64,14 +65,17 @@ def student_denoiser(cfg: Config, teacher: Teacher, model: torch.nn.Module) -> D
 
 
 def sigma_init(cfg: Config, teacher: Teacher | None = None) -> float | None:
-    """student.sigma_init with ``auto`` resolved: 2.5 for distribution matching on VP teachers, else the top.
+    """student.sigma_init with ``auto`` resolved: 2.5 for distribution matching on VP teachers; for consistency
+    students ``consistency_start`` (1 / a_t <= 15 on epsilon VP teachers, else the top); the top for flow teachers.
 
     Flow students start at t = 1 (pure noise) as their pipelines do: there ``x0 = x - t v`` is well conditioned,
     unlike an epsilon student's ``x0 = (x - s eps) / a`` at the top of a VP schedule."""
     if cfg.student.sigma_init != "auto":
         return cfg.student.sigma_init
+    if trains_on_data(cfg):
+        return consistency_start(teacher.denoiser) if teacher is not None else None
     flow = teacher is not None and teacher.denoiser.schedule.kind == "flow"
-    return None if trains_on_data(cfg) or flow else 2.5
+    return None if flow else 2.5
 
 
 def trains_on_data(cfg: Config) -> bool:
@@ -90,7 +94,7 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
     if teacher.denoiser.schedule.kind == "flow" and sigma_init(cfg, teacher) is not None:
         raise FastdiffError("flow-matching students start from pure noise (t = 1), as their pipelines do: "
                             "set student.sigma_init to null or auto")
-    if cfg.student.sampler == "ddim" and sigma_init(cfg, teacher) is not None:
+    if cfg.student.sampler == "ddim" and sigma_init(cfg, teacher) is not None and not trains_on_data(cfg):
         raise FastdiffError("student.sampler ddim starts at the top of the schedule: set student.sigma_init to null")
     if uses_gan(cfg) and not objective_class(o.name).uses_fake_score:
         raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
@@ -101,6 +105,9 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
     if cfg.student.lora_rank and cfg.student.lora_export != "fused" and pipe is not None \
             and not hasattr(type(pipe), "save_lora_weights"):
         raise FastdiffError(f"{type(pipe).__name__} cannot load LoRA weights: set student.lora_export=fused")
+    if cfg.student.lora_rank and cfg.student.lora_export == "lora" and pipe is None:
+        raise FastdiffError(f"{cfg.teacher.path} has no pipeline that loads LoRA weights (DDPMPipeline and fastdiff's "
+                            "class-conditional pipeline take a full UNet): set student.lora_export=fused")
 
 
 def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, student: Denoiser):
@@ -108,14 +115,47 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
     try:
         gan_head = GANHead(fake) if uses_gan(cfg) else None
         options = {k: getattr(o, k) for k in OBJECTIVE_OPTIONS}
+        if trains_on_data(cfg):  # consistency students train up to the level they sample from
+            options["sigma_max"] = sigma_init(cfg, teacher)
         if teacher.conditioning == "text":  # the papers' text-to-image settings where the config leaves them open
             if o.name == "dmd2" and options["critic_updates"] is None:
-                options["critic_updates"] = 10  # DMD2 Sec. 4.2: 10 fake-score updates per generator update (SDXL)
+                # DMD2's experiments/ scripts: --dfake_gen_update_ratio 10 for SD1.5, 5 for SDXL (and ImageNet)
+                options["critic_updates"] = 5 if "XL" in type(teacher.pipeline).__name__ else 10
             if o.name == "sid" and options["alpha"] is None:
                 options["alpha"] = 1.0  # SiD-LSG (Zhou et al. 2024b) uses alpha 1 for Stable Diffusion
         return build(o.name, teacher.denoiser, fake, gan_head=gan_head, student=student, **options)
     except ValueError as exc:
         raise FastdiffError(str(exc)) from exc
+
+
+# train.* keys whose null means "the objective's reference" (Objective.train_defaults), and what fills the rest.
+TRAIN_FALLBACKS = {"adam_betas": [0.9, 0.999], "weight_decay": 0.01, "lr_warmup_steps": 0}
+
+
+def resolve_train_defaults(cfg: Config, objective) -> None:
+    """Fill the train.* keys left null with the objective's reference values (in place, so checkpoints and the
+    export record what the run used)."""
+    defaults = {**TRAIN_FALLBACKS, **objective.train_defaults()}
+    for key, value in defaults.items():
+        if getattr(cfg.train, key) is None:
+            setattr(cfg.train, key, value)
+
+
+def ema_beta(step: int, global_batch: int, train) -> float:
+    """The generator EMA's decay for update ``step`` (0-based): ``train.ema_decay`` when set, else SiD's / EDM's
+    half-life in images, ramped up to ``ema_rampup`` x the images seen before this update
+    (sid_training_loop.py: ``0.5 ** (batch / max(min(halflife, nimg * rampup), 1e-8))``). The first update's beta
+    is 0, so the EMA never keeps the student's starting weights."""
+    if train.ema_decay is not None:
+        return train.ema_decay
+    halflife = train.ema_halflife_kimg * 1000
+    if train.ema_rampup is not None:
+        halflife = min(halflife, step * global_batch * train.ema_rampup)
+    return 0.5 ** (global_batch / max(halflife, 1e-8))
+
+
+def uses_ema(train) -> bool:
+    return train.ema_decay != 0 if train.ema_decay is not None else train.ema_halflife_kimg > 0
 
 
 # Config fields passed to the objective's constructor (the rest shape the networks or the trainer).
@@ -136,7 +176,16 @@ def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path
 
 # Settings that decide which networks a run has and what their weights mean.
 RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lora_rank", "objective.name", "objective.gan",
-               "objective.fake_lora_rank", "objective.guidance_range", "objective.timestep_scaling", "train.ema_decay")
+               "objective.fake_lora_rank", "objective.guidance_range", "objective.timestep_scaling", "train.ema_decay",
+               "objective.adaptive_weighting",  # scm: whether checkpoints hold the logvar head
+               "train.ema_halflife_kimg", "train.ema_rampup",
+               # what the student means: its first noise level and its multi-step sampler
+               "student.sigma_init", "student.sampler",
+               # the distribution it is trained towards (for cd, the scale distilled in); fastdiff.json records one
+               "teacher.guidance_scale", "objective.fake_guidance", "objective.fake_train_guidance")
+# Allowed to change on resume, with a logged line: SiD's alpha weights the two terms of the generator gradient,
+# whose fixed point (fake score = teacher score) does not depend on it, so the checkpoint's networks keep their meaning.
+LOGGED_RESUME_KEYS = ("objective.alpha",)
 
 
 class Trainer:
@@ -168,6 +217,9 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=mp, log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        if mp != "no" and not self.accelerator.native_amp:  # accelerate's fp16 needs an accelerator
+            self.accelerator.print(f"train.mixed_precision {mp}: accelerate has no {mp} autocast on "
+                                   f"{self.accelerator.device.type}; training runs in float32")
         # The same seed on every process: replicated networks (fake score, GAN head, LoRA) start identical.
         set_seed(cfg.train.seed, device_specific=False)
         torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: fp32 runs stay fast
@@ -185,18 +237,20 @@ class Trainer:
                                    cfg.student.sampler)
         fake = None
         if objective_class(cfg.objective.name).uses_fake_score:
-            fake = student_like(teacher, fake_score_model(cfg, teacher).to(device))
+            fake = student_like(teacher, fake_score_model(cfg, teacher, self.accelerator.print).to(device))
         self.attention = self._prepare_networks(teacher.model, student_model, fake.model if fake else None)
         self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
+        resolve_train_defaults(cfg, self.objective)
         self.ema = None
-        if cfg.train.ema_decay > 0:  # a LoRA student's EMA keeps its own adapters and shares the base
+        if uses_ema(cfg.train):  # a LoRA student's EMA keeps its own adapters and shares the base
             self.ema = lora_copy(student_model) if is_lora(student_model) else copy.deepcopy(student_model)
             self.ema.requires_grad_(False).eval()
         self._ema_pairs = []  # (EMA parameter, trained parameter): a LoRA student's adapters only
         if self.ema is not None:
             ema_params = dict(self.ema.named_parameters())
             self._ema_pairs = [(ema_params[n], p) for n, p in student_model.named_parameters() if p.requires_grad]
-        self.opt_g = Optimizer([student_model], cfg.train.lr_generator, cfg, mp == "fp16")
+        self.opt_g = Optimizer([student_model, *self.objective.generator_modules()], cfg.train.lr_generator, cfg,
+                               mp == "fp16")
         critic = self.objective.critic_modules()
         # The critic's schedule follows generator updates, of which each has critic_updates critic steps.
         self.opt_c = (Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates)
@@ -204,6 +258,18 @@ class Trainer:
         self.step = 0
         # Non-finite updates not applied, counted on the device (read at log steps, so no step waits for it).
         self.skipped = {k: torch.zeros((), dtype=torch.long, device=device) for k in ("generator", "critic", "consecutive")}
+        if lora_export_mode(cfg, teacher) != cfg.student.lora_export and cfg.student.lora_rank:
+            self.accelerator.print(f"student.lora_export {cfg.student.lora_export}: {cfg.teacher.path} has no pipeline "
+                                   "that loads LoRA weights; the LoRA student is exported fused")
+
+    def methods_used(self) -> dict:
+        """Where a setting can fall back, what this run does (see ``networks.methods_used``)."""
+        fake = self.objective.fake
+        methods = methods_used(self.cfg, self.teacher, self.objective, self.generator.denoiser.model,
+                               fake.model if fake is not None else None)
+        if self.cfg.train.mixed_precision != "no":  # whether the networks really run under bf16 / fp16 autocast
+            methods["mixed_precision_autocast"] = self.accelerator.native_amp
+        return methods
 
     # --- inputs ---------------------------------------------------------------------------------
     def _training_prompts(self) -> PromptSampler | None:
@@ -312,6 +378,11 @@ class Trainer:
             if before != after:
                 raise FastdiffError(f"{self.out} was trained with {key}={before!r}, this config has {after!r}; resume "
                                     f"with the run's own config ({saved_file}) or start a new output_dir")
+        for key in LOGGED_RESUME_KEYS:
+            section, name = key.split(".")
+            before, after = saved.get(section, {}).get(name), now[section][name]
+            if before != after:
+                self.accelerator.print(f"resuming with {key}={after!r}; the run was trained with {before!r} until now")
 
     def load(self, which: str) -> None:
         self.check_resume_config()
@@ -363,11 +434,13 @@ class Trainer:
                         x = self.generator.training_sample(z, cond)
                 loss, logs = loss_of(x, cond, self._real(n) if critic else None)
             opt.backward(loss / accum)
-        return logs, opt.step(self.accelerator)
+        return logs, opt.step(self.accelerator, self.objective.critic_clip if critic else None)
 
     def train_step(self) -> dict:
         obj = self.objective
         obj.step = self.step
+        t = self.cfg.train
+        obj.images_seen = self.step * t.batch_size * t.gradient_accumulation * self.accelerator.num_processes
         logs = {}
         critic_params = self.opt_c.params if self.opt_c else []
         for p in critic_params:
@@ -385,9 +458,11 @@ class Trainer:
         logs["skipped_updates"] = self.skipped["generator"] + self.skipped["critic"]
         obj.after_generator_step()
         if self._ema_pairs:
+            t = self.cfg.train
+            beta = ema_beta(self.step, t.batch_size * t.gradient_accumulation * self.accelerator.num_processes, t)
             with torch.no_grad():
                 for e, p in self._ema_pairs:
-                    e.lerp_(p, 1 - self.cfg.train.ema_decay)
+                    e.lerp_(p, 1 - beta)
         return logs
 
     def _prepare_networks(self, teacher_model, student_model, fake_model) -> str:
@@ -399,8 +474,9 @@ class Trainer:
         t = self.cfg.train
         backend = "sdpa"
         for net in (n for n in (teacher_model, student_model, fake_model) if n is not None):
-            if t.gradient_checkpointing and net is not teacher_model and getattr(net, "_supports_gradient_checkpointing", False):
-                net.enable_gradient_checkpointing()
+            if t.gradient_checkpointing and net is not teacher_model:
+                name = "generator" if net is student_model else "fake score"
+                enable_gradient_checkpointing(net, name, self.accelerator.print)
             backend, _, _ = set_attention(net, t.attention)
             if t.channels_last:
                 net.to(memory_format=torch.channels_last)
@@ -471,11 +547,13 @@ class Trainer:
         model = self._student_weights()
         if not is_lora(model):  # a LoRA student's export reads its adapters and merges into a fresh model
             model = copy.deepcopy(model).cpu().eval()
-        info = export_info(self.cfg, self.step, self.ema is not None, self.teacher)
+        info = {**export_info(self.cfg, self.step, self.ema is not None, self.teacher), "methods": self.methods_used()}
         return export_student(model, self.teacher, info, out or self.out / "student")
 
     def fit(self, export: bool = True) -> Path | None:
         cfg, acc = self.cfg, self.accelerator
+        if export:  # an export that cannot succeed fails now, not after training
+            check_exportable(self._student_weights(), self.teacher)
         if self.resume:
             self.load(self.resume)
         elif self.overwrite and acc.is_main_process and self.out.exists():
@@ -500,6 +578,7 @@ class Trainer:
                     values = {k: float(v) for k, v in logs.items()}
                     values["images_per_second"] = ((self.step - first_step) * cfg.train.batch_size * acc.num_processes
                                                    * cfg.train.gradient_accumulation) / max(time.time() - start, 1e-9)
+                    values.update({f"method_{k}": float(v) for k, v in self.methods_used().items()})
                     acc.log(values, step=self.step)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.startswith("loss")})
                     if metrics:
@@ -550,4 +629,5 @@ def export_info(cfg: Config, step: int, ema: bool, teacher: Teacher) -> dict:
             "settings": {"teacher.guidance_scale": cfg.teacher.guidance_scale,
                          "objective": to_dict(cfg)["objective"], "train.batch_size": cfg.train.batch_size,
                          "train.lr_generator": cfg.train.lr_generator, "train.lr_critic": cfg.train.lr_critic,
-                         "train.mixed_precision": cfg.train.mixed_precision, "train.ema_decay": cfg.train.ema_decay}}
+                         "train.mixed_precision": cfg.train.mixed_precision, "train.ema_decay": cfg.train.ema_decay,
+                         "train.ema_halflife_kimg": cfg.train.ema_halflife_kimg, "train.ema_rampup": cfg.train.ema_rampup}}

@@ -16,6 +16,8 @@ and the run-state cases in test_reliability.py):
 | config     | unknown lr_schedule / mixed_precision / sampler   | must be ... or ...                             |
 | config     | option that does not apply to the objective       | does not apply to dmd2                         |
 | config     | ddim sampler with a truncated first level         | set student.sigma_init to null                 |
+| config     | lora_export lora on a teacher without LoRA loading| set student.lora_export=fused                  |
+| export     | a student no pipeline can take (analytic teacher) | not supported (before any training step)       |
 | config     | config file missing / not a mapping               | neither a file nor a named config / mapping    |
 | data       | data resolution != teacher resolution             | does not match the teacher's sample size       |
 | data       | missing data folder for the GAN head              | is not a folder                                |
@@ -74,8 +76,9 @@ def _distill(tmp_path, *sets):
     (["teacher.path={teacher}", "student.num_steps=0"], "student.num_steps must be a positive integer"),
     (["teacher.path={teacher}", "train.lr_generator=abc"], "train.lr_generator: expected float"),
     (["teacher.path={teacher}", "objective.c=0.1"], "objective.c does not apply to dmd2"),
-    (["teacher.path={teacher}", "objective.name=cd", "student.sampler=ddim", "student.sigma_init=2.5"],
-     "set student.sigma_init to null"),
+    (["teacher.path={teacher}", "student.sampler=ddim", "student.sigma_init=2.5"], "set student.sigma_init to null"),
+    (["teacher.path={teacher}", "student.lora_rank=2", "student.lora_export=lora"], "set student.lora_export=fused"),
+    (["teacher.path={gmm}"], "export of GaussianMixtureModel students on a vp schedule is not supported"),
 ])
 def test_distill_bad_input(tmp_path, capsys, tiny_teacher, sets, fragment):
     (tmp_path / "empty").mkdir()
@@ -83,7 +86,11 @@ def test_distill_bad_input(tmp_path, capsys, tiny_teacher, sets, fragment):
     (tmp_path / "no_scheduler" / "unet" / "config.json").write_text("{}")
     (tmp_path / "data").mkdir()
     fill = {"empty": tmp_path / "empty", "no_scheduler": tmp_path / "no_scheduler", "teacher": tiny_teacher,
-            "data": tmp_path / "data"}
+            "data": tmp_path / "data", "gmm": tmp_path / "gmm"}
+    if any("{gmm}" in s for s in sets):
+        from fastdiff.analytic import GaussianMixtureModel
+
+        GaussianMixtureModel().save_teacher(tmp_path / "gmm")
     rc = _distill(tmp_path, *[s.format(**fill) for s in sets])
     err = capsys.readouterr().err.strip()
     assert rc == 2

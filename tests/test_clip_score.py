@@ -37,6 +37,28 @@ def test_scores_match_open_clip_pipeline(tiny_clip):
                                100 * expected.clamp(min=0), atol=1e-3, rtol=1e-5)
 
 
+# Measured before the fix (max |difference| in uint8 levels after undoing the normalisation): 28x28 (upscaled) 13.5,
+# 64x64 (downscaled) 3.2, 40x54 / 40x56 / 17x23 (cropped) 170-185: open_clip's Resize truncates the long side
+# (int(32 * 56 / 40) = 44, not round's 45) and CenterCrop rounds its offset (round(11 / 2) = 6, not 5), and PIL
+# resizes in uint8. torchvision's resize + center_crop on uint8 tensors (bicubic, antialias) are within 1 level
+# of PIL on every size here, so that is the tolerance: 1 uint8 level, plus float32 rounding of the normalisation.
+@pytest.mark.parametrize("size", [(28, 28), (64, 64), (40, 54), (40, 56), (17, 23), (100, 70)])
+def test_preprocessing_matches_open_clip_transform_at_other_sizes(tiny_clip, size):
+    import open_clip
+
+    from fastdiff.clip_score import ClipScorer
+
+    config, weights = tiny_clip
+    scorer = ClipScorer(NAME, weights, config)
+    _, _, preprocess = open_clip.create_model_and_transforms(NAME, pretrained=weights)
+    images = np.random.default_rng(size[0] * size[1]).integers(0, 256, (2, *size, 3), dtype=np.uint8)
+    expected = torch.stack([preprocess(Image.fromarray(i)) for i in images])
+    got = scorer.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert got.shape == expected.shape == (2, 3, 32, 32)
+    levels = ((got - expected) * scorer.std * 255).abs().max()
+    assert levels <= 1 + 1e-3, float(levels)
+
+
 def test_grayscale_and_resize(tiny_clip):
     from fastdiff.clip_score import ClipScorer
 

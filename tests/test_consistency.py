@@ -3,6 +3,7 @@ ODE steps against the exact ODE, cd's gradient converging to scm's, JVP against 
 fallback, training through the trainer, export reproduced by diffusers, and the reference teachers."""
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from fastdiff.objectives.cd import ConsistencyDistillation
 from fastdiff.objectives.scm import SIGMA_DATA, ContinuousConsistency
 from fastdiff.teacher import load_teacher
 from conftest import tiny_unet
-from test_export_e2e import assert_pipeline_matches, write_fake_fashion_mnist
+from test_export_e2e import assert_pipeline_matches, fastdiff_images, write_fake_fashion_mnist
 
 FAST = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "train.sample_every=1",
         "train.num_sample_images=4", "train.log_every=1"]
@@ -62,7 +63,13 @@ def test_boundary_condition_and_lcm_scheduler_agree(tiny_teacher):
         eps = teacher.model(x, t).sample
         ours = student.denoise_native(x, d.schedule.sigma_at(t.reshape(1)))
     theirs = sched.step(eps, t, x).denoised
-    assert (ours - theirs).abs().max() < 1e-5
+    # x0 = (x - s eps) / a at t = 999 of a linear table (1 / a = 157): values ~400 for this random UNet. The two
+    # computations differ in how a, s are rounded (1 ulp each) and in operation order, so the float32 error bound is
+    # a few eps32 times (|x| + s |eps|) / a + |x0|; 4 x that holds on any x86-64 CPU (measured 3.1e-5 on an AMD EPYC,
+    # 8e-8 of the values), while a wrong boundary scaling would be off by O(|x0|).
+    a = d.schedule.alpha(d.schedule.sigma_at(t.reshape(1)))
+    bound = 4 * torch.finfo(torch.float32).eps * ((x.abs().max() + eps.abs().max()) / a + theirs.abs().max())
+    assert (ours - theirs).abs().max() <= bound, ((ours - theirs).abs().max(), bound)
 
 
 def exact_ode(x, sigma, sigma_next, mean, std):
@@ -198,7 +205,38 @@ def test_consistency_trains_exports_and_diffusers_reproduces_it(name, extra, tin
     assert info["sampler"] == sampler and scheduler == {"ddim": "DDIMScheduler", "lcm": "LCMScheduler"}[sampler]
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     assert (ckpt / "cd_target.safetensors").is_file() == (name == "cd" and "objective.target_ema=0" not in extra)
+    assert (ckpt / "scm_logvar.safetensors").is_file() == (name == "scm")
+    if name == "scm":  # the adaptive weighting's head (zero at the start) was trained by the generator's optimizer
+        from safetensors.torch import load_file
+        assert any(v.abs().sum() > 0 for v in load_file(ckpt / "scm_logvar.safetensors").values())
     assert_pipeline_matches(run / "student", labels=[0, 1, 2])
+
+
+def test_epsilon_consistency_students_start_below_the_top(tiny_teacher, tmp_path):
+    """On a linear-beta epsilon teacher a cd student starts (and trains) at timestep 727 (1 / a_t <= 15, 728 a
+    multiple of 8), not 999; the ddim sampler exports DDIMScheduler on the truncated table and diffusers reproduces
+    it; cd's grid and scm's noise levels stop at the same level."""
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=8)
+    run = distill(tiny_teacher, tmp_path / "run", "objective.name=cd", f"data.path={data}", "data.resolution=8",
+                  "student.sampler=ddim", "student.num_steps=4")
+    info = json.loads((run / "student" / "fastdiff.json").read_text())
+    sched = json.loads((run / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert info["top_timestep"] == 727 and sched["_class_name"] == "DDIMScheduler" and sched["num_train_timesteps"] == 728
+    assert_pipeline_matches_scaled(run / "student")
+    teacher = load_teacher(tiny_teacher)
+    d = teacher.denoiser
+    top = d.schedule.sigma_at(torch.tensor([727]))
+    assert float(top[0]) == info["sigma_init"]
+    assert (1 + top.double() ** 2).sqrt() <= 15 < (1 + d.schedule.sigma_at(torch.tensor([736])).double() ** 2).sqrt()
+    cd = ConsistencyDistillation(d, None, Denoiser(teacher.model, d.schedule, "epsilon"), sigma_max=float(top[0]))
+    assert torch.equal(cd.grid(50, "cpu")[-1:], top)
+    scm = ContinuousConsistency(d, None, Denoiser(teacher.model, d.schedule, "epsilon"), sigma_max=float(top[0]))
+    t = scm.sample_time(4096, "cpu")
+    # t is float32: one ulp of t (eps32 t) moves tan(t) by eps32 t / (sin t cos t) relative (5e-6 here); allow 2 ulp
+    t_top = torch.atan(top.double() / SIGMA_DATA)
+    rel = 2 * torch.finfo(torch.float32).eps * t_top / (torch.sin(t_top) * torch.cos(t_top))
+    assert (SIGMA_DATA * torch.tan(t.double())).max() <= top.double() * (1 + rel)
 
 
 def test_guidance_range_student_reads_the_scale(tiny_cond_teacher, tmp_path):
@@ -272,7 +310,45 @@ def test_reference_teacher_consistency_smoke(name, teacher_name, shared_teacher,
     run = distill(teacher, tmp_path / "run", f"objective.name={name}", f"data.path={data}", "student.num_steps=2",
                   *extra)
     labels = [3, 7] if teacher_name == "fmnist-cond-vpred" else None
-    assert_pipeline_matches(run / "student", labels=labels)
+    info = json.loads((run / "student" / "fastdiff.json").read_text())
+    # epsilon teachers: consistency students start where 1 / a_t <= 15 (t0 + 1 a multiple of 8); v: the top
+    assert info["top_timestep"] == (727 if teacher_name == "fmnist-ddpm" else 999), info["top_timestep"]
+    assert_pipeline_matches_scaled(run / "student", labels=labels)
+
+
+def assert_pipeline_matches_scaled(student, labels=None, seed=11):
+    """diffusers' pipeline for the exported folder equals fastdiff's sampler at 1, 2 and 4 steps, to a bound scaled
+    by the first level's 1 / a_t: both run the same network on the same input and differ only in how the scheduler
+    rounds a_t, s_t (1 ulp) and orders its float32 operations, so per step the image error is a few eps32 times
+    ``(|x| + s |eps|) / a / 2`` (x0 -> image halves it); the later steps' 1 / a are smaller. On the top of a linear
+    table (1 / a = 157) that is ~1e-4: a fixed 1e-5 failed there on an AMD EPYC (1.9e-5)."""
+    import numpy as np
+    from diffusers import DDPMPipeline
+    from fastdiff.export import read_student_info
+    from fastdiff.pipelines import FastdiffClassConditionalPipeline
+
+    import test_export_e2e
+
+    getattr(test_export_e2e, "TRAINERS", {}).pop(Path(student).resolve().parent, None)  # its run's trainer: free it
+    info = read_student_info(student)
+    teacher = load_teacher(str(student))
+    sigma_top = teacher.denoiser.schedule.sigma_at(torch.tensor([float(info["top_timestep"])]))
+    inv_a = float((1 + sigma_top.double() ** 2).sqrt())
+    n = 3 if labels is None else len(labels)
+    z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(seed))
+    # |x| <= max|z| and s |eps| ~ |x| at the top; 8 operations' worth of rounding (scheduler plus re-noising).
+    bound = 8 * torch.finfo(torch.float32).eps * (2 * float(z.abs().max())) * inv_a / 2
+    for steps in (1, 2, 4):
+        if labels is None:
+            pipe = DDPMPipeline.from_pretrained(student)
+            ref = pipe(batch_size=n, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                       output_type="np").images
+        else:
+            pipe = FastdiffClassConditionalPipeline.from_pretrained(student)
+            ref = pipe(class_labels=labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                       output_type="np").images
+        ours = fastdiff_images(student, steps, seed, n, labels)
+        assert np.abs(ours - ref).max() <= bound, (steps, np.abs(ours - ref).max(), bound)
 
 
 @pytest.mark.slow
@@ -291,3 +367,105 @@ def test_bench_gmm_consistency_rows(tmp_path):
         r = rows[name]
         assert r["sw2"] <= 3 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
         assert r["sw2"] < rows["teacher-ddim-4"]["sw2"] / 2, r
+
+
+def fastgen_scm_loss(F_theta, F_theta_jvp, x_t_hat, dxt_dt, logvar, sigma_t, t_hat, r, c=0.1, sigma_data=0.5, D=1.0):
+    """Transcribed from NVlabs/FastGen fastgen/methods/consistency_model/sCM.py ``SCMModel._scm_pred_to_loss`` (float64,
+    TrigFlow alpha = cos, sigma = sin; g_norm_spatial_invariance on, prior_weighting_enabled on; D = 1 is
+    divide_x_0_spatial_dim off, the paper's ||.||^2 / D, which fastdiff follows)."""
+    F_ = F_theta.detach()
+    a = torch.cos(t_hat).reshape(-1, 1, 1, 1)
+    s = torch.sin(t_hat).reshape(-1, 1, 1, 1)
+    g1 = -a * a * (sigma_data * F_ - dxt_dt)
+    g2 = -(a * s * x_t_hat + sigma_data * F_theta_jvp)
+    g = g1 + r * g2
+    g_norm = torch.linalg.vector_norm(g, dim=(1, 2, 3), keepdim=True)
+    g_norm = g_norm * (g_norm.numel() / g.numel()) ** 0.5
+    g = g / (g_norm + c)
+    weight = 1.0 / sigma_t
+    unweighted = torch.mean(torch.square(F_theta - F_ - g), dim=(1, 2, 3))
+    return weight / (torch.exp(logvar) * D) * unweighted + logvar
+
+
+def test_scm_weighted_loss_matches_fastgen_in_value_and_gradient():
+    """Same tensors through FastGen's formula and fastdiff's (tangent_loss + weighted), in float64: losses and the
+    gradients in F and in the logvar head agree to float64 rounding (a few 1e-16 relative; asserted at 1e-12)."""
+    torch.manual_seed(0)
+    gauss = GaussianMixtureModel(sample_size=2, weights=(1.0,), stds=(0.3,), seed=3)
+    from fastdiff.objectives.scm import tangent_loss
+    d = Denoiser(gauss, _vp_schedule(), "sample")
+    scm = ContinuousConsistency(d, None, d).double()
+    with torch.no_grad():  # a logvar head that is not at its zero start
+        scm.logvar.linear.weight.normal_(0, 0.3)
+        scm.logvar.linear.bias.fill_(0.2)
+    n = 5
+    t = torch.tensor([0.05, 0.4, 0.8, 1.2, 1.5], dtype=torch.float64)
+    x_t, dxt_dt, jvp = (torch.randn(n, 1, 4, 4, dtype=torch.float64) for _ in range(3))
+    F = torch.randn(n, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    r = 0.3
+    ours = scm.weighted(tangent_loss(F, jvp, x_t, dxt_dt, t, r, 0.1)[0], t)
+    g_ours = torch.autograd.grad(ours.sum(), [F, *scm.logvar.parameters()])
+    sigma = 0.5 * torch.tan(t)
+    theirs = fastgen_scm_loss(F, jvp, x_t, dxt_dt, scm.logvar(sigma), sigma, t, r)
+    g_theirs = torch.autograd.grad(theirs.sum(), [F, *scm.logvar.parameters()])
+    assert torch.allclose(ours, theirs, rtol=1e-12, atol=0)
+    for a, b in zip(g_ours, g_theirs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-300)
+
+
+def _vp_schedule():
+    from diffusers import DDPMScheduler
+    from fastdiff.schedule import schedule_from_scheduler
+    return schedule_from_scheduler(DDPMScheduler())
+
+
+def test_scm_weighted_generator_gradient_equals_the_closed_form(gaussian_teacher):
+    """Independent computation on a tiny MLP student: the stop-gradient loss ``w e^-lv mean((F - sg(F + g))^2)``
+    has parameter gradient ``-(2 / D) w e^-lv J_F^T g`` (g normalised), a vector-Jacobian product of F alone.
+    float32, relative error measured 3e-7; asserted at 1e-5 (rounding of ~1e3 summed products of size ~1)."""
+    teacher = gaussian_teacher.denoiser
+    student = mlp_student(gaussian_teacher, consistency=False)
+    scm = ContinuousConsistency(teacher, None, student, tangent="jvp", tangent_warmup=0)
+    with torch.no_grad():
+        scm.logvar.linear.bias.fill_(0.4)
+    gen = torch.Generator().manual_seed(1)
+    n = 4
+    x_t = torch.randn(n, 1, 2, 2, generator=gen) * 0.5
+    t = torch.tensor([0.2, 0.6, 1.0, 1.3])
+    params = list(student.model.parameters())
+    loss = scm.weighted(scm.loss_at(x_t, t)[0], t).sum()
+    grads = torch.autograd.grad(loss, params)
+
+    # the same tangent g, rebuilt without the loss, and the closed form through one VJP of F
+    with torch.no_grad():
+        cos, sin = torch.cos(t).reshape(-1, 1, 1, 1), torch.sin(t).reshape(-1, 1, 1, 1)
+        dxt_dt = (cos * x_t - teacher(x_t / cos, 0.5 * torch.tan(t))) / sin
+        dF = scm.time_derivative(x_t, t, None, dxt_dt)
+        F0 = scm.F(x_t, t, None)
+        g = -cos**2 * (0.5 * F0 - dxt_dt) - (cos * sin * x_t + 0.5 * dF)
+        g = g / (g.flatten(1).pow(2).mean(1).sqrt() + 0.1).reshape(-1, 1, 1, 1)
+        sigma = 0.5 * torch.tan(t)
+        coef = (-(2 / g[0].numel()) / sigma * torch.exp(-scm.logvar(sigma))).reshape(-1, 1, 1, 1)
+    F = scm.F(x_t, t, None)
+    expected = torch.autograd.grad(F, params, grad_outputs=coef * g)
+    for a, b in zip(grads, expected):
+        assert (a - b).norm() <= 1e-5 * b.norm(), ((a - b).norm(), b.norm())
+
+
+def test_scm_defaults_follow_the_reference(tiny_teacher, tmp_path):
+    """Resolved config of an scm run: sCM's optimizer (betas (0.9, 0.99), no weight decay), 10k warm-up updates,
+    both weightings on, the logvar head in the generator's optimizer and in checkpoints."""
+    from fastdiff.config import load_config
+    from fastdiff.trainer import Trainer
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=8)
+    cfg = load_config(None, [f"teacher.path={tiny_teacher}", "objective.name=scm", f"data.path={data}",
+                             "data.resolution=8", f"output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, progress=False)
+    obj = trainer.objective
+    assert cfg.train.adam_betas == [0.9, 0.99] and cfg.train.weight_decay == 0.0
+    assert obj.tangent_warmup == 10_000 and obj.prior_weighting and obj.logvar is not None
+    opt_params = {id(p) for p in trainer.opt_g.params}
+    assert all(id(p) in opt_params for p in obj.logvar.parameters())
+    assert "scm_logvar" in trainer._modules()

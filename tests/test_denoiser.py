@@ -110,10 +110,19 @@ def test_matches_diffusers_scheduler_x0():
 
 
 def test_real_networks_of_each_kind():
+    """Real diffusers networks against hand computations on their own outputs: epsilon -> x0 on the DDPM table
+    and CFG on text (UNet2DConditionModel), the learned-variance half dropped and class CFG with the null class
+    (DiT), and SD3's shifted flow schedule (the scheduler's own sigmas and timesteps) with x0 = x - t v.
+    Each side runs the same network on the same input, so they differ by a few float32 operations on values of
+    order 1-10: tolerance 1e-5 of the values' magnitude."""
     from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+
     torch.manual_seed(0)
-    vp = schedule_from_scheduler(DDPMScheduler())
+    ddpm = DDPMScheduler()
+    vp = schedule_from_scheduler(ddpm)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
                                 layers_per_block=1, cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -121,21 +130,49 @@ def test_real_networks_of_each_kind():
     text = {"encoder_hidden_states": torch.randn(2, 3, 8), "uncond_encoder_hidden_states": torch.zeros(2, 3, 8)}
     d = Denoiser(unet, vp, "epsilon")
     x = torch.randn(2, 4, 8, 8)
-    sigma = torch.tensor([1.0, 5.0])
-    assert d(x, sigma, text).shape == x.shape
-    assert torch.isfinite(d(x, sigma, text, guidance_scale=3.0)).all()
+    t = torch.tensor([100, 600])
+    sigma = vp.sigma_at(t)  # on the table: the network must get exactly these integer timesteps
+    a = ddpm.alphas_cumprod[t].sqrt().reshape(-1, 1, 1, 1)
+    s = (1 - ddpm.alphas_cumprod[t]).sqrt().reshape(-1, 1, 1, 1)
+    native = a * x  # x is VE: x0 + sigma eps; the network sees a x0 + s eps = a x
+
+    def x0_of(model, **kw):
+        with torch.no_grad():
+            return (native - s * model(native, t, **kw).sample[:, :4]) / a
+
+    with torch.no_grad():
+        cond_x0, guided = d(x, sigma, text), d(x, sigma, text, guidance_scale=3.0)
+    close(cond_x0, x0_of(unet, encoder_hidden_states=text["encoder_hidden_states"]))
+    uncond_x0 = x0_of(unet, encoder_hidden_states=text["uncond_encoder_hidden_states"])
+    close(guided, uncond_x0 + 3.0 * (cond_x0 - uncond_x0))
 
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
                                 num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=5, norm_num_groups=4)
     d = Denoiser(dit, vp, "epsilon", null_class=5)
-    cond = {"class_labels": torch.tensor([0, 4])}
-    assert d(x, sigma, cond, guidance_scale=2.0).shape == x.shape  # learned-variance half dropped
+    with torch.no_grad():
+        guided = d(x, sigma, {"class_labels": torch.tensor([0, 4])}, guidance_scale=2.0)
+    assert guided.shape == x.shape  # the learned-variance half (channels 4-7) is dropped
+    cond_x0 = x0_of(lambda *a_, **k: dit(*a_, **k), class_labels=torch.tensor([0, 4]))
+    uncond_x0 = x0_of(lambda *a_, **k: dit(*a_, **k), class_labels=torch.tensor([5, 5]))
+    close(guided, uncond_x0 + 2.0 * (cond_x0 - uncond_x0))
 
     sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4,
                                 num_attention_heads=2, joint_attention_dim=8, caption_projection_dim=8,
                                 pooled_projection_dim=6, out_channels=4, pos_embed_max_size=8)
-    flow = schedule_from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow = schedule_from_scheduler(scheduler)
     d = Denoiser(sd3, flow, "flow")
     cond = {"encoder_hidden_states": torch.randn(2, 3, 8), "pooled_projections": torch.randn(2, 6)}
-    assert d(x, sigma, cond).shape == x.shape
-    assert torch.isfinite(d.denoise_native(x, torch.tensor(float("inf")), cond)).all()
+    # The shift by hand: unshifted u = 0.25 -> t = 3 u / (1 + 2 u) = 0.5; the lowest level is the scheduler's own.
+    assert float(flow.t_of(flow.sigma_at(torch.tensor([250.0])))) == pytest.approx(0.5, rel=1e-6)
+    assert float(flow.t_of(torch.tensor(flow.sigma_min, dtype=torch.float64))) == pytest.approx(scheduler.sigma_min, rel=1e-6)
+    scheduler.set_timesteps(4)  # the pipeline's shifted levels: t = 3 u / (1 + 2 u), timestep = t T
+    for timestep, t_flow in zip(scheduler.timesteps, scheduler.sigmas[:-1]):
+        assert float(timestep) == pytest.approx(1000 * float(t_flow), rel=1e-6)
+        sig = (t_flow / (1 - t_flow)).reshape(1) if t_flow < 1 else torch.tensor([float("inf")])
+        x_native = (1 - t_flow) * x + t_flow * torch.randn_like(x)
+        with torch.no_grad():
+            v = sd3(hidden_states=x_native, timestep=timestep.expand(2), **cond).sample
+            close(d.denoise_native(x_native, sig, cond), x_native - t_flow * v)
+    with torch.no_grad():
+        assert torch.isfinite(d.denoise_native(x, torch.tensor(float("inf")), cond)).all()

@@ -114,6 +114,20 @@ def test_backward_simulation_trains_the_later_steps():
     assert all(p.grad is not None for p in student.model.parameters() if p.requires_grad)
 
 
+def _loss_with_a_nan_sample(obj):
+    """(clean batch, the batch with a NaN in sample 1 (its .grad filled), loss, logs) at noise seed 3; the NaN
+    sample is counted once and the loss stays finite."""
+    x = torch.randn(3, 1, 8, 8)
+    bad = x.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    bad.requires_grad_(True)
+    torch.manual_seed(3)
+    loss, logs = obj.generator_loss(bad)
+    loss.backward()
+    assert torch.isfinite(loss) and int(logs["nonfinite_samples"]) == 1
+    return x, bad, loss, logs
+
+
 @pytest.mark.parametrize("name", ["sid", "sim"])
 def test_nonfinite_samples_are_masked_without_host_sync(name):
     """A NaN sample is dropped by a select (no boolean indexing, so no device sync): the loss is the other
@@ -123,14 +137,7 @@ def test_nonfinite_samples_are_masked_without_host_sync(name):
 
     _, teacher, fake = _pair()
     obj = (SiD if name == "sid" else SIM)(teacher, fake)
-    x = torch.randn(3, 1, 8, 8)
-    bad = x.clone()
-    bad[1, 0, 0, 0] = float("nan")
-    bad.requires_grad_(True)
-    torch.manual_seed(3)
-    loss, logs = obj.generator_loss(bad)
-    loss.backward()
-    assert torch.isfinite(loss) and int(logs["nonfinite_samples"]) == 1
+    x, bad, loss, logs = _loss_with_a_nan_sample(obj)
     assert torch.isfinite(bad.grad[[0, 2]]).all() and bad.grad[[0, 2]].abs().sum() > 0
     # The same value as the two finite samples alone, divided by the batch of 3.
     torch.manual_seed(3)
@@ -147,3 +154,38 @@ def test_nonfinite_samples_are_masked_without_host_sync(name):
         y_r, y_f = teacher(x_t[keep], sigma[keep]), fake(x_t[keep], sigma[keep])
         per = sid_loss(x[keep], y_r, y_f, obj.alpha) if name == "sid" else sim_loss(x[keep], x_t[keep], y_r, y_f, obj.c)
     torch.testing.assert_close(loss.detach(), per.sum() / 3, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("weighting", ["dmd", "vsd"])
+def test_dmd2_and_vsd_mask_nonfinite_samples(weighting, monkeypatch):
+    """A NaN sample (or a NaN teacher output) is dropped and counted, as SiD / SIM do, not zeroed: the loss is
+    the other samples' 0.5 |grad|^2 over the full batch, their gradients are those of the clean batch, and the
+    dropped sample gets exactly zero (the surrogate has no graph through the networks)."""
+    _, teacher, fake = _pair()
+    obj = DMD2(teacher, fake, weighting=weighting)
+    x, bad, loss, logs = _loss_with_a_nan_sample(obj)
+    assert torch.equal(bad.grad[1], torch.zeros_like(bad.grad[1]))
+    # Reference: the DM gradient of the two finite samples at the same noise, 0.5 mean(grad^2) summed / 3.
+    torch.manual_seed(3)
+    sigma = sample_sigma(teacher.schedule, 3, obj.min_t, obj.max_t, "cpu", obj.sigma_grid)
+    x_t = x + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x)
+    keep = torch.tensor([0, 2])
+    g = obj.dm_gradient(x[keep], x_t[keep], sigma[keep], None)
+    # float32 sums of 64 squares per sample: relative rounding ~ 64 x 1.2e-7; rtol 1e-5 covers it.
+    torch.testing.assert_close(loss.detach(), 0.5 * g.pow(2).mean(dim=(1, 2, 3)).sum() / 3, rtol=1e-5, atol=0)
+    # d loss / d x = grad / numel of the batch, per kept sample.
+    torch.testing.assert_close(bad.grad[keep], g / x.numel(), rtol=1e-5, atol=1e-12)
+
+    # A teacher that returns NaN for one sample: counted, not hidden as a zero gradient.
+    real_forward = teacher.forward
+
+    def nan_teacher(x_in, sig, cond=None, guidance_scale=None):
+        out = real_forward(x_in, sig, cond, guidance_scale)
+        return torch.where(torch.arange(len(out)).reshape(-1, 1, 1, 1) == 2, float("nan"), out)
+
+    monkeypatch.setattr(teacher, "forward", nan_teacher)
+    x2 = x.clone().requires_grad_(True)
+    loss2, logs2 = obj.generator_loss(x2)
+    loss2.backward()
+    assert torch.isfinite(loss2) and int(logs2["nonfinite_samples"]) == 1
+    assert torch.equal(x2.grad[2], torch.zeros_like(x2.grad[2])) and x2.grad[:2].abs().sum() > 0

@@ -9,7 +9,7 @@ from fastdiff.cli import main
 from fastdiff.config import load_config
 from fastdiff.teacher import load_teacher
 from fastdiff.trainer import fake_score_model
-from test_export_e2e import assert_pipeline_matches, distill, write_fake_fashion_mnist
+from test_export_e2e import TRAINERS, assert_pipeline_matches, distill, write_fake_fashion_mnist
 
 OBJECTIVES = ["dmd2", "vsd", "sid", "sida", "sim"]
 
@@ -25,6 +25,7 @@ def test_objective_trains_exports_and_loads(name, tiny_cond_teacher, tmp_path):
     if name == "sida":
         assert "loss_gan_g" in logs[-1] and "loss_gan_d" in logs[-1]
     assert json.loads((run / "student" / "fastdiff.json").read_text())["objective"] == name
+    assert run.resolve() in TRAINERS  # the export is checked against the trainer's own generator too
     assert_pipeline_matches(run / "student", labels=[0, 1, 2])
 
 
@@ -70,8 +71,14 @@ def test_bench_gmm_objectives_reach_the_target(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "gmm", "--json", str(out)]) == 0
     rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    init = rows["init (ODE regression)"]["sw2"]  # the warm start alone already beats DDIM-4 / 2 (0.041 < 0.064)
     for name in OBJECTIVES:
         assert rows[name]["sw2"] < rows["teacher-ddim-4"]["sw2"] / 2, rows[name]
+        # Training must add something the warm start lacks: at least 10% lower sw2 than the start it trains from.
+        # Measured (seed 0, this tree, 2026-11-28): start 0.0410; dmd2 0.0339, vsd 0.0358, sida 0.0335, sim 0.0322
+        # (13-21% lower); sid at alpha 1.2 0.0635, worse than its start (it fails here: SiD's default alpha
+        # moves this warm-started student away; eval/results/bench-gmm-cpu/README.md saw the same at 0.0475).
+        assert rows[name]["sw2"] <= 0.9 * init, (name, rows[name]["sw2"], init)
     for name in ("dmd2", "vsd", "sim"):
         r = rows[name]
         assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r

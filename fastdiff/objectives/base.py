@@ -8,8 +8,33 @@ from ..denoiser import Denoiser, expand
 from ..schedule import FlowSchedule, VPSchedule
 
 
-def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: float, device) -> torch.Tensor:
-    """Noise levels at timesteps drawn uniformly from [lo, hi] * T (integers for discrete VP teachers)."""
+SIGMA_GRIDS = ("teacher", "karras")
+KARRAS_POINTS = 1000  # DMD2 edm_guidance.py: --num_train_timesteps 1000
+
+
+def karras_grid(schedule, device=None, n: int = KARRAS_POINTS, rho: float = 7.0) -> torch.Tensor:
+    """n Karras rho=7 noise levels over the teacher's own sigma range, smallest first (DMD2 edm_guidance.py's
+    flipped ``get_sigmas_karras``; SiD sid_loss.py evaluates the same curve at continuous positions).
+    The ends are the teacher's first and last table entries, so no level falls outside what it was trained on."""
+    lo, hi = schedule_range(schedule)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64, device=device)
+    sigmas = (hi ** (1 / rho) + (1 - ramp) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    return sigmas.clamp(lo, hi).float()
+
+
+def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: float, device,
+                 grid: str = "teacher") -> torch.Tensor:
+    """Noise levels at timesteps drawn uniformly from [lo, hi] * T (integers for discrete VP teachers).
+
+    grid "teacher": the teacher's own table (DDPM timesteps; uniform t for flow teachers).
+    grid "karras": integer indices in [lo, hi] * 1000 of :func:`karras_grid` (DMD2 edm_guidance.py).
+    """
+    if grid == "karras":
+        idx = torch.randint(int(lo * KARRAS_POINTS), min(int(hi * KARRAS_POINTS), KARRAS_POINTS - 1) + 1, (n,),
+                            device=device)
+        return karras_grid(schedule, device)[idx]
+    if grid != "teacher":
+        raise ValueError(f"sigma_grid must be one of {', '.join(SIGMA_GRIDS)}, got {grid!r}")
     T = schedule.num_train_timesteps
     if isinstance(schedule, VPSchedule):
         t = torch.randint(int(lo * T), min(int(hi * T), T - 1) + 1, (n,), device=device)
@@ -64,10 +89,51 @@ def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(dim=1)
 
 
-def noised(x: torch.Tensor, schedule, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + sigma * eps, sigma) with sigma drawn by ``sample_sigma`` over [lo, hi] * T, then fresh eps."""
-    sigma = sample_sigma(schedule, x.shape[0], lo, hi, x.device)
+def noised(x: torch.Tensor, schedule, lo: float, hi: float, grid: str = "teacher") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + sigma * eps, sigma) with sigma drawn by ``sample_sigma`` over [lo, hi] on ``grid``, then fresh eps."""
+    sigma = sample_sigma(schedule, x.shape[0], lo, hi, x.device, grid)
     return x + expand(sigma, x) * torch.randn_like(x), sigma
+
+
+def default_sigma_grid(teacher: Denoiser) -> str:
+    """The noise-level grid of the teacher family's reference. DMD2 main/edm/edm_guidance.py and SiD
+    training/sid_loss.py index Karras' rho=7 curve because their EDM teachers were trained on log-normal sigma,
+    not on a table; every teacher fastdiff loads comes with the DDPM table (or flow t) it was trained on uniformly,
+    whatever it predicts, and for those DMD2 main/sd_guidance.py and SiD-LSG training/sid_training_loop.py draw
+    ``randint`` timesteps of the table: "teacher". "karras" is opt-in (EDM-trained weights behind a VP table);
+    on the analytic teacher it also measured worse (bench gmm, sida 4.57 x floor against 1.62 x)."""
+    return "teacher"
+
+
+def default_fake_loss(teacher: Denoiser) -> str:
+    """The fake-score loss of SiD's family per teacher parametrisation: "edm" on x0 (EDM-like) teachers as SiD
+    (training/sid_loss.py ``__call__``); "eps" on epsilon and v teachers as SiD-LSG (training/sid_training_loop.py:
+    the eps MSE, and for v-prediction the v MSE times snr/(snr+1), which is the same eps MSE); the teacher's own
+    flow-matching loss on flow teachers."""
+    return {"sample": "edm", "epsilon": "eps", "v_prediction": "eps"}.get(teacher.prediction_type, "teacher")
+
+
+FAKE_LOSSES = ("teacher", "edm", "eps")
+
+
+def drop_conditions(denoiser: Denoiser, cond: dict | None, rate: float) -> dict | None:
+    """``cond`` with each sample's condition replaced by the null one (null class or ``uncond_*`` entries, the
+    ones CFG uses) with probability ``rate``; the ``uncond_*`` entries themselves are kept."""
+    if not cond or rate <= 0:
+        return cond
+    batch = next(v for v in cond.values() if torch.is_tensor(v)).shape[0]
+    null = denoiser.null_cond(cond, batch)
+    device = next(v for v in cond.values() if torch.is_tensor(v)).device
+    drop = torch.rand(batch, device=device) < rate
+
+    def pick(kept, dropped):
+        if isinstance(kept, dict):
+            return {k: pick(v, dropped[k]) for k, v in kept.items()}
+        if not torch.is_tensor(kept):
+            return kept
+        return torch.where(drop.reshape(-1, *[1] * (kept.ndim - 1)), dropped.to(kept.dtype), kept)
+
+    return {k: pick(v, null[k]) if k in null else v for k, v in cond.items()}
 
 
 class Objective(nn.Module):
@@ -78,22 +144,41 @@ class Objective(nn.Module):
 
     ``trains_on``: what the trainer passes as ``x`` to ``generator_loss``: "generator" samples (distribution
     matching) or "data" (consistency distillation, which noises real images and needs no fake score).
-    ``step``: the generator update about to run, set by the trainer (schedules such as sCM's warm-up read it).
+    ``step``: the generator update about to run, set by the trainer (schedules such as sCM's warm-up read it);
+    ``images_seen``: generator images trained on before it (step x global batch; SiDA's GAN start reads it).
+    ``sigma_grid``: where noise levels come from (:func:`sample_sigma`); None = :func:`default_sigma_grid`.
+    ``critic_clip``: when set by the objective, the trainer clips critic gradients by this value (SiDA).
     """
 
     trains_on = "generator"
     uses_fake_score = True
     step = 0
+    images_seen = 0
+    critic_clip: float | None = None
 
-    def __init__(self, teacher: Denoiser, fake: Denoiser | None, critic_updates: int, gan_head: nn.Module | None = None):
+    def __init__(self, teacher: Denoiser, fake: Denoiser | None, critic_updates: int, gan_head: nn.Module | None = None,
+                 sigma_grid: str | None = None):
         super().__init__()
         self.teacher = teacher
         self.fake = fake
         self.critic_updates = critic_updates
         self.gan_head = gan_head
+        if sigma_grid not in (None, *SIGMA_GRIDS):
+            raise ValueError(f"sigma_grid must be one of {', '.join(SIGMA_GRIDS)}, got {sigma_grid!r}")
+        self.sigma_grid = sigma_grid or default_sigma_grid(teacher)
+
+    def train_defaults(self) -> dict:
+        """Values for the ``train.*`` keys a config leaves null, as this objective's reference code trains
+        (the trainer fills the rest from ``TRAIN_FALLBACKS``: AdamW (0.9, 0.999), weight decay 0.01, no warm-up)."""
+        return {}
 
     def critic_modules(self) -> list[nn.Module]:
         return [m for m in (self.fake, self.gan_head) if m is not None]
+
+    def generator_modules(self) -> list[nn.Module]:
+        """Trainable modules of the objective that the generator's optimizer updates (sCM's adaptive weighting);
+        list them in ``state_modules`` too, so checkpoints keep them."""
+        return []
 
     def state_modules(self) -> dict[str, nn.Module]:
         """Modules the objective updates itself (a consistency target network) and checkpoints must keep."""
@@ -102,23 +187,32 @@ class Objective(nn.Module):
     def after_generator_step(self) -> None:
         """Called after each generator optimizer step (e.g. to move an EMA target network)."""
 
-    def fake_denoising_loss(self, x: torch.Tensor, cond=None, weighting: str = "teacher",
-                            guidance_scale: float = 1.0) -> torch.Tensor:
-        """Denoising loss of the fake score on generator samples x (detached), written in x0 terms.
+    def fake_noise_levels(self, n: int, device, weighting: str, t_range=(0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma, per-sample weight of ``|x0_hat - x0|^2``) for the fake-score loss ``weighting``.
 
-        weighting "teacher": the teacher's own loss (its target: eps, v, x0 or velocity), timesteps uniform.
-        weighting "edm": EDM's loss, ``(sigma^2 + sd^2) / (sigma sd)^2 * |D - x|^2`` with log-normal sigma
-        (Karras et al. 2022, Eq. 8 and Table 1), as SiD trains its fake score.
+        "teacher": the teacher's own loss (its target: eps, v, x0 or velocity), timesteps uniform in ``t_range``
+        on ``sigma_grid``. "eps": the epsilon MSE, weight 1 / sigma^2, on the same timesteps (SiD-LSG).
+        "edm": EDM's loss, ``(sigma^2 + sd^2) / (sigma sd)^2`` with log-normal sigma (Karras et al. 2022, Eq. 8
+        and Table 1), as SiD trains its fake score.
+        """
+        if weighting == "edm":
+            sigma = edm_sigma(self.fake.schedule, n, device)
+            return sigma, (sigma ** 2 + 0.25) / (0.25 * sigma ** 2)  # sigma_data = 0.5
+        if weighting not in FAKE_LOSSES:
+            raise ValueError(f"fake_loss must be one of {', '.join(FAKE_LOSSES)}, got {weighting!r}")
+        sigma = sample_sigma(self.fake.schedule, n, *t_range, device, self.sigma_grid)
+        weight = sigma.double() ** -2 if weighting == "eps" else self.fake.loss_weight(sigma)
+        return sigma, weight.float().to(device)
+
+    def fake_denoising_loss(self, x: torch.Tensor, cond=None, weighting: str = "teacher",
+                            guidance_scale: float = 1.0, t_range=(0.0, 1.0)) -> torch.Tensor:
+        """Denoising loss of the fake score on generator samples x (detached), written in x0 terms, with the
+        noise levels and weights of :meth:`fake_noise_levels`; mean over elements and finite samples.
         guidance_scale: CFG on the fake score's own prediction while it trains (SiD-LSG's kappa_1).
         """
         x = x.detach().float()
-        if weighting == "edm":
-            sigma = edm_sigma(self.fake.schedule, x.shape[0], x.device)
-            x_t = x + expand(sigma, x) * torch.randn_like(x)
-            weight = (sigma ** 2 + 0.25) / (0.25 * sigma ** 2)  # sigma_data = 0.5
-        else:
-            x_t, sigma = noised(x, self.fake.schedule, 0.0, 1.0)
-            weight = self.fake.loss_weight(sigma).to(x.device)
+        sigma, weight = self.fake_noise_levels(x.shape[0], x.device, weighting, t_range)
+        x_t = x + expand(sigma, x) * torch.randn_like(x)
         x0_hat = self.fake(x_t, sigma, cond, guidance_scale=guidance_scale)
         return finite_mean(per_sample_mean((x0_hat - x) ** 2), weight)
 

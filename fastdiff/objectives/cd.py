@@ -8,6 +8,8 @@ consistency function at the first point must equal the target network's at the s
 (``target_ema`` > 0, CM / LCM) or the student itself under stop-gradient (``target_ema = 0``, iCT, Song &
 Dhariwal 2023). Distance: pseudo-Huber ``sqrt(|d|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)`` (iCT Sec. 3.3)
 or mean squared error. ``start_intervals`` / ``double_every`` give iCT's doubling schedule of N.
+The grid ends at the student's first sampling level (``sigma_max``): below the top of the table for epsilon
+students on VP teachers, where the x0 estimate would amplify every change 1 / a_t times (``consistency_start``).
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ class ConsistencyDistillation(Objective):
         distance: "pseudo_huber" or "l2".
         target_ema: EMA rate of the target network; 0 = the online student (iCT).
         guidance_range: CFG scales drawn per example (needs a guidance-embedded student), or None.
+        sigma_max: the student's first sampling level (the trainer passes it; see ``consistency_start``): the grid
+            spans the teacher's timesteps up to the one of sigma_max; None = the whole table.
     """
 
     trains_on = "data"
@@ -56,7 +60,7 @@ class ConsistencyDistillation(Objective):
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, num_intervals: int = 50,
                  skip: int = 1, start_intervals: int | None = None, double_every: int | None = None,
                  solver: str = "ddim", distance: str = "pseudo_huber", target_ema: float = 0.95,
-                 guidance_range=None, grid: str = "timesteps"):
+                 guidance_range=None, grid: str = "timesteps", sigma_max: float | None = None):
         super().__init__(teacher, None, 0, None)
         if solver not in SOLVERS:
             raise ValueError(f"objective.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
@@ -76,6 +80,8 @@ class ConsistencyDistillation(Objective):
         self.num_intervals, self.skip = num_intervals, skip
         self.start_intervals, self.double_every = start_intervals, double_every
         self.solver, self.distance, self.target_ema, self.grid_kind = solver, distance, target_ema, grid
+        T = teacher.schedule.num_train_timesteps
+        self.top = T - 1 if sigma_max is None else int(teacher.schedule.timestep(torch.tensor([float(sigma_max)])).round())
         self.guidance = TeacherGuidance(teacher, student, guidance_range)
         self.target = copy.deepcopy(student).requires_grad_(False).eval() if target_ema > 0 else None
 
@@ -85,10 +91,10 @@ class ConsistencyDistillation(Objective):
         return min(self.start_intervals * 2 ** (self.step // self.double_every), self.num_intervals)
 
     def grid(self, n: int, device) -> torch.Tensor:
-        """N + 1 noise levels, lowest first: the teacher's timesteps round(i (T-1) / N), i = 0..N, or
-        Karras et al. (2022, Eq. 5) ``(lo^(1/7) + i/N (hi^(1/7) - lo^(1/7)))^7`` over the teacher's range."""
-        T = self.teacher.schedule.num_train_timesteps
-        timesteps = torch.round(torch.linspace(0, T - 1, n + 1, dtype=torch.float64)).to(device)
+        """N + 1 noise levels, lowest first: the teacher's timesteps round(i top / N), i = 0..N (top = T - 1 or
+        the student's first level), or Karras et al. (2022, Eq. 5) ``(lo^(1/7) + i/N (hi^(1/7) - lo^(1/7)))^7``
+        over the same range."""
+        timesteps = torch.round(torch.linspace(0, self.top, n + 1, dtype=torch.float64)).to(device)
         table = self.teacher.schedule.sigma_at(timesteps)
         if self.grid_kind == "timesteps":
             return table

@@ -4,8 +4,12 @@ Generator: the gradient of KL(p_fake || p_real) over noise levels, estimated by 
 denoisers on the noised generator sample (DMD, Yin et al. CVPR 2024, Eq. 7), normalised per sample by
 ``mean |x - x0_real|`` (DMD Eq. 8, no gradient through the weight), applied through the surrogate
 ``0.5 * ||x - stopgrad(x - grad)||^2`` whose gradient w.r.t. x is exactly ``grad`` (per element / numel).
-Fake score: the teacher's own denoising loss on generator samples, at every noise level.
-CFG enters the real score only. Optional GAN head on the fake score's bottleneck (DMD2 Sec. 4.3).
+Fake score: the teacher's own denoising loss on generator samples, at every noise level. Samples with a
+non-finite value (theirs or a network's) are masked out of the generator loss and counted (``nonfinite_samples``).
+CFG enters the real score only. Optional GAN head on the fake score's bottleneck (DMD2 Sec. 4.3), its inputs
+noised at levels over the whole schedule (main/edm/edm_guidance.py, main/sd_guidance.py ``compute_cls_logits``
+with ``--diffusion_gan_max_timestep 1000`` in every experiments/ script). Noise levels come from ``sigma_grid``:
+the teacher's DDPM table as sd_guidance.py (default), or the 1000-point Karras grid as edm_guidance.py.
 
 VSD / SwiftBrush (``weighting="vsd"``; Wang et al. 2023 "ProlificDreamer" Eq. 9, Nguyen & Tran 2024
 "SwiftBrush"): the same KL gradient, ``w(t) (eps_real - eps_fake)`` with ``w(t) = s_t^2`` instead of the
@@ -19,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import Denoiser, expand
-from .base import Objective, noised
-from .gan import GANHead, discriminator_gan_loss, generator_gan_loss
+from .base import Objective, finite_samples, noised, only_finite, per_sample_mean
+from .gan import GANHead, discriminator_gan_loss
 
 
 class DMD2(Objective):
@@ -34,14 +38,17 @@ class DMD2(Objective):
         critic_updates: fake-score updates per generator update (DMD2: 5 class-conditional, 10 text).
         gan_head: optional GAN head (needs real images); weights for its generator / critic terms.
         weighting: "dmd" (per-sample normalisation) or "vsd" (see the module docstring).
-        fake_loss: the fake score's loss, "teacher" (its own, DMD2) or "edm".
+        fake_loss: the fake score's loss, "teacher" (its own, DMD2), "eps" or "edm".
+        sigma_grid: "karras" (main/edm/edm_guidance.py) or "teacher" (main/sd_guidance.py); None = per teacher
+            family (:func:`~fastdiff.objectives.base.default_sigma_grid`). The GAN head's noise levels cover the
+            whole grid, ``randint(0, diffusion_gan_max_timestep=1000)`` as DMD2's scripts run it.
     """
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, min_t: float = 0.02, max_t: float = 0.98,
                  critic_updates: int = 5, gan_head: GANHead | None = None,
                  gan_generator_weight: float = 3e-3, gan_critic_weight: float = 1e-2, weighting: str = "dmd",
-                 fake_loss: str = "teacher"):
-        super().__init__(teacher, fake, critic_updates, gan_head)
+                 fake_loss: str = "teacher", sigma_grid: str | None = None):
+        super().__init__(teacher, fake, critic_updates, gan_head, sigma_grid)
         if weighting not in ("dmd", "vsd"):
             raise ValueError(f"weighting must be dmd or vsd, got {weighting!r}")
         self.weighting = weighting
@@ -49,6 +56,14 @@ class DMD2(Objective):
         self.min_t, self.max_t = min_t, max_t
         self.gan_generator_weight = gan_generator_weight
         self.gan_critic_weight = gan_critic_weight
+
+    def train_defaults(self) -> dict:
+        """DMD2's scripts (main/train_sd.py, main/edm/train_edm.py): AdamW (0.9, 0.999), weight decay 0.01, and
+        ``constant_with_warmup`` over ``--warmup_step 500`` iterations, each of which is one fake-score update
+        (the generator updates every ``dfake_gen_update_ratio``-th): 500 / critic_updates generator updates here.
+        VSD / SwiftBrush: the same optimizer, no warm-up."""
+        warmup = 500 // self.critic_updates if self.weighting == "dmd" else 0
+        return {"adam_betas": [0.9, 0.999], "weight_decay": 0.01, "lr_warmup_steps": warmup}
 
     def dm_gradient(self, x: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         """The KL gradient on x, no graph: (x0_fake - x0_real) / mean|x - x0_real| (DMD) or a s (x0_fake - x0_real) (VSD)."""
@@ -61,16 +76,25 @@ class DMD2(Objective):
             else:
                 weight = 1 / (x.detach() - x0_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
             grad = (x0_fake - x0_real) * weight
-        return torch.nan_to_num(grad)
+        return grad  # non-finite where a network output was: generator_loss masks those samples, as SiD does
+
+    def gan_noised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GAN head's input: x at a noise level drawn over the whole grid (DMD2's ``compute_cls_logits``)."""
+        return noised(x, self.teacher.schedule, 0.0, 1.0, self.sigma_grid)
 
     def generator_loss(self, x, cond=None, real=None):
-        x_t, sigma = noised(x.detach(), self.teacher.schedule, self.min_t, self.max_t)
+        x_t, sigma = noised(x.detach(), self.teacher.schedule, self.min_t, self.max_t, self.sigma_grid)
         grad = self.dm_gradient(x, x_t, sigma, cond)
-        loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
-        logs = {"loss_dm": loss.detach()}
+        # A sample with a non-finite value (its own, the teacher's or the fake score's output) is dropped from
+        # the loss and counted; zeroing it instead (nan_to_num) hid a NaN teacher output as a zero gradient.
+        ok = finite_samples(x, grad)
+        x_kept, grad = only_finite(ok, x.float(), grad.float())
+        per_sample = 0.5 * per_sample_mean((x_kept - (x_kept - grad).detach()) ** 2)
+        loss = per_sample.sum() / x.shape[0]  # = 0.5 mse(x, x - grad) when every sample is finite
+        logs = {"loss_dm": loss.detach(), "nonfinite_samples": (~ok).sum()}
         if self.gan_head is not None:
-            logits = self.gan_head(*noised(x, self.teacher.schedule, self.min_t, self.max_t), cond)
-            gan = generator_gan_loss(logits)
+            logits = self.gan_head(*self.gan_noised(x_kept.to(x.dtype)), cond)
+            gan = only_finite(ok, F.softplus(-logits.float()))[0].sum() / ok.sum().clamp(min=1)
             logs["loss_gan_g"] = gan.detach()
             loss = loss + self.gan_generator_weight * gan
         return loss, logs
@@ -82,8 +106,8 @@ class DMD2(Objective):
             if real is None:
                 raise ValueError("the DMD2 GAN head needs real images (data.path)")
             x_real, cond_real = real
-            logits_fake = self.gan_head(*noised(x, self.teacher.schedule, self.min_t, self.max_t), cond)
-            logits_real = self.gan_head(*noised(x_real, self.teacher.schedule, self.min_t, self.max_t), cond_real)
+            logits_fake = self.gan_head(*self.gan_noised(x), cond)
+            logits_real = self.gan_head(*self.gan_noised(x_real), cond_real)
             gan = discriminator_gan_loss(logits_real, logits_fake)
             logs["loss_gan_d"] = gan.detach()
             loss = loss + self.gan_critic_weight * gan

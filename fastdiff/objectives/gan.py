@@ -4,10 +4,14 @@ The fake score network doubles as the discriminator's trunk: a forward hook read
 (UNet ``mid_block`` output, or the middle transformer block) on noised images, and a small head turns
 it into one logit per image. Non-saturating losses: generator ``softplus(-D(fake))``, discriminator
 ``softplus(-D(real)) + softplus(D(fake))``.
+
+SiDA's forms (mingyuanzhou/SiD, branch sida, sida_training/sida_loss.py and sida_training_loop.py) weigh the
+same BCE terms by batch means: see :func:`sida_generator_gan_loss` and :func:`sida_discriminator_loss`.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +56,23 @@ class GANHead(nn.Module):
         if self._capturing:
             self._features = output[0] if isinstance(output, tuple) else output
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    @contextmanager
+    def reading(self):
+        """Keep the bottleneck features of the fake-score pass run inside, for :meth:`logits`: one pass then gives
+        both the fake score's x0 and the logits (SiDA's ``return_flag='encoder_decoder'``)."""
         self._capturing = True
         try:
-            self._fake[0](x, sigma, cond)
+            yield
         finally:
             self._capturing = False
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        with self.reading():
+            self._fake[0](x, sigma, cond)
+        return self.logits()
+
+    def logits(self) -> torch.Tensor:
+        """One logit per image from the features the last :meth:`reading` pass kept."""
         h, self._features = self._features.float(), None
         if h.ndim == 4:
             h = self.conv(h).mean(dim=(2, 3))
@@ -72,3 +87,29 @@ def generator_gan_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 def discriminator_gan_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+
+
+def _kept_mean(values: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Mean of per-sample values over the samples in ``ok`` (values outside must already be finite)."""
+    return torch.where(ok, values, torch.zeros_like(values)).sum() / ok.sum().clamp(min=1)
+
+
+def sida_generator_gan_loss(logits_fake: torch.Tensor, norm: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """SiDA's generator GAN term: ``BCE(clamp(D, -10, 10), real)`` averaged over the kept samples, times
+    ``sum_kept(1 / norm) / B`` with norm = mean|x - y_r| per sample (sida_loss.py divides the batch-mean BCE by each
+    sample's weight_factor; the loop sums over samples and divides by the batch). ``ok``: samples kept."""
+    logits = torch.where(ok, logits_fake.float(), torch.zeros_like(logits_fake.float()))
+    bce = _kept_mean(F.softplus(-logits.clamp(-10, 10)), ok)
+    inv_norm = torch.where(ok, 1 / norm, torch.zeros_like(norm)).sum() / ok.shape[0]
+    return bce * inv_norm
+
+
+def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, weight: torch.Tensor,
+                            ok: torch.Tensor) -> torch.Tensor:
+    """SiDA's discriminator loss: ``sum_kept(lambda(sigma)) / B * (BCE(D(real), 1) + BCE(D(fake), 0)) / 2``, the
+    BCEs averaged over the kept samples, lambda the fake-score loss weight at the shared noise level."""
+    zero = torch.zeros_like(logits_real.float())
+    real = torch.where(ok, logits_real.float(), zero)
+    fake = torch.where(ok, logits_fake.float(), zero)
+    bce = (_kept_mean(F.softplus(-real), ok) + _kept_mean(F.softplus(fake), ok)) / 2
+    return torch.where(ok, weight, torch.zeros_like(weight)).sum() / ok.shape[0] * bce

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..denoiser import Denoiser
-from .base import Objective, finite_samples, noised, only_finite, per_sample_mean
+from .base import Objective, default_fake_loss, finite_samples, noised, only_finite, per_sample_mean
+from .sid import FAKE_T_RANGE
 
 
 def pseudo_huber_grad(delta: torch.Tensor, c: float) -> torch.Tensor:
@@ -43,19 +44,25 @@ class SIM(Objective):
     Args:
         teacher, fake: the frozen real score and the fake score.
         c: pseudo-Huber constant, in the units of the data (RMS over elements).
-        min_t, max_t, critic_updates, fake_loss: as SiD (fake trained with EDM's loss, 1:1 updates).
+        min_t, max_t, critic_updates, fake_loss, sigma_grid: as SiD (its defaults per teacher family, 1:1 updates).
     """
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, c: float = 0.1, min_t: float = 0.0, max_t: float = 0.8,
-                 critic_updates: int = 1, fake_loss: str = "edm", gan_head=None):
+                 critic_updates: int = 1, fake_loss: str | None = None, gan_head=None, sigma_grid: str | None = None):
         if gan_head is not None:
             raise ValueError("SIM has no GAN variant; use dmd2 or sid with objective.gan")
-        super().__init__(teacher, fake, critic_updates)
-        self.c, self.min_t, self.max_t, self.fake_loss = c, min_t, max_t, fake_loss
+        super().__init__(teacher, fake, critic_updates, sigma_grid=sigma_grid)
+        self.c, self.min_t, self.max_t = c, min_t, max_t
+        self.fake_loss = fake_loss or default_fake_loss(teacher)
+
+    def train_defaults(self) -> dict:
+        """SIM has no public training code: SiD's optimizer (Adam (0, 0.999), no weight decay, no warm-up), the
+        closest reference of the same family, is used."""
+        return {"adam_betas": [0.0, 0.999], "weight_decay": 0.0, "lr_warmup_steps": 0}
 
     def generator_loss(self, x, cond=None, real=None):
         x = x.float()
-        x_t, sigma = noised(x, self.teacher.schedule, self.min_t, self.max_t)
+        x_t, sigma = noised(x, self.teacher.schedule, self.min_t, self.max_t, self.sigma_grid)
         y_real = self.teacher(x_t, sigma, cond).float()
         y_fake = self.fake(x_t, sigma, cond, guidance_scale=1.0).float()
         ok = finite_samples(x, y_real, y_fake)
@@ -63,5 +70,5 @@ class SIM(Objective):
         return loss, {"loss_sim": loss.detach(), "nonfinite_samples": (~ok).sum()}
 
     def critic_loss(self, x, cond=None, real=None):
-        loss = self.fake_denoising_loss(x, cond, self.fake_loss)
+        loss = self.fake_denoising_loss(x, cond, self.fake_loss, t_range=FAKE_T_RANGE)
         return loss, {"loss_fake": loss.detach()}

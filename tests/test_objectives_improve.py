@@ -1,0 +1,143 @@
+"""Every objective makes a perturbed student better, measured against the exact target distribution.
+
+Teacher: the analytic mixture with one mode, N(m*, s*^2 I) in 64 dimensions, whose denoiser is exact.
+Student: a two-parameter-group network (mean m, scale s) whose x0 estimate is the teacher's exact probability-flow
+map for N(m, s^2 I), ``x0 = m + s (x - m) / sqrt(s^2 + sigma^2)``. The family contains the teacher, so every
+objective has a reachable optimum, and the student's one-step samples are Gaussian with moments known in closed
+form: the distance to the truth is the exact W2 between two isotropic Gaussians, computed from the parameters in
+float64 (no sampling noise in the measurement). The student starts with its mean shifted and its scale too
+large; each objective, with its own defaults where they fit a short run, must cut that distance by a stated
+fraction in a fixed number of updates. Fake scores are trainable copies of the teacher (the mixture family
+holds the student's Gaussian exactly), as DMD2 and SiD initialise theirs. Each test takes about a second.
+"""
+import copy
+import math
+
+import pytest
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from fastdiff import objectives
+from fastdiff.analytic import GaussianMixtureModel
+from fastdiff.denoiser import Denoiser
+from fastdiff.generator import Generator
+from fastdiff.objectives.gan import GANHead
+from fastdiff.schedule import VPSchedule
+
+# Images of 1 x 8 x 8: a 64-d Gaussian. Not fewer: SiDA's critic loss weighs its GAN term against the fake score's
+# loss per element, so at 4 dimensions the GAN term dominated and dragged the fake score off the generator (measured:
+# seeds 0 and 2 ended 2.6x and 2.0x farther than they started; at 64 dimensions every seed converges).
+DIM_SIDE = 8
+TRUE_STD = 0.5
+
+
+class GaussianFlowMap(ModelMixin, ConfigMixin):
+    """x0 = m + s (x - m) / sqrt(s^2 + sigma^2) from the native VP input: the exact ODE map of N(m, s^2 I)."""
+
+    @register_to_config
+    def __init__(self, start_mean=(0.0,) * DIM_SIDE ** 2, start_std: float = 1.0):
+        super().__init__()
+        self.mean = torch.nn.Parameter(torch.tensor(start_mean, dtype=torch.float32))
+        self.log_std = torch.nn.Parameter(torch.tensor(math.log(start_std), dtype=torch.float32))
+        self._schedule = GaussianMixtureModel(sample_size=DIM_SIDE)._schedule
+
+    def forward(self, sample, timestep, return_dict: bool = True):
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(b)
+        sigma = self._schedule.sigma_at(t).reshape(b, 1)
+        x = sample.reshape(b, -1) * torch.sqrt(1 + sigma ** 2)  # native VP -> VE
+        s = self.log_std.exp()
+        x0 = (self.mean + s * (x - self.mean) / torch.sqrt(s ** 2 + sigma ** 2)).reshape(sample.shape)
+        return Transformer2DModelOutput(sample=x0) if return_dict else (x0,)
+
+
+def teacher_gmm() -> GaussianMixtureModel:
+    return GaussianMixtureModel(sample_size=DIM_SIDE, weights=(1.0,), stds=(TRUE_STD,), mean_scale=1.0, seed=3)
+
+
+def one_step_w2(student: GaussianFlowMap, sigma: float, target_mean: torch.Tensor) -> float:
+    """Exact W2 between the student's one-step samples and N(m*, s*^2 I), in float64.
+
+    One step from native noise z at level sigma: x = z sqrt(1 + sigma^2) (VE), so the output is Gaussian with
+    mean m (1 - s / r) and standard deviation s sqrt(1 + sigma^2) / r per element, r = sqrt(s^2 + sigma^2).
+    """
+    m, s = student.mean.detach().double(), student.log_std.detach().double().exp()
+    r = torch.sqrt(s ** 2 + sigma ** 2)
+    mean, std = m * (1 - s / r), s * math.sqrt(1 + sigma ** 2) / r
+    return float(((mean - target_mean.double()) ** 2).sum() + m.numel() * (std - TRUE_STD) ** 2) ** 0.5
+
+
+def train(name: str, steps: int, lr: float, options: dict, batch: int = 256, seed: int = 0,
+          lr_critic: float = 1e-2) -> tuple[float, float]:
+    """(W2 before, W2 after) ``steps`` generator updates of ``name``: Adam with betas (0, 0.999) as SiD, the
+    objective's critic updates before each generator update and its value clip on them, as the trainer runs it."""
+    torch.manual_seed(seed)
+    gmm = teacher_gmm().requires_grad_(False)
+    teacher = Denoiser(gmm, VPSchedule(gmm.scheduler().alphas_cumprod), "sample")
+    true_mean = gmm.means[0]
+    start = GaussianFlowMap(start_mean=tuple((true_mean + 0.5).tolist()), start_std=2 * TRUE_STD)
+    student = Denoiser(start, teacher.schedule, "sample")
+    cls = objectives.objective_class(name)
+    fake = gan = None
+    if cls.trains_on == "generator":
+        fake = Denoiser(copy.deepcopy(gmm).requires_grad_(True), teacher.schedule, "sample")
+        gan = GANHead(fake) if name in objectives.NEEDS_GAN else None
+    obj = objectives.build(name, teacher, fake, gan_head=gan, student=student, **options)
+    sigma = 2.5 if cls.trains_on == "generator" else teacher.schedule.sigma_max  # the trainer's sigma_init
+    generator = Generator(student, 1, sigma if cls.trains_on == "generator" else None)
+    opt_g = torch.optim.Adam(start.parameters(), lr=lr, betas=(0.0, 0.999))
+    critic = [p for m in obj.critic_modules() for p in m.parameters()]
+    opt_c = torch.optim.Adam(critic, lr=lr_critic, betas=(0.0, 0.999)) if critic else None
+    before = one_step_w2(start, generator.sigmas[0].item(), true_mean)
+    for step in range(steps):
+        obj.step, obj.images_seen = step, step * batch  # as the trainer sets them
+        real = (gmm.sample_true(batch), None)
+        for _ in range(obj.critic_updates):
+            with torch.no_grad():
+                x = generator.training_sample(torch.randn(batch, 1, DIM_SIDE, DIM_SIDE))
+            loss, _ = obj.critic_loss(x, None, real)
+            opt_c.zero_grad()
+            loss.backward()
+            if obj.critic_clip:  # SiDA clips fake-score gradients by value, as the trainer's optimizer does
+                torch.nn.utils.clip_grad_value_(critic, obj.critic_clip)
+            opt_c.step()
+        x = real[0] if cls.trains_on == "data" else generator.training_sample(torch.randn(batch, 1, DIM_SIDE, DIM_SIDE))
+        loss, logs = obj.generator_loss(x, None, real)
+        assert torch.isfinite(loss) and int(logs.get("nonfinite_samples", 0)) == 0
+        opt_g.zero_grad()
+        loss.backward()
+        opt_g.step()
+        obj.after_generator_step()
+    return before, one_step_w2(start, generator.sigmas[0].item(), true_mean)
+
+
+# (objective, generator updates, options, bound on the fraction of the starting W2 left). Options are the
+# objectives' defaults except where a default is sized for image-scale runs of 100k+ updates: SiDA's GAN term
+# joins after 200k images (0 here, so the test covers it), sCM's r warm-up is 1000 updates (10 here), and CD's
+# EMA target (0.95) lags a 60-update run so much that the student moves 6% of the way (measured), so CD is
+# tested with iCT's online target (0) and with a faster EMA (0.5). Measured fractions left, seeds 0-3 on an
+# x86-64 CPU, are in the comments; each bound is about twice the largest, so a change that halves an
+# objective's progress (a lost factor, a wrong sign, a mis-scaled term) fails while CPU rounding does not.
+CASES = {
+    "dmd2": ("dmd2", 30, {}, 0.15),  # 0.069 - 0.073
+    "vsd": ("vsd", 60, {}, 0.3),  # 0.140 - 0.148
+    "sid": ("sid", 60, {}, 0.3),  # 0.155 - 0.164
+    "sida": ("sida", 40, {"gan_start_images": 0}, 0.3),  # 0.126 - 0.151
+    "sim": ("sim", 60, {}, 0.3),  # 0.158 - 0.168
+    "cd": ("cd", 60, {"target_ema": 0.0}, 0.06),  # 0.022 - 0.024
+    "cd-ema": ("cd", 120, {"target_ema": 0.5}, 0.45),  # 0.276 - 0.280
+    "scm": ("scm", 60, {"tangent_warmup": 10}, 0.06),  # 0.021 - 0.028
+}
+
+
+def test_every_objective_has_a_case():
+    assert {name for name, *_ in CASES.values()} == set(objectives.OBJECTIVES)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_objective_moves_the_student_toward_the_teacher(case):
+    name, steps, options, left = CASES[case]
+    before, after = train(name, steps, 3e-2, options)
+    assert after <= left * before, (case, before, after)

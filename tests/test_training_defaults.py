@@ -1,0 +1,163 @@
+"""Training defaults as the reference code has them: the generator EMA (SiD's ramped half-life), each objective's
+optimizer settings (DMD2's and SiD's scripts), DMD2's critic-update counts, and backward simulation that re-noises
+as the sampler does."""
+import math
+
+import pytest
+import torch
+
+from fastdiff.config import load_config
+from fastdiff.denoiser import Denoiser
+from fastdiff.generator import Generator
+from fastdiff.trainer import Trainer, ema_beta, resolve_train_defaults
+from conftest import tiny_unet
+
+
+def sid_reference_ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio):
+    """mingyuanzhou/SiD, training/sid_training_loop.py, 'Update EMA.' (transcribed)."""
+    ema_halflife_nimg = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+    return 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+
+
+@pytest.mark.parametrize("halflife,rampup", [(500.0, 0.05), (2.0, 0.05), (500.0, None), (0.1, 0.2)])
+def test_ema_beta_is_sids(halflife, rampup):
+    train = load_config(None, [f"train.ema_halflife_kimg={halflife}", f"train.ema_rampup={rampup}" if rampup
+                               else "train.ema_rampup=null"]).train
+    for step in (0, 1, 7, 100, 5000):
+        # SiD counts cur_nimg before the update it is about to average in: step * batch here.
+        assert ema_beta(step, 64, train) == sid_reference_ema_beta(step * 64, 64, halflife, rampup)
+
+
+def start_weight(steps: int, batch: int, train) -> float:
+    """Weight of the student's initial parameters in the EMA after ``steps`` updates (product of the betas)."""
+    return math.prod(ema_beta(s, batch, train) for s in range(steps))
+
+
+def test_default_ema_never_exports_the_start():
+    default = load_config(None).train
+    assert default.ema_decay is None and default.ema_halflife_kimg == 500 and default.ema_rampup == 0.05
+    # A default-length run (1000 updates of 64 images) and a short one keep none of the start: the first beta is 0.
+    assert start_weight(1000, 64, default) == 0.0 and start_weight(10, 8, default) == 0.0
+    # The weight of the first 5% of a default-length run in the exported EMA is below 5%: products of the betas
+    # after update 50, i.e. what is left of everything averaged in up to then.
+    tail = math.prod(ema_beta(s, 64, default) for s in range(50, 1000))
+    assert tail < 0.05, tail
+    # What the issue was about: the old fixed decay 0.999 kept 37% of the start after 1000 updates.
+    fixed = load_config(None, ["train.ema_decay=0.999"]).train
+    assert abs(start_weight(1000, 64, fixed) - 0.999 ** 1000) < 1e-12 and start_weight(1000, 64, fixed) > 0.36
+
+
+def _trainer(teacher, tmp_path, *sets):
+    cfg = load_config(None, [f"teacher.path={teacher}", f"output_dir={tmp_path / 'run'}", "train.batch_size=2",
+                             "train.max_steps=2", "objective.critic_updates=1", "train.checkpoint_every=100",
+                             "train.sample_every=100", "train.log_every=100", "train.lr_generator=1e-3", *sets])
+    return Trainer(cfg, overwrite=True, progress=False)
+
+
+def test_first_ema_update_copies_the_student_and_later_ones_average(tiny_teacher, tmp_path):
+    trainer = _trainer(tiny_teacher, tmp_path)
+    student = trainer.generator.denoiser.model
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer.train_step()
+    trainer.step += 1
+    for (name, e), p in zip(trainer.ema.named_parameters(), student.parameters()):
+        assert torch.equal(e, p), name  # beta 0: lerp_(p, 1) writes p exactly
+    assert any(not torch.equal(start[n], p) for n, p in student.named_parameters())
+    ema_before = [e.clone() for e in trainer.ema.parameters()]
+    trainer.train_step()
+    beta = ema_beta(1, 2, trainer.cfg.train)  # 0.5 ** (2 / (2 * 0.05)), computed in float64
+    assert 0 < beta < 1e-5
+    for e0, e, p in zip(ema_before, trainer.ema.parameters(), student.parameters()):
+        # lerp in float32: |error| <= a few eps of the magnitudes involved
+        tol = 4 * torch.finfo(torch.float32).eps * (e0.abs() + p.abs()).max().item() + 1e-30
+        assert (e - (beta * e0.double() + (1 - beta) * p.double()).float()).abs().max() <= tol
+
+
+@pytest.mark.parametrize("name,betas,wd,warmup", [("dmd2", [0.9, 0.999], 0.01, 100), ("vsd", [0.9, 0.999], 0.01, 0),
+                                                  ("sid", [0.0, 0.999], 0.0, 0), ("sim", [0.0, 0.999], 0.0, 0),
+                                                  ("cd", [0.9, 0.999], 0.01, 0)])
+def test_objective_optimizer_defaults(name, betas, wd, warmup, tiny_teacher, tmp_path):
+    sets = [f"objective.name={name}", "objective.critic_updates=5"] if name == "dmd2" else [f"objective.name={name}"]
+    cfg = load_config(None, [f"teacher.path={tiny_teacher}", *sets])
+    from fastdiff.objectives import OBJECTIVES
+
+    cls, variant = OBJECTIVES[name]
+    obj = cls.__new__(cls)  # train_defaults reads only the settings it names
+    obj.critic_updates, obj.weighting = (5 if name == "dmd2" else 1), variant.get("weighting", "dmd")
+    resolve_train_defaults(cfg, obj)
+    assert (cfg.train.adam_betas, cfg.train.weight_decay, cfg.train.lr_warmup_steps) == (betas, wd, warmup)
+    # Values a config gives are kept.
+    cfg = load_config(None, [f"teacher.path={tiny_teacher}", *sets, "train.adam_betas=[0.5, 0.9]",
+                             "train.weight_decay=0.1", "train.lr_warmup_steps=3"])
+    resolve_train_defaults(cfg, obj)
+    assert (cfg.train.adam_betas, cfg.train.weight_decay, cfg.train.lr_warmup_steps) == ([0.5, 0.9], 0.1, 3)
+
+
+def test_trainer_uses_the_resolved_optimizer(tiny_teacher, tmp_path):
+    trainer = _trainer(tiny_teacher, tmp_path, "objective.name=sid")
+    group = trainer.opt_g.opt.param_groups[0]
+    assert group["betas"] == (0.0, 0.999) and group["weight_decay"] == 0.0
+    trainer = _trainer(tiny_teacher, tmp_path, "objective.critic_updates=5")
+    group = trainer.opt_g.opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.01
+    assert trainer.cfg.train.lr_warmup_steps == 100 and group["lr"] == pytest.approx(1e-3 / 100, rel=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "lcm"])
+def test_backward_simulation_renoises_as_the_sampler_does(sampler):
+    """The input of the trained step is exactly the one the sampler feeds that step on the same noise and the same
+    RNG draws: the implied noise (ddim, deterministic) or fresh noise (lcm). Before backward simulation honoured
+    the sampler, ddim students were trained on lcm-style fresh-noise inputs (the ddim case failed)."""
+    from diffusers import DDPMScheduler
+
+    from fastdiff.schedule import schedule_from_scheduler
+
+    schedule = schedule_from_scheduler(DDPMScheduler())
+    student = Denoiser(tiny_unet(seed=2), schedule, "epsilon")
+    gen = Generator(student, num_steps=4, sampler=sampler)
+    inputs = []
+    hook = student.model.register_forward_pre_hook(
+        lambda m, args, kwargs: inputs.append(kwargs["sample"].detach().clone()), with_kwargs=True)
+    z = torch.randn(2, 1, 8, 8)
+    checked = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        k = int(torch.randint(4, (1,)))
+        if k == 0:
+            continue
+        inputs.clear()
+        with torch.no_grad():
+            gen(z)  # the sampler's own trajectory from z; lcm's fresh noise comes from the global RNG after k's draw
+        sampled = [x.clone() for x in inputs]
+        inputs.clear()
+        torch.manual_seed(seed)
+        gen.training_sample(z)  # draws k, then the same fresh noise as the sampler
+        assert len(inputs) == k + 1 and torch.equal(inputs[-1], sampled[k]), k
+        checked += 1
+    assert checked >= 10
+    hook.remove()
+
+
+def test_fashion_mnist_is_found_where_the_readme_says(tmp_path, monkeypatch):
+    """data.path null: $FASTDIFF_FASHION_MNIST, else Debian's folder; missing: one line naming all three ways."""
+    from fastdiff.data import FMNIST_DEFAULT, fashion_mnist_root
+    from fastdiff.errors import FastdiffError
+
+    assert load_config(None).data.path is None
+    monkeypatch.setenv("FASTDIFF_FASHION_MNIST", str(tmp_path))
+    assert fashion_mnist_root(None) == str(tmp_path)
+    monkeypatch.delenv("FASTDIFF_FASHION_MNIST")
+    import os
+
+    if os.path.isdir(FMNIST_DEFAULT):
+        assert fashion_mnist_root(None) == FMNIST_DEFAULT
+    else:
+        with pytest.raises(FastdiffError) as err:
+            fashion_mnist_root(None)
+        msg = str(err.value)
+        assert "\n" not in msg and all(s in msg for s in ("data.path=DIR", "FASTDIFF_FASHION_MNIST",
+                                                           "apt-get install dataset-fashion-mnist"))
+    with pytest.raises(FastdiffError, match="--data-path DIR"):
+        fashion_mnist_root(str(tmp_path / "nowhere"), "--data-path")
