@@ -1,0 +1,206 @@
+"""The CPU ladder: does every objective improve its student on a real teacher within a CPU budget?
+
+For each objective (all of ``fastdiff.objectives.OBJECTIVES`` unless ``--objectives`` names some) it distils the
+teacher for ``--minutes`` of training (``train.time_limit_minutes``) at the batch size a CPU allows, with every other
+setting at the objective's defaults (so the ladder tests what a user gets), exports the student and measures FID@N
+and KID against a cached reference of Fashion-MNIST training images. Beside them: each starting point (the student
+before training, i.e. the teacher sampled in one step from the objective's ``sigma_init``: 2.5 for distribution
+matching, the top for consistency) and the teacher's DDIM at 1 and 10 NFE. Writes ``ladder.json``, ``README.md``
+(table) and ``ladder.png`` (FID against images seen, start to end) to ``--out``.
+
+    python eval/cpu_ladder.py                                   # both teachers, all objectives, 5 minutes each
+    python eval/cpu_ladder.py --which ddpm --objectives dmd2,sid --minutes 2
+    python eval/cpu_ladder.py --minutes 0.05 --num 20 --ref-num 40 --objectives dmd2 --out /tmp/ladder  # smoke
+
+The start row is the exported student after one update at learning rate 1e-30 (the weights move by ~1e-30, and the
+ramped EMA's first update copies them), so it goes through the same export and sampling path as the trained rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared"
+# label -> (teacher path, CFG of the real score, conditioning note)
+TEACHERS = {"ddpm": ("embedded:fmnist-ddpm", 1.0), "cond": (str(SHARED / "teachers" / "fmnist-cond-vpred"), 2.0)}
+MULTI_STEP = {"cd", "scm"}  # consistency students: also measured at 2 steps
+
+
+def run_distill(teacher: str, guidance: float, objective: str, run: Path, args, extra: list[str]) -> dict:
+    sets = [f"teacher.path={teacher}", f"teacher.guidance_scale={guidance}", f"objective.name={objective}",
+            f"output_dir={run}", f"data.path={args.data_path}", f"train.batch_size={args.batch_size}",
+            f"train.seed={args.seed}", "train.max_steps=1000000", "train.checkpoint_every=1000000",
+            "train.sample_every=1000000", "train.log_every=10", *extra, *(args.set or [])]
+    cmd = [sys.executable, "-m", "fastdiff", "distill", "--overwrite"]
+    for item in sets:
+        cmd += ["--set", item]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], "wall_seconds": wall}
+    info = json.loads((run / "student" / "fastdiff.json").read_text())
+    steps = info.get("train_step", 0)
+    losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (run / "metrics.jsonl").is_file() else []
+    return {"wall_seconds": wall, "steps": steps, "images_seen": steps * args.batch_size, "log": losses[-1] if losses else {}}
+
+
+def start_sigma(teacher: str, objective: str) -> float | None:
+    """The noise level a default student of ``objective`` starts from on ``teacher`` (None: the top)."""
+    from fastdiff.config import load_config
+    from fastdiff.embedded import resolve_teacher_path
+    from fastdiff.teacher import load_teacher
+    from fastdiff.trainer import sigma_init
+
+    cfg = load_config(None, [f"teacher.path={teacher}", f"objective.name={objective}"])
+    return sigma_init(cfg, load_teacher(resolve_teacher_path(teacher)))
+
+
+def fid_rows(model: str, steps: list[int], guidance: float | None, ref, extractor, args) -> list[dict]:
+    from fastdiff.evaluate import evaluate
+    from fastdiff.images import model_sources
+
+    rows = []
+    for k, source in zip(steps, model_sources(model, steps, args.seed, guidance, args.device)):
+        result = evaluate(source, ref, extractor, args.num, 250, args.crop)
+        rows.append({"steps": k, "fid": result["fid"], "fid_label": result["fid_label"], "kid": result.get("kid"),
+                     "kid_std": result.get("kid_std")})
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teachers = sorted({r["teacher"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4.5), squeeze=False)
+    for ax, teacher in zip(axes[0], teachers):
+        rows = [r for r in result["rows"] if r["teacher"] == teacher]
+        for r in rows:
+            if r["kind"] == "teacher":
+                ax.axhline(r["fid"], ls=":", color="gray")
+                ax.text(0, r["fid"], f" teacher DDIM {r['steps']}", va="bottom", fontsize=8, color="gray")
+        for r in rows:
+            if r["kind"] != "student" or r["steps"] != 1:
+                continue
+            start = next(s for s in rows if s["kind"] == "start" and s["model"] == r["start"] and s["steps"] == 1)
+            ax.plot([0, r["images_seen"]], [start["fid"], r["fid"]], marker="o", label=r["model"])
+        ax.set(title=f"{teacher}: one-step FID against images seen", xlabel="images seen", ylabel=rows[0]["fid_label"]
+               if rows else "FID", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(result: dict) -> str:
+    lines = [f"# CPU ladder: {result['minutes']} minutes per objective, batch {result['batch_size']}", "",
+             f"{result['device']}; {result['date']}; commit {result['commit']}; "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
+             f"FID@{result['num']} and KID against {result['reference']} ({result['reference_n']} images).", "",
+             "| teacher | row | steps | FID | KID | generator updates | images seen | wall s | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        kid = "" if r.get("kid") is None else f"{r['kid']:.4f}"
+        verdict = r.get("verdict", "")
+        lines.append(f"| {r['teacher']} | {r['model']} | {r['steps']} | {r['fid']:.1f} | {kid} | {r.get('updates', '')} "
+                     f"| {r.get('images_seen', '')} | {r.get('wall_seconds', 0):.0f} | {verdict} |")
+    for e in result.get("errors", []):
+        lines.append(f"| {e['teacher']} | {e['model']} | | failed: {e['error']} | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from fastdiff.objectives import OBJECTIVES
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="eval/results/cpu-ladder")
+    p.add_argument("--which", default="ddpm,cond", help="teachers: ddpm (embedded), cond (shared fmnist-cond-vpred)")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument("--minutes", type=float, default=5.0, help="training budget per objective")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num", type=int, default=1000, help="images per FID")
+    p.add_argument("--ref-num", type=int, default=2000, help="Fashion-MNIST training images in the reference")
+    p.add_argument("--crop", type=int, default=28)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-path", default=str(SHARED / "datasets" / "fashion-mnist"))
+    p.add_argument("--set", action="append", help="extra config override for every run")
+    args = p.parse_args()
+
+    import torch
+
+    from fastdiff.evaluate import make_reference
+    from fastdiff.images import open_source
+    from fastdiff.inception import InceptionFeatures
+    from fastdiff.machine import describe, today, versions
+    from fastdiff.metrics import ReferenceStats
+
+    args.device = torch.device("cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extractor = InceptionFeatures(None, "nv-bilinear")
+    ref_file = out / f"fmnist-train{args.ref_num}.npz"
+    if not ref_file.is_file():
+        source = open_source("fashion-mnist:train", data_path=args.data_path, allow_model=False)
+        make_reference(source, extractor, args.ref_num, 250, min(args.ref_num, 5000), None).save(ref_file)
+    ref = ReferenceStats.load(ref_file)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    rows, errors = [], []
+    for which in args.which.split(","):
+        teacher, guidance = TEACHERS[which]
+        if not teacher.startswith("embedded:") and not Path(teacher).is_dir():
+            print(f"skipping {which}: {teacher} not present")
+            continue
+        scale = guidance if guidance != 1.0 else None
+        for r in fid_rows(teacher, [1, 10], scale, ref, extractor, args):
+            rows.append({**r, "teacher": which, "kind": "teacher", "model": f"teacher DDIM {r['steps']}"})
+        names = args.objectives.split(",")
+        starts = {}
+        for name in names:
+            sigma = start_sigma(teacher, name)
+            start = "start (top)" if sigma is None else f"start (sigma {sigma:.3g})"
+            starts[name] = start
+            if any(r["teacher"] == which and r["model"] == start for r in rows):
+                continue
+            run = out / "runs" / f"{which}-{name}-start"
+            info = run_distill(teacher, guidance, name, run, args, ["train.max_steps=1", "train.lr_generator=1e-30",
+                                                                     "train.lr_critic=1e-30"])
+            if "error" in info:
+                errors.append({"teacher": which, "model": start, **info})
+                continue
+            for r in fid_rows(str(run / "student"), [1, 2] if name in MULTI_STEP else [1], None, ref, extractor, args):
+                rows.append({**r, "teacher": which, "kind": "start", "model": start, "images_seen": 0})
+        for name in names:
+            run = out / "runs" / f"{which}-{name}"
+            info = run_distill(teacher, guidance, name, run, args, [f"train.time_limit_minutes={args.minutes}"])
+            print(name, which, info)
+            if "error" in info:
+                errors.append({"teacher": which, "model": name, **info})
+                continue
+            for r in fid_rows(str(run / "student"), [1, 2] if name in MULTI_STEP else [1], None, ref, extractor, args):
+                start = next(s for s in rows if s["teacher"] == which and s["model"] == starts[name]
+                             and s["steps"] == r["steps"])
+                verdict = f"{'below' if r['fid'] < start['fid'] else 'NOT below'} its start ({start['fid']:.1f})"
+                rows.append({**r, "teacher": which, "kind": "student", "model": name, "start": starts[name],
+                             "updates": info["steps"], "images_seen": info["images_seen"],
+                             "wall_seconds": info["wall_seconds"], "verdict": verdict, "last_log": info["log"]})
+        result = {"device": describe(args.device), "versions": versions(), "date": today(), "commit": commit,
+                  "minutes": args.minutes, "batch_size": args.batch_size, "num": args.num, "reference": ref.name,
+                  "reference_n": ref.n, "rows": rows, "errors": errors}
+        (out / "ladder.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "README.md").write_text(table(result))
+        plot(result, out / "ladder.png")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
