@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--num", type=int, default=1000, help="images per FID")
     p.add_argument("--ref-num", type=int, default=2000, help="Fashion-MNIST training images in the reference")
     p.add_argument("--crop", type=int, default=28)
+    p.add_argument("--teacher-nfe", default="1,10", help="teacher DDIM step counts to score (empty: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-path", default=str(SHARED / "datasets" / "fashion-mnist"))
     p.add_argument("--set", action="append", help="extra config override for every run")
@@ -161,7 +162,8 @@ def main() -> None:
             print(f"skipping {which}: {teacher} not present")
             continue
         scale = guidance if guidance != 1.0 else None
-        for r in fid_rows(teacher, [1, 10], scale, ref, extractor, args):
+        nfe = [int(k) for k in args.teacher_nfe.split(",") if k]
+        for r in fid_rows(teacher, nfe, scale, ref, extractor, args) if nfe else []:
             rows.append({**r, "teacher": which, "kind": "teacher", "model": f"teacher DDIM {r['steps']}"})
         names = args.objectives.split(",")
         starts = {}

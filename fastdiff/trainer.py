@@ -439,8 +439,8 @@ class Trainer:
     def train_step(self) -> dict:
         obj = self.objective
         obj.step = self.step
-        t = self.cfg.train
-        obj.images_seen = self.step * t.batch_size * t.gradient_accumulation * self.accelerator.num_processes
+        global_batch = self.cfg.train.batch_size * self.cfg.train.gradient_accumulation * self.accelerator.num_processes
+        obj.images_seen = self.step * global_batch  # before this update, as SiD's cur_nimg
         logs = {}
         critic_params = self.opt_c.params if self.opt_c else []
         for p in critic_params:
@@ -458,8 +458,7 @@ class Trainer:
         logs["skipped_updates"] = self.skipped["generator"] + self.skipped["critic"]
         obj.after_generator_step()
         if self._ema_pairs:
-            t = self.cfg.train
-            beta = ema_beta(self.step, t.batch_size * t.gradient_accumulation * self.accelerator.num_processes, t)
+            beta = ema_beta(self.step, global_batch, self.cfg.train)
             with torch.no_grad():
                 for e, p in self._ema_pairs:
                     e.lerp_(p, 1 - beta)
