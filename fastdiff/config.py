@@ -320,9 +320,11 @@ def validate(cfg: Config) -> None:
     lo, hi = 0.0 if o.min_t is None else o.min_t, 1.0 if o.max_t is None else o.max_t
     if not 0.0 <= lo < hi <= 1.0:
         raise FastdiffError("objective.min_t and objective.max_t must satisfy 0 <= min_t < max_t <= 1")
-    if o.fake_loss not in (None, "teacher", "eps", "edm"):
+    from .objectives.base import FAKE_LOSSES, SIGMA_GRIDS
+
+    if o.fake_loss not in (None, *FAKE_LOSSES):
         raise FastdiffError(f"objective.fake_loss must be teacher, eps or edm, got {o.fake_loss!r}")
-    if o.sigma_grid not in (None, "teacher", "karras"):
+    if o.sigma_grid not in (None, *SIGMA_GRIDS):
         raise FastdiffError(f"objective.sigma_grid must be teacher or karras, got {o.sigma_grid!r}")
     if o.gan_start_images is not None and o.gan_start_images < 0:
         raise FastdiffError(f"objective.gan_start_images must be >= 0, got {o.gan_start_images}")

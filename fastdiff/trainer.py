@@ -188,6 +188,15 @@ RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lo
 LOGGED_RESUME_KEYS = ("objective.alpha",)
 
 
+def changed_keys(saved: dict, now: dict, keys):
+    """(key, before, after) for each dotted ``section.name`` key whose value differs between two config dicts."""
+    for key in keys:
+        section, name = key.split(".")
+        before, after = saved.get(section, {}).get(name), now[section][name]
+        if before != after:
+            yield key, before, after
+
+
 class Trainer:
     """Builds every piece of a run from a Config and runs it. See ``fit``."""
 
@@ -372,17 +381,11 @@ class Trainer:
         if not saved_file.is_file():
             return
         saved, now = yaml.safe_load(saved_file.read_text()) or {}, to_dict(self.cfg)
-        for key in RESUME_KEYS:
-            section, name = key.split(".")
-            before, after = saved.get(section, {}).get(name), now[section][name]
-            if before != after:
-                raise FastdiffError(f"{self.out} was trained with {key}={before!r}, this config has {after!r}; resume "
-                                    f"with the run's own config ({saved_file}) or start a new output_dir")
-        for key in LOGGED_RESUME_KEYS:
-            section, name = key.split(".")
-            before, after = saved.get(section, {}).get(name), now[section][name]
-            if before != after:
-                self.accelerator.print(f"resuming with {key}={after!r}; the run was trained with {before!r} until now")
+        for key, before, after in changed_keys(saved, now, RESUME_KEYS):
+            raise FastdiffError(f"{self.out} was trained with {key}={before!r}, this config has {after!r}; resume "
+                                f"with the run's own config ({saved_file}) or start a new output_dir")
+        for key, before, after in changed_keys(saved, now, LOGGED_RESUME_KEYS):
+            self.accelerator.print(f"resuming with {key}={after!r}; the run was trained with {before!r} until now")
 
     def load(self, which: str) -> None:
         self.check_resume_config()

@@ -78,11 +78,14 @@ def only_finite(ok: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor,
     return tuple(torch.where(ok.reshape(-1, *([1] * (t.ndim - 1))), t, torch.zeros_like(t)) for t in tensors)
 
 
+def kept_mean(ok: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """Mean of per-sample values over the samples in ``ok`` (the others are dropped by a select)."""
+    return only_finite(ok, per_sample)[0].sum() / ok.sum().clamp(min=1)
+
+
 def finite_mean(per_sample: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of a per-sample loss over the samples where it is finite (optionally weighted per sample)."""
-    ok = finite_samples(per_sample)
-    (kept,) = only_finite(ok, per_sample if weight is None else weight * per_sample)
-    return kept.sum() / ok.sum().clamp(min=1)
+    return kept_mean(finite_samples(per_sample), per_sample if weight is None else weight * per_sample)
 
 
 def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +124,9 @@ def drop_conditions(denoiser: Denoiser, cond: dict | None, rate: float) -> dict 
     ones CFG uses) with probability ``rate``; the ``uncond_*`` entries themselves are kept."""
     if not cond or rate <= 0:
         return cond
-    batch = next(v for v in cond.values() if torch.is_tensor(v)).shape[0]
-    null = denoiser.null_cond(cond, batch)
-    device = next(v for v in cond.values() if torch.is_tensor(v)).device
-    drop = torch.rand(batch, device=device) < rate
+    first = next(v for v in cond.values() if torch.is_tensor(v))
+    null = denoiser.null_cond(cond, first.shape[0])
+    drop = torch.rand(first.shape[0], device=first.device) < rate
 
     def pick(kept, dropped):
         if isinstance(kept, dict):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import Denoiser, expand
-from .base import Objective, finite_samples, noised, only_finite, per_sample_mean
+from .base import Objective, finite_samples, kept_mean, noised, only_finite, per_sample_mean
 from .gan import GANHead, discriminator_gan_loss
 
 
@@ -94,7 +94,7 @@ class DMD2(Objective):
         logs = {"loss_dm": loss.detach(), "nonfinite_samples": (~ok).sum()}
         if self.gan_head is not None:
             logits = self.gan_head(*self.gan_noised(x_kept.to(x.dtype)), cond)
-            gan = only_finite(ok, F.softplus(-logits.float()))[0].sum() / ok.sum().clamp(min=1)
+            gan = kept_mean(ok, F.softplus(-logits.float()))
             logs["loss_gan_g"] = gan.detach()
             loss = loss + self.gan_generator_weight * gan
         return loss, logs

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..denoiser import Denoiser
+from .base import kept_mean, only_finite
 
 
 def bottleneck_module(model: nn.Module) -> nn.Module:
@@ -81,35 +82,23 @@ class GANHead(nn.Module):
         return self.mlp(h).squeeze(1)
 
 
-def generator_gan_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    return F.softplus(-logits_fake).mean()
-
-
 def discriminator_gan_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
-
-
-def _kept_mean(values: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """Mean of per-sample values over the samples in ``ok`` (values outside must already be finite)."""
-    return torch.where(ok, values, torch.zeros_like(values)).sum() / ok.sum().clamp(min=1)
 
 
 def sida_generator_gan_loss(logits_fake: torch.Tensor, norm: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """SiDA's generator GAN term: ``BCE(clamp(D, -10, 10), real)`` averaged over the kept samples, times
     ``sum_kept(1 / norm) / B`` with norm = mean|x - y_r| per sample (sida_loss.py divides the batch-mean BCE by each
     sample's weight_factor; the loop sums over samples and divides by the batch). ``ok``: samples kept."""
-    logits = torch.where(ok, logits_fake.float(), torch.zeros_like(logits_fake.float()))
-    bce = _kept_mean(F.softplus(-logits.clamp(-10, 10)), ok)
-    inv_norm = torch.where(ok, 1 / norm, torch.zeros_like(norm)).sum() / ok.shape[0]
-    return bce * inv_norm
+    (logits,) = only_finite(ok, logits_fake.float())
+    bce = kept_mean(ok, F.softplus(-logits.clamp(-10, 10)))
+    return bce * only_finite(ok, 1 / norm)[0].sum() / ok.shape[0]
 
 
 def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, weight: torch.Tensor,
                             ok: torch.Tensor) -> torch.Tensor:
     """SiDA's discriminator loss: ``sum_kept(lambda(sigma)) / B * (BCE(D(real), 1) + BCE(D(fake), 0)) / 2``, the
     BCEs averaged over the kept samples, lambda the fake-score loss weight at the shared noise level."""
-    zero = torch.zeros_like(logits_real.float())
-    real = torch.where(ok, logits_real.float(), zero)
-    fake = torch.where(ok, logits_fake.float(), zero)
-    bce = (_kept_mean(F.softplus(-real), ok) + _kept_mean(F.softplus(fake), ok)) / 2
-    return torch.where(ok, weight, torch.zeros_like(weight)).sum() / ok.shape[0] * bce
+    real, fake, weight = only_finite(ok, logits_real.float(), logits_fake.float(), weight)
+    bce = (kept_mean(ok, F.softplus(-real)) + kept_mean(ok, F.softplus(fake))) / 2
+    return weight.sum() / ok.shape[0] * bce

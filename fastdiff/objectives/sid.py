@@ -43,6 +43,9 @@ from .gan import GANHead, sida_discriminator_loss, sida_generator_gan_loss
 
 # SiD-LSG's fake-score timesteps, torch.randint(20, 980): [0.02, 0.979] * 1000 inclusive.
 FAKE_T_RANGE = (0.02, 0.979)
+# sid_train.py: torch.optim.Adam (no weight decay), betas (0, 0.999) for the fake score and the generator
+# (--g_beta1 0), no learning-rate warm-up.
+SID_OPTIMIZER = {"adam_betas": [0.0, 0.999], "weight_decay": 0.0, "lr_warmup_steps": 0}
 # SiD-LSG: share of conditions dropped while the fake score trains when a fake-score CFG scale is not 1.
 COND_DROPOUT = 0.1
 
@@ -89,9 +92,8 @@ class SiD(Objective):
         self.critic_clip_value = critic_clip_value
 
     def train_defaults(self) -> dict:
-        """SiD's sid_train.py: ``torch.optim.Adam`` (no weight decay) with betas (0, 0.999) for both the fake score
-        and the generator (``--g_beta1`` 0), no learning-rate warm-up."""
-        return {"adam_betas": [0.0, 0.999], "weight_decay": 0.0, "lr_warmup_steps": 0}
+        """SiD's optimizer (``SID_OPTIMIZER``)."""
+        return dict(SID_OPTIMIZER)
 
     def gan_on(self) -> bool:
         """SiDA's loop: ``cur_nimg > 200 * 1000`` before the update (a host integer, no device sync)."""

@@ -20,7 +20,7 @@ import torch
 
 from ..denoiser import Denoiser
 from .base import Objective, default_fake_loss, finite_samples, noised, only_finite, per_sample_mean
-from .sid import FAKE_T_RANGE
+from .sid import FAKE_T_RANGE, SID_OPTIMIZER
 
 
 def pseudo_huber_grad(delta: torch.Tensor, c: float) -> torch.Tensor:
@@ -58,7 +58,7 @@ class SIM(Objective):
     def train_defaults(self) -> dict:
         """SIM has no public training code: SiD's optimizer (Adam (0, 0.999), no weight decay, no warm-up), the
         closest reference of the same family, is used."""
-        return {"adam_betas": [0.0, 0.999], "weight_decay": 0.0, "lr_warmup_steps": 0}
+        return dict(SID_OPTIMIZER)
 
     def generator_loss(self, x, cond=None, real=None):
         x = x.float()
