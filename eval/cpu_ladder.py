@@ -103,19 +103,21 @@ def plot(result: dict, path: Path) -> None:
 
 
 def table(result: dict) -> str:
-    lines = [f"# CPU ladder: {result['minutes']} minutes per objective, batch {result['batch_size']}", "",
+    lines = [f"# CPU ladder: training budget per row in minutes (min), batch {result['batch_size']}", "",
              f"{result['device']}; {result['date']}; commit {result['commit']}; "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
              f"FID@{result['num']} and KID against {result['reference']} ({result['reference_n']} images).", "",
-             "| teacher | row | steps | FID | KID | generator updates | images seen | wall s | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| teacher | row | steps | FID | KID | min | generator updates | images seen | wall s | commit | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         kid = "" if r.get("kid") is None else f"{r['kid']:.4f}"
         verdict = r.get("verdict", "")
-        lines.append(f"| {r['teacher']} | {r['model']} | {r['steps']} | {r['fid']:.1f} | {kid} | {r.get('updates', '')} "
-                     f"| {r.get('images_seen', '')} | {r.get('wall_seconds', 0):.0f} | {verdict} |")
+        budget = r.get("minutes", "") if r["kind"] == "student" else ""
+        lines.append(f"| {r['teacher']} | {r['model']} | {r['steps']} | {r['fid']:.1f} | {kid} | {budget} "
+                     f"| {r.get('updates', '')} | {r.get('images_seen', '')} | {r.get('wall_seconds', 0):.0f} "
+                     f"| {r.get('commit', '')} | {verdict} |")
     for e in result.get("errors", []):
-        lines.append(f"| {e['teacher']} | {e['model']} | | failed: {e['error']} | | | | | |")
+        lines.append(f"| {e['teacher']} | {e['model']} | | failed: {e['error']} | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +157,26 @@ def main() -> None:
         make_reference(source, extractor, args.ref_num, 250, min(args.ref_num, 5000), None).save(ref_file)
     ref = ReferenceStats.load(ref_file)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    rows, errors = [], []
+    # Rows accumulate across invocations (a row measured again replaces the old one), so the ladder can be grown
+    # one part at a time; each row records the commit and minutes it was measured with.
+    previous = json.loads((out / "ladder.json").read_text()) if (out / "ladder.json").is_file() else {}
+    rows, errors = previous.get("rows", []), []
+    meta = {"commit": commit, "minutes": args.minutes, "date": today()}
+
+    def add(row: dict) -> None:
+        rows[:] = [r for r in rows if (r["teacher"], r["model"], r["steps"]) != (row["teacher"], row["model"], row["steps"])]
+        rows.append({**meta, **row})
+        save()
+
+    def save() -> dict:
+        result = {"device": describe(args.device), "versions": versions(), "date": today(), "commit": commit,
+                  "minutes": args.minutes, "batch_size": args.batch_size, "num": args.num, "reference": ref.name,
+                  "reference_n": ref.n, "rows": rows, "errors": errors}
+        (out / "ladder.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "README.md").write_text(table(result))
+        plot(result, out / "ladder.png")
+        return result
+
     for which in args.which.split(","):
         teacher, guidance = TEACHERS[which]
         if not teacher.startswith("embedded:") and not Path(teacher).is_dir():
@@ -164,7 +185,7 @@ def main() -> None:
         scale = guidance if guidance != 1.0 else None
         nfe = [int(k) for k in args.teacher_nfe.split(",") if k]
         for r in fid_rows(teacher, nfe, scale, ref, extractor, args) if nfe else []:
-            rows.append({**r, "teacher": which, "kind": "teacher", "model": f"teacher DDIM {r['steps']}"})
+            add({**r, "teacher": which, "kind": "teacher", "model": f"teacher DDIM {r['steps']}"})
         names = args.objectives.split(",")
         starts = {}
         for name in names:
@@ -180,27 +201,23 @@ def main() -> None:
                 errors.append({"teacher": which, "model": start, **info})
                 continue
             for r in fid_rows(str(run / "student"), [1, 2] if name in MULTI_STEP else [1], None, ref, extractor, args):
-                rows.append({**r, "teacher": which, "kind": "start", "model": start, "images_seen": 0})
+                add({**r, "teacher": which, "kind": "start", "model": start, "images_seen": 0})
         for name in names:
             run = out / "runs" / f"{which}-{name}"
             info = run_distill(teacher, guidance, name, run, args, [f"train.time_limit_minutes={args.minutes}"])
-            print(name, which, info)
+            print(name, which, info, flush=True)
             if "error" in info:
                 errors.append({"teacher": which, "model": name, **info})
+                save()
                 continue
             for r in fid_rows(str(run / "student"), [1, 2] if name in MULTI_STEP else [1], None, ref, extractor, args):
                 start = next(s for s in rows if s["teacher"] == which and s["model"] == starts[name]
                              and s["steps"] == r["steps"])
                 verdict = f"{'below' if r['fid'] < start['fid'] else 'NOT below'} its start ({start['fid']:.1f})"
-                rows.append({**r, "teacher": which, "kind": "student", "model": name, "start": starts[name],
-                             "updates": info["steps"], "images_seen": info["images_seen"],
-                             "wall_seconds": info["wall_seconds"], "verdict": verdict, "last_log": info["log"]})
-        result = {"device": describe(args.device), "versions": versions(), "date": today(), "commit": commit,
-                  "minutes": args.minutes, "batch_size": args.batch_size, "num": args.num, "reference": ref.name,
-                  "reference_n": ref.n, "rows": rows, "errors": errors}
-        (out / "ladder.json").write_text(json.dumps(result, indent=2, default=str))
-        (out / "README.md").write_text(table(result))
-        plot(result, out / "ladder.png")
+                add({**r, "teacher": which, "kind": "student", "model": name, "start": starts[name],
+                     "updates": info["steps"], "images_seen": info["images_seen"],
+                     "wall_seconds": info["wall_seconds"], "verdict": verdict, "last_log": info["log"]})
+    result = save()
     print(table(result))
 
 
