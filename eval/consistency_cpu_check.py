@@ -40,7 +40,7 @@ def fid(folder: Path, ref: Path, num: int, steps: int, out_json: Path) -> float:
 
 def run(objective: str, args, work: Path) -> dict:
     from fastdiff.config import load_config, to_dict
-    from fastdiff.trainer import Trainer
+    from fastdiff.training import Trainer
 
     sets = [f"objective.name={objective}", f"data.path={args.data_path}", f"output_dir={work / objective}",
             "train.batch_size=8", f"train.time_limit_minutes={args.minutes}", "train.max_steps=1000000",

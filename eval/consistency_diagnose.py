@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from fastdiff.config import Config
-from fastdiff.data import load_fashion_mnist, to_model_range
-from fastdiff.denoiser import expand
-from fastdiff.embedded import resolve_teacher_path
+from fastdiff.training.data import load_fashion_mnist, to_model_range
+from fastdiff.models.denoiser import expand
+from fastdiff.models.embedded import resolve_teacher_path
 from fastdiff.objectives.cd import ConsistencyDistillation
-from fastdiff.optim import Optimizer
-from fastdiff.teacher import load_teacher
+from fastdiff.training.optim import Optimizer
+from fastdiff.models.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parent
 
@@ -86,7 +86,7 @@ def init_diagnostics(teacher, real: torch.Tensor, levels: list[int], n: int = 8)
 def short_run(teacher, real, *, steps: int, lr: float, top: int, head: str = "teacher", batch: int = 8,
               betas=(0.9, 0.999), seed: int = 0, z: torch.Tensor, ref: torch.Tensor) -> dict:
     """cd for ``steps`` updates with the trainer's optimizer; loss, grad norm and one-step ODE-target error."""
-    from fastdiff.consistency import ConsistencyDenoiser
+    from fastdiff.models.consistency import ConsistencyDenoiser
 
     torch.manual_seed(seed)
     d = teacher.denoiser

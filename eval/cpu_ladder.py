@@ -11,6 +11,11 @@ matching, the top for consistency) and the teacher's DDIM at 1 and 10 NFE. Write
     python eval/cpu_ladder.py                                   # both teachers, all objectives, 5 minutes each
     python eval/cpu_ladder.py --which ddpm --objectives dmd2,sid --minutes 2
     python eval/cpu_ladder.py --minutes 0.05 --num 20 --ref-num 40 --objectives dmd2 --out /tmp/ladder  # smoke
+    python eval/cpu_ladder.py --updates 100    # a fixed number of generator updates instead of a time budget
+
+``--updates`` is for a machine that is not quiet: a time budget shared with other work gives each objective
+whatever the other processes leave it, while a number of updates gives the same training anywhere (the wall time
+is still recorded beside it).
 
 The start row is the exported student after one update at learning rate 1e-30 (the weights move by ~1e-30, and the
 ramped EMA's first update copies them), so it goes through the same export and sampling path as the trained rows.
@@ -56,17 +61,17 @@ def run_distill(teacher: str, guidance: float, objective: str, run: Path, args, 
 def start_sigma(teacher: str, objective: str) -> float | None:
     """The noise level a default student of ``objective`` starts from on ``teacher`` (None: the top)."""
     from fastdiff.config import load_config
-    from fastdiff.embedded import resolve_teacher_path
-    from fastdiff.teacher import load_teacher
-    from fastdiff.trainer import sigma_init
+    from fastdiff.models.embedded import resolve_teacher_path
+    from fastdiff.models.teacher import load_teacher
+    from fastdiff.training.setup import sigma_init
 
     cfg = load_config(None, [f"teacher.path={teacher}", f"objective.name={objective}"])
     return sigma_init(cfg, load_teacher(resolve_teacher_path(teacher)))
 
 
 def fid_rows(model: str, steps: list[int], guidance: float | None, ref, extractor, args) -> list[dict]:
-    from fastdiff.evaluate import evaluate
-    from fastdiff.images import model_sources
+    from fastdiff.evaluation.evaluate import evaluate
+    from fastdiff.evaluation.images import model_sources
 
     rows = []
     for k, source in zip(steps, model_sources(model, steps, args.seed, guidance, args.device)):
@@ -103,16 +108,17 @@ def plot(result: dict, path: Path) -> None:
 
 
 def table(result: dict) -> str:
-    lines = [f"# CPU ladder: training budget per row in minutes (min), batch {result['batch_size']}", "",
+    lines = [f"# CPU ladder: training budget per row (minutes, or generator updates), batch {result['batch_size']}", "",
              f"{result['device']}; {result['date']}; commit {result['commit']}; "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
              f"FID@{result['num']} and KID against {result['reference']} ({result['reference_n']} images).", "",
-             "| teacher | row | steps | FID | KID | min | generator updates | images seen | wall s | commit | verdict |",
+             "| teacher | row | steps | FID | KID | budget | generator updates | images seen | wall s | commit | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         kid = "" if r.get("kid") is None else f"{r['kid']:.4f}"
         verdict = r.get("verdict", "")
-        budget = r.get("minutes", "") if r["kind"] == "student" else ""
+        budget = (f"{r['budget_updates']} updates" if r.get("budget_updates") else f"{r.get('minutes', '')} min") \
+            if r["kind"] == "student" else ""
         lines.append(f"| {r['teacher']} | {r['model']} | {r['steps']} | {r['fid']:.1f} | {kid} | {budget} "
                      f"| {r.get('updates', '')} | {r.get('images_seen', '')} | {r.get('wall_seconds', 0):.0f} "
                      f"| {r.get('commit', '')} | {verdict} |")
@@ -129,6 +135,7 @@ def main() -> None:
     p.add_argument("--which", default="ddpm,cond", help="teachers: ddpm (embedded), cond (shared fmnist-cond-vpred)")
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
     p.add_argument("--minutes", type=float, default=5.0, help="training budget per objective")
+    p.add_argument("--updates", type=int, help="budget as a number of generator updates instead of minutes")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num", type=int, default=1000, help="images per FID")
     p.add_argument("--ref-num", type=int, default=2000, help="Fashion-MNIST training images in the reference")
@@ -141,11 +148,11 @@ def main() -> None:
 
     import torch
 
-    from fastdiff.evaluate import make_reference
-    from fastdiff.images import open_source
-    from fastdiff.inception import InceptionFeatures
+    from fastdiff.evaluation.evaluate import make_reference
+    from fastdiff.evaluation.images import open_source
+    from fastdiff.evaluation.inception import InceptionFeatures
     from fastdiff.machine import describe, today, versions
-    from fastdiff.metrics import ReferenceStats
+    from fastdiff.evaluation.metrics import ReferenceStats
 
     args.device = torch.device("cpu")
     out = Path(args.out)
@@ -161,7 +168,8 @@ def main() -> None:
     # one part at a time; each row records the commit and minutes it was measured with.
     previous = json.loads((out / "ladder.json").read_text()) if (out / "ladder.json").is_file() else {}
     rows, errors = previous.get("rows", []), []
-    meta = {"commit": commit, "minutes": args.minutes, "date": today()}
+    meta = {"commit": commit, "date": today(),
+            **({"budget_updates": args.updates} if args.updates else {"minutes": args.minutes})}
 
     def add(row: dict) -> None:
         rows[:] = [r for r in rows if (r["teacher"], r["model"], r["steps"]) != (row["teacher"], row["model"], row["steps"])]
@@ -204,7 +212,8 @@ def main() -> None:
                 add({**r, "teacher": which, "kind": "start", "model": start, "images_seen": 0})
         for name in names:
             run = out / "runs" / f"{which}-{name}"
-            info = run_distill(teacher, guidance, name, run, args, [f"train.time_limit_minutes={args.minutes}"])
+            budget = [f"train.max_steps={args.updates}"] if args.updates else [f"train.time_limit_minutes={args.minutes}"]
+            info = run_distill(teacher, guidance, name, run, args, budget)
             print(name, which, info, flush=True)
             if "error" in info:
                 errors.append({"teacher": which, "model": name, **info})

@@ -242,10 +242,10 @@ class Measure:
     def __init__(self, args):
         import torch
 
-        from fastdiff.evaluate import make_reference
-        from fastdiff.images import open_source
-        from fastdiff.inception import InceptionFeatures
-        from fastdiff.metrics import ReferenceStats
+        from fastdiff.evaluation.evaluate import make_reference
+        from fastdiff.evaluation.images import open_source
+        from fastdiff.evaluation.inception import InceptionFeatures
+        from fastdiff.evaluation.metrics import ReferenceStats
 
         self.args = args
         self.extractor = InceptionFeatures(None, "nv-bilinear").to(args.device)
@@ -265,9 +265,9 @@ class Measure:
         import numpy as np
         import torch
 
-        from fastdiff.evaluate import evaluate
-        from fastdiff.images import model_sources
-        from fastdiff.sampling import save_grid
+        from fastdiff.evaluation.evaluate import evaluate
+        from fastdiff.evaluation.images import model_sources
+        from fastdiff.inference.sampling import save_grid
 
         a = self.args
         sources = model_sources(str(folder), row.steps, a.seed, guidance, a.device)  # the network is loaded once

@@ -68,7 +68,7 @@ def run_row(args) -> dict:
     import torch
 
     from fastdiff.config import load_config
-    from fastdiff.trainer import Trainer
+    from fastdiff.training import Trainer
 
     prompts = Path(args.teacher).parent / "prompts.txt"
     prompts.write_text("a photo of a cat\na watercolor of a lighthouse\n")

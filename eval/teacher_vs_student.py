@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.checkpoint import atomic_write_text
+from fastdiff.training.checkpoint import atomic_write_text
 from fastdiff.errors import FastdiffError
-from fastdiff.evaluate import evaluate
-from fastdiff.embedded import resolve_teacher_path
-from fastdiff.images import is_model_folder, model_sources
-from fastdiff.inception import InceptionFeatures
+from fastdiff.evaluation.evaluate import evaluate
+from fastdiff.models.embedded import resolve_teacher_path
+from fastdiff.evaluation.images import is_model_folder, model_sources
+from fastdiff.evaluation.inception import InceptionFeatures
 from fastdiff.machine import describe, today, versions
-from fastdiff.metrics import ReferenceStats, count_label
+from fastdiff.evaluation.metrics import ReferenceStats, count_label
 
 TEACHER_NFE = (1, 2, 4, 10, 25, 50)
 STUDENT_STEPS = (1, 2, 4)

@@ -49,7 +49,7 @@ def target(scheduler, x0, noise, t):
 
 
 def train(args) -> Path:
-    from fastdiff.data import load_fashion_mnist, to_model_range
+    from fastdiff.training.data import load_fashion_mnist, to_model_range
     from fastdiff.machine import describe
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

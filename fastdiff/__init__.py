@@ -1,15 +1,15 @@
 """fastdiff: distill a frozen diffusers teacher into a one- or few-step student."""
-from .denoiser import Denoiser
+from .models.denoiser import Denoiser
 from .errors import FastdiffError
-from .generator import Generator
-from .schedule import FlowSchedule, VPSchedule
-from .teacher import Teacher, load_teacher
+from .models.generator import Generator
+from .models.schedule import FlowSchedule, VPSchedule
+from .models.teacher import Teacher, load_teacher
 
 __version__ = "0.1.0"
 
 # fastdiff's own diffusers models, found by name when diffusers loads a pipeline folder whose
 # model_index.json says ["fastdiff", "<class>"]; imported on first use (they import diffusers).
-_MODELS = {"GuidanceEmbeddedUNet": ".guidance", "MLPDenoiser": ".mlp", "GaussianMixtureModel": ".analytic"}
+_MODELS = {"GuidanceEmbeddedUNet": ".models.guidance", "MLPDenoiser": ".models.mlp", "GaussianMixtureModel": ".models.analytic"}
 
 
 def __getattr__(name):

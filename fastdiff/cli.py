@@ -17,19 +17,24 @@ def _device(name: str | None):
 
 def cmd_distill(args) -> None:
     from .config import load_config
-    from .trainer import Trainer
+    from .training import Trainer
 
     cfg = load_config(args.config, args.set or [])
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.dry_run:  # the resolved config, parameter counts and memory estimate; nothing written, nothing trained
+        from .training.dry_run import dry_run_report
+
+        print(dry_run_report(cfg))
+        return
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     out = trainer.fit()
     if out is not None:
         trainer.accelerator.print(f"student exported to {out}")
 
 
 def cmd_export(args) -> None:
-    from . import checkpoint as ckpt
+    from .training import checkpoint as ckpt
     from .config import Config, _apply, _yaml
-    from .trainer import Trainer
+    from .training import Trainer
 
     run = Path(args.run_dir)
     config_file = run / "config.yaml"
@@ -41,17 +46,26 @@ def cmd_export(args) -> None:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
+    from .inference.export import push_to_hub, weight_options
+    from .training.outputs import export_run
+
+    options = weight_options(args.dtype, args.variant)  # refused before the slow part
     cfg.output_dir = str(run)  # the run may have moved since it was trained
+    cfg.train.report_to = "none"  # exporting logs nothing (and needs no tracker installed)
     trainer = Trainer(cfg, resume=path.name.split("-")[1])
     trainer.load(path.name.split("-")[1])  # exactly the checkpoint named, no fallback
-    print(f"student exported to {trainer.export(out)}")
+    folder = export_run(trainer, out, repo_id=args.push_to_hub, **options)
+    print(f"student exported to {folder}")
+    if args.push_to_hub:
+        print(f"uploaded to {push_to_hub(folder, args.push_to_hub, private=args.private)}")
 
 
 def cmd_sample(args) -> None:
     import torch
 
-    from .generator import Generator
-    from .sampling import load_sampler, sample_model, save_pngs
+    from .machine import progress
+    from .models.generator import Generator
+    from .inference.sampling import load_sampler, sample_model, save_pngs
 
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
         raise FastdiffError("--num, --steps and --batch-size must be positive")
@@ -61,10 +75,11 @@ def cmd_sample(args) -> None:
     device = _device(args.device)
     model, loaded = load_sampler(args.model_dir, device, args.guidance_scale)
     prompts = _paired_prompts(args.prompts, args.num)
-    with torch.no_grad():
+    with torch.no_grad(), progress(total=args.num, desc="sample", unit="img", enabled=not args.quiet) as bar:
         for start, images in sample_model(model, loaded, args.num, args.steps, args.seed, args.batch_size, device,
                                           args.guidance_scale, prompts):
             save_pngs(images, out, start)
+            bar.update(len(images))
     kind = f"{model.num_steps}-step student" if isinstance(model, Generator) else "teacher (DDIM)"
     print(f"wrote {args.num} images from the {kind} at {args.steps} step(s) to {out}")
 
@@ -73,14 +88,14 @@ def _paired_prompts(path: str | None, num: int) -> list[str] | None:
     """--prompts FILE read and paired with ``num`` images (one per image, or one for all)."""
     if not path:
         return None
-    from .clip_score import prompts_for
-    from .text import read_prompts
+    from .evaluation.clip_score import prompts_for
+    from .models.text import read_prompts
 
     return prompts_for(read_prompts(path), num)
 
 
 def _extractor(args, resize: str):
-    from .inception import InceptionFeatures
+    from .evaluation.inception import InceptionFeatures
 
     extractor = InceptionFeatures(args.inception, resize)
     return extractor.to(_device(args.device))
@@ -95,14 +110,14 @@ def _write_json(path: str | None, result: dict) -> None:
     if path:
         import json
 
-        from .checkpoint import atomic_write_text
+        from .training.checkpoint import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(result, indent=2))
 
 
 def cmd_ref_stats(args) -> None:
-    from .evaluate import check_positive, make_reference
-    from .images import open_source
+    from .evaluation.evaluate import check_positive, make_reference
+    from .evaluation.images import open_source
 
     check_positive(num=args.num, batch_size=args.batch_size)
     if args.kid_features < 0:
@@ -113,20 +128,21 @@ def cmd_ref_stats(args) -> None:
     source = open_source(args.source, data_path=args.data_path, allow_model=False)
     source.cropped_shape(args.crop)
     extractor = _extractor(args, args.resize)
-    ref = make_reference(source, extractor, args.num, args.batch_size, args.kid_features, args.crop)
+    ref = make_reference(source, extractor, args.num, args.batch_size, args.kid_features, args.crop,
+                         progress=not args.quiet)
     ref.save(out)
     print(f"wrote {out}: {ref.n} images of {args.source}, extractor {ref.extractor}, resize {ref.resize}")
 
 
 def cmd_fid(args) -> None:
-    from .evaluate import check_positive, evaluate
-    from .images import open_source
-    from .metrics import ReferenceStats
-    from .text import read_prompts
+    from .evaluation.evaluate import check_positive, evaluate
+    from .evaluation.images import open_source
+    from .evaluation.metrics import ReferenceStats
+    from .models.text import read_prompts
 
     check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
     _check_json_target(args.json)
-    ref = ReferenceStats.load(args.ref)
+    ref = ReferenceStats.load(args.ref, args.ref_format)
     device = _device(args.device)
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
                          device=device, data_path=args.data_path,
@@ -134,22 +150,27 @@ def cmd_fid(args) -> None:
     num = source.resolve_num(args.num)  # before the slow part, like the checks below
     ref.check_images(args.resize or ref.resize, source.cropped_shape(args.crop))  # before the slow part
     extractor = _extractor(args, args.resize or ref.resize)
-    result = evaluate(source, ref, extractor, num, args.batch_size, args.crop)
+    result = evaluate(source, ref, extractor, num, args.batch_size, args.crop, progress=not args.quiet)
     result["steps"] = args.steps if source.is_model else None
     line = f"{result['fid_label']} = {result['fid']:.4f}"
     if "kid" in result:
         line += f"   {result['kid_label']} = {result['kid']:.6f} +- {result['kid_std']:.6f}"
     print(line)
+    if ref.foreign:
+        print(f"reference {args.ref}: {ref.origin} (another tool's mu/sigma, resize {ref.resize} assumed; "
+              "its image size and count are not recorded, so they are not checked)")
+    if "kid_unavailable" in result:
+        print(result["kid_unavailable"])
     if "images_per_second" in result:
         print(f"sampling {result['images_per_second']:.1f} img/s, total {result['total_seconds']:.1f} s")
     _write_json(args.json, result)
 
 
 def cmd_clip_score(args) -> None:
-    from .clip_score import ClipScorer
-    from .text import read_prompts
-    from .evaluate import check_positive, clip_score
-    from .images import open_source
+    from .evaluation.clip_score import ClipScorer
+    from .models.text import read_prompts
+    from .evaluation.evaluate import check_positive, clip_score
+    from .evaluation.images import open_source
 
     check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
     _check_json_target(args.json)
@@ -160,7 +181,7 @@ def cmd_clip_score(args) -> None:
                          device=device, data_path=args.data_path,
                          prompts=prompts)
     scorer = ClipScorer(args.clip_model, args.clip_weights, args.clip_config, args.convention).to(device)
-    result = clip_score(source, scorer, prompts, args.num, args.batch_size, args.crop)
+    result = clip_score(source, scorer, prompts, args.num, args.batch_size, args.crop, progress=not args.quiet)
     print(f"{result['clip_score_label']} = {result['clip_score']:.4f} (std {result['clip_score_std']:.4f})")
     _write_json(args.json, result)
 
@@ -168,13 +189,14 @@ def cmd_clip_score(args) -> None:
 def cmd_bench(args) -> None:
     if args.suite == "speed":
         return cmd_bench_speed(args)
-    from . import bench_gmm
+    from .bench import gmm as bench_gmm
 
     objectives = [o.strip() for o in (args.objectives or "dmd2,sid,sida,sim,vsd").split(",") if o.strip()]
     if objectives == ["all"]:
         objectives = list(bench_gmm.SETTINGS)
     _check_json_target(args.json)
-    result = bench_gmm.run(objectives, args.steps, args.num_eval, args.seed, overrides=args.set or [])
+    result = bench_gmm.run(objectives, args.steps, args.num_eval, args.seed, overrides=args.set or [],
+                           progress=not args.quiet)
     print(bench_gmm.table(result))
     if args.json:
         bench_gmm.write_json(result, args.json)
@@ -182,7 +204,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_bench_speed(args) -> None:
-    from . import bench_speed
+    from .bench import speed as bench_speed
 
     objectives = [o.strip() for o in (args.objectives or "dmd2,sid").split(",") if o.strip()]
     batches = [int(b) for b in args.sample_batch_sizes.split(",") if b.strip()]
@@ -194,7 +216,7 @@ def cmd_bench_speed(args) -> None:
         if value <= 0:
             raise FastdiffError(f"{name} must be positive")
     result = bench_speed.run(args.teacher, objectives, batch, batches, steps, args.warmup, device, args.set or [],
-                             compile_sampler=not args.skip_compile)
+                             compile_sampler=not args.skip_compile, progress=not args.quiet)
     print(bench_speed.table(result))
     if args.out:
         md, js = bench_speed.write(result, args.out)
@@ -219,10 +241,14 @@ def _eval_args(p, inception: bool = True, model_input: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .config import named_configs
 
     p = argparse.ArgumentParser(prog="fastdiff", description="Distill a diffusers teacher into a one- or few-step student.")
+    p.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    # Every command takes --quiet: no progress bars (they are off anyway when stderr is not a terminal).
+    sub.add_parser = _with_quiet(sub.add_parser)
 
     d = sub.add_parser("distill", help="train a student from a teacher",
                        description="Train a student. Configuration: a YAML file or a named config, then --set overrides.")
@@ -231,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
     d.add_argument("--resume", metavar="latest|STEP", help="continue the run in output_dir from a checkpoint")
     d.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    d.add_argument("--dry-run", action="store_true", help="print the resolved config, the networks' parameter counts "
+                   "and the estimated memory per process, then exit without training or writing anything")
     d.set_defaults(func=cmd_distill)
 
     e = sub.add_parser("export", help="export a run's checkpoint as a diffusers folder")
@@ -238,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="folder to write the diffusers student into")
     e.add_argument("--checkpoint", default="latest", help="'latest' or a step number (default: latest)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="dtype of the exported weights (default fp32; fp16 with --variant fp16)")
+    e.add_argument("--variant", choices=["fp16", "bf16"], default=None, help="save the weights as diffusers' variant "
+                   "files (diffusion_pytorch_model.fp16.safetensors), loaded with from_pretrained(..., variant=...)")
+    e.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="upload the exported folder to this Hugging Face Hub model repo (created if missing)")
+    e.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser("sample", help="write PNG samples from a student or a teacher folder")
@@ -269,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ref", required=True, help="reference statistics from fastdiff ref-stats")
     _eval_args(f, model_input=True)
     f.add_argument("--resize", default=None, help="resize mode (default: the reference's)")
+    f.add_argument("--ref-format", default="auto", choices=["auto", "fastdiff", "edm", "clean-fid", "torch-fidelity"],
+                   help="who wrote --ref: fastdiff ref-stats, or another tool's mu/sigma .npz (EDM / pytorch-fid, "
+                   "clean-fid, torch-fidelity), labelled foreign:<tool>-npz; auto (default): fastdiff's own by its "
+                   "keys, clean-fid by its file name, else edm")
     f.add_argument("--prompts", default=None, help="text-to-image models: prompts file (one per image, or one for all)")
     f.add_argument("--json", default=None, help="also write the result to this JSON file")
     f.set_defaults(func=cmd_fid)
@@ -310,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config override for every objective run, e.g. --set objective.alpha=0.5 (repeatable)")
     b.set_defaults(func=cmd_bench)
     return p
+
+
+def _with_quiet(add_parser):
+    def add(*args, **kwargs):
+        parser = add_parser(*args, **kwargs)
+        parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+        return parser
+    return add
 
 
 def main(argv: list[str] | None = None) -> int:

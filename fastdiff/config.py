@@ -65,50 +65,27 @@ class StudentConfig:
     lora_export: str = "both"  # lora (weights for load_lora_weights) | fused (a full pipeline) | both
 
 
-@dataclass
-class ObjectiveConfig:
-    """Objective settings. null means "the objective's own default" (shown per objective in the README)."""
+def _objective_config() -> type:
+    """The ``objective`` section: ``name``, the two keys that shape the run's networks (``gan``, ``fake_lora_rank``),
+    and every registered objective's constructor options (``fastdiff.objectives.registry``), each defaulting to
+    null = "that objective's own default" (shown per objective in the README). A key another objective takes is
+    refused by :func:`validate`."""
+    from .objectives import option_types
 
-    name: str = "dmd2"  # dmd2 | vsd | sid | sida | sim | cd | scm
-    critic_updates: typing.Optional[int] = None  # fake-score updates per generator update (dmd2 5, others 1)
-    min_t: typing.Optional[float] = None  # generator-loss timesteps as a fraction of T (dmd2 [0.02, 0.98],
-    max_t: typing.Optional[float] = None  # sid/sim [0, 0.8])
-    gan: bool = False  # GAN head on the fake score's bottleneck (needs data); sida implies it
-    gan_generator_weight: typing.Optional[float] = None  # dmd2: 3e-3; sida: 1e-4 (SiDA's 0.01 / 100, per element)
-    gan_critic_weight: typing.Optional[float] = None  # dmd2: 1e-2; sida: 1
-    gan_weight: typing.Optional[float] = None  # sida: share of the GAN term in the generator loss once on (0.5)
-    gan_start_images: typing.Optional[int] = None  # sida: the GAN term joins the generator loss after 200k images
-    critic_clip_value: typing.Optional[float] = None  # sida: clip critic gradients by value (1, SiDA's units); 0 = off
-    # Noise-level grid of the generator loss, fake-score loss and GAN: teacher (its own DDPM table) | karras
-    # (1000-point rho=7 over the teacher's sigma range, as the EDM references). null: teacher.
-    sigma_grid: typing.Optional[str] = None
-    alpha: typing.Optional[float] = None  # sid: 1.2, sida: 1.0
-    c: typing.Optional[float] = None  # sim: pseudo-Huber constant
-    fake_loss: typing.Optional[str] = None  # teacher | eps | edm (dmd2: teacher; sid/sim: edm on x0, eps on eps/v teachers)
-    fake_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score in the generator loss
-    fake_train_guidance: typing.Optional[float] = None  # sid-lsg: CFG of the fake score while it trains
-    fake_lora_rank: typing.Optional[int] = None  # fake score as a LoRA on the teacher (vsd: 16); 0 = full copy
-    # consistency distillation (cd): grid, teacher solver, distance, target network
-    num_intervals: typing.Optional[int] = None  # N (50)
-    skip: typing.Optional[int] = None  # k, grid intervals per teacher step (1)
-    grid: typing.Optional[str] = None  # timesteps (uniform, LCM) | karras (rho = 7, CM)
-    start_intervals: typing.Optional[int] = None  # iCT doubling: N starts here ...
-    double_every: typing.Optional[int] = None  # ... and doubles every this many steps, up to num_intervals
-    solver: typing.Optional[str] = None  # ddim | heun
-    distance: typing.Optional[str] = None  # pseudo_huber | l2
-    target_ema: typing.Optional[float] = None  # target network EMA rate (0.95); 0 = online student (iCT)
-    timestep_scaling: typing.Optional[float] = None  # LCM boundary scalings' k (10); exported with the scheduler
-    # cd and scm: CFG scales drawn per example, fed to the student as an embedding (LCM-style)
-    guidance_range: typing.Optional[typing.List[float]] = None
-    # continuous-time consistency (scm)
-    tangent: typing.Optional[str] = None  # auto | jvp | finite_difference
-    tangent_warmup: typing.Optional[int] = None  # steps of sCM's tangent warm-up (10000, as sCM)
-    tangent_norm: typing.Optional[float] = None  # tangent normalisation constant (0.1)
-    fd_step: typing.Optional[float] = None  # finite-difference step in TrigFlow time (3e-4)
-    p_mean: typing.Optional[float] = None  # log-normal training noise levels, ln sigma ~ N(p_mean, p_std^2)
-    p_std: typing.Optional[float] = None  # (scm: -1.0, 1.4 as sCM)
-    prior_weighting: typing.Optional[bool] = None  # scm: weight the loss by 1 / sigma (true, as sCM)
-    adaptive_weighting: typing.Optional[bool] = None  # scm: learned log-variance weighting of noise levels (true)
+    fields = [("name", str, field(default="dmd2")),  # a registered objective (fastdiff.objectives.OBJECTIVES)
+              ("gan", bool, field(default=False)),  # GAN head on the fake score's bottleneck (needs data)
+              # fake score as a LoRA on the teacher (vsd: 16); 0 = full copy
+              ("fake_lora_rank", typing.Optional[int], field(default=None))]
+    fields += [(key, _optional(tp), field(default=None)) for key, tp in option_types().items()]
+    return dataclasses.make_dataclass("ObjectiveConfig", fields, namespace={"__doc__": _objective_config.__doc__})
+
+
+def _optional(tp):
+    return tp if type(None) in typing.get_args(tp) else typing.Optional[tp]
+
+
+ObjectiveConfig = _objective_config()
+RUN_SHAPE_KEYS = ("name", "gan", "fake_lora_rank")  # objective.* keys read by the trainer, not the objective
 
 
 @dataclass
@@ -135,8 +112,9 @@ class TrainConfig:
     batch_size: int = 64  # per process and per micro-batch
     gradient_accumulation: int = 1
     seed: int = 0
-    lr_generator: float = 1e-5
-    lr_critic: float = 1e-5
+    # null = the objective's reference (Objective.train_defaults), else 1e-5
+    lr_generator: typing.Optional[float] = None
+    lr_critic: typing.Optional[float] = None
     lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps), for both optimizers
     # null = the objective's reference (Objective.train_defaults; README's parity table): dmd2 warms up for
     # 500 fake-score iterations as DMD2's scripts do, the others start at once.
@@ -162,6 +140,9 @@ class TrainConfig:
     sample_every: int = 500
     num_sample_images: int = 64
     log_every: int = 10
+    # Experiment trackers (accelerate): tensorboard (output_dir/logs) | wandb (pip install wandb) | none | all
+    # (tensorboard, and wandb when installed). Scalars every log_every steps, sample grids as images.
+    report_to: str = "tensorboard"
 
 
 @dataclass
@@ -240,7 +221,34 @@ def named_configs() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("fastdiff.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(name_or_path: str) -> dict:
+def _merged(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: sections merge key by key, every other value of the child replaces the base's."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(name_or_path: str, _chain: tuple = ()) -> dict:
+    """A config file or named config as a dict; ``base: other`` (a named config, or a file path relative to this
+    file's folder) is read first, recursively, and this config merged over it. A cycle is refused."""
+    path = Path(name_or_path)
+    key = str(path.resolve()) if path.is_file() else name_or_path
+    if key in _chain:
+        names = [Path(k).name if "/" in k else k for k in (*_chain, key)]
+        raise FastdiffError(f"config {name_or_path}: base cycle {' -> '.join(names)}")
+    data = _read_one_yaml(name_or_path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise FastdiffError(f"config {name_or_path}: base must be a config name or file, got {base!r}")
+    if path.is_file() and (path.parent / base).is_file():
+        base = str(path.parent / base)
+    return _merged(_read_yaml(base, (*_chain, key)), data)
+
+
+def _read_one_yaml(name_or_path: str) -> dict:
     path = Path(name_or_path)
     if path.is_file():
         text = path.read_text()
@@ -301,6 +309,8 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
     if cfg.student.sampler not in ("lcm", "ddim"):
         raise FastdiffError(f"student.sampler must be lcm or ddim, got {cfg.student.sampler!r}")
+    if t.report_to not in ("tensorboard", "wandb", "none", "all"):
+        raise FastdiffError(f"train.report_to must be tensorboard, wandb, none or all, got {t.report_to!r}")
     if t.attention not in ("auto", "sdpa", "xformers"):
         raise FastdiffError(f"train.attention must be auto, sdpa or xformers, got {t.attention!r}")
     if cfg.teacher.dtype not in DTYPES:
@@ -339,14 +349,18 @@ def validate(cfg: Config) -> None:
     if o.c is not None and o.c <= 0:
         raise FastdiffError(f"objective.c must be positive, got {o.c}")
     for key in ("lr_generator", "lr_critic"):
-        if getattr(t, key) <= 0:
+        if getattr(t, key) is not None and getattr(t, key) <= 0:
             raise FastdiffError(f"train.{key} must be positive, got {getattr(t, key)}")
     if t.adam_betas is not None and len(t.adam_betas) != 2:
         raise FastdiffError(f"train.adam_betas must have two values, got {t.adam_betas}")
     from .objectives import OBJECTIVES
 
-    if cfg.objective.name not in OBJECTIVES:
-        raise FastdiffError(f"unknown objective {cfg.objective.name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
+    if o.name not in OBJECTIVES:
+        raise FastdiffError(f"unknown objective {o.name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}")
+    takes = OBJECTIVES[o.name].options()
+    for key, value in dataclasses.asdict(o).items():
+        if value is not None and key not in RUN_SHAPE_KEYS and key not in takes:
+            raise FastdiffError(f"objective.{key} does not apply to {o.name}")
 
 
 def load_config(config: str | None = None, overrides: list[str] | tuple = ()) -> Config:

@@ -43,3 +43,12 @@ def today() -> str:
 def offline() -> bool:
     """HF_HUB_OFFLINE or FASTDIFF_OFFLINE set (to anything but 0): nothing may be downloaded."""
     return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "FASTDIFF_OFFLINE"))
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it",
+             enabled: bool = True):
+    """A tqdm bar on stderr for a long loop: off when ``enabled`` is false (``--quiet``) and when stderr is not a
+    terminal (tqdm's ``disable=None``), so logs and captured output never fill with bars."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None if enabled else True, dynamic_ncols=True)

@@ -2,9 +2,9 @@
 and the metrics that score students against the truth."""
 import torch
 
-from fastdiff.analytic import GaussianMixtureModel, sliced_wasserstein
-from fastdiff.sampling import ddim_sample
-from fastdiff.teacher import load_teacher
+from fastdiff.models.analytic import GaussianMixtureModel, sliced_wasserstein
+from fastdiff.inference.sampling import ddim_sample
+from fastdiff.models.teacher import load_teacher
 
 
 def test_posterior_mean_is_tweedie():

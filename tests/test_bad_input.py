@@ -88,7 +88,7 @@ def test_distill_bad_input(tmp_path, capsys, tiny_teacher, sets, fragment):
     fill = {"empty": tmp_path / "empty", "no_scheduler": tmp_path / "no_scheduler", "teacher": tiny_teacher,
             "data": tmp_path / "data", "gmm": tmp_path / "gmm"}
     if any("{gmm}" in s for s in sets):
-        from fastdiff.analytic import GaussianMixtureModel
+        from fastdiff.models.analytic import GaussianMixtureModel
 
         GaussianMixtureModel().save_teacher(tmp_path / "gmm")
     rc = _distill(tmp_path, *[s.format(**fill) for s in sets])

@@ -17,7 +17,7 @@ from conftest import TINY_CLIP_NAME as NAME  # noqa: E402 - the tiny_clip fixtur
 def test_scores_match_open_clip_pipeline(tiny_clip):
     import open_clip
 
-    from fastdiff.clip_score import ClipScorer
+    from fastdiff.evaluation.clip_score import ClipScorer
 
     config, weights = tiny_clip
     scorer = ClipScorer(NAME, weights, config)
@@ -46,7 +46,7 @@ def test_scores_match_open_clip_pipeline(tiny_clip):
 def test_preprocessing_matches_open_clip_transform_at_other_sizes(tiny_clip, size):
     import open_clip
 
-    from fastdiff.clip_score import ClipScorer
+    from fastdiff.evaluation.clip_score import ClipScorer
 
     config, weights = tiny_clip
     scorer = ClipScorer(NAME, weights, config)
@@ -60,7 +60,7 @@ def test_preprocessing_matches_open_clip_transform_at_other_sizes(tiny_clip, siz
 
 
 def test_grayscale_and_resize(tiny_clip):
-    from fastdiff.clip_score import ClipScorer
+    from fastdiff.evaluation.clip_score import ClipScorer
 
     config, weights = tiny_clip
     scorer = ClipScorer(NAME, weights, config, convention="cosine")
@@ -72,7 +72,7 @@ def test_grayscale_and_resize(tiny_clip):
 
 
 def test_prompt_pairing():
-    from fastdiff.clip_score import prompts_for
+    from fastdiff.evaluation.clip_score import prompts_for
 
     assert prompts_for(["a"], 3) == ["a", "a", "a"]
     assert prompts_for(["a", "b"], 5, num_classes=2) == ["a", "b", "a", "b", "a"]
@@ -94,7 +94,7 @@ def test_cli_clip_score_on_images_and_a_class_conditional_model(tiny_clip, tmp_p
     assert result["clip_score_label"] == f"CLIPScore@4({NAME}, 100*max(cos,0))" and result["n"] == 4
     assert capsys.readouterr().out.startswith(f"CLIPScore@4({NAME}, 100*max(cos,0)) = ")
 
-    from fastdiff.teacher import load_teacher
+    from fastdiff.models.teacher import load_teacher
 
     classes = load_teacher(tiny_cond_teacher).num_classes
     (tmp_path / "classes.jsonl").write_text("\n".join(json.dumps({"prompt": f"class {k}"}) for k in range(classes)))

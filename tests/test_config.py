@@ -47,7 +47,7 @@ def test_missing_config_file():
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-    from fastdiff.trainer import lr_factor
+    from fastdiff.training.optim import lr_factor
 
     cfg = load_config(None, ["train.max_steps=110", "train.lr_warmup_steps=10", "train.lr_schedule=cosine"])
     factors = [lr_factor(step, cfg.train) for step in (0, 9, 10, 60, 110)]

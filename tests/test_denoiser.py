@@ -5,8 +5,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import nn
 
-from fastdiff.denoiser import Denoiser
-from fastdiff.schedule import FlowSchedule, VPSchedule, schedule_from_scheduler
+from fastdiff.models.denoiser import Denoiser
+from fastdiff.models.schedule import FlowSchedule, VPSchedule, schedule_from_scheduler
 
 
 class Oracle(nn.Module):

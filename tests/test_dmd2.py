@@ -4,12 +4,12 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import tiny_unet
-from fastdiff.denoiser import Denoiser
-from fastdiff.generator import Generator
+from fastdiff.models.denoiser import Denoiser
+from fastdiff.models.generator import Generator
 from fastdiff.objectives import DMD2
 from fastdiff.objectives.base import sample_sigma
 from fastdiff.objectives.gan import GANHead
-from fastdiff.schedule import schedule_from_scheduler
+from fastdiff.models.schedule import schedule_from_scheduler
 
 
 def _pair(pred="epsilon", num_class_embeds=None):

@@ -9,11 +9,11 @@ import torch
 from diffusers import DDPMPipeline
 
 from fastdiff.cli import main
-from fastdiff.export import read_student_info, student_generator
+from fastdiff.inference.export import read_student_info, student_generator
 from fastdiff.pipelines import FastdiffClassConditionalPipeline
-from fastdiff.sampling import guided_cond
-from fastdiff.teacher import load_teacher
-from fastdiff.trainer import Trainer
+from fastdiff.inference.sampling import guided_cond
+from fastdiff.models.teacher import load_teacher
+from fastdiff.training import Trainer
 
 FAST = ["train.max_steps=2", "train.batch_size=2", "objective.critic_updates=1", "train.checkpoint_every=1",
         "train.sample_every=1", "train.num_sample_images=4", "train.log_every=1"]
@@ -41,7 +41,7 @@ def distill(teacher: str, out: Path, *extra: str) -> Path:
 
 def trainer_images(trainer, steps, seed, n, labels=None, guidance_scale=None):
     """The trainer's own in-memory generator (EMA or raw weights, as exported) on a pipeline's noise for seed."""
-    gen = trainer._export_generator().eval()
+    gen = trainer.export_generator().eval()
     rng = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *trainer.teacher.sample_shape), generator=rng)
     cond = None if labels is None else {"class_labels": torch.tensor(labels)}

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff.analytic import GaussianMixtureModel
+from fastdiff.models.analytic import GaussianMixtureModel
 from fastdiff.cli import main
 from fastdiff.config import load_config
-from fastdiff.networks import trainable_copy
+from fastdiff.training.networks import trainable_copy
 from fastdiff.objectives import build
-from fastdiff.teacher import load_teacher
-from fastdiff.trainer import Trainer, student_like
+from fastdiff.models.teacher import load_teacher
+from fastdiff.training import Trainer
+from fastdiff.training.setup import student_like
 
 FAST = ["train.max_steps=1", "train.batch_size=2", "objective.critic_updates=1", "train.checkpoint_every=1",
         "train.sample_every=1000", "train.num_sample_images=2", "train.log_every=1", "train.ema_decay=0"]
@@ -303,7 +304,7 @@ def test_negative_prompt_is_the_unconditional_cfg_input(sd, tmp_path):
 def test_lora_export_lora_alone_and_fused_alone(sd, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from fastdiff.sampling import to_uint8
+    from fastdiff.inference.sampling import to_uint8
     from test_text_to_image import PROMPTS, assert_same, theirs
 
     cfg = _cfg(sd["sd"], tmp_path / "run", f"data.prompts={sd['prompts']}", "student.lora_rank=4",
@@ -313,14 +314,14 @@ def test_lora_export_lora_alone_and_fused_alone(sd, tmp_path):
     cfg.student.lora_export = "fused"
     fused = trainer.export(tmp_path / "fused")
     assert sorted(p.name for p in lora.iterdir()) == ["README.md", "fastdiff.json", "pytorch_lora_weights.safetensors",
-                                                     "scheduler"]
+                                                     "samples.png", "scheduler"]
     assert not (fused / "pytorch_lora_weights.safetensors").exists() and (fused / "unet").is_dir()
     info_lora, info_fused = (json.loads((f / "fastdiff.json").read_text()) for f in (lora, fused))
     assert info_lora["methods"]["lora_weights_exported"] and not info_fused["methods"]["lora_weights_exported"]
     # Both load as the README says and sample what the trainer's own student samples on the same noise.
     with torch.no_grad():
         z = torch.randn((3, *trainer.teacher.sample_shape), generator=torch.Generator().manual_seed(5))
-        mine = to_uint8(trainer.teacher.latents.decode(trainer._export_generator()(z, trainer.text(PROMPTS))))
+        mine = to_uint8(trainer.teacher.latents.decode(trainer.export_generator()(z, trainer.text(PROMPTS))))
     pipe = StableDiffusionPipeline.from_pretrained(sd["sd"])
     pipe.load_lora_weights(str(lora))
     pipe.scheduler = LCMScheduler.from_pretrained(lora, subfolder="scheduler")
@@ -381,7 +382,7 @@ def test_resume_refuses_another_sigma_init_sampler_or_guidance_and_logs_alpha(ti
 def test_fused_adamw_skips_a_non_finite_gradient_without_a_host_sync():
     from accelerate import Accelerator
 
-    from fastdiff.optim import Optimizer
+    from fastdiff.training.optim import Optimizer
 
     cfg = load_config(None, ["train.lr_generator=1e-2", "train.adam_betas=[0.9, 0.999]", "train.weight_decay=0.01",
                              "train.lr_warmup_steps=0"])
@@ -429,7 +430,7 @@ def test_scm_tangent_method_is_recorded(tiny_teacher, tmp_path, tangent, jvp):
 def test_gradient_checkpointing_reaches_the_unet_inside_a_guidance_embedded_student(tiny_cond_teacher, tmp_path):
     from test_export_e2e import write_fake_fashion_mnist
 
-    from fastdiff.networks import is_checkpointing
+    from fastdiff.training.networks import is_checkpointing
 
     data = tmp_path / "fmnist"
     write_fake_fashion_mnist(data, size=8)

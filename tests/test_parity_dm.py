@@ -14,15 +14,15 @@ from diffusers import DDPMScheduler
 
 from conftest import tiny_unet
 from fastdiff.config import Config, validate
-from fastdiff.denoiser import Denoiser
+from fastdiff.models.denoiser import Denoiser
 from fastdiff.errors import FastdiffError
 from fastdiff.objectives import SIM, SiD, build
 from fastdiff.objectives.base import (default_fake_loss, default_sigma_grid, drop_conditions, edm_sigma,
                                       karras_grid, sample_sigma)
 from fastdiff.objectives.gan import GANHead
 from fastdiff.objectives.sid import FAKE_T_RANGE
-from fastdiff.optim import Optimizer
-from fastdiff.schedule import schedule_from_scheduler
+from fastdiff.training.optim import Optimizer
+from fastdiff.models.schedule import schedule_from_scheduler
 
 EPS32 = 1.2e-7
 

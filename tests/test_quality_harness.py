@@ -22,7 +22,7 @@ def _need(path: Path):
 @pytest.mark.parametrize("conditional", [False, True])
 def test_teacher_recipe_trains_and_loads(tmp_path, conditional):
     _need(DATA)
-    from fastdiff.teacher import load_teacher
+    from fastdiff.models.teacher import load_teacher
 
     out = tmp_path / "teacher"
     cmd = [sys.executable, str(ROOT / "eval" / "train_teacher.py"), "--out", str(out), "--steps", "2",
@@ -59,7 +59,7 @@ class _PixelMeasure:
         self.args = args
 
     def model(self, folder, row, guidance):
-        from fastdiff.images import model_sources
+        from fastdiff.evaluation.images import model_sources
 
         sources = model_sources(str(folder), row.steps, self.args.seed, guidance, self.args.device)
         return [{"steps": k, "fid": float(next(s.read(4, 4)).float().mean()), "fid_label": "mean-pixel@4",

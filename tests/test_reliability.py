@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastdiff import checkpoint as ckpt
+from fastdiff.training import checkpoint as ckpt
 from fastdiff.cli import main
 from fastdiff.objectives.dmd2 import DMD2
 

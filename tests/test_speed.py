@@ -8,7 +8,7 @@ import torch
 
 import tiny_pipelines as tp
 from conftest import tiny_unet
-from fastdiff.attention import set_attention, xformers_status
+from fastdiff.models.attention import set_attention, xformers_status
 from fastdiff.cli import main
 from fastdiff.errors import FastdiffError
 
@@ -16,14 +16,14 @@ from fastdiff.errors import FastdiffError
 def test_sdpa_backend_reaches_every_attention_module_and_keeps_outputs(tmp_path):
     from diffusers.models.attention_processor import Attention
 
-    from fastdiff.teacher import load_teacher
+    from fastdiff.models.teacher import load_teacher
 
     for name, build in (("sd", tp.sd_pipeline), ("sd3", tp.sd3_pipeline), ("dit", tp.dit_pipeline)):
         t = load_teacher(str(build(tmp_path / name)))
         n_attn = sum(isinstance(m, Attention) for m in t.model.modules())
         x = torch.randn(2, *t.sample_shape)
         cond = ({"class_labels": torch.tensor([1, 2])} if t.num_classes else
-                __import__("fastdiff.text", fromlist=["PromptEncoder"]).PromptEncoder(t.pipeline)(["a", "b"]))
+                __import__("fastdiff.models.text", fromlist=["PromptEncoder"]).PromptEncoder(t.pipeline)(["a", "b"]))
         classic = _to_classic_processors(t.model)  # SD3's joint attention has no pre-SDPA processor: stays
         assert classic == (0 if name == "sd3" else n_attn), name
         with torch.no_grad():
@@ -87,9 +87,9 @@ def test_compiled_training_step_equals_eager(tiny_teacher, tmp_path, monkeypatch
     Adam steps: Adam's first update is about lr x sign(gradient), so rounding flips the update of every
     near-zero gradient (measured: updates differ by 0.28 of their norm after two steps) and an lr-sized
     tolerance on the weights would pass any change smaller than the whole update."""
-    from fastdiff import optim
+    from fastdiff.training import optim
     from fastdiff.config import load_config
-    from fastdiff.trainer import Trainer
+    from fastdiff.training import Trainer
 
     first = {}
     real_step = optim.Optimizer.step
@@ -149,13 +149,13 @@ def test_xformers_matches_sdpa_in_bf16_on_cuda(tmp_path):
     usable, why = xformers_status()
     if not usable:
         pytest.skip(why)
-    from fastdiff.teacher import load_teacher
+    from fastdiff.models.teacher import load_teacher
 
     for name, build in (("sd", tp.sd_pipeline), ("sd3", tp.sd3_pipeline)):
         t = load_teacher(str(build(tmp_path / name)), dtype=torch.bfloat16)
         t.model.to("cuda")
         x = torch.randn(4, *t.sample_shape, device="cuda")
-        from fastdiff.text import PromptEncoder
+        from fastdiff.models.text import PromptEncoder
 
         t.pipeline.to("cuda")
         cond = PromptEncoder(t.pipeline, device="cuda")(["a", "b", "c", "d"])

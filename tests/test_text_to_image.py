@@ -17,7 +17,7 @@ import torch
 import tiny_pipelines as tp
 from fastdiff.cli import main
 from fastdiff.errors import FastdiffError
-from fastdiff.sampling import load_sampler, sample_model
+from fastdiff.inference.sampling import load_sampler, sample_model
 
 PROMPTS = ["a red shoe on a table", "a blue bag", "a green shirt"]
 FAST = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=2", "train.sample_every=2",
@@ -128,8 +128,8 @@ def test_lcm_style_guidance_embedding_for_sd_students(files, tmp_path):
 def test_sdxl_added_conditions_and_export(files, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from fastdiff.teacher import load_teacher
-    from fastdiff.text import PromptEncoder
+    from fastdiff.models.teacher import load_teacher
+    from fastdiff.models.text import PromptEncoder
 
     teacher = load_teacher(files["sdxl"])
     cond = PromptEncoder(teacher.pipeline)(PROMPTS[:2])
@@ -191,8 +191,8 @@ def test_dit_distill_export_matches_dit_pipeline(files, tmp_path):
 def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from fastdiff.lora import is_lora
-    from fastdiff.trainer import Trainer
+    from fastdiff.models.lora import is_lora
+    from fastdiff.training import Trainer
     from fastdiff.config import load_config
 
     cfg = load_config(None, [f"teacher.path={files['sd']}", f"output_dir={tmp_path / 'run'}", *FAST,
@@ -209,7 +209,7 @@ def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
         assert base and all(p.data_ptr() in teacher_params and not p.requires_grad for p in base)
     out = trainer.fit()
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "fastdiff.json", "fused",
-                                                    "pytorch_lora_weights.safetensors", "scheduler"]
+                                                    "pytorch_lora_weights.safetensors", "samples.png", "scheduler"]
     ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     from safetensors.torch import load_file
 
@@ -229,11 +229,11 @@ def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
     run_model_card(out / "fused")
     # The trainer's own EMA student (in memory) samples what the export samples.
     with torch.no_grad():
-        gen = trainer._export_generator()
+        gen = trainer.export_generator()
         text = trainer.text(PROMPTS)
         z = torch.randn((3, *trainer.teacher.sample_shape), generator=torch.Generator().manual_seed(5))
         x = trainer.teacher.latents.decode(gen(z, text))
-    from fastdiff.sampling import to_uint8
+    from fastdiff.inference.sampling import to_uint8
 
     assert_same(to_uint8(x), with_lora)
 
@@ -257,8 +257,8 @@ def test_clip_score_of_text_to_image_student(files, tmp_path, tiny_clip):
     assert result["n"] == 6 and 0 <= result["clip_score"] <= 100
     assert result["clip_score_label"].startswith("CLIPScore@6(fastdiff-tiny-clip")
     # The same number by hand: fastdiff sample's PNGs (image i from prompt i) scored by the same scorer.
-    from fastdiff.clip_score import ClipScorer
-    from fastdiff.text import read_prompts
+    from fastdiff.evaluation.clip_score import ClipScorer
+    from fastdiff.models.text import read_prompts
 
     assert main(["sample", str(student), "--num", "6", "--steps", "1", "--out", str(tmp_path / "png"),
                  "--prompts", files["prompts"], "--device", "cpu"]) == 0
@@ -299,8 +299,8 @@ def test_text_teacher_errors(files, tmp_path, capsys):
 
 
 def test_prompt_sets_larger_than_the_cache_are_encoded_per_batch(files):
-    from fastdiff.teacher import load_teacher
-    from fastdiff.text import PromptEncoder
+    from fastdiff.models.teacher import load_teacher
+    from fastdiff.models.text import PromptEncoder
 
     pipe = load_teacher(files["sd"]).pipeline
     cached = PromptEncoder(pipe)(PROMPTS)
@@ -314,7 +314,7 @@ def test_prompt_sets_larger_than_the_cache_are_encoded_per_batch(files):
 def test_cached_posteriors_draw_what_encoding_each_batch_draws(files):
     """data.cache_latents: the VAE posterior stored once, then sampled with the data RNG, gives the latents that
     encoding every batch gives, draw for draw."""
-    from fastdiff.teacher import load_teacher
+    from fastdiff.models.teacher import load_teacher
 
     latents = load_teacher(files["sd"]).latents
     images = torch.rand(3, 3, 2 * tp.LATENT, 2 * tp.LATENT) * 2 - 1
@@ -331,7 +331,7 @@ def test_trainer_draws_the_same_real_latents_with_and_without_the_cache(files, t
     are cached at the start (the VAE then leaves for the CPU) or every batch is encoded. (Trained weights are no
     test of this: Adam's first steps turn rounding-level gradient differences into whole learning-rate steps.)"""
     from fastdiff.config import load_config
-    from fastdiff.trainer import Trainer
+    from fastdiff.training import Trainer
 
     def batches(cache: bool) -> tuple[list, Trainer]:
         cfg = load_config(None, [f"teacher.path={files['sd']}", f"output_dir={tmp_path / str(cache)}", *FAST,
@@ -354,7 +354,7 @@ def test_split_batches_draw_prompts_by_global_micro_batch_index(files, tmp_path)
     """A global batch split over processes or accumulation: micro-batch i draws its prompts from (step, phase, i)
     alone, so rank r of a DDP run draws what micro-batch r of an accumulated run draws, and ranks differ."""
     from fastdiff.config import load_config
-    from fastdiff.trainer import Trainer
+    from fastdiff.training import Trainer
 
     prompts = tmp_path / "many.txt"
     prompts.write_text("\n".join(f"prompt number {i}" for i in range(50)))

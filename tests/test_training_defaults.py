@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from fastdiff.config import load_config
-from fastdiff.denoiser import Denoiser
-from fastdiff.generator import Generator
-from fastdiff.trainer import Trainer, ema_beta, resolve_train_defaults
+from fastdiff.models.denoiser import Denoiser
+from fastdiff.models.generator import Generator
+from fastdiff.training import Trainer
+from fastdiff.training.setup import ema_beta, resolve_train_defaults
 from conftest import tiny_unet
 
 
@@ -75,7 +76,7 @@ def test_first_ema_update_copies_the_student_and_later_ones_average(tiny_teacher
         assert (e - (beta * e0.double() + (1 - beta) * p.double()).float()).abs().max() <= tol
 
 
-@pytest.mark.parametrize("name,betas,wd,warmup", [("dmd2", [0.9, 0.999], 0.01, 100), ("vsd", [0.9, 0.999], 0.01, 0),
+@pytest.mark.parametrize("name,betas,wd,warmup", [("dmd2", [0.9, 0.999], 0.01, 100), ("vsd", [0.9, 0.999], 0.0, 0),
                                                   ("sid", [0.0, 0.999], 0.0, 0), ("sim", [0.0, 0.999], 0.0, 0),
                                                   ("cd", [0.9, 0.999], 0.01, 0)])
 def test_objective_optimizer_defaults(name, betas, wd, warmup, tiny_teacher, tmp_path):
@@ -83,7 +84,7 @@ def test_objective_optimizer_defaults(name, betas, wd, warmup, tiny_teacher, tmp
     cfg = load_config(None, [f"teacher.path={tiny_teacher}", *sets])
     from fastdiff.objectives import OBJECTIVES
 
-    cls, variant = OBJECTIVES[name]
+    cls, variant = OBJECTIVES[name].cls, OBJECTIVES[name].defaults
     obj = cls.__new__(cls)  # train_defaults reads only the settings it names
     obj.critic_updates, obj.weighting = (5 if name == "dmd2" else 1), variant.get("weighting", "dmd")
     resolve_train_defaults(cfg, obj)
@@ -112,7 +113,7 @@ def test_backward_simulation_renoises_as_the_sampler_does(sampler):
     the sampler, ddim students were trained on lcm-style fresh-noise inputs (the ddim case failed)."""
     from diffusers import DDPMScheduler
 
-    from fastdiff.schedule import schedule_from_scheduler
+    from fastdiff.models.schedule import schedule_from_scheduler
 
     schedule = schedule_from_scheduler(DDPMScheduler())
     student = Denoiser(tiny_unet(seed=2), schedule, "epsilon")
@@ -142,7 +143,7 @@ def test_backward_simulation_renoises_as_the_sampler_does(sampler):
 
 def test_fashion_mnist_is_found_where_the_readme_says(tmp_path, monkeypatch):
     """data.path null: $FASTDIFF_FASHION_MNIST, else Debian's folder; missing: one line naming all three ways."""
-    from fastdiff.data import FMNIST_DEFAULT, fashion_mnist_root
+    from fastdiff.training.data import FMNIST_DEFAULT, fashion_mnist_root
     from fastdiff.errors import FastdiffError
 
     assert load_config(None).data.path is None

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..denoiser import Denoiser, expand
-from ..schedule import FlowSchedule, VPSchedule
+from ..models.denoiser import Denoiser, expand
+from ..models.schedule import FlowSchedule, VPSchedule
 
 
 SIGMA_GRIDS = ("teacher", "karras")
@@ -168,6 +168,18 @@ class Objective(nn.Module):
         if sigma_grid not in (None, *SIGMA_GRIDS):
             raise ValueError(f"sigma_grid must be one of {', '.join(SIGMA_GRIDS)}, got {sigma_grid!r}")
         self.sigma_grid = sigma_grid or default_sigma_grid(teacher)
+
+    @classmethod
+    def teacher_defaults(cls, teacher) -> dict:
+        """Option values for this kind of loaded teacher (a :class:`~fastdiff.models.teacher.Teacher`) where the
+        config leaves them null, e.g. the papers' text-to-image settings."""
+        return {}
+
+    @classmethod
+    def boundary_timestep_scaling(cls, options: dict) -> float | None:
+        """The consistency boundary scalings' k the student network is wrapped with (``network_view``), from
+        this objective's options; None: the student's x0 estimate is used as is."""
+        return None
 
     def train_defaults(self) -> dict:
         """Values for the ``train.*`` keys a config leaves null, as this objective's reference code trains

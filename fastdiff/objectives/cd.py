@@ -10,6 +10,17 @@ Dhariwal 2023). Distance: pseudo-Huber ``sqrt(|d|^2 + c^2) - c`` with ``c = 0.00
 or mean squared error. ``start_intervals`` / ``double_every`` give iCT's doubling schedule of N.
 The grid ends at the student's first sampling level (``sigma_max``): below the top of the table for epsilon
 students on VP teachers, where the x0 estimate would amplify every change 1 / a_t times (``consistency_start``).
+
+``recipe: ict`` (Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models"; formulas as in
+Kinyugo/consistency_models consistency_models/consistency_models.py, ``ImprovedConsistencyTraining``): Karras grid;
+the student's level index i drawn with ``P(i) ~ erf((ln s_i - P_mean) / (sqrt 2 P_std)) - erf((ln s_{i-1} - ...))``,
+P_mean -1.1, P_std 2.0 (iCT's lognormal noise schedule, ``lognormal_timestep_distribution``); each sample weighted by
+``1 / (s_i - s_{i-1})`` (iCT's weighting, ``improved_loss_weighting``); no EMA target; pseudo-Huber; N doubling from
+s0 = 10 to s1 = 1280 intervals every ``K' = floor(K / (log2 floor(s1 / s0) + 1)) = K / 8`` updates (iCT's curriculum,
+``improved_timesteps_schedule``, whose N(k) counts grid points, one more than intervals). The recipe takes iCT's
+CIFAR-10 K = 400k (double_every 50k); set ``objective.double_every`` to ``train.max_steps // 8`` for a run of K
+updates. cd is distillation (a teacher ODE step, not iCT's data pairs): the recipe sets the sampling, weighting and
+curriculum, not consistency training. Options given explicitly win over the recipe.
 """
 from __future__ import annotations
 
@@ -18,13 +29,23 @@ import math
 
 import torch
 
-from ..denoiser import Denoiser, expand
+from ..models.denoiser import Denoiser, expand
 from .base import Objective, finite_mean
 from .guidance import TeacherGuidance
+from .registry import register
 
 SOLVERS = ("ddim", "heun")
 GRIDS = ("timesteps", "karras")
 DISTANCES = ("pseudo_huber", "l2")
+INDEX_SAMPLINGS = ("uniform", "lognormal")
+LOSS_WEIGHTINGS = ("uniform", "ict")
+# Options the recipe may set (None in the signature): cd's own defaults, and what each recipe changes.
+CD_DEFAULTS = {"num_intervals": 50, "start_intervals": None, "double_every": None, "distance": "pseudo_huber",
+               "target_ema": 0.95, "grid": "timesteps", "index_sampling": "uniform", "loss_weighting": "uniform",
+               "p_mean": -1.1, "p_std": 2.0}
+RECIPES = {"ict": {"grid": "karras", "index_sampling": "lognormal", "p_mean": -1.1, "p_std": 2.0,
+                   "loss_weighting": "ict", "target_ema": 0.0, "distance": "pseudo_huber",
+                   "start_intervals": 10, "num_intervals": 1280, "double_every": 400_000 // 8}}
 
 
 def consistency_distance(delta: torch.Tensor, distance: str) -> torch.Tensor:
@@ -34,6 +55,9 @@ def consistency_distance(delta: torch.Tensor, distance: str) -> torch.Tensor:
         return flat.pow(2).mean(dim=1)
     c = 0.00054 * math.sqrt(flat.shape[1])
     return (flat.pow(2).sum(dim=1) + c * c).sqrt() - c
+
+
+DEFAULT_TIMESTEP_SCALING = 10.0  # LCM's
 
 
 class ConsistencyDistillation(Objective):
@@ -52,16 +76,43 @@ class ConsistencyDistillation(Objective):
         guidance_range: CFG scales drawn per example (needs a guidance-embedded student), or None.
         sigma_max: the student's first sampling level (the trainer passes it; see ``consistency_start``): the grid
             spans the teacher's timesteps up to the one of sigma_max; None = the whole table.
+        index_sampling: which grid level the student sees: "uniform", or "lognormal" (iCT, with p_mean, p_std).
+        loss_weighting: "uniform", or "ict": each sample's distance times ``1 / (sigma_i - sigma_{i-skip})``.
+        recipe: None, or "ict" (module docstring); null options (the defaults here) are cd's own (``CD_DEFAULTS``)
+            or the recipe's.
     """
 
     trains_on = "data"
     uses_fake_score = False
 
-    def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, num_intervals: int = 50,
+    @classmethod
+    def boundary_timestep_scaling(cls, options: dict) -> float | None:
+        """``timestep_scaling`` (the trainer wraps the student with it before building the objective): LCM's 10."""
+        return options.get("timestep_scaling") or DEFAULT_TIMESTEP_SCALING
+
+    def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, num_intervals: int | None = None,
                  skip: int = 1, start_intervals: int | None = None, double_every: int | None = None,
-                 solver: str = "ddim", distance: str = "pseudo_huber", target_ema: float = 0.95,
-                 guidance_range=None, grid: str = "timesteps", sigma_max: float | None = None):
+                 solver: str = "ddim", distance: str | None = None, target_ema: float | None = None,
+                 guidance_range: list[float] | None = None, grid: str | None = None, sigma_max: float | None = None,
+                 timestep_scaling: float | None = None, index_sampling: str | None = None,
+                 loss_weighting: str | None = None, p_mean: float | None = None, p_std: float | None = None,
+                 recipe: str | None = None):
         super().__init__(teacher, None, 0, None)
+        if recipe not in (None, *RECIPES):
+            raise ValueError(f"objective.recipe must be one of {', '.join(RECIPES)} or null, got {recipe!r}")
+        given = dict(num_intervals=num_intervals, start_intervals=start_intervals, double_every=double_every,
+                     distance=distance, target_ema=target_ema, grid=grid, index_sampling=index_sampling,
+                     loss_weighting=loss_weighting, p_mean=p_mean, p_std=p_std)
+        chosen = {**CD_DEFAULTS, **RECIPES.get(recipe, {}), **{k: v for k, v in given.items() if v is not None}}
+        num_intervals, start_intervals, double_every, distance, target_ema, grid = (
+            chosen[k] for k in ("num_intervals", "start_intervals", "double_every", "distance", "target_ema", "grid"))
+        if chosen["index_sampling"] not in INDEX_SAMPLINGS or chosen["loss_weighting"] not in LOSS_WEIGHTINGS:
+            raise ValueError(f"objective.index_sampling must be one of {', '.join(INDEX_SAMPLINGS)} and "
+                             f"objective.loss_weighting one of {', '.join(LOSS_WEIGHTINGS)}")
+        if chosen["p_std"] <= 0:
+            raise ValueError(f"objective.p_std must be positive, got {chosen['p_std']}")
+        self.recipe, self.index_sampling, self.loss_weighting = recipe, chosen["index_sampling"], chosen["loss_weighting"]
+        self.p_mean, self.p_std = chosen["p_mean"], chosen["p_std"]
         if solver not in SOLVERS:
             raise ValueError(f"objective.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         if grid not in GRIDS:
@@ -119,12 +170,21 @@ class ConsistencyDistillation(Objective):
         x = x.detach().float()
         n_int = self.intervals()
         levels = self.grid(n_int, x.device)
-        i = torch.randint(1, n_int + 1, (x.shape[0],), device=x.device)
+        i = self.draw_index(levels, x.shape[0])
         sigma, sigma_prev = levels[i], levels[(i - self.skip).clamp(min=0)]
         x_n = x + expand(sigma, x) * torch.randn_like(x)
         scale, student_cond = self.guidance.draw(x.shape[0], cond, x.device)
-        loss = finite_mean(self.loss_at(x_n, sigma, sigma_prev, cond, scale, student_cond))
+        weight = (1 / (sigma.double() - sigma_prev.double())).float() if self.loss_weighting == "ict" else None
+        loss = finite_mean(self.loss_at(x_n, sigma, sigma_prev, cond, scale, student_cond), weight)
         return loss, {"loss_cd": loss.detach(), "num_intervals": torch.tensor(float(n_int))}
+
+    def draw_index(self, levels: torch.Tensor, n: int) -> torch.Tensor:
+        """Grid indices i in 1..N of the student's level: uniform, or iCT's lognormal probabilities
+        ``erf((ln s_i - P_mean) / (sqrt 2 P_std)) - erf((ln s_{i-1} - P_mean) / (sqrt 2 P_std))`` (unnormalised)."""
+        if self.index_sampling == "uniform":
+            return torch.randint(1, len(levels), (n,), device=levels.device)
+        cdf = torch.erf((levels.double().log() - self.p_mean) / (math.sqrt(2) * self.p_std))
+        return torch.multinomial(cdf[1:] - cdf[:-1], n, replacement=True) + 1
 
     def loss_at(self, x_n, sigma, sigma_prev, cond=None, scale=None, student_cond=None) -> torch.Tensor:
         """Per-sample CD loss for noised points x_n at sigma, the teacher stepping them to sigma_prev."""
@@ -144,3 +204,6 @@ class ConsistencyDistillation(Objective):
             return
         for t, p in zip(self.target.model.parameters(), self.student.model.parameters()):
             t.lerp_(p, 1 - self.target_ema)
+
+
+register("cd", ConsistencyDistillation)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..denoiser import Denoiser
+from ..models.denoiser import Denoiser
 from .base import kept_mean, only_finite
 
 

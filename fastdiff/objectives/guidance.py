@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..denoiser import Denoiser
-from ..guidance import guided_condition
+from ..models.denoiser import Denoiser
+from ..models.guidance import guided_condition
 
 
 class TeacherGuidance:

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..denoiser import Denoiser, expand
+from ..models.denoiser import Denoiser, expand
 from .base import Objective, edm_sigma, finite_mean
 from .guidance import TeacherGuidance
+from .registry import register
 
 TANGENTS = ("auto", "jvp", "finite_difference")
 SIGMA_DATA = 0.5
@@ -85,7 +86,7 @@ class ContinuousConsistency(Objective):
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, tangent: str = "auto",
                  tangent_warmup: int = 10_000, tangent_norm: float = 0.1, fd_step: float = 3e-4,
-                 p_mean: float = -1.0, p_std: float = 1.4, guidance_range=None, prior_weighting: bool = True,
+                 p_mean: float = -1.0, p_std: float = 1.4, guidance_range: list[float] | None = None, prior_weighting: bool = True,
                  adaptive_weighting: bool = True, sigma_max: float | None = None):
         super().__init__(teacher, None, 0, None)
         if tangent not in TANGENTS:
@@ -187,3 +188,6 @@ def tangent_loss(F, dF_dt, x_t, dxt_dt, t, r: float, tangent_norm: float) -> tup
     rms = g.flatten(1).pow(2).mean(dim=1).sqrt()
     g = g / expand(rms + tangent_norm, g)
     return (F - (F.detach() + g)).flatten(1).pow(2).mean(dim=1), rms
+
+
+register("scm", ContinuousConsistency)

@@ -36,10 +36,11 @@ from contextlib import nullcontext
 
 import torch
 
-from ..denoiser import Denoiser, expand
+from ..models.denoiser import Denoiser, expand
 from .base import (Objective, default_fake_loss, drop_conditions, finite_mean, finite_samples, noised, only_finite,
                    per_sample_mean)
 from .gan import GANHead, sida_discriminator_loss, sida_generator_gan_loss
+from .registry import register
 
 # SiD-LSG's fake-score timesteps, torch.randint(20, 980): [0.02, 0.979] * 1000 inclusive.
 FAKE_T_RANGE = (0.02, 0.979)
@@ -90,6 +91,11 @@ class SiD(Objective):
         self.gan_weight, self.gan_start_images = gan_weight, gan_start_images
         self.gan_generator_weight, self.gan_critic_weight = gan_generator_weight, gan_critic_weight
         self.critic_clip_value = critic_clip_value
+
+    @classmethod
+    def teacher_defaults(cls, teacher) -> dict:
+        """SiD-LSG (Zhou et al. 2024b) uses alpha 1 for Stable Diffusion."""
+        return {"alpha": 1.0} if teacher.conditioning == "text" else {}
 
     def train_defaults(self) -> dict:
         """SiD's optimizer (``SID_OPTIMIZER``)."""
@@ -152,3 +158,7 @@ class SiD(Objective):
         self.critic_clip = self.critic_clip_value / n if self.critic_clip_value else None
         logs = {"loss_fake": loss.detach(), "loss_gan_d": gan.detach()}
         return loss + self.gan_critic_weight * gan / n, logs
+
+
+register("sid", SiD)
+register("sida", SiD, defaults={"alpha": 1.0}, needs_gan=True)

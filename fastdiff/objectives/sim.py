@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ..denoiser import Denoiser
+from ..models.denoiser import Denoiser
 from .base import Objective, default_fake_loss, finite_samples, noised, only_finite, per_sample_mean
+from .registry import register
 from .sid import FAKE_T_RANGE, SID_OPTIMIZER
 
 
@@ -72,3 +73,6 @@ class SIM(Objective):
     def critic_loss(self, x, cond=None, real=None):
         loss = self.fake_denoising_loss(x, cond, self.fake_loss, t_range=FAKE_T_RANGE)
         return loss, {"loss_fake": loss.detach()}
+
+
+register("sim", SIM)

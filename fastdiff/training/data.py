@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FastdiffError
+from ..errors import FastdiffError
 
 SPLITS = {"train": "train", "test": "t10k"}
 FMNIST_ENV = "FASTDIFF_FASHION_MNIST"

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FastdiffError
-from .machine import offline
+from ..errors import FastdiffError
+from ..machine import offline
 
 WEIGHTS_ENV = "FASTDIFF_INCEPTION"
 TORCH_FIDELITY_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

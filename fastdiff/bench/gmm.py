@@ -26,19 +26,21 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from .analytic import GaussianMixtureModel, sliced_wasserstein
-from .checkpoint import atomic_write_text
-from .machine import describe
-from .config import Config, _apply, parse_override, validate
-from .denoiser import Denoiser
-from .errors import FastdiffError
-from .generator import Generator
-from .mlp import MLPDenoiser
-from .sampling import ddim_sample
-from .teacher import Teacher, load_teacher
-from .objectives import objective_class
-from .trainer import Trainer
+from ..models.analytic import GaussianMixtureModel, sliced_wasserstein
+from ..training.checkpoint import atomic_write_text
+from ..machine import describe
+from ..machine import progress as progress_bar
+from ..config import Config, _apply, parse_override, validate
+from ..models.denoiser import Denoiser
+from ..errors import FastdiffError
+from ..models.generator import Generator
+from ..models.mlp import MLPDenoiser
+from ..inference.sampling import ddim_sample
+from ..models.teacher import Teacher, load_teacher
+from ..objectives import objective_class
+from ..training import Trainer
 
 DEFAULT_OBJECTIVES = ("dmd2", "sid", "sida", "sim", "vsd")
 # Per objective: generator steps and objective settings. Every objective uses its own defaults except the
@@ -59,6 +61,14 @@ SETTINGS["cd"] = {"steps": 4000, "objective": {"num_intervals": 18, "grid": "kar
 SETTINGS["scm"] = {"steps": 2000, "objective": {"tangent_warmup": 500, "p_mean": 0.5, "p_std": 2.0,
                                                 "prior_weighting": False, "adaptive_weighting": False},
                    "train": {"lr_generator": 1e-3, "lr_schedule": "cosine", "ema_decay": 0.995}}
+# rCM: the bench's scm settings (its sCM term) plus rCM's DMD term and 4:1 fake-score updates at their defaults.
+SETTINGS["rcm"] = {"steps": 2000, "objective": {"tangent_warmup": 500, "p_mean": 0.5, "p_std": 2.0},
+                   "train": {"lr_generator": 1e-3, "lr_schedule": "cosine", "ema_decay": 0.995}}
+# f-distill and Uni-Instruct (their discriminators read the mixture's real samples, data.name analytic): 5:1 as the
+# rest. Uni-Instruct's divergence weighting starts at 200k images in the reference, past this run's 102k, so here it
+# starts half way (51200), after 1000 discriminator updates.
+SETTINGS["fdistill"] = {"steps": 400, "objective": {"critic_updates": 5}}
+SETTINGS["uni_instruct"] = {"steps": 400, "objective": {"critic_updates": 5, "gan_start_images": 51200}}
 SAMPLING_STEPS = (1, 2, 4)  # consistency students are scored at these step counts
 # The MLP student per start. A consistency function must be right at every noise level, not at one:
 # regressing the 256x3 MLP straight onto exact consistency targets (Heun-200 chains, 4000 cosine steps)
@@ -69,7 +79,7 @@ TRAIN = {"batch_size": 256, "lr_generator": 1e-4, "lr_critic": 3e-3, "ema_decay"
 
 
 def warm_start(teacher: Teacher, out: Path, kind: str = "ode", num_pairs: int = 16384, steps: int = 2500,
-               ode_steps: int = 200, seed: int = 0, hidden: int = 256, depth: int = 3) -> Path:
+               ode_steps: int = 200, seed: int = 0, hidden: int = 256, depth: int = 3, progress: bool = False) -> Path:
     """Fit an MLP by regression and save it as a model folder.
 
     kind "ode": the one-step map z -> teacher ODE sample (200-step DDIM from the top).
@@ -101,7 +111,7 @@ def warm_start(teacher: Teacher, out: Path, kind: str = "ode", num_pairs: int = 
             return ((student(x, sigma) - target) ** 2).mean()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # the low final lr sharpens mode boundaries
-    for _ in range(steps):
+    for _ in progress_bar(range(steps), desc=f"warm start ({kind})", unit="step", enabled=progress):
         loss = loss_of(torch.randint(num_pairs, (256,), generator=gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,7 +146,8 @@ def train_objective(name: str, teacher_dir: Path, init_dir: Path, out: Path, ste
 
 
 def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int = 5000, seed: int = 0,
-        work_dir: str | None = None, log=print, overrides=()) -> dict:
+        work_dir: str | None = None, log=print, overrides=(), progress: bool = False) -> dict:
+    """The table's rows; ``progress``: bars on a terminal's stderr over the warm starts and the objectives."""
     unknown = [o for o in objectives if o not in SETTINGS]
     if unknown:
         raise FastdiffError(f"--objectives: unknown {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
@@ -160,8 +171,9 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
                    "steps": train_steps, "seconds": round(time.time() - t0, 1)}
             row["sw2_over_floor"] = row["sw2"] / floor
             rows.append(row)
-            log(f"  {name}: sw2 {row['sw2']:.4f} ({row['sw2_over_floor']:.2f} x floor), "
-                f"max mode-weight error {row['max_mode_weight_error']:.4f}, {row['seconds']} s")
+            with tqdm.external_write_mode():  # the line above any bar on the terminal, not through it
+                log(f"  {name}: sw2 {row['sw2']:.4f} ({row['sw2_over_floor']:.2f} x floor), "
+                    f"max mode-weight error {row['max_mode_weight_error']:.4f}, {row['seconds']} s")
 
         for k in (1, 2, 4):
             t0 = time.time()
@@ -171,17 +183,17 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
             if not any(is_consistency(o) == (kind == "denoiser") for o in objectives):
                 continue
             t0 = time.time()
-            inits[kind] = warm_start(teacher, tmp / f"init-{kind}", kind, seed=seed, **STUDENT[kind])
+            inits[kind] = warm_start(teacher, tmp / f"init-{kind}", kind, seed=seed, progress=progress, **STUDENT[kind])
             init_gen = Generator(Denoiser(MLPDenoiser.from_pretrained(inits[kind]), teacher.denoiser.schedule, "sample"))
             for k in SAMPLING_STEPS if kind == "denoiser" else (1,):
                 with torch.no_grad():
                     add(label + ("" if k == 1 else f", {k} steps"), init_gen(z, num_steps=k, rng=eval_rng(seed)),
                         "init", 0, t0)
-        for name in objectives:
+        for name in progress_bar(objectives, desc="bench gmm", unit="objective", enabled=progress):
             t0 = time.time()
             n = steps or SETTINGS[name]["steps"]
             init = inits["denoiser" if is_consistency(name) else "ode"]
-            student = train_objective(name, tmp / "teacher", init, tmp / name, n, seed, overrides)._export_generator()
+            student = train_objective(name, tmp / "teacher", init, tmp / name, n, seed, overrides).export_generator()
             student.eval()
             for k in SAMPLING_STEPS if is_consistency(name) else (1,):
                 with torch.no_grad():

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .denoiser import Denoiser
-from .errors import FastdiffError
-from .machine import offline
+from ..errors import FastdiffError
+from ..machine import offline
 from .schedule import schedule_from_scheduler
 
 MODEL_FOLDERS = ("unet", "transformer")

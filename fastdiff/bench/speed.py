@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FastdiffError
+from ..errors import FastdiffError
 
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
                   block_out_channels=(128, 256, 256, 256),
@@ -93,8 +93,8 @@ def count_flops(fn) -> int:
 
 
 def make_trainer(teacher: str, objective: str, batch: int, fast: bool, device, overrides: list[str], out: str):
-    from .config import load_config
-    from .trainer import Trainer
+    from ..config import load_config
+    from ..training import Trainer
 
     cuda = device.type == "cuda"
     settings = [f"teacher.path={teacher}", f"objective.name={objective}", f"train.batch_size={batch}",
@@ -144,9 +144,11 @@ def naive_step(trainer, opts: dict):
 
 
 def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, warmup: int, device, peak: float,
-                  overrides: list[str]) -> list[dict]:
+                  overrides: list[str], progress: bool = False) -> list[dict]:
+    from ..machine import progress as progress_bar
+
     rows = []
-    for name in objectives:
+    for name in progress_bar(objectives, desc="bench speed: training", unit="objective", enabled=progress):
         with tempfile.TemporaryDirectory() as tmp:
             naive = make_trainer(teacher, name, batch, False, device, overrides, f"{tmp}/naive")
             lr = naive.cfg.train
@@ -174,10 +176,11 @@ def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, w
 
 
 def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, device, peak: float,
-                  compile_sampler: bool = True) -> list[dict]:
+                  compile_sampler: bool = True, progress: bool = False) -> list[dict]:
     """One-step sampling of a student-shaped generator (the teacher's network at sigma_init 2.5)."""
-    from .generator import Generator
-    from .teacher import load_teacher
+    from ..machine import progress as progress_bar
+    from ..models.generator import Generator
+    from ..models.teacher import load_teacher
 
     cuda = device.type == "cuda"
     loaded = load_teacher(teacher, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -186,7 +189,7 @@ def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, dev
         model.to(memory_format=torch.channels_last)
     gen = Generator(loaded.denoiser, 1, 2.5).to(device)
     rows = []
-    for batch in batches:
+    for batch in progress_bar(batches, desc="bench speed: sampling", unit="batch size", enabled=progress):
         z = torch.randn((batch, *loaded.sample_shape), device=device)
         cond = {"class_labels": torch.arange(batch, device=device) % loaded.num_classes} if loaded.num_classes else None
 
@@ -211,9 +214,9 @@ def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, dev
 
 
 def run(teacher: str, objectives: list[str], batch: int, sample_batches: list[int], steps: int, warmup: int,
-        device: torch.device, overrides: list[str], compile_sampler: bool = True) -> dict:
-    from .embedded import resolve_teacher_path
-    from .machine import describe, today, versions
+        device: torch.device, overrides: list[str], compile_sampler: bool = True, progress: bool = False) -> dict:
+    from ..models.embedded import resolve_teacher_path
+    from ..machine import describe, today, versions
 
     with tempfile.TemporaryDirectory() as tmp:
         if teacher.startswith("synthetic:"):
@@ -221,8 +224,8 @@ def run(teacher: str, objectives: list[str], batch: int, sample_batches: list[in
         else:
             teacher = resolve_teacher_path(teacher)
         peak, peak_how = matmul_peak(device)
-        train = training_rows(teacher, objectives, batch, steps, warmup, device, peak, overrides)
-        sample = sampling_rows(teacher, sample_batches, steps, warmup, device, peak, compile_sampler)
+        train = training_rows(teacher, objectives, batch, steps, warmup, device, peak, overrides, progress)
+        sample = sampling_rows(teacher, sample_batches, steps, warmup, device, peak, compile_sampler, progress)
     return {"device": describe(device), "versions": versions(), "date": today(), "matmul_peak_flops": peak,
             "matmul_peak": peak_how, "training": train, "sampling": sample}
 
@@ -251,7 +254,7 @@ def table(result: dict) -> str:
 
 def write(result: dict, out_dir: str) -> tuple[Path, Path]:
     """eval/results/speed-<device>.md and .json (the device name made file-safe)."""
-    from .checkpoint import atomic_write_text
+    from ..training.checkpoint import atomic_write_text
 
     slug = "".join(c if c.isalnum() else "-" for c in result["device"].split(",")[0].lower()).strip("-")
     while "--" in slug:

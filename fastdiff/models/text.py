@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FastdiffError
+from ..errors import FastdiffError
 
 
 def read_prompts(path: str | Path, what: str = "--prompts") -> list[str]:

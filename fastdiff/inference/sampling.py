@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .denoiser import Denoiser
-from .generator import Generator, step_sigmas
+from ..models.denoiser import Denoiser
+from ..models.generator import Generator, step_sigmas
 
 
 def class_labels_for(n: int, num_classes: int | None, device) -> dict | None:
@@ -43,7 +43,7 @@ def guided_cond(model, cond: dict | None, guidance_scale: float | None) -> dict 
     dim = getattr(getattr(model, "config", None), "time_cond_proj_dim", None)
     if not dim or cond is None:
         return cond
-    from .guidance import guided_condition
+    from ..models.guidance import guided_condition
 
     scale = 1.0 if guidance_scale is None else guidance_scale
     first = next(v for k, v in cond.items() if torch.is_tensor(v) and not k.startswith("uncond_"))
@@ -79,10 +79,10 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
 
     A LoRA student folder loads its teacher (``teacher_folder`` in fastdiff.json) with the adapters applied by
     diffusers' ``load_lora_weights``, as a user of the teacher pipeline would."""
-    from .embedded import resolve_teacher_path
-    from .errors import FastdiffError
+    from ..models.embedded import resolve_teacher_path
+    from ..errors import FastdiffError
     from .export import load_lora_student, read_student_info, student_generator
-    from .teacher import load_teacher
+    from ..models.teacher import load_teacher
 
     model_dir = resolve_teacher_path(model_dir)
     info = read_student_info(model_dir)
@@ -97,7 +97,7 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
 
 def check_prompts(loaded, prompts: list[str] | None) -> None:
     """A text-to-image model samples from prompts; other models take none."""
-    from .errors import FastdiffError
+    from ..errors import FastdiffError
 
     if loaded.conditioning == "text" and not prompts:
         raise FastdiffError("this is a text-to-image model: pass --prompts FILE (one prompt per line)")
@@ -118,7 +118,7 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
     num_classes, latents = loaded.num_classes, loaded.latents
     text = None
     if prompts:
-        from .text import PromptEncoder
+        from ..models.text import PromptEncoder
 
         text = PromptEncoder(loaded.pipeline, device=device, max_cached=0)  # each prompt is used once: no cache
     for b, start in enumerate(range(0, num, batch_size)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from .errors import FastdiffError
+from ..errors import FastdiffError
 
 PREFIX = "embedded:"
 

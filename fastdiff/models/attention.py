@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from .errors import FastdiffError
+from ..errors import FastdiffError
 
 BACKENDS = ("auto", "sdpa", "xformers")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import FastdiffError
-from .machine import offline
+from ..errors import FastdiffError
+from ..machine import offline
 
 CONVENTIONS = ("torchmetrics", "cosine")
 

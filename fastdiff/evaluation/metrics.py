@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import FastdiffError
+from ..errors import FastdiffError
 
 
 class FeatureStats:
@@ -98,24 +99,55 @@ def count_label(n: int) -> str:
     return str(n)
 
 
+# Reference statistics other tools write: an .npz holding only mu and sigma of the TF Inception 2015-12-05 pool
+# features, and the resize mode (fastdiff's name) each tool's features were made with.
+#   edm:            NVlabs/edm fid.py `ref` (np.savez(mu=, sigma=)); NVIDIA's detector resizes as TF1 bilinear.
+#                   pytorch-fid / TTUR files are the same format and resize.
+#   torch-fidelity: its fid_statistics_file .npz; it resizes with TF1 bilinear (interpolate_bilinear_2d_like_tensorflow1x).
+#   clean-fid:      cleanfid's <name>_<mode>_<split>_<res>.npz; mode clean = PIL bicubic, legacy_tensorflow = TF1
+#                   bilinear, legacy_pytorch = torch bilinear (not one of fastdiff's resize modes).
+FOREIGN_RESIZE = {"edm": "nv-bilinear", "torch-fidelity": "nv-bilinear", "clean-fid": "clean-bicubic"}
+CLEAN_FID_MODES = {"clean": "clean-bicubic", "legacy_tensorflow": "nv-bilinear", "legacy_pytorch": None}
+REF_FORMATS = ("auto", "fastdiff", *FOREIGN_RESIZE)
+_CLEAN_FID_NAME = re.compile(r"_(clean|legacy_tensorflow|legacy_pytorch)_")
+
+
 @dataclass
 class ReferenceStats:
-    """What ``fastdiff ref-stats`` writes: statistics, KID features and how they were made."""
+    """What ``fastdiff ref-stats`` writes: statistics, KID features and how they were made; or, labelled
+    ``foreign:<tool>-npz``, another tool's mu/sigma file (no features, image size or count)."""
 
     mu: np.ndarray
     sigma: np.ndarray
-    n: int
+    n: int | None
     extractor: str
     resize: str
-    image_shape: tuple[int, int, int]  # (C, H, W) of the source images, before any resize
+    image_shape: tuple[int, int, int] | None  # (C, H, W) of the source images, before any resize
     name: str
     features: np.ndarray = field(default_factory=lambda: np.zeros((0, 2048), np.float32))
+    origin: str = "fastdiff"  # or foreign:edm-npz, foreign:clean-fid-npz, foreign:torch-fidelity-npz
+
+    @property
+    def foreign(self) -> bool:
+        return self.origin != "fastdiff"
 
     def label(self, metric: str, n: int) -> str:
-        """e.g. FID@10k(train60k, nv-bilinear)."""
-        return f"{metric}@{count_label(n)}({self.name}, {self.resize})"
+        """e.g. FID@10k(train60k, nv-bilinear); FID@10k(cifar10-32x32 foreign:edm-npz, nv-bilinear)."""
+        name = f"{self.name} {self.origin}" if self.foreign else self.name
+        return f"{metric}@{count_label(n)}({name}, {self.resize})"
+
+    def kid_unavailable(self) -> str | None:
+        """Why KID cannot be computed against this reference (None: it can)."""
+        if self.foreign:
+            return (f"KID unavailable: the {self.origin} reference holds mu/sigma only and KID needs Inception "
+                    "features; make a reference with `fastdiff ref-stats` for KID")
+        if len(self.features) < 2:
+            return "KID unavailable: the reference was made with --kid-features 0"
+        return None
 
     def save(self, path: str | Path) -> None:
+        if self.foreign:  # never written out as if fastdiff had made it
+            raise FastdiffError(f"a {self.origin} reference is not saved as fastdiff reference statistics")
         path = Path(path)
         if not path.name.endswith(".npz"):
             raise FastdiffError(f"--out {path}: reference statistics are an .npz file")
@@ -128,17 +160,50 @@ class ReferenceStats:
         os.replace(tmp, path)  # never a half-written reference
 
     @classmethod
-    def load(cls, path: str | Path) -> "ReferenceStats":
+    def load(cls, path: str | Path, fmt: str = "auto") -> "ReferenceStats":
+        """fastdiff's own file, or (``fmt`` auto: by its keys and clean-fid's file names) another tool's mu/sigma."""
         path = Path(path)
+        if fmt not in REF_FORMATS:
+            raise FastdiffError(f"--ref-format {fmt!r} is not one of {', '.join(REF_FORMATS)}")
         if not path.is_file():
             raise FastdiffError(f"--ref {path}: no such file; make one with `fastdiff ref-stats SOURCE --out {path}`")
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]), extractor=str(z["extractor"]),
-                           resize=str(z["resize"]), image_shape=tuple(int(v) for v in z["image_shape"]),
-                           name=str(z["name"]), features=z["features"])
+                if "extractor" in z.files and fmt in ("auto", "fastdiff"):
+                    return cls(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]), extractor=str(z["extractor"]),
+                               resize=str(z["resize"]), image_shape=tuple(int(v) for v in z["image_shape"]),
+                               name=str(z["name"]), features=z["features"])
+                if fmt == "fastdiff" or not {"mu", "sigma"} <= set(z.files):
+                    raise KeyError(f"keys {', '.join(z.files)}")
+                return cls._foreign(path, fmt, set(z.files), z["mu"], z["sigma"])
         except (KeyError, ValueError, OSError, EOFError) as exc:
-            raise FastdiffError(f"--ref {path}: not a fastdiff reference-statistics file ({exc})") from None
+            raise FastdiffError(f"--ref {path}: not a fastdiff reference-statistics file nor an EDM / clean-fid / "
+                                f"torch-fidelity mu/sigma .npz ({exc})") from None
+
+    @classmethod
+    def _foreign(cls, path: Path, fmt: str, keys: set, mu: np.ndarray, sigma: np.ndarray) -> "ReferenceStats":
+        clean_mode = _CLEAN_FID_NAME.search(path.stem)
+        if fmt == "auto":
+            if clean_mode:
+                fmt = "clean-fid"
+            elif keys == {"mu", "sigma"}:
+                fmt = "edm"
+            else:
+                raise FastdiffError(f"--ref {path}: mu/sigma with other keys ({', '.join(sorted(keys - {'mu', 'sigma'}))}); "
+                                    "pass --ref-format edm, clean-fid or torch-fidelity to say which tool wrote it")
+        resize = FOREIGN_RESIZE[fmt]
+        if fmt == "clean-fid" and clean_mode:
+            resize = CLEAN_FID_MODES[clean_mode.group(1)]
+            if resize is None:
+                raise FastdiffError(f"--ref {path}: clean-fid legacy_pytorch statistics resize with torch bilinear, "
+                                    "which fastdiff does not implement; use clean or legacy_tensorflow statistics")
+        mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise FastdiffError(f"--ref {path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+        from .inception import STANDARD_ID  # every one of these tools uses the TF Inception 2015-12-05 weights
+
+        return cls(mu=mu, sigma=sigma, n=None, extractor=STANDARD_ID, resize=resize, image_shape=None,
+                   name=path.stem, features=np.zeros((0, len(mu)), np.float32), origin=f"foreign:{fmt}-npz")
 
     def check_extractor(self, extractor: str) -> None:
         if extractor != self.extractor:
@@ -150,6 +215,8 @@ class ReferenceStats:
         if resize != self.resize:
             raise FastdiffError(f"the reference was made with resize mode {self.resize}, not {resize}; "
                                 f"use --resize {self.resize} or remake the reference")
+        if self.image_shape is None:  # a foreign mu/sigma file does not say what images it came from
+            return
         if image_shape[0] != self.image_shape[0]:
             raise FastdiffError(f"images have {image_shape[0]} channel(s) but the reference was made from "
                                 f"{self.image_shape[0]}-channel images; compare like with like")

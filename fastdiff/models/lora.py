@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from .errors import FastdiffError
+from ..errors import FastdiffError
 
 # Attention projections, feed-forward outputs, transformer in/out projections and ResNet convolutions
 # (the layers LCM-LoRA and SwiftBrush adapt).

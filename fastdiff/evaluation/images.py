@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import FastdiffError
+from ..errors import FastdiffError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FMNIST_PREFIX = "fashion-mnist:"
@@ -124,7 +124,7 @@ def _folder_source(path: Path) -> ImageSource:
 
 
 def _fashion_mnist_source(spec: str, data_path: str | None) -> ImageSource:
-    from .data import fashion_mnist_root, load_fashion_mnist
+    from ..training.data import fashion_mnist_root, load_fashion_mnist
 
     split = spec[len(FMNIST_PREFIX):]
     if split not in ("train", "test"):
@@ -138,7 +138,7 @@ def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float 
     """One source per step count, all sampling the same network (loaded once); text-to-image models sample
     image i from ``prompts[i]``."""
     from .clip_score import prompts_for
-    from .sampling import check_prompts, load_sampler, sample_model
+    from ..inference.sampling import check_prompts, load_sampler, sample_model
 
     for k in steps:
         if k is None or k <= 0:
@@ -171,7 +171,7 @@ def open_source(spec: str, *, steps: int | None = None, seed: int = 0, guidance_
     """Open SOURCE: ``fashion-mnist:train|test``, an ``.npz``, a folder of images, or a model folder."""
     if spec.startswith(FMNIST_PREFIX):
         return _fashion_mnist_source(spec, data_path)
-    from .embedded import PREFIX, resolve_teacher_path
+    from ..models.embedded import PREFIX, resolve_teacher_path
 
     path = Path(resolve_teacher_path(spec)) if spec.startswith(PREFIX) else Path(spec)
     if path.is_file() and path.suffix == ".npz":

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import FastdiffError
+from ..errors import FastdiffError
 
 PREFIX = "step-"
 

@@ -8,12 +8,11 @@ import warnings
 
 import torch
 
-from .config import Config
-from .errors import FastdiffError
-from .lora import AdapterWeights, is_lora, lora_rank, with_lora
-from .teacher import Teacher, load_model
-
-DEFAULT_LORA_RANK = {"vsd": 16}
+from ..config import Config
+from ..errors import FastdiffError
+from ..models.lora import AdapterWeights, is_lora, lora_rank, with_lora
+from ..models.teacher import Teacher, load_model
+from ..objectives import entry
 
 
 def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -31,7 +30,7 @@ def fake_score_model(cfg: Config, teacher: Teacher, log=None) -> torch.nn.Module
     """
     rank = cfg.objective.fake_lora_rank
     explicit = rank is not None
-    rank = rank if explicit else DEFAULT_LORA_RANK.get(cfg.objective.name)
+    rank = rank if explicit else entry(cfg.objective.name).fake_lora_rank
     if not rank:
         return trainable_copy(teacher.model)
     try:

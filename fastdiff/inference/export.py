@@ -1,0 +1,533 @@
+"""Export a student as a diffusers folder that ``from_pretrained`` loads.
+
+VP students get diffusers' ``LCMScheduler`` configured so the pipeline reproduces fastdiff's K-step
+sampler exactly: ``original_inference_steps = T`` gives the same K timesteps, ``clip_sample = False``
+matches fastdiff (the pipeline clamps the final image anyway), and ``timestep_scaling`` is the one the
+student was trained with: a consistency-distilled (cd) student's boundary scalings (LCM's k, 10 by
+default), or, for every other student, a huge value that makes them exactly ``c_skip = 0, c_out = 1`` in
+float32, so each step is the student's plain x0 estimate. Then re-noising with fresh noise, as in fastdiff.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..errors import FastdiffError
+
+PIPELINES_DIR = Path(__file__).resolve().parents[2] / "pipelines"  # the repository's pipelines/ (a source tree)
+CLASS_COND_FILE = "pipeline_fastdiff_class_conditional.py"
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # --dtype / --variant names -> torch attribute names
+SAMPLE_GRID = "samples.png"  # the run's last sample grid, shown by the model card
+
+
+def _table_config(teacher_scheduler) -> dict:
+    """The teacher scheduler's noise table (betas, prediction type), without its sampling options."""
+    config = dict(teacher_scheduler.config)
+    for key in ("clip_sample", "thresholding", "timestep_spacing", "variance_type", "steps_offset",
+                "original_inference_steps", "timestep_scaling"):
+        config.pop(key, None)
+    return config
+
+
+def _truncated_table_config(teacher_scheduler, top_timestep: int | None) -> dict:
+    """The teacher's table; for a student starting at timestep t0 < T-1, its first t0 + 1 betas, so the table is
+    the teacher's, truncated, and its top timestep is t0."""
+    config = _table_config(teacher_scheduler)
+    T = config["num_train_timesteps"]
+    if top_timestep is not None and top_timestep < T - 1:
+        T = top_timestep + 1
+        config.update(num_train_timesteps=T, trained_betas=[float(b) for b in teacher_scheduler.betas[:T]])
+    return config
+
+
+def student_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int | None = None,
+                      timestep_scaling: float | None = None) -> LCMScheduler:
+    """LCMScheduler reproducing fastdiff's K-step sampler, on the table truncated at the student's first timestep."""
+    config = _truncated_table_config(teacher_scheduler, top_timestep)
+    T = config["num_train_timesteps"]
+    # steps_offset 1: unused by LCM and trailing DDIM, but SD pipelines rewrite (and warn about) any other value.
+    return LCMScheduler.from_config(config, original_inference_steps=T, timestep_scaling=timestep_scaling or 1e9, steps_offset=1,
+                                    clip_sample=False,
+                                    thresholding=False, prediction_type=prediction_type)
+
+
+def deterministic_scheduler(teacher_scheduler, prediction_type: str, top_timestep: int | None = None) -> DDIMScheduler:
+    """DDIMScheduler (eta 0, trailing timesteps) reproducing the ``ddim`` sampler from the student's first timestep
+    t0 (the table truncated there): its K timesteps equal the LCM rule's whenever K divides t0 + 1 (1, 2, 4, 5, 8, ...
+    for 1000; consistency students on epsilon teachers start where t0 + 1 is a multiple of 8)."""
+    config = _truncated_table_config(teacher_scheduler, top_timestep)
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, thresholding=False, steps_offset=1,
+                                     set_alpha_to_one=True, prediction_type=prediction_type)
+
+
+def flow_scheduler(teacher_scheduler, num_steps: int, sampler: str) -> FlowMatchEulerDiscreteScheduler:
+    """FlowMatchEulerDiscreteScheduler whose K levels are fastdiff's flow levels ``t_i = 1 - i/K``.
+
+    With shift 1 the scheduler's K timesteps are ``linspace(1, 1/T, K)``; ``shift_terminal = 1/K`` stretches
+    them so the last is 1/K, which makes them exactly ``1 - i/K``. One step is ``x0 = z - v`` at t = 1, the
+    same arithmetic as fastdiff. ``lcm`` students re-noise with fresh noise (``stochastic_sampling``), ``ddim``
+    ones take Euler steps, which equal fastdiff's deterministic re-noising algebraically."""
+    extra = {"shift_terminal": 1.0 / num_steps} if num_steps > 1 else {"shift_terminal": None}
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        teacher_scheduler.config, shift=1.0, use_dynamic_shifting=False, invert_sigmas=False, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=sampler == "lcm" and num_steps > 1,
+        **extra)
+
+
+def scheduler_for(teacher, info: dict):
+    """The scheduler an exported student samples with (see the module docstring and ``flow_scheduler``)."""
+    prediction = teacher.denoiser.prediction_type
+    if teacher.denoiser.schedule.kind == "flow":
+        return flow_scheduler(teacher.scheduler, info["num_steps"], info.get("sampler", "lcm"))
+    if info.get("sampler") == "ddim":
+        return deterministic_scheduler(teacher.scheduler, prediction, info["top_timestep"])
+    return student_scheduler(teacher.scheduler, prediction, info["top_timestep"], info.get("timestep_scaling"))
+
+
+def _class_cond_pipeline_file() -> Path:
+    try:  # installed: fastdiff.pipelines maps to the repository's pipelines/ folder
+        import fastdiff.pipelines as pkg
+
+        return Path(pkg.__file__).parent / CLASS_COND_FILE
+    except ImportError:
+        return PIPELINES_DIR / CLASS_COND_FILE
+
+
+def _load_args(info: dict) -> str:
+    """``from_pretrained`` keywords for the exported weights' dtype and variant (diffusers' own names)."""
+    dtype = info.get("dtype")
+    if not dtype:
+        return ""
+    from ..models.teacher import dtype_kwargs
+
+    (key,) = dtype_kwargs(None)  # torch_dtype, or dtype from diffusers 0.40 on
+    variant = f", variant=\"{info['variant']}\"" if info.get("variant") else ""
+    return f"{variant}, {key}=torch.{TORCH_DTYPES[dtype]}"
+
+
+def _pipeline_usage(info: dict, where: str = ".") -> str:
+    steps, cls, sched = info["num_steps"], info["pipeline_class"], info["scheduler_class"]
+    absent = "".join(f", {k}=None" for k in info.get("absent_components", []))  # diffusers wants them named
+    call = (f"pipe(class_labels=[0, 1, 2], num_inference_steps={steps}, guidance_scale=1)" if info["num_classes"]
+            else f"pipe(\"a photo of a cat\", num_inference_steps={steps}, "
+            f"guidance_scale={'3.0' if info.get('guidance_embedded') else '0'}{info.get('call_args', '')})")
+    note = ("# guidance_scale is an input of this student (LCM-style): one pass, no CFG\n"
+            if info.get("guidance_embedded") and not info["num_classes"] else "")
+    torch_import = "import torch\n" if info.get("dtype") else ""
+    if info.get("export") == "lora":
+        return (f"{torch_import}from diffusers import {cls}, {sched}\n"
+                f"pipe = {cls}.from_pretrained(\"{info['teacher']}\"{absent}{_load_args(info)})  # the teacher\n"
+                f"pipe.load_lora_weights(\"{where}\")  # this folder\n"
+                f"pipe.scheduler = {sched}.from_pretrained(\"{where}\", subfolder=\"scheduler\")\n"
+                f"{note}images = {call}.images")
+    return (f"{torch_import}from diffusers import {cls}\n"
+            f"pipe = {cls}.from_pretrained(\"{where}\"{absent}{_load_args(info)})\n"
+            f"{note}images = {call}.images")
+
+
+def card_data(info: dict) -> ModelCardData:
+    """The card's metadata, as diffusers' ``load_or_create_model_card`` / ``populate_model_card`` write it: the
+    library, the teacher as ``base_model`` (when its hub id is known), the teacher card's license, the task and tags."""
+    tags = ["fastdiff", info["objective"], "diffusers", "distillation"]
+    if info.get("pipeline_tag") == "text-to-image":
+        tags.append("text-to-image")
+    if info.get("export") == "lora":
+        tags.append("lora")
+    license_ = info.get("license") or {}
+    return ModelCardData(library_name="diffusers", base_model=info.get("base_model"), license=license_.get("license"),
+                         license_name=license_.get("license_name"), license_link=license_.get("license_link"),
+                         pipeline_tag=info.get("pipeline_tag"), tags=tags)
+
+
+def model_card(info: dict, where: str = ".") -> ModelCard:
+    """The export's README.md: metadata (``card_data``), the sample grid, and the exact call that loads and samples
+    the folder (``where``: "." for the folder itself, or the hub repo id it is pushed to)."""
+    body = model_card_body(info, where)
+    return ModelCard(f"---\n{card_data(info).to_yaml()}\n---\n{body}")
+
+
+def _shown(value):
+    """A setting as the card shows it: a section without its null (= default) keys."""
+    return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+
+def model_card_body(info: dict, where: str = ".") -> str:
+    steps = info["num_steps"]
+    load = f"\"{where}\"{_load_args(info)}"
+    usage = _pipeline_usage(info, where) if info.get("pipeline_class") else (
+             ("import torch\n" if info.get("dtype") else "") +
+             "from fastdiff.pipelines import FastdiffClassConditionalPipeline\n"
+             f"pipe = FastdiffClassConditionalPipeline.from_pretrained({load})\n"
+             f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}"
+             f"{', guidance_scale=2.0' if info.get('guidance_embedded') else ''}).images\n"
+             + ("# the network is fastdiff's GuidanceEmbeddedUNet: loading needs fastdiff installed"
+                if info.get("guidance_embedded") else
+                "# without fastdiff, run the pipeline.py in this folder (read it first):\n"
+                "# DiffusionPipeline.from_pretrained(\".\", custom_pipeline=\".\", trust_remote_code=True)")
+             if info["num_classes"] else
+             ("import torch\n" if info.get("dtype") else "") +
+             "from diffusers import DDPMPipeline\n"
+             f"pipe = DDPMPipeline.from_pretrained({load})\n"
+             f"images = pipe(batch_size=4, num_inference_steps={steps}).images")
+    settings = "\n".join(f"- `{k}`: {_shown(v)}" for k, v in info["settings"].items())
+    scheduler_note = ("The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1 (and `shift_terminal`\n"
+                      f"1/K for K > 1): `num_inference_steps={steps}` gives fastdiff's levels t = 1 - i/K."
+                      if info.get("scheduler_class") == "FlowMatchEulerDiscreteScheduler" else
+                      "The scheduler is diffusers' `DDIMScheduler` (eta 0, trailing timesteps): `num_inference_steps=K`\n"
+                      "reproduces fastdiff's deterministic K-step consistency sampler when K divides the table length."
+                      if info.get("sampler") == "ddim" else
+                      "The scheduler is diffusers' `LCMScheduler` set so that `num_inference_steps=K` reproduces fastdiff's\n"
+                      "own K-step sampler (denoise, re-noise) exactly.")
+    grid = f"\n![samples from the student]({info['sample_grid']})\n" if info.get("sample_grid") else ""
+    weights = f"- weights stored as: {info['dtype']}" + (f" (variant `{info['variant']}`)" if info.get("variant") else "") \
+        + "\n" if info.get("dtype") else ""
+    return f"""# {info['num_steps']}-step student distilled with fastdiff
+{grid}
+- teacher: `{info['teacher']}`
+- objective: `{info['objective']}`
+- sampling steps trained for: {steps} (other step counts run, but were not trained)
+- training steps: {info['train_step']}
+- weights: {'EMA of the generator' if info['ema'] else 'generator'}
+{weights}
+## Use
+
+```python
+{usage}
+```
+
+{scheduler_note}
+
+## Settings
+
+{settings}
+"""
+
+
+def check_exportable(model, teacher) -> None:
+    """Raise if ``export_student`` cannot write this student (the trainer asks before training, not after).
+
+    Teachers with a pipeline (latent, text-to-image) export into their own pipeline class; the rest into
+    DDPMPipeline or fastdiff's class-conditional pipeline, which take a UNet2DModel (or the guidance-embedded one)
+    on a VP schedule."""
+    if teacher.pipeline is not None:
+        return
+    name, kind = type(model).__name__, teacher.denoiser.schedule.kind
+    if kind != "vp" or name not in ("UNet2DModel", "GuidanceEmbeddedUNet"):
+        raise FastdiffError(f"export of {name} students on a {kind} schedule is not supported yet; export supports "
+                            "UNet2DModel students on a VP schedule and students of teachers with a diffusers pipeline")
+
+
+def weight_options(dtype: str | None, variant: str | None) -> dict:
+    """``export_student``'s dtype / variant from ``fastdiff export --dtype / --variant``: a variant's files hold weights
+    of its own dtype (diffusers' convention: ``variant="fp16"`` files are float16), so the dtype follows the variant."""
+    if dtype not in (None, "fp32", *TORCH_DTYPES):
+        raise FastdiffError(f"--dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    if variant not in (None, *TORCH_DTYPES):
+        raise FastdiffError(f"--variant must be fp16 or bf16, got {variant!r}")
+    if variant and dtype not in (None, variant):
+        raise FastdiffError(f"--variant {variant} files hold {variant} weights: leave --dtype out or pass --dtype {variant}")
+    dtype = variant or (None if dtype == "fp32" else dtype)
+    return {"dtype": dtype, "variant": variant}
+
+
+def export_student(unet, teacher, info: dict, out: str | Path, sample_grid: str | Path | None = None,
+                   dtype: str | None = None, variant: str | None = None, repo_id: str | None = None) -> Path:
+    """Write ``out`` atomically: a diffusers pipeline folder + fastdiff.json + README.md model card.
+
+    ``info`` holds: teacher, teacher_folder (the folder loaded), objective, num_steps, sigma_init, train_step, ema,
+    settings (a dict). ``sample_grid``: a PNG shown by the card; ``dtype`` (fp16 / bf16) casts every saved weight;
+    ``variant`` names the weight files as diffusers' variants; ``repo_id``: the hub repo the card's call loads from
+    (default: the folder itself). No file of the export holds an absolute local path (see ``_portable``).
+    """
+    out = Path(out)
+    weight_options(dtype, variant)
+    info = {**info, "dtype": dtype, "variant": variant}
+    card = {"grid": Path(sample_grid) if sample_grid else None, "where": repo_id or ".", "teacher": teacher}
+    if teacher.pipeline is not None:
+        return export_pipeline_student(unet, teacher, info, out, card)
+    from ..models.lora import is_lora, merged_model
+
+    if is_lora(unet):  # pipelines without a latent / text part take LoRA students fused
+        unet = merged_model(unet)
+    check_exportable(unet, teacher)
+    guided = type(unet).__name__ == "GuidanceEmbeddedUNet"
+    info = _student_info(info, teacher, guided)
+    scheduler = scheduler_for(teacher, info)
+    if teacher.num_classes:
+        from fastdiff.pipelines import FastdiffClassConditionalPipeline
+
+        pipe = FastdiffClassConditionalPipeline(unet=unet, scheduler=scheduler)
+    else:
+        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+
+    def fill(tmp: Path) -> None:
+        _save_pipeline(pipe, tmp, dtype, variant)
+        if teacher.num_classes:  # lets DiffusionPipeline.from_pretrained(out, custom_pipeline=out) work without fastdiff
+            shutil.copy(_class_cond_pipeline_file(), tmp / "pipeline.py")
+        _write_card(tmp, info, out, card)
+    return _write_folder(out, fill, teacher)
+
+
+def _save_pipeline(pipe, folder: Path, dtype: str | None, variant: str | None) -> None:
+    if dtype:
+        import torch
+
+        for part in pipe.components.values():
+            if isinstance(part, torch.nn.Module):  # diffusers' to() warns on every model; plain to() where nothing
+                keep = getattr(part, "_keep_in_fp32_modules", None)  # has to stay float32
+                dtype_ = getattr(torch, TORCH_DTYPES[dtype])
+                part.to(dtype_) if keep else torch.nn.Module.to(part, dtype_)
+    pipe.save_pretrained(folder, safe_serialization=True, variant=variant)
+
+
+def _student_info(info: dict, teacher, guided: bool) -> dict:
+    """What fastdiff.json records about every exported student (and the model card reads)."""
+    from ..models.generator import top_timestep
+
+    vp = teacher.denoiser.schedule.kind == "vp"
+    return {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": guided,
+            "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1",
+            "top_timestep": top_timestep(teacher.denoiser, info.get("sigma_init")) if vp else None}
+
+
+def _tmp_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp"
+
+
+def _write_card(folder: Path, info: dict, out: Path, card: dict) -> None:
+    """fastdiff.json and README.md of ``folder`` (being written in ``out``'s temporary folder), with the sample grid
+    copied beside them; paths recorded relative to where the folder will be (see ``_portable``)."""
+    final = out / folder.relative_to(_tmp_folder(out))
+    info = _portable(info, final, card["teacher"])
+    if card["grid"] is not None and card["grid"].is_file():
+        shutil.copy(card["grid"], folder / SAMPLE_GRID)
+        info["sample_grid"] = SAMPLE_GRID
+    (folder / "fastdiff.json").write_text(json.dumps(info, indent=2, default=str))
+    model_card(info, card["where"] if final == out else ".").save(str(folder / "README.md"))
+
+
+def _is_hub_id(name) -> bool:
+    """``owner/name`` that is not a local path: what ``from_pretrained`` fetches from the Hub."""
+    return (isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+            and not name.startswith((".", "/", "~")) and not Path(name).exists())
+
+
+def teacher_hub_id(path: str, given: str) -> str | None:
+    """The teacher's hub id when known: the teacher given as one, or ``_name_or_path`` of the teacher folder's
+    model_index.json / model config (diffusers writes the hub id there when a hub pipeline is saved)."""
+    if _is_hub_id(given):
+        return given
+    root = Path(path)
+    for config in (root / "model_index.json", root / "unet" / "config.json", root / "transformer" / "config.json"):
+        try:
+            name = json.loads(config.read_text()).get("_name_or_path")
+        except (OSError, ValueError):
+            continue
+        if _is_hub_id(name):
+            return name
+    return None
+
+
+def teacher_license(path: str, hub_id: str | None) -> dict:
+    """license (and license_name / license_link for ``other``) of the teacher's own model card: its README.md in the
+    teacher folder, else the hub repo's (from the local cache when offline); {} when it has none."""
+    readme = Path(path) / "README.md"
+    try:
+        if not readme.is_file() and hub_id:
+            from huggingface_hub import hf_hub_download
+
+            readme = Path(hf_hub_download(hub_id, "README.md"))
+        data = ModelCard.load(str(readme), ignore_metadata_errors=True).data if readme.is_file() else None
+    except Exception:  # noqa: BLE001 - no card (or no network): the export simply names no license
+        return {}
+    if data is None:
+        return {}
+    return {k: getattr(data, k, None) for k in ("license", "license_name", "license_link") if getattr(data, k, None)}
+
+
+def _portable(info: dict, where: Path, teacher) -> dict:
+    """``info`` without local absolute paths: ``teacher_folder`` relative to the exported folder ``where`` (or the
+    hub id / ``embedded:`` name it was given as), ``teacher`` by hub id when known; plus the card's metadata."""
+    from ..models.embedded import PREFIX
+
+    given, loaded = str(info["teacher"]), str(info.get("teacher_folder") or teacher.path)
+    hub_id = teacher_hub_id(loaded, given)
+    if given.startswith(PREFIX) or _is_hub_id(given):
+        folder = given
+    else:
+        folder = os.path.relpath(Path(loaded).resolve(), Path(where).resolve())
+    return {**info, "teacher": hub_id or (given if given.startswith(PREFIX) else folder), "teacher_folder": folder,
+            "base_model": hub_id, "license": teacher_license(loaded, hub_id),
+            "pipeline_tag": "text-to-image" if teacher.conditioning == "text" else "unconditional-image-generation"}
+
+
+def _drop_local_names(folder: Path) -> None:
+    """diffusers and transformers record where a model was loaded from (``_name_or_path``) in every config they
+    save; a local absolute path there is dropped (hub ids stay)."""
+    def clean(node):
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items()
+                    if not (k in ("_name_or_path", "name_or_path") and isinstance(v, str) and os.path.isabs(v))}
+        return [clean(v) for v in node] if isinstance(node, list) else node
+
+    for path in folder.rglob("*.json"):
+        data = json.loads(path.read_text())
+        cleaned = clean(data)
+        if cleaned != data:
+            path.write_text(json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
+
+
+TEXT_SUFFIXES = (".json", ".md", ".txt", ".py", ".yaml", ".yml")
+
+
+def _check_no_local_paths(folder: Path, *roots: Path) -> None:
+    """Refuse an export whose text files name a local folder (the export's own, the teacher's): a bug guard."""
+    needles = {str(Path(r).resolve()) for r in roots} | {str(r) for r in roots if os.path.isabs(str(r))}
+    for path in folder.rglob("*"):
+        if path.suffix in TEXT_SUFFIXES and path.is_file():
+            text = path.read_text(errors="replace")
+            # an absolute path starts the string (or follows a quote, a space...); a relative path to the teacher
+            # (../../work/teachers/x) holds the same characters after a dot
+            hit = next((n for n in needles if re.search(r"(?<![\w.])" + re.escape(n), text)), None)
+            if hit:
+                raise FastdiffError(f"export: {path.relative_to(folder)} names the local path {hit}")
+
+
+def _write_folder(out: Path, fill, teacher) -> Path:
+    """Write a folder atomically: ``fill(tmp)`` writes into a hidden temporary folder, renamed to ``out`` at the end."""
+    tmp = _tmp_folder(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    _drop_local_names(tmp)
+    _check_no_local_paths(tmp, tmp, out, Path(teacher.path))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def export_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -> Path:
+    """A latent / text-to-image student as the teacher's own pipeline class with the student network and a
+    scheduler reproducing fastdiff's sampler; a LoRA student as LoRA weights for the teacher pipeline
+    (``student.lora_export`` lora), a fused full pipeline (fused), or both (the fused one in ``fused/``)."""
+    from diffusers import DiffusionPipeline
+
+    from ..models.lora import is_lora, lora_state_dict, merged_model
+    from ..models.teacher import load_pipeline, pipeline_index
+
+    guided = bool(getattr(model.config, "time_cond_proj_dim", None))  # LCM-style: the scale is an input
+    info = _student_info(info, teacher, guided)
+    scheduler = scheduler_for(teacher, info)
+    index = pipeline_index(teacher.path)
+    cls = type(teacher.pipeline)
+    expected, _ = DiffusionPipeline._get_signature_keys(cls)
+    absent = [k for k in expected if index.get(k) in (None, [None, None]) and k not in cls._optional_components]
+    info.update(pipeline_class=index["_class_name"], scheduler_class=type(scheduler).__name__,
+                absent_components=absent)  # e.g. SD3 without T5: from_pretrained needs them passed as None
+    if "PixArt" in info["pipeline_class"] and model.config.sample_size not in (32, 64, 128):
+        info["call_args"] = ", use_resolution_binning=False"  # PixArt bins only its 256/512/1024 px sizes
+    lora = is_lora(model)
+    mode = info.get("lora_export", "both") if lora else "fused"
+    dtype, variant = info.get("dtype"), info.get("variant")
+
+    def write_pipeline(folder: Path, network) -> None:
+        pipe = load_pipeline(teacher.path, index, safety_checker=True,
+                             **{teacher.model_folder: network, "scheduler": scheduler})
+        _save_pipeline(pipe, folder, dtype, variant)
+        _write_card(folder, {**info, "export": "pipeline"}, out, card)
+
+    def write_lora(folder: Path) -> None:  # the trainer has checked that the pipeline class loads LoRA weights
+        weights = lora_state_dict(model)
+        if dtype:  # LoRA files have no variants: the dtype is the one of the weights in the file
+            import torch
+
+            weights = {k: v.to(getattr(torch, TORCH_DTYPES[dtype])) for k, v in weights.items()}
+        cls.save_lora_weights(folder, **{f"{teacher.model_folder}_lora_layers": weights}, safe_serialization=True)
+        scheduler.save_pretrained(folder / "scheduler")
+        _write_card(folder, {**info, "export": "lora", "format": "fastdiff-lora-v1", "variant": None}, out, card)
+        if mode == "both":
+            write_pipeline(folder / "fused", merged_model(model))
+
+    if mode in ("lora", "both"):
+        return _write_folder(out, write_lora, teacher)
+    return _write_folder(out, lambda tmp: write_pipeline(tmp, merged_model(model) if lora else model), teacher)
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload an exported folder to the Hub model repo ``repo_id`` (created when missing) with
+    ``huggingface_hub.HfApi().upload_folder``; returns the commit's URL. Failures are one line."""
+    import huggingface_hub
+
+    if not _is_hub_id(repo_id):
+        raise FastdiffError(f"--push-to-hub {repo_id!r}: expected a hub repo id, owner/name")
+    folder = Path(folder)
+    if not (folder / "fastdiff.json").is_file():
+        raise FastdiffError(f"{folder} is not a fastdiff export (no fastdiff.json)")
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                   commit_message="fastdiff export")
+    except Exception as exc:  # noqa: BLE001 - network, auth and hub errors become one line
+        text = str(exc).strip().splitlines()
+        raise FastdiffError(f"push to {repo_id} failed: {text[0] if text else type(exc).__name__}") from exc
+    return str(getattr(commit, "commit_url", None) or commit)
+
+
+def teacher_location(folder: str | Path, info: dict) -> str:
+    """Where an export's teacher loads from: ``teacher_folder`` relative to the export folder (older exports: an
+    absolute path), an ``embedded:`` teacher, or a hub id."""
+    from ..models.embedded import PREFIX, resolve_teacher_path
+
+    recorded = str(info["teacher_folder"])
+    if recorded.startswith(PREFIX):
+        return resolve_teacher_path(recorded)
+    local = Path(folder) / recorded
+    if local.is_dir():
+        return str(local)
+    if _is_hub_id(recorded):
+        return recorded
+    raise FastdiffError(f"{folder}: its teacher {recorded!r} (relative to the export folder) is not there; the LoRA "
+                        "weights load on top of that teacher")
+
+
+def load_lora_student(folder: str | Path, info: dict):
+    """An exported LoRA student as a loaded teacher: the teacher pipeline with the folder's adapters applied by
+    diffusers' ``load_lora_weights`` and the folder's scheduler (whose table the student was trained on)."""
+    import diffusers
+
+    from ..models.denoiser import Denoiser
+    from ..models.schedule import schedule_from_scheduler
+    from ..models.teacher import load_teacher, prediction_type_of
+
+    loaded = load_teacher(teacher_location(folder, info))
+    loaded.pipeline.load_lora_weights(str(folder))
+    name = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    scheduler = getattr(diffusers, name).from_pretrained(str(folder), subfolder="scheduler")
+    loaded.scheduler = loaded.pipeline.scheduler = scheduler
+    loaded.denoiser = Denoiser(loaded.model, schedule_from_scheduler(scheduler), prediction_type_of(scheduler),
+                               null_class=loaded.null_class)
+    loaded.model.requires_grad_(False).eval()
+    return loaded
+
+
+def read_student_info(folder: str | Path) -> dict | None:
+    path = Path(folder) / "fastdiff.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def student_generator(loaded, info: dict):
+    """fastdiff's K-step sampler for an exported student folder loaded with ``load_teacher``: the consistency
+    boundary scalings when it was trained with them, and the top of its (truncated) table as first level."""
+    from ..models.consistency import network_view
+    from ..models.generator import Generator
+
+    d = network_view(loaded.model, loaded.denoiser, info.get("timestep_scaling"))
+    return Generator(d, info["num_steps"], sampler=info.get("sampler", "lcm"))

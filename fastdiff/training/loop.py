@@ -1,0 +1,187 @@
+"""The training loop: alternating critic / generator updates on accelerate.
+
+Per generator update: ``objective.critic_updates`` critic updates (fake score, GAN head) on fresh
+generator samples, then one generator update, an EMA update, and (at their intervals) logs, a sample
+grid and a checkpoint. Gradients are averaged across processes by hand (one all-reduce per
+optimizer step), so the same code runs on one CPU or under ``accelerate launch`` on several GPUs, and
+frozen networks can be called freely without a DDP wrapper getting in the way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..config import to_dict
+from ..errors import FastdiffError
+from ..inference.export import check_exportable
+from . import checkpoint as ckpt
+from . import trackers
+from .optim import Optimizer
+from .outputs import export_run, sample_grid
+from .run import Run
+from .setup import ema_beta
+from .state import keep_metrics_upto, load_checkpoint, save_checkpoint
+
+
+class Trainer(Run):
+    """A built :class:`Run` and its loop. See ``fit``."""
+
+    def save(self) -> None:
+        save_checkpoint(self)
+
+    def load(self, which: str) -> None:
+        load_checkpoint(self, which)
+
+    def sample_grid(self) -> None:
+        sample_grid(self)
+
+    def export(self, out: Path | None = None) -> Path | None:
+        return export_run(self, out)
+
+    # --- one step ---------------------------------------------------------------------------------
+    def _seed_micro_batch(self, phase: str, index: int) -> None:
+        key = f"{self.cfg.train.seed}/{self.step}/{phase}/{index}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        torch.manual_seed(seed)
+        # Every stream a micro-batch draws from (real images, training prompts), each offset so no two coincide.
+        for offset, gen in enumerate(self._generators().values()):
+            gen.manual_seed(seed + offset)
+
+    def _update(self, opt: Optimizer, loss_of, critic: bool, phase: str):
+        """One optimizer step over ``gradient_accumulation`` micro-batches of fresh generator samples.
+
+        Critic updates see detached samples and real images; generator updates backpropagate into the sample.
+        Objectives that train on data (consistency distillation) get a batch of real images instead.
+        """
+        accum, n = self.cfg.train.gradient_accumulation, self.cfg.train.batch_size
+        acc = self.accelerator
+        split = acc.num_processes * accum > 1
+        for a in range(accum):
+            if split:
+                # A global batch split over processes or accumulation draws each micro-batch's randomness from
+                # (seed, step, update, global index): rank r of P processes draws exactly what micro-batch r of a
+                # P-fold accumulation draws in one process. A single micro-batch draws from the global stream,
+                # whose state the checkpoint restores (so results of unsplit runs are unchanged by this).
+                self._seed_micro_batch(phase, acc.process_index * accum + a)
+            with self.accelerator.autocast():
+                if self.objective.trains_on == "data":
+                    x, cond = self._real(n)
+                else:
+                    z, cond = self._inputs(n)
+                    with torch.set_grad_enabled(not critic):
+                        x = self.generator.training_sample(z, cond)
+                loss, logs = loss_of(x, cond, self._real(n) if critic else None)
+            opt.backward(loss / accum)
+        return logs, opt.step(self.accelerator, self.objective.critic_clip if critic else None)
+
+    def train_step(self) -> dict:
+        obj = self.objective
+        obj.step = self.step
+        global_batch = self.cfg.train.batch_size * self.cfg.train.gradient_accumulation * self.accelerator.num_processes
+        obj.images_seen = self.step * global_batch  # before this update, as SiD's cur_nimg
+        logs = {}
+        critic_params = self.opt_c.params if self.opt_c else []
+        for p in critic_params:
+            p.requires_grad_(True)
+        for u in range(obj.critic_updates):
+            part, (logs["grad_norm_critic"], applied) = self._update(self.opt_c, obj.critic_loss, True, f"critic{u}")
+            logs.update(part)
+            self.skipped["critic"] += ~applied
+        for p in critic_params:  # the generator's loss reads the critic; it must not train it
+            p.requires_grad_(False)
+        part, (logs["grad_norm_generator"], applied) = self._update(self.opt_g, obj.generator_loss, False, "generator")
+        logs.update(part)
+        self.skipped["generator"] += ~applied
+        self.skipped["consecutive"] = torch.where(applied, 0, self.skipped["consecutive"] + 1)
+        logs["skipped_updates"] = self.skipped["generator"] + self.skipped["critic"]
+        obj.after_generator_step()
+        if self._ema_pairs:
+            beta = ema_beta(self.step, global_batch, self.cfg.train)
+            with torch.no_grad():
+                for e, p in self._ema_pairs:
+                    e.lerp_(p, 1 - beta)
+        return logs
+
+    def _out_of_time(self, start: float) -> bool:
+        """train.time_limit_minutes reached (the main process decides, so every process stops at the same step)."""
+        limit = self.cfg.train.time_limit_minutes
+        if limit is None:
+            return False
+        over = time.time() - start > 60 * limit
+        if self.accelerator.num_processes == 1:
+            return over
+        flag = torch.tensor(float(over), device=self.accelerator.device)  # one sync a step, only with a time limit
+        torch.distributed.broadcast(flag, 0)
+        return bool(flag)
+
+    def _check_divergence(self) -> None:
+        """Stop after ``train.max_nonfinite_steps`` generator updates in a row were skipped (read at log steps).
+        Skipped updates leave the weights as they were, so every checkpoint holds finite weights."""
+        consecutive = int(self.skipped["consecutive"])
+        if consecutive >= self.cfg.train.max_nonfinite_steps:
+            last = ckpt.checkpoint_dirs(self.out)
+            raise FastdiffError(
+                f"training stopped at step {self.step}: {consecutive} generator updates in a row had "
+                f"non-finite gradients (train.max_nonfinite_steps); the last good checkpoint is "
+                f"{last[-1] if last else 'none'}; lower train.lr_generator / train.lr_critic and resume from it")
+
+    def fit(self, export: bool = True) -> Path | None:
+        cfg, acc = self.cfg, self.accelerator
+        if export:  # an export that cannot succeed fails now, not after training
+            check_exportable(self.student_weights(), self.teacher)
+        if self.resume:
+            self.load(self.resume)
+        elif self.overwrite and acc.is_main_process and self.out.exists():
+            shutil.rmtree(self.out)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        trackers.start(self)  # after load: a resumed run continues its tracker histories
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (acc.is_main_process and self.progress), desc="distill")
+        if acc.is_main_process:
+            keep_metrics_upto(self.out / "metrics.jsonl", self.step)
+        metrics = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None
+        try:
+            start, first_step = time.time(), self.step
+            while self.step < cfg.train.max_steps:
+                logs = self.train_step()
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    # Logging waits for the device; on CUDA nothing else in the step does.
+                    self._check_divergence()
+                    values = {k: float(v) for k, v in logs.items()}
+                    values["images_per_second"] = ((self.step - first_step) * cfg.train.batch_size * acc.num_processes
+                                                   * cfg.train.gradient_accumulation) / max(time.time() - start, 1e-9)
+                    values.update({f"method_{k}": float(v) for k, v in self.methods_used().items()})
+                    trackers.log_scalars(acc, values, self.step)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.startswith("loss")})
+                    if metrics:
+                        metrics.write(json.dumps({"step": self.step, **values}) + "\n")
+                        metrics.flush()
+                if self.step % cfg.train.sample_every == 0:
+                    self.sample_grid()
+                out_of_time = self._out_of_time(start)
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps or out_of_time:
+                    self.save()
+                acc.wait_for_everyone()
+                if out_of_time:
+                    acc.print(f"train.time_limit_minutes reached at step {self.step}: stopping")
+                    break
+        finally:  # an error message starts on its own line, and the log is flushed
+            bar.close()
+            if metrics:
+                metrics.close()
+        if not export:
+            acc.end_training()
+            return None
+        self.sample_grid()
+        acc.end_training()  # after the last grid: it is logged to the trackers too
+        return self.export()

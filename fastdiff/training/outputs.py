@@ -1,0 +1,71 @@
+"""What a run shows and hands over: sample grids during training and the exported student."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import Config, to_dict
+from ..inference.export import export_student
+from ..inference.sampling import class_labels_for, guided_cond, save_grid, to_uint8
+from ..models.lora import is_lora
+from ..models.teacher import Teacher
+from .setup import sigma_init, timestep_scaling
+from .trackers import log_image
+
+
+def sample_grid(run) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    n = run.cfg.train.num_sample_images
+    rng = torch.Generator().manual_seed(run.cfg.train.seed + 12345)
+    z = torch.randn((n, *run.teacher.sample_shape), generator=rng).to(run.accelerator.device)
+    cond = class_labels_for(n, run.teacher.num_classes, run.accelerator.device)
+    if run.text is not None:
+        cond = run.text(run.sample_prompts())
+    gen = run.export_generator()
+    g_range = run.cfg.objective.guidance_range
+    cond = guided_cond(gen.denoiser.model, cond, sum(g_range) / 2 if g_range else None)
+    with torch.no_grad(), run.accelerator.autocast():
+        x0 = gen(z, cond, rng=rng)
+        latents = run.teacher.latents
+        if latents is not None:  # the VAE visits the accelerator for the grid only, unless training encodes
+            home = latents.vae.device
+            latents.vae.to(run.accelerator.device)
+            x0 = latents.decode(x0)
+            latents.vae.to(home)
+    ncol = run.teacher.num_classes or None
+    path = run.out / "samples" / f"step-{run.step:08d}.png"
+    save_grid(to_uint8(x0), path, ncol=ncol)
+    with Image.open(path) as grid:  # the grid exactly as written, to the trackers too
+        image = np.asarray(grid)
+    log_image(run.accelerator, "samples", image[..., None] if image.ndim == 2 else image, run.step)
+
+
+def export_run(run, out: Path | None = None, **options) -> Path | None:
+    """The run's student exported (``options``: ``export_student``'s dtype, variant, repo_id), with the run's last
+    sample grid at or before this step as the model card's picture."""
+    if not run.accelerator.is_main_process:
+        return None
+    model = run.student_weights()
+    if not is_lora(model):  # a LoRA student's export reads its adapters and merges into a fresh model
+        model = copy.deepcopy(model).cpu().eval()
+    info = {**export_info(run.cfg, run.step, run.ema is not None, run.teacher), "methods": run.methods_used()}
+    grids = sorted(p for p in (run.out / "samples").glob("step-*.png") if p.stem <= f"step-{run.step:08d}")
+    return export_student(model, run.teacher, info, out or run.out / "student", sample_grid=grids[-1] if grids else None,
+                          **options)
+
+
+def export_info(cfg: Config, step: int, ema: bool, teacher: Teacher) -> dict:
+    # teacher_folder: the folder loaded, made relative to the export folder (or kept as a hub id) by export_student
+    return {"teacher": cfg.teacher.path, "teacher_folder": teacher.path, "lora_rank": cfg.student.lora_rank, "lora_export": cfg.student.lora_export,
+            "objective": cfg.objective.name, "num_steps": cfg.student.num_steps,
+            "sigma_init": sigma_init(cfg, teacher), "timestep_scaling": timestep_scaling(cfg), "sampler": cfg.student.sampler, "train_step": step, "ema": ema,
+            "settings": {"teacher.guidance_scale": cfg.teacher.guidance_scale,
+                         "objective": to_dict(cfg)["objective"], "train.batch_size": cfg.train.batch_size,
+                         "train.lr_generator": cfg.train.lr_generator, "train.lr_critic": cfg.train.lr_critic,
+                         "train.mixed_precision": cfg.train.mixed_precision, "train.ema_decay": cfg.train.ema_decay,
+                         "train.ema_halflife_kimg": cfg.train.ema_halflife_kimg, "train.ema_rampup": cfg.train.ema_rampup}}

@@ -1,0 +1,229 @@
+"""A run built from its Config: teacher, data, prompts and latents, the student and its sampler, the fake score,
+the objective, the EMA and the optimizers, on accelerate; plus the inputs each update draws."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from ..config import Config
+from ..errors import FastdiffError
+from ..machine import progress
+from ..models.attention import set_attention
+from ..models.embedded import resolve_teacher_path
+from ..models.generator import Generator
+from ..models.guidance import with_guidance_embedding
+from ..models.lora import is_lora, lora_copy
+from ..models.teacher import load_teacher
+from ..models.text import PromptEncoder, PromptSampler, read_prompts
+from ..objectives import objective_class
+from .data import as_model_range, real_images_for
+from .networks import check_student, enable_gradient_checkpointing, fake_score_model, lora_export_mode, methods_used
+from .networks import student_model_for
+from .optim import Optimizer
+from .trackers import trackers_for
+from .setup import (build_objective, check_objective_settings, prepare_output_dir, resolve_train_defaults, sigma_init,
+                    student_denoiser, student_like, trains_on_data, uses_ema, uses_gan)
+
+
+class Run:
+    """Builds every piece of a run from a Config (``Trainer`` runs it). Everything that can fail on bad input
+    fails here, before anything is written."""
+
+    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.out = prepare_output_dir(cfg, resume, overwrite)
+        self.resume = resume
+        self.overwrite = overwrite
+        teacher_path = resolve_teacher_path(cfg.teacher.path)
+        # Everything that can fail on bad input happens before anything is written.
+        self.teacher = load_teacher(teacher_path, cfg.teacher.guidance_scale, cfg.teacher.null_class,
+                                    getattr(torch, cfg.teacher.dtype))
+        check_objective_settings(cfg, self.teacher)
+        needs_data = uses_gan(cfg) or trains_on_data(cfg)
+        self.real = real_images_for(cfg.data, self.teacher, cfg.train.seed) if needs_data else None
+        self.prompts = self._training_prompts()
+        student_model = student_model_for(cfg, self.teacher)
+        check_student(student_model, self.teacher)
+        if cfg.objective.guidance_range is not None and not getattr(student_model.config, "time_cond_proj_dim", None):
+            try:  # LCM-style: the student reads the guidance scale from an embedding
+                student_model = with_guidance_embedding(student_model)
+            except ValueError as exc:
+                raise FastdiffError(str(exc)) from exc
+
+        mp = cfg.train.mixed_precision
+        self.accelerator = Accelerator(
+            mixed_precision=mp, log_with=trackers_for(cfg.train.report_to) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        if mp != "no" and not self.accelerator.native_amp:  # accelerate's fp16 needs an accelerator
+            self.accelerator.print(f"train.mixed_precision {mp}: accelerate has no {mp} autocast on "
+                                   f"{self.accelerator.device.type}; training runs in float32")
+        # The same seed on every process: replicated networks (fake score, GAN head, LoRA) start identical.
+        set_seed(cfg.train.seed, device_specific=False)
+        torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: fp32 runs stay fast
+        device = self.accelerator.device
+        teacher = self.teacher
+        teacher.model.to(device)
+        self.text = None
+        if self.prompts is not None:
+            self.text = self._prompt_encoder(device)
+        if self.teacher.latents is not None and self.real is not None:
+            self._prepare_latents(device)
+
+        student_model = student_model.to(device)
+        self.generator = Generator(student_denoiser(cfg, teacher, student_model), cfg.student.num_steps, sigma_init(cfg, teacher),
+                                   cfg.student.sampler)
+        fake = None
+        if objective_class(cfg.objective.name).uses_fake_score:
+            fake = student_like(teacher, fake_score_model(cfg, teacher, self.accelerator.print).to(device))
+        self.attention = self._prepare_networks(teacher.model, student_model, fake.model if fake else None)
+        self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
+        resolve_train_defaults(cfg, self.objective)
+        self.ema = None
+        if uses_ema(cfg.train):  # a LoRA student's EMA keeps its own adapters and shares the base
+            self.ema = lora_copy(student_model) if is_lora(student_model) else copy.deepcopy(student_model)
+            self.ema.requires_grad_(False).eval()
+        self._ema_pairs = []  # (EMA parameter, trained parameter): a LoRA student's adapters only
+        if self.ema is not None:
+            ema_params = dict(self.ema.named_parameters())
+            self._ema_pairs = [(ema_params[n], p) for n, p in student_model.named_parameters() if p.requires_grad]
+        self.opt_g = Optimizer([student_model, *self.objective.generator_modules()], cfg.train.lr_generator, cfg,
+                               mp == "fp16")
+        critic = self.objective.critic_modules()
+        # The critic's schedule follows generator updates, of which each has critic_updates critic steps.
+        self.opt_c = (Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates)
+                      if critic else None)
+        self.step = 0
+        # Non-finite updates not applied, counted on the device (read at log steps, so no step waits for it).
+        self.skipped = {k: torch.zeros((), dtype=torch.long, device=device) for k in ("generator", "critic", "consecutive")}
+        if lora_export_mode(cfg, teacher) != cfg.student.lora_export and cfg.student.lora_rank:
+            self.accelerator.print(f"student.lora_export {cfg.student.lora_export}: {cfg.teacher.path} has no pipeline "
+                                   "that loads LoRA weights; the LoRA student is exported fused")
+
+    def methods_used(self) -> dict:
+        """Where a setting can fall back, what this run does (see ``networks.methods_used``)."""
+        fake = self.objective.fake
+        methods = methods_used(self.cfg, self.teacher, self.objective, self.generator.denoiser.model,
+                               fake.model if fake is not None else None)
+        if self.cfg.train.mixed_precision != "no":  # whether the networks really run under bf16 / fp16 autocast
+            methods["mixed_precision_autocast"] = self.accelerator.native_amp
+        return methods
+
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def _training_prompts(self) -> PromptSampler | None:
+        """Text-to-image teachers: prompts from data.prompts, else the captions of the image data."""
+        if self.teacher.conditioning != "text":
+            if self.cfg.data.prompts:
+                raise FastdiffError(f"data.prompts is for text-to-image teachers; {self.cfg.teacher.path} is "
+                                    f"{self.teacher.conditioning}-conditioned")
+            return None
+        if self.cfg.data.prompts:
+            prompts = read_prompts(self.cfg.data.prompts, "data.prompts")
+        elif self.real is not None and self.real.captions is not None:
+            prompts = self.real.captions
+        else:
+            raise FastdiffError("a text-to-image teacher needs training prompts: set data.prompts to a text file "
+                                "(one prompt per line) or a JSONL file")
+        return PromptSampler(prompts, self.cfg.train.seed)
+
+    def _prepare_latents(self, device) -> None:
+        """Real images for a latent teacher: their VAE posteriors computed once (data.cache_latents), after which
+        the VAE leaves the accelerator; or the VAE stays there to encode every batch."""
+        latents = self.teacher.latents
+        latents.vae.to(device)
+        if self.cfg.data.cache_latents:
+            main = self.accelerator.is_main_process
+            with progress(total=len(self.real.images), desc="caching latents", unit="img", enabled=self.progress and main) as bar:
+                def encode(x):
+                    posterior = latents.posterior(as_model_range(x.to(device))).cpu()
+                    bar.update(len(x))
+                    return posterior
+                self.real.map_images(encode)
+            latents.vae.to("cpu")
+
+    def _prompt_encoder(self, device) -> PromptEncoder:
+        """Encode every training prompt once, then move the text encoders off the accelerator (prompt sets larger
+        than the cache are encoded per batch, with the encoders kept on the accelerator)."""
+        pipe = self.teacher.pipeline
+        encoders = [m for k, m in pipe.components.items() if k.startswith("text_encoder") and m is not None]
+        for m in encoders:
+            m.to(device)
+        text = PromptEncoder(pipe, self.cfg.data.negative_prompt, device)
+        prompts = list(self.prompts.prompts)
+        if self.real is not None and self.real.captions is not None:
+            prompts += self.real.captions
+        prompts = list(dict.fromkeys(prompts + self.sample_prompts()))
+        if len(prompts) <= text.max_cached:
+            text.encode_all(prompts)
+            for m in encoders:
+                m.to("cpu")
+        return text
+
+    def sample_prompts(self) -> list[str]:
+        prompts = self.prompts.prompts
+        return [prompts[i % len(prompts)] for i in range(self.cfg.train.num_sample_images)]
+
+    def _inputs(self, n: int):
+        device = self.accelerator.device
+        z = torch.randn((n, *self.teacher.sample_shape), device=device)
+        cond = None
+        if self.teacher.num_classes:
+            cond = {"class_labels": torch.randint(self.teacher.num_classes, (n,), device=device)}
+        elif self.text is not None:
+            cond = self.text(self.prompts.batch(n))
+        return z, cond
+
+    def _real(self, n: int):
+        """A batch of real data as the teacher sees it (latents for latent teachers) and its condition."""
+        if self.real is None:
+            return None
+        x, labels, captions = self.real.batch(n, self.accelerator.device)
+        latents = self.teacher.latents
+        if latents is not None:  # the same draws of the data RNG whether the posteriors are cached or not
+            x = latents.sample(x, self.real.rng) if self.cfg.data.cache_latents else latents.encode(x, self.real.rng)
+        if self.teacher.num_classes:
+            return x, {"class_labels": labels}
+        return x, (self.text(captions) if self.text is not None else None)
+
+
+    def _generators(self) -> dict:
+        gens = {"data": self.real.rng} if self.real is not None else {}
+        if self.prompts is not None:
+            gens["prompts"] = self.prompts.rng
+        return gens
+
+
+    def _prepare_networks(self, teacher_model, student_model, fake_model) -> str:
+        """Gradient checkpointing (trainable networks), attention backend, channels-last and torch.compile on the
+        networks a step runs; returns the attention backend.
+
+        ``nn.Module.compile`` compiles in place, so parameter names (checkpoints, EMA pairs) stay as they are.
+        A fake score carrying the GAN head's forward hook is left eager (the hook keeps features aside)."""
+        t = self.cfg.train
+        backend = "sdpa"
+        for net in (n for n in (teacher_model, student_model, fake_model) if n is not None):
+            if t.gradient_checkpointing and net is not teacher_model:
+                name = "generator" if net is student_model else "fake score"
+                enable_gradient_checkpointing(net, name, self.accelerator.print)
+            backend, _, _ = set_attention(net, t.attention)
+            if t.channels_last:
+                net.to(memory_format=torch.channels_last)
+            if t.compile and not (net is fake_model and uses_gan(self.cfg)):
+                net.compile()
+        self.accelerator.print(f"attention: {backend}")
+        return backend
+
+
+    def student_weights(self) -> torch.nn.Module:
+        """The weights users get: the EMA when enabled, else the raw generator."""
+        return self.ema if self.ema is not None else self.generator.denoiser.model
+
+    def export_generator(self) -> Generator:
+        model = self.student_weights()
+        return Generator(student_denoiser(self.cfg, self.teacher, model), self.cfg.student.num_steps,
+                         sigma_init(self.cfg, self.teacher), self.cfg.student.sampler)
+

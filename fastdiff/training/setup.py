@@ -1,0 +1,134 @@
+"""What a run's config decides before anything is built: the student's first noise level, which networks and data the
+objective needs, the objective's options and the train.* values it fills in, the EMA's decay, the output folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import RUN_SHAPE_KEYS, Config
+from ..errors import FastdiffError
+from ..models.consistency import consistency_start, network_view
+from ..models.denoiser import Denoiser
+from ..models.teacher import Teacher
+from ..objectives import build, entry, objective_class, teacher_options
+from ..objectives.gan import GANHead
+
+
+def student_like(teacher: Teacher, model: torch.nn.Module) -> Denoiser:
+    """A Denoiser for a trainable copy of the teacher (same schedule, parametrisation, null class)."""
+    return network_view(model, teacher.denoiser)
+
+
+def objective_options(cfg: Config) -> dict:
+    """The objective.* keys the objective's constructor takes (the rest shape the networks or the trainer)."""
+    return {k: v for k, v in vars(cfg.objective).items() if k not in RUN_SHAPE_KEYS}
+
+
+def timestep_scaling(cfg: Config) -> float | None:
+    """The consistency boundary scalings' k the student is wrapped with (cd: LCM's 10 unless set; else None)."""
+    return objective_class(cfg.objective.name).boundary_timestep_scaling(objective_options(cfg))
+
+
+def student_denoiser(cfg: Config, teacher: Teacher, model: torch.nn.Module) -> Denoiser:
+    """The student network as the objective sees it: plain, or with the consistency boundary condition (cd)."""
+    return network_view(model, teacher.denoiser, timestep_scaling(cfg))
+
+
+def sigma_init(cfg: Config, teacher: Teacher | None = None) -> float | None:
+    """student.sigma_init with ``auto`` resolved: 2.5 for distribution matching on VP teachers; for consistency
+    students ``consistency_start`` (1 / a_t <= 15 on epsilon VP teachers, else the top); the top for flow teachers.
+
+    Flow students start at t = 1 (pure noise) as their pipelines do: there ``x0 = x - t v`` is well conditioned,
+    unlike an epsilon student's ``x0 = (x - s eps) / a`` at the top of a VP schedule."""
+    if cfg.student.sigma_init != "auto":
+        return cfg.student.sigma_init
+    if trains_on_data(cfg):
+        return consistency_start(teacher.denoiser) if teacher is not None else None
+    flow = teacher is not None and teacher.denoiser.schedule.kind == "flow"
+    return None if flow else 2.5
+
+
+def trains_on_data(cfg: Config) -> bool:
+    return objective_class(cfg.objective.name).trains_on == "data"
+
+
+def uses_gan(cfg: Config) -> bool:
+    return cfg.objective.gan or entry(cfg.objective.name).needs_gan
+
+
+def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
+    """Settings the objective's constructor does not see but that only make sense for some objectives."""
+    o = cfg.objective
+    if teacher.denoiser.schedule.kind == "flow" and sigma_init(cfg, teacher) is not None:
+        raise FastdiffError("flow-matching students start from pure noise (t = 1), as their pipelines do: "
+                            "set student.sigma_init to null or auto")
+    if cfg.student.sampler == "ddim" and sigma_init(cfg, teacher) is not None and not trains_on_data(cfg):
+        raise FastdiffError("student.sampler ddim starts at the top of the schedule: set student.sigma_init to null")
+    if uses_gan(cfg) and not objective_class(o.name).uses_fake_score:
+        raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
+    if cfg.student.lora_rank and (cfg.student.model or o.guidance_range is not None):
+        raise FastdiffError("student.lora_rank adapts the teacher's own weights: it cannot be combined with "
+                            "student.model or objective.guidance_range")
+    pipe = teacher.pipeline
+    if cfg.student.lora_rank and cfg.student.lora_export != "fused" and pipe is not None \
+            and not hasattr(type(pipe), "save_lora_weights"):
+        raise FastdiffError(f"{type(pipe).__name__} cannot load LoRA weights: set student.lora_export=fused")
+    if cfg.student.lora_rank and cfg.student.lora_export == "lora" and pipe is None:
+        raise FastdiffError(f"{cfg.teacher.path} has no pipeline that loads LoRA weights (DDPMPipeline and fastdiff's "
+                            "class-conditional pipeline take a full UNet): set student.lora_export=fused")
+
+
+def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, student: Denoiser):
+    try:
+        gan_head = GANHead(fake) if uses_gan(cfg) else None
+        options = teacher_options(cfg.objective.name, teacher, objective_options(cfg))
+        if trains_on_data(cfg):  # consistency students train up to the level they sample from
+            options["sigma_max"] = sigma_init(cfg, teacher)
+        return build(cfg.objective.name, teacher.denoiser, fake, gan_head=gan_head, student=student, **options)
+    except ValueError as exc:
+        raise FastdiffError(str(exc)) from exc
+
+
+# train.* keys whose null means "the objective's reference" (Objective.train_defaults), and what fills the rest.
+TRAIN_FALLBACKS = {"adam_betas": [0.9, 0.999], "weight_decay": 0.01, "lr_warmup_steps": 0, "lr_generator": 1e-5,
+                   "lr_critic": 1e-5}
+
+
+def resolve_train_defaults(cfg: Config, objective) -> None:
+    """Fill the train.* keys left null with the objective's reference values (in place, so checkpoints and the
+    export record what the run used)."""
+    defaults = {**TRAIN_FALLBACKS, **objective.train_defaults()}
+    for key, value in defaults.items():
+        if getattr(cfg.train, key) is None:
+            setattr(cfg.train, key, value)
+
+
+def ema_beta(step: int, global_batch: int, train) -> float:
+    """The generator EMA's decay for update ``step`` (0-based): ``train.ema_decay`` when set, else SiD's / EDM's
+    half-life in images, ramped up to ``ema_rampup`` x the images seen before this update
+    (sid_training_loop.py: ``0.5 ** (batch / max(min(halflife, nimg * rampup), 1e-8))``). The first update's beta
+    is 0, so the EMA never keeps the student's starting weights."""
+    if train.ema_decay is not None:
+        return train.ema_decay
+    halflife = train.ema_halflife_kimg * 1000
+    if train.ema_rampup is not None:
+        halflife = min(halflife, step * global_batch * train.ema_rampup)
+    return 0.5 ** (global_batch / max(halflife, 1e-8))
+
+
+def uses_ema(train) -> bool:
+    return train.ema_decay != 0 if train.ema_decay is not None else train.ema_halflife_kimg > 0
+
+
+def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FastdiffError(f"output_dir {out} exists and is not a folder")
+    if resume is None and out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FastdiffError(f"output_dir {out} is not empty; pass --resume latest to continue it "
+                                "or --overwrite to replace it")
+    return out
+
+

@@ -1,0 +1,105 @@
+"""A run's checkpoints: what they hold, writing them, resuming from them (refusing a checkpoint that another
+config's networks wrote), and the metrics log trimmed back to the step resumed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from . import checkpoint as ckpt
+from ..config import to_dict
+from ..errors import FastdiffError
+from .networks import checkpoint_view
+
+
+# Settings that decide which networks a run has and what their weights mean.
+RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lora_rank", "objective.name", "objective.gan",
+               "objective.fake_lora_rank", "objective.guidance_range", "objective.timestep_scaling", "train.ema_decay",
+               "objective.adaptive_weighting",  # scm: whether checkpoints hold the logvar head
+               "train.ema_halflife_kimg", "train.ema_rampup",
+               # what the student means: its first noise level and its multi-step sampler
+               "student.sigma_init", "student.sampler",
+               # the distribution it is trained towards (for cd, the scale distilled in); fastdiff.json records one
+               "teacher.guidance_scale", "objective.fake_guidance", "objective.fake_train_guidance")
+# Allowed to change on resume, with a logged line: SiD's alpha weights the two terms of the generator gradient,
+# whose fixed point (fake score = teacher score) does not depend on it, so the checkpoint's networks keep their meaning.
+LOGGED_RESUME_KEYS = ("objective.alpha",)
+
+
+def changed_keys(saved: dict, now: dict, keys):
+    """(key, before, after) for each dotted ``section.name`` key whose value differs between two config dicts."""
+    for key in keys:
+        section, name = key.split(".")
+        before, after = saved.get(section, {}).get(name), now[section][name]
+        if before != after:
+            yield key, before, after
+
+
+def checkpoint_modules(run) -> dict:
+    modules = {"generator": checkpoint_view(run.generator.denoiser.model), **run.objective.state_modules()}
+    if run.objective.fake is not None:
+        modules["fake"] = checkpoint_view(run.objective.fake.model)
+    if run.ema is not None:
+        modules["ema"] = checkpoint_view(run.ema)
+    if run.objective.gan_head is not None:
+        modules["gan_head"] = run.objective.gan_head
+    return modules
+
+
+def save_checkpoint(run) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    state = {"step": run.step, "skipped": {k: int(v) for k, v in run.skipped.items()}, "opt_g": run.opt_g.state_dict(),
+             "opt_c": run.opt_c.state_dict() if run.opt_c else None, "rng": ckpt.rng_state(run._generators())}
+    path = ckpt.write_checkpoint(run.out, run.step, checkpoint_modules(run), state, run.cfg.train.checkpoint_limit)
+    (path / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+
+
+def check_resume_config(run) -> None:
+    """A checkpoint only fits the networks its own config built: refuse another teacher, objective or student."""
+    saved_file = run.out / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved, now = yaml.safe_load(saved_file.read_text()) or {}, to_dict(run.cfg)
+    for key, before, after in changed_keys(saved, now, RESUME_KEYS):
+        raise FastdiffError(f"{run.out} was trained with {key}={before!r}, this config has {after!r}; resume "
+                            f"with the run's own config ({saved_file}) or start a new output_dir")
+    for key, before, after in changed_keys(saved, now, LOGGED_RESUME_KEYS):
+        run.accelerator.print(f"resuming with {key}={after!r}; the run was trained with {before!r} until now")
+
+
+def load_checkpoint(run, which: str) -> None:
+    check_resume_config(run)
+    if which == "latest":
+        path, state = ckpt.load_latest_valid(run.out, checkpoint_modules(run))
+    else:
+        path = ckpt.find_checkpoint(run.out, which)
+        state = ckpt.load_checkpoint(path, checkpoint_modules(run))
+    run.opt_g.load_state_dict(state["opt_g"])
+    if run.opt_c is not None:
+        run.opt_c.load_state_dict(state["opt_c"])
+    ckpt.set_rng_state(state["rng"], run._generators())
+    run.step = state["step"]
+    for key, value in state.get("skipped", {}).items():
+        run.skipped[key].fill_(int(value))
+    run.accelerator.print(f"resumed from {path}")
+
+
+def keep_metrics_upto(path: Path, step: int) -> None:
+    """On resume, drop the log lines a crashed run wrote after its last checkpoint (they are redone)."""
+    if not path.is_file():
+        return
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except ValueError:  # half a line written when the process was killed
+            return float("inf")
+
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and logged_step(line) <= step]
+    if len(kept) != len(lines):
+        ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+

@@ -1,0 +1,97 @@
+"""The package's layers: imports only go down (cli -> bench -> evaluation -> training -> config -> objectives /
+inference -> models -> errors, machine, pipelines), and README's package map names every subpackage and top-level
+module there is."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import fastdiff
+
+PACKAGE = Path(fastdiff.__file__).parent
+README = PACKAGE.parent / "README.md"
+
+# Higher numbers may import lower ones and their own layer; never the other way.
+LAYERS = {"errors": 0, "machine": 0, "pipelines": 0, "configs": 0,
+          "models": 1,
+          "objectives": 2, "inference": 2,
+          "config": 3,
+          "training": 4,
+          "evaluation": 5,
+          "bench": 6,
+          "cli": 7, "__main__": 7}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, here: str | None = None) -> set[str]:
+    """Every fastdiff module the file at ``path`` (the module ``here``) imports, relative imports resolved,
+    function-level imports included."""
+    here = here or module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found |= {f"{target}.{a.name}" for a in node.names}  # ``from . import checkpoint``
+    return {m for m in found if m.split(".")[0] == "fastdiff"}
+
+
+def layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.get(parts[1]) if len(parts) > 1 else None  # None: the package root (public names, __version__)
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted({module_name(p) for p in PACKAGE.rglob("*.py")
+                       if module_name(p) != "fastdiff" and layer(module_name(p)) is None})
+    assert not unplaced, f"modules outside the layer map (add them to LAYERS and README's package map): {unplaced}"
+
+
+def test_imports_only_go_down():
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        here = module_name(path)
+        if here == "fastdiff":  # the root re-exports public names from below
+            continue
+        upward += upward_imports(path, here)
+    assert not upward, "\n".join(sorted(upward))
+
+
+def upward_imports(path: Path, here: str) -> list[str]:
+    return [f"{here} (layer {layer(here)}) imports {target} (layer {layer(target)})"
+            for target in imported_modules(path, here) if layer(target) is not None and layer(target) > layer(here)]
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """The walker resolves relative and function-level imports: a models module reaching up is caught."""
+    module = tmp_path / "offender.py"
+    module.write_text("from .denoiser import Denoiser\n\n\ndef f():\n    from ..training import Trainer\n"
+                      "    from .. import cli\n")
+    found = upward_imports(module, "fastdiff.models.offender")
+    assert [line.split(" imports ")[1].split()[0] for line in found] == ["fastdiff.cli", "fastdiff.training",
+                                                                         "fastdiff.training.Trainer"] or \
+        sorted(line.split(" imports ")[1].split()[0] for line in found) == ["fastdiff.cli", "fastdiff.training",
+                                                                           "fastdiff.training.Trainer"]
+
+
+def test_readme_package_map_matches_the_tree():
+    text = README.read_text()
+    section = text[text.index("### Package map"):]
+    section = section[:section.index("\n#", 1)]
+    named = set(re.findall(r"`fastdiff/([\w.]+?)/?`", section))
+    subpackages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    top_modules = {p.name for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    assert subpackages | top_modules == named, (f"README's package map names {sorted(named)}; "
+                                                f"the tree has {sorted(subpackages | top_modules)}")

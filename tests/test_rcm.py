@@ -1,0 +1,117 @@
+"""rCM (fastdiff/objectives/rcm.py): its generator gradient is sCM's plus the weighted DMD gradient, the DMD term
+waits for the tangent warm-up, and a run on a tiny diffusers teacher trains, exports and reloads."""
+import json
+
+import pytest
+import torch
+
+from fastdiff.models.analytic import GaussianMixtureModel
+from fastdiff.models.denoiser import Denoiser
+from fastdiff.models.mlp import MLPDenoiser
+from fastdiff.models.schedule import VPSchedule
+from fastdiff.objectives import build
+from fastdiff.objectives.rcm import rcm_dmd_weight
+from fastdiff.objectives.scm import ContinuousConsistency
+from test_export_e2e import assert_pipeline_matches, distill, write_fake_fashion_mnist
+
+TEACHER_STD, FAKE_STD = 0.5, 0.7
+
+
+def gaussian(std: float, seed: int) -> GaussianMixtureModel:
+    return GaussianMixtureModel(sample_size=2, weights=(1.0,), stds=(std,), mean_scale=1.0, seed=seed).requires_grad_(False)
+
+
+def tiny_case(tangent_warmup: int = 0):
+    """Teacher and fake score: single Gaussians (their denoisers are Tweedie's formula, written out below); the
+    student a small MLP. rcm and scm share the student and the sCM settings."""
+    teacher_model, fake_model = gaussian(TEACHER_STD, 1), gaussian(FAKE_STD, 2)
+    schedule = VPSchedule(teacher_model.scheduler().alphas_cumprod)
+    teacher, fake = Denoiser(teacher_model, schedule, "sample"), Denoiser(fake_model, schedule, "sample")
+    torch.manual_seed(0)
+    mlp = MLPDenoiser(sample_size=2, in_channels=1, hidden=16, depth=2)
+    student = Denoiser(mlp, schedule, "sample")
+    common = dict(tangent="jvp", tangent_warmup=tangent_warmup, p_mean=0.5, p_std=2.0, prior_weighting=False,
+                  adaptive_weighting=False)
+    rcm = build("rcm", teacher, fake, student=student, simulation_steps=1, **common)
+    scm = ContinuousConsistency(teacher, None, student, **common)
+    return rcm, scm, mlp, (teacher_model, fake_model)
+
+
+def param_grad(loss, mlp) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(mlp.parameters()))]).double()
+
+
+def tweedie(model: GaussianMixtureModel, std: float, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E[x0 | x_t] for x0 ~ N(m, std^2 I), x_t = x0 + sigma eps (float64), independent of fastdiff's denoisers."""
+    s2 = sigma.double().reshape(-1, 1, 1, 1) ** 2
+    m = model.means.double().reshape(1, 1, 2, 2)
+    return x_t - s2 * (x_t - m) / (std ** 2 + s2)
+
+
+def test_rcm_gradient_is_scm_plus_weighted_dmd():
+    """Same random stream: rcm draws sCM's points first, then the simulation length, the student's noise, the DMD
+    level (a DDPM timestep in [20, 980]) and its noise. The DMD gradient is rebuilt by hand from NVlabs/rcm
+    rcm/models/t2v_model_distill_rcm.py ``_student_dmd_step`` (grad = (x0_fake - x0_teacher) / mean|G - x0_teacher|,
+    loss per element (G - sg(G - grad))^2) in fastdiff's element-mean units: d/dtheta of <sg(grad), G> / (B D)."""
+    rcm, scm, mlp, (teacher_model, fake_model) = tiny_case()
+    x = teacher_model.sample_true(64, torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    g_rcm = param_grad(rcm.generator_loss(x)[0], mlp)
+    torch.manual_seed(5)
+    g_scm = param_grad(scm.generator_loss(x)[0], mlp)
+    # The rest of the stream, as rcm draws it: simulation length, the student's noise, the DMD level and noise.
+    assert int(torch.randint(1, (1,)).item()) == 0
+    z = torch.randn_like(x)
+    sample = rcm.student.denoise_native(z, rcm.student.schedule.sigma_at(torch.tensor([999])).expand(64))
+    t = torch.randint(20, 981, (64,))
+    sigma = rcm.teacher.schedule.sigma_at(t)
+    x_t = sample.detach().double() + sigma.double().reshape(-1, 1, 1, 1) * torch.randn_like(sample).double()
+    real, fake = tweedie(teacher_model, TEACHER_STD, x_t, sigma), tweedie(fake_model, FAKE_STD, x_t, sigma)
+    grad = (fake - real) / (sample.detach().double() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    g_dmd = param_grad((grad.float() * sample).sum() / sample.numel(), mlp)
+    expected = g_scm + rcm_dmd_weight(4) * g_dmd
+    assert rcm_dmd_weight(4) == pytest.approx(2 / 25)  # sqrt(D) / (50 sd) with D = 4, sd = 0.5
+    # float32 networks, float64 here: the DMD part differs by the float32 rounding of the analytic denoisers
+    # (~1e-7 relative, tens of operations); 1e-5 of the gradient's scale covers it and catches any missing term
+    # (the DMD part is about 10% of the total here, asserted below).
+    scale = expected.abs().max()
+    assert (g_rcm - expected).abs().max() <= 1e-5 * scale
+    assert (rcm_dmd_weight(4) * g_dmd).abs().max() >= 0.01 * scale
+
+
+def test_dmd_term_waits_for_the_tangent_warmup():
+    rcm, scm, mlp, (teacher_model, _) = tiny_case(tangent_warmup=10)
+    x = teacher_model.sample_true(32, torch.Generator().manual_seed(3))
+    for obj in (rcm, scm):
+        obj.step = 3
+    torch.manual_seed(5)
+    loss, logs = rcm.generator_loss(x)
+    torch.manual_seed(5)
+    assert torch.equal(param_grad(loss, mlp), param_grad(scm.generator_loss(x)[0], mlp)) and "loss_dm" not in logs
+    rcm.step = 10
+    assert "loss_dm" in rcm.generator_loss(x)[1]
+
+
+def test_rcm_critic_trains_the_fake_score_on_student_samples():
+    """The critic loss is dmd2's fake-score loss on the student's samples: zero gradient for the student."""
+    rcm, _, mlp, (teacher_model, _) = tiny_case()
+    fake_mlp = MLPDenoiser(sample_size=2, in_channels=1, hidden=8, depth=1)
+    rcm.fake.model = fake_mlp
+    x = teacher_model.sample_true(16, torch.Generator().manual_seed(3))
+    loss, logs = rcm.critic_loss(x)
+    loss.backward()
+    assert "loss_fake" in logs and any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake_mlp.parameters())
+    assert all(p.grad is None for p in mlp.parameters())
+
+
+def test_rcm_trains_exports_and_diffusers_reproduces_it(tiny_cond_teacher, tmp_path):
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=6)
+    run = distill(tiny_cond_teacher, tmp_path / "run", "objective.name=rcm", f"data.path={data}",
+                  "teacher.guidance_scale=2.0", "objective.tangent_warmup=1", "objective.simulation_steps=2")
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(v)) for r in logs for v in r.values())
+    assert "loss_dm" not in logs[0] and {"loss_rcm", "loss_scm", "loss_dm", "loss_fake"} <= set(logs[-1])
+    info = json.loads((run / "student" / "fastdiff.json").read_text())
+    assert info["objective"] == "rcm" and info["timestep_scaling"] is None
+    assert_pipeline_matches(run / "student", labels=[0, 1, 2])
