@@ -18,7 +18,7 @@ from fastdiff.objectives.cd import ConsistencyDistillation
 from fastdiff.objectives.scm import SIGMA_DATA, ContinuousConsistency
 from fastdiff.models.teacher import load_teacher
 from conftest import tiny_unet
-from test_export_e2e import assert_pipeline_matches, fastdiff_images, write_fake_fashion_mnist
+from test_export_e2e import assert_pipeline_matches, distill_on_fake_images, fastdiff_images, write_fake_fashion_mnist
 
 FAST = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "train.sample_every=1",
         "train.num_sample_images=4", "train.log_every=1"]
@@ -192,11 +192,7 @@ def test_auto_tangent_falls_back_to_finite_differences(tiny_teacher):
     ("cd", ["student.sampler=ddim", "student.num_steps=4"]),
 ])
 def test_consistency_trains_exports_and_diffusers_reproduces_it(name, extra, tiny_cond_teacher, tmp_path):
-    data = tmp_path / "fmnist"
-    write_fake_fashion_mnist(data, size=6)
-    run = distill(tiny_cond_teacher, tmp_path / "run", f"objective.name={name}", f"data.path={data}",
-                  "teacher.guidance_scale=2.0", *extra)
-    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run, logs = distill_on_fake_images(tiny_cond_teacher, tmp_path, f"objective.name={name}", *extra, distill_fn=distill)
     assert f"loss_{name}" in logs[-1] and all(torch.isfinite(torch.tensor(v)) for r in logs for v in r.values())
     info = json.loads((run / "student" / "fastdiff.json").read_text())
     assert info["timestep_scaling"] == (10.0 if name == "cd" else None) and info["top_timestep"] == 999

@@ -39,6 +39,15 @@ def distill(teacher: str, out: Path, *extra: str) -> Path:
     return out
 
 
+def distill_on_fake_images(teacher: str, tmp_path: Path, *extra: str, distill_fn=None) -> tuple[Path, list[dict]]:
+    """``distill`` (or ``distill_fn``) on six fake Fashion-MNIST images with CFG 2 on the real score: the run folder
+    and its logged rows."""
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=6)
+    run = (distill_fn or distill)(teacher, tmp_path / "run", f"data.path={data}", "teacher.guidance_scale=2.0", *extra)
+    return run, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def trainer_images(trainer, steps, seed, n, labels=None, guidance_scale=None):
     """The trainer's own in-memory generator (EMA or raw weights, as exported) on a pipeline's noise for seed."""
     gen = trainer.export_generator().eval()

@@ -17,7 +17,7 @@ from fastdiff.objectives.fdistill import DIVERGENCES, DensityRatio, FDistill
 from fastdiff.objectives.gan import GANHead, sida_generator_gan_loss
 from fastdiff.objectives.sid import sid_loss
 from fastdiff.objectives.uni_instruct import UniInstruct, di_loss, expanded_loss, expansion_weights
-from test_export_e2e import TRAINERS, assert_pipeline_matches, distill, write_fake_fashion_mnist
+from test_export_e2e import TRAINERS, assert_pipeline_matches, distill_on_fake_images
 from test_objective_gradients import N, TAU, assert_close, exact_denoisers, gaussian_case, grads, sample
 
 # The paper's f (Xu et al. 2025, Table 1; Uni-Instruct's Chi-Square), float64; h = f''(r) r^2 up to a constant.
@@ -233,11 +233,7 @@ def test_uni_instruct_trains_on_the_ratio_weighted_sid_loss():
 @pytest.mark.parametrize("name, extra", [("fdistill", ["objective.ratio_bins=0", "objective.divergence=kl"]),
                                          ("uni_instruct", ["objective.gan_start_images=0", "objective.ratio_bins=0"])])
 def test_objective_trains_exports_and_loads(name, extra, tiny_cond_teacher, tmp_path):
-    data = tmp_path / "fmnist"
-    write_fake_fashion_mnist(data, size=6)
-    run = distill(tiny_cond_teacher, tmp_path / "run", f"objective.name={name}", f"data.path={data}",
-                  "teacher.guidance_scale=2.0", *extra)
-    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run, logs = distill_on_fake_images(tiny_cond_teacher, tmp_path, f"objective.name={name}", *extra)
     assert all(math.isfinite(v) for row in logs for v in row.values() if isinstance(v, (int, float)))
     assert "loss_gan_g" in logs[-1] and "loss_gan_d" in logs[-1]
     assert ("h_max" if name == "fdistill" else "loss_uni") in logs[-1]

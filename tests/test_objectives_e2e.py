@@ -9,18 +9,14 @@ from fastdiff.cli import main
 from fastdiff.config import load_config
 from fastdiff.models.teacher import load_teacher
 from fastdiff.training.networks import fake_score_model
-from test_export_e2e import TRAINERS, assert_pipeline_matches, distill, write_fake_fashion_mnist
+from test_export_e2e import TRAINERS, assert_pipeline_matches, distill, distill_on_fake_images, write_fake_fashion_mnist
 
 OBJECTIVES = ["dmd2", "vsd", "sid", "sida", "sim"]
 
 
 @pytest.mark.parametrize("name", ["vsd", "sid", "sida", "sim"])
 def test_objective_trains_exports_and_loads(name, tiny_cond_teacher, tmp_path):
-    data = tmp_path / "fmnist"
-    write_fake_fashion_mnist(data, size=6)
-    run = distill(tiny_cond_teacher, tmp_path / "run", f"objective.name={name}", f"data.path={data}",
-                  "teacher.guidance_scale=2.0")
-    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run, logs = distill_on_fake_images(tiny_cond_teacher, tmp_path, f"objective.name={name}")
     assert all(torch.isfinite(torch.tensor(v)) for row in logs for v in row.values())
     if name == "sida":
         assert "loss_gan_g" in logs[-1] and "loss_gan_d" in logs[-1]

@@ -12,7 +12,7 @@ from fastdiff.models.schedule import VPSchedule
 from fastdiff.objectives import build
 from fastdiff.objectives.rcm import rcm_dmd_weight
 from fastdiff.objectives.scm import ContinuousConsistency
-from test_export_e2e import assert_pipeline_matches, distill, write_fake_fashion_mnist
+from test_export_e2e import assert_pipeline_matches, distill_on_fake_images
 
 TEACHER_STD, FAKE_STD = 0.5, 0.7
 
@@ -105,11 +105,8 @@ def test_rcm_critic_trains_the_fake_score_on_student_samples():
 
 
 def test_rcm_trains_exports_and_diffusers_reproduces_it(tiny_cond_teacher, tmp_path):
-    data = tmp_path / "fmnist"
-    write_fake_fashion_mnist(data, size=6)
-    run = distill(tiny_cond_teacher, tmp_path / "run", "objective.name=rcm", f"data.path={data}",
-                  "teacher.guidance_scale=2.0", "objective.tangent_warmup=1", "objective.simulation_steps=2")
-    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run, logs = distill_on_fake_images(tiny_cond_teacher, tmp_path, "objective.name=rcm", "objective.tangent_warmup=1",
+                                       "objective.simulation_steps=2")
     assert all(torch.isfinite(torch.tensor(v)) for r in logs for v in r.values())
     assert "loss_dm" not in logs[0] and {"loss_rcm", "loss_scm", "loss_dm", "loss_fake"} <= set(logs[-1])
     info = json.loads((run / "student" / "fastdiff.json").read_text())
