@@ -199,21 +199,24 @@ class Run:
 
     def _prepare_networks(self, teacher_model, student_model, fake_model) -> str:
         """Gradient checkpointing (trainable networks), attention backend, channels-last and torch.compile on the
-        networks a step runs; returns the attention backend.
+        networks a step runs; returns what the attention modules run (``models.attention.describe``).
 
         ``nn.Module.compile`` compiles in place, so parameter names (checkpoints, EMA pairs) stay as they are.
         A fake score carrying the GAN head's forward hook is left eager (the hook keeps features aside)."""
+        from ..models.attention import describe as describe_attention
+
         t = self.cfg.train
-        backend = "sdpa"
+        settings = []
         for net in (n for n in (teacher_model, student_model, fake_model) if n is not None):
             if t.gradient_checkpointing and net is not teacher_model:
                 name = "generator" if net is student_model else "fake score"
                 enable_gradient_checkpointing(net, name, self.accelerator.print)
-            backend, _, _ = set_attention(net, t.attention)
+            settings.append(set_attention(net, t.attention))
             if t.channels_last:
                 net.to(memory_format=torch.channels_last)
             if t.compile and not (net is fake_model and uses_gan(self.cfg)):
                 net.compile()
+        backend = describe_attention(settings)  # what the modules run, with those left on their own processors
         self.accelerator.print(f"attention: {backend}")
         return backend
 
