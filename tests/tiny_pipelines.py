@@ -157,3 +157,85 @@ def caption_folder(path: Path, n: int = 8, size: int = 2 * LATENT) -> Path:
 def prompts_file(path: Path, n: int = 6) -> Path:
     path.write_text("".join(f"a {c} shoe on a table\n" for c in ("red", "blue", "green", "black", "white", "tiny")[:n]))
     return path
+
+
+SANA_LATENT = 8  # Sana's latent size here: not one of its resolution bins (16, 32, 64, 128), images of 32 x 32
+
+
+def gemma_tokenizer():
+    """A character-level Gemma tokenizer (BPE without merges, byte fallback) built locally: no hub."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for c in ["\u2581"] + [chr(i) for i in range(33, 127)] + [f"<0x{b:02X}>" for b in range(256)]:
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True)  # as Gemma's own: <bos> first
+
+
+def gemma_encoder(vocab_size: int, hidden: int = 16, seed: int = 0):
+    """A two-layer Gemma2 model (the decoder Sana reads its last hidden states from)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                       pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager")
+    return Gemma2Model(cfg).eval()
+
+
+def dc_autoencoder(seed: int = 0):
+    """A tiny AutoencoderDC (deep-compression autoencoder): three stages, images 4x the latent size, no shift."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    return AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                         encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                         decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                         encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                         encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+                         encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+                         downsample_block_type="conv", upsample_block_type="interpolate",
+                         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407).eval()
+
+
+def sana_pipeline(path: Path, scheduler: str = "dpm") -> Path:
+    """A SanaPipeline folder: SanaTransformer2DModel, AutoencoderDC, a tiny Gemma2 encoder, and the flow scheduler
+    real Sana folders ship (DPMSolverMultistepScheduler with flow_prediction, flow sigmas, flow_shift 3) or ("euler")
+    FlowMatchEulerDiscreteScheduler."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    tok = gemma_tokenizer()
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
+                                         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                         cross_attention_dim=8, caption_channels=16, sample_size=SANA_LATENT,
+                                         patch_size=1)
+    if scheduler == "dpm":
+        sched = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = SanaPipeline(tokenizer=tok, text_encoder=gemma_encoder(len(tok)), vae=dc_autoencoder(),
+                        transformer=transformer, scheduler=sched)
+    return _save(pipe, path)
+
+
+def flux_pipeline(path: Path, guidance_embeds: bool = True) -> Path:
+    """A FluxPipeline folder: FluxTransformer2DModel on 2x2-packed latents (4 channels -> 16 packed), CLIP (pooled)
+    and T5 encoders, FLUX.1's dynamically shifted flow schedule; ``guidance_embeds``: a guidance-distilled teacher
+    (FLUX.1-dev style). The VAE's sample_size (16) is the image size fastdiff trains at (FLUX.1's VAE says 1024)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 4, 8))
+    text = T5EncoderModel(T5Config(vocab_size=75, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    # FLUX.1-dev's scheduler config: the shift follows the image's token count (mu from calculate_shift).
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return _save(FluxPipeline(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder(seed=1),
+                              tokenizer=tokenizer(), text_encoder_2=text, tokenizer_2=t5_tokenizer(),
+                              vae=vae(shift_factor=0.1159, scaling_factor=0.3611)), path)

@@ -80,11 +80,26 @@ def flow_scheduler(teacher_scheduler, num_steps: int, sampler: str) -> FlowMatch
         **extra)
 
 
+def flux_scheduler(teacher_scheduler, num_steps: int, sampler: str) -> FlowMatchEulerDiscreteScheduler:
+    """``flow_scheduler`` for FluxPipeline, which passes ``sigmas = linspace(1, 1/K, K)`` (fastdiff's levels
+    ``t = 1 - i/K``, the same float32 values) and ``mu``: shift 1 without dynamic shifting leaves them as given (mu is
+    then unused), and no ``shift_terminal``, whose stretch would move them by an ulp (K = 3, 5, 6, 7). An ``lcm``
+    student re-noises with fresh noise at every K it is called with (at K = 1 the step's noise is multiplied by 0)."""
+    config = flow_scheduler(teacher_scheduler, num_steps, sampler).config
+    return FlowMatchEulerDiscreteScheduler.from_config(config, shift_terminal=None,
+                                                       stochastic_sampling=sampler == "lcm")
+
+
 def scheduler_for(teacher, info: dict):
     """The scheduler an exported student samples with (see the module docstring and ``flow_scheduler``)."""
     prediction = teacher.denoiser.prediction_type
+    if type(teacher.pipeline).__name__ == "FluxPipeline":
+        return flux_scheduler(teacher.scheduler, info["num_steps"], info.get("sampler", "lcm"))
     if teacher.denoiser.schedule.kind == "flow":
-        return flow_scheduler(teacher.scheduler, info["num_steps"], info.get("sampler", "lcm"))
+        source = teacher.scheduler
+        if "FlowMatch" not in type(source).__name__:  # DPMSolver on flow sigmas (Sana): only its table length carries
+            source = FlowMatchEulerDiscreteScheduler(num_train_timesteps=source.config.num_train_timesteps)
+        return flow_scheduler(source, info["num_steps"], info.get("sampler", "lcm"))
     if info.get("sampler") == "ddim":
         return deterministic_scheduler(teacher.scheduler, prediction, info["top_timestep"])
     return student_scheduler(teacher.scheduler, prediction, info["top_timestep"], info.get("timestep_scaling"))
@@ -116,7 +131,7 @@ def _pipeline_usage(info: dict, where: str = ".") -> str:
     absent = "".join(f", {k}=None" for k in info.get("absent_components", []))  # diffusers wants them named
     call = (f"pipe(class_labels=[0, 1, 2], num_inference_steps={steps}, guidance_scale=1)" if info["num_classes"]
             else f"pipe(\"a photo of a cat\", num_inference_steps={steps}, "
-            f"guidance_scale={'3.0' if info.get('guidance_embedded') else '0'}{info.get('call_args', '')})")
+            f"guidance_scale={_call_guidance(info)}{info.get('call_args', '')})")
     note = ("# guidance_scale is an input of this student (LCM-style): one pass, no CFG\n"
             if info.get("guidance_embedded") and not info["num_classes"] else "")
     torch_import = "import torch\n" if info.get("dtype") else ""
@@ -129,6 +144,14 @@ def _pipeline_usage(info: dict, where: str = ".") -> str:
     return (f"{torch_import}from diffusers import {cls}\n"
             f"pipe = {cls}.from_pretrained(\"{where}\"{absent}{_load_args(info)})\n"
             f"{note}images = {call}.images")
+
+
+def _call_guidance(info: dict):
+    """The pipeline call's guidance_scale: a guidance-distilled (Flux) student's embedded value, an LCM-style
+    student's example scale, else 0 (no CFG: the student's guidance is distilled in)."""
+    if info.get("embedded_guidance") is not None:
+        return info["embedded_guidance"]
+    return "3.0" if info.get("guidance_embedded") else "0"
 
 
 def card_data(info: dict) -> ModelCardData:
@@ -433,6 +456,17 @@ def export_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -
                 absent_components=absent)  # e.g. SD3 without T5: from_pretrained needs them passed as None
     if "PixArt" in info["pipeline_class"] and model.config.sample_size not in (32, 64, 128):
         info["call_args"] = ", use_resolution_binning=False"  # PixArt bins only its 256/512/1024 px sizes
+    if info["pipeline_class"] == "SanaPipeline":  # its default is 1024 px whatever the model: name the student's size
+        from ..models.sana import call_args
+
+        info["call_args"] = call_args(model, teacher.pipeline.vae_scale_factor)
+    if info["pipeline_class"] == "FluxPipeline":  # the guidance embedding's value; the size when not the default
+        from ..models import flux
+
+        info["embedded_guidance"] = flux.embedded_guidance(model)
+        _, h, w = teacher.image_shape
+        if (h, w) != (flux.default_image_size(teacher.pipeline),) * 2:
+            info["call_args"] = f", height={h}, width={w}"
     lora = is_lora(model)
     mode = info.get("lora_export", "both") if lora else "fused"
     dtype, variant = info.get("dtype"), info.get("variant")
@@ -529,5 +563,10 @@ def student_generator(loaded, info: dict):
     from ..models.consistency import network_view
     from ..models.generator import Generator
 
+    from ..models import flux
+
     d = network_view(loaded.model, loaded.denoiser, info.get("timestep_scaling"))
-    return Generator(d, info["num_steps"], sampler=info.get("sampler", "lcm"))
+    if info.get("embedded_guidance") is not None:  # a guidance-distilled Flux student: fed the value it trained with
+        flux.set_embedded_guidance(loaded.model, info["embedded_guidance"])
+    cls = flux.FluxGenerator if flux.takes_packed_latents(loaded.model) else Generator  # FluxPipeline's noise layout
+    return cls(d, info["num_steps"], sampler=info.get("sampler", "lcm"))

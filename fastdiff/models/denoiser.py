@@ -50,7 +50,13 @@ class Denoiser(nn.Module):
         params = inspect.signature(model.forward).parameters
         self._sample_arg = "sample" if "sample" in params else "hidden_states"
         self._accepted = {k for k in COND_KEYS if k in params}
+        # Flux transformers take packed latents and position ids: models/flux.py packs around the call.
+        self._packed = "txt_ids" in params and "img_ids" in params
         self._in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+        # Sana transformers take the timestep times config.timestep_scale: SanaPipeline multiplies before the call.
+        cfg = getattr(model, "config", None)  # (a compiled or LoRA-wrapped model keeps its config's class name)
+        scale = getattr(cfg, "timestep_scale", 1.0) if "Sana" in str(getattr(cfg, "_class_name", "")) else 1.0
+        self._timestep_scale = None if scale == 1.0 else float(scale)
 
     # --- the interface objectives use -------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None,
@@ -122,8 +128,15 @@ class Denoiser(nn.Module):
             raise ValueError(f"{type(self.model).__name__} takes no condition {unknown}")
         dtype = getattr(self.model, "dtype", torch.float32)  # ModelMixin: parameters' dtype, else buffers'
         kwargs = _cast(kwargs, dtype)  # text embeddings of a bf16 text encoder meet a float32 student
-        out = self.model(**{self._sample_arg: x_native.to(dtype)}, timestep=self.schedule.model_timestep(sigma),
-                         **kwargs, return_dict=False)[0]
+        timestep = self.schedule.model_timestep(sigma)
+        if self._timestep_scale is not None:
+            timestep = timestep * self._timestep_scale
+        if self._packed:
+            from .flux import flux_forward
+
+            out = flux_forward(self.model, x_native.to(dtype), timestep, kwargs)
+        else:
+            out = self.model(**{self._sample_arg: x_native.to(dtype)}, timestep=timestep, **kwargs, return_dict=False)[0]
         if self._in_channels and out.shape[1] == 2 * self._in_channels:
             out = out[:, : self._in_channels]  # learned-variance models (DiT) also output a variance
         return out.float()

@@ -16,8 +16,10 @@ class Latents:
         cfg = vae.config
         self.scale = float(cfg.scaling_factor)
         self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
-        # Each of the encoder's down blocks but the last halves the size (the pipelines' vae_scale_factor).
-        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
+        # Each of the encoder's down blocks but the last halves the size (the pipelines' vae_scale_factor);
+        # AutoencoderDC (Sana's DC-AE) names them encoder_block_out_channels.
+        blocks = getattr(cfg, "block_out_channels", None) or cfg.encoder_block_out_channels
+        self.factor = 2 ** (len(blocks) - 1)
         self.image_channels = cfg.in_channels
 
     def image_shape(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -29,7 +31,10 @@ class Latents:
         """Images in [-1, 1] -> the VAE posterior's (mean, std), concatenated on the channels, in the VAE's dtype
         on the images' device: what ``sample`` draws from, so a data set can be encoded once (``data.cache_latents``)."""
         vae = self.vae
-        dist = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        encoded = vae.encode(images.to(device=vae.device, dtype=vae.dtype))
+        if not hasattr(encoded, "latent_dist"):  # a deterministic encoder (AutoencoderDC): the latent, std 0
+            return torch.cat([encoded.latent, torch.zeros_like(encoded.latent)], dim=1).to(images.device)
+        dist = encoded.latent_dist
         return torch.cat([dist.mean, dist.std], dim=1).to(images.device)
 
     def sample(self, posterior: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

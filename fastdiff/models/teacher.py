@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from .denoiser import Denoiser
+from . import flux
 from ..errors import FastdiffError
 from ..machine import offline
-from .schedule import schedule_from_scheduler
+from .sana import flow_shift
+from .schedule import FlowSchedule, schedule_from_scheduler
 
 MODEL_FOLDERS = ("unet", "transformer")
 
@@ -50,6 +52,8 @@ class Teacher:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         cfg = self.model.config
+        if flux.takes_packed_latents(self.model):  # Flux: no sample_size; the VAE's image size, unpacked channels
+            return flux.sample_shape(self.model, self.pipeline.vae)
         size = cfg.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (cfg.in_channels, h, w)
@@ -138,8 +142,8 @@ def fastdiff_model_classes() -> dict:
 
 
 def prediction_type_of(scheduler) -> str:
-    if "FlowMatch" in type(scheduler).__name__:
-        return "flow"
+    if "FlowMatch" in type(scheduler).__name__ or getattr(scheduler.config, "prediction_type", None) == "flow_prediction":
+        return "flow"  # flow_prediction: DPMSolverMultistepScheduler on flow sigmas (Sana)
     return getattr(scheduler.config, "prediction_type", "epsilon")
 
 
@@ -234,6 +238,12 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
         num_classes = len(cfg.weights)
         null_class = num_classes if null_class is None else null_class
 
-    denoiser = Denoiser(model, schedule_from_scheduler(scheduler), prediction_type_of(scheduler),
+    if flux.takes_packed_latents(model):  # the shift resolved at the teacher's size; guidance as embedding input
+        schedule, guidance_scale = flux.teacher_setup(model, scheduler, pipeline, guidance_scale)
+    else:
+        schedule = schedule_from_scheduler(scheduler)
+    if flow_shift(scheduler) is not None:  # DPMSolver's flow sigmas call their shift flow_shift (Sana folders)
+        schedule = FlowSchedule(schedule.num_train_timesteps, flow_shift(scheduler))
+    denoiser = Denoiser(model, schedule, prediction_type_of(scheduler),
                         null_class=null_class, guidance_scale=guidance_scale)
     return Teacher(path, model, scheduler, denoiser, folder, num_classes, null_class, pipeline, dtype)

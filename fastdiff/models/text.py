@@ -32,8 +32,12 @@ def read_prompts(path: str | Path, what: str = "--prompts") -> list[str]:
 
 
 def pipeline_family(pipe) -> str:
-    """How a pipeline's ``encode_prompt`` is called and what it returns: sd, sdxl, sd3 or pixart."""
+    """How a pipeline's ``encode_prompt`` is called and what it returns: sd, sdxl, sd3, pixart, sana or flux."""
     name = type(pipe).__name__
+    if name == "SanaPipeline":  # not Sana Sprint / PAG / ControlNet: other calls, other inputs
+        return "sana"
+    if name == "FluxPipeline":  # not Fill / Kontext / Control: those take images too
+        return "flux"
     if "PixArt" in name:
         return "pixart"
     if "XL" in name:
@@ -42,8 +46,8 @@ def pipeline_family(pipe) -> str:
         return "sd3"
     if "StableDiffusion" in name or "LatentConsistency" in name:
         return "sd"
-    raise FastdiffError(f"{name}: fastdiff encodes prompts for StableDiffusion, SDXL, SD3 and PixArt pipelines; "
-                        "this pipeline's text conditioning is not supported")
+    raise FastdiffError(f"{name}: fastdiff encodes prompts for StableDiffusion, SDXL, SD3, PixArt, Flux and Sana "
+                        "pipelines; this pipeline's text conditioning is not supported")
 
 
 class PromptEncoder:
@@ -81,6 +85,20 @@ class PromptEncoder:
             added = self._pixart_micro_conditions(len(prompts), pos.dtype)
             return ({"encoder_hidden_states": pos, "encoder_attention_mask": mask, "added_cond_kwargs": added},
                     {"encoder_hidden_states": negative, "encoder_attention_mask": neg_mask, "added_cond_kwargs": added})
+        if self.family == "sana":  # Gemma2 with the complex human instruction, as SanaPipeline.__call__ encodes
+            from .sana import prompt_kwargs
+
+            pos, mask, negative, neg_mask = pipe.encode_prompt(prompts, negative_prompt=self.negative_prompt or "",
+                                                               **prompt_kwargs(pipe), **{k: v for k, v in kw.items()
+                                                                                         if k != "negative_prompt"})
+            return ({"encoder_hidden_states": pos, "encoder_attention_mask": mask},
+                    {"encoder_hidden_states": negative, "encoder_attention_mask": neg_mask})
+        if self.family == "flux":  # T5 sequence + CLIP pooled; the negative (true CFG) encoded as FluxPipeline does
+            pos, pooled, _ = pipe.encode_prompt(prompts, device=self.device)
+            neg = [self.negative_prompt or ""] * len(prompts)
+            negative, neg_pooled, _ = pipe.encode_prompt(neg, device=self.device)
+            return ({"encoder_hidden_states": pos, "pooled_projections": pooled},
+                    {"encoder_hidden_states": negative, "pooled_projections": neg_pooled})
         if self.family == "sd3":
             pos, negative, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, **kw)
             return ({"encoder_hidden_states": pos, "pooled_projections": pooled},

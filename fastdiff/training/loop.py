@@ -144,7 +144,8 @@ class Trainer(Run):
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         trackers.start(self)  # after load: a resumed run continues its tracker histories
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (acc.is_main_process and self.progress), desc="distill")
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="distill",
+                   disable=None if acc.is_main_process and self.progress else True)  # None: off unless a terminal
         if acc.is_main_process:
             keep_metrics_upto(self.out / "metrics.jsonl", self.step)
         metrics = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None

@@ -10,6 +10,7 @@ import torch
 
 from ..config import Config
 from ..errors import FastdiffError
+from ..models import flux
 from ..models.lora import AdapterWeights, is_lora, lora_rank, with_lora
 from ..models.teacher import Teacher, load_model
 from ..objectives import entry
@@ -124,5 +125,7 @@ def check_student(model: torch.nn.Module, teacher: Teacher) -> None:
     cfg = model.config
     size = getattr(cfg, "sample_size", None)
     shape = (getattr(cfg, "in_channels", None), *((size, size) if isinstance(size, int) else tuple(size or ())))
+    if flux.takes_packed_latents(model) and teacher.pipeline is not None:  # Flux: packed channels, the VAE's size
+        shape = flux.sample_shape(model, teacher.pipeline.vae)
     if shape != teacher.sample_shape:
         raise FastdiffError(f"student.model takes {shape} samples but the teacher makes {teacher.sample_shape}")
