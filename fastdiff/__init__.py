@@ -1,7 +1,10 @@
 """fastdiff: distill a frozen diffusers teacher into a one- or few-step student."""
 # First: attention preloads CUDA 12's runtime for xformers, which must happen before anything imports xformers
 # (diffusers' attention modules do, through config -> objectives -> models).
-from .models import attention  # noqa: F401, I001
+from .models import attention as _attention  # noqa: I001
+
+del _attention  # imported for its side effect only
+
 from .models.denoiser import Denoiser
 from .errors import FastdiffError
 from .models.generator import Generator
