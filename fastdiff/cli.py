@@ -125,6 +125,14 @@ def cmd_ref_stats(args) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FastdiffError(f"--out {out} exists; pass --overwrite to replace it")
+    if _is_statistics_file(args.source):  # another tool's mu/sigma: say what it is; never rewritten as fastdiff's own
+        from .evaluation.metrics import ReferenceStats
+
+        ref = ReferenceStats.load(args.source)
+        print(f"{args.source}: {ref.origin} reference statistics ({len(ref.mu)} features, extractor {ref.extractor}, "
+              f"resize {ref.resize}); use it as it is with fastdiff fid --ref {args.source} (KID needs features, "
+              "which it does not have); nothing written")
+        return
     source = open_source(args.source, data_path=args.data_path, allow_model=False)
     source.cropped_shape(args.crop)
     extractor = _extractor(args, args.resize)
@@ -132,6 +140,16 @@ def cmd_ref_stats(args) -> None:
                          progress=not args.quiet)
     ref.save(out)
     print(f"wrote {out}: {ref.n} images of {args.source}, extractor {ref.extractor}, resize {ref.resize}")
+
+
+def _is_statistics_file(path: str) -> bool:
+    """An .npz of mu / sigma (EDM, clean-fid, torch-fidelity, or fastdiff's own) rather than of images."""
+    import numpy as np
+
+    if not (path.endswith(".npz") and Path(path).is_file()):
+        return False
+    with np.load(path) as z:
+        return {"mu", "sigma"} <= set(z.files)
 
 
 def cmd_fid(args) -> None:

@@ -143,3 +143,14 @@ def test_evaluation_bars_count_images(images, statistics, monkeypatch):
     monkeypatch.setattr(sys, "stderr", term)
     evaluate(open_source(str(images)), ReferenceStats.load(statistics[0]), Projection(), None, 16)
     assert "Inception features: 100%" in term.getvalue() and "40/40" in term.getvalue()
+
+
+def test_ref_stats_reads_a_foreign_statistics_file_and_writes_nothing(tmp_path, capsys):
+    """``fastdiff ref-stats`` on another tool's mu/sigma file says what it is and how to use it; --out is untouched."""
+    edm = tmp_path / "cifar10-32x32.npz"
+    np.savez(edm, mu=np.zeros(8), sigma=np.eye(8))
+    out = tmp_path / "ours.npz"
+    assert main(["ref-stats", str(edm), "--out", str(out)]) in (0, None)
+    said = capsys.readouterr().out
+    assert "foreign:edm-npz" in said and "8 features" in said and f"fid --ref {edm}" in said
+    assert not out.exists()
