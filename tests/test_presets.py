@@ -68,11 +68,12 @@ def test_memory_estimate_counts_bytes_by_dtype_and_shared_tensors_once():
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("presets")
     return {"sd": str(tp.sd_pipeline(root / "sd")), "sdxl": str(tp.sdxl_pipeline(root / "sdxl")),
-            "flow": str(tp.sd3_pipeline(root / "sd3"))}
+            "flow": str(tp.sd3_pipeline(root / "sd3")), "flux": str(tp.flux_pipeline(root / "flux")),
+            "sana": str(tp.sana_pipeline(root / "sana"))}
 
 
-# Each preset on a tiny local teacher of its family (flux and sana presets: the flow-matching SD3 pipeline).
-DRY = {"sd15-dmd2": "sd", "sdxl-dmd2-lora": "sdxl", "sd3-sid": "flow", "flux-dmd2-lora": "flow", "sana-scm": "flow"}
+# Each preset on a tiny local teacher of its own family.
+DRY = {"sd15-dmd2": "sd", "sdxl-dmd2-lora": "sdxl", "sd3-sid": "flow", "flux-dmd2-lora": "flux", "sana-scm": "sana"}
 
 
 @pytest.mark.parametrize("name", sorted(DRY))
