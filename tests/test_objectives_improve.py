@@ -132,6 +132,9 @@ CASES = {
     "fdistill": ("fdistill", 30, {}, 0.15),  # 0.071 - 0.074
     "uni_instruct": ("uni_instruct", 40, {"gan_start_images": 0}, 0.3),  # 0.115 - 0.142 (its weighting from 0)
     "rcm": ("rcm", 60, {"tangent_warmup": 10}, 0.01),  # 0.004 (the DMD term on from update 10)
+    # LADD's discriminator on the analytic teacher's 8 mid-block features oscillates: a loose bound on real progress
+    "ladd": ("ladd", 60, {}, 0.75),  # 0.33 - 0.53
+    "scm-ladd": ("scm-ladd", 60, {"tangent_warmup": 10}, 0.06),  # 0.020 - 0.027
 }
 
 
