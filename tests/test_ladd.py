@@ -13,7 +13,7 @@ from fastdiff.errors import FastdiffError
 from fastdiff.models.denoiser import Denoiser
 from fastdiff.models.schedule import FlowSchedule, VPSchedule
 from fastdiff.objectives import build
-from fastdiff.objectives.ladd import (LADD, SCMLADD, TeacherDiscriminator, critic_terms, generator_terms,
+from fastdiff.objectives.ladd import (LADD, SCMLADD, critic_terms, generator_terms,
                                       feature_modules)
 from test_export_e2e import TRAINERS, assert_pipeline_matches, distill_on_fake_images
 

@@ -182,7 +182,7 @@ def real_images_for(data_cfg, teacher, seed: int) -> RealImages:
                                 "(metadata.jsonl with file_name and text)")
         return RealImages(images, None, seed, captions if teacher.conditioning == "text" else None)
     if data_cfg.name != "fashion-mnist":
-        raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist, imagefolder or analytic")
+        raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist, imagefolder, analytic or teacher")
     resolution = data_cfg.resolution or height
     if resolution != height or height != width:
         raise FastdiffError(f"data.resolution {resolution} does not match the teacher's sample size {height}x{width}")

@@ -19,7 +19,8 @@ from ..models.lora import is_lora, lora_copy
 from ..models.teacher import load_teacher
 from ..models.text import PromptEncoder, PromptSampler, read_prompts
 from ..objectives import objective_class
-from .data import as_model_range, real_images_for
+from .data import RealImages, as_model_range, real_images_for
+from .teacher_data import teacher_samples_for
 from .networks import check_student, enable_gradient_checkpointing, fake_score_model, lora_export_mode, methods_used
 from .networks import student_model_for
 from .optim import Optimizer
@@ -44,7 +45,10 @@ class Run:
                                     getattr(torch, cfg.teacher.dtype))
         check_objective_settings(cfg, self.teacher)
         needs_data = uses_gan(cfg) or trains_on_data(cfg)
-        self.real = real_images_for(cfg.data, self.teacher, cfg.train.seed) if needs_data else None
+        self.real = None
+        if needs_data:  # data.name teacher: image-free, the teacher's own samples (TBCM)
+            self.real = (teacher_samples_for(cfg, self.teacher, self.out) if cfg.data.name == "teacher"
+                         else real_images_for(cfg.data, self.teacher, cfg.train.seed))
         self.prompts = self._training_prompts()
         student_model = student_model_for(cfg, self.teacher)
         check_student(student_model, self.teacher)
@@ -70,7 +74,7 @@ class Run:
         self.text = None
         if self.prompts is not None:
             self.text = self._prompt_encoder(device)
-        if self.teacher.latents is not None and self.real is not None:
+        if self.teacher.latents is not None and isinstance(self.real, RealImages):  # teacher samples are latents
             self._prepare_latents(device)
 
         student_model = student_model.to(device)
@@ -181,8 +185,12 @@ class Run:
         """A batch of real data as the teacher sees it (latents for latent teachers) and its condition."""
         if self.real is None:
             return None
-        x, labels, captions = self.real.batch(n, self.accelerator.device)
-        latents = self.teacher.latents
+        if not isinstance(self.real, RealImages):  # the teacher's samples: already in its (latent) sample space
+            x, labels, captions = self.real.batch(n, self.accelerator.device, self.text)
+            latents = None
+        else:
+            x, labels, captions = self.real.batch(n, self.accelerator.device)
+            latents = self.teacher.latents
         if latents is not None:  # the same draws of the data RNG whether the posteriors are cached or not
             x = latents.sample(x, self.real.rng) if self.cfg.data.cache_latents else latents.encode(x, self.real.rng)
         if self.teacher.num_classes:
