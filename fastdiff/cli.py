@@ -233,8 +233,12 @@ def cmd_bench_speed(args) -> None:
     for name, value in check_values.items():
         if value <= 0:
             raise FastdiffError(f"{name} must be positive")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise FastdiffError("--time-budget must be positive (seconds)")
+    partial = (lambda result: bench_speed.write(result, args.out)) if args.out else None  # noqa: E731
     result = bench_speed.run(args.teacher, objectives, batch, batches, steps, args.warmup, device, args.set or [],
-                             compile_sampler=not args.skip_compile, progress=not args.quiet)
+                             compile_sampler=not args.skip_compile, progress=not args.quiet, ablate=args.ablate,
+                             time_budget=args.time_budget, on_partial=partial)
     print(bench_speed.table(result))
     if args.out:
         md, js = bench_speed.write(result, args.out)
@@ -359,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--skip-compile", action="store_true", help="speed: do not time compiled sampling (saves the "
                    "compile time on CPUs)")
     b.add_argument("--device", default=None, help="speed: cpu, cuda ... (default: cuda when available)")
+    b.add_argument("--ablate", action="store_true", help="speed: also time each attention backend that runs here, eager "
+                   "and (on GPUs) compiled, and check auto's pick against the faster one")
+    b.add_argument("--time-budget", type=float, default=None, help="speed: seconds after which no new row starts (the "
+                   "rows not run are listed; with --out the files are rewritten after every row)")
     b.add_argument("--out", default=None, help="speed: folder for speed-<device>.md and .json (e.g. eval/results)")
     b.add_argument("--num-eval", type=int, default=5000, help="samples scored per row (default 5000)")
     b.add_argument("--seed", type=int, default=0, help="seed for the teacher's samples, noise and training")

@@ -69,3 +69,30 @@ def test_bench_speed_writes_a_table_with_ratios(tiny_teacher, tmp_path, capsys):
     assert all(0 < m <= 1 for m in mfus), mfus
     assert [r["batch_size"] for r in result["sampling"]] == [1, 2] and (tmp_path / js.name.replace(".json", ".md")).is_file()
     assert main(["bench", "speed", "--teacher", tiny_teacher, "--device", "cpu", "--batch-size", "0"]) == 2
+
+
+def test_bench_speed_ablation_rows_and_time_budget(tiny_teacher, tmp_path, capsys):
+    """--ablate times fastdiff's step per attention backend that runs here (SDPA only on a CPU, eager only), as a
+    ratio to the same naive step; --time-budget stops starting rows and lists the ones not run."""
+    common = ["bench", "speed", "--teacher", tiny_teacher, "--device", "cpu", "--batch-size", "2", "--steps", "1",
+              "--warmup", "0", "--sample-batch-sizes", "1", "--skip-compile", "--objectives", "dmd2",
+              "--set", "objective.critic_updates=1"]
+    assert main(common + ["--ablate", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("speed-*.json")
+    row = json.loads(js.read_text())["training"][0]
+    assert [(a["attention"], a["compile"]) for a in row["ablation"]] == [("sdpa", False)]
+    assert row["ablation"][0]["speedup"] > 0 and row["auto_check"] is None  # one backend: nothing to compare
+    assert "| dmd2 | sdpa | eager |" in capsys.readouterr().out
+    assert main(common + ["--time-budget", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert "Not run (time budget of 0 s spent): dmd2, sampling batch 1" in out and "| dmd2 | 2 |" not in out
+
+
+def test_auto_check_compares_autos_pick_with_the_fastest_eager_backend():
+    from fastdiff.bench.speed import auto_check
+
+    rows = [{"attention": "sdpa", "compile": False, "seconds": 2.0}, {"attention": "xformers", "compile": False,
+                                                                      "seconds": 1.0},
+            {"attention": "sdpa", "compile": True, "seconds": 0.5}]  # compiled rows do not decide the backend
+    assert auto_check("xformers", rows) == {"auto": "xformers", "fastest": "xformers", "agrees": True}
+    assert auto_check("sdpa", rows)["agrees"] is False

@@ -10,6 +10,12 @@ For each objective the same step runs twice in one process:
 FLOPs per step are counted once with ``torch.utils.flop_counter`` (the same for both), MFU is achieved FLOP/s
 over a matmul peak measured here (bf16 on GPUs, fp32 on CPUs), and the sampling rows time the one-step
 generator eager and compiled (CUDA graphs on GPUs) at each batch size.
+
+``ablate`` adds, per objective, fastdiff's step with each attention backend that runs here (SDPA, and xformers where
+its kernels run) eager and compiled (compiled on GPUs only), each as a ratio to the same naive step, and records
+whether ``auto`` picked the measured faster backend. ``time_budget`` (seconds) stops starting new rows once spent:
+the rows not run are listed in ``skipped``, and ``on_row`` receives the partial result after every row, so a run
+cut short still leaves its table.
 """
 from __future__ import annotations
 
@@ -143,12 +149,63 @@ def naive_step(trainer, opts: dict):
     return float(loss.detach())
 
 
+class Budget:
+    """Seconds left for starting rows (None: no limit)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def spent(self) -> bool:
+        return self.end is not None and time.monotonic() > self.end
+
+
+def ablation_settings(device) -> list[tuple[str, bool]]:
+    """(attention, compile) pairs to time: SDPA and, where its kernels run, xformers; compiled on GPUs only (on a CPU
+    compiling the step takes longer than any timing it would change)."""
+    from ..models.attention import xformers_status
+
+    backends = ["sdpa"] + (["xformers"] if xformers_status()[0] else [])
+    compiles = [False, True] if device.type == "cuda" else [False]
+    return [(a, c) for a in backends for c in compiles]
+
+
+def ablation_rows(teacher: str, name: str, batch: int, steps: int, warmup: int, device, overrides: list[str],
+                  t_naive: float, budget: Budget, skipped: list, tmp: str) -> list[dict]:
+    rows = []
+    for attention, compiled in ablation_settings(device):
+        label = f"{name} {attention} {'compiled' if compiled else 'eager'}"
+        if budget.spent():
+            skipped.append(label)
+            continue
+        trainer = make_trainer(teacher, name, batch, True, device, overrides + [f"train.attention={attention}",
+                               f"train.compile={str(compiled).lower()}"], f"{tmp}/{attention}-{compiled}")
+        t = timed(trainer.train_step, device, steps, warmup + (2 if compiled else 0))
+        del trainer
+        rows.append({"objective": name, "attention": attention, "compile": compiled, "seconds": t,
+                     "images_per_second": batch / t, "speedup": t_naive / t})
+    return rows
+
+
+def auto_check(fast_attention: str, ablation: list[dict]) -> dict | None:
+    """Which backend ``auto`` chose against the eager step measured fastest (None when only one backend ran)."""
+    eager = {r["attention"]: r["seconds"] for r in ablation if not r["compile"]}
+    if len(eager) < 2:
+        return None
+    fastest = min(eager, key=eager.get)
+    return {"auto": fast_attention, "fastest": fastest, "agrees": fast_attention.split(",")[0].strip() == fastest}
+
+
 def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, warmup: int, device, peak: float,
-                  overrides: list[str], progress: bool = False) -> list[dict]:
+                  overrides: list[str], progress: bool = False, ablate: bool = False, budget: Budget | None = None,
+                  skipped: list | None = None, on_row=None) -> list[dict]:
     from ..machine import progress as progress_bar
 
+    budget, skipped = budget or Budget(None), skipped if skipped is not None else []
     rows = []
     for name in progress_bar(objectives, desc="bench speed: training", unit="objective", enabled=progress):
+        if budget.spent():
+            skipped.append(name)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             naive = make_trainer(teacher, name, batch, False, device, overrides, f"{tmp}/naive")
             lr = naive.cfg.train
@@ -167,16 +224,24 @@ def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, w
             mem_fast = peak_memory(device)
             attention = fast.attention
             del fast
-        rows.append({"objective": name, "batch_size": batch, "flops_per_step": flops,
-                     "naive_seconds": t_naive, "fast_seconds": t_fast,
-                     "naive_images_per_second": batch / t_naive, "fast_images_per_second": batch / t_fast,
-                     "speedup": t_naive / t_fast, "naive_mfu": flops / t_naive / peak, "fast_mfu": flops / t_fast / peak,
-                     "naive_peak_mb": mem_naive, "fast_peak_mb": mem_fast, "attention": attention})
+            ablation = (ablation_rows(teacher, name, batch, steps, warmup, device, list(overrides), t_naive, budget,
+                                      skipped, tmp) if ablate else [])
+        row = {"objective": name, "batch_size": batch, "flops_per_step": flops,
+               "naive_seconds": t_naive, "fast_seconds": t_fast,
+               "naive_images_per_second": batch / t_naive, "fast_images_per_second": batch / t_fast,
+               "speedup": t_naive / t_fast, "naive_mfu": flops / t_naive / peak, "fast_mfu": flops / t_fast / peak,
+               "naive_peak_mb": mem_naive, "fast_peak_mb": mem_fast, "attention": attention}
+        if ablate:
+            row.update(ablation=ablation, auto_check=auto_check(attention, ablation))
+        rows.append(row)
+        if on_row:
+            on_row(rows)
     return rows
 
 
 def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, device, peak: float,
-                  compile_sampler: bool = True, progress: bool = False) -> list[dict]:
+                  compile_sampler: bool = True, progress: bool = False, budget: Budget | None = None,
+                  skipped: list | None = None, on_row=None) -> list[dict]:
     """One-step sampling of a student-shaped generator (the teacher's network at sigma_init 2.5)."""
     from ..machine import progress as progress_bar
     from ..models.generator import Generator
@@ -189,7 +254,11 @@ def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, dev
         model.to(memory_format=torch.channels_last)
     gen = Generator(loaded.denoiser, 1, 2.5).to(device)
     rows = []
+    budget, skipped = budget or Budget(None), skipped if skipped is not None else []
     for batch in progress_bar(batches, desc="bench speed: sampling", unit="batch size", enabled=progress):
+        if budget.spent():
+            skipped.append(f"sampling batch {batch}")
+            continue
         z = torch.randn((batch, *loaded.sample_shape), device=device)
         cond = {"class_labels": torch.arange(batch, device=device) % loaded.num_classes} if loaded.num_classes else None
 
@@ -210,13 +279,28 @@ def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, dev
             row.update(compiled_images_per_second=batch / t_compiled, speedup=t_eager / t_compiled,
                        compiled_mfu=flops / t_compiled / peak)
         rows.append(row)
+        if on_row:
+            on_row(rows)
     return rows
 
 
 def run(teacher: str, objectives: list[str], batch: int, sample_batches: list[int], steps: int, warmup: int,
-        device: torch.device, overrides: list[str], compile_sampler: bool = True, progress: bool = False) -> dict:
+        device: torch.device, overrides: list[str], compile_sampler: bool = True, progress: bool = False,
+        ablate: bool = False, time_budget: float | None = None, on_partial=None) -> dict:
+    """The bench; ``on_partial(result)`` after every row (a run stopped by ``time_budget`` or killed keeps them)."""
     from ..models.embedded import resolve_teacher_path
     from ..machine import describe, today, versions
+
+    budget = Budget(time_budget)
+    result = {"device": describe(device), "versions": versions(), "date": today(), "training": [], "sampling": [],
+              "skipped": [], "time_budget_seconds": time_budget}
+
+    def saw(key):
+        def update(rows):
+            result[key] = list(rows)
+            if on_partial:
+                on_partial(result)
+        return update
 
     with tempfile.TemporaryDirectory() as tmp:
         if teacher.startswith("synthetic:"):
@@ -224,10 +308,12 @@ def run(teacher: str, objectives: list[str], batch: int, sample_batches: list[in
         else:
             teacher = resolve_teacher_path(teacher)
         peak, peak_how = matmul_peak(device)
-        train = training_rows(teacher, objectives, batch, steps, warmup, device, peak, overrides, progress)
-        sample = sampling_rows(teacher, sample_batches, steps, warmup, device, peak, compile_sampler, progress)
-    return {"device": describe(device), "versions": versions(), "date": today(), "matmul_peak_flops": peak,
-            "matmul_peak": peak_how, "training": train, "sampling": sample}
+        result.update(matmul_peak_flops=peak, matmul_peak=peak_how)
+        training_rows(teacher, objectives, batch, steps, warmup, device, peak, overrides, progress, ablate, budget,
+                      result["skipped"], saw("training"))
+        sampling_rows(teacher, sample_batches, steps, warmup, device, peak, compile_sampler, progress, budget,
+                      result["skipped"], saw("sampling"))
+    return result
 
 
 def table(result: dict) -> str:
@@ -242,6 +328,16 @@ def table(result: dict) -> str:
                      f"{r['naive_images_per_second']:.1f} | {r['fast_images_per_second']:.1f} | {r['speedup']:.2f}x | "
                      f"{100 * r['naive_mfu']:.1f}% | {100 * r['fast_mfu']:.1f}% | {mb(r['naive_peak_mb'])} | "
                      f"{mb(r['fast_peak_mb'])} | {r['attention']} |")
+    ablation = [a for r in result["training"] for a in r.get("ablation", [])]
+    if ablation:
+        lines += ["", "| objective | attention | step | fastdiff img/s | ratio to naive |", "|---|---|---|---|---|"]
+        lines += [f"| {a['objective']} | {a['attention']} | {'compiled' if a['compile'] else 'eager'} | "
+                  f"{a['images_per_second']:.1f} | {a['speedup']:.2f}x |" for a in ablation]
+        for r in result["training"]:
+            check = r.get("auto_check")
+            if check:
+                lines.append(f"\n{r['objective']}: `auto` chose {check['auto']}; eager {check['fastest']} measured "
+                             f"faster: {'agrees' if check['agrees'] else 'DISAGREES'}")
     lines += ["", "| one-step sampling, batch | eager img/s | compiled img/s | ratio | GFLOP/image | compiled MFU |",
               "|---|---|---|---|---|---|"]
     for r in result["sampling"]:
@@ -249,6 +345,9 @@ def table(result: dict) -> str:
         mfu = r.get("compiled_mfu", r["eager_mfu"])
         lines.append(f"| {r['batch_size']} | {r['eager_images_per_second']:.1f} | {compiled} | "
                      f"{r['flops_per_image'] / 1e9:.2f} | {100 * mfu:.1f}% |")
+    if result.get("skipped"):
+        lines += ["", f"Not run (time budget of {result['time_budget_seconds']:.0f} s spent): "
+                  + ", ".join(result["skipped"])]
     return "\n".join(lines) + "\n"
 
 
