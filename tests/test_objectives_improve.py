@@ -123,6 +123,7 @@ def train(name: str, steps: int, lr: float, options: dict, batch: int = 256, see
 CASES = {
     "dmd2": ("dmd2", 30, {}, 0.15),  # 0.069 - 0.073
     "vsd": ("vsd", 60, {}, 0.3),  # 0.140 - 0.148
+    "pg-sb": ("pg-sb", 60, {}, 0.3),  # 0.142 - 0.148 (unconditional analytic teacher: CFG is the identity, = vsd)
     "sid": ("sid", 60, {}, 0.3),  # 0.155 - 0.164
     "sida": ("sida", 40, {"gan_start_images": 0}, 0.3),  # 0.126 - 0.151
     "sim": ("sim", 60, {}, 0.3),  # 0.158 - 0.168

@@ -1,0 +1,116 @@
+"""SNOOPI's PG-SB (fastdiff/objectives/snoopi.py): VSD with the real score's CFG scale drawn per sample per step."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from fastdiff.models.teacher import load_teacher
+from fastdiff.objectives import build
+from fastdiff.objectives import dmd2 as dmd2_module
+from test_export_e2e import TRAINERS, assert_pipeline_matches, distill_on_fake_images
+
+
+def denoisers(path):
+    """The tiny class-conditional teacher (null class 3) and a fake score that differs from it, as a trained LoRA."""
+    teacher = load_teacher(path, null_class=3)
+    fake_model = copy.deepcopy(teacher.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in fake_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = teacher.denoiser
+    return d, type(d)(fake_model, d.schedule, d.prediction_type, null_class=3)
+
+
+def fixed_noise(monkeypatch, x):
+    """DMD2's noised() replaced by one fixed draw, so two objectives see the same x_t and sigma."""
+    torch.manual_seed(1)
+    sigma = torch.tensor([0.1, 0.7, 2.0, 9.0])
+    eps = torch.randn_like(x)
+    monkeypatch.setattr(dmd2_module, "noised", lambda x0, *args: (x0 + sigma.reshape(-1, 1, 1, 1) * eps, sigma))
+
+
+def test_draws_lie_in_the_range_and_change_per_sample_and_step(tiny_cond_teacher, monkeypatch):
+    teacher, fake = denoisers(tiny_cond_teacher)
+    obj = build("pg-sb", teacher, fake, real_guidance_range=[2.0, 5.0])
+    x = torch.randn(4, 1, 8, 8)
+    fixed_noise(monkeypatch, x)
+    cond = {"class_labels": torch.tensor([0, 1, 2, 0])}
+    torch.manual_seed(5)
+    draws = []
+    for _ in range(3):
+        _, logs = obj.generator_loss(x.clone().requires_grad_(True), cond)
+        draws.append(obj.last_real_guidance)
+        assert float(logs["real_guidance_mean"]) == pytest.approx(float(draws[-1].mean()), abs=1e-6)
+    all_draws = torch.stack(draws)
+    assert all_draws.min() >= 2.0 and all_draws.max() <= 5.0
+    assert len(set(all_draws.flatten().tolist())) == all_draws.numel()  # every sample, every step its own scale
+    torch.manual_seed(5)  # seeded: the same global RNG state gives the same scales
+    obj.generator_loss(x.clone().requires_grad_(True), cond)
+    assert torch.equal(obj.last_real_guidance, draws[0])
+    # the teacher's fixed scale is back after each step
+    assert teacher.guidance_scale == 1.0
+
+
+def test_registered_defaults_and_bad_range(tiny_cond_teacher):
+    teacher, fake = denoisers(tiny_cond_teacher)
+    obj = build("pg-sb", teacher, fake)
+    assert obj.real_guidance_range == (2.0, 8.0) and obj.weighting == "vsd" and obj.critic_updates == 1
+    assert obj.train_defaults() == build("vsd", teacher, fake).train_defaults()
+    for bad in ([0.5, 2.0], [3.0, 2.0], [1.0, 2.0, 3.0]):
+        with pytest.raises(ValueError, match="real_guidance_range"):
+            build("pg-sb", teacher, fake, real_guidance_range=bad)
+
+
+def test_gradient_at_each_drawn_scale_is_vsd_at_that_scale(tiny_cond_teacher, monkeypatch):
+    """Sample i's generator gradient equals vsd's row i with ``teacher.guidance_scale = w_i`` (its own draw).
+
+    Exact: both run the same teacher and fake forwards on the same batch (x_t, sigma, labels); they differ only in
+    ``x0_u + w (x0_c - x0_u)`` with w a float32 (B,) tensor broadcast vs the same float32 value as a Python scalar,
+    the same single rounding per element; the loss is a per-sample sum, so row i depends on sample i alone."""
+    teacher, fake = denoisers(tiny_cond_teacher)
+    cond = {"class_labels": torch.tensor([0, 1, 2, 1])}
+    x = torch.randn(4, 1, 8, 8)
+    fixed_noise(monkeypatch, x)
+    obj = build("pg-sb", teacher, fake, real_guidance_range=[1.5, 7.0])
+    xs = x.clone().requires_grad_(True)
+    (ours,) = torch.autograd.grad(obj.generator_loss(xs, cond)[0], xs)
+    scales = obj.last_real_guidance
+    assert ours.abs().max() > 0
+    vsd = build("vsd", teacher, fake)
+    for i, w in enumerate(scales.tolist()):
+        teacher.guidance_scale = w
+        xv = x.clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(vsd.generator_loss(xv, cond)[0], xv)
+        assert torch.equal(ours[i], ref[i]), (i, w, (ours[i] - ref[i]).abs().max())
+        # and the scale matters: at another scale row i differs
+        teacher.guidance_scale = w + 1.0
+        xo = x.clone().requires_grad_(True)
+        (other,) = torch.autograd.grad(vsd.generator_loss(xo, cond)[0], xo)
+        assert not torch.allclose(ours[i], other[i])
+    teacher.guidance_scale = 1.0
+
+
+def test_unconditional_call_is_vsd(tiny_teacher, monkeypatch):
+    """Without a condition CFG is the identity (cond = uncond): no draw, vsd's gradient exactly (the unconditional
+    tiny DDPM teacher, as the GMM benchmark's)."""
+    teacher, fake = denoisers(tiny_teacher)
+    x = torch.randn(4, 1, 8, 8)
+    fixed_noise(monkeypatch, x)
+    grads = []
+    for name in ("pg-sb", "vsd"):
+        xs = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(build(name, teacher, fake).generator_loss(xs, None)[0], xs)[0])
+    assert torch.equal(*grads)
+
+
+def test_pg_sb_trains_exports_and_loads(tiny_cond_teacher, tmp_path):
+    run, logs = distill_on_fake_images(tiny_cond_teacher, tmp_path, "objective.name=pg-sb",
+                                       "objective.real_guidance_range=[2.0,4.0]")
+    assert all(math.isfinite(v) for row in logs for v in row.values() if isinstance(v, (int, float)))
+    assert all(2.0 <= row["real_guidance_mean"] <= 4.0 for row in logs)
+    assert json.loads((run / "student" / "fastdiff.json").read_text())["objective"] == "pg-sb"
+    assert run.resolve() in TRAINERS
+    assert_pipeline_matches(run / "student", labels=[0, 1, 2])
