@@ -160,7 +160,8 @@ class TeacherDiscriminator(nn.Module):
         self.modules_read = feature_modules(teacher.model, head_every)
         self.heads = nn.ModuleList()
         self._features: list[torch.Tensor] | None = None
-        self._handles = [m.register_forward_hook(self._keep) for m in self.modules_read]
+        for m in self.modules_read:
+            m.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output):
         if self._features is not None:
@@ -186,10 +187,6 @@ class TeacherDiscriminator(nn.Module):
     def logits(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> list[torch.Tensor]:
         """One (B, locations) logit tensor per hooked layer."""
         return [head(h.float()) for head, h in zip(self.heads, self.features(x_t, sigma, cond))]
-
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 # --- losses (Sana train_scm_ladd.py; LADD Eq. 1-2) -----------------------------------------------------------------

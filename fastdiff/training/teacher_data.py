@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -156,10 +155,6 @@ class TeacherSamples:
     @property
     def _conditional(self) -> bool:
         return bool(self.teacher.num_classes or self.prompts)
-
-    @property
-    def num_chunks(self) -> int:
-        return math.ceil(self.cache_size / CHUNK)
 
     def _chunk(self, c: int, device, encode) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chunk c of the pool (CPU tensors): from memory, else from disk, else sampled now (and stored)."""
