@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 # label -> (teacher path, CFG of the real score, conditioning note)
 TEACHERS = {"ddpm": ("embedded:fmnist-ddpm", 1.0), "cond": (str(SHARED / "teachers" / "fmnist-cond-vpred"), 2.0)}
-MULTI_STEP = {"cd", "scm"}  # consistency students: also measured at 2 steps
+MULTI_STEP = {"cd", "scm", "rcm", "scm-ladd"}  # consistency students: also measured at 2 steps
 
 
 def run_distill(teacher: str, guidance: float, objective: str, run: Path, args, extra: list[str]) -> dict:
