@@ -9,6 +9,14 @@ also counts the Python runtime and libraries, so compare rows rather than read a
 
     python eval/memory.py --out eval/results/memory-cpu                    # CPU: width 0.2, latent 32
     python eval/memory.py --width 1 --latent 64 --batch-size 4 --out eval/results/memory-h100  # on a GPU
+
+``--processes 2`` measures the FSDP rows instead: DMD2 and SiD (full fake score) on 2 processes, replicated
+(``train.sharding none``) against sharded (``fsdp``), launched with ``accelerate launch`` (gloo on the CPU). The
+figure per row is the largest over the processes of the peak during the two steps: VmHWM reset after setup
+(``/proc/self/clear_refs``, after ``malloc_trim`` returns freed pages), since setup builds every network whole
+before sharding it; the setup peak is shown too.
+
+    python eval/memory.py --processes 2 --out eval/results/memory-fsdp-cpu       # CPU: width 0.2, latent 32
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import time
 from pathlib import Path
 
 ROWS = [(obj, fake, ckpt) for obj in ("dmd2", "sid") for fake in (0, 64) for ckpt in (False, True)]
+FSDP_ROWS = [(obj, sharding) for obj in ("dmd2", "sid") for sharding in ("none", "fsdp")]
 
 
 def sd15_unet_config(width: float, latent: int) -> dict:
@@ -56,11 +65,21 @@ def build_teacher(path: Path, width: float, latent: int) -> int:
     return sum(p.numel() for p in unet.parameters())
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """The process's peak resident memory (VmHWM), or its current one (field VmRSS)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Start VmHWM again from the current resident size (Linux: 5 > /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def run_row(args) -> dict:
@@ -73,12 +92,14 @@ def run_row(args) -> dict:
     prompts = Path(args.teacher).parent / "prompts.txt"
     prompts.write_text("a photo of a cat\na watercolor of a lighthouse\n")
     cuda = torch.cuda.is_available()
+    libraries = peak_rss_mb("VmRSS")  # the process before any network: Python, torch, diffusers
     cfg = load_config(None, [
         f"teacher.path={args.teacher}", f"data.prompts={prompts}", f"output_dir={args.run_dir}",
         f"objective.name={args.objective}", f"objective.fake_lora_rank={args.fake_lora}", "objective.critic_updates=1",
         f"train.gradient_checkpointing={str(args.checkpointing).lower()}", f"train.batch_size={args.batch_size}",
         f"train.mixed_precision={'bf16' if cuda else 'no'}", f"teacher.dtype={'bfloat16' if cuda else 'float32'}",
-        "train.ema_decay=0", "train.max_steps=2", "train.checkpoint_every=1000", "train.sample_every=1000"])
+        "train.ema_decay=0", "train.max_steps=2", "train.checkpoint_every=1000", "train.sample_every=1000",
+        f"train.sharding={args.sharding}", "train.report_to=none"])
     trainer = Trainer(cfg, overwrite=True, progress=False)
     if cuda:
         torch.cuda.synchronize()
@@ -86,6 +107,11 @@ def run_row(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = peak_rss_mb()
+        if args.sharding != "none" or args.processes > 1:  # the steps' own peak (setup builds networks whole):
+            import ctypes  # hand the pages freed by sharding back to the system, then restart the high-water mark
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            reset_peak_rss()
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
@@ -94,7 +120,8 @@ def run_row(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
-    return {"objective": args.objective, "fake_lora_rank": args.fake_lora, "gradient_checkpointing": args.checkpointing,
+    return {"objective": args.objective, "fake_lora_rank": args.fake_lora, "sharding": args.sharding,
+            "process": trainer.accelerator.process_index, "libraries_mb": round(libraries, 1), "gradient_checkpointing": args.checkpointing,
             "after_setup_mb": round(base, 1), "peak_mb": round(peak, 1), "step_seconds": round(times[-1], 3),
             "trainable_parameters": sum(p.numel() for p in trainer.opt_g.params + (trainer.opt_c.params if trainer.opt_c else []))}
 
@@ -106,15 +133,19 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for table.md and results.json")
     p.add_argument("--work", default="/tmp/fastdiff-memory", help="scratch folder (teacher, runs)")
-    p.add_argument("--row", nargs=3, default=None, help=argparse.SUPPRESS)  # objective fake_lora checkpointing
+    p.add_argument("--processes", type=int, default=1, help="2: the FSDP rows (replicated vs sharded)")
+    p.add_argument("--row", nargs=4, default=None, help=argparse.SUPPRESS)  # objective fake_lora checkpointing sharding
     args = p.parse_args()
     work = Path(args.work)
     args.teacher = str(work / "teacher")
     if args.row:  # child process: one configuration, one JSON line
         args.objective, args.fake_lora, args.checkpointing = args.row[0], int(args.row[1]), args.row[2] == "1"
-        args.run_dir = str(work / f"run-{'-'.join(args.row)}")
+        args.sharding = args.row[3]
+        args.run_dir = str(work / f"run-{'-'.join(args.row)}-p{args.processes}")
         print("ROW " + json.dumps(run_row(args)), flush=True)
         return
+    if args.processes > 1:
+        return fsdp_rows(args, work)
 
     from fastdiff.machine import describe
 
@@ -123,7 +154,7 @@ def main() -> None:
     rows = []
     for obj, fake, ckpt in ROWS:
         cmd = [sys.executable, __file__, "--width", str(args.width), "--latent", str(args.latent), "--batch-size",
-               str(args.batch_size), "--work", str(work), "--row", obj, str(fake), "1" if ckpt else "0"]
+               str(args.batch_size), "--work", str(work), "--row", obj, str(fake), "1" if ckpt else "0", "none"]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = next((ln for ln in res.stdout.splitlines() if ln.startswith("ROW ")), None)
         if line is None:
@@ -151,6 +182,57 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps({"unet_parameters": params, "width": args.width,
                                                       "latent": args.latent, "batch_size": args.batch_size,
                                                       "machine": machine, "rows": rows}, indent=2, default=str))
+
+
+def fsdp_rows(args, work: Path) -> None:
+    """Replicated vs FSDP-sharded rows on ``args.processes`` processes (one launch per row); per row, the largest
+    peak over the processes."""
+    import torch
+
+    from fastdiff.machine import describe
+
+    work.mkdir(parents=True, exist_ok=True)
+    params = build_teacher(work / "teacher", args.width, args.latent)
+    cuda = torch.cuda.is_available()
+    # CPU: a fixed mmap threshold, so freed tensors leave the resident set at once (glibc's adaptive threshold keeps
+    # them in its heap, and the high-water mark then counts allocator slack rather than what the run holds)
+    cpu_env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({} if cuda else cpu_env)}
+    rows = []
+    for obj, sharding in FSDP_ROWS:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__, "--width",
+               str(args.width), "--latent", str(args.latent), "--batch-size", str(args.batch_size), "--work", str(work),
+               "--processes", str(args.processes), "--row", obj, "0", "0", sharding]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        found = [json.loads(ln[4:]) for ln in res.stdout.splitlines() if ln.startswith("ROW ")]
+        if len(found) != args.processes:
+            raise SystemExit(f"row {obj} sharding={sharding} failed:\n{res.stderr[-2000:]}")
+        rows.append({**max(found, key=lambda r: r["peak_mb"]), "setup_mb": max(r["after_setup_mb"] for r in found)})
+        print(rows[-1], flush=True)
+    unit = "GPU max_memory_allocated" if cuda else "process VmHWM (the steps' peak: reset after setup)"
+    lines = [f"# Peak memory per process, {args.processes} processes, SD1.5-shaped UNet ({params / 1e6:.0f}M "
+             f"parameters, width {args.width}, latent {args.latent}, batch {args.batch_size} per process)", "",
+             f"machine: {describe()}", "", f"memory: {unit}, the largest over the processes", "",
+             "above libraries: the peak minus the process's resident memory before any network was built (Python, "
+             "torch, diffusers; CPU only)", "",
+             "| objective | sharding | setup peak MB | step peak MB | vs replicated | above libraries MB | vs replicated "
+             "| step s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next(b for b in rows if b["objective"] == r["objective"] and b["sharding"] == "none")
+        own, base_own = r["peak_mb"] - r["libraries_mb"], base["peak_mb"] - base["libraries_mb"]
+        lines.append(f"| {r['objective']} | {r['sharding']} | {r['setup_mb']:.0f} | {r['peak_mb']:.0f} | "
+                     f"{100 * (r['peak_mb'] / base['peak_mb'] - 1):+.0f}% | {own:.0f} | {100 * (own / base_own - 1):+.0f}% | "
+                     f"{r['step_seconds']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(table)
+        (out / "results.json").write_text(json.dumps({"unet_parameters": params, "width": args.width, "latent": args.latent,
+                                                      "batch_size": args.batch_size, "processes": args.processes,
+                                                      "machine": describe(), "rows": rows}, indent=2, default=str))
 
 
 if __name__ == "__main__":

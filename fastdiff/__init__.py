@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 # fastdiff's own diffusers models, found by name when diffusers loads a pipeline folder whose
 # model_index.json says ["fastdiff", "<class>"]; imported on first use (they import diffusers).
-_MODELS = {"GuidanceEmbeddedUNet": ".models.guidance", "MLPDenoiser": ".models.mlp", "GaussianMixtureModel": ".models.analytic"}
+_MODELS = {"GuidanceEmbeddedUNet": ".models.guidance", "MLPDenoiser": ".models.mlp", "GaussianMixtureModel": ".models.analytic",
+           "FlowMapModel": ".models.flow_map"}
 
 
 def __getattr__(name):

@@ -84,6 +84,17 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.num} images from the {kind} at {args.steps} step(s) to {out}")
 
 
+def cmd_pairs(args) -> None:
+    from .machine import progress
+    from .training.pairs import make_pairs
+
+    with progress(total=args.num, desc="pairs", unit="pair", enabled=not args.quiet) as bar:
+        made, kept = make_pairs(args.teacher, args.out, args.num, args.steps, args.shard_size, args.batch_size,
+                                args.seed, args.guidance, args.sampler, args.prompts, _device(args.device),
+                                args.overwrite, on_shard=bar.update)
+    print(f"{args.out}: {args.num} pairs ({made} shards made now, {kept} already there)")
+
+
 def _paired_prompts(path: str | None, num: int) -> list[str] | None:
     """--prompts FILE read and paired with ``num`` images (one per image, or one for all)."""
     if not path:
@@ -310,6 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     s.set_defaults(func=cmd_sample)
+
+    pp = sub.add_parser("pairs", help="(noise, teacher sample) pairs of the teacher's ODE for objective.name reflow",
+                        description="Sample the teacher's deterministic ODE from seeded noise into sharded safetensors "
+                        "files (data.name pairs, data.path OUT). Resumable: a rerun with the same options keeps the "
+                        "complete shards and makes the rest.")
+    pp.add_argument("--teacher", required=True, help="teacher folder (diffusers layout) or embedded:NAME")
+    pp.add_argument("--num", type=int, required=True, help="number of pairs")
+    pp.add_argument("--out", required=True, help="folder for manifest.json and the pairs-NNNNN.safetensors shards")
+    pp.add_argument("--steps", type=int, default=40, help="noise levels of the teacher's ODE (default 40)")
+    pp.add_argument("--sampler", choices=["heun", "ddim"], default="heun", help="heun: EDM's second order on Karras "
+                    "levels (default); ddim: DDIM eta 0 (Euler) evenly spaced in the teacher's timesteps")
+    pp.add_argument("--shard-size", type=int, default=4096, help="pairs per file, the most held in memory (default 4096)")
+    pp.add_argument("--batch-size", type=int, default=256, help="pairs sampled together (default 256)")
+    pp.add_argument("--seed", type=int, default=0, help="noise seed; shard i draws from a seed derived from it and i")
+    pp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale of the teacher's ODE "
+                    "(conditional teachers; default: none); the class or prompt index of each pair is stored")
+    pp.add_argument("--prompts", default=None, help="text-to-image teachers: prompts file (one per line, or JSONL), "
+                    "drawn uniformly per pair")
+    pp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    pp.add_argument("--overwrite", action="store_true", help="replace pairs made with other settings in --out")
+    pp.set_defaults(func=cmd_pairs)
 
     r = sub.add_parser("ref-stats", help="Inception reference statistics (mu, sigma, KID features) of real images")
     r.add_argument("source", help="a folder of images, an .npz of uint8 images, or fashion-mnist:train / fashion-mnist:test")

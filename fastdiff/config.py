@@ -92,11 +92,17 @@ RUN_SHAPE_KEYS = ("name", "gan", "fake_lora_rank")  # objective.* keys read by t
 class DataConfig:
     # fashion-mnist | imagefolder (images + metadata.jsonl captions) | analytic (exact samples of the analytic teacher)
     # | teacher (image-free, TBCM: samples of the teacher's own deterministic sampler; training/teacher_data.py)
+    # | webdataset (tar shards: data.path a folder or glob of .tar; image + optional .txt / .cls per sample; streamed)
+    # | pairs (objective reflow only: the (noise, teacher sample) folder of `fastdiff pairs` in data.path)
     name: str = "fashion-mnist"
     # fashion-mnist: null = $FASTDIFF_FASHION_MNIST, else /usr/share/datasets/fashion-mnist (Debian's package)
     path: typing.Optional[str] = None
     split: str = "train"
     resolution: typing.Optional[int] = None  # None = the teacher's image size (Fashion-MNIST is padded with -1)
+    # imagefolder: decode images per batch instead of loading the folder (webdataset always streams); streamed
+    # data keeps at most buffer_size decoded images in memory (an LRU buffer; 0 = none). training/streaming.py
+    stream: bool = False
+    buffer_size: int = 256
     # Text-to-image teachers: training prompts (one per line, or JSONL with "prompt"/"text"); null = the captions
     # of an imagefolder data set.
     prompts: typing.Optional[str] = None
@@ -142,6 +148,9 @@ class TrainConfig:
     ema_rampup: typing.Optional[float] = 0.05  # null = no ramp-up
     ema_decay: typing.Optional[float] = None  # a fixed per-update decay instead of the half-life (0 disables the EMA)
     mixed_precision: str = "no"  # no | bf16 | fp16
+    # none (every process holds every network) | fsdp (PyTorch FSDP2: student, EMA, fake score and teacher sharded
+    # per block over the processes; training/sharding.py)
+    sharding: str = "none"
     checkpoint_every: int = 500
     checkpoint_limit: int = 3  # how many checkpoints to keep
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) updates before the run stops
@@ -319,6 +328,12 @@ def validate(cfg: Config) -> None:
     if d.teacher_sampler not in ("ddim", "heun") or d.teacher_steps < 2 or (d.cache_size is not None and d.cache_size <= 0):
         raise FastdiffError(f"data.teacher_sampler must be heun or ddim, data.teacher_steps >= 2 and data.cache_size "
                             f"positive or null; got {d.teacher_sampler!r}, {d.teacher_steps}, {d.cache_size}")
+    if d.buffer_size < 0:
+        raise FastdiffError(f"data.buffer_size must be >= 0 (0 = no buffer), got {d.buffer_size}")
+    if d.stream and d.name not in ("imagefolder", "webdataset"):
+        raise FastdiffError(f"data.stream applies to imagefolder (webdataset always streams), not {d.name}")
+    if (d.name == "pairs") != (cfg.objective.name == "reflow"):
+        raise FastdiffError("objective.name reflow trains on data.name pairs (a `fastdiff pairs` folder), and only it")
     if t.lr_schedule not in ("constant", "cosine"):
         raise FastdiffError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
     if t.lr_warmup_steps is not None and t.lr_warmup_steps < 0:
@@ -337,6 +352,8 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"student.lora_export must be lora, fused or both, got {cfg.student.lora_export!r}")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise FastdiffError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
+    if t.sharding not in ("none", "fsdp"):
+        raise FastdiffError(f"train.sharding must be none or fsdp, got {t.sharding!r}")
     if t.ema_decay is not None and not 0.0 <= t.ema_decay < 1.0:
         raise FastdiffError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.ema_halflife_kimg < 0 or (t.ema_rampup is not None and t.ema_rampup <= 0):

@@ -36,6 +36,7 @@ from ..config import Config, _apply, parse_override, validate
 from ..models.denoiser import Denoiser
 from ..errors import FastdiffError
 from ..models.generator import Generator
+from ..models.flow_map import FlowMapGenerator, flow_map_embedding
 from ..models.mlp import MLPDenoiser
 from ..inference.sampling import ddim_sample
 from ..models.teacher import Teacher, load_teacher
@@ -69,6 +70,37 @@ SETTINGS["rcm"] = {"steps": 2000, "objective": {"tangent_warmup": 500, "p_mean":
 # starts half way (51200), after 1000 discriminator updates.
 SETTINGS["fdistill"] = {"steps": 400, "objective": {"critic_updates": 5}}
 SETTINGS["uni_instruct"] = {"steps": 400, "objective": {"critic_updates": 5, "gan_start_images": 51200}}
+# Reflow (Lee et al. 2024): the teacher copy regressed on 32k (noise, Heun-40 sample) pairs of the teacher's ODE
+# (``fastdiff pairs``), U-shaped t and pseudo-Huber as the paper; lr and schedule as the bench's cd. Its Euler
+# sampler is the "ddim" rows. 6000 updates: at 2000 one step was 8.3 x floor and two Euler steps 4.4 x; at 6000
+# 2.9 x and 1.5 x (AMD EPYC, 1 thread, seed 0).
+SETTINGS["reflow"] = {"steps": 6000, "objective": {}, "pairs": {"num": 32768, "steps": 40, "sampler": "heun"},
+                      "train": {"lr_generator": 5e-4, "lr_schedule": "cosine", "ema_decay": 0.999,
+                                "lr_warmup_steps": 0}}
+# TDM: a 4-step student on its deterministic (ddim) trajectory, as the reference samples; it starts, as the reference's
+# student does, as a copy of the teacher (the denoiser warm start), scored at its own step count. Measured (seed 0,
+# 400 updates; the start, 4 ddim steps: 5.81 x floor, mode error 0.047): ddim + huber (the reference) 5.25 x, 0.079;
+# ddim + l2 4.08 x, 0.069 (without the importance weight 3.64 x, 0.044); lcm + l2 3.08 x, 0.020 (800 updates: 3.90 x, 0.031);
+# lcm + huber 6.61 x, 0.099 (huber's c = 1e-3 is a sign gradient).
+SETTINGS["tdm"] = {"steps": 400, "objective": {"critic_updates": 5}, "student": {"num_steps": 4, "sampler": "ddim"},
+                   "init": "denoiser"}
+# BOOT: data-free bootstrapping; its student starts as the paper's, a copy of the teacher (the denoiser warm start),
+# and reads g(eps, 0) at sigma_init 2.5 (the trainer's auto; objectives/boot.py). lr and schedule as the bench's cd.
+SETTINGS["boot"] = {"steps": 4000, "objective": {}, "student": {"sigma_init": 2.5}, "init": "denoiser",
+                    "train": {"lr_generator": 5e-4, "lr_schedule": "cosine", "ema_decay": 0.999}}
+# MeanFlow: one two-time student sampled with K map steps (models/flow_map.py); the bench's scm noise levels and
+# learning rate (t and r from ln sigma ~ N(0.5, 2^2), so the top, where one step starts, is trained) and FastGen's
+# buckets, 25% r = t and 25% r = 0 (AnyFlow's): measured 21.7 / 3.62 / 2.35 x floor at 1 / 2 / 4 steps against
+# 17.1 / 7.41 / 3.89 with the paper's 75% r = t; 50% r = 0 with p_mean 1.0 diverged (eval/results/bench-gmm-cpu).
+SETTINGS["meanflow"] = {"steps": 2000, "objective": {"p_mean": 0.5, "p_std": 2.0, "flow_matching_ratio": 0.25,
+                                                     "consistency_ratio": 0.25},
+                        "train": {"lr_generator": 1e-3, "lr_schedule": "cosine", "ema_decay": 0.995}}
+# Hyper-SD: TSCD on a 40-interval LCM grid (edges at the 8-, 4-, 2-step sampler's levels) with cd's Heun steps, l2 and
+# learning rate; segments 8 -> 4 -> 2 -> 1, 1000 updates each. Its segments are walked by the ddim rows.
+SETTINGS["hyper-sd"] = {"steps": 4000, "objective": {"num_intervals": 40, "solver": "heun", "distance": "l2",
+                                                     "segments": [8, 4, 2, 1], "stage_steps": [1000, 1000, 1000]},
+                        "train": {"lr_generator": 5e-4, "lr_schedule": "cosine", "ema_decay": 0.999}}
+SETTINGS["hyper-sd-dmd"] = {**SETTINGS["hyper-sd"], "objective": {**SETTINGS["hyper-sd"]["objective"]}}
 SAMPLING_STEPS = (1, 2, 4)  # consistency students are scored at these step counts
 # The MLP student per start. A consistency function must be right at every noise level, not at one:
 # regressing the 256x3 MLP straight onto exact consistency targets (Heun-200 chains, 4000 cosine steps)
@@ -129,11 +161,21 @@ def score(samples: torch.Tensor, truth: torch.Tensor, gmm: GaussianMixtureModel)
 
 def train_objective(name: str, teacher_dir: Path, init_dir: Path, out: Path, steps: int, seed: int,
                     overrides=()) -> Trainer:
+    data = {"name": "analytic"}
+    if "pairs" in SETTINGS[name]:  # reflow: the teacher's ODE pairs, made once per seed under the work folder
+        from ..training.pairs import make_pairs
+
+        spec = SETTINGS[name]["pairs"]
+        folder = teacher_dir.parent / f"pairs-{seed}"
+        make_pairs(str(teacher_dir), folder, spec["num"], spec["steps"], batch_size=4096, seed=seed,
+                   sampler=spec["sampler"], device="cpu")
+        data = {"name": "pairs", "path": str(folder)}
     cfg = Config()
     _apply(cfg, {"teacher": {"path": str(teacher_dir)},
-                 "student": {"model": str(init_dir), "sigma_init": None, "num_steps": 1},
+                 "student": {"model": str(init_dir), "sigma_init": None, "num_steps": 1,
+                             **SETTINGS[name].get("student", {})},
                  "objective": {"name": name, **SETTINGS[name]["objective"]},
-                 "data": {"name": "analytic"},
+                 "data": data,
                  "train": {**TRAIN, **SETTINGS[name].get("train", {}), "max_steps": steps, "log_every": steps,
                            "seed": seed},
                  "output_dir": str(out)})
@@ -180,7 +222,7 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
             add(f"teacher-ddim-{k}", ddim_sample(teacher.denoiser, z, k), "teacher", 0, t0)
         inits = {}
         for kind, label in (("ode", "init (ODE regression)"), ("denoiser", "init (teacher copy)")):
-            if not any(is_consistency(o) == (kind == "denoiser") for o in objectives):
+            if not any(init_kind(o) == kind for o in objectives):
                 continue
             t0 = time.time()
             inits[kind] = warm_start(teacher, tmp / f"init-{kind}", kind, seed=seed, progress=progress, **STUDENT[kind])
@@ -192,14 +234,17 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
         for name in progress_bar(objectives, desc="bench gmm", unit="objective", enabled=progress):
             t0 = time.time()
             n = steps or SETTINGS[name]["steps"]
-            init = inits["denoiser" if is_consistency(name) else "ode"]
+            init = inits[init_kind(name)]
             student = train_objective(name, tmp / "teacher", init, tmp / name, n, seed, overrides).export_generator()
+            flow_map = flow_map_embedding(student.denoiser.model) is not None
+            if flow_map:  # a meanflow student: K map steps to the next level, one student for every K
+                student = FlowMapGenerator(student.denoiser, student.num_steps, student.sigma_init)
             student.eval()
-            for k in SAMPLING_STEPS if is_consistency(name) else (1,):
+            for k in SAMPLING_STEPS if is_consistency(name) else (student.num_steps,):
                 with torch.no_grad():
                     samples = student(z, num_steps=k, rng=eval_rng(seed))
                 add(name if k == 1 else f"{name}, {k} steps", samples, "objective", n, t0)
-            if is_consistency(name):  # the deterministic consistency sampler (student.sampler: ddim)
+            if is_consistency(name) and not flow_map:  # the deterministic consistency sampler (student.sampler: ddim)
                 student.sampler = "ddim"
                 for k in SAMPLING_STEPS[1:]:
                     with torch.no_grad():
@@ -210,6 +255,11 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
 
 def is_consistency(name: str) -> bool:
     return objective_class(name).trains_on == "data"
+
+
+def init_kind(name: str) -> str:
+    """The warm start an objective's student gets: "denoiser" (a teacher copy) or "ode" (the one-step map)."""
+    return "denoiser" if is_consistency(name) else SETTINGS[name].get("init", "ode")
 
 
 def eval_rng(seed: int) -> torch.Generator:

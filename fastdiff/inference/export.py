@@ -105,6 +105,22 @@ def scheduler_for(teacher, info: dict):
     return student_scheduler(teacher.scheduler, prediction, info["top_timestep"], info.get("timestep_scaling"))
 
 
+def tcd_scheduler(scheduler):
+    """Hyper-SD's sampler beside the exact one: diffusers' TCDScheduler on the exported table, its K timesteps
+    fastdiff's for every K (``original_inference_steps`` = the table length). Its step count and ``eta`` (TCD's gamma)
+    are call arguments, so one config serves 1, 2, 4 and 8 steps; at eta 0 its steps are the DDIM sampler's except the
+    last, which stops at timestep 0 (``a_0 x0 + s_0 eps``) instead of returning x0."""
+    from diffusers import TCDScheduler
+
+    return TCDScheduler.from_config(scheduler.config, original_inference_steps=scheduler.config.num_train_timesteps)
+
+
+def _save_schedulers(scheduler, folder: Path, info: dict) -> None:
+    """Beside a pipeline or LoRA export: a hyper-sd student's TCD scheduler in ``scheduler_tcd/``."""
+    if str(info.get("objective", "")).startswith("hyper-sd"):
+        tcd_scheduler(scheduler).save_pretrained(folder / "scheduler_tcd")
+
+
 def _class_cond_pipeline_file() -> Path:
     try:  # installed: fastdiff.pipelines maps to the repository's pipelines/ folder
         import fastdiff.pipelines as pkg
@@ -184,6 +200,10 @@ def model_card_body(info: dict, where: str = ".") -> str:
     steps = info["num_steps"]
     load = f"\"{where}\"{_load_args(info)}"
     usage = _pipeline_usage(info, where) if info.get("pipeline_class") else (
+             "from fastdiff.pipelines.pipeline_fastdiff_flow_map import FastdiffFlowMapPipeline\n"
+             f"pipe = FastdiffFlowMapPipeline.from_pretrained({load})\n"
+             "images = pipe(batch_size=4, num_inference_steps=2).images  # any step count: one flow-map student"
+             if info.get("flow_map") else (
              ("import torch\n" if info.get("dtype") else "") +
              "from fastdiff.pipelines import FastdiffClassConditionalPipeline\n"
              f"pipe = FastdiffClassConditionalPipeline.from_pretrained({load})\n"
@@ -197,7 +217,7 @@ def model_card_body(info: dict, where: str = ".") -> str:
              ("import torch\n" if info.get("dtype") else "") +
              "from diffusers import DDPMPipeline\n"
              f"pipe = DDPMPipeline.from_pretrained({load})\n"
-             f"images = pipe(batch_size=4, num_inference_steps={steps}).images")
+             f"images = pipe(batch_size=4, num_inference_steps={steps}).images"))
     settings = "\n".join(f"- `{k}`: {_shown(v)}" for k, v in info["settings"].items())
     scheduler_note = ("The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1 (and `shift_terminal`\n"
                       f"1/K for K > 1): `num_inference_steps={steps}` gives fastdiff's levels t = 1 - i/K."
@@ -241,7 +261,7 @@ def check_exportable(model, teacher) -> None:
     if teacher.pipeline is not None:
         return
     name, kind = type(model).__name__, teacher.denoiser.schedule.kind
-    if kind != "vp" or name not in ("UNet2DModel", "GuidanceEmbeddedUNet"):
+    if kind != "vp" or name not in ("UNet2DModel", "GuidanceEmbeddedUNet", "FlowMapModel"):
         raise FastdiffError(f"export of {name} students on a {kind} schedule is not supported yet; export supports "
                             "UNet2DModel students on a VP schedule and students of teachers with a diffusers pipeline")
 
@@ -273,16 +293,31 @@ def export_student(unet, teacher, info: dict, out: str | Path, sample_grid: str 
     info = {**info, "dtype": dtype, "variant": variant}
     card = {"grid": Path(sample_grid) if sample_grid else None, "where": repo_id or ".", "teacher": teacher}
     if teacher.pipeline is not None:
+        from ..models.flow_map import flow_map_embedding
+
+        if flow_map_embedding(unet) is not None:  # its pipeline would drop the r embedding: refuse, not mis-export
+            raise FastdiffError("export of flow-map (meanflow) students of latent / text-to-image teachers is not "
+                                "supported yet; pixel VP teachers export as FastdiffFlowMapPipeline")
         return export_pipeline_student(unet, teacher, info, out, card)
     from ..models.lora import is_lora, merged_model
 
     if is_lora(unet):  # pipelines without a latent / text part take LoRA students fused
         unet = merged_model(unet)
+    from ..models.flow_map import FlowMapModel, flow_map_embedding
+
+    flow_map = flow_map_embedding(unet) is not None
+    if flow_map:  # a two-time (meanflow) student: its own network class and pipeline, DDIM steps told r
+        unet = unet if isinstance(unet, FlowMapModel) else FlowMapModel.wrap(unet)
+        info = {**info, "flow_map": True, "sampler": "ddim"}
     check_exportable(unet, teacher)
     guided = type(unet).__name__ == "GuidanceEmbeddedUNet"
     info = _student_info(info, teacher, guided)
     scheduler = scheduler_for(teacher, info)
-    if teacher.num_classes:
+    if flow_map:
+        from fastdiff.pipelines.pipeline_fastdiff_flow_map import FastdiffFlowMapPipeline
+
+        pipe = FastdiffFlowMapPipeline(unet=unet, scheduler=scheduler)
+    elif teacher.num_classes:
         from fastdiff.pipelines import FastdiffClassConditionalPipeline
 
         pipe = FastdiffClassConditionalPipeline(unet=unet, scheduler=scheduler)
@@ -291,7 +326,8 @@ def export_student(unet, teacher, info: dict, out: str | Path, sample_grid: str 
 
     def fill(tmp: Path) -> None:
         _save_pipeline(pipe, tmp, dtype, variant)
-        if teacher.num_classes:  # lets DiffusionPipeline.from_pretrained(out, custom_pipeline=out) work without fastdiff
+        # lets DiffusionPipeline.from_pretrained(out, custom_pipeline=out) work without fastdiff
+        if teacher.num_classes and not flow_map:
             shutil.copy(_class_cond_pipeline_file(), tmp / "pipeline.py")
         _write_card(tmp, info, out, card)
     return _write_folder(out, fill, teacher)
@@ -475,6 +511,7 @@ def export_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -
         pipe = load_pipeline(teacher.path, index, safety_checker=True,
                              **{teacher.model_folder: network, "scheduler": scheduler})
         _save_pipeline(pipe, folder, dtype, variant)
+        _save_schedulers(scheduler, folder, info)
         _write_card(folder, {**info, "export": "pipeline"}, out, card)
 
     def write_lora(folder: Path) -> None:  # the trainer has checked that the pipeline class loads LoRA weights
@@ -485,6 +522,7 @@ def export_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -
             weights = {k: v.to(getattr(torch, TORCH_DTYPES[dtype])) for k, v in weights.items()}
         cls.save_lora_weights(folder, **{f"{teacher.model_folder}_lora_layers": weights}, safe_serialization=True)
         scheduler.save_pretrained(folder / "scheduler")
+        _save_schedulers(scheduler, folder, info)
         _write_card(folder, {**info, "export": "lora", "format": "fastdiff-lora-v1", "variant": None}, out, card)
         if mode == "both":
             write_pipeline(folder / "fused", merged_model(model))
@@ -568,5 +606,9 @@ def student_generator(loaded, info: dict):
     d = network_view(loaded.model, loaded.denoiser, info.get("timestep_scaling"))
     if info.get("embedded_guidance") is not None:  # a guidance-distilled Flux student: fed the value it trained with
         flux.set_embedded_guidance(loaded.model, info["embedded_guidance"])
+    if info.get("flow_map"):  # any-K map steps from one two-time student
+        from ..models.flow_map import FlowMapGenerator
+
+        return FlowMapGenerator(d, info["num_steps"])
     cls = flux.FluxGenerator if flux.takes_packed_latents(loaded.model) else Generator  # FluxPipeline's noise layout
     return cls(d, info["num_steps"], sampler=info.get("sampler", "lcm"))

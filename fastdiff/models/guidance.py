@@ -71,6 +71,9 @@ def with_guidance_embedding(model: nn.Module, dim: int = 256) -> nn.Module:
         raise ValueError(f"objective.guidance_range needs a UNet2DModel or UNet2DConditionModel student to embed "
                          f"the scale into, got {type(model).__name__}")
     cfg = model.config
-    wrapped = GuidanceEmbeddedUNet(dict(cfg), dim, cfg.sample_size, cfg.in_channels, cfg.num_class_embeds)
+    # keywords, not positions: diffusers records positional arguments as "defaults used" and from_config (LoRA
+    # merging, AGD's export) would then drop them
+    wrapped = GuidanceEmbeddedUNet(unet_config=dict(cfg), time_cond_proj_dim=dim, sample_size=cfg.sample_size,
+                                   in_channels=cfg.in_channels, num_class_embeds=cfg.num_class_embeds)
     wrapped.unet.load_state_dict(model.state_dict())
     return wrapped.to(device)

@@ -134,11 +134,12 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 def fastdiff_model_classes() -> dict:
     """fastdiff's own diffusers-style models (the analytic benchmark's teacher and student, guided students)."""
     from .analytic import GaussianMixtureModel
+    from .flow_map import FlowMapModel
     from .guidance import GuidanceEmbeddedUNet
     from .mlp import MLPDenoiser
 
     return {"GaussianMixtureModel": GaussianMixtureModel, "MLPDenoiser": MLPDenoiser,
-            "GuidanceEmbeddedUNet": GuidanceEmbeddedUNet}
+            "GuidanceEmbeddedUNet": GuidanceEmbeddedUNet, "FlowMapModel": FlowMapModel}
 
 
 def prediction_type_of(scheduler) -> str:

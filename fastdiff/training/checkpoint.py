@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import FastdiffError
+from .sharding import is_sharded, load_full_state_dict
 
 PREFIX = "step-"
 
@@ -28,12 +29,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def save_weights(module: torch.nn.Module, path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
+def save_weights(module: torch.nn.Module | dict, path: Path) -> None:
+    """A module's weights, or a state dict already gathered from a sharded module (train.sharding fsdp)."""
+    state = module if isinstance(module, dict) else module.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:
-    module.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    if is_sharded(module):  # full tensors, whatever process count wrote them: each process keeps its shard
+        load_full_state_dict(module, state)
+    else:
+        module.load_state_dict(state)
 
 
 def rng_state(extra_generators: dict[str, torch.Generator]) -> dict:
@@ -66,7 +73,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def write_checkpoint(run_dir: Path, step: int, modules: dict[str, torch.nn.Module], state: dict, limit: int) -> Path:
+def write_checkpoint(run_dir: Path, step: int, modules: dict[str, torch.nn.Module | dict], state: dict,
+                     limit: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"

@@ -14,6 +14,7 @@ import torch
 from ..errors import FastdiffError
 
 SPLITS = {"train": "train", "test": "t10k"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FMNIST_ENV = "FASTDIFF_FASHION_MNIST"
 FMNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 
@@ -92,15 +93,28 @@ class RealImages:
     def __len__(self):
         return len(self.images)
 
-    def map_images(self, fn, chunk: int = 32) -> None:
+    def map_images(self, fn, chunk: int = 32, rank: int = 0, world: int = 1, device=None) -> None:
         """Replace every image by ``fn`` of it, ``chunk`` images at a time (e.g. latent teachers' VAE posteriors,
-        computed once instead of every step). The batches drawn afterwards follow the same random stream."""
-        first = fn(self.images[:chunk])
-        mapped = first.new_empty((len(self.images), *first.shape[1:]))  # filled in place: no second copy at the end
-        mapped[:len(first)] = first
-        for i in range(chunk, len(self.images), chunk):
-            mapped[i:i + chunk] = fn(self.images[i:i + chunk])
+        computed once instead of every step). The batches drawn afterwards follow the same random stream.
+
+        With ``world`` processes, process ``rank`` maps every ``world``-th chunk and the chunks are all-gathered
+        (through ``device``: the accelerator's, which the process group's backend needs), so each process does 1/P
+        of the work and every process ends with every result."""
+        n, mapped = len(self.images), None
+        for start in range(0, n, chunk * world):
+            mine = start + rank * chunk
+            piece = fn(self.images[mine:mine + chunk]) if mine < n else None
+            pieces = [piece] if world == 1 else _all_gather_chunks(piece, chunk, world, device)
+            if mapped is None:  # filled in place: no second copy at the end
+                mapped = self._mapped_storage((n, *pieces[0].shape[1:]), pieces[0].dtype)
+            for q, part in enumerate(pieces):
+                lo = start + q * chunk
+                if lo < n:
+                    mapped[lo:min(n, lo + chunk)] = part[:min(n, lo + chunk) - lo].cpu()
         self.images = mapped
+
+    def _mapped_storage(self, shape, dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
 
     def batch(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
         """(images, labels or None, captions or None)."""
@@ -111,11 +125,35 @@ class RealImages:
         return x, labels, captions
 
 
+def _all_gather_chunks(piece: torch.Tensor | None, chunk: int, world: int, device) -> list[torch.Tensor]:
+    """Every process's ``piece`` (None where a process had nothing left to map), padded to ``chunk`` rows."""
+    import torch.distributed as dist
+
+    meta = [None if piece is None else (tuple(piece.shape[1:]), piece.dtype)]
+    dist.broadcast_object_list(meta, src=0)  # rank 0 always has a piece while any process has one
+    shape, dtype = meta[0]
+    padded = torch.zeros((chunk, *shape), dtype=dtype, device=device)
+    if piece is not None:
+        padded[:len(piece)] = piece.to(device)
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return out
+
+
 def load_image_folder(path: str, size: int, channels: int = 3) -> tuple[torch.Tensor, list[str] | None]:
     """uint8 (N, C, size, size) images, each resized (shortest side, bicubic) and centre-cropped, and their
     captions from ``metadata.jsonl`` ({"file_name": ..., "text": ...} per line) when the folder has one."""
-    from PIL import Image
+    files, captions = list_image_folder(path)
+    out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)  # filled in place: one copy in memory
+    pixels = out.numpy()
+    for i, f in enumerate(files):
+        pixels[i] = decode_image(f, size, channels)
+    return out, captions
 
+
+def list_image_folder(path: str) -> tuple[list[str], list[str] | None]:
+    """The image files of a folder (metadata.jsonl's order, else sorted by name) and their captions, if any: plain
+    strings, read line by line, since a streamed folder keeps this list (and only this) for the whole run."""
     if path is None:
         raise FastdiffError("data.name imagefolder needs data.path: a folder of images (with metadata.jsonl captions "
                             "for text-to-image teachers)")
@@ -127,30 +165,37 @@ def load_image_folder(path: str, size: int, channels: int = 3) -> tuple[torch.Te
     if meta.is_file():
         import json
 
+        files, captions = [], []
         try:
-            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-            files = [root / r["file_name"] for r in rows]
-            captions = [str(r["text"] if "text" in r else r["caption"]) for r in rows]
+            with open(meta, encoding="utf-8") as lines:
+                for row in (json.loads(line) for line in lines if line.strip()):
+                    files.append(os.path.join(root, row["file_name"]))
+                    captions.append(str(row["text"] if "text" in row else row["caption"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise FastdiffError(f"{meta}: each line needs \"file_name\" and \"text\" ({exc})") from None
     else:
-        files = sorted(f for f in root.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        with os.scandir(root) as entries:
+            files = sorted(e.path for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
     if not files:
         raise FastdiffError(f"data.path {path}: no images (png, jpg, webp, bmp) found")
-    out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)  # filled in place: one copy in memory
-    pixels = out.numpy()
-    for i, f in enumerate(files):
-        try:
-            img = Image.open(f).convert("RGB" if channels == 3 else "L")
-        except (OSError, ValueError) as exc:
-            raise FastdiffError(f"{f}: not a readable image ({exc})") from None
-        scale = size / min(img.size)
-        w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-        img = img.resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        arr = np.asarray(img.crop((left, top, left + size, top + size)))
-        pixels[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return out, captions
+    return files, captions
+
+
+def decode_image(source, size: int, channels: int, name=None) -> np.ndarray:
+    """uint8 (C, size, size): an image file (a path or a binary file object) resized (shortest side, bicubic) and
+    centre-cropped."""
+    from PIL import Image
+
+    try:
+        img = Image.open(source).convert("RGB" if channels == 3 else "L")
+    except (OSError, ValueError) as exc:
+        raise FastdiffError(f"{name or source}: not a readable image ({exc})") from None
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)))
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 ANALYTIC_SAMPLES = 50_000
@@ -161,6 +206,10 @@ def real_images_for(data_cfg, teacher, seed: int) -> RealImages:
 
     ``analytic``: exact samples of the analytic teacher's mixture (labels = modes), for GAN heads in benchmarks.
     """
+    if data_cfg.name == "pairs":  # reflow: `fastdiff pairs` output, (noise, teacher sample) (training/pairs.py)
+        from .pairs import PairSamples
+
+        return PairSamples(data_cfg.path, teacher, seed)
     if data_cfg.name == "analytic":
         if not hasattr(teacher.model, "sample_true"):
             raise FastdiffError("data.name analytic needs the analytic (Gaussian-mixture) teacher")
@@ -169,10 +218,15 @@ def real_images_for(data_cfg, teacher, seed: int) -> RealImages:
         images = teacher.model.sample_true(ANALYTIC_SAMPLES, rng, class_labels=modes)
         return RealImages(images, modes, seed)
     channels, height, width = teacher.image_shape
-    if data_cfg.name == "imagefolder":
+    if data_cfg.name in ("imagefolder", "webdataset"):
         if data_cfg.resolution not in (None, height) or height != width:
             raise FastdiffError(f"data.resolution {data_cfg.resolution} does not match the teacher's image size "
                                 f"{height}x{width}")
+    if data_cfg.name == "webdataset" or (data_cfg.name == "imagefolder" and data_cfg.stream):
+        from .streaming import streaming_images_for  # decoded per batch: memory independent of the data set
+
+        return streaming_images_for(data_cfg, teacher, seed, height)
+    if data_cfg.name == "imagefolder":
         if teacher.num_classes:
             raise FastdiffError("data.name imagefolder has no class labels; a class-conditional teacher needs "
                                 "labelled data (fashion-mnist)")
@@ -182,7 +236,8 @@ def real_images_for(data_cfg, teacher, seed: int) -> RealImages:
                                 "(metadata.jsonl with file_name and text)")
         return RealImages(images, None, seed, captions if teacher.conditioning == "text" else None)
     if data_cfg.name != "fashion-mnist":
-        raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist, imagefolder, analytic or teacher")
+        raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist, imagefolder, "
+                            "webdataset, analytic or teacher")
     resolution = data_cfg.resolution or height
     if resolution != height or height != width:
         raise FastdiffError(f"data.resolution {resolution} does not match the teacher's sample size {height}x{width}")

@@ -4,7 +4,8 @@ Per generator update: ``objective.critic_updates`` critic updates (fake score, G
 generator samples, then one generator update, an EMA update, and (at their intervals) logs, a sample
 grid and a checkpoint. Gradients are averaged across processes by hand (one all-reduce per
 optimizer step), so the same code runs on one CPU or under ``accelerate launch`` on several GPUs, and
-frozen networks can be called freely without a DDP wrapper getting in the way.
+frozen networks can be called freely without a DDP wrapper getting in the way. With ``train.sharding: fsdp``
+the large networks are FSDP2-sharded (``sharding.py``) and their gradients reduce-scattered by FSDP instead.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .optim import Optimizer
 from .outputs import export_run, sample_grid
 from .run import Run
 from .setup import ema_beta
+from .sharding import gathered_student
 from .state import keep_metrics_upto, load_checkpoint, save_checkpoint
 
 
@@ -40,10 +42,12 @@ class Trainer(Run):
         load_checkpoint(self, which)
 
     def sample_grid(self) -> None:
-        sample_grid(self)
+        with gathered_student(self):  # sharded: every process helps gather, the main one draws
+            sample_grid(self)
 
     def export(self, out: Path | None = None) -> Path | None:
-        return export_run(self, out)
+        with gathered_student(self):
+            return export_run(self, out)
 
     # --- one step ---------------------------------------------------------------------------------
     def _seed_micro_batch(self, phase: str, index: int) -> None:
@@ -64,6 +68,8 @@ class Trainer(Run):
         acc = self.accelerator
         split = acc.num_processes * accum > 1
         for a in range(accum):
+            if self.shards is not None:  # FSDP reduce-scatters the last micro-batch's backward only
+                self.shards.set_gradient_sync(a == accum - 1)
             if split:
                 # A global batch split over processes or accumulation draws each micro-batch's randomness from
                 # (seed, step, update, global index): rank r of P processes draws exactly what micro-batch r of a
@@ -135,7 +141,8 @@ class Trainer(Run):
     def fit(self, export: bool = True) -> Path | None:
         cfg, acc = self.cfg, self.accelerator
         if export:  # an export that cannot succeed fails now, not after training
-            check_exportable(self.student_weights(), self.teacher)
+            weights = self.student_weights()
+            check_exportable(self.shards.skeleton(weights) if self.shards else weights, self.teacher)
         if self.resume:
             self.load(self.resume)
         elif self.overwrite and acc.is_main_process and self.out.exists():
@@ -184,5 +191,6 @@ class Trainer(Run):
             acc.end_training()
             return None
         self.sample_grid()
-        acc.end_training()  # after the last grid: it is logged to the trackers too
-        return self.export()
+        with gathered_student(self):  # sharded: gathered while the process group lives (end_training ends it)
+            acc.end_training()  # after the last grid: it is logged to the trackers too
+            return self.export()

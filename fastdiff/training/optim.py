@@ -7,11 +7,16 @@ import math
 import torch
 from accelerate import Accelerator
 
+from . import sharding
+
 
 def _average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
     if accelerator.num_processes == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    # Sharded parameters' gradients were reduce-scattered by FSDP in backward (train.sharding fsdp).
+    grads = [p.grad for p in params if p.grad is not None and not sharding.is_dtensor(p.grad)]
+    if not grads:
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat)
     flat /= accelerator.num_processes
@@ -26,7 +31,8 @@ class Optimizer:
 
     def __init__(self, modules: list[torch.nn.Module], lr: float, cfg, fp16: bool, steps_per_update: int = 1):
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]  # LoRA: adapters only
-        fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params)
+        self.sharded = any(sharding.is_dtensor(p) for p in self.params)  # train.sharding fsdp
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params) and not self.sharded
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(cfg.train.adam_betas),
                                      weight_decay=cfg.train.weight_decay, fused=fused or None)
         self.scaler = torch.amp.GradScaler(enabled=fp16)
@@ -48,9 +54,12 @@ class Optimizer:
         fake-score ``clip_grad_value_``)."""
         _average_gradients(self.params, accelerator)
         self.scaler.unscale_(self.opt)
-        if clip_value:
-            torch.nn.utils.clip_grad_value_(self.params, clip_value)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if self.sharded:  # a norm over shards and replicated heads together
+            norm = sharding.clip_grad_norm(self.params, self.clip, clip_value)
+        else:
+            if clip_value:
+                torch.nn.utils.clip_grad_value_(self.params, clip_value)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         finite = torch.isfinite(norm)
         if self.opt.defaults.get("fused") and not self.scaler.is_enabled():
             self.opt.grad_scale, self.opt.found_inf = None, (~finite).float()
@@ -65,11 +74,18 @@ class Optimizer:
         self.schedule.step()
         return norm, finite
 
-    def state_dict(self):
-        return {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict()}
+    def state_dict(self, is_main: bool = True):
+        """Sharded: collective (every process calls it); full tensors, kept by the main process."""
+        opt = self.opt.state_dict()
+        if self.sharded:
+            opt = sharding.full_optimizer_state(opt, is_main)
+        return {"opt": opt, "scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state):
-        self.opt.load_state_dict(state["opt"])
+        opt = state["opt"]
+        if self.sharded:  # the checkpoint's full tensors cut into this process's shards
+            opt = sharding.shard_optimizer_state(opt, self.params)
+        self.opt.load_state_dict(opt)
         self.scaler.load_state_dict(state["scaler"])
         if "schedule" in state:  # checkpoints from before learning-rate schedules
             self.schedule.load_state_dict(state["schedule"])

@@ -24,6 +24,7 @@ from .teacher_data import teacher_samples_for
 from .networks import check_student, enable_gradient_checkpointing, fake_score_model, lora_export_mode, methods_used
 from .networks import student_model_for
 from .optim import Optimizer
+from .sharding import refuse_accelerate_sharding, shard_run
 from .trackers import trackers_for
 from .setup import (build_objective, check_objective_settings, prepare_output_dir, resolve_train_defaults, sigma_init,
                     student_denoiser, student_like, trains_on_data, uses_ema, uses_gan)
@@ -39,6 +40,7 @@ class Run:
         self.out = prepare_output_dir(cfg, resume, overwrite)
         self.resume = resume
         self.overwrite = overwrite
+        refuse_accelerate_sharding()  # an accelerate config asking for FSDP / DeepSpeed / Megatron: train.sharding
         teacher_path = resolve_teacher_path(cfg.teacher.path)
         # Everything that can fail on bad input happens before anything is written.
         self.teacher = load_teacher(teacher_path, cfg.teacher.guidance_scale, cfg.teacher.null_class,
@@ -62,6 +64,7 @@ class Run:
         self.accelerator = Accelerator(
             mixed_precision=mp, log_with=trackers_for(cfg.train.report_to) or None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        refuse_accelerate_sharding(self.accelerator.distributed_type)
         if mp != "no" and not self.accelerator.native_amp:  # accelerate's fp16 needs an accelerator
             self.accelerator.print(f"train.mixed_precision {mp}: accelerate has no {mp} autocast on "
                                    f"{self.accelerator.device.type}; training runs in float32")
@@ -74,6 +77,9 @@ class Run:
         self.text = None
         if self.prompts is not None:
             self.text = self._prompt_encoder(device)
+        if hasattr(self.real, "follow"):  # streamed data: each batch's samples from (seed, step, rank) alone
+            self.real.follow(lambda: self.step, self.accelerator.process_index, self.accelerator.num_processes,
+                             cfg.train.gradient_accumulation)
         if self.teacher.latents is not None and isinstance(self.real, RealImages):  # teacher samples are latents
             self._prepare_latents(device)
 
@@ -90,6 +96,9 @@ class Run:
         if uses_ema(cfg.train):  # a LoRA student's EMA keeps its own adapters and shares the base
             self.ema = lora_copy(student_model) if is_lora(student_model) else copy.deepcopy(student_model)
             self.ema.requires_grad_(False).eval()
+        # train.sharding fsdp: before the EMA pairs and optimizers take the (then sharded) parameters
+        self.shards = shard_run(self, self.accelerator.print)
+        self.gathered_student = None  # a sharded run's student gathered whole for a grid or the export
         self._ema_pairs = []  # (EMA parameter, trained parameter): a LoRA student's adapters only
         if self.ema is not None:
             ema_params = dict(self.ema.named_parameters())
@@ -114,6 +123,8 @@ class Run:
                                fake.model if fake is not None else None)
         if self.cfg.train.mixed_precision != "no":  # whether the networks really run under bf16 / fp16 autocast
             methods["mixed_precision_autocast"] = self.accelerator.native_amp
+        if self.cfg.train.sharding == "fsdp":  # False on one process: nothing to shard
+            methods["fsdp_sharded"] = self.shards is not None
         return methods
 
 
@@ -142,11 +153,13 @@ class Run:
         if self.cfg.data.cache_latents:
             main = self.accelerator.is_main_process
             with progress(total=len(self.real.images), desc="caching latents", unit="img", enabled=self.progress and main) as bar:
+                acc = self.accelerator
                 def encode(x):
                     posterior = latents.posterior(as_model_range(x.to(device))).cpu()
-                    bar.update(len(x))
+                    bar.update(len(x) * acc.num_processes)  # the main process sees its 1/P share
                     return posterior
-                self.real.map_images(encode)
+                # Each process encodes 1/P of the images; the posteriors are all-gathered (data.py).
+                self.real.map_images(encode, rank=acc.process_index, world=acc.num_processes, device=device)
             latents.vae.to("cpu")
 
     def _prompt_encoder(self, device) -> PromptEncoder:
@@ -231,6 +244,8 @@ class Run:
 
     def student_weights(self) -> torch.nn.Module:
         """The weights users get: the EMA when enabled, else the raw generator."""
+        if self.gathered_student is not None:
+            return self.gathered_student
         return self.ema if self.ema is not None else self.generator.denoiser.model
 
     def export_generator(self) -> Generator:

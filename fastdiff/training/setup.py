@@ -10,6 +10,7 @@ from ..config import RUN_SHAPE_KEYS, Config
 from ..errors import FastdiffError
 from ..models.consistency import consistency_start, network_view
 from ..models.denoiser import Denoiser
+from ..models.generator import Generator
 from ..models.teacher import Teacher
 from ..objectives import build, entry, objective_class, teacher_options
 from ..objectives.gan import GANHead
@@ -83,8 +84,12 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
     try:
         gan_head = GANHead(fake) if uses_gan(cfg) else None
         options = teacher_options(cfg.objective.name, teacher, objective_options(cfg))
-        if trains_on_data(cfg):  # consistency students train up to the level they sample from
+        # Consistency students train up to the level they sample from; BOOT reads its g(eps, 0) there.
+        if trains_on_data(cfg) or getattr(objective_class(cfg.objective.name), "needs_sigma_init", False):
             options["sigma_max"] = sigma_init(cfg, teacher)
+        if getattr(objective_class(cfg.objective.name), "samples_student", False):
+            # tdm runs the student's K-step sampler itself: the same levels and re-noising as the run's generator
+            student = Generator(student, cfg.student.num_steps, sigma_init(cfg, teacher), cfg.student.sampler)
         return build(cfg.objective.name, teacher.denoiser, fake, gan_head=gan_head, student=student, **options)
     except ValueError as exc:
         raise FastdiffError(str(exc)) from exc

@@ -11,6 +11,7 @@ from . import checkpoint as ckpt
 from ..config import to_dict
 from ..errors import FastdiffError
 from .networks import checkpoint_view
+from .sharding import full_state_dict
 
 
 # Settings that decide which networks a run has and what their weights mean.
@@ -48,11 +49,20 @@ def checkpoint_modules(run) -> dict:
 
 
 def save_checkpoint(run) -> None:
-    if not run.accelerator.is_main_process:
+    """Written by the main process. Sharded runs (train.sharding fsdp) first gather full tensors there, which every
+    process takes part in; the checkpoint then holds what an unsharded run writes, for any process count."""
+    main, sharded = run.accelerator.is_main_process, getattr(run, "shards", None) is not None
+    if not main and not sharded:
         return
-    state = {"step": run.step, "skipped": {k: int(v) for k, v in run.skipped.items()}, "opt_g": run.opt_g.state_dict(),
-             "opt_c": run.opt_c.state_dict() if run.opt_c else None, "rng": ckpt.rng_state(run._generators())}
-    path = ckpt.write_checkpoint(run.out, run.step, checkpoint_modules(run), state, run.cfg.train.checkpoint_limit)
+    modules = checkpoint_modules(run)
+    if sharded:
+        modules = {name: full_state_dict(module) for name, module in modules.items()}
+    opt_g, opt_c = run.opt_g.state_dict(main), run.opt_c.state_dict(main) if run.opt_c else None
+    if not main:
+        return
+    state = {"step": run.step, "skipped": {k: int(v) for k, v in run.skipped.items()}, "opt_g": opt_g,
+             "opt_c": opt_c, "rng": ckpt.rng_state(run._generators())}
+    path = ckpt.write_checkpoint(run.out, run.step, modules, state, run.cfg.train.checkpoint_limit)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
 
 

@@ -1,0 +1,155 @@
+"""Two-time (flow-map) students: a second time r enters the network through an added, zero-initialised embedding.
+
+A flow-map student predicts the average velocity between two times of the probability-flow ODE (MeanFlow, Geng et
+al. 2025), ``u(z_t, r, t) = 1/(t - r) int_r^t v(z_s, s) ds``, so one network samples with any number of steps:
+``z_r = z_t - (t - r) u(z_t, r, t)`` along a grid ending at r = 0. fastdiff keeps its Denoiser view: the student's
+x0 estimate D(x, sigma; r) gives, in flow units (``z = x / (1 + sigma)``, ``t = sigma / (1 + sigma)``),
+``u = (z - D) / t``. Then one map step is ``z_r = (r / t) z + (1 - r / t) D``, which is exactly a deterministic DDIM
+step from t to r with the x0 estimate D: a flow-map sampler is the ``ddim`` Generator whose network is told, at each
+step, the level it steps to, and diffusers' DDIMScheduler reproduces it once the pipeline passes that level.
+
+How r enters (the LCM guidance-embedding pattern of ``models/guidance.py``): ``proj(features(r))`` is added to the
+input of the network's timestep MLP (UNets: ``time_proj`` features into ``time_embedding``; fastdiff's MLP: added
+to its first layer's output), with ``proj`` zero-initialised, so the student starts as the teacher: at every r its
+output is the teacher's, i.e. ``u(z, r, t) = v(z, t)``. r is given in the network's native timestep units (the VP
+table's timestep, ``t * T`` for flow teachers); the data end (sigma = 0) is timestep 0. The embedding is added to
+the student network in place (``add_flow_map_embedding``) so the trainer's optimizer, EMA and checkpoints carry it;
+the export saves the network as :class:`FlowMapModel`, whose forward takes ``r_timestep``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import diffusers
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import get_timestep_embedding
+from torch import nn
+
+from .denoiser import Denoiser
+from .generator import Generator
+from .mlp import MLPDenoiser
+
+MLP_FEATURES = 64  # sinusoidal features of r for fastdiff's MLP (UNets reuse their own time_proj)
+
+
+class TargetTimeEmbedding(nn.Module):
+    """``proj(features(r))``, zero at the start; ``pending`` holds the r (native timesteps) of the current call."""
+
+    def __init__(self, features: int, width: int, time_proj: nn.Module | None):
+        super().__init__()
+        self.proj = nn.Linear(features, width, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.features = features
+        self._time_proj = [time_proj]  # a list: the network's own module, not registered twice
+        self.pending: torch.Tensor | None = None
+
+    def embedding(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        r = torch.zeros(1, device=like.device) if self.pending is None else self.pending.to(like.device)
+        r = r.reshape(-1).float()
+        r = r.expand(batch) if r.numel() == 1 else r.repeat(batch // r.numel())  # CFG: [uncond, cond] halves
+        proj = self._time_proj[0]
+        feats = proj(r) if proj is not None else get_timestep_embedding(r, self.features, flip_sin_to_cos=True)
+        return self.proj(feats.to(self.proj.weight.dtype)).to(like.dtype)
+
+    def add_to_input(self, module, args):
+        return (args[0] + self.embedding(args[0].shape[0], args[0]),) + tuple(args[1:])
+
+    def add_to_output(self, module, args, output):
+        return output + self.embedding(output.shape[0], output)
+
+
+def flow_map_embedding(model: nn.Module) -> TargetTimeEmbedding | None:
+    """The r embedding of a flow-map network (in place or a :class:`FlowMapModel`), or None."""
+    found = getattr(model, "flow_map_r", None) or getattr(getattr(model, "base", None), "flow_map_r", None)
+    return found if isinstance(found, TargetTimeEmbedding) else None
+
+
+def add_flow_map_embedding(model: nn.Module) -> nn.Module:
+    """Give ``model`` a zero-initialised r input, in place (idempotent): UNet2DModel / UNet2DConditionModel get it
+    beside their timestep features, fastdiff's MLPDenoiser after its first layer. Other networks: ValueError."""
+    if flow_map_embedding(model) is not None:
+        return model
+    device = next(model.parameters(), torch.empty(0)).device
+    if hasattr(model, "time_embedding") and hasattr(model, "time_proj"):
+        width = model.time_embedding.linear_1.in_features
+        model.flow_map_r = TargetTimeEmbedding(width, width, model.time_proj).to(device)
+        model.time_embedding.register_forward_pre_hook(model.flow_map_r.add_to_input)
+    elif isinstance(model, MLPDenoiser):
+        model.flow_map_r = TargetTimeEmbedding(MLP_FEATURES, model.net[0].out_features, None).to(device)
+        model.net[0].register_forward_hook(model.flow_map_r.add_to_output)
+    else:
+        raise ValueError(f"a flow-map student needs a UNet2DModel, UNet2DConditionModel or MLPDenoiser to add the "
+                         f"second time to, got {type(model).__name__}")
+    return model
+
+
+@contextlib.contextmanager
+def target_time(model: nn.Module, r_timestep: torch.Tensor | None):
+    """Within the block, ``model`` (a flow-map network) maps to time ``r_timestep`` (native units; (B,) or scalar)."""
+    emb = flow_map_embedding(model)
+    if emb is None:
+        raise ValueError(f"{type(model).__name__} has no flow-map embedding (add_flow_map_embedding)")
+    before, emb.pending = emb.pending, r_timestep
+    try:
+        yield
+    finally:
+        emb.pending = before
+
+
+def r_timestep(schedule, sigma_r: torch.Tensor) -> torch.Tensor:
+    """Native timestep fed for the target level sigma_r (float32; sigma 0, the data end, is timestep 0)."""
+    sigma_r = torch.as_tensor(sigma_r, dtype=torch.float32).reshape(-1)
+    return schedule.model_timestep(sigma_r)
+
+
+class FlowMapModel(ModelMixin, ConfigMixin):
+    """An exported flow-map network: ``base`` (its class and config recorded) with the r embedding; ``forward``
+    takes ``r_timestep`` (native timesteps; default 0, the map to the data)."""
+
+    @register_to_config
+    def __init__(self, base_class: str, base_config: dict, sample_size=None, in_channels: int = 1,
+                 num_class_embeds: int | None = None):
+        super().__init__()
+        cls = MLPDenoiser if base_class == "MLPDenoiser" else getattr(diffusers, base_class)
+        self.base = add_flow_map_embedding(cls.from_config(base_config))
+
+    @classmethod
+    def wrap(cls, model: nn.Module) -> "FlowMapModel":
+        """The in-place flow-map network ``model`` as a FlowMapModel with the same weights."""
+        cfg = model.config
+        wrapped = cls(type(model).__name__, dict(cfg), getattr(cfg, "sample_size", None),
+                      getattr(cfg, "in_channels", 1), getattr(cfg, "num_class_embeds", None))
+        wrapped.base.load_state_dict(model.state_dict())
+        return wrapped.to(next(model.parameters()).device)
+
+    def forward(self, sample: torch.Tensor, timestep, class_labels=None, r_timestep=None, return_dict: bool = True):
+        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        if r_timestep is None:  # fastdiff's samplers set it through target_time
+            return self.base(sample, timestep, return_dict=return_dict, **kwargs)
+        with target_time(self.base, torch.as_tensor(r_timestep, device=sample.device)):
+            return self.base(sample, timestep, return_dict=return_dict, **kwargs)
+
+
+class FlowMapGenerator(Generator):
+    """Any-K flow-map sampling from one student: on the K levels of a K-step student (``step_sigmas``), each step
+    maps z_t to the next level r with ``z_r = z_t - (t - r) u(z_t, r, t)`` (the last to r = 0, the data), i.e. the
+    deterministic ``ddim`` step with the student told r. Args as :class:`Generator` (the sampler is ddim)."""
+
+    def __init__(self, denoiser: Denoiser, num_steps: int = 1, sigma_init: float | None = None):
+        super().__init__(denoiser, num_steps, sigma_init, sampler="ddim")
+
+    def forward(self, z: torch.Tensor, cond: dict | None = None, num_steps: int | None = None,
+                rng: torch.Generator | None = None) -> torch.Tensor:
+        sigmas = self.levels(num_steps)
+        model, schedule = self.denoiser.model, self.denoiser.schedule
+        x_native = x0 = z
+        for i, sigma in enumerate(sigmas):
+            last = i + 1 == len(sigmas)
+            target = torch.zeros(()) if last else sigmas[i + 1]
+            with target_time(model, r_timestep(schedule, target).to(z.device)):
+                x0 = self.denoiser.denoise_native(x_native, sigma, cond)
+            if not last:
+                x_native = self.next_input(x_native, x0, sigma, sigmas[i + 1], None)
+        return x0

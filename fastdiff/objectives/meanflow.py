@@ -1,0 +1,193 @@
+"""Flow-map (MeanFlow) distillation: a two-time student learns the teacher's average velocity (Geng et al. 2025,
+"Mean Flows for One-step Generative Modeling", arXiv 2505.13447; reference NVlabs/FastGen
+fastgen/methods/consistency_model/mean_flow.py, ``FlowMapLossMixin`` with ``loss_config.use_cd``: the teacher
+supplies the velocity).
+
+In flow units (``z_t = (1 - t) x0 + t eps``; fastdiff's VE point x at sigma is ``z = x / (1 + sigma)`` at
+``t = sigma / (1 + sigma)``, for VP and flow teachers alike) the average velocity between r and t is
+
+    u(z_t, r, t) = 1 / (t - r) int_r^t v(z_s, s) ds                                   (MeanFlow Eq. 3)
+
+and differentiating ``(t - r) u = int_r^t v ds`` in t gives the MeanFlow identity
+
+    u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t),   d/dt = v . d_z + d_t      (Eq. 6, 8)
+
+The loss regresses the student on the right-hand side with a stop-gradient (Eq. 9-10):
+``|| u_theta - sg(v - (t - r) (v . d_z u_theta + d_t u_theta)) ||^2``, where v is the teacher's velocity
+``(z - D_teacher) / t`` at (z_t, t) and the total derivative is one forward-mode JVP of u_theta with tangents (v, 1)
+(``torch.func.jvp``, SDPA's math backend), or the central finite difference along the same tangent where JVP cannot
+pass (as sCM's ``objectives/scm.py``). The student's u is ``(z - D_student(z / (1 - t), sigma; r)) / t`` with r fed
+through its flow-map embedding (``models/flow_map.py``), added to the network here, zero-initialised, so it starts
+as the teacher (u = v at every r).
+
+Adaptive weighting (Sec. 4.3): per sample ``w = sg(1 / (||delta||^2 + c)^p)``, ||.||^2 summed over elements, p = 1
+and c = 1e-3 (the paper's best p, Table 1d, and its c); FastGen's ``norm_method poly_1.0`` is the same form.
+(t, r) sampling (Sec. 4.3, Table 1a-b): two draws from a logit-normal in t, which is a log-normal in
+sigma = t / (1 - t) (``ln sigma ~ N(p_mean, p_std^2)``, the paper's (-0.4, 1.0)), t the larger and r the smaller;
+a share ``flow_matching_ratio`` of the samples takes r = t (the paper's best: 75%, i.e. 25% with r != t; FastGen's
+default 0.25), and a share ``consistency_ratio`` r = 0 (FastGen/AnyFlow's consistency bucket; 0 in MeanFlow).
+Training levels stay inside the teacher's table and at or below the student's first sampling level (``sigma_max``);
+an r below the table's first level is the data end, r = 0.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..models.denoiser import Denoiser, expand
+from ..models.flow_map import add_flow_map_embedding, r_timestep, target_time
+from ..models.lora import is_lora
+from .base import Objective, finite_mean, schedule_range
+from .registry import register
+
+TANGENTS = ("auto", "jvp", "finite_difference")
+
+
+def total_derivative(fn, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor, method: str, h) -> torch.Tensor:
+    """``d/dt fn(z_t, t) = v . d_z fn + d_t fn`` (no graph): one JVP with tangents (v, 1), or the central difference
+    ``(fn(z + h v, t + h) - fn(z - h v, t - h)) / 2h`` (h a float or one step per sample)."""
+    ones = torch.ones_like(t)
+    with torch.no_grad():
+        if method == "jvp":
+            with sdpa_kernel([SDPBackend.MATH]):  # fused SDPA kernels have no forward-mode AD
+                return torch.func.jvp(fn, (z, t), (v, ones))[1]
+        h = torch.as_tensor(h, dtype=t.dtype, device=t.device).expand_as(t)
+        hz = expand(h, z)
+        return (fn(z + hz * v, t + h) - fn(z - hz * v, t - h)) / (2 * hz)
+
+
+def meanflow_target(v: torch.Tensor, t: torch.Tensor, r: torch.Tensor, du_dt: torch.Tensor) -> torch.Tensor:
+    """The MeanFlow identity's right-hand side ``v - (t - r) du/dt`` (Eq. 8)."""
+    return v - expand(t - r, v) * du_dt
+
+
+class MeanFlow(Objective):
+    """Args:
+        teacher: the frozen teacher (its guidance_scale is the fixed CFG scale of v).
+        student: the student Denoiser; its network gets the flow-map embedding (``add_flow_map_embedding``).
+        tangent: how du/dt is computed: "auto" (JVP, falling back for good to finite differences), "jvp",
+            "finite_difference".
+        fd_step: step of the central difference in logit(t) = ln sigma, i.e. ``h = fd_step t (1 - t)`` in t: the
+            student varies on the scale of ln sigma (a fixed step in t near t = 1 spans many sigmas). On the tiny
+            UNet (float32) the error against the JVP fell as h^2 down to 3e-4, then round-off grows as 1 / h.
+        p_mean, p_std: ``ln sigma ~ N(p_mean, p_std^2)`` for t and r (MeanFlow: logit-normal (-0.4, 1.0)).
+        flow_matching_ratio: share of samples with r = t (MeanFlow: 0.75).
+        consistency_ratio: share of samples with r = 0 (MeanFlow: 0). At 1 every r is 0 and the student needs no
+            second time (a plain x0 network is the map to the data).
+        adaptive_power, adaptive_const: p and c of the adaptive weight ``1 / (||delta||^2 + c)^p``; p = 0: none.
+        sigma_max: the student's first sampling level (trainer-supplied); None = the top of the table.
+    """
+
+    trains_on = "data"
+    uses_fake_score = False
+
+    def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, tangent: str = "auto",
+                 fd_step: float = 3e-4, p_mean: float = -0.4, p_std: float = 1.0, flow_matching_ratio: float = 0.75,
+                 consistency_ratio: float = 0.0, adaptive_power: float = 1.0, adaptive_const: float = 1e-3,
+                 sigma_max: float | None = None):
+        super().__init__(teacher, None, 0, None)
+        if gan_head is not None:
+            raise ValueError("objective.gan does not apply to meanflow")
+        if tangent not in TANGENTS:
+            raise ValueError(f"objective.tangent must be one of {', '.join(TANGENTS)}, got {tangent!r}")
+        if not (0 <= flow_matching_ratio and 0 <= consistency_ratio and flow_matching_ratio + consistency_ratio <= 1):
+            raise ValueError("objective.flow_matching_ratio and consistency_ratio must be >= 0 with a sum <= 1")
+        if fd_step <= 0 or p_std <= 0 or adaptive_power < 0 or adaptive_const <= 0:
+            raise ValueError("objective.fd_step, p_std and adaptive_const must be > 0 and adaptive_power >= 0")
+        self.student, self.tangent, self.fd_step = student, tangent, fd_step
+        self.p_mean, self.p_std = p_mean, p_std
+        self.flow_matching_ratio, self.consistency_ratio = flow_matching_ratio, consistency_ratio
+        self.adaptive_power, self.adaptive_const = adaptive_power, adaptive_const
+        self.sigma_max = sigma_max
+        self.two_time = consistency_ratio < 1
+        if self.two_time:
+            if is_lora(student.model):
+                raise ValueError("objective meanflow trains full students (student.lora_rank 0): the flow-map "
+                                 "embedding is a new layer")
+            try:  # in place: the trainer's optimizer, EMA and checkpoints see the new layer
+                add_flow_map_embedding(student.model)
+            except ValueError as exc:
+                raise ValueError(f"objective meanflow: {exc} (or set objective.consistency_ratio 1: every r = 0, "
+                                 "no second time)") from exc
+
+    def train_defaults(self) -> dict:
+        """FastGen's config_mean_flow.py: no weight decay, no learning-rate warm-up (Adam's betas stay fastdiff's)."""
+        return {"weight_decay": 0.0, "lr_warmup_steps": 0}
+
+    # --- times ---------------------------------------------------------------------------------------
+    def sample_levels(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma_t, sigma_r), float64, sigma_r <= sigma_t, sigma_r = 0 meaning the data end."""
+        lo, hi = schedule_range(self.teacher.schedule)
+        hi = hi if self.sigma_max is None else min(hi, self.sigma_max)
+        draws = (torch.randn(2, n, device=device, dtype=torch.float64) * self.p_std + self.p_mean).exp()
+        sigma_t = draws.max(dim=0).values.clamp(lo, hi)
+        sigma_r = torch.minimum(draws.min(dim=0).values, sigma_t)
+        sigma_r = torch.where(sigma_r < lo, torch.zeros_like(sigma_r), sigma_r)
+        share = torch.rand(n, device=device, dtype=torch.float64)
+        sigma_r = torch.where(share < self.flow_matching_ratio, sigma_t, sigma_r)
+        sigma_r = torch.where(share >= 1 - self.consistency_ratio, torch.zeros_like(sigma_r), sigma_r)
+        return sigma_t, sigma_r
+
+    # --- velocities in flow units ------------------------------------------------------------------------
+    def teacher_velocity(self, z: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """v(z_t, t) = (z - D_teacher) / t."""
+        with torch.no_grad():
+            x0 = self.teacher(z / expand(1 - t, z), t / (1 - t), cond)
+        return (z - x0) / expand(t, z)
+
+    def student_velocity(self, z: torch.Tensor, t: torch.Tensor, r_ts: torch.Tensor | None, cond) -> torch.Tensor:
+        """u(z_t, r, t) = (z - D_student(z / (1 - t), t / (1 - t); r)) / t, differentiable in z and t."""
+        x, sigma = z / expand(1 - t, z), t / (1 - t)
+        if r_ts is None:
+            x0 = self.student(x, sigma, cond)
+        else:
+            with target_time(self.student.model, r_ts):
+                x0 = self.student(x, sigma, cond)
+        return (z - x0) / expand(t, z)
+
+    def du_dt(self, z, t, r_ts, cond, v) -> torch.Tensor:
+        """d/dt u along the teacher's flow, by JVP or finite difference (``tangent``; auto falls back once)."""
+        def fn(zz, tt):
+            return self.student_velocity(zz, tt, r_ts, cond)
+
+        if self.tangent != "finite_difference":
+            try:
+                return total_derivative(fn, z, t, v, "jvp", self.fd_step)
+            except Exception as exc:  # noqa: BLE001 - any op without forward-mode AD
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if self.tangent == "jvp":
+                    raise RuntimeError(f"objective.tangent jvp failed ({first}); use auto or "
+                                       "finite_difference") from exc
+                warnings.warn(f"JVP failed ({first}); meanflow uses finite differences from now on", stacklevel=2)
+                self.tangent = "finite_difference"
+        return total_derivative(fn, z, t, v, "finite_difference", self.fd_step * t * (1 - t))
+
+    # --- the loss --------------------------------------------------------------------------------------------
+    def generator_loss(self, x, cond=None, real=None):
+        x = x.detach().float()
+        sigma_t, sigma_r = self.sample_levels(x.shape[0], x.device)
+        x_t = x + expand(sigma_t.float(), x) * torch.randn_like(x)
+        per_sample, sq = self.loss_at(x_t, sigma_t, sigma_r, cond)
+        loss = finite_mean(per_sample)
+        return loss, {"loss_meanflow": loss.detach(), "meanflow_mse": finite_mean(sq.detach()),
+                      "share_r_below_t": (sigma_r < sigma_t).float().mean()}
+
+    def loss_at(self, x_t, sigma_t, sigma_r, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted per-sample loss, unweighted per-element mean squared error) at VE points x_t of level sigma_t,
+        mapping to sigma_r (0: the data)."""
+        t = (sigma_t / (1 + sigma_t)).float()
+        r = (sigma_r / (1 + sigma_r)).float()
+        z = x_t / expand(1 + sigma_t.float(), x_t)
+        r_ts = r_timestep(self.teacher.schedule, sigma_r.float()).to(x_t.device) if self.two_time else None
+        v = self.teacher_velocity(z, t, cond)
+        target = meanflow_target(v, t, r, self.du_dt(z, t, r_ts, cond, v))
+        u = self.student_velocity(z, t, r_ts, cond)
+        sq = (u - target.detach()).flatten(1).pow(2)
+        total = sq.sum(dim=1)
+        weight = (total.detach() + self.adaptive_const) ** -self.adaptive_power
+        return weight * total, sq.mean(dim=1)
+
+
+register("meanflow", MeanFlow)

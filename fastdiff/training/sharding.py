@@ -1,0 +1,269 @@
+"""``train.sharding: fsdp``: the run's large networks sharded over the processes with PyTorch's own FSDP2
+(``torch.distributed.fsdp.fully_shard``), one FSDP unit per UNet / transformer block plus the root.
+
+What is sharded: the student, its EMA, the fake score, the frozen teacher and a consistency target network (any
+network with blocks); small heads (GAN head, SCM's log-variance, density ratios) stay replicated and their
+gradients are still averaged by ``optim``'s all-reduce. Gradients of sharded parameters are reduce-scattered by
+FSDP itself (mean over processes, as the all-reduce computes). Checkpoints and exports hold full tensors gathered
+to the main process, in the format unsharded runs write, so a checkpoint moves between process counts and between
+``sharding: none`` and ``fsdp`` freely.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+
+import torch
+from torch import nn
+
+from ..errors import FastdiffError
+
+SHARDINGS = ("none", "fsdp")
+# Module lists whose entries are one FSDP unit each: diffusers UNets, DiT / SD3 / Sana, Flux's single-stream blocks.
+BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
+SINGLE_BLOCKS = ("mid_block",)
+
+# reshard_after_forward per network (True: free the gathered weights after each forward and gather again in backward).
+#  - teacher: True. It is frozen, the largest network a step calls, and called several times per update (real
+#    score, sometimes CFG); its backward (SiD's loss differentiates through it) comes only after the student's and
+#    fake score's passes. Holding it gathered from forward to backward would keep a full copy for most of the step.
+#  - student: True. Its forward is the first thing an update does and its backward the last, with the teacher's
+#    and fake score's forwards between them.
+#  - fake score: True, though its critic updates run forward and backward back to back (False would save one
+#    all-gather per block there). In the generator update it is frozen and, for DMD2, not differentiated at all,
+#    so no backward would reshard it: it would stay gathered, a full copy, into the next critic update, and with
+#    the requires_grad flags of that frozen gather (FSDP reads them from the sharded parameters at each gather
+#    only), so the critic would not train. (Explicit True also reshards the root unit, which FSDP's default keeps.)
+#  - EMA and consistency target: True. Never differentiated; the EMA is not even run during training.
+RESHARD_AFTER_FORWARD = {"teacher": True, "student": True, "fake": True, "ema": True, "target": True}
+
+_ACCELERATE_PLUGINS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                       "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def refuse_accelerate_sharding(distributed_type=None, env=None) -> None:
+    """accelerate's FSDP / DeepSpeed / Megatron plugins only act through ``accelerator.prepare``, which fastdiff does
+    not call: such a config would silently replicate every network. Refuse it and point to ``train.sharding``."""
+    env = os.environ if env is None else env
+    asked = [name for var, name in _ACCELERATE_PLUGINS.items() if env.get(var, "false").lower() in ("true", "1", "yes")]
+    kind = getattr(distributed_type, "value", distributed_type)
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        asked.append({"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed", "MEGATRON_LM": "Megatron-LM"}[kind])
+    if asked:
+        raise FastdiffError(f"accelerate's {asked[0]} plugin is not used by fastdiff (every network would be "
+                            "replicated); launch plain multi-process (accelerate launch --multi_gpu or torchrun) and "
+                            "set train.sharding: fsdp instead")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def is_dtensor(t: torch.Tensor | None) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (the tensor itself when not sharded); in-place ops on it act on the shard."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost blocks of a network (one FSDP unit each): entries of its block lists and its mid block."""
+    found, inside = [], set()
+    for name, module in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        owner = parent.rpartition(".")[2]
+        if not (owner in BLOCK_LISTS and leaf.isdigit() or leaf in SINGLE_BLOCKS):
+            continue
+        if not any(name.startswith(p + ".") for p in inside):
+            found.append(module)
+            inside.add(name)
+    return found
+
+
+class Shards:
+    """The sharded networks of one run, the device mesh they live on, and a weightless copy of each (its plain
+    module structure) from which full copies are rebuilt for sample grids and export."""
+
+    def __init__(self, accelerator, mixed_precision: str, log=print):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        device = accelerator.device
+        self.mesh = init_device_mesh(device.type, (accelerator.num_processes,))
+        self.is_main = accelerator.is_main_process
+        self.policy = MixedPrecisionPolicy()
+        if mixed_precision == "bf16" and device.type == "cuda":
+            # bf16 gathers and compute, fp32 master weights (the sharded parameters) and fp32 gradient reduction.
+            self.policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                               output_dtype=torch.float32)
+        elif mixed_precision == "bf16":
+            log(f"train.sharding fsdp: FSDP keeps float32 parameters on {device.type} (its bf16 policy is for GPUs); "
+                "only accelerate's autocast decides the compute dtype there")
+        self.networks: list[nn.Module] = []
+        self.gathering = False  # inside gathered_student
+        self._skeletons: dict[int, nn.Module] = {}
+
+    def shard(self, model: nn.Module, role: str) -> nn.Module:
+        """Shard ``model`` in place (its blocks, then the rest as the root unit); returns it."""
+        from torch.distributed.fsdp import fully_shard
+
+        self._skeletons[id(model)] = weightless_copy(model)
+        options = {"mesh": self.mesh, "mp_policy": self.policy, "reshard_after_forward": RESHARD_AFTER_FORWARD[role]}
+        for block in blocks(model):
+            fully_shard(block, **options)
+        fully_shard(model, **options)
+        self.networks.append(model)
+        return model
+
+    def set_gradient_sync(self, on: bool) -> None:
+        """Accumulation: micro-batches before the last keep their gradients unreduced (no reduce-scatter)."""
+        for net in self.networks:
+            net.set_requires_gradient_sync(on)
+
+    def skeleton(self, model: nn.Module) -> nn.Module:
+        """The plain module structure of a sharded network (its type is what export checks), weightless."""
+        return self._skeletons.get(id(model), model)
+
+    def gathered(self, model: nn.Module) -> nn.Module | None:
+        """A full, unsharded copy of a sharded network on the main process (CPU), None elsewhere. Collective."""
+        state = full_state_dict(model)
+        if not self.is_main:
+            return None
+        plain = copy.deepcopy(self._skeletons[id(model)])
+        plain.load_state_dict(state, assign=True)  # its parameters become the gathered tensors
+        return plain
+
+
+def weightless_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module structure with parameters on the meta device (no memory); buffers are copied."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's full state dict: on every process for a plain module; gathered (collective) to the main process
+    on CPU for a sharded one, whose other processes get an empty dict."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full tensors (every process read the same file) into a sharded module: each keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(state: dict, is_main: bool) -> dict:
+    """An optimizer state dict with every sharded tensor gathered to full size (collective, one tensor at a time);
+    kept, on CPU, by the main process only (the others get None in their place: they do not write)."""
+    out = {}
+    for index in sorted(state["state"]):
+        out[index] = {}
+        for key, value in state["state"][index].items():
+            if is_dtensor(value):
+                full = value.full_tensor()
+                value = full.cpu() if is_main else None
+            out[index][key] = value
+    return {**state, "state": out}
+
+
+def shard_optimizer_state(state: dict, params: list[nn.Parameter]) -> dict:
+    """Full optimizer tensors (as a checkpoint holds them) cut into this process's shards of the sharded ``params``
+    (optimizer state is indexed by parameter order)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {}
+    for index, values in state["state"].items():
+        p = params[index]
+        out[index] = {key: (distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                            if is_dtensor(p) and torch.is_tensor(v) and v.shape == p.shape else v)
+                      for key, v in values.items()}
+    return {**state, "state": out}
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, clip_value: float | None = None) -> torch.Tensor:
+    """``clip_grad_value_`` then ``clip_grad_norm_`` over a mix of sharded and replicated parameters: the norm sums
+    every shard's squares over the processes once and a replicated gradient's once. Returns the total norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if clip_value:
+        for g in grads:
+            local(g).clamp_(-clip_value, clip_value)
+    device = grads[0].device if grads else torch.device("cpu")
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        squares = local(g).float().square().sum()
+        if is_dtensor(g):
+            sharded += squares
+        else:
+            replicated += squares
+    torch.distributed.all_reduce(sharded)
+    norm = (sharded + replicated).sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        local(g).mul_(coef.to(g.dtype))
+    return norm
+
+
+def shard_run(run, log=print) -> Shards | None:
+    """Shard a built run's networks (before its EMA pairs and optimizers take their parameters). One process has
+    nothing to shard: the run stays unsharded (and resumes exactly as any single-process run)."""
+    from ..models.lora import is_lora
+
+    cfg = run.cfg
+    if cfg.train.sharding != "fsdp":
+        return None
+    if run.accelerator.num_processes == 1:
+        log("train.sharding fsdp on one process: nothing to shard, the networks are kept whole")
+        return None
+    student = run.generator.denoiser.model
+    fake = run.objective.fake.model if run.objective.fake is not None else None
+    if is_lora(student) or (fake is not None and is_lora(fake)):
+        raise FastdiffError("train.sharding fsdp does not shard LoRA networks yet (they share the teacher's tensors); "
+                            "use train.sharding none, or a full student (student.lora_rank 0) and "
+                            "objective.fake_lora_rank 0")
+    if cfg.train.mixed_precision == "fp16":
+        raise FastdiffError("train.sharding fsdp runs bf16 or float32, not fp16 (its loss scaler does not take "
+                            "sharded gradients); set train.mixed_precision bf16 or no")
+    if cfg.train.compile:
+        raise FastdiffError("train.sharding fsdp with train.compile is not supported yet; set train.compile false")
+    shards = Shards(run.accelerator, cfg.train.mixed_precision, log)
+    shards.shard(run.teacher.model, "teacher")
+    shards.shard(student, "student")
+    if fake is not None:
+        shards.shard(fake, "fake")
+    if run.ema is not None:
+        shards.shard(run.ema, "ema")
+    for module in run.objective.state_modules().values():  # a consistency target: a copy of the student
+        if blocks(module) and not is_sharded(module):
+            shards.shard(module, "target")
+    return shards
+
+
+@contextlib.contextmanager
+def gathered_student(run):
+    """Sample grids and export on a sharded run: the student's weights gathered once (collective) into a plain copy
+    on the main process, which ``run.student_weights()`` returns inside this block."""
+    if run.shards is None or run.shards.gathering:  # unsharded, or already inside such a block
+        yield
+        return
+    plain = run.shards.gathered(run.student_weights())
+    if plain is not None:
+        plain = plain.to(run.accelerator.device)
+    run.gathered_student, run.shards.gathering = plain, True
+    try:
+        yield
+    finally:
+        run.gathered_student, run.shards.gathering = None, False

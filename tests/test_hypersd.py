@@ -1,0 +1,232 @@
+"""Hyper-SD (fastdiff/objectives/hypersd.py): the progressive stage schedule and the segment edges (which are the
+K-step sampler's levels), the TSCD target against an independent float64 computation, the reduction to cd at one
+segment, the DMD term of the one-step stage, and a LoRA student on a tiny SD pipeline that diffusers reproduces at
+1, 2 and 4 steps through ``load_lora_weights`` and the exported scheduler."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.models.analytic import GaussianMixtureModel
+from fastdiff.models.denoiser import Denoiser
+from fastdiff.models.generator import step_timesteps
+from fastdiff.models.mlp import MLPDenoiser
+from fastdiff.models.schedule import VPSchedule
+from fastdiff.objectives import build
+from fastdiff.objectives.cd import ConsistencyDistillation
+from fastdiff.objectives.hypersd import HyperSD, segment_edges, stage_at
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def gaussian(std: float, seed: int) -> GaussianMixtureModel:
+    return GaussianMixtureModel(sample_size=2, weights=(1.0,), stds=(std,), mean_scale=1.0, seed=seed)
+
+
+def tweedie(model: GaussianMixtureModel, std: float, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E[x0 | x] for x0 ~ N(m, std^2 I), x = x0 + sigma eps, in float64 (independent of fastdiff's Denoiser)."""
+    s2 = sigma.double().reshape(-1, 1, 1, 1) ** 2
+    m = model.means.detach().double().reshape(1, 1, 2, 2)
+    return x.double() - s2 * (x.double() - m) / (std ** 2 + s2)
+
+
+def test_stage_schedule_is_a_pure_function_of_the_step():
+    segments, steps = [8, 4, 2, 1], [3, 2, 4]
+    stages = [stage_at(s, segments, steps) for s in range(12)]
+    assert stages == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    assert [stage_at(s, segments, steps + [5]) for s in (8, 9, 100)] == [2, 3, 3]  # a length for the last: ignored
+    assert [stage_at(s, [1], []) for s in (0, 10**6)] == [0, 0]
+
+
+@pytest.mark.parametrize("top", [999, 727])  # the full table, and an epsilon student's start (728 = 8 x 91)
+def test_segment_edges_are_the_sampler_levels(top):
+    """The lower edges of k segments are the timesteps of fastdiff's (and diffusers' trailing DDIM) k-step sampler,
+    below its first level; the lowest segment's edge is clean data (index 0)."""
+    teacher = gaussian(0.5, 1)
+    schedule = VPSchedule(teacher.scheduler().alphas_cumprod)
+    d = Denoiser(teacher, schedule, "sample")
+    sigma_max = None if top == 999 else float(schedule.sigma_at(torch.tensor([top]))[0])
+    obj = HyperSD(d, None, Denoiser(gaussian(0.7, 2), schedule, "sample"), num_intervals=40, sigma_max=sigma_max)
+    levels = obj.grid(40, "cpu")
+    assert obj.top == top and torch.equal(levels[-1], schedule.sigma_at(torch.tensor([top]))[0])
+    for k in (1, 2, 4, 8):
+        i = torch.arange(1, 41)
+        edges = segment_edges(i, 40, k)
+        assert torch.equal(edges.unique(), torch.arange(0, 40, 40 // k))
+        assert ((edges < i) & (i <= edges + 40 // k)).all()  # each index lies in (edge, edge + N / k]
+        sampler = step_timesteps(top + 1, k)  # highest first; each level's step lands on the next one, the last on 0
+        want = schedule.sigma_at(torch.tensor(sampler[1:] + [0]))
+        assert torch.equal(levels[edges.unique().flip(0)][:-1], want[:-1]) and edges.min() == 0
+
+
+def tiny_case(segments, target_ema=0.5, distance="l2", seed=0, skip=1):
+    """Analytic teacher and student (single Gaussians, Tweedie's formula exact), so the target has a float64 twin."""
+    torch.manual_seed(seed)
+    teacher_model, student_model = gaussian(0.5, 1), gaussian(0.7, 2)
+    schedule = VPSchedule(teacher_model.scheduler().alphas_cumprod)
+    teacher, student = Denoiser(teacher_model, schedule, "sample"), Denoiser(student_model, schedule, "sample")
+    obj = HyperSD(teacher, None, student, segments=segments, stage_steps=[1] * (len(segments) - 1), num_intervals=8,
+                  target_ema=target_ema, distance=distance, skip=skip)
+    return obj, teacher_model, student_model
+
+
+def test_tscd_target_equals_an_independent_float64_computation():
+    """Every sample's target is one teacher DDIM step t -> t' = max(t - skip, edge) followed by the target network's
+    DDIM map to the segment's lower edge, compared in the native scale; the student's side maps x_t itself there.
+    skip 2 on segments of 4 intervals: the teacher's step from an edge's next level stops at the edge."""
+    obj, teacher_model, student_model = tiny_case([2, 1], skip=2)
+    with torch.no_grad():  # a target network different from the student, so the two sides cannot be confused
+        obj.target.model.means.add_(0.3)
+    target_model = obj.target.model
+    x = teacher_model.sample_true(256, torch.Generator().manual_seed(3))
+    levels = obj.grid(8, "cpu")
+    torch.manual_seed(7)
+    i = torch.randint(1, 9, (256,))
+    eps = torch.randn_like(x)
+    edge = (i - 1) // 4 * 4  # 2 segments of 4 intervals
+    prev = torch.maximum(i - 2, edge)
+    assert set(edge.tolist()) == {0, 4} and (i - 2 < edge).any() and (prev > edge).any()
+    torch.manual_seed(7)  # generator_loss draws the index, then the noise, from the global stream
+    seen = {}
+    pair = obj.pair
+    obj.pair = lambda *args, **kw: seen.setdefault("pair", (args, pair(*args, **kw)))[1]
+    obj.generator_loss(x)
+    (x_n, sigma, sigma_prev, sigma_edge, *_), (pred, target) = seen["pair"]
+    s, s_prev = levels[i].double(), levels[prev].double()
+    s_e = torch.where(edge > 0, levels[edge].double(), torch.zeros_like(s))
+    assert torch.equal(sigma.double(), s) and torch.equal(sigma_prev.double(), s_prev)
+    assert torch.equal(sigma_edge.double(), s_e)
+    xn = x.double() + s.reshape(-1, 1, 1, 1) * eps.double()
+    r = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    x_prev = xn + r(s_prev - s) * (xn - tweedie(teacher_model, 0.5, xn, s)) / r(s)  # the teacher's DDIM (Euler) step
+    a_e = r(1 / torch.sqrt(1 + s_e ** 2))
+    y_prev = tweedie(target_model, 0.7, x_prev, s_prev)
+    want_target = torch.where(r(prev == edge) & r(edge > 0), a_e * x_prev, a_e * (y_prev + r(s_e / s_prev) * (x_prev - y_prev)))
+    y = tweedie(student_model, 0.7, xn, s)
+    want_pred = a_e * (y + r(s_e / s) * (xn - y))
+    # float32 through ~30 operations on VE values up to |x_n| (sigma up to 157 here): 30 x eps32 x (|x_n| + 1)
+    tol = 30 * EPS32 * (xn.abs().amax(dim=(1, 2, 3), keepdim=True) + 1)
+    assert ((target.double() - want_target).abs() <= tol).all()
+    assert ((pred.double() - want_pred).abs() <= tol).all()
+    # the edges really are different targets: mapping to 0 instead would move the upper segments' targets
+    upper = edge > 0
+    assert (want_target[upper] - tweedie(target_model, 0.7, x_prev, s_prev)[upper]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("distance", ["pseudo_huber", "l2"])
+def test_one_segment_is_cd(distance):
+    """k = 1: the edge is clean data, so the per-sample loss and the generator loss (same draws, cd on the same grid)
+    are cd's exactly."""
+    torch.manual_seed(0)
+    teacher_model = gaussian(0.5, 1)
+    schedule = VPSchedule(teacher_model.scheduler().alphas_cumprod)
+    teacher = Denoiser(teacher_model, schedule, "sample")
+    student = Denoiser(MLPDenoiser(sample_size=2, in_channels=1, hidden=16, depth=2), schedule, "sample")
+    hyper = HyperSD(teacher, None, student, segments=[1], num_intervals=8, distance=distance, solver="heun")
+    cd = ConsistencyDistillation(teacher, None, student, num_intervals=8, distance=distance, solver="heun")
+    cd.grid = hyper.grid  # LCM's grid (cd's own rounds the table differently)
+    x = teacher_model.sample_true(64, torch.Generator().manual_seed(3))
+    levels = hyper.grid(8, "cpu")
+    i = torch.randint(1, 9, (64,))
+    x_n = x + levels[i].reshape(-1, 1, 1, 1) * torch.randn_like(x)
+    assert torch.equal(hyper.loss_at(x_n, levels[i], levels[i - 1]), cd.loss_at(x_n, levels[i], levels[i - 1]))
+    torch.manual_seed(5)
+    ours = hyper.generator_loss(x)[0]
+    torch.manual_seed(5)
+    assert torch.equal(ours, cd.generator_loss(x)[0])
+
+
+def test_dmd_term_joins_in_the_one_step_stage():
+    """hyper-sd-dmd: before the last stage the loss is TSCD alone; in it, TSCD + dmd_weight x DMD2's generator loss on
+    the student's one-step sample (rebuilt here from hyper-sd's TSCD loss and dmd2's loss on the same draws)."""
+    teacher_model = gaussian(0.5, 1)
+    schedule = VPSchedule(teacher_model.scheduler().alphas_cumprod)
+    teacher = Denoiser(teacher_model, schedule, "sample")
+    fake = Denoiser(gaussian(0.6, 4), schedule, "sample")
+    student = Denoiser(gaussian(0.7, 2), schedule, "sample")
+    common = dict(segments=[2, 1], stage_steps=[3], num_intervals=8)
+    obj = build("hyper-sd-dmd", teacher, fake, student=student, dmd_weight=0.25, **common)
+    plain = build("hyper-sd", teacher, None, student=student, **common)
+    assert obj.critic_updates == 5 and obj.critic_modules() == [fake] and plain.critic_modules() == []
+    x = teacher_model.sample_true(32, torch.Generator().manual_seed(3))
+    obj.step = plain.step = 2
+    torch.manual_seed(1)
+    loss, logs = obj.generator_loss(x)
+    torch.manual_seed(1)
+    assert logs["segments"] == 2 and torch.equal(loss, plain.generator_loss(x)[0])
+    obj.step = plain.step = 3
+    torch.manual_seed(1)
+    loss, logs = obj.generator_loss(x)
+    torch.manual_seed(1)
+    tscd = plain.generator_loss(x)[0]
+    dm = obj.dmd.generator_loss(obj.one_step_sample(x, None))[0]
+    assert logs["segments"] == 1 and torch.equal(loss, tscd + 0.25 * dm) and dm > 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"segments": [3]}, "divisors of objective.num_intervals"),
+    ({"segments": [4, 2, 1], "stage_steps": [5]}, "needs 2 positive values"),
+    ({"dmd_weight": 1.0}, "use objective.name hyper-sd-dmd"),
+])
+def test_bad_options(options, message):
+    obj, *_ = tiny_case([1])
+    with pytest.raises(ValueError, match=message):
+        HyperSD(obj.teacher, None, obj.student, num_intervals=8, **options)
+
+
+def test_lora_student_serves_1_2_4_steps_through_load_lora_weights(tmp_path):
+    """A LoRA hyper-sd student of a tiny SD pipeline (k = 2 then 1, sampled with the deterministic DDIM sampler):
+    the teacher pipeline with ``load_lora_weights`` and the exported scheduler gives fastdiff's own images, uint8 for
+    uint8, at 1, 2 and 4 steps; a TCDScheduler config (step count and eta are its call arguments) lies beside it."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, TCDScheduler
+
+    import tiny_pipelines as tp
+    from test_text_to_image import assert_same, distill, ours, theirs
+
+    sd = str(tp.sd_pipeline(tmp_path / "sd"))
+    out = distill(sd, tmp_path / "run", "objective.name=hyper-sd", "objective.segments=[2,1]",
+                  "objective.stage_steps=[1]", "data.name=imagefolder", f"data.path={tp.caption_folder(tmp_path / 'img')}",
+                  "student.lora_rank=4", "student.lora_export=lora", "student.sampler=ddim", "train.lr_generator=1e-2")
+    info = json.loads((out / "fastdiff.json").read_text())
+    assert info["objective"] == "hyper-sd" and info["export"] == "lora" and info["top_timestep"] == 999
+    pipe = StableDiffusionPipeline.from_pretrained(sd)
+    plain = theirs(pipe, 1)
+    pipe.load_lora_weights(str(out))
+    pipe.scheduler = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
+    for steps in (1, 2, 4):
+        assert_same(ours(out, steps), theirs(pipe, steps))
+    assert not np.array_equal(plain, theirs(pipe, 1))  # the adapters did train
+    tcd = TCDScheduler.from_pretrained(out, subfolder="scheduler_tcd")
+    for steps in (1, 2, 4, 8):  # TCD's K levels are fastdiff's (its last step stops at timestep 0, not at x0)
+        tcd.set_timesteps(steps)
+        assert tcd.timesteps.tolist() == step_timesteps(1000, steps)
+
+
+def test_resume_across_a_stage_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
+    """The stage follows the step: a run stopped after update 2 of a 3-update first stage and resumed gives the same
+    student and target network as one run; the logged segment counts switch at update 4; the pixel export (DDPMPipeline
+    with trailing DDIM) reproduces fastdiff's deterministic sampler at 1, 2 and 4 steps."""
+    from safetensors.torch import load_file
+
+    from fastdiff.cli import main
+    from test_consistency import FAST, distill
+    from test_export_e2e import assert_pipeline_matches, write_fake_fashion_mnist
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=8)
+    common = ["objective.name=hyper-sd", "objective.segments=[2,1]", "objective.stage_steps=[3]", f"data.path={data}",
+              "data.resolution=8", "student.sampler=ddim", "train.lr_generator=1e-2", "train.max_steps=4"]
+    whole = distill(tiny_teacher, tmp_path / "whole", *common)
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["segments"] for r in rows] == [2, 2, 2, 1]
+    part = distill(tiny_teacher, tmp_path / "part", *common[:-1], "train.max_steps=2")
+    args = ["distill", "--resume", "latest"]
+    for item in [f"teacher.path={tiny_teacher}", f"output_dir={part}", *FAST, *common]:
+        args += ["--set", item]
+    assert main(args) == 0
+    for sub in ("generator", "cd_target"):
+        a = load_file(whole / "checkpoints" / "step-00000004" / f"{sub}.safetensors")
+        b = load_file(part / "checkpoints" / "step-00000004" / f"{sub}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    assert_pipeline_matches(whole / "student")

@@ -1,0 +1,169 @@
+"""MeanFlow (flow-map) distillation: the target against closed forms, the zero-initialised second time, and any-K
+export that diffusers reproduces image for image."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.inference.export import export_student
+from fastdiff.inference.sampling import to_uint8
+from fastdiff.models.consistency import consistency_start
+from fastdiff.models.denoiser import Denoiser
+from fastdiff.models.flow_map import FlowMapGenerator, FlowMapModel, r_timestep, target_time
+from fastdiff.models.mlp import MLPDenoiser
+from fastdiff.models.teacher import load_teacher
+from fastdiff.objectives.meanflow import MeanFlow, meanflow_target, total_derivative
+from fastdiff.pipelines.pipeline_fastdiff_flow_map import FastdiffFlowMapPipeline
+from conftest import tiny_unet
+
+M, S = 0.7, 0.3  # a Gaussian data distribution N(M, S^2) per element
+
+
+def gaussian_flow(z, t, r):
+    """The exact probability-flow map of N(M, S^2) data in flow units (z_t = (1 - t) x0 + t eps), from t to r:
+    along a trajectory ``c = (z - (1 - t) M) / g(t)`` is constant, ``g(t) = sqrt((1 - t)^2 S^2 + t^2)``."""
+    def g(tt):
+        return torch.sqrt((1 - tt) ** 2 * S ** 2 + tt ** 2)
+    c = (z - (1 - t) * M) / g(t)
+    return (1 - r) * M + g(r) * c
+
+
+def gaussian_velocity(z, t):
+    """dz/dt of the same ODE: ``-M + g'(t) c``, ``g' = (t - (1 - t) S^2) / g``."""
+    g = torch.sqrt((1 - t) ** 2 * S ** 2 + t ** 2)
+    return -M + (t - (1 - t) * S ** 2) / g * (z - (1 - t) * M) / g
+
+
+def average_velocity(z, t, r):
+    return (z - gaussian_flow(z, t, r)) / (t - r)
+
+
+@pytest.mark.parametrize("method,tol", [("jvp", 1e-12), ("finite_difference", 1e-7)])
+def test_target_equals_the_closed_form_average_velocity(method, tol):
+    """v - (t - r) du/dt, with du/dt by forward-mode autograd (or the central difference), is u itself when u is the
+    exact average velocity of the Gaussian's ODE (MeanFlow Eq. 8), in float64. JVP: exact up to float64 rounding
+    (1e-16 x a few dozen operations on values of order 10); central difference with h = 1e-4: truncation
+    h^2 u''' / 6 ~ 1e-8 for |u'''| <= 10 here (t in [0.2, 0.9]), and round-off 1e-16 / h ~ 1e-12."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 2, dtype=torch.float64, generator=gen)
+    t = 0.2 + 0.7 * torch.rand(64, dtype=torch.float64, generator=gen)
+    r = t * torch.rand(64, dtype=torch.float64, generator=gen)
+    t2, r2 = t[:, None], r[:, None]
+    v = gaussian_velocity(z, t2)
+    du_dt = total_derivative(lambda zz, tt: average_velocity(zz, tt[:, None], r2), z, t, v, method, 1e-4)
+    target = meanflow_target(v, t, r, du_dt)
+    exact = average_velocity(z, t2, r2)
+    assert (target - exact).abs().max() <= tol * exact.abs().max(), (target - exact).abs().max()
+    # and the instantaneous velocity is not the answer: the test would catch a lost (t - r) du/dt term
+    assert (v - exact).abs().max() > 100 * tol * exact.abs().max()
+
+
+def tiny_teacher_denoiser(tiny_teacher):
+    teacher = load_teacher(tiny_teacher)
+    return teacher, teacher.denoiser
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_zero_initialised_student_is_the_teacher_at_every_r(kind, tiny_teacher):
+    """The added r embedding starts at zero: the student's u equals the teacher's v bit for bit at r = t, at r = 0
+    and in between (adding an exact zero changes no float)."""
+    if kind == "unet":
+        teacher, d = tiny_teacher_denoiser(tiny_teacher)
+        net = teacher.model
+    else:
+        torch.manual_seed(0)
+        net = MLPDenoiser(sample_size=8, hidden=32, depth=2)
+        d = Denoiser(net, load_teacher(tiny_teacher).denoiser.schedule, "sample")
+    student = Denoiser(copy.deepcopy(net), d.schedule, d.prediction_type)
+    obj = MeanFlow(Denoiser(net, d.schedule, d.prediction_type), None, student)
+    z = torch.randn(4, 1, 8, 8)
+    sigma_t = torch.tensor([0.3, 1.0, 4.0, 20.0], dtype=torch.float64)
+    t = (sigma_t / (1 + sigma_t)).float()
+    v = obj.teacher_velocity(z, t, None)
+    for sigma_r in (sigma_t, torch.zeros(4, dtype=torch.float64), sigma_t / 3):
+        with torch.no_grad():
+            u = obj.student_velocity(z, t, r_timestep(d.schedule, sigma_r.float()), None)
+        assert torch.equal(u, v)
+
+
+def test_jvp_and_finite_difference_agree_on_a_unet(tiny_teacher):
+    """The objective's two tangents of du/dt agree on a two-time UNet with a nonzero r embedding. The central step is
+    3e-4 in logit(t), h = 3e-4 t (1 - t) in t; float32 round-off of the difference is about eps32 |u| / h
+    (1.2e-7 x |u| / 6e-5 at t = 0.3, with |u| below |du/dt| here), truncation h^2 |u'''| / 6 below it: measured
+    at most 6e-4 of each sample's largest |du/dt|; the bound, 1%, fails on a lost d_t or v . d_z term (O(1))."""
+    teacher, d = tiny_teacher_denoiser(tiny_teacher)
+    student = Denoiser(copy.deepcopy(teacher.model), d.schedule, d.prediction_type)
+    obj = MeanFlow(d, None, student, tangent="jvp")
+    torch.manual_seed(1)
+    with torch.no_grad():  # a nonzero r embedding, so du/dt is not the teacher's
+        student.model.flow_map_r.proj.weight.normal_(0, 0.05)
+    z = torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0.3, 0.5, 0.7, 0.9])
+    r_ts = r_timestep(d.schedule, torch.tensor([0.1, 0.2, 0.0, 3.0]))
+    v = obj.teacher_velocity(z, t, None)
+    jvp = obj.du_dt(z, t, r_ts, None, v)
+    obj.tangent = "finite_difference"
+    fd = obj.du_dt(z, t, r_ts, None, v)
+    for i in range(4):
+        assert (jvp[i] - fd[i]).abs().max() <= 0.01 * jvp[i].abs().max(), (i, (jvp[i] - fd[i]).abs().max())
+
+
+@pytest.mark.parametrize("which,labels", [("tiny_teacher", None), ("tiny_cond_teacher", [0, 1, 2])])
+def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp_path):
+    """A few MeanFlow updates on a tiny UNet (unconditional epsilon; class-conditional v-prediction), exported:
+    FastdiffFlowMapPipeline (diffusers' DDIMScheduler told r) gives fastdiff's own any-K sampler's uint8 images at
+    K = 1, 2, 4 from one student (and the floats within 1e-5: the same network on the same inputs, float32
+    differences of a few operations on images in [0, 1])."""
+    teacher, d = tiny_teacher_denoiser(request.getfixturevalue(which))
+    cond = None if labels is None else {"class_labels": torch.tensor(labels)}
+    model = copy.deepcopy(teacher.model).requires_grad_(True)
+    student = Denoiser(model, d.schedule, d.prediction_type)
+    top = consistency_start(d)
+    obj = MeanFlow(d, None, student, sigma_max=top, flow_matching_ratio=0.25)  # most samples with r < t
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    logs = {}
+    for _ in range(3):
+        batch_cond = None if labels is None else {"class_labels": torch.arange(8) % 3}
+        loss, logs = obj.generator_loss(torch.rand(8, 1, 8, 8) * 2 - 1, batch_cond)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss) and logs["meanflow_mse"] > 0
+    assert model.flow_map_r.proj.weight.abs().sum() > 0  # the second time is trained
+    info = {"teacher": teacher.path, "teacher_folder": teacher.path, "objective": "meanflow", "num_steps": 1,
+            "sigma_init": top, "train_step": 3, "ema": False, "settings": {}}
+    out = export_student(copy.deepcopy(model).eval(), teacher, info, tmp_path / "student")
+    pipe = FastdiffFlowMapPipeline.from_pretrained(out)
+    assert isinstance(pipe.unet, FlowMapModel)
+    ours = FlowMapGenerator(Denoiser(model.eval(), d.schedule, d.prediction_type), 1, top)
+    images = {}
+    for k in (1, 2, 4):
+        ref = pipe(batch_size=3, num_inference_steps=k, class_labels=labels,
+                   generator=torch.Generator().manual_seed(11), output_type="np").images
+        z = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(11))
+        with torch.no_grad():
+            x0 = ours(z, cond, num_steps=k)
+        mine = (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        assert np.abs(mine - ref).max() <= 1e-5, (k, np.abs(mine - ref).max())
+        assert np.array_equal(to_uint8(x0), (ref * 255).round().astype(np.uint8)), k
+        images[k] = mine
+    assert np.abs(images[1] - images[4]).max() > 1e-3  # K steps are different samplers, not one map repeated
+
+
+def test_one_time_students_need_r_zero_only(tiny_teacher):
+    """A network without a second time is the map to the data: allowed when every r is 0, refused otherwise."""
+    from diffusers import ConfigMixin, ModelMixin
+
+    class Plain(ModelMixin, ConfigMixin):
+        def forward(self, sample, timestep, return_dict=True):
+            return (sample,)
+
+    teacher, d = tiny_teacher_denoiser(tiny_teacher)
+    with pytest.raises(ValueError, match="flow-map student needs"):
+        MeanFlow(d, None, Denoiser(Plain(), d.schedule, "sample"))
+    obj = MeanFlow(d, None, Denoiser(Plain(), d.schedule, "sample"), flow_matching_ratio=0.0, consistency_ratio=1.0)
+    _, r = obj.sample_levels(256, "cpu")
+    assert (r == 0).all()
