@@ -173,15 +173,19 @@ def main() -> None:
         lines.append(f"| {r['objective']} | {fake} | {'on' if r['gradient_checkpointing'] else 'off'} | "
                      f"{r['after_setup_mb']:.0f} | {r['peak_mb']:.0f} | {r['step_seconds']:.2f} | "
                      f"{r['trainable_parameters'] / 1e6:.1f}M |")
+    write_table(args, lines, {"unet_parameters": params, "width": args.width, "latent": args.latent,
+                              "batch_size": args.batch_size, "machine": machine, "rows": rows})
+
+
+def write_table(args, lines: list[str], result: dict) -> None:
+    """Print the table; with --out, write it (table.md) and the rows (results.json)."""
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "table.md").write_text(table)
-        (out / "results.json").write_text(json.dumps({"unet_parameters": params, "width": args.width,
-                                                      "latent": args.latent, "batch_size": args.batch_size,
-                                                      "machine": machine, "rows": rows}, indent=2, default=str))
+        (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
 
 
 def fsdp_rows(args, work: Path) -> None:
@@ -224,15 +228,9 @@ def fsdp_rows(args, work: Path) -> None:
         lines.append(f"| {r['objective']} | {r['sharding']} | {r['setup_mb']:.0f} | {r['peak_mb']:.0f} | "
                      f"{100 * (r['peak_mb'] / base['peak_mb'] - 1):+.0f}% | {own:.0f} | {100 * (own / base_own - 1):+.0f}% | "
                      f"{r['step_seconds']:.2f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text(table)
-        (out / "results.json").write_text(json.dumps({"unet_parameters": params, "width": args.width, "latent": args.latent,
-                                                      "batch_size": args.batch_size, "processes": args.processes,
-                                                      "machine": describe(), "rows": rows}, indent=2, default=str))
+    write_table(args, lines, {"unet_parameters": params, "width": args.width, "latent": args.latent,
+                              "batch_size": args.batch_size, "processes": args.processes, "machine": describe(),
+                              "rows": rows})
 
 
 if __name__ == "__main__":

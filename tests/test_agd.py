@@ -44,7 +44,7 @@ def test_agd_needs_a_range(tiny_cond_teacher):
 
 
 def test_starts_as_the_teachers_conditional_prediction(tiny_cond_teacher):
-    """Zero scale projection and B = 0 adapters add exact zeros: bit-equal outputs at any w."""
+    """Zero scale projection and B = 0 adapters add exact zeros: equal outputs at any w, up to float32 rounding."""
     teacher, obj = build(tiny_cond_teacher)
     torch.manual_seed(0)
     z, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
@@ -53,7 +53,10 @@ def test_starts_as_the_teachers_conditional_prediction(tiny_cond_teacher):
     with torch.no_grad():
         ours = obj.student.model(z, t, class_labels=labels, timestep_cond=guidance_embedding(w - 1, 256)).sample
         cond = teacher.model(z, t, class_labels=labels).sample
-    assert torch.equal(ours, cond)
+    # The added terms are exact zeros, but with several threads peft's wrapped layers may take another (equivalent)
+    # float32 kernel than the plain ones: measured 0.62e-6 at |out| <= 1.27 on 2 threads (about 4 ulps), bit-equal on
+    # one. Bound: 32 float32 ulps of the output's magnitude (a wrong start, e.g. a nonzero adapter, is >= 1e-3).
+    assert (ours - cond).abs().max() <= 32 * torch.finfo(torch.float32).eps * cond.abs().max()
 
 
 def test_loss_is_the_mse_to_cfg_computed_by_hand(tiny_cond_teacher):

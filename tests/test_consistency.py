@@ -255,19 +255,25 @@ def test_resumed_cd_run_equals_an_uninterrupted_one(tiny_teacher, tmp_path):
     """The EMA target network is checkpointed: stopping after step 2 and resuming gives the same weights."""
     data = tmp_path / "fmnist"
     write_fake_fashion_mnist(data, size=8)
-    common = ["objective.name=cd", f"data.path={data}", "data.resolution=8", "train.max_steps=4"]
-    whole = distill(tiny_teacher, tmp_path / "whole", *common)
-    part = distill(tiny_teacher, tmp_path / "part", *common[:-1], "train.max_steps=2")
-    args = ["distill", "--resume", "latest"]
-    for item in [f"teacher.path={tiny_teacher}", f"output_dir={part}", *FAST, *common]:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert_resume_equals_whole(tiny_teacher, tmp_path, ["objective.name=cd", f"data.path={data}", "data.resolution=8"])
+
+
+def assert_resume_equals_whole(teacher: str, tmp_path, common: list[str], subs=("generator", "cd_target")) -> Path:
+    """A 4-update run, and a 2-update run resumed to 4 with the same settings, end with equal checkpointed networks
+    ``subs``; returns the uninterrupted run's folder."""
     from safetensors.torch import load_file
 
-    for sub in ("generator", "cd_target"):
+    whole = distill(teacher, tmp_path / "whole", *common, "train.max_steps=4")
+    part = distill(teacher, tmp_path / "part", *common, "train.max_steps=2")
+    args = ["distill", "--resume", "latest"]
+    for item in [f"teacher.path={teacher}", f"output_dir={part}", *FAST, *common, "train.max_steps=4"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    for sub in subs:
         a = load_file(whole / "checkpoints" / "step-00000004" / f"{sub}.safetensors")
         b = load_file(part / "checkpoints" / "step-00000004" / f"{sub}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), sub
+    return whole
 
 
 @pytest.mark.parametrize("sets,fragment", [

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fastdiff.cli import main as fastdiff_main
 from test_export_e2e import distill
@@ -20,6 +21,7 @@ def _bench():
     return module
 
 
+@pytest.mark.slow  # 11 s on 2 cores; the default suite keeps test_fid's FID checks
 @needs_inception
 def test_teacher_vs_student_table(tiny_teacher, tmp_path, capsys):
     student = distill(tiny_teacher, tmp_path / "run") / "student"

@@ -1,7 +1,6 @@
 """MeanFlow (flow-map) distillation: the target against closed forms, the zero-initialised second time, and any-K
 export that diffusers reproduces image for image."""
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -11,12 +10,11 @@ from fastdiff.inference.export import export_student
 from fastdiff.inference.sampling import to_uint8
 from fastdiff.models.consistency import consistency_start
 from fastdiff.models.denoiser import Denoiser
-from fastdiff.models.flow_map import FlowMapGenerator, FlowMapModel, r_timestep, target_time
+from fastdiff.models.flow_map import FlowMapGenerator, FlowMapModel, r_timestep
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.teacher import load_teacher
 from fastdiff.objectives.meanflow import MeanFlow, meanflow_target, total_derivative
 from fastdiff.pipelines.pipeline_fastdiff_flow_map import FastdiffFlowMapPipeline
-from conftest import tiny_unet
 
 M, S = 0.7, 0.3  # a Gaussian data distribution N(M, S^2) per element
 

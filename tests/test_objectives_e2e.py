@@ -100,6 +100,7 @@ def test_bench_gmm_consistency_rows_at_one_two_and_four_steps(tmp_path, monkeypa
                          "scm", "scm, 2 steps", "scm, 4 steps", "scm, 2 steps ddim", "scm, 4 steps ddim"]
 
 
+@pytest.mark.slow  # 13 s on 2 cores; every objective's bench settings are exercised by test_objectives_improve
 def test_bench_gmm_short_run_writes_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "gmm", "--objectives", "sim", "--steps", "3", "--num-eval", "500", "--json", str(out)]) == 0

@@ -19,7 +19,7 @@ def _need(path: Path):
         pytest.skip(f"{path} not present")
 
 
-@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("conditional", [False, pytest.param(True, marks=pytest.mark.slow)])  # 8 s each
 def test_teacher_recipe_trains_and_loads(tmp_path, conditional):
     _need(DATA)
     from fastdiff.models.teacher import load_teacher

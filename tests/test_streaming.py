@@ -188,30 +188,31 @@ def test_bad_input_is_one_line(tmp_path):
 SIZE = 256  # decoded size: 3 x 256 x 256 bytes an image, so decoding a folder whole would show in the peak
 
 
-def _read_folder(folder: str, pipe) -> None:
-    """In a forked child (the parent's imports already paid): read the folder lazily at SIZE px RGB, draw 10
-    batches of 32, and send back the peak resident set size in bytes."""
-    import resource
-
-    cfg = data_cfg(folder, "imagefolder", stream=True, buffer_size=64)
-    real = real_images_for(cfg, teacher(3, SIZE), 0)
-    step = [0]
-    real.follow(lambda: step[0])
-    for step[0] in range(10):
-        real.batch(32, "cpu")
-    pipe.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+READ_FOLDER = """
+import resource, sys
+from types import SimpleNamespace
+from fastdiff.training.data import real_images_for
+cfg = SimpleNamespace(name="imagefolder", path=sys.argv[1], resolution=None, stream=True, buffer_size=64)
+real = real_images_for(cfg, SimpleNamespace(image_shape=(3, {size}, {size}), num_classes=0, conditioning="none"), 0)
+step = [0]
+real.follow(lambda: step[0])
+for step[0] in range(10):
+    real.batch(32, "cpu")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
 
 
 def _peak_rss(folder: Path) -> int:
-    import multiprocessing
+    """Peak resident set size (bytes) of a fresh interpreter that reads the folder lazily at SIZE px RGB and draws
+    10 batches of 32. A fresh process rather than a fork: both measurements start from the same imports, and a fork
+    of the test process could inherit a lock held by one of its threads (the suite's earlier tests start some)."""
+    import subprocess
+    import sys
 
-    ctx = multiprocessing.get_context("fork")  # both children start from the same parent: equal baselines
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_read_folder, args=(str(folder), send))
-    child.start()
-    child.join(300)
-    assert child.exitcode == 0 and receive.poll(), "the child process failed (its traceback is above)"
-    return receive.recv()
+    out = subprocess.run([sys.executable, "-c", READ_FOLDER.format(size=SIZE), str(folder)], capture_output=True,
+                         text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
 
 
 def _assert_rss_independent_of_size(tmp_path, big: int):
