@@ -210,7 +210,9 @@ def test_pairs_are_the_teachers_ode_and_resume_after_a_crash(gmm_dir, tmp_path):
     rows = first[1]
     again = ode_sample(teacher.denoiser, rows["noise"][:7], trajectory_levels(teacher.denoiser.schedule, 4, "ddim"),
                        {"class_labels": rows["cond"][:7]})
-    assert (again - rows["sample"][:7]).abs().max() <= 1e-5
+    # the same sampler on the same noise in a batch of another size: float32 rounding of a few steps' operations
+    # (1.2e-7 x ~50 x the samples' magnitude), so the bound scales with that magnitude
+    assert (again - rows["sample"][:7]).abs().max() <= 1e-5 * max(1.0, float(rows["sample"][:7].abs().max()))
 
     # A run killed while writing its second shard: that shard's bytes sit under the temporary name only.
     part = tmp_path / "part"
