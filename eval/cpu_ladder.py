@@ -36,7 +36,29 @@ SHARED = ROOT.parent / "shared"
 # label -> (teacher path, CFG of the real score, conditioning note)
 TEACHERS = {"ddpm": ("embedded:fmnist-ddpm", 1.0), "cond": (str(SHARED / "teachers" / "fmnist-cond-vpred"), 2.0)}
 NOT_STUDENTS = {"agd"}
-MULTI_STEP = {"cd", "scm", "rcm", "scm-ladd"}  # consistency students: also measured at 2 steps
+# few-step students (consistency, segment consistency, flow maps, straight lines): also measured at 2 steps
+MULTI_STEP = {"cd", "scm", "rcm", "scm-ladd", "hyper-sd", "hyper-sd-dmd", "meanflow", "reflow"}
+# reflow trains on (noise, teacher sample) pairs and samples its straight lines with Euler (README's recipe)
+PAIRS_STEPS = 18  # Heun levels of the teacher's ODE for the pairs (35 NFE; rfpp's CIFAR setting)
+
+
+def eval_steps(name: str, run: Path) -> list[int]:
+    """Step counts a student is measured at: 1 (and 2 for few-step students) plus the count it was trained for
+    (e.g. TDM's K)."""
+    steps = {1, 2} if name in MULTI_STEP else {1}
+    info = run / "student" / "fastdiff.json"
+    if info.is_file():
+        steps.add(int(json.loads(info.read_text()).get("num_steps", 1)))
+    return sorted(steps)
+
+
+def make_pairs(teacher: str, guidance: float, folder: Path, num: int, args) -> None:
+    """The teacher's ODE pairs reflow trains on (``fastdiff pairs`` resumes, so a rerun keeps what is made)."""
+    cmd = [sys.executable, "-m", "fastdiff", "pairs", "--quiet", "--teacher", teacher, "--num", str(num),
+           "--out", str(folder), "--steps", str(PAIRS_STEPS), "--seed", str(args.seed + 1)]
+    if guidance != 1.0:
+        cmd += ["--guidance", str(guidance)]
+    subprocess.run(cmd, check=True)
 
 
 def run_distill(teacher: str, guidance: float, objective: str, run: Path, args, extra: list[str]) -> dict:
@@ -59,14 +81,14 @@ def run_distill(teacher: str, guidance: float, objective: str, run: Path, args, 
     return {"wall_seconds": wall, "steps": steps, "images_seen": steps * args.batch_size, "log": losses[-1] if losses else {}}
 
 
-def start_sigma(teacher: str, objective: str) -> float | None:
+def start_sigma(teacher: str, objective: str, extra: list[str]) -> float | None:
     """The noise level a default student of ``objective`` starts from on ``teacher`` (None: the top)."""
     from fastdiff.config import load_config
     from fastdiff.models.embedded import resolve_teacher_path
     from fastdiff.models.teacher import load_teacher
     from fastdiff.training.setup import sigma_init
 
-    cfg = load_config(None, [f"teacher.path={teacher}", f"objective.name={objective}"])
+    cfg = load_config(None, [f"teacher.path={teacher}", f"objective.name={objective}", *extra])
     return sigma_init(cfg, load_teacher(resolve_teacher_path(teacher)))
 
 
@@ -148,6 +170,7 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=28)
     p.add_argument("--teacher-nfe", default="1,10", help="teacher DDIM step counts to score (empty: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=int, default=2000, help="reflow's teacher pairs (at least one per image trained on)")
     p.add_argument("--data-path", default=str(SHARED / "datasets" / "fashion-mnist"))
     p.add_argument("--set", action="append", help="extra config override for every run")
     p.add_argument("--render", action="store_true", help="only rewrite README.md and ladder.png from ladder.json")
@@ -207,31 +230,41 @@ def main() -> None:
         for r in fid_rows(teacher, nfe, scale, ref, extractor, args) if nfe else []:
             add({**r, "teacher": which, "kind": "teacher", "model": f"teacher DDIM {r['steps']}"})
         names = args.objectives.split(",")
+        extras = {name: [] for name in names}
+        if "reflow" in names:
+            pairs = out / "runs" / f"{which}-pairs"
+            make_pairs(teacher, guidance, pairs, max(args.pairs, (args.updates or 0) * args.batch_size), args)
+            extras["reflow"] = ["data.name=pairs", f"data.path={pairs}", "student.sampler=ddim"]
+        if "tdm" in names:  # the reference's K = 4 DDIM student (a default student has one step)
+            extras["tdm"] = ["student.num_steps=4", "student.sampler=ddim"]
         starts = {}
         for name in names:
-            sigma = start_sigma(teacher, name)
+            sigma = start_sigma(teacher, name, extras[name])
             start = "start (top)" if sigma is None else f"start (sigma {sigma:.3g})"
+            student = [e for e in extras[name] if e.startswith("student.")]
+            if student:  # a start of its own: the student's sampler or step count differs from the default
+                start = f"{start[:-1]}, {', '.join(student)})"
             starts[name] = start
             if any(r["teacher"] == which and r["model"] == start for r in rows):
                 continue
             run = out / "runs" / f"{which}-{name}-start"
             info = run_distill(teacher, guidance, name, run, args, ["train.max_steps=1", "train.lr_generator=1e-30",
-                                                                     "train.lr_critic=1e-30"])
+                                                                     "train.lr_critic=1e-30", *extras[name]])
             if "error" in info:
                 errors.append({"teacher": which, "model": start, **info})
                 continue
-            for r in fid_rows(str(run / "student"), [1, 2] if name in MULTI_STEP else [1], None, ref, extractor, args):
+            for r in fid_rows(str(run / "student"), eval_steps(name, run), None, ref, extractor, args):
                 add({**r, "teacher": which, "kind": "start", "model": start, "images_seen": 0})
         for name in names:
             run = out / "runs" / f"{which}-{name}"
             budget = [f"train.max_steps={args.updates}"] if args.updates else [f"train.time_limit_minutes={args.minutes}"]
-            info = run_distill(teacher, guidance, name, run, args, budget)
+            info = run_distill(teacher, guidance, name, run, args, budget + extras[name])
             print(name, which, info, flush=True)
             if "error" in info:
                 errors.append({"teacher": which, "model": name, **info})
                 save()
                 continue
-            for r in fid_rows(str(run / "student"), [1, 2] if name in MULTI_STEP else [1], None, ref, extractor, args):
+            for r in fid_rows(str(run / "student"), eval_steps(name, run), None, ref, extractor, args):
                 start = next(s for s in rows if s["teacher"] == which and s["model"] == starts[name]
                              and s["steps"] == r["steps"])
                 verdict = f"{'below' if r['fid'] < start['fid'] else 'NOT below'} its start ({start['fid']:.1f})"

@@ -37,7 +37,8 @@ def student_denoiser(cfg: Config, teacher: Teacher, model: torch.nn.Module) -> D
 
 
 def sigma_init(cfg: Config, teacher: Teacher | None = None) -> float | None:
-    """student.sigma_init with ``auto`` resolved: 2.5 for distribution matching on VP teachers; for consistency
+    """student.sigma_init with ``auto`` resolved: 2.5 for distribution matching on VP teachers (the top with the ddim
+    sampler); for consistency
     students ``consistency_start`` (1 / a_t <= 15 on epsilon VP teachers, else the top); the top for flow teachers.
 
     Flow students start at t = 1 (pure noise) as their pipelines do: there ``x0 = x - t v`` is well conditioned,
@@ -47,7 +48,8 @@ def sigma_init(cfg: Config, teacher: Teacher | None = None) -> float | None:
     if trains_on_data(cfg):
         return consistency_start(teacher.denoiser) if teacher is not None else None
     flow = teacher is not None and teacher.denoiser.schedule.kind == "flow"
-    return None if flow else 2.5
+    # the ddim sampler starts at the top by construction (TDM's reference student), so auto means the top there
+    return None if flow or cfg.student.sampler == "ddim" else 2.5
 
 
 def trains_on_data(cfg: Config) -> bool:
