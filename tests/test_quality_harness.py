@@ -80,7 +80,7 @@ def test_quality_table_grows_by_missing_rows(tmp_path, tiny_teacher, tiny_cond_t
     table_json, table_md = tmp_path / "table" / "fmnist.json", tmp_path / "table" / "fmnist.md"
 
     def run(teachers, *extra):
-        fq.main(_quality(tmp_path, teachers, "--objectives", "", *extra))
+        fq.main(_quality(tmp_path, teachers, "--objectives", "", "--later", "", *extra))
         return capsys.readouterr().out
 
     def rows():
