@@ -39,7 +39,7 @@ NOT_STUDENTS = {"agd"}
 # few-step students (consistency, segment consistency, flow maps, straight lines): also measured at 2 steps
 MULTI_STEP = {"cd", "scm", "rcm", "scm-ladd", "hyper-sd", "hyper-sd-dmd", "meanflow", "reflow"}
 # reflow trains on (noise, teacher sample) pairs and samples its straight lines with Euler (README's recipe)
-PAIRS_STEPS = 18  # Heun levels of the teacher's ODE for the pairs (35 NFE; rfpp's CIFAR setting)
+PAIRS_STEPS = 10  # the teacher's DDIM (Euler) ODE for the pairs: its 10-step samples are the ladder's teacher row
 
 
 def eval_steps(name: str, run: Path) -> list[int]:
@@ -52,10 +52,46 @@ def eval_steps(name: str, run: Path) -> list[int]:
     return sorted(steps)
 
 
+def objective_settings(which: str, teacher: str, guidance: float, name: str, out: Path, args) -> list[str]:
+    """What the ladder sets beyond the objective's defaults: reflow's pairs (made here, the first time) and its
+    Euler sampler, TDM's K = 4 DDIM student (the reference's; a default student has one step)."""
+    if name == "reflow":
+        pairs = out / "runs" / f"{which}-pairs"
+        make_pairs(teacher, guidance, pairs, max(args.pairs, (args.updates or 0) * args.batch_size), args)
+        return ["data.name=pairs", f"data.path={pairs}", "student.sampler=ddim"]
+    if name == "tdm":
+        return ["student.num_steps=4", "student.sampler=ddim"]
+    return []
+
+
+def start_row(which, teacher, guidance, name, extra, out, args, rows, errors, add, ref, extractor) -> str | None:
+    """The label of ``name``'s start row, measured first if the ladder lacks it at a step count it needs (starts
+    are shared by objectives that start alike); None if the start run failed."""
+    sigma = start_sigma(teacher, name, extra)
+    start = "start (top)" if sigma is None else f"start (sigma {sigma:.3g})"
+    student = [e for e in extra if e.startswith("student.")]
+    if student:  # a start of its own: the student's sampler or step count differs from the default
+        start = f"{start[:-1]}, {', '.join(student)})"
+    run = out / "runs" / f"{which}-{name}-start"
+    have = {r["steps"] for r in rows if r["teacher"] == which and r["model"] == start}
+    if have and set(eval_steps(name, run)) <= have:
+        return start
+    if not (run / "student" / "fastdiff.json").is_file():
+        info = run_distill(teacher, guidance, name, run, args, ["train.max_steps=1", "train.lr_generator=1e-30",
+                                                                 "train.lr_critic=1e-30", *extra])
+        if "error" in info:
+            errors.append({"teacher": which, "model": start, **info})
+            return None
+    missing = [k for k in eval_steps(name, run) if k not in have]
+    for r in fid_rows(str(run / "student"), missing, None, ref, extractor, args):
+        add({**r, "teacher": which, "kind": "start", "model": start, "images_seen": 0})
+    return start
+
+
 def make_pairs(teacher: str, guidance: float, folder: Path, num: int, args) -> None:
     """The teacher's ODE pairs reflow trains on (``fastdiff pairs`` resumes, so a rerun keeps what is made)."""
     cmd = [sys.executable, "-m", "fastdiff", "pairs", "--quiet", "--teacher", teacher, "--num", str(num),
-           "--out", str(folder), "--steps", str(PAIRS_STEPS), "--seed", str(args.seed + 1)]
+           "--out", str(folder), "--steps", str(PAIRS_STEPS), "--sampler", "ddim", "--seed", str(args.seed + 1)]
     if guidance != 1.0:
         cmd += ["--guidance", str(guidance)]
     subprocess.run(cmd, check=True)
@@ -170,7 +206,7 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=28)
     p.add_argument("--teacher-nfe", default="1,10", help="teacher DDIM step counts to score (empty: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pairs", type=int, default=2000, help="reflow's teacher pairs (at least one per image trained on)")
+    p.add_argument("--pairs", type=int, default=800, help="reflow's teacher pairs (at least one per image trained on)")
     p.add_argument("--data-path", default=str(SHARED / "datasets" / "fashion-mnist"))
     p.add_argument("--set", action="append", help="extra config override for every run")
     p.add_argument("--render", action="store_true", help="only rewrite README.md and ladder.png from ladder.json")
@@ -229,46 +265,23 @@ def main() -> None:
         nfe = [int(k) for k in args.teacher_nfe.split(",") if k]
         for r in fid_rows(teacher, nfe, scale, ref, extractor, args) if nfe else []:
             add({**r, "teacher": which, "kind": "teacher", "model": f"teacher DDIM {r['steps']}"})
-        names = args.objectives.split(",")
-        extras = {name: [] for name in names}
-        if "reflow" in names:
-            pairs = out / "runs" / f"{which}-pairs"
-            make_pairs(teacher, guidance, pairs, max(args.pairs, (args.updates or 0) * args.batch_size), args)
-            extras["reflow"] = ["data.name=pairs", f"data.path={pairs}", "student.sampler=ddim"]
-        if "tdm" in names:  # the reference's K = 4 DDIM student (a default student has one step)
-            extras["tdm"] = ["student.num_steps=4", "student.sampler=ddim"]
-        starts = {}
-        for name in names:
-            sigma = start_sigma(teacher, name, extras[name])
-            start = "start (top)" if sigma is None else f"start (sigma {sigma:.3g})"
-            student = [e for e in extras[name] if e.startswith("student.")]
-            if student:  # a start of its own: the student's sampler or step count differs from the default
-                start = f"{start[:-1]}, {', '.join(student)})"
-            starts[name] = start
-            if any(r["teacher"] == which and r["model"] == start for r in rows):
+        for name in args.objectives.split(","):
+            extra = objective_settings(which, teacher, guidance, name, out, args)
+            start = start_row(which, teacher, guidance, name, extra, out, args, rows, errors, add, ref, extractor)
+            if start is None:
                 continue
-            run = out / "runs" / f"{which}-{name}-start"
-            info = run_distill(teacher, guidance, name, run, args, ["train.max_steps=1", "train.lr_generator=1e-30",
-                                                                     "train.lr_critic=1e-30", *extras[name]])
-            if "error" in info:
-                errors.append({"teacher": which, "model": start, **info})
-                continue
-            for r in fid_rows(str(run / "student"), eval_steps(name, run), None, ref, extractor, args):
-                add({**r, "teacher": which, "kind": "start", "model": start, "images_seen": 0})
-        for name in names:
             run = out / "runs" / f"{which}-{name}"
             budget = [f"train.max_steps={args.updates}"] if args.updates else [f"train.time_limit_minutes={args.minutes}"]
-            info = run_distill(teacher, guidance, name, run, args, budget + extras[name])
+            info = run_distill(teacher, guidance, name, run, args, budget + extra)
             print(name, which, info, flush=True)
             if "error" in info:
                 errors.append({"teacher": which, "model": name, **info})
                 save()
                 continue
             for r in fid_rows(str(run / "student"), eval_steps(name, run), None, ref, extractor, args):
-                start = next(s for s in rows if s["teacher"] == which and s["model"] == starts[name]
-                             and s["steps"] == r["steps"])
-                verdict = f"{'below' if r['fid'] < start['fid'] else 'NOT below'} its start ({start['fid']:.1f})"
-                add({**r, "teacher": which, "kind": "student", "model": name, "start": starts[name],
+                base = next(s for s in rows if s["teacher"] == which and s["model"] == start and s["steps"] == r["steps"])
+                verdict = f"{'below' if r['fid'] < base['fid'] else 'NOT below'} its start ({base['fid']:.1f})"
+                add({**r, "teacher": which, "kind": "student", "model": name, "start": start,
                      "updates": info["steps"], "images_seen": info["images_seen"],
                      "wall_seconds": info["wall_seconds"], "verdict": verdict, "last_log": info["log"]})
     result = save()
