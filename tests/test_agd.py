@@ -187,3 +187,34 @@ def test_distill_checkpoint_export_and_diffusers_load(tiny_cond_teacher, tmp_pat
     ours = fastdiff_images(run / "student", 4, 11, 3, [0, 1, 2], 3.0)
     # the same network on the same inputs: float32 differences of a few operations on images in [0, 1]
     assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_an_ema_owns_its_scale_embedding_and_averages_it(tiny_cond_teacher, tmp_path):
+    """With train.ema_decay set, the EMA of the LoRA student copies what trains (adapters and ``cond_proj``) and
+    shares only the frozen base: an update moves the live scale embedding, the EMA's follows the EMA rule
+    ``e <- beta e + (1 - beta) p`` exactly, and the checkpoint keeps the EMA's own. (It once shared ``cond_proj``
+    with the student, and freezing the EMA froze the student's: the scale embedding never trained.)"""
+    from fastdiff.config import load_config
+    from fastdiff.training import Trainer
+    from fastdiff.training.state import checkpoint_modules
+    from test_export_e2e import write_fake_fashion_mnist
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=8, n=8)
+    cfg = load_config(None, [f"teacher.path={tiny_cond_teacher}", f"output_dir={tmp_path / 'run'}",
+                             f"data.path={data}", "data.resolution=8", "objective.name=agd",
+                             "objective.guidance_range=[1.0, 4.0]", "objective.trajectory_steps=4",
+                             "objective.adapter_rank=2", "train.batch_size=4", "train.lr_generator=1e-2",
+                             "train.lr_warmup_steps=0", "train.ema_decay=0.5"])
+    trainer = Trainer(cfg, progress=False)
+    live, ema = trainer.generator.denoiser.model.cond_proj.weight, trainer.ema.cond_proj.weight
+    assert live is not ema and live.requires_grad and any(p is live for p in trainer.opt_g.params)
+    ema_params = dict(trainer.ema.named_parameters())
+    for name, p in trainer.generator.denoiser.model.named_parameters():  # the frozen base shared, the rest copied
+        assert (ema_params[name] is p) != p.requires_grad, name
+    ema_before = ema.detach().clone()
+    trainer.train_step()
+    assert live.detach().abs().max() > 0  # zero at init: the update moved it
+    assert torch.equal(ema, ema_before.lerp(live.detach(), 0.5)) and not torch.equal(ema, live)
+    saved = checkpoint_modules(trainer)["ema"].state_dict()
+    assert torch.equal(saved["cond_proj.weight"], ema) and all(k == "cond_proj.weight" or "lora_" in k for k in saved)

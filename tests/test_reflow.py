@@ -21,7 +21,7 @@ from fastdiff.objectives import build
 from fastdiff.objectives.reflow import sample_u_shaped
 from fastdiff.training import pairs as pairs_module
 from fastdiff.training.pairs import PairSamples, shard_name
-from fastdiff.training.teacher_data import ode_sample, trajectory_levels
+from fastdiff.models.trajectory import ode_sample, trajectory_levels
 
 EPS32 = torch.finfo(torch.float32).eps
 K = 100.0  # the oracle's gain on an input off the line

@@ -33,10 +33,13 @@ def is_lora(model: nn.Module) -> bool:
     return any("lora_" in n for n, _ in model.named_parameters())
 
 
-def with_lora(model: nn.Module, rank: int, what: str) -> nn.Module:
+def with_lora(model: nn.Module, rank: int, what: str, seed: int | None = None) -> nn.Module:
     """A LoRA network on ``model``'s frozen weights: adapters (rank r, alpha r) trainable, everything else frozen.
 
-    ``what`` names the config key in errors (a model without adapter targets, or no peft installed).
+    ``what`` names the config key in errors (a model without adapter targets, or no peft installed). ``seed``:
+    peft draws ``lora_A`` from torch's global generator; with a seed it draws from that seed instead and leaves
+    the global generator as it was. The student's LoRA is built before the run seeds torch, so without one its
+    start would differ between processes (and a run resumed in a new process would not continue the first run).
     """
     targets = lora_targets(model)
     try:
@@ -48,10 +51,13 @@ def with_lora(model: nn.Module, rank: int, what: str) -> nn.Module:
                             "set it to 0")
     net = shared_copy(model)
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True)
-    if hasattr(net, "add_adapter"):  # diffusers models: keeps their own adapter bookkeeping consistent
-        net.add_adapter(config)
-    else:
-        net = inject_adapter_in_model(config, net)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):  # peft makes the adapters on the CPU
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+        if hasattr(net, "add_adapter"):  # diffusers models: keeps their own adapter bookkeeping consistent
+            net.add_adapter(config)
+        else:
+            net = inject_adapter_in_model(config, net)
     for name, p in net.named_parameters():
         adapter = "lora_" in name
         p.requires_grad_(adapter)
@@ -70,20 +76,24 @@ def lora_rank(model: nn.Module) -> int:
 
 
 def lora_copy(lora_model: nn.Module) -> nn.Module:
-    """A copy of a LoRA network with its own adapter weights and the same shared base (for the EMA)."""
-    frozen = {id(p): p for n, p in lora_model.named_parameters() if "lora_" not in n}
+    """A copy of a LoRA network with its own copy of everything that trains (the adapters, and any other trained
+    module such as AGD's scale embedding ``cond_proj``) and the same shared frozen base (for the EMA)."""
+    frozen = {id(p): p for p in lora_model.parameters() if not p.requires_grad}
     return copy.deepcopy(lora_model, memo=frozen)
 
 
 class AdapterWeights(nn.Module):
-    """Checkpoint view of a LoRA network: its adapter weights only (the base is the teacher's, saved nowhere)."""
+    """Checkpoint view of a LoRA network: its adapter weights only (the base is the teacher's, saved nowhere), or
+    the parameters in ``params`` (an EMA copy's: everything it averages)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, params: list[nn.Parameter] | None = None):
         super().__init__()
         self._model = [model]  # a list keeps the model out of this module's own state
+        self._ids = None if params is None else {id(p) for p in params}
 
     def state_dict(self, *args, **kwargs):
-        return {n: p.detach() for n, p in self._model[0].named_parameters() if "lora_" in n}
+        return {n: p.detach() for n, p in self._model[0].named_parameters()
+                if ("lora_" in n if self._ids is None else id(p) in self._ids)}
 
     def load_state_dict(self, state: dict, strict: bool = True):
         own = self.state_dict()

@@ -16,9 +16,9 @@ What fastdiff does, and where it differs:
   it to the student because ``objective.guidance_range`` is set). Everything else is frozen, so at init the adapted
   network equals the teacher's conditional prediction exactly. The reference's adapters are its own blocks (additive
   / attention adapters fed a timestep, label and w embedding); ours are the ones diffusers pipelines already load.
-- trajectories: made on the fly by the teacher, deterministic DDIM (eta = 0) on the teacher's timesteps (as
-  ``training.teacher_data``'s "ddim" levels: objectives sit below training in the layering, so the loop is written
-  here), one w per trajectory uniform in ``guidance_range``. All K points of ceil(n / K) trajectories are made and
+- trajectories: made on the fly by the teacher, deterministic DDIM (eta = 0) on the teacher's timesteps
+  (``models.trajectory``, the sampler of ``data.name: teacher`` and the reflow pairs, on finite levels), one w per
+  trajectory uniform in ``guidance_range``. All K points of ceil(n / K) trajectories are made and
   n of them drawn, so a batch of n points costs about n CFG evaluations (the reference stores 1000-step DDPM
   trajectories ahead of training instead).
 - loss: the MSE in the teacher's own prediction space (eps, v or velocity), written in x0 terms through
@@ -37,7 +37,7 @@ import torch
 from ..models.denoiser import Denoiser
 from ..models.guidance import GuidanceEmbeddedUNet, guided_condition
 from ..models.lora import is_lora, lora_targets
-from ..models.schedule import FlowSchedule
+from ..models.trajectory import ddim_levels, ode_trajectory
 from .base import Objective, finite_mean, per_sample_mean
 from .guidance import TeacherGuidance
 from .registry import register
@@ -111,12 +111,10 @@ class AdapterGuidanceDistillation(Objective):
         return {"agd_scale_embedding": proj}
 
     def levels(self, device) -> torch.Tensor:
-        """The K DDIM levels, highest first: the teacher's timesteps round(linspace(T - 1, 0, K)) (down to 1 on a
-        flow teacher, whose t = 0 is sigma = 0, where the velocity loss weight is infinite)."""
-        T = self.teacher.schedule.num_train_timesteps
-        end = 1 if isinstance(self.teacher.schedule, FlowSchedule) else 0
-        t = torch.linspace(T - 1, end, self.trajectory_steps, dtype=torch.float64).round()
-        return self.teacher.schedule.sigma_at(t).float().to(device)
+        """The K DDIM levels, highest first (``models.trajectory.ddim_levels``): the teacher's timesteps
+        round(linspace(T - 1, 0, K)) (down to 1 on a flow teacher, whose t = 0 is sigma = 0, where the velocity loss
+        weight is infinite)."""
+        return ddim_levels(self.teacher.schedule, self.trajectory_steps, finite=True).float().to(device)
 
     @torch.no_grad()
     def trajectory_points(self, n: int, shape: tuple, cond, device):
@@ -131,15 +129,8 @@ class AdapterGuidanceDistillation(Objective):
         w = lo + (hi - lo) * torch.rand(m, device=device)
         sigmas = self.levels(device)
         z = torch.randn((m, *shape), device=device)
-        inputs, targets = [], []
-        for i in range(K):
-            s = sigmas[i]
-            x0 = d.denoise_native(z, s, traj_cond, w)
-            inputs.append(z)
-            targets.append(x0)
-            if i + 1 < K:  # DDIM (eta = 0): Euler on the probability-flow ODE in the VE scale
-                eps = (z / d.schedule.alpha(s) - x0) / s
-                z = (x0 + sigmas[i + 1] * eps) * d.schedule.alpha(sigmas[i + 1])
+        states = list(ode_trajectory(d, z, sigmas, traj_cond, w))  # DDIM (eta = 0): K CFG evaluations
+        inputs, targets = [s.x for s in states], [s.x0 for s in states]
         pick = torch.randperm(K * m, device=device)[:n]  # point index = step * m + trajectory
         step, traj = pick // m, pick % m
         return (torch.stack(inputs).flatten(0, 1)[pick], sigmas[step], torch.stack(targets).flatten(0, 1)[pick],

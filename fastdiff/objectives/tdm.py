@@ -48,8 +48,8 @@ fastdiff's K levels are the student's own (``student.num_steps``, ``student.sigm
 reference's ``--total_steps 900`` grid 899/674/449/224 is ``step_timesteps`` from ``sigma_init`` at t = 899 with the
 lcm sampler, or, with the ddim sampler (which starts at the top), the ``--total_steps 1000`` grid 999/749/499/249. With
 ``student.sampler: lcm`` the re-noising is fresh noise and each step's target is DMD on its x0 at its own interval.
-The trainer hands TDM the student's sampler itself (``samples_student``): TDM runs the trajectory, the trainer's own
-generator sample only gives the batch shape.
+The trainer hands TDM the student's sampler itself (``samples_student``): TDM runs the trajectory, so the trainer makes
+no generator sample of its own (``uses_generator_sample`` False; ``x`` is the noise batch, read for its shape).
 """
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ class TDM(DMD2):
     """
 
     samples_student = True
+    uses_generator_sample = False  # both losses run the student's trajectory themselves (trajectory_sample)
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, student: Generator, min_t: float = REFERENCE_FLOOR_T,
                  step_margin: int = 10, separate_intervals: bool = True, critic_updates: int = 1,

@@ -3,7 +3,7 @@
 Reflow (Liu et al. 2023; improved by Lee et al. 2024, "Improving the Training of Rectified Flows", reference code
 sangyun884/rfpp ``generate_edm.py``) regresses a student onto straight lines between a noise z and the sample the
 teacher's probability-flow ODE carries it to. ``fastdiff pairs`` makes those pairs once, with the sampler that
-``data.name: teacher`` uses (``teacher_data.ode_sample`` on ``teacher_data.trajectory_levels``: deterministic DDIM
+``data.name: teacher`` uses (``models.trajectory.ode_sample`` on its ``trajectory_levels``: deterministic DDIM
 / Euler, or EDM's Heun), from native noise z at the sampler's first level (the top of the teacher's table; t = 1
 for ddim on flow teachers):
 
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import FastdiffError
-from .teacher_data import SAMPLERS, ode_sample, trajectory_levels
+from ..models.trajectory import SAMPLERS, ode_sample, trajectory_levels
 
 MANIFEST = "manifest.json"
 FORMAT = "fastdiff-pairs/1"

@@ -3,10 +3,11 @@
 TBCM (Tang et al. 2025, "Image-Free Timestep Distillation via Continuous-Time Consistency with Trajectory-Sampled
 Pairs", arXiv 2511.20410, hustvl/TBCM ``train_scripts/train_tbcm.py``) trains a consistency student without a data
 set: the teacher samples from pure noise along a route of noise levels, and the training points come from that
-trajectory. Here the trajectory's endpoint x0 (DDIM, eta = 0, on a VP teacher; Euler on a flow teacher: both ``ode_sample``) takes the place of a real image, and the objective noises it exactly as it
-noises real images. That the points are the teacher's own samples is what TBCM's argument rests on (training
-and inference see the same distribution); feeding TBCM's intermediate (x_t, t) points to the loss directly
-would change the objectives' inputs, which this source does not do.
+trajectory. Here the trajectory's endpoint x0 (``models.trajectory``: DDIM, eta = 0, on a VP teacher; Euler on a
+flow teacher; or EDM's Heun) takes the place of a real image, and the objective noises it exactly as it noises real
+images. That the points are the teacher's own samples is what TBCM's argument rests on (training and inference see
+the same distribution); feeding TBCM's intermediate (x_t, t) points to the loss directly would change the
+objectives' inputs, which this source does not do.
 
 Two modes, both with the ``.batch(n, device)`` interface of ``data.RealImages`` and one ``rng`` that the
 checkpoint saves (``Run._generators``), so a resumed run draws the same batches as an uninterrupted one:
@@ -27,55 +28,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import FastdiffError
-from ..models.schedule import FlowSchedule
+from ..models.trajectory import SAMPLERS, ode_sample, trajectory_levels
+from .pairs import draw_conditions
 
 CHUNK = 256  # pool samples generated together and stored in one file
 CACHE_DIR = "teacher-samples"  # under output_dir when data.cache_dir is null
 MANIFEST = "manifest.json"
-
-
-SAMPLERS = ("ddim", "heun")
-
-
-def trajectory_levels(schedule, num_steps: int, sampler: str = "heun") -> torch.Tensor:
-    """The sampler's noise levels, highest first, ending on the teacher's smallest trained level.
-
-    ddim: evenly spaced in the teacher's timesteps (DDIM's "linspace" spacing on a VP table,
-    FlowMatchEulerDiscreteScheduler's ``linspace(1, 1/T)`` with its shift on a flow one). Unlike a K-step student's
-    trailing levels, which stop at T/K, the endpoint is the x0 estimate at the table's smallest level.
-    heun: EDM's Karras rho = 7 levels over the teacher's range (Karras et al. 2022, Algorithm 1)."""
-    if sampler == "heun":
-        from ..objectives.base import karras_grid
-
-        return karras_grid(schedule, n=num_steps).flip(0)
-    T = schedule.num_train_timesteps
-    if isinstance(schedule, FlowSchedule):
-        return schedule.sigma_at(torch.linspace(T, 1, num_steps, dtype=torch.float64))
-    return schedule.sigma_at(torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round())
-
-
-@torch.no_grad()
-def ode_sample(denoiser, z: torch.Tensor, sigmas: torch.Tensor, cond=None, guidance_scale=None,
-               heun: bool = False) -> torch.Tensor:
-    """The probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma in the VE scale, from native noise z at
-    sigmas[0] through each level, then the step to sigma = 0 (the x0 estimate at the last level). Euler steps are
-    deterministic DDIM (eta = 0); ``heun`` adds EDM's second-order correction on every step but that last one."""
-    sigmas = sigmas.to(z.device)
-    schedule = denoiser.schedule
-
-    def d(x_native, sigma):  # the slope (x - x0) / sigma, and x in the VE scale
-        x0 = denoiser.denoise_native(x_native, sigma, cond, guidance_scale)
-        x = x_native if torch.isinf(sigma) else x_native / schedule.alpha(sigma)
-        return (x_native if torch.isinf(sigma) else (x - x0) / sigma), x, x0
-
-    slope, x, x0 = d(z, sigmas[0])
-    for i in range(1, len(sigmas)):
-        x_next = x0 + sigmas[i] * slope  # Euler (exact at sigma = inf, where x / sigma -> the native noise)
-        if heun and not torch.isinf(sigmas[i - 1]):
-            slope_next, _, _ = d(x_next * schedule.alpha(sigmas[i]), sigmas[i])
-            x_next = x + (sigmas[i] - sigmas[i - 1]) * (slope + slope_next) / 2
-        slope, x, x0 = d(x_next * schedule.alpha(sigmas[i]), sigmas[i])
-    return x0
 
 
 def _chunk_seed(seed: int, index: int) -> int:
@@ -106,11 +64,7 @@ class TeacherSamples:
     # --- drawing -----------------------------------------------------------------------------------
     def _draw_conditions(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
         """Class labels uniform over the real classes, or prompt indices uniform over data.prompts."""
-        if self.teacher.num_classes:
-            return torch.randint(self.teacher.num_classes, (n,), generator=gen)
-        if self.prompts:
-            return torch.randint(len(self.prompts), (n,), generator=gen)
-        return None
+        return draw_conditions(self.teacher, n, gen, self.prompts)
 
     def _cond(self, drawn: torch.Tensor | None, device, encode):
         if drawn is None:
