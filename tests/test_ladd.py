@@ -192,7 +192,9 @@ def test_ladd_trains_exports_and_loads(name, extra, tiny_cond_teacher, tmp_path)
 
 
 @pytest.mark.parametrize("name, options, left", [
-    ("ladd", {}, 0.75),  # measured 0.33 - 0.53 (seeds 0-3): one scalar feature (the distance to the mode) to judge by
+    # the real side from data (the mixture's exact samples; test_objectives_improve.py runs the teacher's, 0.40 - 0.72)
+    ("ladd", {"real_source": "data"}, 0.75),  # measured 0.33 - 0.53 (seeds 0-3): one scalar feature (the distance
+                                              # to the mode) to judge by
     ("scm-ladd", {"tangent_warmup": 10}, 0.06),  # measured 0.020 - 0.027, as scm alone (0.021 - 0.028)
 ])
 def test_ladd_moves_a_gaussian_student_toward_the_teacher(name, options, left):
@@ -201,3 +203,85 @@ def test_ladd_moves_a_gaussian_student_toward_the_teacher(name, options, left):
 
     before, after = train(name, 60, 3e-2, options)
     assert after <= left * before, (name, before, after)
+
+
+# --- the real side from data (objective.real_source) ---------------------------------------------------------------
+def test_real_source_data_feeds_the_data_batch_noised_to_the_discriminator():
+    teacher = vp_denoiser(tiny_unet(num_class_embeds=4), "v_prediction", null_class=3)
+    obj = LADD(teacher, real_source="data", disc_p_mean=0.3, disc_p_std=0.8)
+    obj.teacher_samples = None  # with data the teacher's sampler must not run (calling None would fail)
+    heads = obj.adversary.disc.heads.eval()  # eval: the spectral norms' power iterations hold still between passes
+    g = torch.Generator().manual_seed(0)
+    fake, real = torch.randn(4, 1, 8, 8, generator=g), 2 * torch.rand(4, 1, 8, 8, generator=g) - 1
+    fake_cond, real_cond = {"class_labels": torch.tensor([0, 1, 2, 0])}, {"class_labels": torch.tensor([2, 2, 1, 0])}
+    seen = []  # (native input, timestep, labels) of every teacher pass
+
+    def catch(module, args, kwargs):
+        seen.append((kwargs["sample"].clone(), kwargs["timestep"].clone(), kwargs["class_labels"].clone()))
+    handle = teacher.model.register_forward_pre_hook(catch, with_kwargs=True)
+    torch.manual_seed(3)
+    loss, _ = obj.critic_loss(fake, fake_cond, (real, real_cond))
+    handle.remove()
+
+    # Independently: ln sigma ~ N(0.3, 0.8^2) clamped to the table, then the fake side's eps, then the real side's;
+    # the teacher's native input is x_t / sqrt(1 + sigma^2) (VP), in float64 here.
+    torch.manual_seed(3)
+    lo, hi = (float(s) for s in teacher.schedule.sigma_at(torch.tensor([0, 999])))
+    sigma = (torch.randn(4) * 0.8 + 0.3).exp().clamp(lo, hi)
+    eps_fake, eps_real = torch.randn_like(fake), torch.randn_like(real)
+    alpha = (1 + sigma.double() ** 2).rsqrt().reshape(-1, 1, 1, 1)
+    s4 = sigma.double().reshape(-1, 1, 1, 1)
+    native = {"fake": (fake.double() + s4 * eps_fake.double()) * alpha,
+              "real": (real.double() + s4 * eps_real.double()) * alpha}
+    assert len(seen) == 2  # one teacher pass per side, none for teacher samples
+    for (x_in, t_in, labels), side, want_labels in zip(seen, ("fake", "real"), (fake_cond, real_cond)):
+        # float32 against float64: four roundings (sigma eps, the sum, alpha, the product), each relative to the
+        # size of the scaled values
+        assert torch.allclose(x_in.double(), native[side], rtol=0, atol=4 * 1.2e-7 * float(native[side].abs().max()))
+        assert torch.equal(t_in, teacher.schedule.model_timestep(sigma))
+        assert torch.equal(labels, want_labels["class_labels"])
+
+    # The loss: Sana's hinge on heads over the features of direct network calls at those inputs.
+    model = teacher.model
+    logits = {}
+    for side, cond in (("fake", fake_cond), ("real", real_cond)):
+        caught = []
+        hooks = [m.register_forward_hook(lambda m, a, out: caught.append(out[0] if isinstance(out, tuple) else out))
+                 for m in [*model.down_blocks, model.mid_block]]
+        with torch.no_grad():
+            model(native[side].float(), teacher.schedule.model_timestep(sigma), class_labels=cond["class_labels"])
+        for h in hooks:
+            h.remove()
+        logits[side] = [head(f) for head, f in zip(heads, caught)]
+    expected = torch.stack([sana_d_loss(r, f, "hinge") for r, f in zip(logits["real"], logits["fake"])]).mean()
+    # float32 network on inputs equal to a few ulps (above): the loss agrees to a few roundings of its size
+    assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+def test_real_source_teacher_ignores_data_and_data_requires_it():
+    teacher = vp_denoiser(tiny_unet(num_class_embeds=4), "v_prediction", null_class=3)
+    cond = {"class_labels": torch.tensor([0, 1])}
+    x, data = torch.randn(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    obj = LADD(teacher, teacher_steps=1)
+    drawn = []
+    obj.teacher_samples = lambda like, c: drawn.append(c) or torch.ones_like(like)
+    obj.critic_loss(x, cond, (data, cond))
+    assert drawn == [cond]  # the paper's setting: the teacher's samples even when the caller has data
+    with pytest.raises(FastdiffError, match="real_source data"):
+        LADD(teacher, real_source="data").critic_loss(x, cond)
+    with pytest.raises(FastdiffError, match="real_source"):
+        LADD(teacher, real_source="images")
+
+
+@pytest.mark.slow  # 8 s on a 2-core CPU
+def test_ladd_on_real_data_trains_exports_and_loads(tiny_cond_teacher, tmp_path, monkeypatch):
+    def no_teacher_samples(self, like, cond):
+        raise AssertionError("real_source data drew teacher samples")
+    monkeypatch.setattr(LADD, "teacher_samples", no_teacher_samples)
+    run, logs = distill_on_fake_images(tiny_cond_teacher, tmp_path, "objective.name=ladd",
+                                       "objective.real_source=data")
+    assert all(math.isfinite(v) for row in logs for v in row.values() if isinstance(v, (int, float)))
+    assert "loss_ladd_d" in logs[-1]
+    trainer = TRAINERS[run.resolve()]
+    assert trainer.real is not None  # the trainer loaded the data set for the critic's real side
+    assert_pipeline_matches(run / "student", labels=[0, 1, 2])

@@ -15,11 +15,15 @@ levels (``t = atan(sigma / sd)``; sd tan t is fastdiff's VE sigma). Hinge losses
 each expectation over samples and the head's locations, then averaged over the heads (with equal token counts, as on
 a transformer, this is the reference's mean over the concatenated logits).
 
-The "real" side needs no data: LADD trains on the teacher's own samples ("synthetic data", Sec. 3.2), which fastdiff
-draws on the fly with the teacher's deterministic DDIM / Euler sampler at ``teacher_steps`` levels and the teacher's
-CFG, once per critic update and with the same conditions as the generator's batch; when the trainer passes real
-images (``real``), those are used instead. The generator gradient runs through the frozen teacher's activations into
-the sample; the teacher's parameters get none (the trainer freezes them; the objective never trains them).
+The "real" side (``real_source``): by default (``teacher``) it needs no data: LADD trains on the teacher's own samples
+("synthetic data", Sec. 3.2), which fastdiff draws on the fly with the teacher's deterministic DDIM / Euler sampler at
+``teacher_steps`` levels and the teacher's CFG, once per critic update and with the same conditions as the generator's
+batch. With ``data`` it is a batch of the configured data set (``data.name``; latents for latent teachers), with that
+batch's own conditions, noised as the fake side is: real images are what ADD (Sauer et al. 2023, LADD's predecessor)
+trains its discriminator on, and what SANA-Sprint's hybrid trains its heads against. The trainer then loads the data
+as it does for objectives that train on data (``Run._real``, passed to ``critic_loss`` as ``real``). The generator
+gradient runs through the frozen teacher's activations into the sample; the teacher's parameters get none (the
+trainer freezes them; the objective never trains them).
 
 Reference code (read, not copied): NVlabs/Sana ``train_scripts/train_scm_ladd.py`` (G and D phases, hinge /
 cross-entropy losses, ``adv_lambda`` 0.5 with ``scm_lambda`` 1, discriminator levels ``logit_mean_discriminator`` -0.6,
@@ -50,6 +54,7 @@ from .registry import register
 from .scm import SIGMA_DATA, ContinuousConsistency
 
 ADVERSARIAL_LOSSES = ("hinge", "logistic")
+REAL_SOURCES = ("teacher", "data")  # what the discriminator's real side is (LADD.real_source)
 
 
 # --- which teacher layers the heads read ---------------------------------------------------------------------------
@@ -273,7 +278,9 @@ class LADD(Objective):
         disc_p_mean, disc_p_std: ``ln sigma ~ N(mean, std^2)`` of the discriminator's input noise (LADD's logit-normal
             pi(t; m, s) on flow time; m = 1, s = 1 biases it to high noise, which the paper found to favour global
             structure; SANA-Sprint: -0.6, 1.0).
-        teacher_steps: DDIM / Euler steps of the teacher's samples, the "real" side when no data is given.
+        teacher_steps: DDIM / Euler steps of the teacher's samples, the "real" side with ``real_source`` teacher.
+        real_source: the discriminator's real side: "teacher" (its own samples, the paper's setting, no data needed)
+            or "data" (the trainer's batch of ``data.name`` images with their conditions).
         adversarial_loss: "hinge" (LADD, Sana's default) or "logistic" (non-saturating BCE, Sana's "cross entropy").
         critic_updates: head updates per generator update (Sana alternates 1:1).
     """
@@ -282,12 +289,18 @@ class LADD(Objective):
 
     def __init__(self, teacher: Denoiser, fake=None, critic_updates: int = 1, gan_head=None, head_every: int = 1,
                  disc_p_mean: float = 1.0, disc_p_std: float = 1.0, teacher_steps: int = 4,
-                 adversarial_loss: str = "hinge"):
+                 adversarial_loss: str = "hinge", real_source: str = "teacher"):
         super().__init__(teacher, None, critic_updates, None)
         if teacher_steps < 1:
             raise FastdiffError(f"objective.teacher_steps must be >= 1, got {teacher_steps}")
-        self.teacher_steps = teacher_steps
+        if real_source not in REAL_SOURCES:
+            raise FastdiffError(f"objective.real_source must be one of {', '.join(REAL_SOURCES)}, got {real_source!r}")
+        self.teacher_steps, self.real_source = teacher_steps, real_source
         self.adversary = Adversary(teacher, head_every, disc_p_mean, disc_p_std, adversarial_loss)
+
+    @classmethod
+    def reads_real_images(cls, options) -> bool:
+        return options.real_source == "data"  # the discriminator's real side is the trainer's data batch
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.adversary.disc.heads]
@@ -305,7 +318,15 @@ class LADD(Objective):
         return loss, {"loss_ladd_g": loss.detach()}
 
     def critic_loss(self, x, cond=None, real=None):
-        real_x, real_cond = real if real is not None else (self.teacher_samples(x, cond), cond)
+        """Fake: the generator's samples x; real: the teacher's samples for the same conditions, or (``real_source``
+        data) the data batch ``real = (images, their conditions)`` the trainer passes."""
+        if self.real_source == "teacher":
+            real_x, real_cond = self.teacher_samples(x, cond), cond
+        elif real is None:
+            raise FastdiffError("objective.real_source data: the critic got no real images (the trainer passes a batch "
+                                "of data.name; a caller of critic_loss must pass real=(images, conditions))")
+        else:
+            real_x, real_cond = real
         loss = self.adversary.critic_loss(x, real_x, cond, real_cond)
         return loss, {"loss_ladd_d": loss.detach()}
 
