@@ -1,0 +1,273 @@
+"""PSO (objectives/pso.py, training/tune.py): the loss against Diffusion-DPO's, its gradient in closed form, and
+``fastdiff tune`` end to end: distil, tune toward a folder of targets, export, reload with diffusers."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler
+from PIL import Image
+
+from fastdiff.cli import main
+from fastdiff.pipelines import FastdiffClassConditionalPipeline
+from fastdiff.models.denoiser import Denoiser
+from fastdiff.models.schedule import schedule_from_scheduler
+from fastdiff.objectives.pso import pair_losses, pso_loss
+
+from conftest import tiny_unet
+from test_export_e2e import distill, fastdiff_images
+
+
+def diffusion_dpo_loss(model_pred, ref_pred, target, beta_dpo):
+    """Transcribed from SalesforceAIResearch/DiffusionDPO train.py (train_method 'dpo'): the first half of the batch
+    is preferred (y_w), the second unpreferred (y_l), with the same noise and timestep; the MSE is on the network's
+    own target (the noise, for its epsilon UNets)."""
+    model_losses = (model_pred - target).pow(2).mean(dim=[1, 2, 3])
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    model_diff = model_losses_w - model_losses_l
+    ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])
+    ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+    ref_diff = ref_losses_w - ref_losses_l
+    scale_term = -0.5 * beta_dpo
+    inside_term = scale_term * (model_diff - ref_diff)
+    return -1 * F.logsigmoid(inside_term).mean()
+
+
+def test_pair_losses_equal_diffusion_dpo_in_float64():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64)
+    model_pred = target + 0.3 * torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64)
+    ref_pred = target + 0.3 * torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64)
+    expected = diffusion_dpo_loss(model_pred, ref_pred, target, 20.0)
+    ours = pair_losses((model_pred - target).square().flatten(1).mean(1),
+                       (ref_pred - target).square().flatten(1).mean(1), 20.0).mean()
+    assert 0.1 < float(expected) < 5  # the sigmoid is neither saturated nor flat here: a real comparison
+    assert torch.allclose(ours, expected, rtol=1e-13, atol=0)  # float64, a dozen operations
+
+
+class LinearEps(torch.nn.Module):
+    """eps_hat = W x on the flattened native input (timestep ignored): a network whose gradient has a closed form."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.clone())
+
+    def forward(self, sample, timestep, return_dict=False):
+        return ((sample.flatten(1) @ self.weight.T).view_as(sample),)
+
+
+def tiny_case():
+    """A student and a frozen reference (different weights), 3 pairs of 1x2x2 images at two VP levels."""
+    g = torch.Generator().manual_seed(1)
+    schedule = schedule_from_scheduler(DDPMScheduler())
+    w0 = torch.eye(4) + 0.2 * torch.randn(4, 4, generator=g)
+    student = Denoiser(LinearEps(w0 + 0.1 * torch.randn(4, 4, generator=g)), schedule, "epsilon")
+    reference = Denoiser(LinearEps(w0), schedule, "epsilon")
+    x_target, x_reference = torch.randn(3, 1, 2, 2, generator=g), torch.randn(3, 1, 2, 2, generator=g)
+    sigma = torch.tensor([0.5, 2.5, 2.5])
+    noise = torch.randn(3, 1, 2, 2, generator=g)
+    return student, reference, x_target, x_reference, sigma, noise
+
+
+def native_inputs(x0, sigma, noise):
+    """a x0 + s eps in float64, with a = 1 / sqrt(1 + sigma^2), s = sigma a (the VE -> native map)."""
+    a = (1 / torch.sqrt(1 + sigma.double() ** 2)).view(-1, 1, 1, 1)
+    return a * x0.double() + sigma.double().view(-1, 1, 1, 1) * a * noise.double()
+
+
+def test_pso_loss_on_a_student_equals_diffusion_dpo_on_its_eps_predictions():
+    student, reference, x_target, x_reference, sigma, noise = tiny_case()
+    beta = 30.0
+    loss, logs = pso_loss(student, reference, x_target, x_reference, sigma, noise, beta=beta)
+    # Diffusion-DPO on the raw eps predictions of the same inputs, in float64: the student's x0 / weight route is
+    # checked against the network's own target (the noise), an independent path.
+    x = torch.cat([native_inputs(x_target, sigma, noise), native_inputs(x_reference, sigma, noise)])
+    pred = lambda d: (x.flatten(1) @ d.model.weight.detach().double().T).view_as(x)  # noqa: E731
+    expected = diffusion_dpo_loss(pred(student), pred(reference), noise.double().repeat(2, 1, 1, 1), beta)
+    assert 0.1 < float(expected) < 5
+    # float32: x0 = (x - s eps_hat) / a and back, ~10 operations on values of magnitude <= 10 (1 / a at sigma 2.5
+    # is 2.7), then the errors' differences times beta / 2 = 15: 1.2e-7 * 10 * 10 * 15 = 1.8e-4 on the loss, of
+    # magnitude ~0.7; 5e-5 relative is well inside it (measured 7e-7) and far below any formula error (dropping the
+    # weight moves the loss 48%).
+    assert abs(loss.item() - expected.item()) <= 5e-5 * expected.item(), (loss.item(), expected.item())
+    assert float(logs["pso_implicit_acc"]) in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def test_pso_gradient_matches_the_closed_form():
+    student, reference, x_target, x_reference, sigma, noise = tiny_case()
+    beta = 30.0
+    loss, _ = pso_loss(student, reference, x_target, x_reference, sigma, noise, beta=beta)
+    loss.backward()
+    grad = student.model.weight.grad.double()
+
+    # Closed form in float64: e(W) = mean_j (eps - W x)_j^2 has de/dW = -(2/n) (eps - W x) x^T; the pair loss
+    # L_i = -log sigmoid(u_i), u_i = -beta/2 (Delta+_i - Delta-_i),
+    # so dL_i/dW = (1 - sigmoid(u_i)) beta/2 (de+/dW - de-/dW)
+    # (the reference's errors are constants); the loss is the mean over pairs.
+    w, w0 = student.model.weight.detach().double(), reference.model.weight.detach().double()
+    eps = noise.double().flatten(1)
+    xs = [native_inputs(x0, sigma, noise).flatten(1) for x0 in (x_target, x_reference)]
+    err = lambda m, x: ((eps - x @ m.T) ** 2).mean(1)  # noqa: E731
+    de_dw = lambda x: torch.stack([-(2 / 4) * torch.outer(eps[i] - w @ x[i], x[i]) for i in range(3)])  # noqa: E731
+    u = -beta / 2 * ((err(w, xs[0]) - err(w0, xs[0])) - (err(w, xs[1]) - err(w0, xs[1])))
+    coef = (1 - torch.sigmoid(u)) * beta / 2
+    expected = (coef.view(-1, 1, 1) * (de_dw(xs[0]) - de_dw(xs[1]))).mean(0)
+    assert float(expected.abs().max()) > 0.1  # a gradient worth comparing
+    # float32 forward and backward of ~20 operations on values <= 10, scaled by beta / 2 = 15:
+    # 1.2e-7 * 20 * 10 * 15 = 3.6e-4 absolute bound, relative to the gradient's largest entry (measured 1.5e-6 on 2.05).
+    assert float((grad - expected).abs().max()) <= 3.6e-4 * max(1.0, float(expected.abs().max())), (grad, expected)
+
+
+# --- fastdiff tune end to end ---------------------------------------------------------------------------------------
+
+def write_targets(folder: Path, n: int = 4, size: int = 8) -> np.ndarray:
+    """n grey-scale targets: a bright centred square on black, slightly different each. Returns them in [-1, 1]."""
+    folder.mkdir(parents=True)
+    images = []
+    for i in range(n):
+        img = np.zeros((size, size), dtype=np.uint8)
+        img[2:6, 2:6] = 200 + 15 * i
+        Image.fromarray(img).save(folder / f"t{i}.png")
+        images.append(img.astype(np.float64) / 127.5 - 1)
+    return np.stack(images)
+
+
+def distance_to_targets(folder, targets: np.ndarray, steps: int, n: int = 64) -> float:
+    """Mean over n samples (seed 5) of the RMS distance to the nearest target image, in [-1, 1] units."""
+    samples = fastdiff_images(folder, steps, 5, n)[..., 0] * 2 - 1  # NHWC in [0, 1] -> [-1, 1]
+    d = np.sqrt(((samples[:, None] - targets[None]) ** 2).mean(axis=(2, 3)))
+    return float(d.min(axis=1).mean())
+
+
+def tune_cli(student, targets, out, *settings, extra=()) -> None:
+    args = ["tune", str(student), "--targets", str(targets), "--out", str(out), "--quiet", *extra]
+    for item in settings:
+        args += ["--set", item]
+    assert main(args) == 0
+
+
+def assert_tuned_export(student: Path, out: Path, labels=None) -> None:
+    """The tuned folder: the student's layout and card plus the tune's settings, no local path, and diffusers'
+    pipeline equal to fastdiff's sampler at 1 and 2 steps; its images differ from the untuned student's."""
+    info = json.loads((out / "fastdiff.json").read_text())
+    before = json.loads((student / "fastdiff.json").read_text())
+    assert info["tuned"]["method"] == "pso" and info["tuned"]["targets"] == "targets"
+    assert {k: info[k] for k in ("num_steps", "objective", "sampler", "top_timestep")} == \
+        {k: before[k] for k in ("num_steps", "objective", "sampler", "top_timestep")}
+    # the same teacher, named relative to the new folder
+    assert (out / info["teacher_folder"]).resolve() == (student / before["teacher_folder"]).resolve()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in student.iterdir())  # same layout
+    assert "tune.pso" in (out / "README.md").read_text()
+    assert str(out.parent.resolve()) not in (out / "fastdiff.json").read_text()  # no local absolute path
+    n = 3 if labels is None else len(labels)
+    for steps in (1, 2):
+        rng = torch.Generator().manual_seed(11)
+        if labels is None:
+            ref = DDPMPipeline.from_pretrained(out)(batch_size=n, num_inference_steps=steps, output_type="np",
+                                                    generator=rng).images
+        else:
+            ref = FastdiffClassConditionalPipeline.from_pretrained(out)(class_labels=labels, num_inference_steps=steps,
+                                                                      output_type="np", generator=rng).images
+        # 1e-5 on [0, 1] images: the same network on the same inputs, float32 differences of a few operations
+        assert np.abs(fastdiff_images(out, steps, 11, n, labels) - ref).max() <= 1e-5
+    moved = np.abs(fastdiff_images(out, 2, 11, n, labels) - fastdiff_images(student, 2, 11, n, labels)).max()
+    assert moved > 1e-3, moved  # the export holds the tuned weights, not the student's
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_teacher, tmp_path_factory) -> Path:
+    """A two-step dmd2 student of the tiny epsilon teacher, distilled two updates and exported."""
+    run = distill(tiny_teacher, tmp_path_factory.mktemp("pso") / "run", "student.num_steps=2",
+                  "train.lr_generator=1e-3", "train.lr_warmup_steps=0")
+    return run / "student"
+
+
+def test_tune_exports_a_student_that_diffusers_reproduces(tiny_student, tmp_path):
+    write_targets(tmp_path / "targets")
+    out = tmp_path / "tuned"
+    tune_cli(tiny_student, tmp_path / "targets", out, "steps=3", "lr=1e-3", "batch_size=2")
+    assert_tuned_export(tiny_student, out)
+
+
+@pytest.mark.slow
+def test_tune_a_class_conditional_student(tiny_cond_teacher, tmp_path):
+    student = distill(tiny_cond_teacher, tmp_path / "run", "student.num_steps=2", "train.lr_generator=1e-3",
+                      "train.lr_warmup_steps=0") / "student"
+    write_targets(tmp_path / "targets")
+    assert main(["tune", str(student), "--targets", str(tmp_path / "targets"), "--quiet"]) == 2  # no class_label
+    tune_cli(student, tmp_path / "targets", tmp_path / "tuned", "steps=3", "lr=1e-3", "batch_size=2", "class_label=1")
+    assert_tuned_export(student, tmp_path / "tuned", labels=[0, 1, 2])
+
+
+@pytest.mark.slow
+def test_tuning_moves_the_samples_toward_the_targets(tmp_path):
+    """A student that starts grey (an x0-predicting tiny UNet with a zero output layer: every sample is 0) tuned
+    toward bright squares on black. Measured (seed 0, 40 updates, lr 1e-3, beta 5, batch 4, 2 steps): mean RMS distance
+    of 64 samples to the nearest target 0.912 -> 0.659 offline, -> 0.249 online; beta 50: 0.647, Diffusion-DPO's
+    5000: 0.871 (the sigmoid saturates within a few updates on pixel errors this size)."""
+    unet = tiny_unet()
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(prediction_type="sample", clip_sample=False)
+                 ).save_pretrained(tmp_path / "teacher")
+    student = distill(str(tmp_path / "teacher"), tmp_path / "run", "student.num_steps=2") / "student"
+    targets = write_targets(tmp_path / "targets")
+    before = distance_to_targets(student, targets, 2)
+    after = {}
+    for online in (False, True):
+        out = tmp_path / f"tuned-{online}"
+        tune_cli(student, tmp_path / "targets", out, "steps=40", "lr=1e-3", "beta=5", f"online={online}")
+        after[online] = distance_to_targets(out, targets, 2)
+    print(f"PSO: mean RMS distance to the nearest target {before:.3f} -> {after[False]:.3f} (offline), "
+          f"{after[True]:.3f} (online)")
+    assert before > 0.9  # grey samples: RMS ~0.94 from the targets
+    assert after[False] < 0.8 * before and after[True] < 0.5 * before, (before, after)
+
+
+def test_tune_refuses_bad_input_in_one_line(tiny_student, tiny_teacher, tmp_path, capsys):
+    write_targets(tmp_path / "targets")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["tune", str(tiny_student), "--targets", str(tmp_path / "missing")], "is not a folder"),
+        (["tune", str(tiny_student), "--targets", str(tmp_path / "empty")], "no images"),
+        (["tune", tiny_teacher, "--targets", str(tmp_path / "targets")], "not an exported fastdiff student"),
+        (["tune", str(tmp_path / "nowhere"), "--targets", str(tmp_path / "targets")], "is not a folder"),
+        (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "stepz=3"], "unknown config key"),
+        (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "beta=0"], "must be positive"),
+        (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "class_label=1"],
+         "class_label is for class-conditional students"),
+    ]
+    for args, message in cases:
+        assert main([*args, "--out", str(tmp_path / "out"), "--quiet"]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()  # nothing written
+    same = ["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--out", str(tiny_student), "--quiet"]
+    assert main([*same, "--overwrite"]) == 2 and "the student folder itself" in capsys.readouterr().err
+    assert (tiny_student / "fastdiff.json").is_file()  # the student is left as it was
+
+
+@pytest.mark.slow
+def test_tune_a_text_to_image_latent_student(tmp_path):
+    """SD-style student: targets VAE-encoded, references sampled with the targets' captions, exported as the same
+    StableDiffusionPipeline folder, whose images equal fastdiff's sampler (uint8, as the text-to-image tests)."""
+    import tiny_pipelines as tp
+    from diffusers import StableDiffusionPipeline
+    from test_text_to_image import assert_same, ours, theirs
+    from test_text_to_image import distill as distill_t2i
+
+    teacher = str(tp.sd_pipeline(tmp_path / "sd"))
+    student = distill_t2i(teacher, tmp_path / "run", f"data.prompts={tp.prompts_file(tmp_path / 'p.txt')}",
+                          "objective.critic_updates=1", "student.num_steps=2")
+    tp.caption_folder(tmp_path / "targets", n=4)
+    tune_cli(student, tmp_path / "targets", tmp_path / "tuned", "steps=3", "lr=1e-3", "batch_size=2")
+    out = tmp_path / "tuned"
+    info = json.loads((out / "fastdiff.json").read_text())
+    assert info["pipeline_class"] == "StableDiffusionPipeline" and info["tuned"]["method"] == "pso"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in student.iterdir())
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    for steps in (1, 2):
+        assert_same(ours(out, steps), theirs(pipe, steps))
+    assert not np.array_equal(ours(out, 2), ours(student, 2))  # the tuned weights were exported
