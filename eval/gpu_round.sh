@@ -20,6 +20,8 @@ SPEED=${SPEED:-auto}                     # auto | always | never (for a stale ta
 SPEED_SECONDS=${SPEED_SECONDS:-150}      # issue 17 wants the speed table in 2 minutes; 30 s for start-up
 TEACHERS=${TEACHERS:-/tmp/kit/teachers}  # where the kit's unpack.sh puts the teacher folders
 FMNIST_ARGS=${FMNIST_ARGS:-}             # extra fmnist_quality.py arguments (a CPU dry run: --num 4 ...)
+MEMORY_SECONDS=${MEMORY_SECONDS:-300}    # MEMORY_ROW=1: eval/memory.py --sd15-gpu first, at most this long (issue 19;
+                                         # with SPEED=never, so round/ stays within the 8 files that come back)
 RESERVE_SECONDS=30                       # copying and packing the results at the end
 PY=${PYTHON:-python3}
 WORK=/tmp/round                          # runs, cached reference statistics, the working copy of the table
@@ -64,6 +66,11 @@ if [ "${1:-}" = --collect ]; then
     tar -xzf "$from"/fmnist-extras.tar.gz -C eval/results/fmnist || exit 1
   cp "$from"/round.log eval/results/fmnist/logs/last-round.log
   for f in "$from"/speed-*; do [ -f "$f" ] && cp "$f" eval/results/; done
+  if [ -f "$from/memory.json" ]; then  # MEMORY_ROW=1 slices
+    mkdir -p eval/results/memory-sd15-h200
+    cp "$from/memory.json" eval/results/memory-sd15-h200/results.json
+    cp "$from/memory.md" eval/results/memory-sd15-h200/table.md
+  fi
   echo "collected $from into eval/results/ (git status eval/results shows what changed)"
   exit 0
 fi
@@ -98,6 +105,15 @@ slice() {
     done
   else
     echo "== speed table: not due (fresh, or re-measuring it would cost a quality row; SPEED=$SPEED)"
+  fi
+
+  if [ "${MEMORY_ROW:-0}" = 1 ]; then  # issue 19's GPU row: SD1.5 shape, batch 4, one GPU (memory.json / .md)
+    cap=$(($(left) - RESERVE_SECONDS < MEMORY_SECONDS ? $(left) - RESERVE_SECONDS : MEMORY_SECONDS))
+    echo "== memory row (eval/memory.py --sd15-gpu): at most $cap s"
+    timeout -k 10 "$cap" $PY eval/memory.py --sd15-gpu --time-budget $((cap / 2)) --out "$WORK/memory" \
+      --work "$WORK/memory-work"
+    echo "memory row: exit $? (124: stopped at the cap; the rows measured are kept)"
+    cp "$WORK/memory/results.json" "$R/memory.json" && cp "$WORK/memory/table.md" "$R/memory.md"
   fi
 
   budget=$(($(left) - RESERVE_SECONDS))

@@ -10,13 +10,22 @@ also counts the Python runtime and libraries, so compare rows rather than read a
     python eval/memory.py --out eval/results/memory-cpu                    # CPU: width 0.2, latent 32
     python eval/memory.py --width 1 --latent 64 --batch-size 4 --out eval/results/memory-h100  # on a GPU
 
-``--processes 2`` measures the FSDP rows instead: DMD2 and SiD (full fake score) on 2 processes, replicated
-(``train.sharding none``) against sharded (``fsdp``), launched with ``accelerate launch`` (gloo on the CPU). The
-figure per row is the largest over the processes of the peak during the two steps: VmHWM reset after setup
+``--processes 2`` measures the FSDP rows instead: DMD2 and SiD (full fake score), and DMD2 with a LoRA student
+and a LoRA fake score (rank 16 at width 0.2: the adapters' share of rank 64 at full width; on the shared base), on
+2 processes, replicated (``train.sharding none``) against sharded (``fsdp``), launched with ``accelerate launch``
+(gloo on the CPU); ``--networks full`` or ``lora`` runs only those rows. The figure per row is the largest over the processes of the peak during the two steps: VmHWM reset after setup
 (``/proc/self/clear_refs``, after ``malloc_trim`` returns freed pages), since setup builds every network whole
 before sharding it; the setup peak is shown too.
 
     python eval/memory.py --processes 2 --out eval/results/memory-fsdp-cpu       # CPU: width 0.2, latent 32
+    python eval/memory.py --processes 2 --networks lora --out eval/results/memory-fsdp-lora-cpu
+
+``--sd15-gpu`` is the GPU row of issue 19 in one command: the full SD1.5 shape (width 1, latent 64) at batch 4 on
+one GPU, DMD2 with a full fake score (gradient checkpointing off and on) and SiD; a row after the first starts only
+within ``--time-budget`` seconds, and the table is written after every row (eval/gpu_round.sh runs it with
+MEMORY_ROW=1):
+
+    python eval/memory.py --sd15-gpu --out eval/results/memory-sd15-h200
 """
 from __future__ import annotations
 
@@ -29,7 +38,10 @@ import time
 from pathlib import Path
 
 ROWS = [(obj, fake, ckpt) for obj in ("dmd2", "sid") for fake in (0, 64) for ckpt in (False, True)]
-FSDP_ROWS = [(obj, sharding) for obj in ("dmd2", "sid") for sharding in ("none", "fsdp")]
+# (objective, student LoRA rank, fake score LoRA rank, sharding): full networks, then LoRA ones on the shared base
+FSDP_ROWS = [(obj, lora, lora, sharding) for obj, lora in (("dmd2", 0), ("sid", 0), ("dmd2", 16))
+             for sharding in ("none", "fsdp")]
+SD15_GPU_ROWS = [("dmd2", 0, False), ("dmd2", 0, True), ("sid", 0, False)]  # --sd15-gpu
 
 
 def sd15_unet_config(width: float, latent: int) -> dict:
@@ -96,6 +108,7 @@ def run_row(args) -> dict:
     cfg = load_config(None, [
         f"teacher.path={args.teacher}", f"data.prompts={prompts}", f"output_dir={args.run_dir}",
         f"objective.name={args.objective}", f"objective.fake_lora_rank={args.fake_lora}", "objective.critic_updates=1",
+        f"student.lora_rank={args.student_lora}",
         f"train.gradient_checkpointing={str(args.checkpointing).lower()}", f"train.batch_size={args.batch_size}",
         f"train.mixed_precision={'bf16' if cuda else 'no'}", f"teacher.dtype={'bfloat16' if cuda else 'float32'}",
         "train.ema_decay=0", "train.max_steps=2", "train.checkpoint_every=1000", "train.sample_every=1000",
@@ -120,7 +133,8 @@ def run_row(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
-    return {"objective": args.objective, "fake_lora_rank": args.fake_lora, "sharding": args.sharding,
+    return {"objective": args.objective, "fake_lora_rank": args.fake_lora, "student_lora_rank": args.student_lora,
+            "sharding": args.sharding,
             "process": trainer.accelerator.process_index, "libraries_mb": round(libraries, 1), "gradient_checkpointing": args.checkpointing,
             "after_setup_mb": round(base, 1), "peak_mb": round(peak, 1), "step_seconds": round(times[-1], 3),
             "trainable_parameters": sum(p.numel() for p in trainer.opt_g.params + (trainer.opt_c.params if trainer.opt_c else []))}
@@ -134,25 +148,37 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for table.md and results.json")
     p.add_argument("--work", default="/tmp/fastdiff-memory", help="scratch folder (teacher, runs)")
     p.add_argument("--processes", type=int, default=1, help="2: the FSDP rows (replicated vs sharded)")
-    p.add_argument("--row", nargs=4, default=None, help=argparse.SUPPRESS)  # objective fake_lora checkpointing sharding
+    p.add_argument("--networks", choices=("all", "full", "lora"), default="all",
+                   help="FSDP rows: full networks, LoRA ones on the shared base, or both")
+    p.add_argument("--sd15-gpu", action="store_true",
+                   help="issue 19's GPU row: width 1, latent 64, batch 4, DMD2 (checkpointing off / on) and SiD")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds: start no row after this")
+    # objective fake_lora checkpointing sharding [student_lora]
+    p.add_argument("--row", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.sd15_gpu:
+        args.width, args.latent, args.batch_size = 1.0, 64, 4
     work = Path(args.work)
     args.teacher = str(work / "teacher")
     if args.row:  # child process: one configuration, one JSON line
         args.objective, args.fake_lora, args.checkpointing = args.row[0], int(args.row[1]), args.row[2] == "1"
         args.sharding = args.row[3]
+        args.student_lora = int(args.row[4]) if len(args.row) > 4 else 0
         args.run_dir = str(work / f"run-{'-'.join(args.row)}-p{args.processes}")
-        print("ROW " + json.dumps(run_row(args)), flush=True)
+        # one write per line (atomic on a pipe below 4 KiB): print's separate newline let 2 processes' lines merge
+        sys.stdout.write("ROW " + json.dumps(run_row(args)) + "\n")
+        sys.stdout.flush()
         return
     if args.processes > 1:
         return fsdp_rows(args, work)
 
-    from fastdiff.machine import describe
-
     work.mkdir(parents=True, exist_ok=True)
     params = build_teacher(work / "teacher", args.width, args.latent)
-    rows = []
-    for obj, fake, ckpt in ROWS:
+    rows, start = [], time.time()
+    for obj, fake, ckpt in SD15_GPU_ROWS if args.sd15_gpu else ROWS:
+        if rows and args.time_budget is not None and time.time() - start > args.time_budget:
+            print(f"--time-budget {args.time_budget:.0f} s reached: rows from {obj} fake_lora={fake} on not run")
+            break
         cmd = [sys.executable, __file__, "--width", str(args.width), "--latent", str(args.latent), "--batch-size",
                str(args.batch_size), "--work", str(work), "--row", obj, str(fake), "1" if ckpt else "0", "none"]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -161,6 +187,12 @@ def main() -> None:
             raise SystemExit(f"row {obj} fake_lora={fake} checkpointing={ckpt} failed:\n{res.stderr[-2000:]}")
         rows.append(json.loads(line[4:]))
         print(rows[-1], flush=True)
+        single_rows_table(args, params, rows)  # after every row: a run stopped at a time limit keeps what it measured
+
+
+def single_rows_table(args, params: int, rows: list[dict]) -> None:
+    from fastdiff.machine import describe
+
     machine = describe()
     unit = "GPU max_memory_allocated" if "cuda" in str(machine).lower() or "GPU" in str(machine) else "process VmHWM"
     lines = [f"# Peak memory of one training step, SD1.5-shaped UNet ({params / 1e6:.0f}M parameters, width "
@@ -203,15 +235,17 @@ def fsdp_rows(args, work: Path) -> None:
     cpu_env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({} if cuda else cpu_env)}
     rows = []
-    for obj, sharding in FSDP_ROWS:
+    for obj, student_lora, fake_lora, sharding in FSDP_ROWS:
+        if args.networks != "all" and (args.networks == "lora") != bool(student_lora):
+            continue
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__, "--width",
                str(args.width), "--latent", str(args.latent), "--batch-size", str(args.batch_size), "--work", str(work),
-               "--processes", str(args.processes), "--row", obj, "0", "0", sharding]
+               "--processes", str(args.processes), "--row", obj, str(fake_lora), "0", sharding, str(student_lora)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         found = [json.loads(ln[4:]) for ln in res.stdout.splitlines() if ln.startswith("ROW ")]
         if len(found) != args.processes:
-            raise SystemExit(f"row {obj} sharding={sharding} failed:\n{res.stderr[-2000:]}")
+            raise SystemExit(f"row {obj} lora={student_lora} sharding={sharding} failed:\n{res.stderr[-2000:]}")
         rows.append({**max(found, key=lambda r: r["peak_mb"]), "setup_mb": max(r["after_setup_mb"] for r in found)})
         print(rows[-1], flush=True)
     unit = "GPU max_memory_allocated" if cuda else "process VmHWM (the steps' peak: reset after setup)"
@@ -220,12 +254,15 @@ def fsdp_rows(args, work: Path) -> None:
              f"machine: {describe()}", "", f"memory: {unit}, the largest over the processes", "",
              "above libraries: the peak minus the process's resident memory before any network was built (Python, "
              "torch, diffusers; CPU only)", "",
-             "| objective | sharding | setup peak MB | step peak MB | vs replicated | above libraries MB | vs replicated "
-             "| step s |", "|---|---|---|---|---|---|---|---|"]
+             "| objective | networks | sharding | setup peak MB | step peak MB | vs replicated | above libraries MB "
+             "| vs replicated | step s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next(b for b in rows if b["objective"] == r["objective"] and b["sharding"] == "none")
+        base = next(b for b in rows if b["objective"] == r["objective"] and b["sharding"] == "none"
+                    and b["student_lora_rank"] == r["student_lora_rank"])
+        nets = (f"LoRA r{r['student_lora_rank']} student + LoRA r{r['fake_lora_rank']} fake (shared base)"
+                if r["student_lora_rank"] else "full student + full fake")
         own, base_own = r["peak_mb"] - r["libraries_mb"], base["peak_mb"] - base["libraries_mb"]
-        lines.append(f"| {r['objective']} | {r['sharding']} | {r['setup_mb']:.0f} | {r['peak_mb']:.0f} | "
+        lines.append(f"| {r['objective']} | {nets} | {r['sharding']} | {r['setup_mb']:.0f} | {r['peak_mb']:.0f} | "
                      f"{100 * (r['peak_mb'] / base['peak_mb'] - 1):+.0f}% | {own:.0f} | {100 * (own / base_own - 1):+.0f}% | "
                      f"{r['step_seconds']:.2f} |")
     write_table(args, lines, {"unet_parameters": params, "width": args.width, "latent": args.latent,

@@ -384,3 +384,31 @@ def test_fsdp_run_resumes_across_process_counts(tiny_teacher, tmp_path):
     for run in (two, one_to_two):
         for name in ("generator", "fake"):
             assert _update_difference(run, one, start, 3, name) < 2e-2, (run.name, name)
+
+
+def test_the_process_group_is_created_before_the_teacher_loads(tiny_teacher, tmp_path, monkeypatch):
+    """Multi-node runs: the Accelerator (the process group) exists before the teacher and the data load, so those
+    steps can split work per rank; the refusal of accelerate's own plugins comes before the teacher too."""
+    from fastdiff.config import load_config
+    from fastdiff.training import run as run_module
+
+    order = []
+
+    class Stop(Exception):
+        pass
+
+    def accelerator(*args, **kwargs):
+        order.append("accelerator")
+        return real_accelerator(*args, **kwargs)
+
+    def teacher(*args, **kwargs):
+        order.append("teacher")
+        raise Stop  # nothing after the teacher matters here
+
+    real_accelerator = run_module.Accelerator
+    monkeypatch.setattr(run_module, "Accelerator", accelerator)
+    monkeypatch.setattr(run_module, "load_teacher", teacher)
+    cfg = load_config(None, [f"teacher.path={tiny_teacher}", f"output_dir={tmp_path / 'run'}", "train.report_to=none"])
+    with pytest.raises(Stop):
+        run_module.Run(cfg, progress=False)
+    assert order == ["accelerator", "teacher"]

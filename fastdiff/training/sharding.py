@@ -7,6 +7,15 @@ gradients are still averaged by ``optim``'s all-reduce. Gradients of sharded par
 FSDP itself (mean over processes, as the all-reduce computes). Checkpoints and exports hold full tensors gathered
 to the main process, in the format unsharded runs write, so a checkpoint moves between process counts and between
 ``sharding: none`` and ``fsdp`` freely.
+
+LoRA networks (a LoRA student, its EMA, a LoRA fake score) share the teacher's tensors as their frozen base
+(``models.lora``). That base is kept whole, one copy per process, not sharded: FSDP2 gives each ``fully_shard``
+unit its own sharded parameters, and a tensor shared by units of separate networks would be sharded (and held)
+once per network; grouping the networks' blocks into one unit (``fully_shard([a, b])``) does not fit either, as a
+group reshards only once every member ran forward and a root must be one module. So the teacher stays plain and
+each LoRA network is one FSDP unit whose base is ``ignored_params``: its adapters (and their Adam states) are
+sharded and their gradients reduce-scattered by FSDP like any sharded gradient. A full network in the same run (a
+full fake score next to a LoRA student) is sharded per block as usual.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import FastdiffError
+from ..models.lora import AdapterWeights
 
 SHARDINGS = ("none", "fsdp")
 # Module lists whose entries are one FSDP unit each: diffusers UNets, DiT / SD3 / Sana, Flux's single-stream blocks.
@@ -109,16 +119,30 @@ class Shards:
         self.networks: list[nn.Module] = []
         self.gathering = False  # inside gathered_student
         self._skeletons: dict[int, nn.Module] = {}
+        self._kept: dict[int, list[nn.Parameter]] = {}  # per network, its parameters left whole (a LoRA's base)
 
-    def shard(self, model: nn.Module, role: str) -> nn.Module:
-        """Shard ``model`` in place (its blocks, then the rest as the root unit); returns it."""
+    def shard(self, model: nn.Module, role: str, keep: set[nn.Parameter] = frozenset()) -> nn.Module:
+        """Shard ``model`` in place (its blocks, then the rest as the root unit); returns it. Its parameters in
+        ``keep`` (the teacher's tensors, a LoRA network's base) are left whole and shared; such a network is one
+        unit (its sharded part is the adapters, a few percent of the base: one all-gather per call)."""
         from torch.distributed.fsdp import fully_shard
 
-        self._skeletons[id(model)] = weightless_copy(model)
+        kept = [p for p in model.parameters() if p in keep]
+        self._skeletons[id(model)] = weightless_copy(model, kept)
         options = {"mesh": self.mesh, "mp_policy": self.policy, "reshard_after_forward": RESHARD_AFTER_FORWARD[role]}
-        for block in blocks(model):
-            fully_shard(block, **options)
-        fully_shard(model, **options)
+        if kept:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            self._kept[id(model)] = kept
+            # No bf16 policy here: it would cast the network's inputs and its adapters but not the base it leaves
+            # alone (the teacher's dtype); autocast picks the compute dtype as in a replicated run, and the adapters
+            # are small enough to gather in float32.
+            options["mp_policy"] = MixedPrecisionPolicy()
+            fully_shard(model, **options, ignored_params=set(kept))
+        else:
+            for block in blocks(model):
+                fully_shard(block, **options)
+            fully_shard(model, **options)
         self.networks.append(model)
         return model
 
@@ -132,30 +156,64 @@ class Shards:
         return self._skeletons.get(id(model), model)
 
     def gathered(self, model: nn.Module) -> nn.Module | None:
-        """A full, unsharded copy of a sharded network on the main process (CPU), None elsewhere. Collective."""
-        state = full_state_dict(model)
+        """A full, unsharded copy of a sharded network on the main process (CPU), None elsewhere. Collective.
+        A network with parameters left whole (a LoRA's base) gets its sharded ones gathered and shares the rest."""
+        kept = self._kept.get(id(model), [])
+        state = gather_dtensors(model.state_dict(), self.is_main) if kept else full_state_dict(model)
         if not self.is_main:
             return None
-        plain = copy.deepcopy(self._skeletons[id(model)])
-        plain.load_state_dict(state, assign=True)  # its parameters become the gathered tensors
+        plain = copy.deepcopy(self._skeletons[id(model)], {id(p): p for p in kept})
+        plain.load_state_dict(state, strict=not kept, assign=True)  # its parameters become the gathered tensors
         return plain
 
 
-def weightless_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module structure with parameters on the meta device (no memory); buffers are copied."""
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+def weightless_copy(model: nn.Module, keep=()) -> nn.Module:
+    """A copy of the module structure with parameters on the meta device (no memory), except those in ``keep``,
+    which the copy shares; buffers are copied."""
+    kept = {id(p) for p in keep}
+    memo = {id(p): p if id(p) in kept else nn.Parameter(torch.empty_like(p, device="meta"),
+                                                        requires_grad=p.requires_grad)
             for p in model.parameters()}
     return copy.deepcopy(model, memo)
+
+
+def gather_dtensors(state: dict[str, torch.Tensor], is_main: bool) -> dict[str, torch.Tensor]:
+    """The sharded (DTensor) entries of a state dict gathered to full size, one at a time and in the dict's order
+    (the same on every process: collective), kept on CPU by the main process; the others get an empty dict."""
+    out = {}
+    for name, value in state.items():
+        if is_dtensor(value):
+            full = value.full_tensor()
+            if is_main:
+                out[name] = full.detach().cpu()
+    return out
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """A module's full state dict: on every process for a plain module; gathered (collective) to the main process
     on CPU for a sharded one, whose other processes get an empty dict."""
     if not is_sharded(module):
-        return module.state_dict()
+        state = module.state_dict()
+        if not any(is_dtensor(v) for v in state.values()):
+            return state
+        # a view of a sharded network (a LoRA's adapters, models.lora.AdapterWeights): its tensors are DTensors
+        return gather_dtensors(state, torch.distributed.get_rank() == 0)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def copy_full_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor (as every process read it from a checkpoint) into a parameter: into this process's shard
+    of a sharded one (cut locally, no communication)."""
+    if not is_dtensor(param):
+        param.copy_(value)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    mine = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                             src_data_rank=None)
+    param.to_local().copy_(mine.to_local())
 
 
 def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -230,26 +288,41 @@ def shard_run(run, log=print) -> Shards | None:
         return None
     student = run.generator.denoiser.model
     fake = run.objective.fake.model if run.objective.fake is not None else None
-    if is_lora(student) or (fake is not None and is_lora(fake)):
-        raise FastdiffError("train.sharding fsdp does not shard LoRA networks yet (they share the teacher's tensors); "
-                            "use train.sharding none, or a full student (student.lora_rank 0) and "
-                            "objective.fake_lora_rank 0")
     if cfg.train.mixed_precision == "fp16":
         raise FastdiffError("train.sharding fsdp runs bf16 or float32, not fp16 (its loss scaler does not take "
                             "sharded gradients); set train.mixed_precision bf16 or no")
     if cfg.train.compile:
         raise FastdiffError("train.sharding fsdp with train.compile is not supported yet; set train.compile false")
     shards = Shards(run.accelerator, cfg.train.mixed_precision, log)
-    shards.shard(run.teacher.model, "teacher")
-    shards.shard(student, "student")
+    # LoRA networks share the teacher's tensors as their base: then the teacher stays whole (see the module's doc)
+    base = set(run.teacher.model.parameters()) if any(is_lora(n) for n in (student, fake) if n is not None) else set()
+    if base:
+        log("train.sharding fsdp: the teacher's weights are the LoRA networks' shared base: kept whole (one copy per "
+            "process), the adapters sharded")
+    else:
+        shards.shard(run.teacher.model, "teacher")
+    shards.shard(student, "student", base)
     if fake is not None:
-        shards.shard(fake, "fake")
+        shards.shard(fake, "fake", base)
     if run.ema is not None:
-        shards.shard(run.ema, "ema")
+        shards.shard(run.ema, "ema", base)
     for module in run.objective.state_modules().values():  # a consistency target: a copy of the student
         if blocks(module) and not is_sharded(module):
-            shards.shard(module, "target")
+            shards.shard(module, "target", base)
     return shards
+
+
+class ShardedAdapterWeights(AdapterWeights):
+    """Checkpoint view of a sharded LoRA network: its adapters (DTensors, gathered by ``full_state_dict`` to save);
+    a checkpoint's full adapter tensors load into this process's shards."""
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        own = self.state_dict()
+        if set(own) != set(state):
+            raise RuntimeError(f"adapter weights differ: {len(own)} expected, {len(state)} in the checkpoint")
+        with torch.no_grad():
+            for name, value in state.items():
+                copy_full_(own[name], value)
 
 
 @contextlib.contextmanager
