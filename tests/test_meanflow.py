@@ -1,6 +1,7 @@
 """MeanFlow (flow-map) distillation: the target against closed forms, the zero-initialised second time, and any-K
 export that diffusers reproduces image for image."""
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -166,3 +167,97 @@ def test_one_time_students_need_r_zero_only(tiny_teacher):
     obj = MeanFlow(d, None, Denoiser(Plain(), d.schedule, "sample"), flow_matching_ratio=0.0, consistency_ratio=1.0)
     _, r = obj.sample_levels(256, "cpu")
     assert (r == 0).all()
+
+
+def test_target_uses_the_teachers_cfg_velocity(tiny_cond_teacher):
+    """On a class-conditional teacher with guidance_scale 3, the target's v (and the JVP's tangent) is the guided
+    velocity ``v_u + 3 (v_c - v_u)``: at r = t the target is that v itself; at r < t it is
+    ``v_cfg - (t - r) du/dt`` with du/dt taken along v_cfg, not along the conditional v (the reference: FastGen
+    mean_flow.py ``_get_velocity`` with ``use_cd``, ``dxt_dt + (guidance_scale - 1) (dxt_dt - neg_dxt_dt)``).
+    v_c and v_u come from the teacher's unguided calls with the labels and with the null class. The compared values
+    come from the same float32 operations on |v| of order 10 and differ only in the order CFG is summed (x0 vs v):
+    1e-4 relative is far above that rounding (1.2e-7 x ~20 operations) and far below the CFG term checked (O(1))."""
+    teacher = load_teacher(tiny_cond_teacher, guidance_scale=3.0)
+    d = teacher.denoiser
+    student = Denoiser(copy.deepcopy(teacher.model), d.schedule, d.prediction_type)  # unguided student
+    obj = MeanFlow(d, None, student, tangent="jvp")
+    torch.manual_seed(2)
+    with torch.no_grad():  # a nonzero r embedding, so du/dt depends on r
+        student.model.flow_map_r.proj.weight.normal_(0, 0.05)
+    labels = torch.tensor([0, 1, 2, 1])
+    cond, null = {"class_labels": labels}, {"class_labels": torch.full_like(labels, teacher.null_class)}
+    z = torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0.3, 0.5, 0.7, 0.9])
+    with torch.no_grad():
+        sigma = t / (1 - t)
+        v_c, v_u = ((z - d(z / (1 - t)[:, None, None, None], sigma, c, guidance_scale=1.0)) / t[:, None, None, None]
+                    for c in (cond, null))
+    v_cfg = v_u + 3.0 * (v_c - v_u)
+    scale = v_cfg.abs().max()
+    assert (v_cfg - v_c).abs().max() > 0.1 * scale  # guidance changes v: the checks below can tell
+    r_ts = r_timestep(d.schedule, sigma)
+    same = obj.target(z, t, t, r_ts, cond)  # r = t: the target is the guided v
+    assert (same - v_cfg).abs().max() <= 1e-4 * scale, (same - v_cfg).abs().max()
+    r = t / 4
+    r_ts = r_timestep(d.schedule, r / (1 - r))
+    along = {}
+    for name, v in (("cfg", v_cfg), ("cond", v_c)):
+        du_dt = total_derivative(lambda zz, tt: obj.student_velocity(zz, tt, r_ts, cond), z, t, v, "jvp", None)
+        along[name] = meanflow_target(v, t, r, du_dt)
+    got = obj.target(z, t, r, r_ts, cond)
+    assert (got - along["cfg"]).abs().max() <= 1e-4 * along["cfg"].abs().max()
+    # the conditional v instead moves the target by O(1) (measured 0.09 of its largest entry)
+    assert (got - along["cond"]).abs().max() > 0.02 * along["cfg"].abs().max()
+
+
+def test_tangent_warmup_scales_the_derivative_term(tiny_teacher):
+    """FastGen's tangent warm-up: at step s of w the target is ``v - min(1, s / w) (t - r) du/dt``, so half-way it is
+    the mean of v and the full target, and from step w on the full target. The same float32 operations on values of
+    order 10, scaled by 0.5 (exact) or 1: 1e-5 relative covers the few reordered roundings (1.2e-7 x ~10)."""
+    teacher, d = tiny_teacher_denoiser(tiny_teacher)
+    student = Denoiser(copy.deepcopy(teacher.model), d.schedule, d.prediction_type)
+    obj = MeanFlow(d, None, student, tangent="jvp", tangent_warmup=10)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        student.model.flow_map_r.proj.weight.normal_(0, 0.05)
+    z, t = torch.randn(3, 1, 8, 8), torch.tensor([0.4, 0.6, 0.95])
+    r = t / 3
+    r_ts = r_timestep(d.schedule, r / (1 - r))
+    v = obj.teacher_velocity(z, t, None)
+    targets = {}
+    for step in (5, 10, 20):
+        obj.step = step
+        targets[step] = obj.target(z, t, r, r_ts, None)
+    scale = targets[10].abs().max()
+    assert (targets[10] - v).abs().max() > 0.1 * scale  # the derivative term matters here
+    assert (targets[20] - targets[10]).abs().max() <= 1e-5 * scale
+    assert (targets[5] - (v + targets[10]) / 2).abs().max() <= 1e-5 * scale
+
+
+def test_default_weight_steps_as_fastgens_distillation_loss():
+    """Parity with NVlabs/FastGen fastgen/methods/consistency_model/mean_flow.py ``_mf_pred_to_loss`` at its defaults
+    (loss_type "opt_grad", norm_method "poly_1.0", norm_const 0.1), transcribed here: tangent = target - u,
+    weight = 1 / (||tangent|| + 0.1), loss = sum((u - sg(u + weight tangent))^2). Its gradient in u is
+    2 delta / (||delta|| + 0.1); the default p = 0.5, c = 0.01 gives 2 delta / sqrt(||delta||^2 + 0.01): the same
+    direction, the same limits, and a ratio in [1, sqrt 2] (largest at ||delta|| = 0.1). In float64."""
+    from fastdiff.objectives.meanflow import adaptive_loss
+
+    gen = torch.Generator().manual_seed(4)
+    target = torch.randn(6, 1, 4, 4, dtype=torch.float64, generator=gen)
+    scales = torch.tensor([1e-4, 1e-2, 0.025, 0.1, 1.0, 100.0], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    u0 = target + scales * torch.randn(6, 1, 4, 4, dtype=torch.float64, generator=gen)
+    u_ref = u0.clone().requires_grad_(True)
+    tangent = (target - u_ref).detach()
+    weight = 1 / (tangent.flatten(1).norm(dim=1) + 0.1)
+    (u_ref - (u_ref + weight[:, None, None, None] * tangent).detach()).pow(2).flatten(1).sum(1).sum().backward()
+    u = u0.clone().requires_grad_(True)
+    defaults = inspect.signature(MeanFlow).parameters  # the objective's defaults, whatever they are set to
+    adaptive_loss(u, target, defaults["adaptive_power"].default, defaults["adaptive_const"].default)[0].sum().backward()
+    norm = (u0 - target).flatten(1).norm(dim=1)
+    ratio = u.grad.flatten(1).norm(dim=1) / u_ref.grad.flatten(1).norm(dim=1)
+    cosine = torch.nn.functional.cosine_similarity(u.grad.flatten(1), u_ref.grad.flatten(1))
+    assert (cosine > 1 - 1e-12).all()
+    assert ((ratio >= 1 - 1e-12) & (ratio <= 2 ** 0.5 + 1e-12)).all(), ratio  # (||d|| + 0.1) / sqrt(||d||^2 + 0.01)
+    # both limits: the ratio is 1 + O(||delta|| / 0.1) near 0 and 1 + O(0.1 / ||delta||) far out
+    assert norm[0] < 1e-3 and norm[-1] > 100 and abs(ratio[0] - 1) < 1e-2 and abs(ratio[-1] - 1) < 1e-2, ratio
+    assert ratio.max() > 1.3  # they differ in between (p = 1 or plain L2 would fail the limits above instead)

@@ -50,6 +50,10 @@ DEFAULT_OBJECTIVES = ("dmd2", "sid", "sida", "sim", "vsd")
 # (SIM at 1:1: 2.27 x floor, mode error 0.033; at 5:1: 1.71 x floor, 0.017; same start and seed).
 SETTINGS = {name: {"steps": 400, "objective": {"critic_updates": 5}} for name in ("dmd2", "vsd", "sid", "sida", "sim")}
 SETTINGS["vsd"]["objective"]["fake_lora_rank"] = 0  # the analytic teacher has no layers to put a LoRA on
+# DisBack (dmd2 + backtracking) on dmd2's budget of 400 trainer steps, its stage 1 included (no generator updates
+# there): the reference's proportions shortened, 4 path checkpoints over 40 stage-1 steps, 40 updates per node.
+SETTINGS["disback"] = {"steps": 400, "objective": {"critic_updates": 5, "backtrack": 4, "degradation_steps": 40,
+                                                   "backtrack_interval": 40}}
 # Consistency objectives: every update is one regression (no fake score), so more of them fit. Settings from a
 # sweep (eval/results/bench-gmm-cpu/README.md): cd with Heun steps on an 18-interval Karras grid (the teacher's
 # own Heun-18 chain is 1.22 x floor; a 50-step DDIM chain, cd's default, 1.85 x) and l2; scm with wider noise
@@ -90,10 +94,12 @@ SETTINGS["boot"] = {"steps": 4000, "objective": {}, "student": {"sigma_init": 2.
                     "train": {"lr_generator": 5e-4, "lr_schedule": "cosine", "ema_decay": 0.999}}
 # MeanFlow: one two-time student sampled with K map steps (models/flow_map.py); the bench's scm noise levels and
 # learning rate (t and r from ln sigma ~ N(0.5, 2^2), so the top, where one step starts, is trained) and FastGen's
-# buckets, 25% r = t and 25% r = 0 (AnyFlow's): measured 21.7 / 3.62 / 2.35 x floor at 1 / 2 / 4 steps against
-# 17.1 / 7.41 / 3.89 with the paper's 75% r = t; 50% r = 0 with p_mean 1.0 diverged (eval/results/bench-gmm-cpu).
+# buckets, 25% r = t and 25% r = 0 (AnyFlow's; the paper's 75% r = t: 17.1 / 7.41 / 3.89 x floor at 1 / 2 / 4 steps
+# at p = 1); plain L2 (adaptive_power 0): 4.20 / 3.36 / 3.79 x at 2000 updates, where the paper's p = 1 weight left
+# the one-step map at the teacher's (21.7 / 3.62 / 2.35 x; 500 updates: p = 1 20.5 / 4.82 / 2.75, p = 0.5 4.42 /
+# 3.43 / 4.00, p = 0 4.42 / 3.11 / 3.55; eval/results/bench-gmm-cpu/meanflow-variants.jsonl).
 SETTINGS["meanflow"] = {"steps": 2000, "objective": {"p_mean": 0.5, "p_std": 2.0, "flow_matching_ratio": 0.25,
-                                                     "consistency_ratio": 0.25},
+                                                     "consistency_ratio": 0.25, "adaptive_power": 0.0},
                         "train": {"lr_generator": 1e-3, "lr_schedule": "cosine", "ema_decay": 0.995}}
 # Hyper-SD: TSCD on a 40-interval LCM grid (edges at the 8-, 4-, 2-step sampler's levels) with cd's Heun steps, l2 and
 # learning rate; segments 8 -> 4 -> 2 -> 1, 1000 updates each. Its segments are walked by the ddim rows.
