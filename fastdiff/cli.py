@@ -31,6 +31,23 @@ def cmd_distill(args) -> None:
         trainer.accelerator.print(f"student exported to {out}")
 
 
+def cmd_msd(args) -> None:
+    from .config import load_config
+    from .training.msd import assemble_router, read_partition, train_students
+
+    if args.assemble:  # students trained by hand (fastdiff distill with student.classes): only the router
+        if not args.out:
+            raise FastdiffError("fastdiff msd --assemble RUN ...: give --out, the folder for the router pipeline")
+        print(f"router pipeline of the students exported to {assemble_router(args.assemble, args.out)}")
+        return
+    if (args.partitions is None) == (args.partition_file is None):
+        raise FastdiffError("fastdiff msd: give --partitions K or --partition-file FILE (one of them)")
+    parts = args.partitions if args.partition_file is None else read_partition(args.partition_file)
+    cfg = load_config(args.config, args.set or [])
+    out = train_students(cfg, parts, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    print(f"router pipeline of the students exported to {out}")
+
+
 def cmd_export(args) -> None:
     from .training import checkpoint as ckpt
     from .config import Config, _apply, _yaml
@@ -58,6 +75,19 @@ def cmd_export(args) -> None:
     print(f"student exported to {folder}")
     if args.push_to_hub:
         print(f"uploaded to {push_to_hub(folder, args.push_to_hub, private=args.private)}")
+
+
+def cmd_tune(args) -> None:
+    from .training.tune import tune, tune_config
+
+    cfg = tune_config(args.set or [])  # unknown keys and bad values fail before anything loads
+    out = Path(args.out or f"{str(args.student).rstrip('/')}-pso")
+    if out.resolve() == Path(args.student).resolve():
+        raise FastdiffError("--out is the student folder itself; give another folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
+    folder = tune(args.student, args.targets, str(out), cfg, args.device, show_progress=not args.quiet)
+    print(f"tuned student exported to {folder}")
 
 
 def cmd_sample(args) -> None:
@@ -218,6 +248,8 @@ def cmd_clip_score(args) -> None:
 def cmd_bench(args) -> None:
     if args.suite == "speed":
         return cmd_bench_speed(args)
+    if args.suite == "msd":
+        return cmd_bench_msd(args)
     from .bench import gmm as bench_gmm
 
     objectives = [o.strip() for o in (args.objectives or "dmd2,sid,sida,sim,vsd").split(",") if o.strip()]
@@ -229,6 +261,23 @@ def cmd_bench(args) -> None:
     print(bench_gmm.table(result))
     if args.json:
         bench_gmm.write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
+def cmd_bench_msd(args) -> None:
+    from .bench import msd as bench_msd
+    from .bench.gmm import write_json
+
+    objectives = [o.strip() for o in (args.objectives or "dmd2").split(",") if o.strip()]
+    try:
+        partitions = [int(k) for k in args.partitions.split(",") if k.strip()]
+    except ValueError:
+        raise FastdiffError(f"--partitions: expected numbers of students, e.g. 1,2,4; got {args.partitions!r}") from None
+    _check_json_target(args.json)
+    result = bench_msd.run(partitions, objectives, args.steps or 400, args.num_eval, args.seed, overrides=args.set or [])
+    print(bench_msd.table(result))
+    if args.json:
+        write_json(result, args.json)
         print(f"wrote {args.json}")
 
 
@@ -294,6 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the estimated memory per process, then exit without training or writing anything")
     d.set_defaults(func=cmd_distill)
 
+    m = sub.add_parser("msd", help="multi-student distillation: one student per part of the classes, one router "
+                       "pipeline", description="Multi-student distillation (Song et al. 2024): distill one student per "
+                       "part of a class-conditional teacher's classes (each a fastdiff distill run with student.classes, "
+                       "in output_dir/student-K), then export them as one FastdiffMultiStudentPipeline in "
+                       "output_dir/router that sends each class label to its student. Rerunning keeps finished students.")
+    m.add_argument("--config", help=f"YAML file or named config ({', '.join(named_configs())}), shared by the students")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every student "
+                   "(repeatable); student.model gives every student another (e.g. smaller) network")
+    m.add_argument("--partitions", type=int, default=None, help="K students over K contiguous blocks of class labels")
+    m.add_argument("--partition-file", default=None, help="JSON / YAML list of K lists of class labels, e.g. [[0, 3], [1, 2]]")
+    m.add_argument("--resume", action="store_true", help="continue an unfinished student from its latest checkpoint")
+    m.add_argument("--overwrite", action="store_true", help="retrain every student, replacing their runs")
+    m.add_argument("--assemble", nargs="+", metavar="RUN", default=None, help="train nothing: assemble finished "
+                   "student runs (fastdiff distill with student.classes) into one router pipeline in --out")
+    m.add_argument("--out", default=None, help="with --assemble: the folder for the router pipeline")
+    m.set_defaults(func=cmd_msd)
+
     e = sub.add_parser("export", help="export a run's checkpoint as a diffusers folder")
     e.add_argument("run_dir", help="the run folder (output_dir of fastdiff distill)")
     e.add_argument("--out", required=True, help="folder to write the diffusers student into")
@@ -307,6 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upload the exported folder to this Hugging Face Hub model repo (created if missing)")
     e.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     e.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("tune", help="fine-tune an exported student toward target images (PSO)",
+                       description="Pairwise sample optimisation (Miao et al. 2024): raise the likelihood of the "
+                       "target images over the student's own samples, relative to the student as it was; the result "
+                       "is exported like the student. Keys: steps, batch_size, lr, beta, online, class_label, "
+                       "weight_decay, grad_clip, seed, num_sample_images (training/tune.py).")
+    t.add_argument("student", help="an exported student folder (fastdiff distill / export)")
+    t.add_argument("--targets", required=True, help="folder of target images (with metadata.jsonl captions for "
+                   "text-to-image students)")
+    t.add_argument("--out", default=None, help="folder for the tuned student (default: STUDENT-pso)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="a tune setting, e.g. --set steps=500 (repeatable)")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    t.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("sample", help="write PNG samples from a student or a teacher folder")
     s.add_argument("model_dir", help="an exported student, or a teacher folder (diffusers layout)")
@@ -381,12 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (gmm: every objective against the analytic teacher; speed: "
                        "training and sampling throughput, MFU, memory)")
-    b.add_argument("suite", choices=["gmm", "speed"], help="gmm: one-step students vs an exact Gaussian mixture, on the "
-                   "CPU; speed: naive loop vs fastdiff's step, and one-step sampling, on this machine")
+    b.add_argument("suite", choices=["gmm", "speed", "msd"], help="gmm: one-step students vs an exact Gaussian mixture, on the "
+                   "CPU; speed: naive loop vs fastdiff's step, and one-step sampling, on this machine; msd: one student "
+                   "per group of the class-conditional mixture's modes, routed by label")
+    b.add_argument("--partitions", default="1,2,4", help="msd: the numbers of students (groups of modes) to run "
+                   "(default 1,2,4)")
     b.add_argument("--objectives", default=None, help="comma-separated (gmm default: dmd2,sid,sida,sim,vsd, or all; "
-                   "speed default: dmd2,sid)")
+                   "speed default: dmd2,sid; msd default: dmd2)")
     b.add_argument("--steps", type=int, default=None, help="gmm: generator updates per objective (default: each its "
-                   "own); speed: timed steps per row (default 20 on GPUs, 3 on CPUs)")
+                   "own); speed: timed steps per row (default 20 on GPUs, 3 on CPUs); msd: updates per student (400)")
     b.add_argument("--teacher", default="embedded:fmnist-ddpm", help="speed: teacher folder, embedded:NAME or "
                    "synthetic:ddpm-cifar (DDPM-CIFAR UNet shape, 35.7M parameters, random weights)")
     b.add_argument("--batch-size", type=int, default=None, help="speed: training batch (default 128 on GPUs, 4 on CPUs)")

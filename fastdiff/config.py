@@ -63,6 +63,17 @@ class StudentConfig:
     # The frozen base is the teacher's own tensors (not a copy); exported as LoRA weights for the teacher pipeline.
     lora_rank: int = 0
     lora_export: str = "both"  # lora (weights for load_lora_weights) | fused (a full pipeline) | both
+    # Multi-student distillation (`fastdiff msd`, training/msd.py): the class labels this student is distilled on,
+    # its part of a class-conditional teacher's classes. Its samples, its fake score and its real data see only these.
+    # null = every class.
+    classes: typing.Optional[typing.List[int]] = None
+    # Layer distillation (Presto-L): transformer blocks of the teacher the student drops (execution order; Flux:
+    # double then single blocks; the final block stays). Exported with num_layers reduced. models/layer_skip.py
+    skip_layers: typing.List[int] = field(default_factory=list)
+    # Budget-conditioned layer distillation: each training forward drops b ~ U{0..layer_budget} blocks (those before
+    # the final one) with a learned budget embedding; sample grids and the export use export_budget (null = the max).
+    layer_budget: int = 0
+    export_budget: typing.Optional[int] = None
 
 
 def _objective_config() -> type:
@@ -346,6 +357,14 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"train.attention must be auto, sdpa or xformers, got {t.attention!r}")
     if cfg.teacher.dtype not in DTYPES:
         raise FastdiffError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {cfg.teacher.dtype!r}")
+    if cfg.student.layer_budget < 0 or (cfg.student.layer_budget and (cfg.student.skip_layers or cfg.student.lora_rank)):
+        raise FastdiffError(f"student.layer_budget must be >= 0 and cannot be combined with student.skip_layers or "
+                            f"student.lora_rank; got {cfg.student.layer_budget}")
+    if cfg.student.export_budget is not None and not cfg.student.layer_budget:
+        raise FastdiffError("student.export_budget needs student.layer_budget (a budget-conditioned student)")
+    if cfg.student.skip_layers and cfg.student.lora_rank and cfg.student.lora_export != "fused":
+        raise FastdiffError("student.skip_layers with student.lora_rank: adapters for the teacher's blocks do not fit "
+                            "the smaller transformer; set student.lora_export=fused")
     if cfg.student.lora_rank < 0:
         raise FastdiffError(f"student.lora_rank must be 0 (full student) or positive, got {cfg.student.lora_rank}")
     if cfg.student.lora_export not in ("lora", "fused", "both"):

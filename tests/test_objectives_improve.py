@@ -86,7 +86,7 @@ def train(name: str, steps: int, lr: float, options: dict, batch: int = 256, see
         gan = GANHead(fake) if objectives.OBJECTIVES[name].needs_gan else None
     sigma = 2.5 if cls.trains_on == "generator" else teacher.schedule.sigma_max  # the trainer's sigma_init
     generator = Generator(student, 1, sigma if cls.trains_on == "generator" else None)
-    sampler = generator if getattr(cls, "samples_student", False) else student  # tdm runs the sampler (setup.py)
+    sampler = generator if cls.samples_student else student  # tdm runs the sampler (setup.py)
     obj = objectives.build(name, teacher, fake, gan_head=gan, student=sampler, **options)
     opt_g = torch.optim.Adam(start.parameters(), lr=lr, betas=(0.0, 0.999))
     ode_map = GaussianFlowMap(start_mean=tuple(true_mean.tolist()), start_std=TRUE_STD)  # the teacher's own (reflow)
@@ -128,6 +128,8 @@ def train(name: str, steps: int, lr: float, options: dict, batch: int = 256, see
 # objective's progress (a lost factor, a wrong sign, a mis-scaled term) fails while CPU rounding does not.
 CASES = {
     "dmd2": ("dmd2", 30, {}, 0.15),  # 0.069 - 0.073
+    # DisBack: 10 stage-1 steps (the fake score alone; psi_1 at step 5), then dmd2's 30 updates, 10 toward psi_1
+    "disback": ("disback", 40, {"backtrack": 2, "degradation_steps": 10, "backtrack_interval": 10}, 0.15),  # 0.065 - 0.069
     "vsd": ("vsd", 60, {}, 0.3),  # 0.140 - 0.148
     "pg-sb": ("pg-sb", 60, {}, 0.3),  # 0.142 - 0.148 (unconditional analytic teacher: CFG is the identity, = vsd)
     "sid": ("sid", 60, {}, 0.3),  # 0.155 - 0.164
@@ -140,7 +142,7 @@ CASES = {
     "uni_instruct": ("uni_instruct", 40, {"gan_start_images": 0}, 0.3),  # 0.115 - 0.142 (its weighting from 0)
     "rcm": ("rcm", 60, {"tangent_warmup": 10}, 0.01),  # 0.004 (the DMD term on from update 10)
     # LADD's discriminator on the analytic teacher's 8 mid-block features oscillates: a loose bound on real progress
-    "ladd": ("ladd", 60, {}, 0.75),  # 0.33 - 0.53
+    "ladd": ("ladd", 60, {}, 0.75),  # 0.40 - 0.72: real side the teacher's 4-step samples (real_source data 0.33 - 0.53)
     "scm-ladd": ("scm-ladd", 60, {"tangent_warmup": 10}, 0.06),  # 0.020 - 0.027
     # MeanFlow with every r = 0: this one-time student (the exact ODE map of its Gaussian) is the map to the data
     "meanflow": ("meanflow", 60, {"flow_matching_ratio": 0.0, "consistency_ratio": 1.0}, 0.2),  # 0.015 - 0.101

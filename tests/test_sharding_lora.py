@@ -283,10 +283,10 @@ def test_fsdp_lora_run_exports_the_single_process_lora(tmp_path):
     pytorch_lora_weights.safetensors has the single-process file's names, shapes and dtypes, and its values are the
     sharded run's last EMA checkpoint (gathered) exactly. The fake score's adapters (the critic's updates) equal the
     single-process ones to the trainer-level bound of test_sharding's full-network run, 2e-2 relative (measured
-    1.6e-3). The student's own update is compared at the unit level above: in this tiny text-to-image run its
-    first gradients are near zero (the LoRA fake score starts as the teacher) and Adam's first steps follow their
-    signs, so its update after 2 steps is not reproducible across process counts even replicated (measured: 1.4
-    relative for train.sharding none on 2 processes as for fsdp). ~2.5 minutes on 2 cores."""
+    1.6e-3). The student's own update is compared at the unit level above (and, replicated, in
+    test_text_processes.py: bit-equal gradients at step 1). The 1.4 relative difference once measured here for the
+    student, with train.sharding none as with fsdp, was its LoRA adapters starting from an unseeded generator in
+    each process (fixed: ``with_lora(..., seed=train.seed)``, tests/test_resume_lora.py). ~2.5 minutes on 2 cores."""
     import subprocess
     import sys
 

@@ -157,9 +157,12 @@ def _pipeline_usage(info: dict, where: str = ".") -> str:
                 f"pipe.load_lora_weights(\"{where}\")  # this folder\n"
                 f"pipe.scheduler = {sched}.from_pretrained(\"{where}\", subfolder=\"scheduler\")\n"
                 f"{note}images = {call}.images")
+    nasa = ("# a negative prompt in the same one pass (NASA, SNOOPI), with fastdiff installed: the same call on\n"
+            f"# fastdiff.pipelines.FastdiffNASAPipeline.from_pretrained(\"{where}\"), plus negative_prompt=\"blurry\", "
+            "nasa_scale=0.5\n" if cls == "StableDiffusionPipeline" else "")
     return (f"{torch_import}from diffusers import {cls}\n"
             f"pipe = {cls}.from_pretrained(\"{where}\"{absent}{_load_args(info)})\n"
-            f"{note}images = {call}.images")
+            f"{note}images = {call}.images\n{nasa}").rstrip("\n")
 
 
 def _call_guidance(info: dict):
@@ -290,6 +293,9 @@ def export_student(unet, teacher, info: dict, out: str | Path, sample_grid: str 
     """
     out = Path(out)
     weight_options(dtype, variant)
+    from ..models.layer_skip import exportable
+
+    unet = exportable(unet)  # a budget-conditioned student: the plain, smaller transformer at its export budget
     info = {**info, "dtype": dtype, "variant": variant}
     card = {"grid": Path(sample_grid) if sample_grid else None, "where": repo_id or ".", "teacher": teacher}
     if teacher.pipeline is not None:

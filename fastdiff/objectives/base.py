@@ -6,20 +6,10 @@ from torch import nn
 
 from ..models.denoiser import Denoiser, expand
 from ..models.schedule import FlowSchedule, VPSchedule
+from ..models.trajectory import KARRAS_POINTS, karras_grid, schedule_range
 
 
 SIGMA_GRIDS = ("teacher", "karras")
-KARRAS_POINTS = 1000  # DMD2 edm_guidance.py: --num_train_timesteps 1000
-
-
-def karras_grid(schedule, device=None, n: int = KARRAS_POINTS, rho: float = 7.0) -> torch.Tensor:
-    """n Karras rho=7 noise levels over the teacher's own sigma range, smallest first (DMD2 edm_guidance.py's
-    flipped ``get_sigmas_karras``; SiD sid_loss.py evaluates the same curve at continuous positions).
-    The ends are the teacher's first and last table entries, so no level falls outside what it was trained on."""
-    lo, hi = schedule_range(schedule)
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64, device=device)
-    sigmas = (hi ** (1 / rho) + (1 - ramp) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    return sigmas.clamp(lo, hi).float()
 
 
 def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: float, device,
@@ -50,14 +40,6 @@ def edm_sigma(schedule, n: int, device, p_mean: float = -1.2, p_std: float = 1.2
     the teacher's own range so every level maps to a timestep it was trained on."""
     lo, hi = schedule_range(schedule)
     return (torch.randn(n, device=device, dtype=dtype) * p_std + p_mean).exp().clamp(lo, hi)
-
-
-def schedule_range(schedule) -> tuple[float, float]:
-    T = schedule.num_train_timesteps
-    if isinstance(schedule, VPSchedule):
-        sig = schedule.sigma_at(torch.tensor([0, T - 1]))
-        return float(sig[0]), float(sig[1])
-    return 1.0 / (T - 1), float(T - 1)  # flow: t in [1/T, 1 - 1/T]
 
 
 def finite_samples(*tensors: torch.Tensor) -> torch.Tensor:
@@ -150,13 +132,34 @@ class Objective(nn.Module):
     ``images_seen``: generator images trained on before it (step x global batch; SiDA's GAN start reads it).
     ``sigma_grid``: where noise levels come from (:func:`sample_sigma`); None = :func:`default_sigma_grid`.
     ``critic_clip``: when set by the objective, the trainer clips critic gradients by this value (SiDA).
+    ``uses_generator_sample``: whether the losses read the trainer's generator sample (``trains_on`` "generator");
+    False for objectives that run their own student pass (BOOT, TDM): the trainer then skips that student forward
+    and passes the noise ``z`` as ``x``, of which they read only the batch's shape and device.
+    ``needs_sigma_init``: the constructor takes ``sigma_max`` = ``student.sigma_init`` (as consistency objectives,
+    ``trains_on`` "data", always do): BOOT reads its one-step sample g(eps, 0) there.
+    ``samples_student``: the constructor's ``student`` is the run's K-step sampler (a ``models.generator.Generator``
+    on the same levels and re-noising as the run's), not the bare student Denoiser: TDM runs the trajectory itself.
     """
 
     trains_on = "generator"
     uses_fake_score = True
+    uses_generator_sample = True
+    needs_sigma_init = False
+    samples_student = False
     step = 0
     images_seen = 0
     critic_clip: float | None = None
+
+    @classmethod
+    def reads_real_images(cls, options) -> bool:
+        """Whether the trainer must load ``data.name`` for this objective, given its ``objective.*`` config section
+        (``trains_on`` "data"; LADD with ``real_source: data``). GAN heads need data too; the trainer adds them."""
+        return cls.trains_on == "data"
+
+    def trains_generator(self) -> bool:
+        """Whether the update about to run (``step``) includes the generator's: False for DisBack's stage 1, whose
+        updates train only the critic."""
+        return True
 
     def __init__(self, teacher: Denoiser, fake: Denoiser | None, critic_updates: int, gan_head: nn.Module | None = None,
                  sigma_grid: str | None = None):

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from ..models.denoiser import Denoiser, expand
 from .base import Objective, finite_samples, kept_mean, noised, only_finite, per_sample_mean
+from .disback import Backtrack, Backtracking
 from .gan import GANHead, discriminator_gan_loss
 from .registry import register
 
 
-class DMD2(Objective):
+class DMD2(Backtracking, Objective):
     """Distribution matching with a fake score trained faster than the generator (two time-scale rule).
 
     Args:
@@ -45,13 +46,16 @@ class DMD2(Objective):
         sigma_grid: "karras" (main/edm/edm_guidance.py) or "teacher" (main/sd_guidance.py); None = per teacher
             family (:func:`~fastdiff.objectives.base.default_sigma_grid`). The GAN head's noise levels cover the
             whole grid, ``randint(0, diffusion_gan_max_timestep=1000)`` as DMD2's scripts run it.
+        backtrack, degradation_steps, backtrack_interval: DisBack's path (:mod:`.disback`; 0 = off).
     """
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, min_t: float = 0.02, max_t: float = 0.98,
                  critic_updates: int = 5, gan_head: GANHead | None = None,
                  gan_generator_weight: float = 3e-3, gan_critic_weight: float = 1e-2, weighting: str = "dmd",
-                 fake_loss: str = "teacher", sigma_grid: str | None = None):
+                 fake_loss: str = "teacher", sigma_grid: str | None = None, backtrack: int = 0,
+                 degradation_steps: int = 200, backtrack_interval: int = 200):
         super().__init__(teacher, fake, critic_updates, gan_head, sigma_grid)
+        self.backtrack = Backtrack(fake, backtrack, degradation_steps, backtrack_interval)
         if weighting not in ("dmd", "vsd"):
             raise ValueError(f"weighting must be dmd or vsd, got {weighting!r}")
         self.weighting = weighting
@@ -89,7 +93,7 @@ class DMD2(Objective):
     def dm_gradient(self, x: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         """The KL gradient on x, no graph: (x0_fake - x0_real) / mean|x - x0_real| (DMD) or a s (x0_fake - x0_real) (VSD)."""
         with torch.no_grad():
-            x0_real = self.teacher(x_t, sigma, cond)
+            x0_real = self.real_x0(x_t, sigma, cond)  # the teacher, or DisBack's node on the path
             x0_fake = self.fake(x_t, sigma, cond, guidance_scale=1.0)
             if self.weighting == "vsd":
                 schedule = self.teacher.schedule
@@ -104,6 +108,8 @@ class DMD2(Objective):
         return noised(x, self.teacher.schedule, 0.0, 1.0, self.sigma_grid)
 
     def generator_loss(self, x, cond=None, real=None):
+        if not self.trains_generator():  # DisBack's stage 1 (the trainer skips it): no gradient for the generator
+            return torch.zeros((), device=x.device, requires_grad=True), {}
         x_t, sigma = noised(x.detach(), self.teacher.schedule, self.min_t, self.max_t, self.sigma_grid)
         grad = self.dm_gradient(x, x_t, sigma, cond)
         # A sample with a non-finite value (its own, the teacher's or the fake score's output) is dropped from
@@ -136,4 +142,5 @@ class DMD2(Objective):
 
 
 register("dmd2", DMD2)
+register("disback", DMD2, defaults={"backtrack": 10})  # DisBack's 10 path checkpoints (main/degradation.py)
 register("vsd", DMD2, defaults={"weighting": "vsd", "critic_updates": 1}, fake_lora_rank=16)  # SwiftBrush's LoRA

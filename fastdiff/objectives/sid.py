@@ -39,6 +39,7 @@ import torch
 from ..models.denoiser import Denoiser, expand
 from .base import (Objective, default_fake_loss, drop_conditions, finite_mean, finite_samples, noised, only_finite,
                    per_sample_mean)
+from .disback import Backtrack, Backtracking
 from .gan import GANHead, sida_discriminator_loss, sida_generator_gan_loss
 from .registry import register
 
@@ -59,7 +60,7 @@ def sid_loss(x: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha:
     return per_sample_mean(diff * ((y_real - x) - alpha * diff)) / norm
 
 
-class SiD(Objective):
+class SiD(Backtracking, Objective):
     """Score identity distillation; with a ``gan_head`` it is SiDA.
 
     Args:
@@ -77,14 +78,17 @@ class SiD(Objective):
         gan_start_images: the GAN term joins the generator loss once more images than this were seen (200k).
         critic_clip_value: clip fake-score (and head) gradients by this value in the reference's units while the
             GAN is on (1); 0 = no clip.
+        backtrack, degradation_steps, backtrack_interval: DisBack's path (:mod:`.disback`; 0 = off).
     """
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, alpha: float = 1.2, min_t: float = 0.0,
                  max_t: float = 0.8, critic_updates: int = 1, fake_guidance: float = 1.0,
                  fake_train_guidance: float = 1.0, fake_loss: str | None = None, gan_head: GANHead | None = None,
                  gan_weight: float = 0.5, gan_generator_weight: float = 1e-4, gan_critic_weight: float = 1.0,
-                 gan_start_images: int = 200_000, critic_clip_value: float = 1.0, sigma_grid: str | None = None):
+                 gan_start_images: int = 200_000, critic_clip_value: float = 1.0, sigma_grid: str | None = None,
+                 backtrack: int = 0, degradation_steps: int = 200, backtrack_interval: int = 200):
         super().__init__(teacher, fake, critic_updates, gan_head, sigma_grid)
+        self.backtrack = Backtrack(fake, backtrack, degradation_steps, backtrack_interval)
         self.alpha, self.min_t, self.max_t = alpha, min_t, max_t
         self.fake_guidance, self.fake_train_guidance = fake_guidance, fake_train_guidance
         self.fake_loss = fake_loss or default_fake_loss(teacher)
@@ -106,9 +110,11 @@ class SiD(Objective):
         return self.gan_head is not None and self.images_seen > self.gan_start_images
 
     def generator_loss(self, x, cond=None, real=None):
+        if not self.trains_generator():  # DisBack's stage 1 (the trainer skips it): no gradient for the generator
+            return torch.zeros((), device=x.device, requires_grad=True), {}
         x = x.float()
         x_t, sigma = noised(x, self.teacher.schedule, self.min_t, self.max_t, self.sigma_grid)
-        y_real = self.teacher(x_t, sigma, cond).float()
+        y_real = self.real_x0(x_t, sigma, cond).float()  # the teacher, or DisBack's node on the path
         # SiDA reads its logits off the fake score's own pass (one forward), unless CFG doubles that pass.
         share = self.gan_head is not None and self.fake_guidance == 1
         with self.gan_head.reading() if share else nullcontext():

@@ -62,7 +62,8 @@ class Trainer(Run):
         """One optimizer step over ``gradient_accumulation`` micro-batches of fresh generator samples.
 
         Critic updates see detached samples and real images; generator updates backpropagate into the sample.
-        Objectives that train on data (consistency distillation) get a batch of real images instead.
+        Objectives that train on data (consistency distillation) get a batch of real images instead, and those that
+        run their own student pass (``uses_generator_sample`` False) the noise, with no student forward made for them.
         """
         accum, n = self.cfg.train.gradient_accumulation, self.cfg.train.batch_size
         acc = self.accelerator
@@ -81,8 +82,10 @@ class Trainer(Run):
                     x, cond = self._real(n)
                 else:
                     z, cond = self._inputs(n)
-                    with torch.set_grad_enabled(not critic):
-                        x = self.generator.training_sample(z, cond)
+                    x = z  # objectives that run their own student pass read only the batch's shape
+                    if self.objective.uses_generator_sample:
+                        with torch.set_grad_enabled(not critic):
+                            x = self.generator.training_sample(z, cond)
                 loss, logs = loss_of(x, cond, self._real(n) if critic else None)
             opt.backward(loss / accum)
         return logs, opt.step(self.accelerator, self.objective.critic_clip if critic else None)
@@ -102,10 +105,11 @@ class Trainer(Run):
             self.skipped["critic"] += ~applied
         for p in critic_params:  # the generator's loss reads the critic; it must not train it
             p.requires_grad_(False)
-        part, (logs["grad_norm_generator"], applied) = self._update(self.opt_g, obj.generator_loss, False, "generator")
-        logs.update(part)
-        self.skipped["generator"] += ~applied
-        self.skipped["consecutive"] = torch.where(applied, 0, self.skipped["consecutive"] + 1)
+        if obj.trains_generator():  # not in DisBack's stage 1 (critic updates only)
+            part, (logs["grad_norm_generator"], applied) = self._update(self.opt_g, obj.generator_loss, False, "generator")
+            logs.update(part)
+            self.skipped["generator"] += ~applied
+            self.skipped["consecutive"] = torch.where(applied, 0, self.skipped["consecutive"] + 1)
         logs["skipped_updates"] = self.skipped["generator"] + self.skipped["critic"]
         obj.after_generator_step()
         if self._ema_pairs:

@@ -11,6 +11,7 @@ import torch
 from ..config import Config
 from ..errors import FastdiffError
 from ..models import flux
+from ..models.layer_skip import drop_blocks, with_layer_budget
 from ..models.lora import AdapterWeights, is_lora, lora_rank, with_lora
 from ..models.teacher import Teacher, load_model
 from ..objectives import entry
@@ -108,17 +109,28 @@ def methods_used(cfg: Config, teacher: Teacher, objective, student_model: torch.
 
 
 def student_model_for(cfg: Config, teacher: Teacher) -> torch.nn.Module:
-    """The student's network: a full copy of the teacher, a LoRA on it, or the model in ``student.model``."""
+    """The student's network: a full copy of the teacher, a LoRA on it, or the model in ``student.model``; without
+    the blocks in ``student.skip_layers``, or budget-conditioned (``student.layer_budget``; models/layer_skip.py)."""
     if cfg.student.model:
-        return load_model(cfg.student.model).requires_grad_(True).train()
-    if cfg.student.lora_rank:
-        return with_lora(teacher.model, cfg.student.lora_rank, "student.lora_rank")
-    return trainable_copy(teacher.model)
+        model = load_model(cfg.student.model).requires_grad_(True).train()
+    elif cfg.student.lora_rank:  # blocks dropped from the LoRA's own module tree: the teacher keeps all of its
+        # Built before the run seeds torch: its adapters start from train.seed, the same in every process.
+        model = with_lora(teacher.model, cfg.student.lora_rank, "student.lora_rank", seed=cfg.train.seed)
+    else:
+        model = trainable_copy(teacher.model)
+    if cfg.student.layer_budget:
+        return with_layer_budget(model, cfg.student.layer_budget, cfg.student.export_budget)
+    return drop_blocks(model, cfg.student.skip_layers) if cfg.student.skip_layers else model
 
 
-def checkpoint_view(model: torch.nn.Module) -> torch.nn.Module:
-    """What a checkpoint stores of a network: everything, or only the adapters of a LoRA on the teacher."""
-    return AdapterWeights(model) if is_lora(model) else model
+def checkpoint_view(model: torch.nn.Module, params: list | None = None) -> torch.nn.Module:
+    """What a checkpoint stores of a network: everything, or only the adapters of a LoRA on the teacher (or, for
+    a LoRA student's EMA, ``params``: the parameters it averages, AGD's scale embedding included)."""
+    from .sharding import ShardedAdapterWeights, is_sharded
+
+    if not is_lora(model):
+        return model
+    return (ShardedAdapterWeights if is_sharded(model) else AdapterWeights)(model, params)
 
 
 def check_student(model: torch.nn.Module, teacher: Teacher) -> None:

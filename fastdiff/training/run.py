@@ -20,6 +20,7 @@ from ..models.teacher import load_teacher
 from ..models.text import PromptEncoder, PromptSampler, read_prompts
 from ..objectives import objective_class
 from .data import RealImages, as_model_range, real_images_for
+from .msd import draw_class_labels, restricted_to_classes
 from .teacher_data import teacher_samples_for
 from .networks import check_student, enable_gradient_checkpointing, fake_score_model, lora_export_mode, methods_used
 from .networks import student_model_for
@@ -27,7 +28,7 @@ from .optim import Optimizer
 from .sharding import refuse_accelerate_sharding, shard_run
 from .trackers import trackers_for
 from .setup import (build_objective, check_objective_settings, prepare_output_dir, resolve_train_defaults, sigma_init,
-                    student_denoiser, student_like, trains_on_data, uses_ema, uses_gan)
+                    student_denoiser, student_like, uses_ema, uses_gan)
 
 
 class Run:
@@ -41,16 +42,25 @@ class Run:
         self.resume = resume
         self.overwrite = overwrite
         refuse_accelerate_sharding()  # an accelerate config asking for FSDP / DeepSpeed / Megatron: train.sharding
+        # The process group first (multi-node): every later step (latent encoding, data, sharding) knows its rank.
+        # The teacher loads on every process at once (hub downloads share huggingface_hub's file-locked cache; a
+        # main-process-first barrier would leave the others waiting forever when the main one stops on bad input).
+        mp = cfg.train.mixed_precision
+        self.accelerator = Accelerator(
+            mixed_precision=mp, log_with=trackers_for(cfg.train.report_to) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        refuse_accelerate_sharding(self.accelerator.distributed_type)
         teacher_path = resolve_teacher_path(cfg.teacher.path)
         # Everything that can fail on bad input happens before anything is written.
         self.teacher = load_teacher(teacher_path, cfg.teacher.guidance_scale, cfg.teacher.null_class,
                                     getattr(torch, cfg.teacher.dtype))
         check_objective_settings(cfg, self.teacher)
-        needs_data = uses_gan(cfg) or trains_on_data(cfg)
+        needs_data = uses_gan(cfg) or objective_class(cfg.objective.name).reads_real_images(cfg.objective)
         self.real = None
         if needs_data:  # data.name teacher: image-free, the teacher's own samples (TBCM)
             self.real = (teacher_samples_for(cfg, self.teacher, self.out) if cfg.data.name == "teacher"
                          else real_images_for(cfg.data, self.teacher, cfg.train.seed))
+        self.real = restricted_to_classes(cfg, self.teacher, self.real)  # student.classes: one MSD student's part
         self.prompts = self._training_prompts()
         student_model = student_model_for(cfg, self.teacher)
         check_student(student_model, self.teacher)
@@ -60,11 +70,6 @@ class Run:
             except ValueError as exc:
                 raise FastdiffError(str(exc)) from exc
 
-        mp = cfg.train.mixed_precision
-        self.accelerator = Accelerator(
-            mixed_precision=mp, log_with=trackers_for(cfg.train.report_to) or None,
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
-        refuse_accelerate_sharding(self.accelerator.distributed_type)
         if mp != "no" and not self.accelerator.native_amp:  # accelerate's fp16 needs an accelerator
             self.accelerator.print(f"train.mixed_precision {mp}: accelerate has no {mp} autocast on "
                                    f"{self.accelerator.device.type}; training runs in float32")
@@ -189,7 +194,7 @@ class Run:
         z = torch.randn((n, *self.teacher.sample_shape), device=device)
         cond = None
         if self.teacher.num_classes:
-            cond = {"class_labels": torch.randint(self.teacher.num_classes, (n,), device=device)}
+            cond = {"class_labels": draw_class_labels(n, self.teacher.num_classes, self.cfg.student.classes, device)}
         elif self.text is not None:
             cond = self.text(self.prompts.batch(n))
         return z, cond

@@ -68,6 +68,9 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
                             "set student.sigma_init to null or auto")
     if cfg.student.sampler == "ddim" and sigma_init(cfg, teacher) is not None and not trains_on_data(cfg):
         raise FastdiffError("student.sampler ddim starts at the top of the schedule: set student.sigma_init to null")
+    backtrack = getattr(o, "backtrack", None)
+    if (backtrack if backtrack is not None else entry(o.name).defaults.get("backtrack")) and cfg.train.sharding == "fsdp":
+        raise FastdiffError("objective.backtrack (DisBack) does not run with train.sharding fsdp yet")
     if uses_gan(cfg) and not objective_class(o.name).uses_fake_score:
         raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
     if cfg.student.lora_rank and (cfg.student.model or o.guidance_range is not None):
@@ -87,9 +90,9 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
         gan_head = GANHead(fake) if uses_gan(cfg) else None
         options = teacher_options(cfg.objective.name, teacher, objective_options(cfg))
         # Consistency students train up to the level they sample from; BOOT reads its g(eps, 0) there.
-        if trains_on_data(cfg) or getattr(objective_class(cfg.objective.name), "needs_sigma_init", False):
+        if trains_on_data(cfg) or objective_class(cfg.objective.name).needs_sigma_init:
             options["sigma_max"] = sigma_init(cfg, teacher)
-        if getattr(objective_class(cfg.objective.name), "samples_student", False):
+        if objective_class(cfg.objective.name).samples_student:
             # tdm runs the student's K-step sampler itself: the same levels and re-noising as the run's generator
             student = Generator(student, cfg.student.num_steps, sigma_init(cfg, teacher), cfg.student.sampler)
         return build(cfg.objective.name, teacher.denoiser, fake, gan_head=gan_head, student=student, **options)

@@ -18,6 +18,7 @@ from .sharding import full_state_dict
 RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lora_rank", "objective.name", "objective.gan",
                "objective.fake_lora_rank", "objective.guidance_range", "objective.timestep_scaling", "train.ema_decay",
                "objective.adaptive_weighting",  # scm: whether checkpoints hold the logvar head
+               "objective.backtrack", "objective.degradation_steps",  # DisBack: the recorded path and its stage 1
                "train.ema_halflife_kimg", "train.ema_rampup",
                # what the student means: its first noise level and its multi-step sampler
                "student.sigma_init", "student.sampler",
@@ -42,7 +43,7 @@ def checkpoint_modules(run) -> dict:
     if run.objective.fake is not None:
         modules["fake"] = checkpoint_view(run.objective.fake.model)
     if run.ema is not None:
-        modules["ema"] = checkpoint_view(run.ema)
+        modules["ema"] = checkpoint_view(run.ema, [e for e, _ in run._ema_pairs])  # what it averages
     if run.objective.gan_head is not None:
         modules["gan_head"] = run.objective.gan_head
     return modules
