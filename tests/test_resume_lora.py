@@ -17,6 +17,7 @@ from fastdiff.cli import main
 from fastdiff.config import load_config
 from fastdiff.models.teacher import load_teacher
 from fastdiff.training.networks import student_model_for
+from test_reliability import _assert_identical  # nested dicts / lists of tensors, bit for bit
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # A LoRA student with its EMA, and dmd2's fake score a LoRA too: every network a LoRA run checkpoints.
@@ -37,21 +38,6 @@ def _checkpoint(run: Path, step: int) -> dict:
     out = {f"{p.stem}/{k}": v for p in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(p)).items()}
     out["state"] = torch.load(folder / "state.pt", weights_only=True)
     return out
-
-
-def _assert_identical(a, b, path="") -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_identical(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{path}[{i}]")
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), path
-    else:
-        assert a == b, path
 
 
 def _adapters(model) -> dict:

@@ -193,6 +193,19 @@ def train_objective(name: str, teacher_dir: Path, init_dir: Path, out: Path, ste
     return trainer
 
 
+def row_recorder(rows: list, truth: torch.Tensor, gmm, floor: float, log):
+    """``add(name, samples, kind, train_steps, t0)``: score samples against the mixture, append the row, log a line."""
+    def add(name: str, samples: torch.Tensor, kind: str, train_steps: int, t0: float) -> None:
+        row = {"objective": name, "kind": kind, **score(samples, truth, gmm), "sw2_floor": floor,
+               "steps": train_steps, "seconds": round(time.time() - t0, 1)}
+        row["sw2_over_floor"] = row["sw2"] / floor
+        rows.append(row)
+        with tqdm.external_write_mode():  # the line above any bar on the terminal, not through it
+            log(f"  {name}: sw2 {row['sw2']:.4f} ({row['sw2_over_floor']:.2f} x floor), "
+                f"max mode-weight error {row['max_mode_weight_error']:.4f}, {row['seconds']} s")
+    return add
+
+
 def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int = 5000, seed: int = 0,
         work_dir: str | None = None, log=print, overrides=(), progress: bool = False) -> dict:
     """The table's rows; ``progress``: bars on a terminal's stderr over the warm starts and the objectives."""
@@ -214,14 +227,7 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
         z = torch.randn(num_eval, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed + 3))
         rows = []
 
-        def add(name: str, samples: torch.Tensor, kind: str, train_steps: int, t0: float) -> None:
-            row = {"objective": name, "kind": kind, **score(samples, truth, gmm), "sw2_floor": floor,
-                   "steps": train_steps, "seconds": round(time.time() - t0, 1)}
-            row["sw2_over_floor"] = row["sw2"] / floor
-            rows.append(row)
-            with tqdm.external_write_mode():  # the line above any bar on the terminal, not through it
-                log(f"  {name}: sw2 {row['sw2']:.4f} ({row['sw2_over_floor']:.2f} x floor), "
-                    f"max mode-weight error {row['max_mode_weight_error']:.4f}, {row['seconds']} s")
+        add = row_recorder(rows, truth, gmm, floor, log)
 
         for k in (1, 2, 4):
             t0 = time.time()

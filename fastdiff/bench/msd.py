@@ -29,7 +29,7 @@ from ..models.generator import Generator
 from ..models.teacher import load_teacher
 from ..training import Trainer
 from ..training.msd import contiguous_partition
-from .gmm import TRAIN, score
+from .gmm import TRAIN, row_recorder
 from .gmm import table as gmm_table
 
 NUM_MODES = 4
@@ -70,13 +70,7 @@ def run(partitions=(1, 2, 4), objectives=("dmd2",), steps: int = 400, num_eval: 
         z = torch.randn(num_eval, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed + 4))
         rows = []
 
-        def add(name: str, samples: torch.Tensor, kind: str, train_steps: int, t0: float) -> None:
-            row = {"objective": name, "kind": kind, **score(samples, truth, gmm), "sw2_floor": floor,
-                   "steps": train_steps, "seconds": round(time.time() - t0, 1)}
-            row["sw2_over_floor"] = row["sw2"] / floor
-            rows.append(row)
-            log(f"  {name}: sw2 {row['sw2']:.4f} ({row['sw2_over_floor']:.2f} x floor), "
-                f"max mode-weight error {row['max_mode_weight_error']:.4f}, {row['seconds']} s")
+        add = row_recorder(rows, truth, gmm, floor, log)
 
         for k in (1, 4):
             t0 = time.time()

@@ -101,7 +101,11 @@ class AdapterWeights(nn.Module):
             raise RuntimeError(f"adapter weights differ: {len(own)} expected, {len(state)} in the checkpoint")
         with torch.no_grad():
             for name, value in state.items():
-                own[name].copy_(value)
+                self.copy_into(own[name], value)
+
+    @staticmethod
+    def copy_into(own: torch.Tensor, value: torch.Tensor) -> None:
+        own.copy_(value)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -316,13 +316,7 @@ class ShardedAdapterWeights(AdapterWeights):
     """Checkpoint view of a sharded LoRA network: its adapters (DTensors, gathered by ``full_state_dict`` to save);
     a checkpoint's full adapter tensors load into this process's shards."""
 
-    def load_state_dict(self, state: dict, strict: bool = True):
-        own = self.state_dict()
-        if set(own) != set(state):
-            raise RuntimeError(f"adapter weights differ: {len(own)} expected, {len(state)} in the checkpoint")
-        with torch.no_grad():
-            for name, value in state.items():
-                copy_full_(own[name], value)
+    copy_into = staticmethod(copy_full_)  # each process keeps its own shard of the full tensor
 
 
 @contextlib.contextmanager
