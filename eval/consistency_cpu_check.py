@@ -84,7 +84,7 @@ def summarize(results: Path = RESULTS) -> str:
     rows = [json.loads(p.read_text()) for p in sorted(results.glob("check-*.json"))]
     if rows:
         r0 = rows[0]
-        lines += [f"## Check: 5 minutes at batch 8, FID@1k before and after", "",
+        lines += ["## Check: 5 minutes at batch 8, FID@1k before and after", "",
                   f"{r0.get('cpu_model', r0['machine'])}, {r0['cpus']} cores shared with other jobs (steps done are "
                   f"what the time allowed), torch {r0['torch']}, diffusers {r0['diffusers']}, {r0['date']}. "
                   f"{r0['reference']}. Start = the untrained student (the teacher's weights behind the same sampler, "

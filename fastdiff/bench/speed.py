@@ -215,7 +215,7 @@ def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, w
                                                 lr=lr.lr_critic, foreach=True)}
             flops = count_flops(naive.train_step)
             reset_memory(device)
-            t_naive = timed(lambda: naive_step(naive, opts), device, steps, warmup)
+            t_naive = timed(lambda n=naive: naive_step(n, opts), device, steps, warmup)  # bound now: deleted below
             mem_naive = peak_memory(device)
             del naive
             fast = make_trainer(teacher, name, batch, True, device, overrides, f"{tmp}/fast")
