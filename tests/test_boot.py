@@ -199,3 +199,42 @@ def test_boot_refuses_a_flow_teacher():
     flow = Denoiser(obj.teacher.model, FlowSchedule(1000), "flow")
     with pytest.raises(ValueError, match="VP teacher"):
         build("boot", flow, None, student=obj.student, sigma_max=2.5)
+
+
+@pytest.mark.parametrize("sets", [["objective.name=boot", "objective.num_intervals=10"],
+                                  ["objective.name=tdm", "student.num_steps=1"]], ids=["boot", "tdm"])
+def test_the_trainer_makes_no_generator_sample_for_objectives_that_run_their_own(tiny_teacher, tmp_path, sets):
+    """BOOT and TDM run their own student pass (``uses_generator_sample`` False): the trainer's sample, which they
+    never read, is no longer made. Two updates equal bit for bit those of the old loop (forced back on here, the
+    sample made and ignored), with one student forward fewer per optimizer update (TDM: its critic's and its
+    generator's). One-step students: the skipped sample drew nothing from the RNG (a K-step sample draws its step,
+    so there only the random stream shifts)."""
+    from fastdiff.config import load_config
+    from fastdiff.training import Trainer
+
+    def two_updates(out, make_sample: bool):
+        cfg = load_config(None, [f"teacher.path={tiny_teacher}", f"output_dir={out}", "train.batch_size=2",
+                                 "train.lr_generator=1e-3", "train.lr_critic=1e-3", "train.lr_warmup_steps=0",
+                                 "train.ema_decay=0.5", *sets])
+        trainer = Trainer(cfg, progress=False)
+        assert trainer.objective.uses_generator_sample is False
+        trainer.objective.uses_generator_sample = make_sample  # True: the loop as it was
+        calls = []
+        trainer.generator.denoiser.model.register_forward_hook(lambda *_: calls.append(1))
+        logs, forwards = [], []
+        for _ in range(2):
+            before = len(calls)
+            logs.append({k: torch.as_tensor(v).clone() for k, v in trainer.train_step().items()})
+            trainer.step += 1
+            forwards.append(len(calls) - before)
+        weights = {**trainer.generator.denoiser.model.state_dict(),
+                   **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()}}
+        return logs, forwards, weights, trainer.objective.critic_updates + 1
+
+    new_logs, new_forwards, new_weights, updates = two_updates(tmp_path / "new", False)
+    old_logs, old_forwards, old_weights, _ = two_updates(tmp_path / "old", True)
+    assert [old - new for old, new in zip(old_forwards, new_forwards)] == [updates, updates]
+    for new, old in zip(new_logs, old_logs):
+        assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    assert new_weights.keys() == old_weights.keys()
+    assert all(torch.equal(new_weights[k], old_weights[k]) for k in new_weights)

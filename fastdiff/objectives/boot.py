@@ -44,8 +44,20 @@ epsilon or v student at sigma_init turns its output into x0 with gain sigma (2.5
 t = T the gain grows to the top's 1 / a_T, where the targets are the teacher's own top estimate, which the teacher
 copy already gives.
 
-Loss weighting: ``boot`` (the paper's 1 / delta^2) or ``uniform``. The trainer's one-step sample (``x`` of
-``generator_loss``) is not read: BOOT needs the noise itself, and only the sample's shape is used.
+Loss weighting: ``boot`` (the paper's 1 / delta^2) or ``uniform``.
+
+Why 100 updates barely move g(eps, 0) on a real epsilon teacher (the CPU ladder, embedded fmnist-ddpm; README's BOOT
+parity row has the runs). The paper's student outputs the signal itself; fastdiff's epsilon student reads it with
+gain sigma (2.5 at t = 0, ~140 at the top), so the gradient of the paper-weighted loss is 1.3 at the one-step
+interval (n = 1), 124 at n = 10, 4.0e3 at n = 40 and 6.3e4 at the top (teacher copy, 50 intervals, batch 4 per
+level): a batch's update (clipped, then Adam-normalised, so the clip itself does not shrink it) goes to the top
+levels, and g(eps, 0) only improves once the bootstrap has carried the teacher's chain down all 50 intervals.
+Dividing that gain out (weight 1 / sigma^2) balances the norms (1.3 / 41 / 10.5 / 20) but lets the top levels drift
+(FID 491 after 100 updates, 486 with 8 intervals); lr 1e-4 (OFTSR's) diverges (loss 2e5 by update 50). So the
+defaults stay the paper's.
+
+BOOT needs the noise itself, not a one-step sample: ``uses_generator_sample`` is False, so the trainer makes none and
+``x`` of ``generator_loss`` is its noise batch, of which only the shape is read.
 """
 from __future__ import annotations
 
@@ -71,6 +83,7 @@ class BOOT(Objective):
     """
 
     uses_fake_score = False
+    uses_generator_sample = False  # the loss draws its own noise and runs g itself: the trainer's sample is not made
     needs_sigma_init = True  # training/setup.py passes student.sigma_init as sigma_max
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, num_intervals: int | None = None,
