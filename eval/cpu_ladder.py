@@ -43,13 +43,14 @@ PAIRS_STEPS = 10  # the teacher's DDIM (Euler) ODE for the pairs: its 10-step sa
 
 
 def eval_steps(name: str, run: Path) -> list[int]:
-    """Step counts a student is measured at: 1 (and 2 for few-step students) plus the count it was trained for
-    (e.g. TDM's K)."""
+    """Step counts a student is measured at: 1 (and 2 for few-step students) plus the count it was trained for; a
+    student trained for K > 1 steps that is not a few-step (any-step) student only at K (TDM)."""
     steps = {1, 2} if name in MULTI_STEP else {1}
     info = run / "student" / "fastdiff.json"
-    if info.is_file():
-        steps.add(int(json.loads(info.read_text()).get("num_steps", 1)))
-    return sorted(steps)
+    trained = int(json.loads(info.read_text()).get("num_steps", 1)) if info.is_file() else 1
+    if trained > 1 and name not in MULTI_STEP:
+        return [trained]  # a K-step student (TDM) is only meant to sample at K
+    return sorted(steps | {trained})
 
 
 def objective_settings(which: str, teacher: str, guidance: float, name: str, out: Path, args) -> list[str]:
