@@ -280,6 +280,7 @@ def _run(capsys, *argv):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow  # 12 s; FID itself is checked by test_fid_equals_independent_and_torchmetrics_on_real_images
 @needs_inception
 def test_cli_ref_stats_and_fid(tmp_path, capsys, tiny_teacher):
     rng = np.random.default_rng(0)

@@ -223,6 +223,7 @@ def _assert_rss_independent_of_size(tmp_path, big: int):
     assert big_rss < 1.1 * small_rss, (small_rss, big_rss)
 
 
+@pytest.mark.slow  # 16 s: fresh interpreters reading a 20k-image folder; the default suite must fit 5 minutes
 def test_peak_memory_does_not_grow_with_the_folder(tmp_path):
     _assert_rss_independent_of_size(tmp_path, 2000)
 
