@@ -116,14 +116,15 @@ def run_row(args) -> dict:
     trainer = Trainer(cfg, overwrite=True, progress=False)
     if cuda:
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated() / 2**20
+        base = held = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = peak_rss_mb()
+        base = held = peak_rss_mb()
         if args.sharding != "none" or args.processes > 1:  # the steps' own peak (setup builds networks whole):
             import ctypes  # hand the pages freed by sharding back to the system, then restart the high-water mark
 
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+            held = peak_rss_mb("VmRSS")  # what setup left: the (sharded) networks, the text encoder, libraries
             reset_peak_rss()
     times = []
     for _ in range(2):
@@ -136,7 +137,8 @@ def run_row(args) -> dict:
     return {"objective": args.objective, "fake_lora_rank": args.fake_lora, "student_lora_rank": args.student_lora,
             "sharding": args.sharding,
             "process": trainer.accelerator.process_index, "libraries_mb": round(libraries, 1), "gradient_checkpointing": args.checkpointing,
-            "after_setup_mb": round(base, 1), "peak_mb": round(peak, 1), "step_seconds": round(times[-1], 3),
+            "after_setup_mb": round(base, 1), "held_after_setup_mb": round(held, 1), "peak_mb": round(peak, 1),
+            "step_seconds": round(times[-1], 3),
             "trainable_parameters": sum(p.numel() for p in trainer.opt_g.params + (trainer.opt_c.params if trainer.opt_c else []))}
 
 
@@ -254,15 +256,18 @@ def fsdp_rows(args, work: Path) -> None:
              f"machine: {describe()}", "", f"memory: {unit}, the largest over the processes", "",
              "above libraries: the peak minus the process's resident memory before any network was built (Python, "
              "torch, diffusers; CPU only)", "",
-             "| objective | networks | sharding | setup peak MB | step peak MB | vs replicated | above libraries MB "
-             "| vs replicated | step s |", "|---|---|---|---|---|---|---|---|---|"]
+             "held after setup: the resident memory when the steps start (CPU: after malloc_trim; what the networks, "
+             "the text encoder and the libraries hold)", "",
+             "| objective | networks | sharding | setup peak MB | held after setup MB | step peak MB | vs replicated "
+             "| above libraries MB | vs replicated | step s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next(b for b in rows if b["objective"] == r["objective"] and b["sharding"] == "none"
                     and b["student_lora_rank"] == r["student_lora_rank"])
         nets = (f"LoRA r{r['student_lora_rank']} student + LoRA r{r['fake_lora_rank']} fake (shared base)"
                 if r["student_lora_rank"] else "full student + full fake")
         own, base_own = r["peak_mb"] - r["libraries_mb"], base["peak_mb"] - base["libraries_mb"]
-        lines.append(f"| {r['objective']} | {nets} | {r['sharding']} | {r['setup_mb']:.0f} | {r['peak_mb']:.0f} | "
+        lines.append(f"| {r['objective']} | {nets} | {r['sharding']} | {r['setup_mb']:.0f} | "
+                     f"{r['held_after_setup_mb']:.0f} | {r['peak_mb']:.0f} | "
                      f"{100 * (r['peak_mb'] / base['peak_mb'] - 1):+.0f}% | {own:.0f} | {100 * (own / base_own - 1):+.0f}% | "
                      f"{r['step_seconds']:.2f} |")
     write_table(args, lines, {"unet_parameters": params, "width": args.width, "latent": args.latent,

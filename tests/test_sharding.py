@@ -228,8 +228,8 @@ def _assert_weights_close(a: dict, b: dict, grads: dict, magnitudes: dict) -> No
 
 
 def test_fsdp_gradients_equal_single_process():
-    """2 gloo processes, FSDP2 per UNet block, 2 accumulated micro-batches each (the reduce-scatter skipped until the
-    last) against one process accumulating the same 4 micro-batches: the gradients (FSDP's mean over processes) and
+    """2 gloo processes, FSDP2 per UNet block part, 2 accumulated micro-batches each (the reduce-scatter skipped until
+    the last) against one process accumulating the same 4 micro-batches: the gradients (FSDP's mean over processes) and
     their norm over the shards and the replicated head agree to float32 summation order. ~4 s on 2 busy cores."""
     unet, head = _networks()
     opt = Optimizer([unet, head], LR, _cfg(), False)
@@ -247,8 +247,8 @@ def test_fsdp_gradients_equal_single_process():
 
 @pytest.mark.slow
 def test_fsdp_update_equals_single_process_and_resumes_across_process_counts():
-    """2 gloo processes, FSDP2 per UNet block, 2 accumulated micro-batches each (the reduce-scatter skipped until the
-    last) against one process accumulating the same 4 micro-batches: gradients, their norm (one clip decision for
+    """2 gloo processes, FSDP2 per UNet block part, 2 accumulated micro-batches each (the reduce-scatter skipped until
+    the last) against one process accumulating the same 4 micro-batches: gradients, their norm (one clip decision for
     shards and the replicated head) and the AdamW step agree to float32 summation order. Checkpoints hold full
     tensors: the 2-process step-1 state resumes on 1 process and the 1-process one on 2, each taking step 2 as the
     run that wrote it does. ~20 s on 2 busy cores (the first AdamW step over DTensors: ~3 s of sharding propagation)."""
@@ -279,10 +279,26 @@ def test_fsdp_update_equals_single_process_and_resumes_across_process_counts():
     _assert_adam_state_close(opt.state_dict()["opt"], fsdp["state2"]["opt"]["opt"], fsdp["grads2"], m2)
 
 
-def test_shards_every_block_and_the_root():
+def test_units_are_the_parts_of_unet_blocks_and_transformer_blocks():
+    """A UNet block's resnets, attentions and samplers are units of their own (a whole block was the largest
+    gathered transient of a sharded step); a block keeps a unit only for parameters outside its parts."""
     unet = tiny_unet()
-    found = sharding.blocks(unet)
-    assert found == [*unet.down_blocks, *unet.up_blocks, unet.mid_block]
+    found = sharding.units(unet)
+    parts = [m for b in (*unet.down_blocks, *unet.up_blocks, unet.mid_block)
+             for key in sharding.PART_LISTS for m in (getattr(b, key, None) or [])]
+    assert {id(m) for m in found} == {id(m) for m in parts} and len(found) == len(parts)
+    in_units = [id(p) for m in found for p in m.parameters()]
+    assert len(in_units) == len(set(in_units))  # no parameter in two units
+    root_own = {n.split(".")[0] for n, p in unet.named_parameters() if id(p) not in set(in_units)}
+    assert root_own == {"conv_in", "time_embedding", "conv_norm_out", "conv_out"}
+
+    block = copy.deepcopy(unet.down_blocks[0])
+    block.gate = nn.Linear(2, 2)  # a parameter of the block itself: the block becomes a unit after its parts
+    net = nn.Module()
+    net.down_blocks, net.transformer_blocks = nn.ModuleList([block]), nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+    found = sharding.units(net)
+    block_parts = [*block.resnets, *block.downsamplers]
+    assert found == [*block_parts, block, *net.transformer_blocks]
 
 
 @pytest.mark.parametrize("env,kind", [({"ACCELERATE_USE_FSDP": "true"}, None),

@@ -1,5 +1,6 @@
 """``train.sharding: fsdp``: the run's large networks sharded over the processes with PyTorch's own FSDP2
-(``torch.distributed.fsdp.fully_shard``), one FSDP unit per UNet / transformer block plus the root.
+(``torch.distributed.fsdp.fully_shard``), one FSDP unit per transformer block or part of a UNet block (each
+resnet, attention transformer, up/downsampler; ``units``) plus the root.
 
 What is sharded: the student, its EMA, the fake score, the frozen teacher and a consistency target network (any
 network with blocks); small heads (GAN head, SCM's log-variance, density ratios) stay replicated and their
@@ -33,6 +34,11 @@ SHARDINGS = ("none", "fsdp")
 # Module lists whose entries are one FSDP unit each: diffusers UNets, DiT / SD3 / Sana, Flux's single-stream blocks.
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
 SINGLE_BLOCKS = ("mid_block",)
+# Inside a UNet block, the entries of these lists are units of their own, the block only keeps what is left (if
+# anything). A whole block is too coarse: SD1.5's widest up block holds 30% of the UNet (986 MB in float32; one
+# part at most 5.7%), and its gathered copy with FSDP's all-gather buffer was the largest transient of a sharded
+# step (eval/memory.py, 2 CPU processes, width 0.2, DMD2: ~110 MB of the 1633 MB peak per block, ~25 MB per part).
+PART_LISTS = ("resnets", "attentions", "upsamplers", "downsamplers")
 
 # reshard_after_forward per network (True: free the gathered weights after each forward and gather again in backward).
 #  - teacher: True. It is frozen, the largest network a step calls, and called several times per update (real
@@ -83,17 +89,31 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The outermost blocks of a network (one FSDP unit each): entries of its block lists and its mid block."""
-    found, inside = [], set()
+def _outermost(model: nn.Module, chosen, skip=()) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the outermost modules for which ``chosen(owner list, leaf name)`` holds, in module order,
+    leaving out those inside the names in ``skip``."""
+    found = []
     for name, module in model.named_modules():
         parent, _, leaf = name.rpartition(".")
-        owner = parent.rpartition(".")[2]
-        if not (owner in BLOCK_LISTS and leaf.isdigit() or leaf in SINGLE_BLOCKS):
+        if not chosen(parent.rpartition(".")[2], leaf):
             continue
-        if not any(name.startswith(p + ".") for p in inside):
-            found.append(module)
-            inside.add(name)
+        if not any(name.startswith(p + ".") for p, _ in found) and not any(name.startswith(p + ".") for p in skip):
+            found.append((name, module))
+    return found
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP units of a network below its root, inner ones first (the order ``fully_shard`` needs): the parts
+    of UNet blocks (``PART_LISTS``), then the outermost blocks (entries of ``BLOCK_LISTS``, the mid block) not
+    inside a part, except a block whose parameters all belong to its parts (nothing left for it to hold)."""
+    parts = _outermost(model, lambda owner, leaf: owner in PART_LISTS and leaf.isdigit())
+    part_names = [name for name, _ in parts]
+    in_parts = {id(p) for _, m in parts for p in m.parameters()}
+    found = [m for _, m in parts]
+    for name, block in _outermost(model, lambda owner, leaf: owner in BLOCK_LISTS and leaf.isdigit()
+                                  or leaf in SINGLE_BLOCKS, part_names):
+        if any(id(p) not in in_parts for p in block.parameters()):
+            found.append(block)
     return found
 
 
@@ -140,8 +160,8 @@ class Shards:
             options["mp_policy"] = MixedPrecisionPolicy()
             fully_shard(model, **options, ignored_params=set(kept))
         else:
-            for block in blocks(model):
-                fully_shard(block, **options)
+            for unit in units(model):
+                fully_shard(unit, **options)
             fully_shard(model, **options)
         self.networks.append(model)
         return model
@@ -307,7 +327,7 @@ def shard_run(run, log=print) -> Shards | None:
     if run.ema is not None:
         shards.shard(run.ema, "ema", base)
     for module in run.objective.state_modules().values():  # a consistency target: a copy of the student
-        if blocks(module) and not is_sharded(module):
+        if units(module) and not is_sharded(module):
             shards.shard(module, "target", base)
     return shards
 
