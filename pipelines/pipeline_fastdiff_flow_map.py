@@ -5,7 +5,8 @@ the current sample from timestep t to the next timestep of the schedule, ``z_r =
 the last step maps to the data (r = 0). That step is the deterministic DDIM step (eta 0) with the student's x0
 estimate at (t, r), so the scheduler is diffusers' ``DDIMScheduler`` with trailing timesteps and
 ``set_alpha_to_one``; this pipeline only adds the r of each call. Load it with
-``FastdiffFlowMapPipeline.from_pretrained(folder)`` (fastdiff installed: the network is ``fastdiff.FlowMapModel``).
+``FastdiffFlowMapPipeline.from_pretrained(folder)`` (fastdiff installed: the network is ``fastdiff.FlowMapModel``,
+imported first, ``from fastdiff import FlowMapModel``: diffusers loads a class only from a module already imported).
 """
 from __future__ import annotations
 

@@ -251,6 +251,24 @@ def test_guidance_range_student_reads_the_scale(tiny_cond_teacher, tmp_path):
     assert_pipeline_matches(run / "student", labels=[0, 1, 2], guidance_scale=3.0)
 
 
+@pytest.mark.slow
+def test_guidance_embedded_card_loads_in_a_fresh_interpreter(tiny_cond_teacher, tmp_path):
+    """diffusers (0.42) resolves a model_index.json library other than its own only from sys.modules: the card's
+    code, run as a user runs it (nothing of fastdiff imported before), must import the network's module itself."""
+    import re
+    import subprocess
+    import sys
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=6)
+    run = distill(tiny_cond_teacher, tmp_path / "run", "objective.name=cd", f"data.path={data}",
+                  "objective.guidance_range=[1.0, 4.0]", "train.max_steps=1")
+    card = re.search(r"```python\n(.*?)```", (run / "student" / "README.md").read_text(), re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", card + "\nassert len(images) == 3"], cwd=run / "student",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_resumed_cd_run_equals_an_uninterrupted_one(tiny_teacher, tmp_path):
     """The EMA target network is checkpointed: stopping after step 2 and resuming gives the same weights."""
     data = tmp_path / "fmnist"

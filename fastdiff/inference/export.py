@@ -142,6 +142,11 @@ def _load_args(info: dict) -> str:
     return f"{variant}, {key}=torch.{TORCH_DTYPES[dtype]}"
 
 
+# diffusers (0.42) loads a network class of a library not its own only from a module already imported
+FLOW_MAP_IMPORT = "from fastdiff import FlowMapModel  # noqa: F401 - imports the network's module for diffusers\n"
+GUIDANCE_IMPORT = "from fastdiff import GuidanceEmbeddedUNet  # noqa: F401 - imports the network's module for diffusers\n"
+
+
 def _pipeline_usage(info: dict, where: str = ".") -> str:
     steps, cls, sched = info["num_steps"], info["pipeline_class"], info["scheduler_class"]
     absent = "".join(f", {k}=None" for k in info.get("absent_components", []))  # diffusers wants them named
@@ -151,6 +156,14 @@ def _pipeline_usage(info: dict, where: str = ".") -> str:
     note = ("# guidance_scale is an input of this student (LCM-style): one pass, no CFG\n"
             if info.get("guidance_embedded") and not info["num_classes"] else "")
     torch_import = "import torch\n" if info.get("dtype") else ""
+    if info.get("flow_map"):  # fastdiff's own pipeline class, its file in the folder (FLOW_MAP_PIPELINES)
+        module = next(f[:-3] for f, name in FLOW_MAP_PIPELINES.values() if name == cls)
+        return (f"{torch_import}{FLOW_MAP_IMPORT}from fastdiff.pipelines import {cls}\n"
+                f"pipe = {cls}.from_pretrained(\"{where}\"{absent}{_load_args(info)})\n"
+                "images = pipe(\"a photo of a cat\", num_inference_steps=2).images  # any step count: one flow-map "
+                "student\n# or, with the pipeline file in this folder (the network still needs fastdiff):\n"
+                "# DiffusionPipeline.from_pretrained(\n"
+                f"#     \"{where}\", custom_pipeline=\"{module}\", trust_remote_code=True{absent})")
     if info.get("export") == "lora":
         return (f"{torch_import}from diffusers import {cls}, {sched}\n"
                 f"pipe = {cls}.from_pretrained(\"{info['teacher']}\"{absent}{_load_args(info)})  # the teacher\n"
@@ -203,16 +216,17 @@ def model_card_body(info: dict, where: str = ".") -> str:
     steps = info["num_steps"]
     load = f"\"{where}\"{_load_args(info)}"
     usage = _pipeline_usage(info, where) if info.get("pipeline_class") else (
+             ("import torch\n" if info.get("dtype") else "") + FLOW_MAP_IMPORT +
              "from fastdiff.pipelines.pipeline_fastdiff_flow_map import FastdiffFlowMapPipeline\n"
              f"pipe = FastdiffFlowMapPipeline.from_pretrained({load})\n"
              "images = pipe(batch_size=4, num_inference_steps=2).images  # any step count: one flow-map student"
              if info.get("flow_map") else (
-             ("import torch\n" if info.get("dtype") else "") +
+             ("import torch\n" if info.get("dtype") else "") + (GUIDANCE_IMPORT if info.get("guidance_embedded") else "") +
              "from fastdiff.pipelines import FastdiffClassConditionalPipeline\n"
              f"pipe = FastdiffClassConditionalPipeline.from_pretrained({load})\n"
              f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}"
              f"{', guidance_scale=2.0' if info.get('guidance_embedded') else ''}).images\n"
-             + ("# the network is fastdiff's GuidanceEmbeddedUNet: loading needs fastdiff installed"
+             + ("# the network is fastdiff's GuidanceEmbeddedUNet: loading needs fastdiff installed and imported"
                 if info.get("guidance_embedded") else
                 "# without fastdiff, run the pipeline.py in this folder (read it first):\n"
                 "# DiffusionPipeline.from_pretrained(\".\", custom_pipeline=\".\", trust_remote_code=True)")
@@ -222,7 +236,10 @@ def model_card_body(info: dict, where: str = ".") -> str:
              f"pipe = DDPMPipeline.from_pretrained({load})\n"
              f"images = pipe(batch_size=4, num_inference_steps={steps}).images"))
     settings = "\n".join(f"- `{k}`: {_shown(v)}" for k, v in info["settings"].items())
-    scheduler_note = ("The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1 (and `shift_terminal`\n"
+    scheduler_note = ("Each step maps to the next level, told to the network as `r_timestep` (the last to the data), with\n"
+                      f"diffusers' `{info.get('scheduler_class')}`: one student samples any `num_inference_steps`."
+                      if info.get("flow_map") and info.get("pipeline_class") else
+                      "The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1 (and `shift_terminal`\n"
                       f"1/K for K > 1): `num_inference_steps={steps}` gives fastdiff's levels t = 1 - i/K."
                       if info.get("scheduler_class") == "FlowMatchEulerDiscreteScheduler" else
                       "The scheduler is diffusers' `DDIMScheduler` (eta 0, trailing timesteps): `num_inference_steps=K`\n"
@@ -301,9 +318,8 @@ def export_student(unet, teacher, info: dict, out: str | Path, sample_grid: str 
     if teacher.pipeline is not None:
         from ..models.flow_map import flow_map_embedding
 
-        if flow_map_embedding(unet) is not None:  # its pipeline would drop the r embedding: refuse, not mis-export
-            raise FastdiffError("export of flow-map (meanflow) students of latent / text-to-image teachers is not "
-                                "supported yet; pixel VP teachers export as FastdiffFlowMapPipeline")
+        if flow_map_embedding(unet) is not None:  # the teacher's pipeline would drop the r embedding: fastdiff's
+            return export_flow_map_pipeline_student(unet, teacher, info, out, card)  # flow-map pipeline for it
         return export_pipeline_student(unet, teacher, info, out, card)
     from ..models.lora import is_lora, merged_model
 
@@ -536,6 +552,82 @@ def export_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -
     if mode in ("lora", "both"):
         return _write_folder(out, write_lora, teacher)
     return _write_folder(out, lambda tmp: write_pipeline(tmp, merged_model(model) if lora else model), teacher)
+
+
+# teacher pipeline class -> fastdiff's flow-map pipeline for its students (file in pipelines/, class)
+FLOW_MAP_PIPELINES = {"StableDiffusionPipeline": ("pipeline_fastdiff_flow_map_sd.py", "FastdiffFlowMapSDPipeline"),
+                      "StableDiffusion3Pipeline": ("pipeline_fastdiff_flow_map_sd3.py", "FastdiffFlowMapSD3Pipeline")}
+
+
+def export_flow_map_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -> Path:
+    """A latent text-to-image flow-map (meanflow) student: the teacher's components with the network as
+    ``FlowMapModel`` in fastdiff's flow-map pipeline for that teacher class (any K; each step told the level it maps
+    to); the pipeline's file is copied in (``custom_pipeline`` = its name). Scheduler: VP teachers the
+    trailing DDIMScheduler (``deterministic_scheduler``), flow teachers FlowMatchEuler with shift 1, the pipeline
+    passing the levels ``1 - i/K`` (``flux_scheduler``'s configuration)."""
+    import importlib
+
+    from ..models.flow_map import FlowMapModel
+    from ..models.lora import is_lora
+    from ..models.teacher import load_pipeline, pipeline_index
+
+    index = pipeline_index(teacher.path)
+    if index["_class_name"] not in FLOW_MAP_PIPELINES:
+        raise FastdiffError(f"export of flow-map (meanflow) students of {index['_class_name']} teachers is not "
+                            f"supported yet; supported: {', '.join(FLOW_MAP_PIPELINES)} and pixel VP teachers")
+    if is_lora(model) or getattr(model.config, "time_cond_proj_dim", None):
+        raise FastdiffError("export of flow-map students with LoRA layers or a guidance embedding is not supported")
+    file, name = FLOW_MAP_PIPELINES[index["_class_name"]]
+    info = _student_info({**info, "flow_map": True, "sampler": "ddim"}, teacher, False)
+    flow = teacher.denoiser.schedule.kind == "flow"
+    scheduler = flux_scheduler(teacher.scheduler, info["num_steps"], "ddim") if flow else scheduler_for(teacher, info)
+    cls = getattr(importlib.import_module(f"fastdiff.pipelines.{file[:-3]}"), name)  # a subclass of the teacher's
+    expected, _ = cls._get_signature_keys(cls)
+    absent = [k for k in expected if index.get(k) in (None, [None, None]) and k not in cls._optional_components]
+    info.update(pipeline_class=name, scheduler_class=type(scheduler).__name__, absent_components=absent)
+    base = load_pipeline(teacher.path, index, safety_checker=True, **{teacher.model_folder: teacher.model,
+                                                                      "scheduler": scheduler})
+    network = model if isinstance(model, FlowMapModel) else FlowMapModel.wrap(model)
+    # the teacher's components and settings (requires_safety_checker), its network replaced by the flow-map one
+    pipe = cls(**{**base.components, teacher.model_folder: network},
+               **{k: v for k, v in base.config.items() if k in cls._get_signature_keys(cls)[1]
+                  and k not in base.components})
+
+    def fill(tmp: Path) -> None:
+        _save_pipeline(pipe, tmp, info.get("dtype"), info.get("variant"))
+        # under its own name, not pipeline.py: diffusers imports every local custom pipeline.py as one module, so a
+        # second folder's class would join the first's there (ambiguous in one process)
+        shutil.copy(Path(importlib.import_module("fastdiff.pipelines").__file__).parent / file, tmp / file)
+        _write_card(tmp, {**info, "export": "pipeline"}, out, card)
+    return _write_folder(out, fill, teacher)
+
+
+def load_flow_map_student(folder: str | Path, info: dict):
+    """A text-to-image flow-map export (``FLOW_MAP_PIPELINES``) as a loaded teacher for ``student_generator``
+    (``fastdiff sample``, ``fid``, ``clip-score``): the folder's components in the teacher's pipeline class, the
+    network the in-place flow-map one (``FlowMapModel.base``), the scheduler the export's."""
+    import diffusers
+    import torch
+
+    from ..models.denoiser import Denoiser
+    from ..models.flow_map import FlowMapModel
+    from ..models.schedule import schedule_from_scheduler
+    from ..models.teacher import Teacher, prediction_type_of
+
+    parent = next((k for k, (_, name) in FLOW_MAP_PIPELINES.items() if name == info.get("pipeline_class")), None)
+    if parent is None:
+        raise FastdiffError(f"{folder}: unknown flow-map pipeline {info.get('pipeline_class')!r}")
+    model_folder = "unet" if (Path(folder) / "unet").is_dir() else "transformer"
+    variant = {"variant": info["variant"]} if info.get("variant") else {}
+    network = FlowMapModel.from_pretrained(folder, subfolder=model_folder, **variant).base
+    absent = {k: None for k in info.get("absent_components", [])}
+    pipe = getattr(diffusers, parent).from_pretrained(folder, **{model_folder: network}, **absent, **variant)
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False).eval()
+    scheduler = pipe.scheduler
+    denoiser = Denoiser(network, schedule_from_scheduler(scheduler), prediction_type_of(scheduler))
+    return Teacher(str(folder), network, scheduler, denoiser, model_folder, None, None, pipe)
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:

@@ -74,6 +74,45 @@ def save_grid(images: np.ndarray, path: Path, ncol: int | None = None) -> None:
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
+class RouterSampler:
+    """An MSD router folder (``fastdiff msd``) as ``fastdiff sample`` / ``fid`` see a model: sampled by its own router
+    pipeline, each class label or prompt by its student. Batch b calls the pipeline with
+    ``torch.Generator().manual_seed(seed + b)``, the labels ``start, start + 1, ...`` (mod the classes) or the batch's
+    prompts, as ``sample_model`` feeds a single student."""
+
+    FORMATS = ("fastdiff-msd-v1", "fastdiff-msd-text-v1")
+    latents = None  # the router pipeline decodes its latents itself
+
+    def __init__(self, folder: str, info: dict, device):
+        from fastdiff.pipelines.pipeline_fastdiff_multi_student import (FastdiffMultiStudentPipeline,
+                                                                         FastdiffMultiStudentTextPipeline)
+
+        text = info["format"] == "fastdiff-msd-text-v1"
+        cls = FastdiffMultiStudentTextPipeline if text else FastdiffMultiStudentPipeline
+        self.pipe = cls.from_pretrained(folder).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.conditioning, self.num_classes = ("text", None) if text else ("class", info["num_classes"])
+        self.num_students, self.num_steps = len(self.pipe.students.nets), info["num_steps"]
+        net = self.pipe.students.nets[0].config
+        size = net.sample_size if isinstance(net.sample_size, int) else net.sample_size[0]
+        if text:
+            scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+            self.image_shape = (self.pipe.vae.config.out_channels, size * scale, size * scale)
+        else:
+            self.image_shape = (net.in_channels, size, size)
+
+    def sample(self, num: int, steps: int, seed: int, batch_size: int, prompts: list[str] | None = None):
+        for b, start in enumerate(range(0, num, batch_size)):
+            n = min(batch_size, num - start)
+            call = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed + b),
+                    "output_type": "np"}
+            if self.conditioning == "text":
+                images = self.pipe(prompts[start:start + n], **call).images
+            else:
+                images = self.pipe(class_labels=(torch.arange(n) + start) % self.num_classes, **call).images
+            yield start, (np.asarray(images) * 255).round().astype(np.uint8)
+
+
 def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
     """(sampler, loaded): an exported student's K-step Generator, or a teacher folder's Denoiser (DDIM).
 
@@ -81,12 +120,23 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
     diffusers' ``load_lora_weights``, as a user of the teacher pipeline would."""
     from ..models.embedded import resolve_teacher_path
     from ..errors import FastdiffError
-    from .export import load_lora_student, read_student_info, student_generator
+    from .export import load_flow_map_student, load_lora_student, read_student_info, student_generator
     from ..models.teacher import load_teacher
 
     model_dir = resolve_teacher_path(model_dir)
     info = read_student_info(model_dir)
-    loaded = load_lora_student(model_dir, info) if info and info.get("export") == "lora" else load_teacher(model_dir)
+    if info and info.get("format") in RouterSampler.FORMATS:  # fastdiff msd: sampled by its own router pipeline
+        if guidance_scale is not None:
+            raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; an MSD router's "
+                                "students have their guidance distilled in")
+        router = RouterSampler(model_dir, info, device)
+        return router, router
+    if info and info.get("flow_map") and info.get("pipeline_class"):  # text-to-image flow-map exports: own class
+        loaded = load_flow_map_student(model_dir, info)
+    elif info and info.get("export") == "lora":
+        loaded = load_lora_student(model_dir, info)
+    else:
+        loaded = load_teacher(model_dir)
     (loaded.pipeline if loaded.pipeline is not None else loaded.model).to(device)  # a pipeline moves its network too
     guided = bool(getattr(loaded.model.config, "time_cond_proj_dim", None))
     if info and guidance_scale is not None and not guided:
@@ -115,6 +165,9 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
     batch's prompts, for text-to-image models: image i gets ``prompts[i]``). Latents are decoded by the VAE.
     """
     check_prompts(loaded, prompts)
+    if isinstance(model, RouterSampler):
+        yield from model.sample(num, steps, seed, batch_size, prompts)
+        return
     num_classes, latents = loaded.num_classes, loaded.latents
     text = None
     if prompts:

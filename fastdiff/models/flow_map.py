@@ -9,21 +9,25 @@ step from t to r with the x0 estimate D: a flow-map sampler is the ``ddim`` Gene
 step, the level it steps to, and diffusers' DDIMScheduler reproduces it once the pipeline passes that level.
 
 How r enters (the LCM guidance-embedding pattern of ``models/guidance.py``): ``proj(features(r))`` is added to the
-input of the network's timestep MLP (UNets: ``time_proj`` features into ``time_embedding``; fastdiff's MLP: added
-to its first layer's output), with ``proj`` zero-initialised, so the student starts as the teacher: at every r its
-output is the teacher's, i.e. ``u(z, r, t) = v(z, t)``. r is given in the network's native timestep units (the VP
-table's timestep, ``t * T`` for flow teachers); the data end (sigma = 0) is timestep 0. The embedding is added to
+input of the network's timestep MLP (UNets: ``time_proj`` features into ``time_embedding``; SD3's transformer: its
+``time_text_embed.time_proj`` features into ``time_text_embed.timestep_embedder``, whose output is then added to the
+pooled-text projection; fastdiff's MLP: added to its first layer's output), with ``proj`` zero-initialised, so the
+student starts as the teacher: at every r its output is the teacher's, i.e. ``u(z, r, t) = v(z, t)``. r is given
+in the network's native timestep units (the VP table's timestep, ``t * T`` for flow teachers); the data end
+(sigma = 0) is timestep 0. The embedding is added to
 the student network in place (``add_flow_map_embedding``) so the trainer's optimizer, EMA and checkpoints carry it;
-the export saves the network as :class:`FlowMapModel`, whose forward takes ``r_timestep``.
+the export saves the network as :class:`FlowMapModel`, whose forward takes ``r_timestep`` (pixel students in
+``FastdiffFlowMapPipeline``, SD / SD3 ones in ``FastdiffFlowMapSDPipeline`` / ``FastdiffFlowMapSD3Pipeline``).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import diffusers
 import torch
 from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
+from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
@@ -68,7 +72,9 @@ def flow_map_embedding(model: nn.Module) -> TargetTimeEmbedding | None:
 
 def add_flow_map_embedding(model: nn.Module) -> nn.Module:
     """Give ``model`` a zero-initialised r input, in place (idempotent): UNet2DModel / UNet2DConditionModel get it
-    beside their timestep features, fastdiff's MLPDenoiser after its first layer. Other networks: ValueError."""
+    beside their timestep features, SD3Transformer2DModel beside the timestep features of its ``time_text_embed``
+    (the timestep MLP whose output is added to the pooled-text projection), fastdiff's MLPDenoiser after its first
+    layer. Other networks: ValueError."""
     if flow_map_embedding(model) is not None:
         return model
     device = next(model.parameters(), torch.empty(0)).device
@@ -76,12 +82,17 @@ def add_flow_map_embedding(model: nn.Module) -> nn.Module:
         width = model.time_embedding.linear_1.in_features
         model.flow_map_r = TargetTimeEmbedding(width, width, model.time_proj).to(device)
         model.time_embedding.register_forward_pre_hook(model.flow_map_r.add_to_input)
+    elif isinstance(model, diffusers.SD3Transformer2DModel):  # r beside t, into the time half of time_text_embed
+        embed = model.time_text_embed
+        width = embed.timestep_embedder.linear_1.in_features
+        model.flow_map_r = TargetTimeEmbedding(width, width, embed.time_proj).to(device)
+        embed.timestep_embedder.register_forward_pre_hook(model.flow_map_r.add_to_input)
     elif isinstance(model, MLPDenoiser):
         model.flow_map_r = TargetTimeEmbedding(MLP_FEATURES, model.net[0].out_features, None).to(device)
         model.net[0].register_forward_hook(model.flow_map_r.add_to_output)
     else:
-        raise ValueError(f"a flow-map student needs a UNet2DModel, UNet2DConditionModel or MLPDenoiser to add the "
-                         f"second time to, got {type(model).__name__}")
+        raise ValueError("a flow-map student needs a UNet2DModel, UNet2DConditionModel, SD3Transformer2DModel or "
+                         f"MLPDenoiser to add the second time to, got {type(model).__name__}")
     return model
 
 
@@ -124,12 +135,26 @@ class FlowMapModel(ModelMixin, ConfigMixin):
         wrapped.base.load_state_dict(model.state_dict())
         return wrapped.to(next(model.parameters()).device)
 
-    def forward(self, sample: torch.Tensor, timestep, class_labels=None, r_timestep=None, return_dict: bool = True):
-        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+    @property
+    def config(self) -> FrozenDict:
+        """Its own config with the base network's keys readable beside it: the teacher pipelines' code reads e.g.
+        ``transformer.config.patch_size`` or ``joint_attention_dim`` (only its own keys are saved)."""
+        own = self._internal_dict
+        return FrozenDict({**own.get("base_config", {}), **own})
+
+    def forward(self, sample: torch.Tensor | None = None, timestep=None, class_labels=None, r_timestep=None,
+                return_dict: bool = True, **kwargs):
+        """The base network's forward mapping to ``r_timestep``; its other inputs pass through by name
+        (``encoder_hidden_states``, ``pooled_projections``, ...; transformers' ``hidden_states`` is ``sample``)."""
+        if sample is not None:
+            first = "sample" if "sample" in inspect.signature(self.base.forward).parameters else "hidden_states"
+            kwargs[first] = sample
+        if class_labels is not None:
+            kwargs["class_labels"] = class_labels
         if r_timestep is None:  # fastdiff's samplers set it through target_time
-            return self.base(sample, timestep, return_dict=return_dict, **kwargs)
-        with target_time(self.base, torch.as_tensor(r_timestep, device=sample.device)):
-            return self.base(sample, timestep, return_dict=return_dict, **kwargs)
+            return self.base(timestep=timestep, return_dict=return_dict, **kwargs)
+        with target_time(self.base, torch.as_tensor(r_timestep, device=self.device)):
+            return self.base(timestep=timestep, return_dict=return_dict, **kwargs)
 
 
 class FlowMapGenerator(Generator):
