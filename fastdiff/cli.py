@@ -44,7 +44,8 @@ def cmd_msd(args) -> None:
         raise FastdiffError("fastdiff msd: give --partitions K or --partition-file FILE (one of them)")
     parts = args.partitions if args.partition_file is None else read_partition(args.partition_file)
     cfg = load_config(args.config, args.set or [])
-    out = train_students(cfg, parts, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    out = train_students(cfg, parts, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+                         warmup_steps=args.warmup_steps, warmup_lr=args.warmup_lr)
     print(f"router pipeline of the students exported to {out}")
 
 
@@ -90,12 +91,24 @@ def cmd_tune(args) -> None:
     print(f"tuned student exported to {folder}")
 
 
+def cmd_upscale(args) -> None:
+    from .training.upscale import upscale, upscale_config
+
+    cfg = upscale_config(args.set or [])  # unknown keys and bad values fail before anything loads
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
+    folder = upscale(args.teacher, args.images, str(out), cfg, args.device, show_progress=not args.quiet,
+                     eval_dir=args.eval_images)
+    print(f"one-step x{cfg.factor}-scale-distilled upscaler exported to {folder}")
+
+
 def cmd_sample(args) -> None:
     import torch
 
     from .machine import progress
     from .models.generator import Generator
-    from .inference.sampling import load_sampler, sample_model, save_pngs
+    from .inference.sampling import RouterSampler, load_sampler, sample_model, save_pngs
 
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
         raise FastdiffError("--num, --steps and --batch-size must be positive")
@@ -111,6 +124,8 @@ def cmd_sample(args) -> None:
             save_pngs(images, out, start)
             bar.update(len(images))
     kind = f"{model.num_steps}-step student" if isinstance(model, Generator) else "teacher (DDIM)"
+    if isinstance(model, RouterSampler):
+        kind = f"MSD router of {model.num_students} {model.num_steps}-step students"
     print(f"wrote {args.num} images from the {kind} at {args.steps} step(s) to {out}")
 
 
@@ -343,16 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the estimated memory per process, then exit without training or writing anything")
     d.set_defaults(func=cmd_distill)
 
-    m = sub.add_parser("msd", help="multi-student distillation: one student per part of the classes, one router "
-                       "pipeline", description="Multi-student distillation (Song et al. 2024): distill one student per "
-                       "part of a class-conditional teacher's classes (each a fastdiff distill run with student.classes, "
-                       "in output_dir/student-K), then export them as one FastdiffMultiStudentPipeline in "
-                       "output_dir/router that sends each class label to its student. Rerunning keeps finished students.")
+    m = sub.add_parser("msd", help="multi-student distillation: one student per part of the classes or prompts, one "
+                       "router pipeline", description="Multi-student distillation (Song et al. 2024): distill one "
+                       "student per part of a class-conditional teacher's classes (each a fastdiff distill run with "
+                       "student.classes, in output_dir/student-K), or of a Stable Diffusion teacher's training prompts "
+                       "(clustered by text embedding), then export them as one router pipeline in output_dir/router "
+                       "that sends each class label / prompt to its student. Rerunning keeps finished students.")
     m.add_argument("--config", help=f"YAML file or named config ({', '.join(named_configs())}), shared by the students")
     m.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every student "
                    "(repeatable); student.model gives every student another (e.g. smaller) network")
-    m.add_argument("--partitions", type=int, default=None, help="K students over K contiguous blocks of class labels")
-    m.add_argument("--partition-file", default=None, help="JSON / YAML list of K lists of class labels, e.g. [[0, 3], [1, 2]]")
+    m.add_argument("--partitions", type=int, default=None, help="K students over K contiguous blocks of class labels, "
+                   "or (Stable Diffusion teachers) over K k-means clusters of the data.prompts text embeddings")
+    m.add_argument("--partition-file", default=None, help="JSON / YAML list of K lists of class labels, e.g. "
+                   "[[0, 3], [1, 2]], or of prompts")
+    m.add_argument("--warmup-steps", type=int, default=0, help="first train each student.model (a smaller network) "
+                   "this many updates by teacher score matching (regressing the teacher's output), then distill")
+    m.add_argument("--warmup-lr", type=float, default=1e-4, help="Adam learning rate of the warm-up (default 1e-4)")
     m.add_argument("--resume", action="store_true", help="continue an unfinished student from its latest checkpoint")
     m.add_argument("--overwrite", action="store_true", help="retrain every student, replacing their runs")
     m.add_argument("--assemble", nargs="+", metavar="RUN", default=None, help="train nothing: assemble finished "
@@ -388,8 +409,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     t.set_defaults(func=cmd_tune)
 
+    u = sub.add_parser("upscale", help="scale distillation of a super-resolution teacher (YONOS-SR), one step",
+                       description="YONOS-SR (Noroozi et al. 2024): a StableDiffusionUpscalePipeline teacher at its "
+                       "native magnification s teaches a student at factor x s (stage 1, scale distillation); the "
+                       "student is then run at one step and the VAE decoder fine-tuned on its output (stage 2); "
+                       "exported as a StableDiffusionUpscalePipeline with a one-step DDIM scheduler. Keys: factor, "
+                       "resolution, steps, decoder_steps, batch_size, lr, decoder_lr, noise_level, prompt, "
+                       "weight_decay, grad_clip, seed, num_eval_images, target (teacher: scale distillation; data: "
+                       "the standard loss, the paper's baseline) (training/upscale.py).")
+    u.add_argument("teacher", help="a StableDiffusionUpscalePipeline folder (the x s teacher)")
+    u.add_argument("--images", required=True, help="folder of high-resolution images (metadata.jsonl captions "
+                   "optional; else --set prompt=...)")
+    u.add_argument("--out", required=True, help="folder for the exported one-step upscaler")
+    u.add_argument("--eval-images", default=None, help="held-out HR images for the PSNR measured before and after "
+                   "each stage (default: the first num_eval_images training images)")
+    u.add_argument("--set", action="append", metavar="KEY=VALUE", help="a setting, e.g. --set steps=500 (repeatable)")
+    u.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    u.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    u.set_defaults(func=cmd_upscale)
+
     s = sub.add_parser("sample", help="write PNG samples from a student or a teacher folder")
-    s.add_argument("model_dir", help="an exported student, or a teacher folder (diffusers layout)")
+    s.add_argument("model_dir", help="an exported student, an MSD router (fastdiff msd), or a teacher folder "
+                   "(diffusers layout)")
     s.add_argument("--num", type=int, required=True, help="number of images")
     s.add_argument("--steps", type=int, required=True, help="sampling steps (students: K-step sampler; teachers: DDIM)")
     s.add_argument("--out", required=True, help="folder for the PNG files")
@@ -434,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_ref_stats)
 
     f = sub.add_parser("fid", help="FID and KID of images, or of a model sampled on the fly, against reference statistics")
-    f.add_argument("input", help="a folder of images, an .npz of uint8 images, or a model folder (student or teacher)")
+    f.add_argument("input", help="a folder of images, an .npz of uint8 images, or a model folder (student, MSD "
+                   "router or teacher)")
     f.add_argument("--ref", required=True, help="reference statistics from fastdiff ref-stats")
     _eval_args(f, model_input=True)
     f.add_argument("--resize", default=None, help="resize mode (default: the reference's)")
