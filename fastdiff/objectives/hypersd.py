@@ -41,6 +41,10 @@ Export: one student (LoRA with ``student.lora_rank``) serves 1, 2, 4 and 8 steps
 (DDIMScheduler, trailing, for ``student.sampler: ddim``) reproduces fastdiff's sampler image for image, and a
 TCDScheduler config is saved beside it in ``scheduler_tcd/`` (``inference/export.py`` ``tcd_scheduler``: its K
 timesteps are fastdiff's for every K; step count and eta are call arguments, so one config serves 1, 2, 4 and 8).
+
+Human feedback (Sec. 3.2, ReFL): with ``reward_weight`` > 0 the loss adds ReFL's ``reward_weight * mean relu(
+reward_margin - r)`` on the x0 prediction at a late step of the student's k-step DDIM walk, k the current stage's
+segment count (``reward.py``, which says what of Hyper-SD's reward set is built); 0, the default, draws nothing more.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ from .base import finite_mean
 from .cd import ConsistencyDistillation, consistency_distance
 from .dmd2 import DMD2
 from .registry import register
+from .reward import RewardFeedback
 
 DEFAULT_SEGMENTS = [8, 4, 2, 1]  # Hyper-SD's progressive schedule
 DEFAULT_STAGE_STEPS = 1000  # generator updates per stage when objective.stage_steps is not given (fastdiff's choice)
@@ -94,6 +99,9 @@ class HyperSD(ConsistencyDistillation):
             DDIM parametrisation Hyper-SD's LoRAs are sampled with by DDIM / TCD schedulers).
         dmd_weight: weight of the DMD2 term in the one-step stage (``hyper-sd-dmd`` only; 1 there by default).
         critic_updates, min_t, max_t, fake_loss, sigma_grid: the DMD term's fake-score updates and noise levels (dmd2's).
+        reward: the ReFL reward, ``clip`` or ``module:function`` (``reward.py``); reward_weight: ReFL's ``grad_scale``
+            (0 = off, the default); reward_margin: the hinge's margin (ReFL's 2); reward_path, reward_clip_model,
+            reward_prompt: the clip reward's local weights file, open_clip model (name or JSON config) and prompt.
     """
 
     trains_on = "data"
@@ -108,7 +116,9 @@ class HyperSD(ConsistencyDistillation):
                  solver: str = "ddim", distance: str | None = None, target_ema: float | None = None,
                  guidance_range: list[float] | None = None, sigma_max: float | None = None,
                  timestep_scaling: float | None = None, dmd_weight: float | None = None, critic_updates: int = 1,
-                 min_t: float = 0.02, max_t: float = 0.98, fake_loss: str = "teacher", sigma_grid: str | None = None):
+                 min_t: float = 0.02, max_t: float = 0.98, fake_loss: str = "teacher", sigma_grid: str | None = None,
+                 reward: str | None = None, reward_weight: float | None = None, reward_margin: float | None = None,
+                 reward_path: str | None = None, reward_clip_model: str | None = None, reward_prompt: str | None = None):
         if gan_head is not None:
             raise ValueError("objective.gan does not apply to hyper-sd")
         num_intervals = DEFAULT_INTERVALS if num_intervals is None else num_intervals
@@ -136,6 +146,11 @@ class HyperSD(ConsistencyDistillation):
             self.dmd = DMD2(teacher, fake, min_t, max_t, critic_updates, weighting="dmd", fake_loss=fake_loss,
                             sigma_grid=sigma_grid)
             self.sigma_grid = self.dmd.sigma_grid
+        if (reward_weight or 0) < 0 or ((reward_weight or 0) > 0 and not reward):
+            raise ValueError("objective.reward_weight must be >= 0, and > 0 needs objective.reward (clip or module:function)")
+        self.refl = None  # 0 (the default): no reward is loaded and the loss draws nothing more
+        if (reward_weight or 0) > 0:
+            self.refl = RewardFeedback(reward, reward_weight, reward_margin, reward_path, reward_clip_model, reward_prompt)
 
     def num_segments(self, step: int | None = None) -> int:
         """The segment count of the stage that generator update ``step`` (default: the current one) trains."""
@@ -161,11 +176,15 @@ class HyperSD(ConsistencyDistillation):
         loss = finite_mean(self.loss_at(x_n, sigma, sigma_prev, sigma_edge, cond, scale, student_cond))
         logs = {"loss_tscd": loss.detach(), "segments": torch.tensor(float(k))}
         last = stage_at(self.step, self.segments, self.stage_steps) == len(self.segments) - 1
-        if self.dmd is None or not (last and k == 1):
-            return loss, logs
-        dm, dm_logs = self.dmd.generator_loss(self.one_step_sample(x, cond), cond)
-        total = loss + self.dmd_weight * dm
-        return total, {**logs, **dm_logs, "loss_hyper_sd": total.detach()}
+        if self.dmd is not None and last and k == 1:
+            dm, dm_logs = self.dmd.generator_loss(self.one_step_sample(x, cond), cond)
+            loss = loss + self.dmd_weight * dm
+            logs = {**logs, **dm_logs, "loss_hyper_sd": loss.detach()}
+        if self.refl is not None:  # ReFL on the student's k-step walk, k this stage's segment count
+            refl, refl_logs = self.refl.loss(self.student, x, student_cond, k, self.sigma_max)
+            loss = loss + refl
+            logs = {**logs, **refl_logs}
+        return loss, logs
 
     def loss_at(self, x_n, sigma, sigma_prev, sigma_edge=None, cond=None, scale=None, student_cond=None):
         """Per-sample TSCD loss for x_n at sigma, the teacher stepping to sigma_prev, both mapped to sigma_edge
