@@ -118,6 +118,9 @@ class DataConfig:
     # of an imagefolder data set.
     prompts: typing.Optional[str] = None
     negative_prompt: typing.Optional[str] = None  # the unconditional prompt for CFG; null = the pipeline's default
+    # objective fada (FADA's mixed supervision): [w0, w1], the ground-truth loss weight of an image of quality tier 0
+    # / 1 ("tier" in the imagefolder's metadata.jsonl); null = objective.data_weight for every image.
+    tier_weights: typing.Optional[typing.List[float]] = None
     # Latent teachers: encode the real images with the VAE once, at the start, and draw each step's latents from
     # the stored posteriors (the VAE then leaves the accelerator); false = encode every batch.
     cache_latents: bool = True
@@ -341,6 +344,12 @@ def validate(cfg: Config) -> None:
                             f"positive or null; got {d.teacher_sampler!r}, {d.teacher_steps}, {d.cache_size}")
     if d.buffer_size < 0:
         raise FastdiffError(f"data.buffer_size must be >= 0 (0 = no buffer), got {d.buffer_size}")
+    if d.tier_weights is not None and (len(d.tier_weights) != 2 or min(d.tier_weights) < 0):
+        raise FastdiffError(f"data.tier_weights must be two non-negative numbers [tier 0, tier 1], "
+                            f"got {d.tier_weights}")
+    if d.tier_weights is not None and (cfg.objective.name != "fada" or d.name != "imagefolder" or d.stream):
+        raise FastdiffError("data.tier_weights applies to objective fada on data.name imagefolder (not streamed), "
+                            "whose metadata.jsonl gives each image a \"tier\"")
     if d.stream and d.name not in ("imagefolder", "webdataset"):
         raise FastdiffError(f"data.stream applies to imagefolder (webdataset always streams), not {d.name}")
     if (d.name == "pairs") != (cfg.objective.name == "reflow"):

@@ -161,8 +161,9 @@ CASES = {
 # Objectives that make no few-step student, so this unconditional one-step family cannot measure them: each is
 # measured by its own test instead. agd distils CFG of a conditional teacher into one pass per sampling step (it
 # needs a class-conditional teacher and a guidance-embedded network); tests/test_agd.py measures its single-pass
-# error to CFG falling with training.
-NOT_STUDENTS = {"agd": "tests/test_agd.py::test_training_cuts_the_single_pass_error_to_cfg"}
+# error to CFG falling with training. fada does the same for a two-condition teacher's nested CFG (class + text).
+NOT_STUDENTS = {"agd": "tests/test_agd.py::test_training_cuts_the_single_pass_error_to_cfg",
+                "fada": "tests/test_fada.py::test_training_cuts_the_single_pass_error_to_two_scale_cfg"}
 
 
 def test_every_objective_has_a_case():

@@ -83,11 +83,14 @@ def as_model_range(x: torch.Tensor) -> torch.Tensor:
 
 class RealImages:
     """Random batches of real images with their labels or captions, drawn with a dedicated torch.Generator
-    (checkpointable). Images are float in [-1, 1] (or uint8, converted per batch)."""
+    (checkpointable). Images are float in [-1, 1] (or uint8, converted per batch). ``weights``: optional per-image
+    loss weights (FADA's quality tiers, :func:`tier_sample_weights`), drawn with the images by :meth:`weighted_batch`."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0,
-                 captions: list[str] | None = None):
-        self.images, self.labels, self.captions = images, labels, captions
+                 captions: list[str] | None = None, weights: torch.Tensor | None = None):
+        if weights is not None and len(weights) != len(images):
+            raise FastdiffError(f"{len(weights)} sample weights for {len(images)} images")
+        self.images, self.labels, self.captions, self.weights = images, labels, captions, weights
         self.rng = torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -118,11 +121,60 @@ class RealImages:
 
     def batch(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
         """(images, labels or None, captions or None)."""
+        return self._draw(n, device)[:3]
+
+    def weighted_batch(self, n: int, device):
+        """(images, labels or None, captions or None, per-sample weights or None): the same draw as :meth:`batch`."""
+        return (*self.batch(n, device), None) if self.weights is None else self._draw(n, device)
+
+    def _draw(self, n: int, device):
         idx = torch.randint(len(self.images), (n,), generator=self.rng)
         x = as_model_range(self.images[idx].to(device))
         labels = self.labels[idx].to(device) if self.labels is not None else None
         captions = [self.captions[i] for i in idx.tolist()] if self.captions is not None else None
-        return x, labels, captions
+        weights = self.weights[idx].to(device) if self.weights is not None else None
+        return x, labels, captions, weights
+
+
+def tier_sample_weights(tiers, tier_weights: list[float]) -> torch.Tensor:
+    """FADA's mixed supervision (Zhong et al. 2025): each image's ground-truth loss weight, ``tier_weights[k]`` for
+    an image of quality tier k (0 = the best data, e.g. what the teacher was trained on; 1 = the broader, moderate
+    set). float32 (N,)."""
+    tiers = torch.as_tensor(tiers).long().reshape(-1)
+    if not tier_weights or any(w < 0 for w in tier_weights):
+        raise FastdiffError(f"tier weights must be a non-empty list of non-negative numbers, got {tier_weights}")
+    if len(tiers) and (int(tiers.min()) < 0 or int(tiers.max()) >= len(tier_weights)):
+        raise FastdiffError(f"quality tiers must lie in 0..{len(tier_weights) - 1} (one weight each), found "
+                            f"{int(tiers.min())}..{int(tiers.max())}")
+    return torch.tensor(tier_weights, dtype=torch.float32)[tiers]
+
+
+def read_tiers(path: str) -> torch.Tensor | None:
+    """The ``"tier"`` of each line of an image folder's metadata.jsonl (the order :func:`list_image_folder` gives
+    the images), or None when the folder has no metadata or no line names a tier; every line must then name one."""
+    return read_metadata_ints(path, "tier")
+
+
+def read_labels(path: str) -> torch.Tensor | None:
+    """The class ``"label"`` of each image of a folder's metadata.jsonl, as :func:`read_tiers` reads tiers."""
+    return read_metadata_ints(path, "label")
+
+
+def read_metadata_ints(path: str, key: str) -> torch.Tensor | None:
+    import json
+
+    meta = Path(path) / "metadata.jsonl"
+    if not meta.is_file():
+        return None
+    with open(meta, encoding="utf-8") as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    if not any(key in row for row in rows):
+        return None
+    missing = [row.get("file_name") for row in rows if key not in row]
+    if missing:
+        raise FastdiffError(f"{meta}: {len(missing)} lines without a \"{key}\" (e.g. {missing[0]}); give every "
+                            "image one")
+    return torch.tensor([int(row[key]) for row in rows], dtype=torch.long)
 
 
 def _all_gather_chunks(piece: torch.Tensor | None, chunk: int, world: int, device) -> list[torch.Tensor]:
@@ -201,6 +253,12 @@ def decode_image(source, size: int, channels: int, name=None) -> np.ndarray:
 ANALYTIC_SAMPLES = 50_000
 
 
+def takes_text(teacher) -> bool:
+    """Whether the teacher reads text: a text-to-image one, or a class-conditional one with a text encoder as well
+    (FADA's two conditions)."""
+    return teacher.conditioning == "text" or getattr(teacher.pipeline, "text_encoder", None) is not None
+
+
 def real_images_for(data_cfg, teacher, seed: int) -> RealImages:
     """Load the configured data set and check it against the teacher's sample shape.
 
@@ -227,14 +285,22 @@ def real_images_for(data_cfg, teacher, seed: int) -> RealImages:
 
         return streaming_images_for(data_cfg, teacher, seed, height)
     if data_cfg.name == "imagefolder":
-        if teacher.num_classes:
+        labels = read_labels(data_cfg.path) if teacher.num_classes else None
+        if teacher.num_classes and labels is None:
             raise FastdiffError("data.name imagefolder has no class labels; a class-conditional teacher needs "
-                                "labelled data (fashion-mnist)")
+                                "labelled data (fashion-mnist, or a \"label\" per image in metadata.jsonl)")
         images, captions = load_image_folder(data_cfg.path, height, channels)
         if teacher.conditioning == "text" and captions is None:
             raise FastdiffError(f"data.path {data_cfg.path}: a text-to-image teacher needs captions "
                                 "(metadata.jsonl with file_name and text)")
-        return RealImages(images, None, seed, captions if teacher.conditioning == "text" else None)
+        weights = None
+        if getattr(data_cfg, "tier_weights", None) is not None:
+            tiers = read_tiers(data_cfg.path)
+            if tiers is None:
+                raise FastdiffError(f"data.tier_weights: {data_cfg.path} has no quality tiers (a \"tier\" per image in "
+                                    "metadata.jsonl)")
+            weights = tier_sample_weights(tiers, data_cfg.tier_weights)
+        return RealImages(images, labels, seed, captions if takes_text(teacher) else None, weights)
     if data_cfg.name != "fashion-mnist":
         raise FastdiffError(f"data.name {data_cfg.name!r} is not supported; use fashion-mnist, imagefolder, "
                             "webdataset, analytic or teacher")

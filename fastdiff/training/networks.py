@@ -111,6 +111,11 @@ def methods_used(cfg: Config, teacher: Teacher, objective, student_model: torch.
 def student_model_for(cfg: Config, teacher: Teacher) -> torch.nn.Module:
     """The student's network: a full copy of the teacher, a LoRA on it, or the model in ``student.model``; without
     the blocks in ``student.skip_layers``, or budget-conditioned (``student.layer_budget``; models/layer_skip.py)."""
+    if cfg.objective.name == "fada":  # the teacher with both guidance scales embedded, zero projection: the
+        # objective attaches its adapters (objectives.fada); setup.check_objective_settings refuses other students
+        from ..objectives.fada import fada_student
+
+        return fada_student(teacher.denoiser).model.float().requires_grad_(True).train()
     if cfg.student.model:
         model = load_model(cfg.student.model).requires_grad_(True).train()
     elif cfg.student.lora_rank:  # blocks dropped from the LoRA's own module tree: the teacher keeps all of its

@@ -25,10 +25,13 @@ def sample_grid(run) -> None:
     z = torch.randn((n, *run.teacher.sample_shape), generator=rng).to(run.accelerator.device)
     cond = class_labels_for(n, run.teacher.num_classes, run.accelerator.device)
     if run.text is not None:
-        cond = run.text(run.sample_prompts())
+        cond = {**(cond or {}), **run.text(run.sample_prompts())}  # fada: class labels and prompts
     gen = run.export_generator()
     g_range = run.cfg.objective.guidance_range
-    cond = guided_cond(gen.denoiser.model, cond, sum(g_range) / 2 if g_range else None)
+    if run.cfg.objective.name == "fada":  # both scales at the middle of their ranges
+        cond = run.objective.student_condition(cond, n)
+    else:
+        cond = guided_cond(gen.denoiser.model, cond, sum(g_range) / 2 if g_range else None)
     with torch.no_grad(), run.accelerator.autocast():
         x0 = gen(z, cond, rng=rng)
         latents = run.teacher.latents
@@ -51,12 +54,40 @@ def export_run(run, out: Path | None = None, **options) -> Path | None:
     if not run.accelerator.is_main_process:
         return None
     model = run.student_weights()
+    if run.cfg.objective.name == "fada":
+        return export_fada(run, model, out or run.out / "student")
     if not is_lora(model):  # a LoRA student's export reads its adapters and merges into a fresh model
         model = copy.deepcopy(model).cpu().eval()
     info = {**export_info(run.cfg, run.step, run.ema is not None, run.teacher), "methods": run.methods_used()}
     grids = sorted(p for p in (run.out / "samples").glob("step-*.png") if p.stem <= f"step-{run.step:08d}")
     return export_student(model, run.teacher, info, out or run.out / "student", sample_grid=grids[-1] if grids else None,
                           **options)
+
+
+def export_fada(run, model, out: Path) -> Path:
+    """A fada student: :class:`FastdiffMultiGuidancePipeline` (adapters merged, one pass a step told both scales)
+    with the DDIM scheduler of fastdiff's ``ddim`` sampler on the teacher's whole table (FADA removes CFG's passes,
+    not steps: any number of steps), plus fastdiff.json; written to a sibling folder, then moved."""
+    import json
+    import shutil
+
+    from ..inference.export import deterministic_scheduler
+    from ..objectives.fada import export_multi_guidance
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    o = run.cfg.objective
+    # the merge reads the weights into a fresh CPU model: the trained one is left as it is
+    scheduler = deterministic_scheduler(run.teacher.scheduler, run.teacher.denoiser.prediction_type)
+    export_multi_guidance(model, scheduler, tmp, o.guidance_order or "class_first")
+    info = {"objective": "fada", "train_step": run.step, "guidance_order": o.guidance_order or "class_first",
+            "class_guidance_range": o.class_guidance_range, "text_guidance_range": o.text_guidance_range,
+            "null_class": run.teacher.null_class, "methods": run.methods_used()}
+    (tmp / "fastdiff.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def export_info(cfg: Config, step: int, ema: bool, teacher: Teacher) -> dict:

@@ -135,8 +135,9 @@ class Run:
 
     # --- inputs ---------------------------------------------------------------------------------
     def _training_prompts(self) -> PromptSampler | None:
-        """Text-to-image teachers: prompts from data.prompts, else the captions of the image data."""
-        if self.teacher.conditioning != "text":
+        """Text-to-image teachers (and fada's class + text ones): prompts from data.prompts, else the captions of
+        the image data."""
+        if self.teacher.conditioning != "text" and self.cfg.objective.name != "fada":
             if self.cfg.data.prompts:
                 raise FastdiffError(f"data.prompts is for text-to-image teachers; {self.cfg.teacher.path} is "
                                     f"{self.teacher.conditioning}-conditioned")
@@ -203,17 +204,24 @@ class Run:
         """A batch of real data as the teacher sees it (latents for latent teachers) and its condition."""
         if self.real is None:
             return None
+        weights = None  # per-image loss weights (data.tier_weights): the draw is batch()'s either way
         if not isinstance(self.real, RealImages):  # the teacher's samples: already in its (latent) sample space
             x, labels, captions = self.real.batch(n, self.accelerator.device, self.text)
             latents = None
         else:
-            x, labels, captions = self.real.batch(n, self.accelerator.device)
+            x, labels, captions, weights = self.real.weighted_batch(n, self.accelerator.device)
             latents = self.teacher.latents
         if latents is not None:  # the same draws of the data RNG whether the posteriors are cached or not
             x = latents.sample(x, self.real.rng) if self.cfg.data.cache_latents else latents.encode(x, self.real.rng)
         if self.teacher.num_classes:
-            return x, {"class_labels": labels}
-        return x, (self.text(captions) if self.text is not None else None)
+            cond = {"class_labels": labels}
+            if self.text is not None:  # fada's second condition: the images' captions, else training prompts
+                cond.update(self.text(captions if captions is not None else self.prompts.batch(n)))
+        else:
+            cond = self.text(captions) if self.text is not None else None
+        if weights is not None:
+            cond = {**(cond or {}), "sample_weight": weights}
+        return x, cond
 
 
     def _generators(self) -> dict:

@@ -14,6 +14,7 @@ from ..models.generator import Generator
 from ..models.teacher import Teacher
 from ..objectives import build, entry, objective_class, teacher_options
 from ..objectives.gan import GANHead
+from .data import takes_text
 
 
 def student_like(teacher: Teacher, model: torch.nn.Module) -> Denoiser:
@@ -73,6 +74,13 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
         raise FastdiffError("objective.backtrack (DisBack) does not run with train.sharding fsdp yet")
     if uses_gan(cfg) and not objective_class(o.name).uses_fake_score:
         raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
+    if o.name == "fada" and not (teacher.num_classes and takes_text(teacher)):
+        raise FastdiffError(f"objective fada needs a teacher with two conditions, class labels (num_class_embeds) and "
+                            f"a text encoder; {cfg.teacher.path} is {teacher.conditioning}-conditioned")
+    if o.name == "fada" and (cfg.student.lora_rank or cfg.student.model or cfg.student.skip_layers
+                             or cfg.student.layer_budget):
+        raise FastdiffError("objective fada trains its own adapters on a copy of the teacher: leave student.lora_rank, "
+                            "student.model, student.skip_layers and student.layer_budget unset")
     if cfg.student.lora_rank and (cfg.student.model or o.guidance_range is not None):
         raise FastdiffError("student.lora_rank adapts the teacher's own weights: it cannot be combined with "
                             "student.model or objective.guidance_range")
@@ -95,7 +103,10 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
         if objective_class(cfg.objective.name).samples_student:
             # tdm runs the student's K-step sampler itself: the same levels and re-noising as the run's generator
             student = Generator(student, cfg.student.num_steps, sigma_init(cfg, teacher), cfg.student.sampler)
-        return build(cfg.objective.name, teacher.denoiser, fake, gan_head=gan_head, student=student, **options)
+        objective = build(cfg.objective.name, teacher.denoiser, fake, gan_head=gan_head, student=student, **options)
+        if getattr(objective, "refl", None) is not None:  # ReFL scores decoded images: hand down the VAE (or None)
+            objective.refl.latents = teacher.latents
+        return objective
     except ValueError as exc:
         raise FastdiffError(str(exc)) from exc
 
