@@ -13,7 +13,8 @@ from fastdiff.cli import main
 from fastdiff.errors import FastdiffError
 from fastdiff.evaluation.images import open_source
 from fastdiff.pipelines.pipeline_fastdiff_multi_student import FastdiffMultiStudentTextPipeline, PromptRoutedStudents
-from fastdiff.training.msd import check_prompt_partition, cluster_prompts, kmeans, teacher_score_matching
+from fastdiff.training.msd_text import check_prompt_partition, cluster_prompts, kmeans
+from fastdiff.training.msd_warmup import teacher_score_matching
 
 PROMPTS = ["a red shoe on a table", "a blue shoe on a table", "a red bag", "a green shirt", "zzzz qqqq", "xxxx zzzz",
            "a tiny red shoe", "qqqq xxxx zz"]
@@ -73,7 +74,7 @@ def _text_router(pipe, tmp_path, parts):
     saved and reloaded; and each student as its own StableDiffusionPipeline folder, reloaded."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from fastdiff.training.msd import text_features
+    from fastdiff.training.msd_text import text_features
 
     unets = [pipe.unet, _student_unet(pipe, 3)]
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -282,7 +283,7 @@ def test_msd_warm_up_stage_end_to_end(tiny_cond_teacher, tmp_path):
     and a rerun keeps both the warm-ups and the finished students."""
     from diffusers import UNet2DModel
 
-    from fastdiff.training.msd import warm_up
+    from fastdiff.training.msd_warmup import warm_up
     from fastdiff.config import Config, _apply, _yaml
 
     torch.manual_seed(6)

@@ -16,29 +16,11 @@ objectives). The one-step sampler of MSD is then x = G_{F(c)}(z, c): ``FastdiffM
 
 The partition: K contiguous blocks of labels (``contiguous_partition``, fastdiff's default, not checked against the
 paper's own split of ImageNet) or any split given as a file of K lists. Text-to-image (Stable Diffusion) teachers:
-the training prompts (``data.prompts``) are clustered, ``cluster_prompts``: k-means (k-means++ start from a seeded
-generator, Lloyd iterations in float64 until no centroid moves) on each prompt's mean text embedding
-(``prompt_features``: the prompt embedding the UNet reads, averaged over its tokens); student k trains on cluster k's
-prompts (its own ``data.prompts`` file), and the router sends a new prompt to the student of the nearest centroid,
-the centroid being the mean feature of the student's prompts (the k-means fixed point). A file of K lists of prompts
-gives the split by hand.
+the training prompts are clustered and routed by their text embeddings (``training.msd_text``).
 
-Smaller students (the paper's second use) take ``student.model`` (a diffusers model folder of another architecture).
-The paper trains them in three stages, "a Teacher Score Matching pretraining, to provide stable initialization", then
-distribution matching, then the adversarial stage. ``--warmup-steps N`` runs the first stage
-(``teacher_score_matching``): the student network, as a denoiser in the teacher's parametrisation, regresses the
-teacher's output at the same noisy input,
-
-    L_TSM = E_{c, x0, t, eps} [ w(sigma_t) || D_student(x0 + sigma_t eps, sigma_t, c) - D_teacher(x0 + sigma_t eps, sigma_t, c) ||^2 ],
-
-with w the teacher's own loss weight (``Denoiser.loss_weight``: the squared error of the network's native output,
-eps or v), i.e. the student's score matched to the teacher's, since s(x) = (D(x) - x) / sigma^2 and D is affine in
-the native output. t is uniform over the teacher's training timesteps, c over the student's classes / prompts;
-the teacher is the conditional one without guidance.
-Deviation: the paper noises real data; here x0 is the teacher's own deterministic DDIM sample
-(``WARMUP_TEACHER_STEPS`` steps) from seeded noise, so the warm-up is data-free like the distribution matching
-after it (text runs have prompts, not images). The warmed network is saved as a diffusers folder beside the runs
-and becomes the student's ``student.model``.
+Smaller students (the paper's second use) take ``student.model`` (a diffusers model folder of another architecture);
+``--warmup-steps N`` first trains each by the paper's teacher score matching (``training.msd_warmup``), and the
+warmed network becomes the student's ``student.model``.
 """
 from __future__ import annotations
 
@@ -55,7 +37,6 @@ from ..config import Config, _apply, _yaml, validate
 from ..errors import FastdiffError
 
 PARTITION_FILE = "partition.json"  # beside the students' runs: the classes (or prompts) of each
-WARMUP_TEACHER_STEPS = 8  # DDIM steps of the teacher samples the warm-up noises
 
 
 def contiguous_partition(num_classes: int, k: int) -> list[list[int]]:
@@ -77,70 +58,6 @@ def read_partition(path: str) -> list[list]:
         raise FastdiffError(f"--partition-file {path}: expected a list of lists of class labels, e.g. [[0, 1], [2]], "
                             "or of prompts")
     return data
-
-
-def check_prompt_partition(parts: list[list]) -> None:
-    """K non-empty lists of prompts (strings), no prompt in two of them."""
-    seen: dict[str, int] = {}
-    for k, part in enumerate(parts):
-        if not part:
-            raise FastdiffError(f"partition: student {k} has no prompts")
-        for p in part:
-            if not isinstance(p, str) or not p.strip():
-                raise FastdiffError(f"partition: student {k}'s entry {p!r} is not a prompt (a text teacher's "
-                                    "partition lists prompts)")
-            if seen.setdefault(p, k) != k:
-                raise FastdiffError(f"partition: prompt {p!r} is in the parts of students {seen[p]} and {k}")
-
-
-def kmeans(features: torch.Tensor, k: int, seed: int, max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
-    """(assignment (N,), centroids (k, D)) of k-means on the rows of ``features`` in float64: k-means++ seeding from
-    ``torch.Generator().manual_seed(seed)``, then Lloyd iterations until the centroids stop moving (then every row is
-    assigned to its nearest centroid and every centroid is its cluster's mean). A cluster left empty takes the row
-    farthest from its centroid. Deterministic: the same rows and seed give the same result."""
-    from fastdiff.pipelines.pipeline_fastdiff_multi_student import nearest_centroid
-
-    x = features.double()
-    gen = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randint(len(x), (1,), generator=gen)]
-    for _ in range(1, k):
-        d2 = ((x[:, None] - centroids[None]) ** 2).sum(-1).min(dim=1).values
-        if not d2.sum() > 0:
-            raise FastdiffError(f"--partitions {k}: the prompts have only {len(centroids)} distinct text embeddings")
-        centroids = torch.cat([centroids, x[torch.multinomial(d2 / d2.sum(), 1, generator=gen)]])
-    for _ in range(max_iter):
-        assign = nearest_centroid(x, centroids)
-        moved = centroids.clone()
-        for j in range(k):
-            members = x[assign == j]
-            if len(members):
-                moved[j] = members.mean(dim=0)
-            else:  # the row farthest from its own centroid starts this cluster again
-                far = ((x - centroids[assign]) ** 2).sum(-1).argmax()
-                moved[j], assign[far] = x[far], j
-        if torch.equal(moved, centroids):
-            break
-        centroids = moved
-    return nearest_centroid(x, centroids), centroids
-
-
-def text_features(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """``prompt_features`` (the router's routing feature) of many prompts, in batches."""
-    from fastdiff.pipelines.pipeline_fastdiff_multi_student import prompt_features
-
-    with torch.no_grad():
-        return torch.cat([prompt_features(pipe, prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
-
-
-def cluster_prompts(pipe, prompts: list[str], k: int, seed: int) -> list[list[str]]:
-    """The training prompts in k clusters of their mean text embeddings (k-means, ``kmeans``); each prompt (every
-    occurrence of it, in file order) in the part of its cluster, the parts in cluster order."""
-    distinct = list(dict.fromkeys(prompts))
-    if not 1 <= k <= len(distinct):
-        raise FastdiffError(f"--partitions must be between 1 and the {len(distinct)} distinct prompts, got {k}")
-    assign, _ = kmeans(text_features(pipe, distinct), k, seed)
-    cluster = dict(zip(distinct, assign.tolist()))
-    return [[p for p in prompts if cluster[p] == j] for j in range(k)]
 
 
 def check_partition(parts: list[list[int]], num_classes: int) -> None:
@@ -221,6 +138,7 @@ def _partition(cfg: Config, parts: list[list] | int) -> list[list]:
     from ..models.embedded import resolve_teacher_path
     from ..models.teacher import load_teacher
     from ..models.text import pipeline_family, read_prompts
+    from .msd_text import check_prompt_partition, cluster_prompts
 
     if cfg.student.classes is not None:
         raise FastdiffError("fastdiff msd sets student.classes per student from the partition; leave it null")
@@ -251,6 +169,7 @@ def train_students(cfg: Config, parts: list[list] | int, overwrite: bool = False
     continues from its latest checkpoint. ``warmup_steps``: first train each (smaller, ``student.model``) student by
     teacher score matching (``warm_up``), kept in ``output_dir/student-K-warmup``."""
     from .loop import Trainer
+    from .msd_warmup import warm_up
 
     if warmup_steps < 0 or (warmup_steps and not cfg.student.model):
         raise FastdiffError("--warmup-steps warms up a student of another (smaller) architecture: give student.model "
@@ -298,102 +217,6 @@ def _finished(run: Path, child: Config) -> bool:
         read_prompts(done.data.prompts) == read_prompts(child.data.prompts)
 
 
-# --- the smaller student's first stage: teacher score matching ----------------------------------------------------
-def warm_up(cfg: Config, steps: int, lr: float, out: Path, overwrite: bool = False, log=print) -> Path:
-    """``student.model`` after ``steps`` updates of ``teacher_score_matching`` on the student's classes / prompts,
-    saved as a diffusers model folder in ``out`` (atomically, with warmup.json: settings and errors). A folder made
-    with the same settings is kept: the warm-up is deterministic, so a rerun would remake it bit for bit."""
-    from ..models.embedded import resolve_teacher_path
-    from ..models.teacher import load_model, load_teacher
-    from ..models.text import read_prompts
-    from .networks import check_student
-
-    prompts = read_prompts(cfg.data.prompts, "data.prompts") if cfg.data.prompts else None
-    settings = {"steps": steps, "lr": lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
-                "model": str(Path(cfg.student.model).resolve()), "teacher": cfg.teacher.path,
-                "classes": cfg.student.classes, "prompts": prompts}
-    record = out / "warmup.json"
-    if not overwrite and record.is_file() and json.loads(record.read_text())["settings"] == settings:
-        log(f"warm-up: kept {out}")
-        return out
-    teacher = load_teacher(resolve_teacher_path(cfg.teacher.path))
-    model = load_model(cfg.student.model).requires_grad_(True)
-    check_student(model, teacher)
-    log(f"warm-up: {steps} teacher-score-matching updates of {cfg.student.model} -> {out}")
-    result = teacher_score_matching(teacher, model, steps, lr, cfg.train.batch_size, cfg.train.seed,
-                                    cfg.student.classes, prompts)
-    log(f"warm-up: regression error {result['error_before']:.4g} -> {result['error_after']:.4g}")
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "warmup.json").write_text(json.dumps({"settings": settings, **result}, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-def teacher_score_matching(teacher, model: torch.nn.Module, steps: int, lr: float, batch_size: int, seed: int,
-                           classes: list[int] | None = None, prompts: list[str] | None = None,
-                           eval_batches: int = 4, teacher_steps: int = WARMUP_TEACHER_STEPS) -> dict:
-    """Train ``model`` (in place, Adam at ``lr``) to regress the teacher's output (the module docstring's L_TSM).
-    Returns the loss of each update and the regression error on ``eval_batches`` held-out batches (their own seed)
-    before and after. Every draw comes from generators seeded by ``seed``: the same call gives the same weights.
-    ``teacher_steps``: the DDIM steps of the teacher samples that are noised."""
-    from ..inference.sampling import ddim_sample
-    from ..models.denoiser import Denoiser
-
-    device = next(model.parameters()).device
-    real = teacher.denoiser
-    student = Denoiser(model, real.schedule, real.prediction_type, teacher.null_class)
-    encode = None
-    if prompts is not None:
-        from ..models.text import PromptEncoder
-
-        encode = PromptEncoder(teacher.pipeline, device=device)
-
-    def batch(gen: torch.Generator):
-        """(noisy x, sigma, condition, the teacher's x0 estimate, loss weight) of one batch, drawn from ``gen``."""
-        cond = None
-        if encode is not None:
-            cond = encode([prompts[i] for i in torch.randint(len(prompts), (batch_size,), generator=gen).tolist()])
-        elif teacher.num_classes:
-            allowed = torch.as_tensor(classes if classes is not None else range(teacher.num_classes))
-            cond = {"class_labels": allowed[torch.randint(len(allowed), (batch_size,), generator=gen)].to(device)}
-        z = torch.randn((batch_size, *teacher.sample_shape), generator=gen).to(device)
-        t = torch.randint(1, real.schedule.num_train_timesteps, (batch_size,), generator=gen)
-        sigma = real.schedule.sigma_at(t).to(device)
-        with torch.no_grad():
-            x0 = ddim_sample(real, z, teacher_steps, cond)
-            x = x0 + sigma.view(-1, *[1] * (x0.dim() - 1)) * torch.randn(x0.shape, generator=gen).to(device)
-            target = real(x, sigma, cond)
-        return x, sigma, cond, target, real.loss_weight(sigma)
-
-    def loss(x, sigma, cond, target, weight) -> torch.Tensor:
-        per_sample = ((student(x, sigma, cond) - target) ** 2).flatten(1).mean(1)
-        return (weight * per_sample).mean()
-
-    held_out = [batch(torch.Generator().manual_seed(seed + 1_000_003 + i)) for i in range(eval_batches)]
-
-    def error() -> float:
-        with torch.no_grad():
-            return sum(float(loss(*b)) for b in held_out) / len(held_out)
-
-    before = error()
-    gen = torch.Generator().manual_seed(seed + 7)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        value = loss(*batch(gen))
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        losses.append(float(value.detach()))
-    model.eval()
-    return {"error_before": before, "error_after": error(), "losses": losses}
-
-
 def assemble_router(runs: list[str | Path], out: str | Path) -> Path:
     """One ``FastdiffMultiStudentPipeline`` folder from K finished student runs (each ``fastdiff distill`` with its
     ``student.classes``; their ``student/`` exports): the students' networks in one ``MultiStudentUNet``, the shared
@@ -407,6 +230,8 @@ def assemble_router(runs: list[str | Path], out: str | Path) -> Path:
             raise FastdiffError(f"{run} is not a finished fastdiff run (no config.yaml or student/fastdiff.json)")
         found.append(json.loads((run / "student" / "fastdiff.json").read_text()))
     if not all(info.get("num_classes") for info in found):
+        from .msd_text import assemble_text_router
+
         return assemble_text_router(runs, out)
     parts, pipes, infos = [], [], []
     for run in runs:
@@ -422,7 +247,7 @@ def assemble_router(runs: list[str | Path], out: str | Path) -> Path:
         infos.append(info)
     num_classes = infos[0]["num_classes"]
     check_partition(parts, num_classes)
-    teachers = {_teacher_from(run / "student", info, Path(out)) for run, info in zip(runs, infos)}
+    teachers = {teacher_from(run / "student", info, Path(out)) for run, info in zip(runs, infos)}
     if len(teachers) > 1:
         raise FastdiffError(f"the students were distilled from different teachers ({', '.join(sorted(teachers))})")
     for run, info, pipe in zip(runs, infos, pipes):
@@ -449,69 +274,10 @@ def assemble_router(runs: list[str | Path], out: str | Path) -> Path:
             "students": [{"classes": part, "run": os.path.relpath(run.resolve(), Path(out).resolve()),
                           "parameters": sum(p.numel() for p in pipe.unet.parameters())}
                          for part, run, pipe in zip(parts, runs, pipes)]}
-    return _write(router, info, Path(out))
+    return write_router(router, info, Path(out), _card(info))
 
 
-def assemble_text_router(runs: list[Path], out: str | Path) -> Path:
-    """One ``FastdiffMultiStudentTextPipeline`` folder from K finished runs of a Stable Diffusion teacher, each trained
-    on its own prompts (``data.prompts``): the students' UNets in one ``PromptRoutedStudents`` whose centroids are the
-    mean routing features of each student's prompts, the shared VAE / text encoder / tokenizer / scheduler, and
-    fastdiff.json, partition.json (the prompts of each student) and README.md."""
-    from diffusers import StableDiffusionPipeline
-
-    from fastdiff.pipelines.pipeline_fastdiff_multi_student import (FastdiffMultiStudentTextPipeline,
-                                                                     PromptRoutedStudents)
-    from ..models.text import read_prompts
-
-    parts, pipes, infos = [], [], []
-    for run in runs:
-        export = run / "student"
-        info = json.loads((export / "fastdiff.json").read_text())
-        if info.get("export") == "lora":  # LoRA students exported both ways carry the fused pipeline in fused/
-            export = export / "fused"
-        if info.get("pipeline_class") != "StableDiffusionPipeline" or not (export / "model_index.json").is_file() \
-                or info.get("guidance_embedded") or info.get("flow_map"):
-            raise FastdiffError(f"{run}: the router takes class-conditional students or full StableDiffusionPipeline "
-                                "students (not guidance-embedded, flow-map or LoRA-only ones)")
-        cfg = Config()
-        _apply(cfg, _yaml((run / "config.yaml").read_text()))
-        if not cfg.data.prompts or not Path(cfg.data.prompts).is_file():
-            raise FastdiffError(f"{run}: its training prompts (data.prompts {cfg.data.prompts}) are not there; the "
-                                "router's centroids are the mean features of each student's prompts")
-        parts.append(read_prompts(cfg.data.prompts, "data.prompts"))
-        pipes.append(StableDiffusionPipeline.from_pretrained(export, safety_checker=None, requires_safety_checker=False))
-        infos.append(info)
-    check_prompt_partition(parts)
-    teachers = {_teacher_from(run / "student", info, Path(out)) for run, info in zip(runs, infos)}
-    if len(teachers) > 1:
-        raise FastdiffError(f"the students were distilled from different teachers ({', '.join(sorted(teachers))})")
-    first = pipes[0]
-    for run, info, pipe in zip(runs, infos, pipes):
-        if info["num_steps"] != infos[0]["num_steps"] or dict(pipe.scheduler.config) != dict(first.scheduler.config):
-            raise FastdiffError(f"{run}: its steps or scheduler differ from {runs[0]}'s; one router samples every "
-                                "student with one scheduler")
-        for name in ("text_encoder", "vae"):
-            a, b = getattr(pipe, name).state_dict(), getattr(first, name).state_dict()
-            if a.keys() != b.keys() or any(not torch.equal(a[n], b[n]) for n in a):
-                raise FastdiffError(f"{run}: its {name} differs from {runs[0]}'s (the router shares one)")
-    configs = [{"_class_name": type(p.unet).__name__, **{k: v for k, v in p.unet.config.items()
-                                                          if not k.startswith("_")}} for p in pipes]
-    centroids = torch.stack([text_features(first, list(dict.fromkeys(part))).mean(dim=0) for part in parts])
-    model = PromptRoutedStudents(students=configs, feature_dim=centroids.shape[1])
-    for net, pipe in zip(model.nets, pipes):
-        net.load_state_dict(pipe.unet.state_dict())
-    model.centroids.copy_(centroids)
-    router = FastdiffMultiStudentTextPipeline(students=model.eval(), vae=first.vae, text_encoder=first.text_encoder,
-                                              tokenizer=first.tokenizer, scheduler=first.scheduler)
-    info = {"format": "fastdiff-msd-text-v1", "routing": "nearest prompt centroid", "teacher": teachers.pop(),
-            "objective": infos[0]["objective"], "num_steps": infos[0]["num_steps"], "num_classes": None,
-            "students": [{"prompts": len(part), "run": os.path.relpath(run.resolve(), Path(out).resolve()),
-                          "parameters": sum(p.numel() for p in pipe.unet.parameters())}
-                         for part, run, pipe in zip(parts, runs, pipes)]}
-    return _write(router, info, Path(out), {PARTITION_FILE: json.dumps(parts, indent=1) + "\n"})
-
-
-def _teacher_from(export: Path, info: dict, out: Path) -> str:
+def teacher_from(export: Path, info: dict, out: Path) -> str:
     """The teacher as a student's export records it (a hub id, an ``embedded:`` name, or a folder relative to that
     export), with a folder made relative to the router's folder instead."""
     folder = export / str(info.get("teacher_folder", ""))
@@ -520,12 +286,14 @@ def _teacher_from(export: Path, info: dict, out: Path) -> str:
     return str(info["teacher"])
 
 
-def _write(router, info: dict, out: Path, extra: dict | None = None) -> Path:
+def write_router(router, info: dict, out: Path, card: str, extra: dict | None = None) -> Path:
+    """The router folder, written atomically: the pipeline, fastdiff.json, the README.md ``card`` and ``extra``
+    files (name: text)."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     router.save_pretrained(tmp, safe_serialization=True)
     (tmp / "fastdiff.json").write_text(json.dumps(info, indent=2))
-    (tmp / "README.md").write_text(_card(info) if info.get("num_classes") else _text_card(info))
+    (tmp / "README.md").write_text(card)
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
     if out.exists():
@@ -555,33 +323,5 @@ tags: [fastdiff, msd, {info['objective']}, distillation]
 from fastdiff.pipelines import FastdiffMultiStudentPipeline
 pipe = FastdiffMultiStudentPipeline.from_pretrained(".")
 images = pipe(class_labels=[0, 1, 2], num_inference_steps={info['num_steps']}).images  # each label by its student
-```
-"""
-
-
-
-def _text_card(info: dict) -> str:
-    rows = "\n".join(f"| {k} | {s['prompts']} | {s['parameters']:,} |" for k, s in enumerate(info["students"]))
-    return f"""---
-library_name: diffusers
-tags: [fastdiff, msd, {info['objective']}, distillation, text-to-image]
----
-# {len(info['students'])} one-step Stable Diffusion students distilled with fastdiff msd (prompt clusters)
-
-- teacher: `{info['teacher']}`
-- objective: `{info['objective']}`, {info['num_steps']} sampling step(s) trained for
-- routing: each prompt goes to the student whose prompt cluster's centroid (the mean of its training prompts' mean
-  text embeddings, `students/` safetensors) is nearest to the prompt's own; the prompts of each are in partition.json
-
-| student | training prompts | parameters |
-|---|---|---|
-{rows}
-
-## Use
-
-```python
-from fastdiff.pipelines.pipeline_fastdiff_multi_student import FastdiffMultiStudentTextPipeline
-pipe = FastdiffMultiStudentTextPipeline.from_pretrained(".")
-images = pipe(["a photo of a cat", "a red car"], num_inference_steps={info['num_steps']}).images  # each by its student
 ```
 """
