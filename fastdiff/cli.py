@@ -108,7 +108,7 @@ def cmd_sample(args) -> None:
 
     from .machine import progress
     from .models.generator import Generator
-    from .inference.sampling import RouterSampler, load_sampler, sample_model, save_pngs
+    from .inference.sampling import MultiGuidanceSampler, RouterSampler, load_sampler, sample_model, save_pngs
 
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
         raise FastdiffError("--num, --steps and --batch-size must be positive")
@@ -126,6 +126,8 @@ def cmd_sample(args) -> None:
     kind = f"{model.num_steps}-step student" if isinstance(model, Generator) else "teacher (DDIM)"
     if isinstance(model, RouterSampler):
         kind = f"MSD router of {model.num_students} {model.num_steps}-step students"
+    if isinstance(model, MultiGuidanceSampler):
+        kind = f"FADA student at guidance scales (class, text) = {model.scales}"
     print(f"wrote {args.num} images from the {kind} at {args.steps} step(s) to {out}")
 
 

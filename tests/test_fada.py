@@ -1,7 +1,7 @@
 """FADA (multi-CFG distillation with mixed supervision): the loss against nested two-condition CFG transcribed in
 float64 from raw teacher passes, the mixed-supervised loss with per-sample tier weights, the exact start, the
-single-pass error to the teacher's two-scale CFG falling with training over a grid of scales, the data tiers, and the
-export reloaded through diffusers."""
+single-pass error to the teacher's two-scale CFG falling with training over a grid of scales, the data tiers, the
+export reloaded through diffusers, its model card's code run, and `fastdiff sample` on it."""
 import json
 
 import numpy as np
@@ -414,19 +414,28 @@ def fada_sets(teacher: str, data: str, out, steps: int = 2) -> list[str]:
             "train.sample_every=100", "train.num_sample_images=3", "train.log_every=1"]
 
 
-def test_distill_draws_tier_weights_trains_and_exports_a_one_pass_pipeline(class_text_teacher, tiered_folder, tmp_path):
+@pytest.fixture(scope="module")
+def fada_run(class_text_teacher, tiered_folder, tmp_path_factory):
+    """(trainer, its first real batch, the export folder) of a two-update `fastdiff distill` fada run."""
+    from fastdiff.config import load_config
+    from fastdiff.training import Trainer
+
+    run = tmp_path_factory.mktemp("fada") / "run"
+    trainer = Trainer(load_config(None, fada_sets(class_text_teacher, tiered_folder, run)), progress=False)
+    first = trainer._real(8)
+    return trainer, first, trainer.fit()
+
+
+def test_distill_draws_tier_weights_trains_and_exports_a_one_pass_pipeline(class_text_teacher, fada_run):
     """The run's data batch carries both conditions and each image's tier weight; two updates move the adapters
     and the scale embedding; the export reloads in diffusers and its DDIM single pass samples what fastdiff's
     ``ddim`` sampler samples with the trained (unmerged) student."""
     from safetensors.torch import load_file
 
-    from fastdiff.config import load_config
     from fastdiff.models.generator import Generator
-    from fastdiff.training import Trainer
 
-    run = tmp_path / "run"
-    trainer = Trainer(load_config(None, fada_sets(class_text_teacher, tiered_folder, run)), progress=False)
-    x, cond = trainer._real(8)
+    trainer, (x, cond), out = fada_run
+    run = out.parent
     index = ((x[:, 0, 0, 0] + 1) * 127.5 / 40).round().long()  # which image each row is
     assert torch.equal(cond["sample_weight"], torch.tensor(TIER_WEIGHTS)[index % 2])
     assert torch.equal(cond["class_labels"], index % NULL)
@@ -434,7 +443,6 @@ def test_distill_draws_tier_weights_trains_and_exports_a_one_pass_pipeline(class
     assert torch.equal(cond["encoder_hidden_states"], captions["encoder_hidden_states"])
     assert torch.equal(cond["uncond_encoder_hidden_states"], captions["uncond_encoder_hidden_states"])
 
-    out = trainer.fit()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["loss_fada_data"] > 0 for m in metrics)  # the tiers' ground-truth term ran
     embedding = load_file(run / "checkpoints" / "step-00000002" / "fada_scale_embedding.safetensors")["weight"]
@@ -464,6 +472,60 @@ def test_distill_draws_tier_weights_trains_and_exports_a_one_pass_pipeline(class
     assert (ours - images).abs().max() <= 1e-5, (ours - images).abs().max()
     teacher_w = load_teacher(class_text_teacher).model.state_dict()
     assert any(not torch.equal(v, teacher_w[k]) for k, v in pipe.unet.state_dict().items() if k in teacher_w)
+
+
+def test_export_card_runs_and_fastdiff_sample_loads_the_export(class_text_teacher, fada_run, tmp_path, monkeypatch,
+                                                                capsys):
+    """The export's README.md holds runnable usage code (executed here, in the folder, as a user would), and
+    `fastdiff sample` samples the folder through its pipeline at the card's default scales (the middle of each
+    range): batch b with seed + b, labels start, start + 1, ... mod the classes and the batch's prompts, encoded by
+    the teacher's text encoder; one --guidance-scale is refused."""
+    import re
+
+    from PIL import Image
+
+    from fastdiff.cli import main
+    from fastdiff.models.text import PromptEncoder
+
+    _, _, out = fada_run
+    info = json.loads((out / "fastdiff.json").read_text())
+    assert info["class_guidance_scale"] == info["text_guidance_scale"] == sum(RANGE) / 2
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "from fastdiff.pipelines import FastdiffMultiGuidancePipeline" in card
+    assert f"class_guidance_scale={sum(RANGE) / 2}" in card and f"text_guidance_scale={sum(RANGE) / 2}" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    monkeypatch.chdir(out)  # the card loads "." and the teacher relative to the folder
+    scope = {}
+    exec(code, scope)
+    assert len(scope["images"]) == 2 and scope["images"][0].size == (8, 8)
+    monkeypatch.undo()
+    encode = PromptEncoder(load_teacher(class_text_teacher).pipeline, max_cached=0)
+    # the card encodes prompts as training does: the same text encoder on the same batch, bit for bit
+    assert torch.equal(scope["prompt_embeds"], encode(["a photo of a shoe", "a red bag"])["encoder_hidden_states"])
+
+    prompts = ["shoe 1", "a red shoe", "shoe 4", "a blue bag", "shoe 0"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    pngs = tmp_path / "pngs"
+    assert main(["sample", str(out), "--num", "5", "--steps", "2", "--batch-size", "3", "--prompts",
+                 str(tmp_path / "prompts.txt"), "--out", str(pngs), "--device", "cpu", "--quiet"]) == 0
+    written = np.stack([np.asarray(Image.open(pngs / f"{i:06d}.png")) for i in range(5)])
+    assert "FADA student at guidance scales" in capsys.readouterr().out  # says what it sampled
+
+    pipe = FastdiffMultiGuidancePipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+
+    def by_hand(scale: float) -> np.ndarray:
+        batches = [(torch.tensor([0, 1, 2]), prompts[:3], 0), (torch.tensor([0, 1]), prompts[3:], 1)]
+        images = [pipe(labels, encode(p)["encoder_hidden_states"], class_guidance_scale=scale,
+                       text_guidance_scale=scale, num_inference_steps=2,
+                       generator=torch.Generator().manual_seed(seed), output_type="np").images
+                  for labels, p, seed in batches]
+        return (np.concatenate(images) * 255).round().astype(np.uint8)[..., 0]
+
+    assert np.array_equal(written, by_hand(sum(RANGE) / 2))  # the same calls: bit for bit
+    assert not np.array_equal(written, by_hand(1.0))  # the scales reach the student: other scales, other images
+    assert main(["sample", str(out), "--num", "1", "--steps", "1", "--prompts", str(tmp_path / "prompts.txt"),
+                 "--out", str(tmp_path / "x"), "--guidance-scale", "2", "--quiet"]) == 2
 
 
 @pytest.mark.slow  # three runs, 10 s on one core

@@ -138,7 +138,10 @@ def test_text_flow_map_student_exports_any_k(kind, teachers, tmp_path):
     teacher, model, top, out = distil_and_export(kind, teachers[kind], tmp_path / "student")
     info = json.loads((out / "fastdiff.json").read_text())
     assert info["flow_map"] and info["pipeline_class"] == name and info["scheduler_class"] == scheduler
-    assert f'custom_pipeline="{module}"' in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert f'custom_pipeline="{module}"' in card
+    # one student samples any K: the card says so, not "trained for 1 step (others not trained)"
+    assert "# Flow-map student (any step count)" in card and "K = 1, 2, 4, 8" in card and "not trained" not in card
     pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=module, trust_remote_code=True, **absent)
     assert type(pipe).__name__ == name and isinstance(getattr(pipe, teacher.model_folder), FlowMapModel)
     d = teacher.denoiser

@@ -250,11 +250,15 @@ def model_card_body(info: dict, where: str = ".") -> str:
     grid = f"\n![samples from the student]({info['sample_grid']})\n" if info.get("sample_grid") else ""
     weights = f"- weights stored as: {info['dtype']}" + (f" (variant `{info['variant']}`)" if info.get("variant") else "") \
         + "\n" if info.get("dtype") else ""
-    return f"""# {info['num_steps']}-step student distilled with fastdiff
+    title = "Flow-map student (any step count)" if info.get("flow_map") else f"{info['num_steps']}-step student"
+    steps_line = ("- sampling steps: any step count, one student (K = 1, 2, 4, 8, ...: each step a trained map from one "
+                  "noise level to the next)" if info.get("flow_map") else
+                  f"- sampling steps trained for: {steps} (other step counts run, but were not trained)")
+    return f"""# {title} distilled with fastdiff
 {grid}
 - teacher: `{info['teacher']}`
 - objective: `{info['objective']}`
-- sampling steps trained for: {steps} (other step counts run, but were not trained)
+{steps_line}
 - training steps: {info['train_step']}
 - weights: {'EMA of the generator' if info['ema'] else 'generator'}
 {weights}
@@ -270,6 +274,49 @@ def model_card_body(info: dict, where: str = ".") -> str:
 
 {settings}
 """
+
+
+FADA_CARD_STEPS = 25  # the card's example step count: FADA removes CFG's extra passes, not the teacher's steps
+
+
+def multi_guidance_card(info: dict, where: str = ".") -> ModelCard:
+    """A fada export's README.md: metadata (``card_data``) and the call that loads the folder and samples it at the
+    export's default scales (``class_guidance_scale`` / ``text_guidance_scale`` in fastdiff.json), the prompts
+    encoded by the teacher's own text encoder (the folder holds the UNet and the scheduler only)."""
+    (c_lo, c_hi), (t_lo, t_hi) = info["class_guidance_range"], info["text_guidance_range"]
+    s_c, s_t = info["class_guidance_scale"], info["text_guidance_scale"]
+    body = f"""# FADA student distilled with fastdiff: two guidance scales, one UNet pass a step
+
+- teacher: `{info['teacher']}`
+- objective: `fada`: the teacher's nested classifier-free guidance of a class label and a text condition
+  (`{info['guidance_order']}`: three passes a step) distilled into one pass told both scales
+- guidance scales trained for: class {c_lo} to {c_hi}, text {t_lo} to {t_hi}; defaults (`fastdiff sample`): class
+  {s_c}, text {s_t}
+- sampling steps: any (DDIM on the teacher's table, eta 0; FADA removes CFG's passes, not steps)
+- training steps: {info['train_step']}
+
+## Use
+
+```python
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+from fastdiff.pipelines import FastdiffMultiGuidancePipeline  # model_index.json names this fastdiff class
+
+pipe = FastdiffMultiGuidancePipeline.from_pretrained("{where}")
+teacher = "{info['teacher']}"  # its tokenizer and text encoder encode the prompts, as in training
+tokenizer = CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer")
+text_encoder = CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder")
+ids = tokenizer(["a photo of a shoe", "a red bag"], padding="max_length", max_length=tokenizer.model_max_length,
+                truncation=True, return_tensors="pt").input_ids
+with torch.no_grad():
+    prompt_embeds = text_encoder(ids)[0]  # what StableDiffusionPipeline.encode_prompt returns
+images = pipe(class_labels=[0, 1], prompt_embeds=prompt_embeds, class_guidance_scale={s_c},
+              text_guidance_scale={s_t}, num_inference_steps={FADA_CARD_STEPS}).images  # one UNet call a step
+```
+
+The same pipeline class run on the teacher's UNet samples the three-pass nested guidance the student learned.
+"""
+    return ModelCard(f"---\n{card_data(info).to_yaml()}\n---\n{body}")
 
 
 def check_exportable(model, teacher) -> None:

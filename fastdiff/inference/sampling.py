@@ -113,8 +113,49 @@ class RouterSampler:
             yield start, (np.asarray(images) * 255).round().astype(np.uint8)
 
 
+class MultiGuidanceSampler:
+    """A fada export (``FastdiffMultiGuidancePipeline``) as ``fastdiff sample`` / ``fid`` see a model: one pass a step
+    at the export's two scales (fastdiff.json: the middle of each trained range, unless given), each image with a
+    class label and a prompt, the prompts encoded by the teacher's text encoder (``PromptEncoder``, as in training).
+    Batch b calls the pipeline with ``torch.Generator().manual_seed(seed + b)``, labels ``start, start + 1, ...``
+    (mod the classes) and the batch's prompts, as ``sample_model`` feeds a single student."""
+
+    FORMAT = "fastdiff-fada-v1"
+    conditioning = "text"  # the prompts are what a user passes; the labels cycle over the classes
+    latents = None
+
+    def __init__(self, folder: str, info: dict, device, class_scale: float | None = None,
+                 text_scale: float | None = None):
+        from fastdiff.pipelines import FastdiffMultiGuidancePipeline
+
+        from ..models.teacher import load_teacher
+        from ..models.text import PromptEncoder
+        from .export import teacher_location
+
+        self.pipe = FastdiffMultiGuidancePipeline.from_pretrained(folder).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        teacher = load_teacher(teacher_location(folder, info))
+        self.text = PromptEncoder(teacher.pipeline, device=device, max_cached=0)  # each prompt is used once
+        self.num_classes = info["num_classes"]
+        self.scales = (info["class_guidance_scale"] if class_scale is None else class_scale,
+                       info["text_guidance_scale"] if text_scale is None else text_scale)
+        net = self.pipe.unet.config
+        size = net.sample_size if isinstance(net.sample_size, int) else net.sample_size[0]
+        self.image_shape = (net.in_channels, size, size)
+
+    def sample(self, num: int, steps: int, seed: int, batch_size: int, prompts: list[str] | None = None):
+        for b, start in enumerate(range(0, num, batch_size)):
+            n = min(batch_size, num - start)
+            text = self.text(prompts[start:start + n])["encoder_hidden_states"]
+            images = self.pipe((torch.arange(n) + start) % self.num_classes, text, class_guidance_scale=self.scales[0],
+                               text_guidance_scale=self.scales[1], num_inference_steps=steps,
+                               generator=torch.Generator().manual_seed(seed + b), output_type="np").images
+            yield start, (np.asarray(images) * 255).round().astype(np.uint8)
+
+
 def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
-    """(sampler, loaded): an exported student's K-step Generator, or a teacher folder's Denoiser (DDIM).
+    """(sampler, loaded): an exported student's K-step Generator, or a teacher folder's Denoiser (DDIM); an MSD
+    router or a fada export: its pipeline-driven sampler (``RouterSampler``, ``MultiGuidanceSampler``), both roles.
 
     A LoRA student folder loads its teacher (``teacher_folder`` in fastdiff.json) with the adapters applied by
     diffusers' ``load_lora_weights``, as a user of the teacher pipeline would."""
@@ -131,6 +172,12 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
                                 "students have their guidance distilled in")
         router = RouterSampler(model_dir, info, device)
         return router, router
+    if info and info.get("format") == MultiGuidanceSampler.FORMAT:  # fada: its own pipeline, both scales
+        if guidance_scale is not None:
+            raise FastdiffError("--guidance-scale is one scale; a fada export samples at the class and text scales "
+                                "its fastdiff.json gives (class_guidance_scale, text_guidance_scale)")
+        fada = MultiGuidanceSampler(model_dir, info, device)
+        return fada, fada
     if info and info.get("flow_map") and info.get("pipeline_class"):  # text-to-image flow-map exports: own class
         loaded = load_flow_map_student(model_dir, info)
     elif info and info.get("export") == "lora":
@@ -165,7 +212,7 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
     batch's prompts, for text-to-image models: image i gets ``prompts[i]``). Latents are decoded by the VAE.
     """
     check_prompts(loaded, prompts)
-    if isinstance(model, RouterSampler):
+    if isinstance(model, (RouterSampler, MultiGuidanceSampler)):  # pipeline-driven: their own conditions
         yield from model.sample(num, steps, seed, batch_size, prompts)
         return
     num_classes, latents = loaded.num_classes, loaded.latents

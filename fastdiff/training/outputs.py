@@ -67,27 +67,31 @@ def export_run(run, out: Path | None = None, **options) -> Path | None:
 def export_fada(run, model, out: Path) -> Path:
     """A fada student: :class:`FastdiffMultiGuidancePipeline` (adapters merged, one pass a step told both scales)
     with the DDIM scheduler of fastdiff's ``ddim`` sampler on the teacher's whole table (FADA removes CFG's passes,
-    not steps: any number of steps), plus fastdiff.json; written to a sibling folder, then moved."""
+    not steps: any number of steps), plus fastdiff.json (with the default scales: the middle of each range, as the
+    sample grid uses) and a README.md model card; written to a hidden sibling folder, then moved."""
     import json
-    import shutil
 
-    from ..inference.export import deterministic_scheduler
+    from ..inference.export import _portable, _write_folder, deterministic_scheduler, multi_guidance_card
     from ..objectives.fada import export_multi_guidance
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     o = run.cfg.objective
+    order = o.guidance_order or "class_first"
+    info = {"format": "fastdiff-fada-v1", "objective": "fada", "train_step": run.step, "guidance_order": order,
+            "class_guidance_range": o.class_guidance_range, "text_guidance_range": o.text_guidance_range,
+            "class_guidance_scale": sum(o.class_guidance_range) / 2,
+            "text_guidance_scale": sum(o.text_guidance_range) / 2,
+            "num_classes": run.teacher.num_classes, "null_class": run.teacher.null_class,
+            "teacher": run.cfg.teacher.path, "teacher_folder": run.teacher.path, "methods": run.methods_used()}
+    # teacher and teacher_folder relative to the export (or hub ids), like every export; both conditions: text-to-image
+    info = {**_portable(info, Path(out), run.teacher), "pipeline_tag": "text-to-image"}
     # the merge reads the weights into a fresh CPU model: the trained one is left as it is
     scheduler = deterministic_scheduler(run.teacher.scheduler, run.teacher.denoiser.prediction_type)
-    export_multi_guidance(model, scheduler, tmp, o.guidance_order or "class_first")
-    info = {"objective": "fada", "train_step": run.step, "guidance_order": o.guidance_order or "class_first",
-            "class_guidance_range": o.class_guidance_range, "text_guidance_range": o.text_guidance_range,
-            "null_class": run.teacher.null_class, "methods": run.methods_used()}
-    (tmp / "fastdiff.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def fill(tmp: Path) -> None:
+        export_multi_guidance(model, scheduler, tmp, order)
+        (tmp / "fastdiff.json").write_text(json.dumps(info, indent=2))
+        multi_guidance_card(info).save(str(tmp / "README.md"))
+    return _write_folder(Path(out), fill, run.teacher)
 
 
 def export_info(cfg: Config, step: int, ema: bool, teacher: Teacher) -> dict:
