@@ -90,6 +90,7 @@ class MeanFlow(Objective):
 
     trains_on = "data"
     uses_fake_score = False
+    name = "meanflow"  # in messages and log keys (AYF, objectives/ayf.py, shares this machinery)
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, tangent: str = "auto",
                  fd_step: float = 3e-4, p_mean: float = -0.4, p_std: float = 1.0, flow_matching_ratio: float = 0.75,
@@ -97,7 +98,7 @@ class MeanFlow(Objective):
                  tangent_warmup: int = 0, sigma_max: float | None = None):
         super().__init__(teacher, None, 0, None)
         if gan_head is not None:
-            raise ValueError("objective.gan does not apply to meanflow")
+            raise ValueError(f"objective.gan does not apply to {self.name}")
         if tangent not in TANGENTS:
             raise ValueError(f"objective.tangent must be one of {', '.join(TANGENTS)}, got {tangent!r}")
         if not (0 <= flow_matching_ratio and 0 <= consistency_ratio and flow_matching_ratio + consistency_ratio <= 1):
@@ -113,12 +114,12 @@ class MeanFlow(Objective):
         self.two_time = consistency_ratio < 1
         if self.two_time:
             if is_lora(student.model):
-                raise ValueError("objective meanflow trains full students (student.lora_rank 0): the flow-map "
+                raise ValueError(f"objective {self.name} trains full students (student.lora_rank 0): the flow-map "
                                  "embedding is a new layer")
             try:  # in place: the trainer's optimizer, EMA and checkpoints see the new layer
                 add_flow_map_embedding(student.model)
             except ValueError as exc:
-                raise ValueError(f"objective meanflow: {exc} (or set objective.consistency_ratio 1: every r = 0, "
+                raise ValueError(f"objective {self.name}: {exc} (or set objective.consistency_ratio 1: every r = 0, "
                                  "no second time)") from exc
 
     def train_defaults(self) -> dict:
@@ -158,20 +159,22 @@ class MeanFlow(Objective):
 
     def du_dt(self, z, t, r_ts, cond, v) -> torch.Tensor:
         """d/dt u along the teacher's flow, by JVP or finite difference (``tangent``; auto falls back once)."""
-        def fn(zz, tt):
-            return self.student_velocity(zz, tt, r_ts, cond)
+        return self.derivative(lambda zz, tt: self.student_velocity(zz, tt, r_ts, cond), z, t, v)
 
+    def derivative(self, fn, z, time, v) -> torch.Tensor:
+        """``d/d time fn(z + time v, time)`` (no graph) by JVP, or the central difference stepping ``fd_step`` in
+        logit(time) where JVP cannot pass (``tangent``; auto falls back for good at the first failure)."""
         if self.tangent != "finite_difference":
             try:
-                return total_derivative(fn, z, t, v, "jvp", self.fd_step)
+                return total_derivative(fn, z, time, v, "jvp", self.fd_step)
             except Exception as exc:  # noqa: BLE001 - any op without forward-mode AD
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 if self.tangent == "jvp":
                     raise RuntimeError(f"objective.tangent jvp failed ({first}); use auto or "
                                        "finite_difference") from exc
-                warnings.warn(f"JVP failed ({first}); meanflow uses finite differences from now on", stacklevel=2)
+                warnings.warn(f"JVP failed ({first}); {self.name} uses finite differences from now on", stacklevel=3)
                 self.tangent = "finite_difference"
-        return total_derivative(fn, z, t, v, "finite_difference", self.fd_step * t * (1 - t))
+        return total_derivative(fn, z, time, v, "finite_difference", self.fd_step * time * (1 - time))
 
     def target(self, z, t, r, r_ts, cond) -> torch.Tensor:
         """``v - (t - r) du/dt`` (no graph) with the teacher's velocity v, CFG-guided at the teacher's
@@ -189,7 +192,7 @@ class MeanFlow(Objective):
         x_t = x + expand(sigma_t.float(), x) * torch.randn_like(x)
         per_sample, sq = self.loss_at(x_t, sigma_t, sigma_r, cond)
         loss = finite_mean(per_sample)
-        return loss, {"loss_meanflow": loss.detach(), "meanflow_mse": finite_mean(sq.detach()),
+        return loss, {f"loss_{self.name}": loss.detach(), f"{self.name}_mse": finite_mean(sq.detach()),
                       "share_r_below_t": (sigma_r < sigma_t).float().mean()}
 
     def loss_at(self, x_t, sigma_t, sigma_r, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +204,10 @@ class MeanFlow(Objective):
         r_ts = r_timestep(self.teacher.schedule, sigma_r.float()).to(x_t.device) if self.two_time else None
         target = self.target(z, t, r, r_ts, cond)
         u = self.student_velocity(z, t, r_ts, cond)
+        return self.regression(u, target)
+
+    def regression(self, u, target) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample loss, per-element squared error) of u against sg(target): the adaptive weight."""
         return adaptive_loss(u, target, self.adaptive_power, self.adaptive_const)
 
 
