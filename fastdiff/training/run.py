@@ -25,7 +25,7 @@ from .teacher_data import teacher_samples_for
 from .networks import check_student, enable_gradient_checkpointing, fake_score_model, lora_export_mode, methods_used
 from .networks import student_model_for
 from .optim import Optimizer
-from .sharding import refuse_accelerate_sharding, shard_run
+from .sharding import refuse_accelerate_sharding, shard_run, shards_for_setup
 from .trackers import trackers_for
 from .setup import (build_objective, check_objective_settings, prepare_output_dir, resolve_train_defaults, sigma_init,
                     student_denoiser, student_like, uses_ema, uses_gan)
@@ -62,7 +62,10 @@ class Run:
                          else real_images_for(cfg.data, self.teacher, cfg.train.seed))
         self.real = restricted_to_classes(cfg, self.teacher, self.real)  # student.classes: one MSD student's part
         self.prompts = self._training_prompts()
-        student_model = student_model_for(cfg, self.teacher)
+        # train.sharding fsdp: the teacher sharded now and the full copies below made from its shards (sharding.py)
+        self.shards = shards_for_setup(self, self.accelerator.print)
+        student_model = (self.shards.copy_of(self.teacher.model, "student", trainable=True) if self.shards
+                         else student_model_for(cfg, self.teacher))
         check_student(student_model, self.teacher)
         if cfg.objective.guidance_range is not None and not getattr(student_model.config, "time_cond_proj_dim", None):
             try:  # LCM-style: the student reads the guidance scale from an embedding
@@ -93,13 +96,17 @@ class Run:
                                    cfg.student.sampler)
         fake = None
         if objective_class(cfg.objective.name).uses_fake_score:
-            fake = student_like(teacher, fake_score_model(cfg, teacher, self.accelerator.print).to(device))
+            fake_model = (self.shards.copy_of(teacher.model, "fake", trainable=True) if self.shards
+                          else fake_score_model(cfg, teacher, self.accelerator.print))
+            fake = student_like(teacher, fake_model.to(device))
         self.attention = self._prepare_networks(teacher.model, student_model, fake.model if fake else None)
         self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
         resolve_train_defaults(cfg, self.objective)
         self.ema = None
         if uses_ema(cfg.train):  # a LoRA student's EMA keeps its own adapters and shares the base
-            self.ema = lora_copy(student_model) if is_lora(student_model) else copy.deepcopy(student_model)
+            self.ema = (lora_copy(student_model) if is_lora(student_model) else
+                        self.shards.copy_of(student_model, "ema", trainable=False) if self.shards
+                        else copy.deepcopy(student_model))
             self.ema.requires_grad_(False).eval()
         # train.sharding fsdp: before the EMA pairs and optimizers take the (then sharded) parameters
         self.shards = shard_run(self, self.accelerator.print)

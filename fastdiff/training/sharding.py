@@ -17,6 +17,11 @@ group reshards only once every member ran forward and a root must be one module.
 each LoRA network is one FSDP unit whose base is ``ignored_params``: its adapters (and their Adam states) are
 sharded and their gradients reduce-scattered by FSDP like any sharded gradient. A full network in the same run (a
 full fake score next to a LoRA student) is sharded per block as usual.
+
+Setup (``loads_into_shards``): the teacher is sharded as soon as it is loaded, and the student, the fake score and
+the EMA, full copies of it, are made from its shards (``Shards.copy_of``: the module structure on the meta device,
+sharded, then each process's slices copied), so no process holds more than the teacher whole. The teacher itself
+still loads whole on every process (``models.teacher``) before it is sharded.
 """
 from __future__ import annotations
 
@@ -127,6 +132,7 @@ class Shards:
 
         device = accelerator.device
         self.mesh = init_device_mesh(device.type, (accelerator.num_processes,))
+        self.device = device
         self.is_main = accelerator.is_main_process
         self.policy = MixedPrecisionPolicy()
         if mixed_precision == "bf16" and device.type == "cuda":
@@ -164,6 +170,25 @@ class Shards:
                 fully_shard(unit, **options)
             fully_shard(model, **options)
         self.networks.append(model)
+        return model
+
+    def copy_of(self, source: nn.Module, role: str, trainable: bool) -> nn.Module:
+        """A sharded copy of the sharded network ``source`` made without its full weights (``train.sharding fsdp``
+        setup): its module structure with meta parameters, sharded like ``source`` (the same mesh and units, so each
+        parameter is cut into the same slices), then filled with this process's slices of ``source``. ``trainable``:
+        float32 and trainable, as ``networks.trainable_copy`` makes a full one (the cast is elementwise, so casting
+        the slices gives the slices of the cast), else frozen in ``source``'s dtype (an EMA)."""
+        model = copy.deepcopy(self._skeletons[id(source)])
+        model = model.float().requires_grad_(True).train() if trainable else model.requires_grad_(False).eval()
+        self.shard(model, role)
+        model.to_empty(device=self.device)  # room for this process's slices only; buffers are emptied too
+        with torch.no_grad():
+            for (name, p), (other, q) in zip(model.named_parameters(), source.named_parameters(), strict=True):
+                assert name == other and p.shape == q.shape, (name, other)
+                local(p).copy_(local(q))
+            for (name, b), (other, c) in zip(model.named_buffers(), source.named_buffers(), strict=True):
+                assert name == other, (name, other)  # buffers are not sharded: whole on every process
+                b.copy_(c)
         return model
 
     def set_gradient_sync(self, on: bool) -> None:
@@ -295,9 +320,41 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, clip_value: floa
     return norm
 
 
+def loads_into_shards(cfg, num_processes: int) -> bool:
+    """Whether setup shards the teacher first and makes the student, the fake score and the EMA as sharded copies
+    of it (``Shards.copy_of``: no process ever holds them whole) rather than full copies sharded afterwards. Under
+    fsdp on several processes, for the plain full copies of the teacher only: not a LoRA student or fake score (on
+    the teacher's whole tensors), a given ``student.model``, a student with blocks dropped, a layer budget or a
+    guidance embedding, fada's student, nor the objectives whose constructors change the student (cd and its
+    kind deepcopy it for their target, meanflow and its kind add a flow-map embedding); nor with
+    ``train.channels_last`` (a memory-format change of the whole weights) or the settings fsdp refuses."""
+    from ..objectives import entry
+    from ..objectives.cd import ConsistencyDistillation
+    from ..objectives.meanflow import MeanFlow
+
+    o, t, s = cfg.objective, cfg.train, cfg.student
+    fake_rank = o.fake_lora_rank if o.fake_lora_rank is not None else entry(o.name).fake_lora_rank
+    changes_student = issubclass(entry(o.name).cls, (ConsistencyDistillation, MeanFlow)) or o.name == "fada"
+    return (t.sharding == "fsdp" and num_processes > 1 and t.mixed_precision != "fp16" and not t.compile
+            and not t.channels_last and not fake_rank and not s.model and not s.lora_rank and not s.skip_layers
+            and not s.layer_budget and o.guidance_range is None and not changes_student)
+
+
+def shards_for_setup(run, log=print) -> Shards | None:
+    """``loads_into_shards``: the run's Shards with the teacher sharded, before any copy of it is made (the
+    teacher itself is still loaded whole on every process); else None (``shard_run`` shards the built run)."""
+    if not loads_into_shards(run.cfg, run.accelerator.num_processes):
+        return None
+    shards = Shards(run.accelerator, run.cfg.train.mixed_precision, log)
+    shards.shard(run.teacher.model, "teacher")
+    return shards
+
+
 def shard_run(run, log=print) -> Shards | None:
-    """Shard a built run's networks (before its EMA pairs and optimizers take their parameters). One process has
-    nothing to shard: the run stays unsharded (and resumes exactly as any single-process run)."""
+    """Shard a built run's networks (before its EMA pairs and optimizers take their parameters); those already
+    sharded in setup (``shards_for_setup``) are kept. One process has nothing to shard: the run stays unsharded
+    (and resumes exactly as any single-process run)."""
+    from ..models.attention import set_attention
     from ..models.lora import is_lora
 
     cfg = run.cfg
@@ -308,24 +365,30 @@ def shard_run(run, log=print) -> Shards | None:
         return None
     student = run.generator.denoiser.model
     fake = run.objective.fake.model if run.objective.fake is not None else None
-    if cfg.train.mixed_precision == "fp16":
+    early = run.shards is not None  # shards_for_setup made the teacher, student, fake score and EMA sharded
+    if not early and cfg.train.mixed_precision == "fp16":
         raise FastdiffError("train.sharding fsdp runs bf16 or float32, not fp16 (its loss scaler does not take "
                             "sharded gradients); set train.mixed_precision bf16 or no")
-    if cfg.train.compile:
+    if not early and cfg.train.compile:
         raise FastdiffError("train.sharding fsdp with train.compile is not supported yet; set train.compile false")
-    shards = Shards(run.accelerator, cfg.train.mixed_precision, log)
+    shards = run.shards or Shards(run.accelerator, cfg.train.mixed_precision, log)
+    for net in shards.networks:  # sharded before the attention backend was set: their skeletons (the structure of
+        # the gathered copies: sample grids, export) get it too, as a skeleton taken now would have it
+        set_attention(shards.skeleton(net), cfg.train.attention)
+        if any(not is_dtensor(p) for p in net.parameters()):  # a layer added after setup sharded it: not in the
+            # skeleton, nor managed by FSDP (loads_into_shards must leave such an objective out)
+            raise FastdiffError(f"train.sharding fsdp: objective {cfg.objective.name} changed a network after setup "
+                                "sharded it; this objective is not supported with fsdp yet")
     # LoRA networks share the teacher's tensors as their base: then the teacher stays whole (see the module's doc)
     base = set(run.teacher.model.parameters()) if any(is_lora(n) for n in (student, fake) if n is not None) else set()
     if base:
         log("train.sharding fsdp: the teacher's weights are the LoRA networks' shared base: kept whole (one copy per "
             "process), the adapters sharded")
-    else:
-        shards.shard(run.teacher.model, "teacher")
-    shards.shard(student, "student", base)
-    if fake is not None:
-        shards.shard(fake, "fake", base)
-    if run.ema is not None:
-        shards.shard(run.ema, "ema", base)
+    networks = [(run.teacher.model, "teacher")] if not base else []
+    networks += [(net, role) for net, role in ((student, "student"), (fake, "fake"), (run.ema, "ema")) if net is not None]
+    for net, role in networks:
+        if not is_sharded(net):
+            shards.shard(net, role, base)
     for module in run.objective.state_modules().values():  # a consistency target: a copy of the student
         if units(module) and not is_sharded(module):
             shards.shard(module, "target", base)
