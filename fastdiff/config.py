@@ -382,6 +382,9 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
     if t.sharding not in ("none", "fsdp"):
         raise FastdiffError(f"train.sharding must be none or fsdp, got {t.sharding!r}")
+    if t.sharding == "fsdp" and t.channels_last:  # FSDP2 shards only contiguous parameters
+        raise FastdiffError("train.channels_last does not run with train.sharding fsdp (FSDP shards contiguous "
+                            "parameters only): set one of them off")
     if t.ema_decay is not None and not 0.0 <= t.ema_decay < 1.0:
         raise FastdiffError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.ema_halflife_kimg < 0 or (t.ema_rampup is not None and t.ema_rampup <= 0):

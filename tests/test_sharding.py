@@ -328,6 +328,21 @@ def test_sharding_key_is_validated():
         load_config(overrides=["train.sharding=deepspeed"])
 
 
+def test_fsdp_refuses_what_it_cannot_run(tiny_teacher, tmp_path, capsys):
+    """channels_last (non-contiguous parameters) and a GAN head (its hooked features outlive FSDP's freed weights:
+    a backward error on 2 processes) are refused with one line before anything trains."""
+    from fastdiff.cli import main
+    from fastdiff.config import load_config
+
+    with pytest.raises(FastdiffError, match="channels_last does not run with train.sharding fsdp"):
+        load_config(overrides=["train.sharding=fsdp", "train.channels_last=true"])
+    out = tmp_path / "run"
+    assert main(["distill", *_sets(tiny_teacher, out, 1, "train.sharding=fsdp", "objective.gan=true")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastdiff: error")]
+    assert len(errors) == 1 and "GAN head" in errors[0], errors
+    assert not (out / "checkpoints").exists()
+
+
 def _sets(teacher, out, steps, *extra) -> list:
     # checkpoint_every 2: steps 1 -> 2 run with no checkpoint between (gathering for one reshards every network)
     items = [f"teacher.path={teacher}", f"output_dir={out}", f"train.max_steps={steps}", "train.batch_size=2",
