@@ -6,7 +6,8 @@ Rows, all from the same noise: the deliberately imperfect one-step student (test
 regressed 300 steps on the teacher's ODE pairs), adaptive sampling at q = 0.1, 0.2, 0.5 (critic: the teacher's
 denoising error at sigma 0.2, 1 NFE; refinement: SDEdit from sigma 1 with 4 teacher DDIM steps) and at q = 1
 (everything refined, no critic), a random fifth refined (what the critic is worth), and the teacher's DDIM alone.
-Writes README.md (table), adaptive_nfe.json and adaptive_nfe.png into --out.
+Every q uses the same critic scores, so the refined sets are nested. Writes README.md (table), adaptive_nfe.json and
+adaptive_nfe.png into --out. eval/adaptive_fid.py builds the same rows (``sample_rows``) on a real teacher (FID).
 """
 from __future__ import annotations
 
@@ -32,6 +33,50 @@ FRACTIONS = (0.1, 0.2, 0.5, 1.0)
 TEACHER_NFE = (1, 2, 4, 8, 16, 32)
 
 
+class Memo:
+    """Calls ``fn`` once per input tensor (by identity) and returns the stored result after that: the rows below
+    share one student draw and one critic score per noise batch, as they would if computed again (both are
+    deterministic), at the cost of one. Other attributes (``levels``, ``nfe``, ...) are ``fn``'s."""
+
+    def __init__(self, fn):
+        self.fn, self.seen = fn, {}
+
+    def __call__(self, x, *args, **kwargs):
+        if id(x) not in self.seen:
+            self.seen[id(x)] = (x, self.fn(x, *args, **kwargs))  # x kept alive, so its id is not reused
+        return self.seen[id(x)][1]
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
+def sample_rows(student, teacher, z_batches: list, seed: int, sigma_refine: float, teacher_steps: int,
+                critic_sigma: float, fractions=FRACTIONS, teacher_nfe=TEACHER_NFE):
+    """Yield each row's samples, all rows from the same noise batches ``z_batches``: the student alone, a random
+    fifth refined, adaptive at each fraction (denoising-error critic), the teacher's DDIM at each NFE. Batch b refines
+    with noise seeded ``seed + 50 + b``; the random critic draws from one generator seeded ``seed`` per row."""
+    student = Memo(student)
+    critic = Memo(DenoisingError(teacher, critic_sigma, seed=seed))
+    n = sum(len(z) for z in z_batches)
+    with torch.no_grad():
+        yield {"row": "student", "kind": "student", "nfe": float(student.levels().numel()), "refined_share": 0.0,
+               "samples": torch.cat([student(z, None) for z in z_batches])}
+    chance = torch.Generator()
+    random = CallableCritic(lambda x, c: torch.rand(len(x), generator=chance))
+    for q, crit, name in [(0.2, random, "random q=0.2")] + [(q, critic, f"adaptive q={q}") for q in fractions]:
+        chance.manual_seed(seed)
+        sampler = AdaptiveSampler(student, teacher, crit, fraction=q, sigma_refine=sigma_refine,
+                                  teacher_steps=teacher_steps)
+        results = [sampler(z, rng=torch.Generator().manual_seed(seed + 50 + b)) for b, z in enumerate(z_batches)]
+        yield {"row": name, "kind": "adaptive" if crit is critic else "random",
+               "nfe": sum(r.nfe_per_image * len(r.samples) for r in results) / n,
+               "refined_share": sum(int(r.refined.sum()) for r in results) / n,
+               "samples": torch.cat([r.samples for r in results])}
+    for k in teacher_nfe:
+        yield {"row": f"teacher ddim-{k}", "kind": "teacher", "nfe": float(k), "refined_share": None,
+               "samples": torch.cat([ddim_sample(teacher, z, k) for z in z_batches])}
+
+
 def run(num: int, seed: int, sigma_refine: float, teacher_steps: int, critic_sigma: float) -> dict:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,22 +91,9 @@ def run(num: int, seed: int, sigma_refine: float, teacher_steps: int, critic_sig
     floor = sliced_wasserstein(truth, gmm.sample_true(num, torch.Generator().manual_seed(seed + 200)))
     z = torch.randn(num, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     rows = []
-
-    def add(name, kind, samples, nfe, share):
-        rows.append({"row": name, "kind": kind, "nfe": nfe, "refined_share": share,
-                     "sw2": sliced_wasserstein(samples, truth)})
-
-    with torch.no_grad():
-        add("student", "student", student(z), 1.0, 0.0)
-    critic = DenoisingError(teacher, critic_sigma, seed=seed)
-    chance = CallableCritic(lambda x, c: torch.rand(len(x), generator=torch.Generator().manual_seed(seed)))
-    for q, crit, name in [(q, critic, f"adaptive q={q}") for q in FRACTIONS] + [(0.2, chance, "random q=0.2")]:
-        result = AdaptiveSampler(student, teacher, crit, fraction=q, sigma_refine=sigma_refine,
-                                 teacher_steps=teacher_steps)(z, rng=torch.Generator().manual_seed(seed + 50))
-        add(name, "adaptive" if crit is critic else "random", result.samples, result.nfe_per_image,
-            result.refined_share)
-    for k in TEACHER_NFE:
-        add(f"teacher ddim-{k}", "teacher", ddim_sample(teacher, z, k), float(k), None)
+    for row in sample_rows(student, teacher, [z], seed, sigma_refine, teacher_steps, critic_sigma):
+        samples = row.pop("samples")
+        rows.append({**row, "sw2": sliced_wasserstein(samples, truth)})
     return {"machine": describe("cpu"), "versions": versions(), "date": today(), "num": num, "seed": seed,
             "sigma_refine": sigma_refine, "teacher_steps": teacher_steps, "critic_sigma": critic_sigma,
             "sw2_floor": floor, "seconds": round(time.time() - start, 1), "rows": rows}
@@ -85,22 +117,30 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, metric: str = "sw2", ylabel: str = "sliced W2 to exact samples",
+         title: str = "adaptive teacher-student sampling (analytic teacher)", floor: float | None = None,
+         log_y: bool = False) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, style in (("teacher", "o-"), ("adaptive", "s-"), ("student", "*"), ("random", "x")):
-        rows = [r for r in result["rows"] if r["kind"] == kind]
+        rows = sorted((r for r in result["rows"] if r["kind"] == kind),
+                      key=lambda r: (r["refined_share"] or 0, r["nfe"]))  # adaptive by q, teacher by NFE
         if kind == "adaptive":
             rows = [r for r in result["rows"] if r["kind"] == "student"] + rows  # the curve starts at q = 0
-        ax.plot([r["nfe"] for r in rows], [r["sw2"] for r in rows], style, label=kind, markersize=9)
-    ax.axhline(result["sw2_floor"], color="gray", ls="--", label="floor")
+        ax.plot([r["nfe"] for r in rows], [r[metric] for r in rows], style, label=kind, markersize=9)
+    if floor is not None:
+        ax.axhline(floor, color="gray", ls="--", label="floor")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 1, 2, 4 rather than 2^0, 2^1, 2^2
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("NFE per image")
-    ax.set_ylabel("sliced W2 to exact samples")
-    ax.set_title("adaptive teacher-student sampling (analytic teacher)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -120,7 +160,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "adaptive_nfe.json").write_text(json.dumps(result, indent=2))
     (out / "README.md").write_text(table(result))
-    plot(result, out / "adaptive_nfe.png")
+    plot(result, out / "adaptive_nfe.png", floor=result["sw2_floor"])
     print(table(result))
 
 

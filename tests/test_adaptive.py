@@ -126,3 +126,65 @@ def test_bad_settings_are_one_line_errors(setup):
                 AdaptiveSampler(setup[2], setup[1], **kw)
             else:
                 sampler(setup, **kw)
+
+
+class ProjectionFeatures(torch.nn.Module):
+    """A stand-in for Inception in the interface ``evaluate`` uses (uint8 images -> features; id, resize mode),
+    a fixed projection of the pixels that counts the images it sees."""
+
+    extractor_id, resize, num_features = "projection", "nv-bilinear", 6
+
+    def __init__(self, pixels: int):
+        super().__init__()
+        self.weight = torch.randn(pixels, self.num_features, generator=torch.Generator().manual_seed(1)) / 255
+        self.images = 0
+
+    def forward(self, images):
+        self.images += len(images)
+        return images.flatten(1).float() @ self.weight
+
+
+def test_real_teacher_rows_score_like_evaluate(tiny_teacher, tmp_path):
+    """eval/adaptive_fid.py on the tiny teacher: per row, the cached features give the FID and KID that
+    ``fastdiff.evaluation.evaluate`` gives on the same images (the CPU ladder's path), and Inception runs only on
+    images no earlier row had: an adaptive row's unrefined images are the student's, bit for bit."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from fastdiff.evaluation.evaluate import evaluate, make_reference
+    from fastdiff.evaluation.images import open_source
+    from fastdiff.inference.sampling import to_uint8
+
+    spec = importlib.util.spec_from_file_location(
+        "adaptive_fid", Path(__file__).resolve().parents[1] / "eval" / "adaptive_fid.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    teacher = load_teacher(tiny_teacher).denoiser
+    student = Generator(teacher, num_steps=1, sigma_init=2.5)  # the teacher in one step: a poor student
+    extractor = ProjectionFeatures(6 * 6)
+    np.savez(tmp_path / "real.npz", images=np.random.default_rng(0).integers(0, 256, (12, 1, 8, 8), dtype=np.uint8))
+    ref = make_reference(open_source(str(tmp_path / "real.npz")), extractor, None, 5, crop=6, progress=False)
+    z_batches = [torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(b)) for b in range(2)]
+    cache = script.FeatureCache(extractor, crop=6)
+    extractor.images = 0
+    seen, student_images = [], None
+    for row in script.sample_rows(student, teacher, z_batches, 0, 1.0, 2, 0.2, fractions=(0.25, 1.0), teacher_nfe=(1,)):
+        got = script.fid_kid(cache(row["samples"]), ref)
+        np.savez(tmp_path / "row.npz", images=to_uint8(row["samples"]).transpose(0, 3, 1, 2))
+        want = evaluate(open_source(str(tmp_path / "row.npz")), ref, extractor, None, 3, crop=6, progress=False)
+        # the same images, projected in batches of another size: float32 matmuls of 36 terms round each feature
+        # differently by up to 1.2e-7 x 36 ~ 4e-6 relative (measured here: 2e-8), and FID / KID follow
+        assert got["fid"] == pytest.approx(want["fid"], rel=1e-5), row["row"]
+        assert got["kid"] == pytest.approx(want["kid"], rel=1e-5, abs=1e-5 * got["fid"]), row["row"]
+        images = torch.from_numpy(to_uint8(row["samples"])).flatten(1)
+        if row["kind"] == "student":  # the first row: the others compare with it
+            student_images = images
+        changed = int((images != student_images).any(1).sum())  # refined images differ, the others are equal
+        seen.append((row["row"], row["refined_share"], changed))
+    assert seen == [("student", 0.0, 0), ("random q=0.2", 0.25, 2), ("adaptive q=0.25", 0.25, 2),
+                    ("adaptive q=1.0", 1.0, 8), ("teacher ddim-1", None, 8)]
+    # a sample refined in two rows is the same image (per-sample refinement noise), so Inception sees each image
+    # once: 8 student, 8 refined (the union over the rows: all, at q = 1), 8 teacher; evaluate's 5 x 8 on top
+    assert extractor.images == 8 + 8 + 8 + 5 * 8
