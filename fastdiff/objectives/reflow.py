@@ -21,9 +21,20 @@ flow teachers). Sampling is Euler on the learned velocity, which is the ``ddim``
 on the student's K levels: one step is ``x0 = D(z, sigma_s)``.
 
 Differences from rfpp, on purpose: c = 0.00054 sqrt(dim) as the paper states (rfpp's ``huber`` loss uses
-0.00054 dim and divides the loss by dim; ``objective.huber_c`` sets c); LPIPS (rfpp's ``lpips-huber``, Config F) is
-not built; the U-shaped draw inverts the exponential's CDF in closed form (rfpp samples scipy's ``rv_continuous`` and
-mirrors a random half, the same distribution).
+0.00054 dim and divides the loss by dim; ``objective.huber_c`` sets c); the U-shaped draw inverts the exponential's
+CDF in closed form (rfpp samples scipy's ``rv_continuous`` and mirrors a random half, the same distribution).
+
+LPIPS (``objective.loss``, rfpp ``train.py`` ``--loss_type lpips | lpips-huber``; the paper's Config F, its best):
+the x0 estimate ``x0_hat = x_t - t v_theta`` and the pair's x0, both bilinear to 224 px, are compared by LPIPS-VGG
+(``models/lpips.py``, weights from the local file ``objective.lpips_path``), per sample:
+
+    lpips:        loss = LPIPS(x0_hat, x0)
+    lpips_huber:  loss = (1 - t) h(v_theta - v) + LPIPS(x0_hat, x0),  h(y) = (sqrt(|y|^2 + c^2) - c) / dim,
+                  c = 0.00054 dim                                                    (rfpp's scale for this balance)
+
+``objective.huber_c`` replaces c in lpips_huber too. rfpp computes LPIPS with ``piq.LPIPS(replace_pooling=True)``
+(average pooling, ImageNet mean/std on [0, 1] inputs); fastdiff follows the ``lpips`` package (max pooling, its
+ScalingLayer), the metric whose lin weights both use. rfpp's ``--lpips_divt`` (LPIPS / t) is not built.
 """
 from __future__ import annotations
 
@@ -31,11 +42,15 @@ import math
 
 import torch
 
+from ..errors import FastdiffError
 from ..models.denoiser import Denoiser, expand
+from ..models.lpips import LPIPS
 from ..models.schedule import FlowSchedule
 from .base import Objective, finite_mean
 from .cd import DISTANCES, consistency_distance
 from .registry import register
+
+LOSSES = ("huber", "lpips", "lpips_huber")
 
 
 def sample_u_shaped(n: int, a: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -67,14 +82,18 @@ class Reflow(Objective):
             a VP table, t = 1 on a flow teacher.
         u_shape: a of the U-shaped timestep density (paper and rfpp's README: 4; 0 = uniform).
         distance: "pseudo_huber" (default) or "l2" (mean squared error of the velocity).
-        huber_c: the pseudo-Huber c; None = 0.00054 sqrt(dim).
+        huber_c: the pseudo-Huber c; None = 0.00054 sqrt(dim) (0.00054 dim in lpips_huber).
+        loss: "huber" (default: ``distance`` on the velocity), "lpips" or "lpips_huber" (module docstring).
+        lpips_path: a local LPIPS-VGG weights file (safetensors or .pth, ``lpips`` key names); needed by the LPIPS
+            losses, and with loss "huber" it adds an ``lpips`` metric to the logs.
     """
 
     trains_on = "data"
     uses_fake_score = False
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, sigma_max: float | None = None,
-                 u_shape: float = 4.0, distance: str | None = None, huber_c: float | None = None):
+                 u_shape: float = 4.0, distance: str | None = None, huber_c: float | None = None,
+                 loss: str | None = None, lpips_path: str | None = None):
         super().__init__(teacher, None, 0, None)
         distance = distance or "pseudo_huber"
         if distance not in DISTANCES:
@@ -82,6 +101,14 @@ class Reflow(Objective):
         if u_shape < 0 or (huber_c is not None and huber_c <= 0):
             raise ValueError("objective.u_shape must be >= 0 and objective.huber_c positive")
         self.student, self.u_shape, self.distance, self.huber_c = student, u_shape, distance, huber_c
+        self.loss = loss or "huber"
+        if self.loss not in LOSSES:
+            raise FastdiffError(f"objective.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if self.loss != "huber" and not lpips_path:
+            raise FastdiffError(f"objective.loss={self.loss} needs objective.lpips_path "
+                                "(a local LPIPS-VGG weights file)")
+        # Kept off the module tree: frozen, not trained, not checkpointed with the objective.
+        self.lpips = [LPIPS.from_file(lpips_path)] if lpips_path else []
         schedule = teacher.schedule
         self.flow = isinstance(schedule, FlowSchedule)
         top = math.inf if self.flow else schedule.sigma_max
@@ -107,6 +134,10 @@ class Reflow(Objective):
 
     def regression(self, pairs: torch.Tensor, cond=None, t: torch.Tensor | None = None):
         """(t, predicted velocity, target velocity) for a batch of pairs ``(n, 2, *shape)`` (noise, sample)."""
+        return self.line_fit(pairs, cond, t)[:3]
+
+    def line_fit(self, pairs: torch.Tensor, cond=None, t: torch.Tensor | None = None):
+        """:meth:`regression`'s triple, then the x0 estimate ``x_t - t v_theta`` and the pair's x0 (for LPIPS)."""
         if pairs.ndim < 3 or pairs.shape[1] != 2:
             raise ValueError("reflow trains on (noise, sample) pairs: set data.name=pairs and data.path to a folder "
                              "made by `fastdiff pairs`")
@@ -122,18 +153,38 @@ class Reflow(Objective):
             native = (x_t.double() * expand(self.teacher.schedule.alpha(sigma) / (1 - t), x_t)).float()
         x0_hat = self.student.denoise_native(native, sigma.float(), cond).float()
         v_pred = (x_t - x0_hat) / expand(t, x_t).float()
-        return t, v_pred, x1 - x0
+        return t, v_pred, x1 - x0, x0_hat, x0
+
+    def perceptual(self, x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """LPIPS(x0_hat, x0) per sample (both resized to 224 px inside)."""
+        metric = self.lpips[0]
+        if metric.shift.device != x0.device:
+            metric.to(x0.device)
+        return metric(x0_hat, x0)
 
     def generator_loss(self, x, cond=None, real=None):
-        t, v_pred, v_target = self.regression(x, cond)
+        t, v_pred, v_target, x0_hat, x0 = self.line_fit(x, cond)
         delta = v_pred - v_target
-        if self.distance == "pseudo_huber" and self.huber_c is not None:
+        logs = {}
+        if self.loss == "lpips_huber":  # rfpp train.py lpips-huber: (1 - t) huber / dim + lpips, c = 0.00054 dim
+            flat = delta.flatten(1)
+            c = 0.00054 * flat.shape[1] if self.huber_c is None else self.huber_c
+            huber = ((flat.pow(2).sum(dim=1) + c * c).sqrt() - c) / flat.shape[1]
+            lpips = self.perceptual(x0_hat, x0)
+            per_sample = (1 - t.to(huber.dtype)) * huber + lpips
+            logs = {"huber": huber.detach().mean(), "lpips": lpips.detach().mean()}
+        elif self.loss == "lpips":
+            per_sample = self.perceptual(x0_hat, x0)
+        elif self.distance == "pseudo_huber" and self.huber_c is not None:
             flat = delta.flatten(1)
             per_sample = (flat.pow(2).sum(dim=1) + self.huber_c ** 2).sqrt() - self.huber_c
         else:
             per_sample = consistency_distance(delta, self.distance)
+        if self.loss == "huber" and self.lpips:  # a metric only
+            with torch.no_grad():
+                logs = {"lpips": self.perceptual(x0_hat.detach(), x0).mean()}
         loss = finite_mean(per_sample)
-        return loss, {"loss_reflow": loss.detach()}
+        return loss, {"loss_reflow": loss.detach(), **logs}
 
 
 register("reflow", Reflow)
