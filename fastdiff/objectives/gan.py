@@ -39,6 +39,14 @@ def bottleneck_channels(model: nn.Module) -> int:
     return cfg.num_attention_heads * cfg.attention_head_dim
 
 
+def _is_fsdp_root(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 class GANHead(nn.Module):
     """Logits from the fake score's bottleneck features; owns only the head's parameters."""
 
@@ -55,7 +63,15 @@ class GANHead(nn.Module):
 
     def _keep(self, module, args, output):
         if self._capturing:
-            self._features = output[0] if isinstance(output, tuple) else output
+            features = output[0] if isinstance(output, tuple) else output
+            self._features = features
+            root = self._fake[0].model
+            if features.requires_grad and _is_fsdp_root(root):
+                # train.sharding fsdp: FSDP gathers a unit's weights again in backward when the gradient reaches
+                # the unit's output. The root unit's output is the fake score's x0, which the head does not use,
+                # so that never happens, and backward would reach the root's own layers (conv_in, the time
+                # embedding) with their weights freed after forward. The features lead there: gather on them.
+                features.register_hook(lambda grad: root.unshard())
 
     @contextmanager
     def reading(self):

@@ -72,9 +72,6 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
     backtrack = getattr(o, "backtrack", None)
     if (backtrack if backtrack is not None else entry(o.name).defaults.get("backtrack")) and cfg.train.sharding == "fsdp":
         raise FastdiffError("objective.backtrack (DisBack) does not run with train.sharding fsdp yet")
-    if uses_gan(cfg) and cfg.train.sharding == "fsdp":  # the head's hooked features outlive FSDP's freed weights
-        raise FastdiffError(f"the GAN head (objective.gan, or {o.name}'s own) does not run with train.sharding fsdp "
-                            "yet: set train.sharding none")
     if uses_gan(cfg) and not objective_class(o.name).uses_fake_score:
         raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
     if o.name == "fada" and not (teacher.num_classes and takes_text(teacher)):
