@@ -15,7 +15,8 @@ and a LoRA fake score (rank 16 at width 0.2: the adapters' share of rank 64 at f
 2 processes, replicated (``train.sharding none``) against sharded (``fsdp``), launched with ``accelerate launch``
 (gloo on the CPU); ``--networks full`` or ``lora`` runs only those rows. The figure per row is the largest over the processes of the peak during the two steps: VmHWM reset after setup
 (``/proc/self/clear_refs``, after ``malloc_trim`` returns freed pages); the setup peak is shown too (under fsdp
-the teacher loads whole on every process, the student and fake score are made from its shards).
+the teacher loads straight into shards, the student and fake score are made from its shards; the VAE and text
+encoder load whole).
 
     python eval/memory.py --processes 2 --out eval/results/memory-fsdp-cpu       # CPU: width 0.2, latent 32
     python eval/memory.py --processes 2 --networks lora --out eval/results/memory-fsdp-lora-cpu

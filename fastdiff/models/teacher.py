@@ -188,12 +188,16 @@ def load_pipeline(path: str, index: dict, dtype: torch.dtype = torch.float32, sa
 
 
 def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> Teacher:
+                 dtype: torch.dtype = torch.float32, load_network=None) -> Teacher:
     """Load a teacher from a local diffusers folder, or from a hub id on a machine with a network.
 
     Latent and text-to-image teachers (a pipeline folder with a VAE or text encoders: SD, SDXL, SD3, DiT) load
     as their whole pipeline, so VAE and prompt encoding are the pipeline's own. ``dtype`` is that of every frozen
     network. The denoising network is frozen (``requires_grad=False``, eval mode).
+
+    ``load_network(cls, path, subfolder, dtype)``: an other way to load the denoising network of a local folder
+    (``train.sharding fsdp`` loads it straight into shards); it returns None where it does not apply, and the
+    network then loads whole with ``from_pretrained``.
     """
     path = str(path)
     pipeline = None
@@ -206,7 +210,12 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
     else:
         index = pipeline_index(path)
     if index is not None and any(k in index for k in LATENT_OR_TEXT):
-        pipeline = load_pipeline(path, index, dtype)
+        given = {}
+        if load_network is not None and os.path.isdir(path):
+            folder = next((f for f in MODEL_FOLDERS if f in index and (Path(path) / f / "config.json").is_file()), None)
+            network = folder and load_network(_class_from_config(path, folder, "config.json"), path, folder, dtype)
+            given = {folder: network} if network is not None else {}
+        pipeline = load_pipeline(path, index, dtype, **given)
         folder = next(f for f in MODEL_FOLDERS if getattr(pipeline, f, None) is not None)
         model, scheduler = getattr(pipeline, folder), pipeline.scheduler
     else:
@@ -214,7 +223,9 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
         try:
             model_cls = _class_from_config(path, folder, "config.json")
             sched_cls = _class_from_config(path, sched_folder, "scheduler_config.json")
-            model = model_cls.from_pretrained(path, subfolder=folder, **dtype_kwargs(dtype))
+            model = load_network(model_cls, path, folder, dtype) if load_network and os.path.isdir(path) else None
+            if model is None:
+                model = model_cls.from_pretrained(path, subfolder=folder, **dtype_kwargs(dtype))
             scheduler = sched_cls.from_pretrained(path, subfolder=sched_folder)
         except FastdiffError:
             raise

@@ -25,7 +25,7 @@ from .teacher_data import teacher_samples_for
 from .networks import check_student, enable_gradient_checkpointing, fake_score_model, lora_export_mode, methods_used
 from .networks import student_model_for
 from .optim import Optimizer
-from .sharding import refuse_accelerate_sharding, shard_run, shards_for_setup
+from .sharding import refuse_accelerate_sharding, shard_run, shards_before_teacher, shards_for_setup
 from .trackers import trackers_for
 from .setup import (build_objective, check_objective_settings, prepare_output_dir, resolve_train_defaults, sigma_init,
                     student_denoiser, student_like, uses_ema, uses_gan)
@@ -52,8 +52,10 @@ class Run:
         refuse_accelerate_sharding(self.accelerator.distributed_type)
         teacher_path = resolve_teacher_path(cfg.teacher.path)
         # Everything that can fail on bad input happens before anything is written.
+        # train.sharding fsdp: the teacher's network loaded straight into shards where it can be (sharding.py)
+        self.shards, load_network = shards_before_teacher(cfg, self.accelerator, self.accelerator.print)
         self.teacher = load_teacher(teacher_path, cfg.teacher.guidance_scale, cfg.teacher.null_class,
-                                    getattr(torch, cfg.teacher.dtype))
+                                    getattr(torch, cfg.teacher.dtype), load_network)
         check_objective_settings(cfg, self.teacher)
         needs_data = uses_gan(cfg) or objective_class(cfg.objective.name).reads_real_images(cfg.objective)
         self.real = None

@@ -20,8 +20,10 @@ full fake score next to a LoRA student) is sharded per block as usual.
 
 Setup (``loads_into_shards``): the teacher is sharded as soon as it is loaded, and the student, the fake score and
 the EMA, full copies of it, are made from its shards (``Shards.copy_of``: the module structure on the meta device,
-sharded, then each process's slices copied), so no process holds more than the teacher whole. The teacher itself
-still loads whole on every process (``models.teacher``) before it is sharded.
+sharded, then each process's slices copied), so no process holds more than the teacher whole. The teacher's network itself loads straight into shards
+(``load_sharded``): its module structure without weights, sharded, then each process reads only its own rows of the
+checkpoint's safetensors file(s), memory-mapped. Where that does not apply it loads whole and is sharded after (see
+``load_sharded``). The VAE and text encoders always load whole and stay replicated.
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ SINGLE_BLOCKS = ("mid_block",)
 # part at most 5.7%), and its gathered copy with FSDP's all-gather buffer was the largest transient of a sharded
 # step (eval/memory.py, 2 CPU processes, width 0.2, DMD2: ~110 MB of the 1633 MB peak per block, ~25 MB per part).
 PART_LISTS = ("resnets", "attentions", "upsamplers", "downsamplers")
+# Modules a network calls outside their block's forward, each a unit of its own: DiT (Transformer2DModel with
+# ada_norm_zero) takes its conditioning from its first block's norm1.emb, called by the root before block 0 runs,
+# when that block's weights are still sharded ("mixed Tensor and DTensor" otherwise).
+CALLED_OUTSIDE = ("transformer_blocks.0.norm1.emb",)
 
 # reshard_after_forward per network (True: free the gathered weights after each forward and gather again in backward).
 #  - teacher: True. It is frozen, the largest network a step calls, and called several times per update (real
@@ -112,6 +118,8 @@ def units(model: nn.Module) -> list[nn.Module]:
     of UNet blocks (``PART_LISTS``), then the outermost blocks (entries of ``BLOCK_LISTS``, the mid block) not
     inside a part, except a block whose parameters all belong to its parts (nothing left for it to hold)."""
     parts = _outermost(model, lambda owner, leaf: owner in PART_LISTS and leaf.isdigit())
+    modules = dict(model.named_modules())
+    parts += [(name, modules[name]) for name in CALLED_OUTSIDE if name in modules]
     part_names = [name for name, _ in parts]
     in_parts = {id(p) for _, m in parts for p in m.parameters()}
     found = [m for _, m in parts]
@@ -340,14 +348,111 @@ def loads_into_shards(cfg, num_processes: int) -> bool:
             and not s.layer_budget and o.guidance_range is None and not changes_student)
 
 
+def shards_before_teacher(cfg, accelerator, log=print):
+    """``loads_into_shards``: (the run's Shards, the ``load_network`` hook ``models.teacher.load_teacher`` loads
+    the teacher's network into shards with); else (None, None). Not with ``data.name teacher``, whose samples the
+    teacher makes during setup, before every process would call it (a sharded forward is collective)."""
+    if not loads_into_shards(cfg, accelerator.num_processes):
+        return None, None
+    shards = Shards(accelerator, cfg.train.mixed_precision, log)
+    if cfg.data.name == "teacher":
+        return shards, None
+    return shards, lambda cls, path, subfolder, dtype: load_sharded(shards, cls, path, subfolder, dtype, log)
+
+
 def shards_for_setup(run, log=print) -> Shards | None:
-    """``loads_into_shards``: the run's Shards with the teacher sharded, before any copy of it is made (the
-    teacher itself is still loaded whole on every process); else None (``shard_run`` shards the built run)."""
-    if not loads_into_shards(run.cfg, run.accelerator.num_processes):
+    """The run's Shards (``shards_before_teacher``) with the teacher sharded, before any copy of it is made: a
+    teacher loaded whole (``load_sharded`` did not apply) is sharded now; None when setup does not load into
+    shards (``shard_run`` then shards the built run)."""
+    if run.shards is not None and not is_sharded(run.teacher.model):
+        run.shards.shard(run.teacher.model, "teacher")
+    return run.shards
+
+
+SAFETENSORS = "diffusion_pytorch_model.safetensors"
+
+
+def weight_files(folder) -> dict[str, str] | None:
+    """{tensor name: safetensors file} of a diffusers model folder (one file, or an index of several, as
+    ``from_pretrained`` reads them without a variant); None when it has neither (.bin weights)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / (SAFETENSORS + ".index.json")
+    if index.is_file():
+        return {name: str(folder / file) for name, file in json.loads(index.read_text())["weight_map"].items()}
+    if (folder / SAFETENSORS).is_file():
+        with safe_open(folder / SAFETENSORS, "pt") as f:
+            return dict.fromkeys(f.keys(), str(folder / SAFETENSORS))
+    return None
+
+
+def load_sharded(shards: Shards, cls, path: str, subfolder: str, dtype: torch.dtype, log=print) -> nn.Module | None:
+    """The teacher's network ``cls`` from ``path/subfolder`` loaded straight into shards: built with its parameters
+    on the meta device (accelerate's ``init_empty_weights``; buffers get their register-time values), cast to
+    ``dtype`` and frozen as ``from_pretrained`` leaves it, sharded (``Shards.shard``, the usual units), then each
+    process's rows read from the memory-mapped safetensors file(s) (``get_slice``) and cast (``copy_`` rounds as
+    ``Tensor.to`` does). Buffers: from the file where it holds them, else their register-time values.
+
+    None (the network then loads whole with ``from_pretrained`` and is sharded after) when: the folder has no
+    safetensors weights (.bin), the class keeps modules in float32 (``_keep_in_fp32_modules``), or the file's tensor
+    names differ from the network's state dict (weights ``from_pretrained`` renames, e.g. old attention names). Not
+    called at all (models.teacher: whole) for hub ids, a single process, LoRA runs and the other runs
+    ``loads_into_shards`` leaves out; the VAE and text encoders of a pipeline always load whole (replicated)."""
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    folder = Path(path) / subfolder
+    files = weight_files(folder)
+    if files is None or getattr(cls, "_keep_in_fp32_modules", None):
         return None
-    shards = Shards(run.accelerator, run.cfg.train.mixed_precision, log)
-    shards.shard(run.teacher.model, "teacher")
-    return shards
+    with init_empty_weights():  # parameters on meta; buffers (include_buffers False) real
+        model = cls.from_config(cls.load_config(folder))
+    model.register_to_config(_name_or_path=str(path))  # as from_pretrained records it
+    if set(files) != set(model.state_dict()):
+        log(f"train.sharding fsdp: {folder}'s tensor names differ from {cls.__name__}'s; loading it whole")
+        return None
+    registered = {name: b.clone() for name, b in model.named_buffers() if name not in files}
+    # from_pretrained casts what the file holds (floating parameters and persistent buffers) to dtype; the buffers
+    # it does not hold keep their register-time dtype (restored below). nn.Module.to: diffusers' own warns.
+    nn.Module.to(model, dtype).requires_grad_(False).eval()
+    shards.shard(model, "teacher")
+    model.to_empty(device=shards.device)  # this process's slices only; buffers emptied too (refilled below)
+    with torch.no_grad():
+        # one opening per tensor: the file's pages a reading touches stay mapped (and count as resident) until the
+        # file is closed, so keeping it open would end holding about the whole file; reopening costs a header read
+        for name, p in model.named_parameters():
+            with safe_open(files[name], "pt") as file:
+                _read_slice_(p, file, name)
+        for name, b in list(model.named_buffers()):
+            if name in files:
+                with safe_open(files[name], "pt") as file:
+                    b.copy_(file.get_tensor(name))
+            else:
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._buffers[leaf] = registered[name].to(shards.device)
+                shards.skeleton(model).get_submodule(owner)._buffers[leaf] = registered[name]  # copies made from it
+    return model
+
+
+def _read_slice_(param: torch.Tensor, file, name: str) -> None:
+    """Fill this process's slice of ``param`` from an open safetensors file, reading only its rows: FSDP2 cuts
+    dim 0 into ``ceil(n / P)``-row chunks, process ``i`` holding rows ``[i * chunk, i * chunk + its local size)``."""
+    from torch.distributed.tensor import Shard
+
+    mine = local(param)
+    if not is_dtensor(param) or param.dim() == 0 or tuple(param.placements) != (Shard(0),):
+        copy_full_(param, file.get_tensor(name))  # whole, or not FSDP's dim-0 cut: read whole, cut locally
+        return
+    chunk = -(-param.shape[0] // param.device_mesh.size())
+    start = param.device_mesh.get_local_rank() * chunk
+    if mine.shape[0]:
+        mine.copy_(file.get_slice(name)[start:start + mine.shape[0]])
 
 
 def shard_run(run, log=print) -> Shards | None:
