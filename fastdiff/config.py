@@ -302,6 +302,17 @@ def _read_one_yaml(name_or_path: str) -> dict:
     return data
 
 
+def flat_config(cfg, overrides: list[str], positive: tuple[str, ...]):
+    """A command's own flat settings (``fastdiff tune`` / ``upscale``): ``key=value`` overrides applied to ``cfg``
+    (unknown keys and bad types refused), then the ``positive`` keys checked; returns ``cfg``."""
+    for item in overrides:
+        _apply(cfg, parse_override(item))
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise FastdiffError(f"{key} must be positive, got {getattr(cfg, key)}")
+    return cfg
+
+
 def parse_override(item: str) -> dict:
     """``a.b.c=value`` -> nested dict; the value is read as YAML (numbers, booleans, lists, null)."""
     if "=" not in item:

@@ -22,6 +22,19 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def networks_from_configs(configs: list, default: str, owner: str) -> torch.nn.ModuleList:
+    """The students' networks, each built (weightless) from its saved config by its diffusers class name; only
+    diffusers' own classes, so a router folder runs no code of its own."""
+    nets = []
+    for config in configs:
+        config = dict(config)
+        name = config.pop("_class_name", default)
+        cls = getattr(diffusers, name, None)
+        if cls is None:
+            raise ValueError(f"{owner}: {name} is not a diffusers model class")
+        nets.append(cls.from_config(config))
+    return torch.nn.ModuleList(nets)
+
 class MultiStudentUNet(ModelMixin, ConfigMixin):
     """K diffusers networks and the router: ``class_to_student[c]`` is the student of class label c.
 
@@ -33,15 +46,7 @@ class MultiStudentUNet(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, students: list, class_to_student: list):
         super().__init__()
-        nets = []
-        for config in students:
-            config = dict(config)
-            name = config.pop("_class_name", "UNet2DModel")
-            cls = getattr(diffusers, name, None)
-            if cls is None:
-                raise ValueError(f"MultiStudentUNet: {name} is not a diffusers model class")
-            nets.append(cls.from_config(config))
-        self.nets = torch.nn.ModuleList(nets)
+        self.nets = nets = networks_from_configs(students, "UNet2DModel", "MultiStudentUNet")
         if any(not 0 <= k < len(nets) for k in class_to_student):
             raise ValueError(f"class_to_student names a student outside 0..{len(nets) - 1}: {class_to_student}")
 
@@ -147,15 +152,7 @@ class PromptRoutedStudents(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, students: list, feature_dim: int):
         super().__init__()
-        nets = []
-        for config in students:
-            config = dict(config)
-            name = config.pop("_class_name", "UNet2DConditionModel")
-            cls = getattr(diffusers, name, None)
-            if cls is None:
-                raise ValueError(f"PromptRoutedStudents: {name} is not a diffusers model class")
-            nets.append(cls.from_config(config))
-        self.nets = torch.nn.ModuleList(nets)
+        self.nets = nets = networks_from_configs(students, "UNet2DConditionModel", "PromptRoutedStudents")
         self.register_buffer("centroids", torch.zeros(len(nets), feature_dim, dtype=torch.float64))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import _apply, parse_override
+from ..config import flat_config
 from ..errors import FastdiffError
 from ..inference.export import export_student, read_student_info, student_generator, teacher_location
 from ..inference.sampling import save_grid, to_uint8
@@ -50,12 +50,7 @@ class TuneConfig:
 
 
 def tune_config(overrides: list[str]) -> TuneConfig:
-    cfg = TuneConfig()
-    for item in overrides:
-        _apply(cfg, parse_override(item))
-    for key in ("steps", "batch_size", "num_sample_images"):
-        if getattr(cfg, key) <= 0:
-            raise FastdiffError(f"{key} must be positive, got {getattr(cfg, key)}")
+    cfg = flat_config(TuneConfig(), overrides, positive=("steps", "batch_size", "num_sample_images"))
     if cfg.lr <= 0 or cfg.beta <= 0:
         raise FastdiffError(f"lr and beta must be positive, got lr {cfg.lr}, beta {cfg.beta}")
     return cfg

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import _apply, parse_override
+from ..config import flat_config
 from ..errors import FastdiffError
 from ..machine import progress
 from ..objectives.scale_distill import (decoder_loss, predicted_latent, scale_distill_loss, upscale_forward)
@@ -64,12 +64,7 @@ class UpscaleConfig:
 
 
 def upscale_config(overrides: list[str]) -> UpscaleConfig:
-    cfg = UpscaleConfig()
-    for item in overrides:
-        _apply(cfg, parse_override(item))
-    for key in ("factor", "batch_size", "num_eval_images"):
-        if getattr(cfg, key) <= 0:
-            raise FastdiffError(f"{key} must be positive, got {getattr(cfg, key)}")
+    cfg = flat_config(UpscaleConfig(), overrides, positive=("factor", "batch_size", "num_eval_images"))
     if cfg.factor < 2:
         raise FastdiffError(f"factor must be at least 2 (the student's magnification over the teacher's), got "
                             f"{cfg.factor}")
