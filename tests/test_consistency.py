@@ -319,8 +319,10 @@ def test_consistency_bad_input(sets, fragment, tiny_teacher, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("teacher_name", ["fmnist-ddpm", "fmnist-cond-vpred"])
-@pytest.mark.parametrize("name", ["cd", "scm"])
+# one objective per teacher in the default suite (4-5 s each); the other pairs are slow
+@pytest.mark.parametrize("name,teacher_name", [("scm", "fmnist-ddpm"), ("cd", "fmnist-cond-vpred"),
+                                               pytest.param("cd", "fmnist-ddpm", marks=pytest.mark.slow),
+                                               pytest.param("scm", "fmnist-cond-vpred", marks=pytest.mark.slow)])
 def test_reference_teacher_consistency_smoke(name, teacher_name, shared_teacher, tmp_path):
     """Two steps on each reference teacher, exported; diffusers reproduces fastdiff's 1-, 2- and 4-step sampler."""
     teacher = shared_teacher(teacher_name)

@@ -75,7 +75,7 @@ def _worker(rank: int, port: int, folder: str, dtype: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_copies_made_from_the_teachers_shards_equal_the_slices_of_full_copies(tmp_path, dtype):
     """bfloat16: a teacher in teacher.dtype bf16, whose float32 trainable copies cast each slice (exact: elementwise).
     ~10 s each on one core."""
@@ -156,6 +156,7 @@ def _setup_worker(rank: int, port: int, folder: str, from_shards: bool) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # memory peaks of whole networks: a few seconds
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
 def test_setup_from_shards_peaks_below_whole_copies(tmp_path):
     """Whole copies peak at four networks (teacher, student, fake score, EMA) before sharding; made from the shards,
@@ -312,6 +313,7 @@ def _load_peak_worker(rank: int, port: int, folder: str, out: str, into_shards: 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # memory peaks of whole networks: a few seconds
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
 def test_loading_into_shards_peaks_below_a_whole_load(tmp_path):
     """A 15.8M-parameter UNet (60 MB in float32): loaded whole, each process holds at least the whole copy; into
