@@ -3,6 +3,7 @@ single-process update, optimizer and weights resume across process counts (2 -> 
 sharded fake score, and accelerate's own
 FSDP / DeepSpeed / Megatron plugins are refused with one line. The networks are the conftest's tiny diffusers UNet."""
 import copy
+import contextlib
 import os
 import socket
 import sys
@@ -106,11 +107,7 @@ def _sharded(acc):
 
 
 def _worker(rank: int, port: int, folder: str, full: bool) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        acc = SimpleNamespace(device=torch.device("cpu"), num_processes=WORLD, is_main_process=rank == 0)
+    with gloo_process(rank, port) as acc:
         main = rank == 0
         mine = slice(rank * ACCUM, rank * ACCUM + ACCUM)
         out = {}
@@ -134,9 +131,19 @@ def _worker(rank: int, port: int, folder: str, full: bool) -> None:
         out["resumed_state2"] = _state(unet, head, opt, main)
         if main:
             torch.save(out, Path(folder) / "fsdp.pt")
+
+
+
+@contextlib.contextmanager
+def gloo_process(rank: int, port: int):
+    """One CPU process of a WORLD-process gloo group, one thread; yields the accelerator stand-in sharding needs."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        yield SimpleNamespace(device=torch.device("cpu"), num_processes=WORLD, is_main_process=rank == 0)
     finally:
         dist.destroy_process_group()
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -369,11 +376,7 @@ def _gan_loss(head, x, t) -> torch.Tensor:
 
 
 def _gan_worker(rank: int, port: int, folder: str, full: bool) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        acc = SimpleNamespace(device=torch.device("cpu"), num_processes=WORLD, is_main_process=rank == 0)
+    with gloo_process(rank, port) as acc:
         fake, head = _gan_networks()
         sharding.Shards(acc, "no").shard(fake.model, "fake")  # per block part and the root, resharded after forward
         x, t = _gan_halves()[rank]
@@ -383,8 +386,6 @@ def _gan_worker(rank: int, port: int, folder: str, full: bool) -> None:
         dist.all_gather(xs, x.grad)
         if rank == 0:
             torch.save({"grads": grads, "x": torch.cat(xs)}, Path(folder) / "fsdp.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gan_head_backpropagates_through_a_sharded_fake_score():

@@ -6,7 +6,6 @@ straight into shards (``load_sharded``) equals from_pretrained's slices, buffers
 import copy
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from conftest import tiny_unet
 from fastdiff.config import Config
 from fastdiff.training import sharding
 from fastdiff.training.networks import trainable_copy
-from test_sharding import WORLD, _free_port
+from test_sharding import WORLD, _free_port, gloo_process
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -49,11 +48,7 @@ def _mismatches(sharded: torch.nn.Module, eager: torch.nn.Module) -> list[str]:
 
 
 def _worker(rank: int, port: int, folder: str, dtype: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        acc = SimpleNamespace(device=torch.device("cpu"), num_processes=WORLD, is_main_process=rank == 0)
+    with gloo_process(rank, port) as acc:
         # the teacher as a run loads it (frozen, in teacher.dtype), and what an unsharded setup copies from it
         teacher = tiny_unet().to(getattr(torch, dtype)).requires_grad_(False).eval()
         eager_student = trainable_copy(teacher)
@@ -71,8 +66,6 @@ def _worker(rank: int, port: int, folder: str, dtype: str) -> None:
         with torch.no_grad():  # the gathered weights are the eager ones: the same float32 operations
             out["outputs"] = [torch.equal(m(x, t).sample, eager_student(x, t).sample) for m in (student, fake, ema)]
         torch.save(out, Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
@@ -126,11 +119,7 @@ def _setup_worker(rank: int, port: int, folder: str, from_shards: bool) -> None:
     made from the teacher's shards or (as before, and for the networks that still do) whole and sharded after."""
     import ctypes
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        acc = SimpleNamespace(device=torch.device("cpu"), num_processes=WORLD, is_main_process=rank == 0)
+    with gloo_process(rank, port) as acc:
         shards = sharding.Shards(acc, "no")
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from the current resident size
@@ -152,8 +141,6 @@ def _setup_worker(rank: int, port: int, folder: str, from_shards: bool) -> None:
                 shards.shard(net, role)
         copy_mb = sum(p.numel() for p in teacher.parameters()) * 4 / 2**20  # full sizes (DTensor numel is global)
         torch.save({"peak": _rss_mb("VmHWM") - start, "copy": copy_mb}, Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # memory peaks of whole networks: a few seconds
@@ -203,11 +190,7 @@ def _teacher_folder(path: Path, kind: str, split: bool) -> str:
 def _load_worker(rank: int, port: int, folder: str, out: str, kind: str, dtype: str, mutate: bool) -> None:
     from fastdiff.models.teacher import load_teacher
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        acc = SimpleNamespace(device=torch.device("cpu"), num_processes=WORLD, is_main_process=rank == 0)
+    with gloo_process(rank, port) as acc:
         eager = load_teacher(folder, dtype=getattr(torch, dtype)).model  # from_pretrained, whole
         shards = sharding.Shards(acc, "no")
         loaded = load_teacher(folder, dtype=getattr(torch, dtype), load_network=lambda cls, path, sub, dt:
@@ -231,8 +214,6 @@ def _load_worker(rank: int, port: int, folder: str, out: str, kind: str, dtype: 
             result["equal"] = torch.equal(teacher(x, torch.tensor([3, 500]), **cond).sample,
                                           eager(x, torch.tensor([3, 500]), **cond).sample)
         torch.save(result, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _load_on_two(tmp_path, kind, dtype, split, mutate=False) -> list[dict]:
@@ -291,11 +272,7 @@ def _load_peak_worker(rank: int, port: int, folder: str, out: str, into_shards: 
 
     from fastdiff.models.teacher import load_teacher
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        acc = SimpleNamespace(device=torch.device("cpu"), num_processes=WORLD, is_main_process=rank == 0)
+    with gloo_process(rank, port) as acc:
         shards = sharding.Shards(acc, "no")
         import accelerate  # noqa: F401 - only the sharded way imports it: imported before measuring, for both
         import safetensors.torch  # noqa: F401
@@ -309,8 +286,6 @@ def _load_peak_worker(rank: int, port: int, folder: str, out: str, into_shards: 
             shards.shard(teacher, "teacher")
         torch.save({"peak": _rss_mb("VmHWM") - start, "sharded": sharding.is_sharded(teacher)},
                    Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # memory peaks of whole networks: a few seconds
