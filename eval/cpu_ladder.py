@@ -37,7 +37,7 @@ SHARED = ROOT.parent / "shared"
 TEACHERS = {"ddpm": ("embedded:fmnist-ddpm", 1.0), "cond": (str(SHARED / "teachers" / "fmnist-cond-vpred"), 2.0)}
 NOT_STUDENTS = {"agd"}
 # few-step students (consistency, segment consistency, flow maps, straight lines): also measured at 2 steps
-MULTI_STEP = {"cd", "scm", "rcm", "scm-ladd", "hyper-sd", "hyper-sd-dmd", "meanflow", "reflow"}
+MULTI_STEP = {"cd", "scm", "rcm", "scm-ladd", "hyper-sd", "hyper-sd-dmd", "meanflow", "ayf", "reflow"}
 # reflow trains on (noise, teacher sample) pairs and samples its straight lines with Euler (README's recipe)
 PAIRS_STEPS = 10  # the teacher's DDIM (Euler) ODE for the pairs: its 10-step samples are the ladder's teacher row
 
