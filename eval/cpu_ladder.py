@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -210,6 +211,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=800, help="reflow's teacher pairs (at least one per image trained on)")
     p.add_argument("--data-path", default=str(SHARED / "datasets" / "fashion-mnist"))
     p.add_argument("--set", action="append", help="extra config override for every run")
+    p.add_argument("--label", help="row name for one objective run with --set overrides (default: the objective's "
+                                   "name, which stands for its defaults)")
     p.add_argument("--render", action="store_true", help="only rewrite README.md and ladder.png from ladder.json")
     args = p.parse_args()
 
@@ -222,6 +225,8 @@ def main() -> None:
     from fastdiff.evaluation.metrics import ReferenceStats
 
     args.device = torch.device("cpu")
+    if args.label and "," in args.objectives:
+        p.error("--label names one run: give one objective with it")
     out = Path(args.out)
     if args.render:
         result = json.loads((out / "ladder.json").read_text())
@@ -271,7 +276,8 @@ def main() -> None:
             start = start_row(which, teacher, guidance, name, extra, out, args, rows, errors, add, ref, extractor)
             if start is None:
                 continue
-            run = out / "runs" / f"{which}-{name}"
+            label = args.label or name  # a labelled row holds overrides; the objective's name, its defaults
+            run = out / "runs" / f"{which}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', label).strip('-')}"
             budget = [f"train.max_steps={args.updates}"] if args.updates else [f"train.time_limit_minutes={args.minutes}"]
             info = run_distill(teacher, guidance, name, run, args, budget + extra)
             print(name, which, info, flush=True)
@@ -282,7 +288,8 @@ def main() -> None:
             for r in fid_rows(str(run / "student"), eval_steps(name, run), None, ref, extractor, args):
                 base = next(s for s in rows if s["teacher"] == which and s["model"] == start and s["steps"] == r["steps"])
                 verdict = f"{'below' if r['fid'] < base['fid'] else 'NOT below'} its start ({base['fid']:.1f})"
-                add({**r, "teacher": which, "kind": "student", "model": name, "start": start,
+                add({**r, "teacher": which, "kind": "student", "model": label, "start": start,
+                     **({"overrides": args.set} if args.set else {}),
                      "updates": info["steps"], "images_seen": info["images_seen"],
                      "wall_seconds": info["wall_seconds"], "verdict": verdict, "last_log": info["log"]})
     result = save()
