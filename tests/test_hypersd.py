@@ -39,6 +39,21 @@ def test_stage_schedule_is_a_pure_function_of_the_step():
     assert [stage_at(s, [1], []) for s in (0, 10**6)] == [0, 0]
 
 
+def test_stage_ends_are_where_the_stage_moves_on():
+    """stage_ends: {updates done when a stage ends: its segment count} for every stage but the last, at exactly the
+    step where stage_at moves to the next stage (the trainer exports that stage's student there)."""
+    obj, *_ = tiny_case([1])
+    segments = [8, 4, 2, 1]
+    for steps in ([3, 2, 4], [3, 2, 4, 5]):  # a length for the last stage: it has no end either way
+        hyper = HyperSD(obj.teacher, None, obj.student, segments=segments, stage_steps=steps, num_intervals=8)
+        ends = hyper.stage_ends()
+        assert ends == {3: 8, 5: 4, 9: 2}
+        for end, k in ends.items():
+            before, after = stage_at(end - 1, segments, steps), stage_at(end, segments, steps)
+            assert segments[before] == k and after == before + 1
+    assert HyperSD(obj.teacher, None, obj.student, segments=[1], num_intervals=8).stage_ends() == {}
+
+
 @pytest.mark.parametrize("top", [999, 727])  # the full table, and an epsilon student's start (728 = 8 x 91)
 def test_segment_edges_are_the_sampler_levels(top):
     """The lower edges of k segments are the timesteps of fastdiff's (and diffusers' trailing DDIM) k-step sampler,
@@ -178,7 +193,8 @@ def test_bad_options(options, message):
 def test_lora_student_serves_1_2_4_steps_through_load_lora_weights(tmp_path):
     """A LoRA hyper-sd student of a tiny SD pipeline (k = 2 then 1, sampled with the deterministic DDIM sampler):
     the teacher pipeline with ``load_lora_weights`` and the exported scheduler gives fastdiff's own images, uint8 for
-    uint8, at 1, 2 and 4 steps; a TCDScheduler config (step count and eta are its call arguments) lies beside it."""
+    uint8, at 1, 2 and 4 steps; a TCDScheduler config (step count and eta are its call arguments) lies beside it; the
+    2-segment stage's LoRA (stages/k2/) does the same at 2 steps."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, TCDScheduler
 
     import tiny_pipelines as tp
@@ -191,7 +207,7 @@ def test_lora_student_serves_1_2_4_steps_through_load_lora_weights(tmp_path):
     info = json.loads((out / "fastdiff.json").read_text())
     assert info["objective"] == "hyper-sd" and info["export"] == "lora" and info["top_timestep"] == 999
     pipe = StableDiffusionPipeline.from_pretrained(sd)
-    plain = theirs(pipe, 1)
+    plain, teacher_2 = theirs(pipe, 1), theirs(pipe, 2)
     pipe.load_lora_weights(str(out))
     pipe.scheduler = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
     for steps in (1, 2, 4):
@@ -201,20 +217,76 @@ def test_lora_student_serves_1_2_4_steps_through_load_lora_weights(tmp_path):
     for steps in (1, 2, 4, 8):  # TCD's K levels are fastdiff's (its last step stops at timestep 0, not at x0)
         tcd.set_timesteps(steps)
         assert tcd.timesteps.tolist() == step_timesteps(1000, steps)
+    # the 2-segment stage's student (after update 1 of 2): a LoRA of its own in stages/k2/, for 2 steps, as Hyper-SD's
+    # 2-step LoRA; diffusers reproduces fastdiff's 2-step images with it, and it is neither the teacher nor the final
+    stage = out.parent / "stages" / "k2"
+    info = json.loads((stage / "fastdiff.json").read_text())
+    assert info["num_steps"] == 2 and info["train_step"] == 1 and info["export"] == "lora"
+    final = theirs(pipe, 2)
+    pipe = StableDiffusionPipeline.from_pretrained(sd)
+    pipe.load_lora_weights(str(stage))
+    pipe.scheduler = DDIMScheduler.from_pretrained(stage, subfolder="scheduler")
+    staged = theirs(pipe, 2)
+    assert_same(ours(stage, 2), staged)
+    assert not np.array_equal(staged, final) and not np.array_equal(staged, teacher_2)
 
 
-def test_resume_across_a_stage_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
+def test_resume_across_a_stage_equals_an_uninterrupted_run(tiny_teacher, tmp_path, monkeypatch):
     """The stage follows the step: a run stopped after update 2 of a 3-update first stage and resumed gives the same
     student and target network as one run; the logged segment counts switch at update 4; the pixel export (DDPMPipeline
-    with trailing DDIM) reproduces fastdiff's deterministic sampler at 1, 2 and 4 steps."""
+    with trailing DDIM) reproduces fastdiff's deterministic sampler at 1, 2 and 4 steps. The 2-segment stage's student
+    is exported once in each run, at update 3, to stages/k2/ (for 2 steps): equal in both runs, equal to the student
+    checkpointed at update 3, and reproduced by diffusers as the final export is."""
+    from safetensors.torch import load_file
     from test_consistency import assert_resume_equals_whole
     from test_export_e2e import assert_pipeline_matches, write_fake_fashion_mnist
 
+    from fastdiff.training import Trainer
+
+    exported = []
+    export_stage = Trainer.export_stage
+    monkeypatch.setattr(Trainer, "export_stage", lambda self, k: exported.append((self.out.name, self.step, k))
+                        or export_stage(self, k))
     data = tmp_path / "fmnist"
     write_fake_fashion_mnist(data, size=8)
     common = ["objective.name=hyper-sd", "objective.segments=[2,1]", "objective.stage_steps=[3]", f"data.path={data}",
               "data.resolution=8", "student.sampler=ddim", "train.lr_generator=1e-2"]
     whole = assert_resume_equals_whole(tiny_teacher, tmp_path, common)
+    assert exported == [("whole", 3, 2), ("part", 3, 2)]  # the part run's first leg (2 updates) ends before it
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["segments"] for r in rows] == [2, 2, 2, 1]
     assert_pipeline_matches(whole / "student")
+    stage, part_stage = whole / "stages" / "k2", tmp_path / "part" / "stages" / "k2"
+    info = json.loads((stage / "fastdiff.json").read_text())
+    assert info["num_steps"] == 2 and info["train_step"] == 3 and info["objective"] == "hyper-sd"
+    weights = lambda folder: load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")  # noqa: E731
+    ours, resumed = weights(stage), weights(part_stage)
+    at_3 = load_file(whole / "checkpoints" / "step-00000003" / f"{'ema' if info['ema'] else 'generator'}.safetensors")
+    final = weights(whole / "student")
+    assert ours.keys() == resumed.keys() == at_3.keys()
+    assert all(torch.equal(ours[k], resumed[k]) and torch.equal(ours[k], at_3[k]) for k in ours)
+    assert any(not torch.equal(ours[k], final[k]) for k in ours)  # update 4 moved it: not the final student
+    assert_pipeline_matches(stage)
+
+
+def test_bench_gmm_scores_each_stage_student_at_its_own_step_count(tmp_path, monkeypatch):
+    """fastdiff bench gmm keeps each finished stage's student (a copy, taken when the stage ends) and scores it at its
+    segment count on the ddim sampler: stages of 2, 1 and 1 updates in a 4-update run, so the 2-segment stage ends
+    with the run (its row equals the final student's 2-step row) and the earlier ones do not (their rows differ)."""
+    from functools import partial
+
+    from fastdiff.bench import gmm as bench_gmm
+    from fastdiff.cli import main
+
+    monkeypatch.setattr(bench_gmm, "warm_start", partial(bench_gmm.warm_start, steps=20, num_pairs=512))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "gmm", "--objectives", "hyper-sd", "--steps", "4", "--num-eval", "100", "--set",
+                 "objective.stage_steps=[2,1,1]", "--json", str(out)]) == 0
+    rows = {r["objective"]: r["sw2"] for r in json.loads(out.read_text())["rows"]}
+    stage_rows = [name for name in rows if "stage" in name]
+    assert stage_rows == ["hyper-sd stage k8, 8 steps ddim", "hyper-sd stage k8, 4 steps ddim",
+                          "hyper-sd stage k4, 4 steps ddim", "hyper-sd stage k2, 2 steps ddim"]
+    assert rows["hyper-sd stage k2, 2 steps ddim"] == rows["hyper-sd, 2 steps ddim"]
+    final_4 = rows["hyper-sd, 4 steps ddim"]
+    assert final_4 != rows["hyper-sd stage k4, 4 steps ddim"] != rows["hyper-sd stage k8, 4 steps ddim"] != final_4
+    assert rows["hyper-sd, 8 steps ddim"] != rows["hyper-sd stage k8, 8 steps ddim"]

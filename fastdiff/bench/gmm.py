@@ -13,13 +13,15 @@ Setup (all on the CPU, a few minutes):
 - consistency objectives (cd, scm) learn the whole ODE, not one map, so their student starts as what
   CD prescribes, a copy of the teacher: the MLP regressed onto the teacher's exact denoiser at every
   level ("init (teacher copy)" rows). They are scored at one, two and four steps, with fresh noise between
-  steps (lcm) and with the implied noise (ddim: deterministic consistency sampling);
+  steps (lcm) and with the implied noise (ddim: deterministic consistency sampling); progressive ones (hyper-sd)
+  also with each finished stage's student at its own step count (``score_stages``);
 - each objective then trains through the ordinary ``Trainer`` from its start.
 Metrics on ``num_eval`` samples: sliced Wasserstein-2 to exact samples, its floor (two exact sample sets),
 and the largest error of a mode's weight. The teacher's own 1-, 2- and 4-step DDIM are rows too.
 """
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -172,7 +174,9 @@ def score(samples: torch.Tensor, truth: torch.Tensor, gmm: GaussianMixtureModel)
 
 
 def train_objective(name: str, teacher_dir: Path, init_dir: Path, out: Path, steps: int, seed: int,
-                    overrides=()) -> Trainer:
+                    overrides=(), stages: dict | None = None) -> Trainer:
+    """The trained Trainer; ``stages`` (a dict) receives each finished stage's student generator by segment count
+    (progressive objectives: hyper-sd's per-step-count students)."""
     data = {"name": "analytic"}
     if "pairs" in SETTINGS[name]:  # reflow: the teacher's ODE pairs, made once per seed under the work folder
         from ..training.pairs import make_pairs
@@ -195,8 +199,22 @@ def train_objective(name: str, teacher_dir: Path, init_dir: Path, out: Path, ste
         _apply(cfg, parse_override(item))
     validate(cfg)
     trainer = Trainer(cfg, overwrite=True, progress=False)
-    trainer.fit(export=False)
+    keep = None if stages is None else lambda k: stages.__setitem__(k, copy.deepcopy(trainer.export_generator()))
+    trainer.fit(export=False, on_stage_end=keep)
     return trainer
+
+
+def score_stages(add, name: str, stages: dict, final, z: torch.Tensor, n: int, t0: float) -> None:
+    """Each stage's student at its own step count on the deterministic sampler its segments are walked by (the
+    8-segment one at 4 steps too), and the final student at 8 steps beside the 8-segment one."""
+    for k, student in stages.items():
+        student.sampler = "ddim"
+        for steps in (k, 4) if k == 8 else (k,):
+            with torch.no_grad():
+                add(f"{name} stage k{k}, {steps} steps ddim", student(z, num_steps=steps), "stage", n, t0)
+    if 8 in stages:
+        with torch.no_grad():
+            add(f"{name}, 8 steps ddim", final(z, num_steps=8), "objective", n, t0)
 
 
 def row_recorder(rows: list, truth: torch.Tensor, gmm, floor: float, log):
@@ -253,7 +271,9 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
             t0 = time.time()
             n = steps or SETTINGS[name]["steps"]
             init = inits[init_kind(name)]
-            student = train_objective(name, tmp / "teacher", init, tmp / name, n, seed, overrides).export_generator()
+            stages = {}
+            student = train_objective(name, tmp / "teacher", init, tmp / name, n, seed, overrides,
+                                      stages).export_generator()
             flow_map = flow_map_embedding(student.denoiser.model) is not None
             if flow_map:  # a meanflow student: K map steps to the next level, one student for every K
                 student = FlowMapGenerator(student.denoiser, student.num_steps, student.sigma_init)
@@ -267,6 +287,7 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
                 for k in SAMPLING_STEPS[1:]:
                     with torch.no_grad():
                         add(f"{name}, {k} steps ddim", student(z, num_steps=k), "objective", n, t0)
+                score_stages(add, name, stages, student, z, n, t0)
     return {"machine": describe("cpu"),
             "overrides": list(overrides), "num_eval": num_eval, "sw2_floor": floor, "seconds": round(time.time() - start, 1), "rows": rows}
 

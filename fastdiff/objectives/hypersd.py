@@ -41,12 +41,19 @@ Export: one student (LoRA with ``student.lora_rank``) serves 1, 2, 4 and 8 steps
 (DDIMScheduler, trailing, for ``student.sampler: ddim``) reproduces fastdiff's sampler image for image, and a
 TCDScheduler config is saved beside it in ``scheduler_tcd/`` (``inference/export.py`` ``tcd_scheduler``: its K
 timesteps are fastdiff's for every K; step count and eta are call arguments, so one config serves 1, 2, 4 and 8).
+Per-stage students, as Hyper-SD ships one LoRA per step count besides its unified one: ``stage_ends`` tells the
+trainer where each stage but the last ends, and there it exports that stage's student (the EMA when the run keeps
+one, as the final export) to ``stages/k{segments}/`` with ``num_steps`` = the stage's segment count, before that
+step's checkpoint (so a resume past it does not redo it, and one from before it crosses it again and rewrites the
+same student). Training the later, fewer-segment stages moves the maps the earlier stages' samplers walk.
 
 Human feedback (Sec. 3.2, ReFL): with ``reward_weight`` > 0 the loss adds ReFL's ``reward_weight * mean relu(
 reward_margin - r)`` on the x0 prediction at a late step of the student's k-step DDIM walk, k the current stage's
 segment count (``reward.py``, which says what of Hyper-SD's reward set is built); 0, the default, draws nothing more.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -155,6 +162,12 @@ class HyperSD(ConsistencyDistillation):
     def num_segments(self, step: int | None = None) -> int:
         """The segment count of the stage that generator update ``step`` (default: the current one) trains."""
         return self.segments[stage_at(self.step if step is None else step, self.segments, self.stage_steps)]
+
+    def stage_ends(self) -> dict[int, int]:
+        """{generator updates done when a stage ends: that stage's segment count} for every stage but the last (which
+        runs to the end of training); the trainer exports each such stage's student (``stages/k{segments}/``)."""
+        ends = itertools.accumulate(self.stage_steps[:len(self.segments) - 1])
+        return dict(zip(ends, self.segments))
 
     def grid(self, n: int, device) -> torch.Tensor:
         """N + 1 noise levels, lowest first, at LCM's grid timesteps ``0, round(i (t_top + 1) / N) - 1``."""

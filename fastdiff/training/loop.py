@@ -45,9 +45,20 @@ class Trainer(Run):
         with gathered_student(self):  # sharded: every process helps gather, the main one draws
             sample_grid(self)
 
-    def export(self, out: Path | None = None) -> Path | None:
+    def export(self, out: Path | None = None, num_steps: int | None = None) -> Path | None:
         with gathered_student(self):
-            return export_run(self, out)
+            return export_run(self, out, num_steps)
+
+    def export_stage(self, segments: int) -> Path | None:
+        """A finished stage's student (hyper-sd: Hyper-SD's per-step-count LoRAs) exported to ``stages/k{segments}/``
+        for ``segments``-step sampling. The random streams are left as they were, so the run trains on unchanged."""
+        with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
+            return self.export(self.out / "stages" / f"k{segments}", num_steps=segments)
+
+    def stage_ends(self) -> dict[int, int]:
+        """{step: segment count} where a progressive objective's stage ends (``objective.stage_ends``); {} if none."""
+        ends = getattr(self.objective, "stage_ends", None)  # base.Objective has no stages: only hyper-sd's
+        return ends() if ends else {}
 
     # --- one step ---------------------------------------------------------------------------------
     def _seed_micro_batch(self, phase: str, index: int) -> None:
@@ -142,8 +153,13 @@ class Trainer(Run):
                 f"non-finite gradients (train.max_nonfinite_steps); the last good checkpoint is "
                 f"{last[-1] if last else 'none'}; lower train.lr_generator / train.lr_critic and resume from it")
 
-    def fit(self, export: bool = True) -> Path | None:
+    def fit(self, export: bool = True, on_stage_end=None) -> Path | None:
+        """Train to ``train.max_steps`` and (``export``) export the student. ``on_stage_end(segments)`` is called when a
+        progressive objective's stage ends (default with ``export``: ``export_stage``; a resumed run that crosses an
+        end calls it there, one that resumes past it does not call it again)."""
         cfg, acc = self.cfg, self.accelerator
+        stage_ends = self.stage_ends()
+        on_stage_end = on_stage_end or (self.export_stage if export else None)
         if export:  # an export that cannot succeed fails now, not after training
             weights = self.student_weights()
             check_exportable(self.shards.skeleton(weights) if self.shards else weights, self.teacher)
@@ -180,6 +196,8 @@ class Trainer(Run):
                         metrics.flush()
                 if self.step % cfg.train.sample_every == 0:
                     self.sample_grid()
+                if on_stage_end and self.step in stage_ends:  # before the checkpoint: a resume past it finds it done
+                    on_stage_end(stage_ends[self.step])
                 out_of_time = self._out_of_time(start)
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps or out_of_time:
                     self.save()

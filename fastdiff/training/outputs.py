@@ -48,9 +48,10 @@ def sample_grid(run) -> None:
     log_image(run.accelerator, "samples", image[..., None] if image.ndim == 2 else image, run.step)
 
 
-def export_run(run, out: Path | None = None, **options) -> Path | None:
+def export_run(run, out: Path | None = None, num_steps: int | None = None, **options) -> Path | None:
     """The run's student exported (``options``: ``export_student``'s dtype, variant, repo_id), with the run's last
-    sample grid at or before this step as the model card's picture."""
+    sample grid at or before this step as the model card's picture. ``num_steps``: the step count the export is meant
+    for when not ``student.num_steps`` (a progressive run's stage student: its stage's segment count)."""
     if not run.accelerator.is_main_process:
         return None
     model = run.student_weights()
@@ -59,6 +60,8 @@ def export_run(run, out: Path | None = None, **options) -> Path | None:
     if not is_lora(model):  # a LoRA student's export reads its adapters and merges into a fresh model
         model = copy.deepcopy(model).cpu().eval()
     info = {**export_info(run.cfg, run.step, run.ema is not None, run.teacher), "methods": run.methods_used()}
+    if num_steps is not None:
+        info["num_steps"] = num_steps
     grids = sorted(p for p in (run.out / "samples").glob("step-*.png") if p.stem <= f"step-{run.step:08d}")
     return export_student(model, run.teacher, info, out or run.out / "student", sample_grid=grids[-1] if grids else None,
                           **options)
