@@ -29,6 +29,12 @@ scales for the real score (the teacher's guidance_scale), the fake score in the 
 the conditions are replaced by the null condition while the fake score trains (the reference drops the prompt
 before generating; fastdiff drops it on the generated sample, as CFG training drops labels of data, so the
 unconditional fake score learns the generator's marginal, the counterpart of the teacher's unconditional score).
+With a guided real score (``teacher.guidance_scale`` != 1) sid defaults to SiD-LSG (``teacher_defaults``; sida keeps SiDA's):
+kappa_1 = kappa_2 = kappa_4, alpha 1, t in [20, 980) of the table. SiD's own (kappa_1 = kappa_2 = 1, alpha 1.2,
+t <= 0.8) leave ``y_r - y_f`` at the CFG term however well the fake score fits (the loss has no zero to reach,
+and alpha > 1 rewards widening it). Issue 27's CPU ladder (fmnist-cond-vpred at CFG 2, one-step student from
+sigma 2.5, 100 updates at batch 8, FID@1k): SiD's defaults 150.0 -> 144.5; kappas 2 and alpha 1 at t <= 0.8
+150.0 -> 68.5 (KID 0.0355); with t in [0.02, 0.98] as well 150.0 -> 70.2 (KID 0.0347); dmd2 92.9, vsd 89.6.
 """
 from __future__ import annotations
 
@@ -98,8 +104,18 @@ class SiD(Backtracking, Objective):
 
     @classmethod
     def teacher_defaults(cls, teacher) -> dict:
-        """SiD-LSG (Zhou et al. 2024b) uses alpha 1 for Stable Diffusion."""
-        return {"alpha": 1.0} if teacher.conditioning == "text" else {}
+        """SiD-LSG's settings where SiD-LSG is the reference: text teachers, and any guided real score (CFG scale
+        kappa_4 = ``teacher.guidance_scale`` != 1). SiD-LSG trains with alpha 1 and generator noise levels at
+        ``t ~ randint(20, 980)`` of the teacher's table (``--alpha 1``, ``--tmin 20``, ``--tmax 980``), and every
+        run_sid.sh command and released checkpoint (``cfg4.54.54.5``, ``cfg1.51.51.5``) guides the fake score as the
+        real one, kappa_1 = kappa_2 = kappa_3 = kappa_4 (``--cfg_train_fake``, ``--cfg_eval_fake``,
+        ``--cfg_eval_real``). See the module docstring for what SiD's own defaults did on a guided teacher."""
+        lsg = {"alpha": 1.0, "min_t": FAKE_T_RANGE[0], "max_t": FAKE_T_RANGE[1]}
+        defaults = dict(lsg) if teacher.conditioning == "text" else {}
+        scale = teacher.denoiser.guidance_scale  # 1 for guidance-distilled (embedded-guidance) Flux teachers
+        if scale != 1:
+            defaults.update(lsg, fake_guidance=float(scale), fake_train_guidance=float(scale))
+        return defaults
 
     def train_defaults(self) -> dict:
         """SiD's optimizer (``SID_OPTIMIZER``)."""
@@ -167,4 +183,7 @@ class SiD(Backtracking, Objective):
 
 
 register("sid", SiD)
-register("sida", SiD, defaults={"alpha": 1.0}, needs_gan=True)
+# SiDA's own settings (sida_train.py: alpha 1, t <= 0.8, unguided EDM teachers) stay its defaults on guided teachers
+# too: SiDA has no guided reference, and its head shares the fake score's pass only when that pass is unguided.
+register("sida", SiD, defaults={"alpha": 1.0, "min_t": 0.0, "max_t": 0.8, "fake_guidance": 1.0,
+                                "fake_train_guidance": 1.0}, needs_gan=True)
