@@ -204,6 +204,11 @@ class Objective(nn.Module):
     def after_generator_step(self) -> None:
         """Called after each generator optimizer step (e.g. to move an EMA target network)."""
 
+    def stage_ends(self) -> dict[int, int]:
+        """{generator updates done when a stage of a progressive objective ends: the step count its student serves};
+        the trainer exports each such stage's student (Hyper-SD's per-step-count LoRAs). None by default."""
+        return {}
+
     def fake_noise_levels(self, n: int, device, weighting: str, t_range=(0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma, per-sample weight of ``|x0_hat - x0|^2``) for the fake-score loss ``weighting``.
 

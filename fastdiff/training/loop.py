@@ -57,8 +57,7 @@ class Trainer(Run):
 
     def stage_ends(self) -> dict[int, int]:
         """{step: segment count} where a progressive objective's stage ends (``objective.stage_ends``); {} if none."""
-        ends = getattr(self.objective, "stage_ends", None)  # base.Objective has no stages: only hyper-sd's
-        return ends() if ends else {}
+        return self.objective.stage_ends()
 
     # --- one step ---------------------------------------------------------------------------------
     def _seed_micro_batch(self, phase: str, index: int) -> None:
