@@ -142,7 +142,7 @@ CASES = {
     "uni_instruct": ("uni_instruct", 40, {"gan_start_images": 0}, 0.3),  # 0.115 - 0.142 (its weighting from 0)
     "rcm": ("rcm", 60, {"tangent_warmup": 10}, 0.01),  # 0.004 (the DMD term on from update 10)
     # LADD's discriminator on the analytic teacher's 8 mid-block features oscillates: a loose bound on real progress
-    "ladd": ("ladd", 60, {}, 0.75),  # 0.40 - 0.72: real side the teacher's 4-step samples (real_source data 0.33 - 0.53)
+    "ladd": ("ladd", 60, {}, 0.75),  # 0.45 - 0.57 (seeds 0-3, disc_p_mean -0.6): real side the teacher's 4-step samples (real_source data 0.33 - 0.53)
     "scm-ladd": ("scm-ladd", 60, {"tangent_warmup": 10}, 0.06),  # 0.020 - 0.027
     # MeanFlow with every r = 0: this one-time student (the exact ODE map of its Gaussian) is the map to the data
     "meanflow": ("meanflow", 60, {"flow_matching_ratio": 0.0, "consistency_ratio": 1.0}, 0.2),  # 0.015 - 0.101

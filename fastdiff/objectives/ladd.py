@@ -33,6 +33,19 @@ StyleGAN-T's ``DiscHead``: spectrally normalised 1x1 conv + local batch norm + L
 block, a 1x1 conv to one logit per token); the same in huggingface/diffusers
 ``examples/research_projects/sana/train_sana_sprint_diffusers.py`` (``head_block_ids`` 2, 8, 14, 19 of 20 blocks).
 fastdiff's heads on UNet feature maps use 2-d convolutions (k=1, residual 3x3): the reference has only transformers.
+Defaults (changed from LADD's m = 1 and the trainer's 1e-5 critic lr, measured on the CPU ladder's class-conditional
+v-prediction teacher fmnist-cond-vpred, CFG 2, batch 8): ``disc_p_mean`` -0.6 (Sana's ``logit_mean_discriminator``;
+the paper's 1 was chosen for SD3's 128x128 latents, and at its median sigma e = 2.7 a 32x32 image is mostly noise)
+and ``train.lr_critic`` 3e-4 (``HEAD_LR``). With the old ones the discriminator stayed at chance for all 100 ladder
+updates (loss_ladd_d 1.01-1.03; hinge at chance is 1) while Adam moved the student at full step along the untrained
+heads' direction: 150.0 -> 166.7 FID@1k (the embedded teacher's 175.5 -> 149.9 came with the same chance-level
+discriminator). Held-out mean logit gap real - fake after 40 head updates on fixed pools (48 teacher samples and 48
+starting-student samples drawn as the ladder's run draws them; heads trained on 32 of each, the gap on 8 others x 2
+noise draws): lr 1e-5: 0.001 (m = 1) / 0.010 (m = -0.6); 1e-4: 0.031 / 0.111; 3e-4: 0.084 / 0.276; 1e-3 (m = -0.6):
+0.560. With the new defaults the same ladder run gives 150.0 -> 128.4 (KID 0.1314 -> 0.0701). The class condition
+reaches the discriminator through the teacher's pass (the heads read the class-conditioned UNet's features: another
+label changes them by 9-70% relative per layer), with the same labels on the real and fake sides and one unguided
+pass per side (no CFG batch doubling).
 Not implemented: the reference's optional R1 penalty on the head inputs, misaligned pairs, and LADD's conditioning
 of the heads on the noise level / pooled text (Sana's heads are unconditional too).
 """
@@ -54,6 +67,10 @@ from .registry import register
 from .scm import SIGMA_DATA, ContinuousConsistency
 
 ADVERSARIAL_LOSSES = ("hinge", "logistic")
+# The heads' learning rate (train.lr_critic when the config leaves it null), 30x the generator's 1e-5: at 1e-5 (the
+# fallback, and Sana's 2e-6 for both sides) the heads learn nothing in a short run and the generator follows a fixed
+# random direction of the teacher's features (see LADD's docstring, "Defaults").
+HEAD_LR = 3e-4
 REAL_SOURCES = ("teacher", "data")  # what the discriminator's real side is (LADD.real_source)
 
 
@@ -276,8 +293,8 @@ class LADD(Objective):
         teacher: the frozen teacher: the discriminator's trunk and, without real data, the source of "real" samples.
         head_every: on transformers, a head on every ``head_every``-th block (Sana: 4 heads on 20 blocks).
         disc_p_mean, disc_p_std: ``ln sigma ~ N(mean, std^2)`` of the discriminator's input noise (LADD's logit-normal
-            pi(t; m, s) on flow time; m = 1, s = 1 biases it to high noise, which the paper found to favour global
-            structure; SANA-Sprint: -0.6, 1.0).
+            pi(t; m, s) on flow time; the paper's m = 1, s = 1 biases it to high noise, which it found to favour
+            global structure on SD3's latents; default SANA-Sprint's -0.6, 1.0: see "Defaults" above).
         teacher_steps: DDIM / Euler steps of the teacher's samples, the "real" side with ``real_source`` teacher.
         real_source: the discriminator's real side: "teacher" (its own samples, the paper's setting, no data needed)
             or "data" (the trainer's batch of ``data.name`` images with their conditions).
@@ -288,7 +305,7 @@ class LADD(Objective):
     uses_fake_score = False
 
     def __init__(self, teacher: Denoiser, fake=None, critic_updates: int = 1, gan_head=None, head_every: int = 1,
-                 disc_p_mean: float = 1.0, disc_p_std: float = 1.0, teacher_steps: int = 4,
+                 disc_p_mean: float = -0.6, disc_p_std: float = 1.0, teacher_steps: int = 4,
                  adversarial_loss: str = "hinge", real_source: str = "teacher"):
         super().__init__(teacher, None, critic_updates, None)
         if teacher_steps < 1:
@@ -301,6 +318,10 @@ class LADD(Objective):
     @classmethod
     def reads_real_images(cls, options) -> bool:
         return options.real_source == "data"  # the discriminator's real side is the trainer's data batch
+
+    def train_defaults(self) -> dict:
+        """The heads' lr ``HEAD_LR`` (the trainer's AdamW otherwise): see the module's "Defaults"."""
+        return {"lr_critic": HEAD_LR}
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.adversary.disc.heads]
@@ -357,6 +378,11 @@ class SCMLADD(ContinuousConsistency):
         self.adversary = Adversary(teacher, head_every, disc_p_mean, disc_p_std, adversarial_loss)
         self._kept_F = None
 
+
+    def train_defaults(self) -> dict:
+        """sCM's optimizer, with the heads at LADD's ``HEAD_LR``: at the trainer's 1e-5 they stayed at chance here too
+        (loss_ladd_d 1.036 -> 1.011 over the CPU ladder's 100 updates on the embedded teacher)."""
+        return {**super().train_defaults(), "lr_critic": HEAD_LR}
     def critic_modules(self) -> list[nn.Module]:
         return [self.adversary.disc.heads]
 
