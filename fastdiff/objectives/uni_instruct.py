@@ -119,6 +119,12 @@ class UniInstruct(SiD):
         self.divergence, self.expansion = divergence, expansion
         self.ratio = DensityRatio(ratio_lower, ratio_upper, ratio_bins, ratio_ema_rate)
 
+    @classmethod
+    def teacher_defaults(cls, teacher) -> dict:
+        """SiDA's settings (its constructor's defaults) on every teacher, as ``sida``: SiD's SiD-LSG rule for guided
+        and text teachers is not its reference's, and its head shares the fake score's pass only when unguided."""
+        return {}
+
     def state_modules(self):
         return {"density_ratio": self.ratio}
 
