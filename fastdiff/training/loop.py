@@ -55,10 +55,6 @@ class Trainer(Run):
         with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
             return self.export(self.out / "stages" / f"k{segments}", num_steps=segments)
 
-    def stage_ends(self) -> dict[int, int]:
-        """{step: segment count} where a progressive objective's stage ends (``objective.stage_ends``); {} if none."""
-        return self.objective.stage_ends()
-
     # --- one step ---------------------------------------------------------------------------------
     def _seed_micro_batch(self, phase: str, index: int) -> None:
         key = f"{self.cfg.train.seed}/{self.step}/{phase}/{index}".encode()
@@ -157,7 +153,7 @@ class Trainer(Run):
         progressive objective's stage ends (default with ``export``: ``export_stage``; a resumed run that crosses an
         end calls it there, one that resumes past it does not call it again)."""
         cfg, acc = self.cfg, self.accelerator
-        stage_ends = self.stage_ends()
+        stage_ends = self.objective.stage_ends()  # {step: segment count}; {} unless progressive
         on_stage_end = on_stage_end or (self.export_stage if export else None)
         if export:  # an export that cannot succeed fails now, not after training
             weights = self.student_weights()
