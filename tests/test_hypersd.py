@@ -182,6 +182,7 @@ def test_dmd_term_joins_in_the_one_step_stage():
 @pytest.mark.parametrize("options, message", [
     ({"segments": [3]}, "divisors of objective.num_intervals"),
     ({"segments": [4, 2, 1], "stage_steps": [5]}, "needs 2 positive values"),
+    ({"segments": [4, 2, 2, 1]}, "repeats a count"),  # two stages would export to one stages/k2/
     ({"dmd_weight": 1.0}, "use objective.name hyper-sd-dmd"),
 ])
 def test_bad_options(options, message):

@@ -98,7 +98,8 @@ def to_edge(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, x0: torch.
 class HyperSD(ConsistencyDistillation):
     """Args (cd's where shared: ``skip``, ``solver``, ``distance``, ``target_ema``, ``guidance_range``,
     ``timestep_scaling``, ``sigma_max``):
-        segments: segment counts of the progressive stages, e.g. [8, 4, 2, 1]; each must divide num_intervals.
+        segments: segment counts of the progressive stages, e.g. [8, 4, 2, 1]; each must divide num_intervals, none
+            repeated (a stage exports to stages/k{segments}/).
         stage_steps: generator updates per stage (len(segments) - 1 values, or one per stage: the last stage runs on
             to the end of training either way); None = 1000 per stage.
         num_intervals: N, grid intervals (LCM grid, module docstring); 40 by default.
@@ -135,6 +136,9 @@ class HyperSD(ConsistencyDistillation):
         if not segments or any(k < 1 or num_intervals % k for k in segments):
             raise ValueError(f"objective.segments must be positive divisors of objective.num_intervals "
                              f"({num_intervals}), got {segments}")
+        if len(set(segments)) < len(segments):  # each stage's student is exported to stages/k{segments}/
+            raise ValueError(f"objective.segments repeats a count ({segments}): give a stage one entry and its "
+                             f"updates in objective.stage_steps")
         stage_steps = [DEFAULT_STAGE_STEPS] * (len(segments) - 1) if stage_steps is None else list(stage_steps)
         if len(stage_steps) not in (len(segments) - 1, len(segments)) or any(n < 1 for n in stage_steps):
             raise ValueError(f"objective.stage_steps needs {len(segments) - 1} positive values (one per stage but the "
