@@ -317,3 +317,18 @@ def test_loading_into_shards_peaks_below_a_whole_load(tmp_path):
     for rank in range(WORLD):
         assert peaks[True][rank]["sharded"] and peaks[False][rank]["sharded"]
         assert peaks[True][rank]["peak"] < peaks[False][rank]["peak"] - 0.4 * copy_mb, (peaks, copy_mb)
+
+
+def test_a_corrupt_network_file_in_a_pipeline_folder_is_one_line(tmp_path):
+    """The pipeline branch of ``load_teacher`` (SD-style folders) reads the denoising network through the hook before
+    the pipeline loads: a truncated safetensors file there is the same one-line error as elsewhere, not a traceback."""
+    import tiny_pipelines as tp
+    from fastdiff.errors import FastdiffError
+    from fastdiff.models.teacher import load_teacher
+
+    folder = tp.sd_pipeline(tmp_path / "sd")
+    file = folder / "unet" / sharding.SAFETENSORS
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(FastdiffError, match=r"could not load the unet of .*sd'") as error:
+        load_teacher(str(folder), load_network=lambda cls, path, sub, dt: sharding.load_sharded(None, cls, path, sub, dt))
+    assert "\n" not in str(error.value)

@@ -213,7 +213,12 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
         given = {}
         if load_network is not None and os.path.isdir(path):
             folder = next((f for f in MODEL_FOLDERS if f in index and (Path(path) / f / "config.json").is_file()), None)
-            network = folder and load_network(_class_from_config(path, folder, "config.json"), path, folder, dtype)
+            try:
+                network = folder and load_network(_class_from_config(path, folder, "config.json"), path, folder, dtype)
+            except FastdiffError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - as load_pipeline's failures: one readable line
+                raise FastdiffError(f"could not load the {folder} of {path!r}: {_first_line(exc)}") from exc
             given = {folder: network} if network is not None else {}
         pipeline = load_pipeline(path, index, dtype, **given)
         folder = next(f for f in MODEL_FOLDERS if getattr(pipeline, f, None) is not None)
