@@ -161,6 +161,11 @@ class Objective(nn.Module):
         updates train only the critic."""
         return True
 
+    def critic_updates_now(self) -> int:
+        """Critic updates in the update about to run (``step``): ``critic_updates``; rCM runs none during its
+        tangent warm-up, when no generator loss reads the fake score."""
+        return self.critic_updates
+
     def __init__(self, teacher: Denoiser, fake: Denoiser | None, critic_updates: int, gan_head: nn.Module | None = None,
                  sigma_grid: str | None = None):
         super().__init__()

@@ -12,10 +12,11 @@ What follows the reference, file by file (NVlabs/rcm):
   (``kendall_loss = loss_scale * loss_scm``), hence ``prior_weighting`` / ``adaptive_weighting`` off here.
 - ``_student_dmd_step``: DMD's gradient ``(x0_fake - x0_teacher) / mean|x - x0_teacher|`` (dmd2's) on the student
   sample noised at a DMD level; ``training_step_critic``: the fake score's denoising loss on student samples.
-- ``is_student_phase`` / ``training_step_closures``: during the tangent warm-up the student trains on sCM alone;
-  afterwards the DMD term joins and the fake score updates ``student_update_freq - 1 = 4`` times per student update
-  (``critic_updates = 4``). fastdiff's loop runs the fake-score updates from the start (it keeps tracking the
-  warm-up student, which costs compute but changes no student update).
+- ``is_student_phase`` / ``training_step_closures``: during the tangent warm-up the student trains on sCM alone
+  and the fake score not at all (it starts from the teacher's weights when the warm-up ends); afterwards the DMD
+  term joins and the fake score updates ``student_update_freq - 1 = 4`` times per student update
+  (``critic_updates = 4``; ``critic_updates_now``). Its learning-rate warm-up therefore starts with the DMD phase, as
+  the reference's ``get_effective_iteration_fake`` does.
 - ``backward_simulation``: the student's sample starts from pure noise at its first sampling level (here the
   Generator's, ``step_sigmas(student, 1, sigma_max)``) and runs ``n`` steps, ``n`` in 1..``simulation_steps``
   (``max_simulation_steps_fake = 4``), each next level ``min(draw, previous)`` from the DMD noise distribution,
@@ -98,6 +99,9 @@ class RCM(ContinuousConsistency):
 
     def dmd_on(self) -> bool:
         return self.step >= self.tangent_warmup
+
+    def critic_updates_now(self) -> int:
+        return self.critic_updates if self.dmd_on() else 0  # rCM: no fake-score update in the warm-up
 
     def weight_for(self, x: torch.Tensor) -> float:
         return rcm_dmd_weight(x[0].numel()) if self.dmd_weight is None else self.dmd_weight

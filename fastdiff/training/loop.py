@@ -1,6 +1,6 @@
 """The training loop: alternating critic / generator updates on accelerate.
 
-Per generator update: ``objective.critic_updates`` critic updates (fake score, GAN head) on fresh
+Per generator update: ``objective.critic_updates_now()`` critic updates (fake score, GAN head) on fresh
 generator samples, then one generator update, an EMA update, and (at their intervals) logs, a sample
 grid and a checkpoint. Gradients are averaged across processes by hand (one all-reduce per
 optimizer step), so the same code runs on one CPU or under ``accelerate launch`` on several GPUs, and
@@ -105,7 +105,7 @@ class Trainer(Run):
         critic_params = self.opt_c.params if self.opt_c else []
         for p in critic_params:
             p.requires_grad_(True)
-        for u in range(obj.critic_updates):
+        for u in range(obj.critic_updates_now()):
             part, (logs["grad_norm_critic"], applied) = self._update(self.opt_c, obj.critic_loss, True, f"critic{u}")
             logs.update(part)
             self.skipped["critic"] += ~applied
