@@ -131,14 +131,20 @@ class MeanFlow(Objective):
         """(sigma_t, sigma_r), float64, sigma_r <= sigma_t, sigma_r = 0 meaning the data end."""
         lo, hi = schedule_range(self.teacher.schedule)
         hi = hi if self.sigma_max is None else min(hi, self.sigma_max)
-        draws = (torch.randn(2, n, device=device, dtype=torch.float64) * self.p_std + self.p_mean).exp()
-        sigma_t = draws.max(dim=0).values.clamp(lo, hi)
-        sigma_r = torch.minimum(draws.min(dim=0).values, sigma_t)
+        sigma_t, sigma_r = self.draw_levels(n, device)
+        sigma_t = sigma_t.clamp(lo, hi)
+        sigma_r = torch.minimum(sigma_r, sigma_t)
         sigma_r = torch.where(sigma_r < lo, torch.zeros_like(sigma_r), sigma_r)
         share = torch.rand(n, device=device, dtype=torch.float64)
         sigma_r = torch.where(share < self.flow_matching_ratio, sigma_t, sigma_r)
         sigma_r = torch.where(share >= 1 - self.consistency_ratio, torch.zeros_like(sigma_r), sigma_r)
         return sigma_t, sigma_r
+
+    def draw_levels(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unclipped (sigma_t, sigma_r), float64: two log-normal draws, the larger and the smaller (AYF overrides
+        this with its interval sampling; ``sample_levels`` clips to the table and adds the buckets)."""
+        draws = (torch.randn(2, n, device=device, dtype=torch.float64) * self.p_std + self.p_mean).exp()
+        return draws.max(dim=0).values, draws.min(dim=0).values
 
     # --- velocities in flow units ------------------------------------------------------------------------
     def teacher_velocity(self, z: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
