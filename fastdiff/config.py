@@ -161,6 +161,9 @@ class TrainConfig:
     ema_halflife_kimg: float = 500.0  # SiD's --ema 0.5 (Mimg); 0 disables the EMA
     ema_rampup: typing.Optional[float] = 0.05  # null = no ramp-up
     ema_decay: typing.Optional[float] = None  # a fixed per-update decay instead of the half-life (0 disables the EMA)
+    # progressive objectives (hyper-sd): the EMA set to the student when a stage ends (after its export), so the next
+    # stage's EMA averages only that stage's updates; not at the run's last update (measured: eval/results/bench-gmm-cpu/README.md, Hyper-SD)
+    ema_stage_restart: bool = True
     mixed_precision: str = "no"  # no | bf16 | fp16
     # none (every process holds every network) | fsdp (PyTorch FSDP2: student, EMA, fake score and teacher sharded
     # per block over the processes; training/sharding.py)

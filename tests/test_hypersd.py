@@ -232,12 +232,14 @@ def test_lora_student_serves_1_2_4_steps_through_load_lora_weights(tmp_path):
     assert not np.array_equal(staged, final) and not np.array_equal(staged, teacher_2)
 
 
-def test_resume_across_a_stage_equals_an_uninterrupted_run(tiny_teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("restart", [True, False])
+def test_resume_across_a_stage_equals_an_uninterrupted_run(tiny_teacher, tmp_path, monkeypatch, restart):
     """The stage follows the step: a run stopped after update 2 of a 3-update first stage and resumed gives the same
     student and target network as one run; the logged segment counts switch at update 4; the pixel export (DDPMPipeline
     with trailing DDIM) reproduces fastdiff's deterministic sampler at 1, 2 and 4 steps. The 2-segment stage's student
     is exported once in each run, at update 3, to stages/k2/ (for 2 steps): equal in both runs, equal to the student
-    checkpointed at update 3, and reproduced by diffusers as the final export is."""
+    checkpointed at update 3 (whose EMA, with ``train.ema_stage_restart``, is then reset to it), and reproduced by
+    diffusers as the final export is."""
     from safetensors.torch import load_file
     from test_consistency import assert_resume_equals_whole
     from test_export_e2e import assert_pipeline_matches, write_fake_fashion_mnist
@@ -251,8 +253,9 @@ def test_resume_across_a_stage_equals_an_uninterrupted_run(tiny_teacher, tmp_pat
     data = tmp_path / "fmnist"
     write_fake_fashion_mnist(data, size=8)
     common = ["objective.name=hyper-sd", "objective.segments=[2,1]", "objective.stage_steps=[3]", f"data.path={data}",
-              "data.resolution=8", "student.sampler=ddim", "train.lr_generator=1e-2"]
-    whole = assert_resume_equals_whole(tiny_teacher, tmp_path, common)
+              "data.resolution=8", "student.sampler=ddim", "train.lr_generator=1e-2",
+              f"train.ema_stage_restart={str(restart).lower()}"]
+    whole = assert_resume_equals_whole(tiny_teacher, tmp_path, common, ("generator", "cd_target", "ema"))
     assert exported == [("whole", 3, 2), ("part", 3, 2)]  # the part run's first leg (2 updates) ends before it
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["segments"] for r in rows] == [2, 2, 2, 1]
@@ -262,12 +265,36 @@ def test_resume_across_a_stage_equals_an_uninterrupted_run(tiny_teacher, tmp_pat
     assert info["num_steps"] == 2 and info["train_step"] == 3 and info["objective"] == "hyper-sd"
     weights = lambda folder: load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")  # noqa: E731
     ours, resumed = weights(stage), weights(part_stage)
-    at_3 = load_file(whole / "checkpoints" / "step-00000003" / f"{'ema' if info['ema'] else 'generator'}.safetensors")
+    at_3 = {sub: load_file(whole / "checkpoints" / "step-00000003" / f"{sub}.safetensors") for sub in ("ema", "generator")}
     final = weights(whole / "student")
-    assert ours.keys() == resumed.keys() == at_3.keys()
-    assert all(torch.equal(ours[k], resumed[k]) and torch.equal(ours[k], at_3[k]) for k in ours)
+    assert info["ema"] and ours.keys() == resumed.keys() == at_3["ema"].keys()
+    assert all(torch.equal(ours[k], resumed[k]) for k in ours)
+    # The stage export is the EMA at update 3; a restart then sets the checkpointed EMA to the student's weights.
+    assert all(torch.equal(at_3["ema"][k], at_3["generator"][k]) for k in ours) == restart
+    assert all(torch.equal(ours[k], at_3["ema"][k]) for k in ours) == (not restart)
     assert any(not torch.equal(ours[k], final[k]) for k in ours)  # update 4 moved it: not the final student
     assert_pipeline_matches(stage)
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_ema_restarts_when_a_stage_ends(tiny_teacher, tmp_path, restart):
+    """train.ema_stage_restart (default on): when the 2-segment stage ends (update 2 of 3) the EMA is set to the
+    student, so the checkpoint at that update holds equal EMA and student weights; without it the EMA (decay 0.9)
+    still lags; at update 3 (the next stage's first) they differ again."""
+    from safetensors.torch import load_file
+    from test_consistency import distill
+    from test_export_e2e import write_fake_fashion_mnist
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=8)
+    run = distill(tiny_teacher, tmp_path / "run", "objective.name=hyper-sd", "objective.segments=[2,1]",
+                  "objective.stage_steps=[2]", f"data.path={data}", "data.resolution=8", "train.lr_generator=1e-2",
+                  "train.ema_decay=0.9", "train.max_steps=3", *([] if restart else ["train.ema_stage_restart=false"]))
+    for step, equal in ((2, restart), (3, False)):
+        folder = run / "checkpoints" / f"step-{step:08d}"
+        ema, student = load_file(folder / "ema.safetensors"), load_file(folder / "generator.safetensors")
+        assert ema.keys() == student.keys()
+        assert all(torch.equal(ema[k], student[k]) for k in ema) == equal, step
 
 
 def test_bench_gmm_scores_each_stage_student_at_its_own_step_count(tmp_path, monkeypatch):

@@ -55,6 +55,12 @@ class Trainer(Run):
         with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
             return self.export(self.out / "stages" / f"k{segments}", num_steps=segments)
 
+    def restart_ema(self) -> None:
+        """The EMA set to the student's weights (``train.ema_stage_restart``, at a progressive stage's end)."""
+        with torch.no_grad():
+            for e, p in self._ema_pairs:
+                e.copy_(p)
+
     # --- one step ---------------------------------------------------------------------------------
     def _seed_micro_batch(self, phase: str, index: int) -> None:
         key = f"{self.cfg.train.seed}/{self.step}/{phase}/{index}".encode()
@@ -191,8 +197,11 @@ class Trainer(Run):
                         metrics.flush()
                 if self.step % cfg.train.sample_every == 0:
                     self.sample_grid()
-                if on_stage_end and self.step in stage_ends:  # before the checkpoint: a resume past it finds it done
-                    on_stage_end(stage_ends[self.step])
+                if self.step in stage_ends:  # before the checkpoint: a resume past it finds it done
+                    if on_stage_end:
+                        on_stage_end(stage_ends[self.step])
+                    if cfg.train.ema_stage_restart and self.step < cfg.train.max_steps:  # a next stage follows
+                        self.restart_ema()
                 out_of_time = self._out_of_time(start)
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps or out_of_time:
                     self.save()
