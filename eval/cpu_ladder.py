@@ -11,9 +11,10 @@ matching, the top for consistency) and the teacher's DDIM at 1 and 10 NFE. Write
     python eval/cpu_ladder.py                                   # both teachers, all objectives, 5 minutes each
     python eval/cpu_ladder.py --which ddpm --objectives dmd2,sid --minutes 2
     python eval/cpu_ladder.py --minutes 0.05 --num 20 --ref-num 40 --objectives dmd2 --out /tmp/ladder  # smoke
-    python eval/cpu_ladder.py --updates 100    # a fixed number of generator updates instead of a time budget
+    python eval/cpu_ladder.py --updates 100    # a fixed number of trainer steps instead of a time budget
 
-``--updates`` is for a machine that is not quiet: a time budget shared with other work gives each objective
+``--updates`` (trainer steps: generator updates, except DisBack's stage-1 steps, which train only its fake score; the
+table's "generator updates" column counts those without them) is for a machine that is not quiet: a time budget shared with other work gives each objective
 whatever the other processes leave it, while a number of updates gives the same training anywhere (the wall time
 is still recorded beside it).
 
@@ -114,9 +115,11 @@ def run_distill(teacher: str, guidance: float, objective: str, run: Path, args, 
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], "wall_seconds": wall}
     info = json.loads((run / "student" / "fastdiff.json").read_text())
     steps = info.get("train_step", 0)
+    updates = info.get("generator_updates", steps)  # DisBack's stage-1 steps train only its fake score
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()] \
         if (run / "metrics.jsonl").is_file() else []
-    return {"wall_seconds": wall, "steps": steps, "images_seen": steps * args.batch_size, "log": losses[-1] if losses else {}}
+    return {"wall_seconds": wall, "steps": steps, "updates": updates, "images_seen": updates * args.batch_size,
+            "log": losses[-1] if losses else {}}
 
 
 def start_sigma(teacher: str, objective: str, extra: list[str]) -> float | None:
@@ -170,7 +173,7 @@ def plot(result: dict, path: Path) -> None:
 
 def table(result: dict, out: Path) -> str:
     """The results table, followed by the hand-written analysis in ``NOTES.md`` when the folder has one."""
-    lines = [f"# CPU ladder: training budget per row (minutes, or generator updates), batch {result['batch_size']}", "",
+    lines = [f"# CPU ladder: training budget per row (minutes, or trainer steps), batch {result['batch_size']}", "",
              f"{result['device']}; {result['date']}; commit {result['commit']}; "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
              f"FID@{result['num']} and KID against {result['reference']} ({result['reference_n']} images).", "",
@@ -179,7 +182,7 @@ def table(result: dict, out: Path) -> str:
     for r in result["rows"]:
         kid = "" if r.get("kid") is None else f"{r['kid']:.4f}"
         verdict = r.get("verdict", "")
-        budget = (f"{r['budget_updates']} updates" if r.get("budget_updates") else f"{r.get('minutes', '')} min") \
+        budget = (f"{r['budget_updates']} steps" if r.get("budget_updates") else f"{r.get('minutes', '')} min") \
             if r["kind"] == "student" else ""
         lines.append(f"| {r['teacher']} | {r['model']} | {r['steps']} | {r['fid']:.1f} | {kid} | {budget} "
                      f"| {r.get('updates', '')} | {r.get('images_seen', '')} | {r.get('wall_seconds', 0):.0f} "
@@ -201,7 +204,7 @@ def main() -> None:
     # agd trains guidance adapters, not a few-step student: the single-pass error it lowers is measured in its tests
     p.add_argument("--objectives", default=",".join(name for name in OBJECTIVES if name not in NOT_STUDENTS))
     p.add_argument("--minutes", type=float, default=5.0, help="training budget per objective")
-    p.add_argument("--updates", type=int, help="budget as a number of generator updates instead of minutes")
+    p.add_argument("--updates", type=int, help="budget as a number of trainer steps (generator updates but DisBack's stage-1 steps) instead of minutes")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num", type=int, default=1000, help="images per FID")
     p.add_argument("--ref-num", type=int, default=2000, help="Fashion-MNIST training images in the reference")
@@ -290,7 +293,7 @@ def main() -> None:
                 verdict = f"{'below' if r['fid'] < base['fid'] else 'NOT below'} its start ({base['fid']:.1f})"
                 add({**r, "teacher": which, "kind": "student", "model": label, "start": start,
                      **({"overrides": args.set} if args.set else {}),
-                     "updates": info["steps"], "images_seen": info["images_seen"],
+                     "updates": info["updates"], "images_seen": info["images_seen"],
                      "wall_seconds": info["wall_seconds"], "verdict": verdict, "last_log": info["log"]})
     result = save()
     print(table(result, out))

@@ -185,7 +185,7 @@ def test_run_resumes_mid_stage_exports_and_reloads(tiny_teacher, tmp_path):
     """Through the trainer: 3 stage-1 steps (psi_1, psi_2 recorded after steps 0 and 1, psi_3 the fake score), then
     targets psi_2 and psi_1. A run stopped after step 1 (mid stage 1: psi_1 in its checkpoint, psi_2 not yet) and
     resumed equals the uninterrupted one in student, fake score and path; the student does not move in stage 1; the
-    export reloads in diffusers and matches fastdiff's sampler."""
+    export records 2 generator updates in 5 steps, reloads in diffusers and matches fastdiff's sampler."""
     from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
@@ -215,4 +215,6 @@ def test_run_resumes_mid_stage_exports_and_reloads(tiny_teacher, tmp_path):
     assert bool((b["psi"] != 0).any(dim=1).all())  # psi_1 and psi_2 recorded
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [("loss_dm" in r, "grad_norm_generator" in r) for r in rows] == [(False, False)] * 3 + [(True, True)] * 2
+    info = json.loads((whole / "student" / "fastdiff.json").read_text())
+    assert (info["train_step"], info["generator_updates"]) == (5, 2)  # the rows with a generator gradient, above
     assert_pipeline_matches(whole / "student")

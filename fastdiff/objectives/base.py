@@ -161,6 +161,10 @@ class Objective(nn.Module):
         updates train only the critic."""
         return True
 
+    def generator_updates(self, steps: int) -> int:
+        """Generator updates among the first ``steps`` trainer steps (all of them; DisBack's stage 1 has none)."""
+        return steps
+
     def critic_updates_now(self) -> int:
         """Critic updates in the update about to run (``step``): ``critic_updates``; rCM runs none during its
         tangent warm-up, when no generator loss reads the fake score."""

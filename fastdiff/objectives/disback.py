@@ -168,6 +168,9 @@ class Backtracking:
     def trains_generator(self) -> bool:
         return self.backtrack.trains_generator(self.step)
 
+    def generator_updates(self, steps: int) -> int:
+        return max(0, steps - self.backtrack.degradation_steps)  # the steps s < steps with trains_generator(s)
+
     def after_generator_step(self) -> None:
         super().after_generator_step()
         self.backtrack.after_step(self.step)

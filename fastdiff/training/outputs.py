@@ -59,7 +59,8 @@ def export_run(run, out: Path | None = None, num_steps: int | None = None, **opt
         return export_fada(run, model, out or run.out / "student")
     if not is_lora(model):  # a LoRA student's export reads its adapters and merges into a fresh model
         model = copy.deepcopy(model).cpu().eval()
-    info = {**export_info(run.cfg, run.step, run.ema is not None, run.teacher), "methods": run.methods_used()}
+    info = {**export_info(run.cfg, run.step, run.ema is not None, run.teacher), "methods": run.methods_used(),
+            "generator_updates": run.objective.generator_updates(run.step)}
     if num_steps is not None:
         info["num_steps"] = num_steps
     grids = sorted(p for p in (run.out / "samples").glob("step-*.png") if p.stem <= f"step-{run.step:08d}")
