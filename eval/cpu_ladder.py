@@ -37,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 # label -> (teacher path, CFG of the real score, conditioning note)
 TEACHERS = {"ddpm": ("embedded:fmnist-ddpm", 1.0), "cond": (str(SHARED / "teachers" / "fmnist-cond-vpred"), 2.0)}
-NOT_STUDENTS = {"agd"}
+# CFG distilled into a student that still samples many steps (agd: one pass instead of two; fada: one instead of a
+# two-condition teacher's three, and the ladder's teachers have one condition): not few-step students, not laddered
+NOT_STUDENTS = {"agd", "fada"}
 # few-step students (consistency, segment consistency, flow maps, straight lines): also measured at 2 steps
 MULTI_STEP = {"cd", "scm", "rcm", "scm-ladd", "hyper-sd", "hyper-sd-dmd", "meanflow", "ayf", "reflow"}
 # reflow trains on (noise, teacher sample) pairs and samples its straight lines with Euler (README's recipe)
