@@ -154,21 +154,22 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     teachers = sorted({r["teacher"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(teachers), figsize=(8 * len(teachers), 5), squeeze=False)
     for ax, teacher in zip(axes[0], teachers):
         rows = [r for r in result["rows"] if r["teacher"] == teacher]
         for r in rows:
             if r["kind"] == "teacher":
                 ax.axhline(r["fid"], ls=":", color="gray")
                 ax.text(0, r["fid"], f" teacher DDIM {r['steps']}", va="bottom", fontsize=8, color="gray")
-        for r in rows:
-            if r["kind"] != "student" or r["steps"] != 1:
-                continue
+        students = [r for r in rows if r["kind"] == "student" and r["steps"] == 1]
+        colors = plt.cm.tab20.colors  # twenty distinguishable lines (the default cycle repeats after ten)
+        for i, r in enumerate(students):
             start = next(s for s in rows if s["kind"] == "start" and s["model"] == r["start"] and s["steps"] == 1)
-            ax.plot([0, r["images_seen"]], [start["fid"], r["fid"]], marker="o", label=r["model"])
+            ax.plot([0, r["images_seen"]], [start["fid"], r["fid"]], marker="o", label=r["model"],
+                    color=colors[i % len(colors)], ls="-" if i < len(colors) else "--")
         ax.set(title=f"{teacher}: one-step FID against images seen", xlabel="images seen", ylabel=rows[0]["fid_label"]
                if rows else "FID", yscale="log")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the lines fill the axes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
