@@ -1,6 +1,7 @@
 """Load a frozen diffusers teacher (model + scheduler) and wrap it as a Denoiser."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -118,17 +119,24 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+@contextlib.contextmanager
+def loading_errors(what: str):
+    """Any failure inside but fastdiff's own becomes one readable line, ``could not load {what}: {its first line}``."""
+    try:
+        yield
+    except FastdiffError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable line
+        raise FastdiffError(f"could not load {what}: {_first_line(exc)}") from exc
+
+
 def load_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A single diffusers model folder (config.json + weights), e.g. a student's starting network."""
     root = Path(path)
     if not (root / "config.json").is_file():
         raise FastdiffError(f"student.model {path!r} is not a diffusers model folder (no config.json)")
-    try:
+    with loading_errors(f"student.model {path!r}"):
         return _class_from_config(path, "", "config.json").from_pretrained(path, **dtype_kwargs(dtype))
-    except FastdiffError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise FastdiffError(f"could not load student.model {path!r}: {_first_line(exc)}") from exc
 
 
 def fastdiff_model_classes() -> dict:
@@ -213,29 +221,21 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
         given = {}
         if load_network is not None and os.path.isdir(path):
             folder = next((f for f in MODEL_FOLDERS if f in index and (Path(path) / f / "config.json").is_file()), None)
-            try:
+            with loading_errors(f"the {folder} of {path!r}"):
                 network = folder and load_network(_class_from_config(path, folder, "config.json"), path, folder, dtype)
-            except FastdiffError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - as load_pipeline's failures: one readable line
-                raise FastdiffError(f"could not load the {folder} of {path!r}: {_first_line(exc)}") from exc
             given = {folder: network} if network is not None else {}
         pipeline = load_pipeline(path, index, dtype, **given)
         folder = next(f for f in MODEL_FOLDERS if getattr(pipeline, f, None) is not None)
         model, scheduler = getattr(pipeline, folder), pipeline.scheduler
     else:
         folder, sched_folder = _resolve_folders(path) if os.path.isdir(path) else ("unet", "scheduler")
-        try:
+        with loading_errors(f"teacher from {path!r}"):
             model_cls = _class_from_config(path, folder, "config.json")
             sched_cls = _class_from_config(path, sched_folder, "scheduler_config.json")
             model = load_network(model_cls, path, folder, dtype) if load_network and os.path.isdir(path) else None
             if model is None:
                 model = model_cls.from_pretrained(path, subfolder=folder, **dtype_kwargs(dtype))
             scheduler = sched_cls.from_pretrained(path, subfolder=sched_folder)
-        except FastdiffError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any loading failure becomes one readable line
-            raise FastdiffError(f"could not load teacher from {path!r}: {_first_line(exc)}") from exc
     model.requires_grad_(False).eval()
     if pipeline is not None:
         for part in pipeline.components.values():

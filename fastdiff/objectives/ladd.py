@@ -378,11 +378,11 @@ class SCMLADD(ContinuousConsistency):
         self.adversary = Adversary(teacher, head_every, disc_p_mean, disc_p_std, adversarial_loss)
         self._kept_F = None
 
-
     def train_defaults(self) -> dict:
         """sCM's optimizer, with the heads at LADD's ``HEAD_LR``: at the trainer's 1e-5 they stayed at chance here too
         (loss_ladd_d 1.036 -> 1.011 over the CPU ladder's 100 updates on the embedded teacher)."""
         return {**super().train_defaults(), "lr_critic": HEAD_LR}
+
     def critic_modules(self) -> list[nn.Module]:
         return [self.adversary.disc.heads]
 
