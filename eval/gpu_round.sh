@@ -11,6 +11,7 @@
 #   bash eval/gpu_round.sh MINUTES             on the GPU machine, after the kit's unpack.sh (FASTDIFF_COMMIT=<sha>
 #                                              names the commit: the checkout there has no .git)
 #   bash eval/gpu_round.sh --pack-args MINUTES here: the ../shared/device/pack.py arguments this slice needs
+#   bash eval/gpu_round.sh --pack MINUTES      here: run pack.py with those arguments (into .gpu/)
 #   bash eval/gpu_round.sh --collect FOLDER    here: take a slice's results (the returned round/ folder) into
 #                                              eval/results
 set -uo pipefail
@@ -59,6 +60,15 @@ if [ "${1:-}" = --pack-args ]; then
   exit 0
 fi
 
+if [ "${1:-}" = --pack ]; then
+  # pack.py (../shared, read-only) imports fastdiff.inception, which lives at fastdiff.evaluation.inception now
+  # shellcheck disable=SC2046
+  exec $PY -c 'import runpy, sys, fastdiff.evaluation.inception as m
+sys.modules["fastdiff.inception"] = m
+sys.argv = ["pack.py"] + sys.argv[1:]
+runpy.run_path("../shared/device/pack.py", run_name="__main__")' $(bash "$0" --pack-args "${2:?minutes}")
+fi
+
 if [ "${1:-}" = --collect ]; then
   from=${2:?the returned round/ folder}
   mkdir -p eval/results/fmnist/logs
@@ -75,7 +85,10 @@ if [ "${1:-}" = --collect ]; then
   exit 0
 fi
 
-MINUTES=${1:?usage: bash eval/gpu_round.sh MINUTES | --pack-args MINUTES | --collect FOLDER}
+MINUTES=${1:?usage: bash eval/gpu_round.sh MINUTES | --pack-args MINUTES | --pack MINUTES | --collect FOLDER}
+# The checkout there is not installed in place: its fastdiff/ (first on sys.path for `python -m fastdiff` and the
+# eval scripts) lacks the pipelines/ that pyproject installs as fastdiff.pipelines (the first slice failed on it).
+[ -e fastdiff/pipelines ] || ln -s ../pipelines fastdiff/pipelines
 START=$(date +%s)
 DEADLINE=$(awk "BEGIN { print int($START + $MINUTES * 60) }")
 R=${OUT:-/tmp/out}/round

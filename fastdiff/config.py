@@ -172,7 +172,7 @@ class TrainConfig:
     checkpoint_limit: int = 3  # how many checkpoints to keep
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) updates before the run stops
     gradient_checkpointing: bool = False  # recompute activations of the trainable networks in backward (less memory)
-    attention: str = "auto"  # auto (xformers where its kernels run, else SDPA) | sdpa | xformers
+    attention: str = "auto"  # auto (SDPA when compiled, else xformers where its kernels run, else SDPA) | sdpa | xformers
     compile: bool = False  # torch.compile the teacher, fake score and generator networks
     channels_last: bool = False  # channels-last memory format for convolutional networks (faster convs on GPUs)
     sample_every: int = 500

@@ -88,11 +88,26 @@ def test_bench_speed_ablation_rows_and_time_budget(tiny_teacher, tmp_path, capsy
     assert "Not run (time budget of 0 s spent): dmd2, sampling batch 1" in out and "| dmd2 | 2 |" not in out
 
 
-def test_auto_check_compares_autos_pick_with_the_fastest_eager_backend():
+def test_auto_check_compares_autos_pick_with_the_fastest_backend_of_the_same_compile_setting():
     from fastdiff.bench.speed import auto_check
 
     rows = [{"attention": "sdpa", "compile": False, "seconds": 2.0}, {"attention": "xformers", "compile": False,
                                                                       "seconds": 1.0},
-            {"attention": "sdpa", "compile": True, "seconds": 0.5}]  # compiled rows do not decide the backend
-    assert auto_check("xformers", rows) == {"auto": "xformers", "fastest": "xformers", "agrees": True}
+            {"attention": "sdpa", "compile": True, "seconds": 0.5}]
+    assert auto_check("xformers", rows) == {"auto": "xformers", "fastest": "xformers", "compiled": False,
+                                            "agrees": True}
     assert auto_check("sdpa", rows)["agrees"] is False
+    assert auto_check("sdpa", rows, compiled=True) is None  # one compiled backend: nothing to compare
+    rows.append({"attention": "xformers", "compile": True, "seconds": 0.6})
+    assert auto_check("sdpa", rows, compiled=True) == {"auto": "sdpa", "fastest": "sdpa", "compiled": True,
+                                                       "agrees": True}
+
+
+def test_auto_attention_is_sdpa_for_compiled_networks():
+    """Measured on the H200: compiled steps ran faster with SDPA than with xformers (eval/results/speed-nvidia-h200.md),
+    so ``auto`` picks SDPA for a network that will be compiled, whatever xformers can do."""
+    from fastdiff.models.attention import resolve_backend, xformers_status
+
+    assert resolve_backend("auto", compiled=True) == "sdpa"
+    assert resolve_backend("auto") == ("xformers" if xformers_status()[0] else "sdpa")
+    assert resolve_backend("sdpa", compiled=False) == "sdpa"

@@ -13,7 +13,8 @@ generator eager and compiled (CUDA graphs on GPUs) at each batch size.
 
 ``ablate`` adds, per objective, fastdiff's step with each attention backend that runs here (SDPA, and xformers where
 its kernels run) eager and compiled (compiled on GPUs only), each as a ratio to the same naive step, and records
-whether ``auto`` picked the measured faster backend. ``time_budget`` (seconds) stops starting new rows once spent:
+whether ``auto`` picked the backend measured faster with fastdiff's own compile setting (ablation rows run after
+the sampling rows: they are the longest part, four trainers per objective on a GPU). ``time_budget`` (seconds) stops starting new rows once spent:
 the rows not run are listed in ``skipped``, and ``on_row`` receives the partial result after every row, so a run
 cut short still leaves its table.
 """
@@ -112,6 +113,9 @@ def make_trainer(teacher: str, objective: str, batch: int, fast: bool, device, o
     else:
         settings += ["train.attention=sdpa"]
     cfg = load_config(None, settings + list(overrides))
+    # A fresh dynamo cache per trainer: every row compiles the same diffusers forward for new modules (and dtypes),
+    # and past dynamo's recompile limit (8) later rows would silently run eager (seen on the H200 with --ablate).
+    torch._dynamo.reset()
     return Trainer(cfg, overwrite=True, progress=False)
 
 
@@ -186,17 +190,19 @@ def ablation_rows(teacher: str, name: str, batch: int, steps: int, warmup: int, 
     return rows
 
 
-def auto_check(fast_attention: str, ablation: list[dict]) -> dict | None:
-    """Which backend ``auto`` chose against the eager step measured fastest (None when only one backend ran)."""
-    eager = {r["attention"]: r["seconds"] for r in ablation if not r["compile"]}
-    if len(eager) < 2:
+def auto_check(fast_attention: str, ablation: list[dict], compiled: bool = False) -> dict | None:
+    """Which backend ``auto`` chose against the one measured fastest with the same compile setting as fastdiff's
+    step (``auto`` decides by it); None when only one backend ran that way."""
+    same = {r["attention"]: r["seconds"] for r in ablation if r["compile"] == compiled}
+    if len(same) < 2:
         return None
-    fastest = min(eager, key=eager.get)
-    return {"auto": fast_attention, "fastest": fastest, "agrees": fast_attention.split(",")[0].strip() == fastest}
+    fastest = min(same, key=same.get)
+    return {"auto": fast_attention, "fastest": fastest, "compiled": compiled,
+            "agrees": fast_attention.split(",")[0].strip() == fastest}
 
 
 def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, warmup: int, device, peak: float,
-                  overrides: list[str], progress: bool = False, ablate: bool = False, budget: Budget | None = None,
+                  overrides: list[str], progress: bool = False, budget: Budget | None = None,
                   skipped: list | None = None, on_row=None) -> list[dict]:
     from ..machine import progress as progress_bar
 
@@ -224,16 +230,11 @@ def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, w
             mem_fast = peak_memory(device)
             attention = fast.attention
             del fast
-            ablation = (ablation_rows(teacher, name, batch, steps, warmup, device, list(overrides), t_naive, budget,
-                                      skipped, tmp) if ablate else [])
-        row = {"objective": name, "batch_size": batch, "flops_per_step": flops,
-               "naive_seconds": t_naive, "fast_seconds": t_fast,
-               "naive_images_per_second": batch / t_naive, "fast_images_per_second": batch / t_fast,
-               "speedup": t_naive / t_fast, "naive_mfu": flops / t_naive / peak, "fast_mfu": flops / t_fast / peak,
-               "naive_peak_mb": mem_naive, "fast_peak_mb": mem_fast, "attention": attention}
-        if ablate:
-            row.update(ablation=ablation, auto_check=auto_check(attention, ablation))
-        rows.append(row)
+        rows.append({"objective": name, "batch_size": batch, "flops_per_step": flops,
+                     "naive_seconds": t_naive, "fast_seconds": t_fast,
+                     "naive_images_per_second": batch / t_naive, "fast_images_per_second": batch / t_fast,
+                     "speedup": t_naive / t_fast, "naive_mfu": flops / t_naive / peak, "fast_mfu": flops / t_fast / peak,
+                     "naive_peak_mb": mem_naive, "fast_peak_mb": mem_fast, "attention": attention})
         if on_row:
             on_row(rows)
     return rows
@@ -270,6 +271,7 @@ def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, dev
         row = {"batch_size": batch, "eager_images_per_second": batch / t_eager, "flops_per_image": flops / batch,
                "eager_mfu": flops / t_eager / peak}
         if compile_sampler:  # CUDA graphs on GPUs ("reduce-overhead"): batch 1 is launch-bound without them
+            torch._dynamo.reset()  # the training rows' compiles must not count toward this one's recompile limit
             compiled_gen = torch.compile(gen, mode="reduce-overhead" if cuda else None, dynamic=False)
 
             def compiled():
@@ -309,10 +311,16 @@ def run(teacher: str, objectives: list[str], batch: int, sample_batches: list[in
             teacher = resolve_teacher_path(teacher)
         peak, peak_how = matmul_peak(device)
         result.update(matmul_peak_flops=peak, matmul_peak=peak_how)
-        training_rows(teacher, objectives, batch, steps, warmup, device, peak, overrides, progress, ablate, budget,
+        training_rows(teacher, objectives, batch, steps, warmup, device, peak, overrides, progress, budget,
                       result["skipped"], saw("training"))
         sampling_rows(teacher, sample_batches, steps, warmup, device, peak, compile_sampler, progress, budget,
                       result["skipped"], saw("sampling"))
+        # Last: the ablation is the longest part (four compiled trainers per objective on a GPU) and the least needed
+        for row in result["training"] if ablate else []:
+            row["ablation"] = ablation_rows(teacher, row["objective"], batch, steps, warmup, device, list(overrides),
+                                            row["naive_seconds"], budget, result["skipped"], f"{tmp}/ablation")
+            row["auto_check"] = auto_check(row["attention"], row["ablation"], compiled=device.type == "cuda")
+            saw("training")(result["training"])
     return result
 
 
@@ -336,7 +344,8 @@ def table(result: dict) -> str:
         for r in result["training"]:
             check = r.get("auto_check")
             if check:
-                lines.append(f"\n{r['objective']}: `auto` chose {check['auto']}; eager {check['fastest']} measured "
+                how = "compiled" if check.get("compiled") else "eager"
+                lines.append(f"\n{r['objective']}: `auto` chose {check['auto']}; {how} {check['fastest']} measured "
                              f"faster: {'agrees' if check['agrees'] else 'DISAGREES'}")
     lines += ["", "| one-step sampling, batch | eager img/s | compiled img/s | ratio | GFLOP/image | compiled MFU |",
               "|---|---|---|---|---|---|"]

@@ -254,10 +254,11 @@ class Run:
             if t.gradient_checkpointing and net is not teacher_model:
                 name = "generator" if net is student_model else "fake score"
                 enable_gradient_checkpointing(net, name, self.accelerator.print)
-            settings.append(set_attention(net, t.attention))
+            compiled = t.compile and not (net is fake_model and uses_gan(self.cfg))
+            settings.append(set_attention(net, t.attention, compiled))
             if t.channels_last:
                 net.to(memory_format=torch.channels_last)
-            if t.compile and not (net is fake_model and uses_gan(self.cfg)):
+            if compiled:
                 net.compile()
         backend = describe_attention(settings)  # what the modules run, with those left on their own processors
         self.accelerator.print(f"attention: {backend}")
