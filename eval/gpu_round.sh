@@ -110,7 +110,7 @@ slice() {
     # --time-budget stops starting rows 30 s before the cap (a started compile may take that long); with --out the
     # files are rewritten after every row, so a run cut short still leaves what it measured.
     timeout -k 10 "$cap" $PY -m fastdiff bench speed --teacher synthetic:ddpm-cifar --out "$WORK/speed" \
-      --steps 10 --warmup 2 --sample-batch-sizes 256 --ablate --time-budget $((cap > 60 ? cap - 30 : cap / 2))
+      --steps 10 --warmup 2 --sample-batch-sizes 256 --profile --ablate --time-budget $((cap > 60 ? cap - 30 : cap / 2))
     echo "speed: exit $? in $(($(date +%s) - t0)) s (124: stopped at the cap)"
     for f in "$WORK"/speed/speed-*.json; do
       [ -f "$f" ] || continue

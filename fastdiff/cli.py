@@ -302,20 +302,29 @@ def cmd_bench_speed(args) -> None:
     from .bench import speed as bench_speed
 
     objectives = [o.strip() for o in (args.objectives or "dmd2,sid").split(",") if o.strip()]
-    batches = [int(b) for b in args.sample_batch_sizes.split(",") if b.strip()]
+    def int_list(flag: str, text: str) -> list[int]:
+        try:
+            return [int(b) for b in text.split(",") if b.strip()]
+        except ValueError:
+            raise FastdiffError(f"{flag} takes integers separated by commas (e.g. 128,512), got {text!r}") from None
+
+    batches = int_list("--sample-batch-sizes", args.sample_batch_sizes)
     device = _device(args.device)
-    batch = args.batch_size if args.batch_size is not None else (128 if device.type == "cuda" else 4)
+    train_batches = (int_list("--batch-size", args.batch_size) if args.batch_size is not None
+                     else [128 if device.type == "cuda" else 4])
     steps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 3)
-    check_values = {"--batch-size": batch, "--steps": steps, "--warmup": args.warmup + 1, "--sample-batch-sizes": min(batches or [0])}
+    check_values = {"--batch-size": min(train_batches or [0]), "--steps": steps, "--warmup": args.warmup + 1,
+                    "--sample-batch-sizes": min(batches or [0])}
     for name, value in check_values.items():
         if value <= 0:
             raise FastdiffError(f"{name} must be positive")
     if args.time_budget is not None and args.time_budget <= 0:
         raise FastdiffError("--time-budget must be positive (seconds)")
     partial = (lambda result: bench_speed.write(result, args.out)) if args.out else None  # noqa: E731
-    result = bench_speed.run(args.teacher, objectives, batch, batches, steps, args.warmup, device, args.set or [],
-                             compile_sampler=not args.skip_compile, progress=not args.quiet, ablate=args.ablate,
-                             time_budget=args.time_budget, on_partial=partial)
+    result = bench_speed.run(args.teacher, objectives, train_batches, batches, steps, args.warmup, device,
+                             args.set or [], compile_sampler=not args.skip_compile, progress=not args.quiet,
+                             ablate=args.ablate, time_budget=args.time_budget, on_partial=partial,
+                             profile=args.profile)
     print(bench_speed.table(result))
     if args.out:
         md, js = bench_speed.write(result, args.out)
@@ -516,7 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "own); speed: timed steps per row (default 20 on GPUs, 3 on CPUs); msd: updates per student (400)")
     b.add_argument("--teacher", default="embedded:fmnist-ddpm", help="speed: teacher folder, embedded:NAME or "
                    "synthetic:ddpm-cifar (DDPM-CIFAR UNet shape, 35.7M parameters, random weights)")
-    b.add_argument("--batch-size", type=int, default=None, help="speed: training batch (default 128 on GPUs, 4 on CPUs)")
+    b.add_argument("--batch-size", default=None, help="speed: training batch, or several comma-separated (a row "
+                   "each; default 128 on GPUs, 4 on CPUs)")
+    b.add_argument("--profile", action="store_true", help="speed: record where each fastdiff step's time goes "
+                   "(torch.profiler: kernel kinds' shares and the top kernels)")
     b.add_argument("--sample-batch-sizes", default="1,256", help="speed: one-step sampling batch sizes (default 1,256)")
     b.add_argument("--warmup", type=int, default=2, help="speed: untimed steps before timing (default 2)")
     b.add_argument("--skip-compile", action="store_true", help="speed: do not time compiled sampling (saves the "

@@ -111,3 +111,37 @@ def test_auto_attention_is_sdpa_for_compiled_networks():
     assert resolve_backend("auto", compiled=True) == "sdpa"
     assert resolve_backend("auto") == ("xformers" if xformers_status()[0] else "sdpa")
     assert resolve_backend("sdpa", compiled=False) == "sdpa"
+
+
+def test_bench_speed_profile_and_batch_list(tiny_teacher, tmp_path, capsys):
+    """--profile records where fastdiff's step goes (kinds' shares of the profiled self time, the top operators);
+    --batch-size takes several batches, a row each, batches outermost."""
+    assert main(["bench", "speed", "--teacher", tiny_teacher, "--device", "cpu", "--batch-size", "2,3", "--steps", "1",
+                 "--warmup", "0", "--sample-batch-sizes", "1", "--skip-compile", "--objectives", "dmd2",
+                 "--set", "objective.critic_updates=1", "--profile", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("speed-*.json")
+    rows = json.loads(js.read_text())["training"]
+    assert [r["batch_size"] for r in rows] == [2, 3]
+    prof = rows[0]["profile"]
+    # shares are fractions of one sum: they add to 1 up to float64 rounding of a few dozen terms (1e-12 is ~1e4 eps)
+    assert abs(sum(prof["shares"].values()) - 1) < 1e-12 and prof["milliseconds_per_step"] > 0
+    assert "matmul / conv" in prof["shares"] and 0 < len(prof["top"]) <= 10  # a UNet step convolves
+    tops = [t["milliseconds_per_step"] for t in prof["top"]]
+    assert tops == sorted(tops, reverse=True)
+    assert "Where fastdiff's step goes, batch 2:" in capsys.readouterr().out
+    assert main(["bench", "speed", "--teacher", tiny_teacher, "--device", "cpu", "--batch-size", "2,x"]) == 2
+
+
+def test_profile_kinds_classify_kernel_names():
+    from fastdiff.bench.profile import kind_of
+
+    assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul / conv"
+    assert kind_of("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    assert kind_of("triton_poi_fused__to_copy_add_mul_silu_0") == "elementwise"
+    assert kind_of("triton_red_fused_native_group_norm_1") == "reduction / norm"
+    assert kind_of("void at::native::(anonymous namespace)::normal_kernel") == "random"
+    assert kind_of("void at::native::elementwise_kernel<128, 2, copy_kernel>") == "copy / layout"  # a dtype cast
+    assert kind_of("void at::native::vectorized_elementwise_kernel<4, silu_kernel>") == "elementwise"
+    assert kind_of("Memcpy HtoD (Pageable -> Device)") == "copy / layout"
+    assert kind_of("aten::convolution_backward") == "matmul / conv"
+    assert kind_of("something_new") == "other"

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FastdiffError
+from .profile import profile_step, profile_table
 
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
                   block_out_channels=(128, 256, 256, 256),
@@ -201,16 +202,18 @@ def auto_check(fast_attention: str, ablation: list[dict], compiled: bool = False
             "agrees": fast_attention.split(",")[0].strip() == fastest}
 
 
-def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, warmup: int, device, peak: float,
-                  overrides: list[str], progress: bool = False, budget: Budget | None = None,
-                  skipped: list | None = None, on_row=None) -> list[dict]:
+def training_rows(teacher: str, objectives: list[str], batches: list[int], steps: int, warmup: int, device,
+                  peak: float, overrides: list[str], progress: bool = False, budget: Budget | None = None,
+                  skipped: list | None = None, on_row=None, profile: bool = False) -> list[dict]:
+    """A row per (batch, objective), batches outermost: the first batch's rows for every objective come first."""
     from ..machine import progress as progress_bar
 
     budget, skipped = budget or Budget(None), skipped if skipped is not None else []
     rows = []
-    for name in progress_bar(objectives, desc="bench speed: training", unit="objective", enabled=progress):
+    pairs = [(batch, name) for batch in batches for name in objectives]
+    for batch, name in progress_bar(pairs, desc="bench speed: training", unit="row", enabled=progress):
         if budget.spent():
-            skipped.append(name)
+            skipped.append(name if len(batches) == 1 else f"{name} batch {batch}")
             continue
         with tempfile.TemporaryDirectory() as tmp:
             naive = make_trainer(teacher, name, batch, False, device, overrides, f"{tmp}/naive")
@@ -229,12 +232,16 @@ def training_rows(teacher: str, objectives: list[str], batch: int, steps: int, w
             t_fast = timed(fast.train_step, device, steps, warmup + (2 if device.type == "cuda" else 0))
             mem_fast = peak_memory(device)
             attention = fast.attention
+            prof = profile_step(fast.train_step, device) if profile else None
             del fast
-        rows.append({"objective": name, "batch_size": batch, "flops_per_step": flops,
-                     "naive_seconds": t_naive, "fast_seconds": t_fast,
-                     "naive_images_per_second": batch / t_naive, "fast_images_per_second": batch / t_fast,
-                     "speedup": t_naive / t_fast, "naive_mfu": flops / t_naive / peak, "fast_mfu": flops / t_fast / peak,
-                     "naive_peak_mb": mem_naive, "fast_peak_mb": mem_fast, "attention": attention})
+        row = {"objective": name, "batch_size": batch, "flops_per_step": flops,
+               "naive_seconds": t_naive, "fast_seconds": t_fast,
+               "naive_images_per_second": batch / t_naive, "fast_images_per_second": batch / t_fast,
+               "speedup": t_naive / t_fast, "naive_mfu": flops / t_naive / peak, "fast_mfu": flops / t_fast / peak,
+               "naive_peak_mb": mem_naive, "fast_peak_mb": mem_fast, "attention": attention}
+        if prof:
+            row["profile"] = prof
+        rows.append(row)
         if on_row:
             on_row(rows)
     return rows
@@ -286,10 +293,13 @@ def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, dev
     return rows
 
 
-def run(teacher: str, objectives: list[str], batch: int, sample_batches: list[int], steps: int, warmup: int,
-        device: torch.device, overrides: list[str], compile_sampler: bool = True, progress: bool = False,
-        ablate: bool = False, time_budget: float | None = None, on_partial=None) -> dict:
-    """The bench; ``on_partial(result)`` after every row (a run stopped by ``time_budget`` or killed keeps them)."""
+def run(teacher: str, objectives: list[str], batch: int | list[int], sample_batches: list[int], steps: int,
+        warmup: int, device: torch.device, overrides: list[str], compile_sampler: bool = True, progress: bool = False,
+        ablate: bool = False, time_budget: float | None = None, on_partial=None, profile: bool = False) -> dict:
+    """The bench; ``on_partial(result)`` after every row (a run stopped by ``time_budget`` or killed keeps them).
+    ``batch``: one training batch or several (a row each; the ablation runs at the first); ``profile``: record
+    where each fastdiff step's time goes (``bench.profile``)."""
+    batches = [batch] if isinstance(batch, int) else list(batch)
     from ..models.embedded import resolve_teacher_path
     from ..machine import describe, today, versions
 
@@ -311,13 +321,13 @@ def run(teacher: str, objectives: list[str], batch: int, sample_batches: list[in
             teacher = resolve_teacher_path(teacher)
         peak, peak_how = matmul_peak(device)
         result.update(matmul_peak_flops=peak, matmul_peak=peak_how)
-        training_rows(teacher, objectives, batch, steps, warmup, device, peak, overrides, progress, budget,
-                      result["skipped"], saw("training"))
+        training_rows(teacher, objectives, batches, steps, warmup, device, peak, overrides, progress, budget,
+                      result["skipped"], saw("training"), profile)
         sampling_rows(teacher, sample_batches, steps, warmup, device, peak, compile_sampler, progress, budget,
                       result["skipped"], saw("sampling"))
         # Last: the ablation is the longest part (four compiled trainers per objective on a GPU) and the least needed
-        for row in result["training"] if ablate else []:
-            row["ablation"] = ablation_rows(teacher, row["objective"], batch, steps, warmup, device, list(overrides),
+        for row in [r for r in result["training"] if r["batch_size"] == batches[0]] if ablate else []:
+            row["ablation"] = ablation_rows(teacher, row["objective"], batches[0], steps, warmup, device, list(overrides),
                                             row["naive_seconds"], budget, result["skipped"], f"{tmp}/ablation")
             row["auto_check"] = auto_check(row["attention"], row["ablation"], compiled=device.type == "cuda")
             saw("training")(result["training"])
@@ -347,6 +357,10 @@ def table(result: dict) -> str:
                 how = "compiled" if check.get("compiled") else "eager"
                 lines.append(f"\n{r['objective']}: `auto` chose {check['auto']}; {how} {check['fastest']} measured "
                              f"faster: {'agrees' if check['agrees'] else 'DISAGREES'}")
+    for r in result["training"]:
+        if r.get("profile"):
+            lines += ["", f"Where fastdiff's step goes, batch {r['batch_size']}:"] + profile_table(r["objective"],
+                                                                                                  r["profile"])
     lines += ["", "| one-step sampling, batch | eager img/s | compiled img/s | ratio | GFLOP/image | compiled MFU |",
               "|---|---|---|---|---|---|"]
     for r in result["sampling"]:
