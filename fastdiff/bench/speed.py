@@ -128,7 +128,7 @@ def naive_step(trainer, opts: dict):
     critic = trainer.opt_c.params if trainer.opt_c else []
     for p in critic:
         p.requires_grad_(True)
-    for _ in range(obj.critic_updates):
+    for _ in range(obj.critic_updates_now()):  # as Trainer.train_step (rCM runs none in its warm-up)
         z, cond = trainer._inputs(n)
         with acc.autocast():
             with torch.no_grad():
@@ -182,12 +182,14 @@ def ablation_rows(teacher: str, name: str, batch: int, steps: int, warmup: int, 
         if budget.spent():
             skipped.append(label)
             continue
+        start = time.monotonic()
         trainer = make_trainer(teacher, name, batch, True, device, overrides + [f"train.attention={attention}",
                                f"train.compile={str(compiled).lower()}"], f"{tmp}/{attention}-{compiled}")
         t = timed(trainer.train_step, device, steps, warmup + (2 if compiled else 0))
         del trainer
         rows.append({"objective": name, "attention": attention, "compile": compiled, "seconds": t,
-                     "images_per_second": batch / t, "speedup": t_naive / t})
+                     "images_per_second": batch / t, "speedup": t_naive / t,
+                     "wall_seconds": time.monotonic() - start})  # what the row cost the bench, compiling included
     return rows
 
 
@@ -215,6 +217,7 @@ def training_rows(teacher: str, objectives: list[str], batches: list[int], steps
         if budget.spent():
             skipped.append(name if len(batches) == 1 else f"{name} batch {batch}")
             continue
+        start = time.monotonic()
         with tempfile.TemporaryDirectory() as tmp:
             naive = make_trainer(teacher, name, batch, False, device, overrides, f"{tmp}/naive")
             lr = naive.cfg.train
@@ -238,7 +241,8 @@ def training_rows(teacher: str, objectives: list[str], batches: list[int], steps
                "naive_seconds": t_naive, "fast_seconds": t_fast,
                "naive_images_per_second": batch / t_naive, "fast_images_per_second": batch / t_fast,
                "speedup": t_naive / t_fast, "naive_mfu": flops / t_naive / peak, "fast_mfu": flops / t_fast / peak,
-               "naive_peak_mb": mem_naive, "fast_peak_mb": mem_fast, "attention": attention}
+               "naive_peak_mb": mem_naive, "fast_peak_mb": mem_fast, "attention": attention,
+               "wall_seconds": time.monotonic() - start}
         if prof:
             row["profile"] = prof
         rows.append(row)
@@ -267,6 +271,7 @@ def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, dev
         if budget.spent():
             skipped.append(f"sampling batch {batch}")
             continue
+        start = time.monotonic()
         z = torch.randn((batch, *loaded.sample_shape), device=device)
         cond = {"class_labels": torch.arange(batch, device=device) % loaded.num_classes} if loaded.num_classes else None
 
@@ -287,6 +292,7 @@ def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, dev
             t_compiled = timed(compiled, device, steps, warmup + 3)
             row.update(compiled_images_per_second=batch / t_compiled, speedup=t_eager / t_compiled,
                        compiled_mfu=flops / t_compiled / peak)
+        row["wall_seconds"] = time.monotonic() - start
         rows.append(row)
         if on_row:
             on_row(rows)
@@ -368,6 +374,14 @@ def table(result: dict) -> str:
         mfu = r.get("compiled_mfu", r["eager_mfu"])
         lines.append(f"| {r['batch_size']} | {r['eager_images_per_second']:.1f} | {compiled} | "
                      f"{r['flops_per_image'] / 1e9:.2f} | {100 * mfu:.1f}% |")
+    walls = ([f"{r['objective']} batch {r['batch_size']} {r['wall_seconds']:.0f} s" for r in result["training"]
+              if "wall_seconds" in r] +
+             [f"sampling batch {r['batch_size']} {r['wall_seconds']:.0f} s" for r in result["sampling"]
+              if "wall_seconds" in r] +
+             [f"{a['objective']} {a['attention']} {'compiled' if a['compile'] else 'eager'} {a['wall_seconds']:.0f} s"
+              for a in ablation if "wall_seconds" in a])
+    if walls:
+        lines += ["", "What each row cost the bench (compiling included): " + ", ".join(walls)]
     if result.get("skipped"):
         lines += ["", f"Not run (time budget of {result['time_budget_seconds']:.0f} s spent): "
                   + ", ".join(result["skipped"])]
