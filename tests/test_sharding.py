@@ -464,13 +464,15 @@ def _sets(teacher, out, steps, *extra) -> list:
     return [a for item in items for a in ("--set", item)]
 
 
-def _two_processes(teacher, out, steps, *extra, resume: bool = False) -> None:
+def _two_processes(teacher, out, steps, *extra, resume: bool = False, sets=None) -> None:
+    """``fastdiff distill`` on 2 FSDP CPU processes with ``sets`` (default ``_sets``) and ``extra``."""
     import subprocess
 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    args = _sets(teacher, out, steps, "train.sharding=fsdp", *extra) + (["--resume", "latest"] if resume else [])
+    args = (sets or _sets)(teacher, out, steps, "train.sharding=fsdp", *extra) + (["--resume", "latest"] if resume
+                                                                                  else [])
     done = subprocess.run(launch + args, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -98,9 +98,11 @@ def _cfg(*overrides) -> Config:
     (("train.sharding=none",), 2, False),
     (("student.lora_rank=4",), 2, False),               # LoRAs keep the teacher whole as their base
     (("objective.name=vsd",), 2, False),                # vsd's fake score is a rank-16 LoRA by default
-    (("objective.name=cd",), 2, False),                 # its constructor deepcopies the student (target)
-    (("objective.name=hyper-sd",), 2, False),           # cd's kind
-    (("objective.name=meanflow",), 2, False),           # adds a flow-map embedding to the student
+    (("objective.name=cd",), 2, True),                  # its target: a sharded copy of the student's
+    (("objective.name=hyper-sd",), 2, True),            # cd's kind
+    (("objective.name=meanflow",), 2, True),            # its flow-map embedding added before the student is sharded
+    (("objective.name=ayf",), 2, True),                 # meanflow's kind
+    (("objective.name=fada",), 2, False),               # its student wraps a whole copy of the teacher's network
     (("student.skip_layers=[1]",), 2, False),
 ])
 def test_which_runs_load_into_shards(overrides, processes, loads):

@@ -78,6 +78,10 @@ def add_flow_map_embedding(model: nn.Module) -> nn.Module:
     if flow_map_embedding(model) is not None:
         return model
     device = next(model.parameters(), torch.empty(0)).device
+    # A weightless (meta) network keeps the new layer where it is made (None: not moved): with its initial values,
+    # which a sharded copy in the making slices (training/sharding.py Shards.copy_of), or on meta under
+    # init_empty_weights (from_pretrained).
+    device = None if device.type == "meta" else device
     if hasattr(model, "time_embedding") and hasattr(model, "time_proj"):
         width = model.time_embedding.linear_1.in_features
         model.flow_map_r = TargetTimeEmbedding(width, width, model.time_proj).to(device)

@@ -1,6 +1,10 @@
 """What every objective shares: the networks it reads, noise-level sampling, the fake-score loss."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
+
 import torch
 from torch import nn
 
@@ -120,6 +124,27 @@ def drop_conditions(denoiser: Denoiser, cond: dict | None, rate: float) -> dict 
     return {k: pick(v, null[k]) if k in null else v for k, v in cond.items()}
 
 
+_NETWORK_COPIER = contextvars.ContextVar("network_copier", default=None)
+
+
+def copy_network(denoiser: Denoiser, role: str) -> Denoiser:
+    """A copy of the student that an objective keeps beside it (``role``: "target", cd's EMA target network): a
+    deepcopy, or what the run building the objective makes it with (``network_copies``: under train.sharding fsdp
+    a sharded copy made from the student's shards, as the run's EMA is)."""
+    copier = _NETWORK_COPIER.get()
+    return copy.deepcopy(denoiser) if copier is None else copier(denoiser, role)
+
+
+@contextlib.contextmanager
+def network_copies(copier):
+    """Within the block, ``copy_network`` calls ``copier(denoiser, role)`` (the run, around the constructor)."""
+    token = _NETWORK_COPIER.set(copier)
+    try:
+        yield
+    finally:
+        _NETWORK_COPIER.reset(token)
+
+
 class Objective(nn.Module):
     """Base class: ``generator_loss`` and ``critic_loss`` return (loss, logs); no optimizer inside.
 
@@ -192,6 +217,13 @@ class Objective(nn.Module):
         """The consistency boundary scalings' k the student network is wrapped with (``network_view``), from
         this objective's options; None: the student's x0 estimate is used as is."""
         return None
+
+    @classmethod
+    def prepare_student(cls, model: nn.Module, options: dict) -> None:
+        """Change the student network in place the way the constructor will (a layer it adds: MeanFlow's flow-map
+        embedding). Setup calls it on a student it makes from the teacher's shards (train.sharding fsdp,
+        ``Shards.copy_of``) before sharding it, so the layer is sharded with the rest; elsewhere the constructor
+        makes the change itself. ``options``: the constructor's objective.* values (absent: its default)."""
 
     def train_defaults(self) -> dict:
         """Values for the ``train.*`` keys a config leaves null, as this objective's reference code trains

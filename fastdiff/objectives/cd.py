@@ -24,13 +24,12 @@ curriculum, not consistency training. Options given explicitly win over the reci
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 
 from ..models.denoiser import Denoiser, expand
-from .base import Objective, finite_mean
+from .base import Objective, copy_network, finite_mean
 from .guidance import TeacherGuidance
 from .registry import register
 
@@ -134,7 +133,8 @@ class ConsistencyDistillation(Objective):
         T = teacher.schedule.num_train_timesteps
         self.top = T - 1 if sigma_max is None else int(teacher.schedule.timestep(torch.tensor([float(sigma_max)])).round())
         self.guidance = TeacherGuidance(teacher, student, guidance_range)
-        self.target = copy.deepcopy(student).requires_grad_(False).eval() if target_ema > 0 else None
+        # the EMA target network: a copy of the student (as the run makes its copies: ``base.copy_network``)
+        self.target = copy_network(student, "target").requires_grad_(False).eval() if target_ema > 0 else None
 
     def intervals(self) -> int:
         if self.start_intervals is None:

@@ -36,6 +36,7 @@ an r below the table's first level is the data end, r = 0.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -116,11 +117,25 @@ class MeanFlow(Objective):
             if is_lora(student.model):
                 raise ValueError(f"objective {self.name} trains full students (student.lora_rank 0): the flow-map "
                                  "embedding is a new layer")
-            try:  # in place: the trainer's optimizer, EMA and checkpoints see the new layer
-                add_flow_map_embedding(student.model)
-            except ValueError as exc:
-                raise ValueError(f"objective {self.name}: {exc} (or set objective.consistency_ratio 1: every r = 0, "
-                                 "no second time)") from exc
+            self.add_second_time(student.model)  # in place: the optimizer, EMA and checkpoints see the new layer
+
+    @classmethod
+    def add_second_time(cls, model) -> None:
+        """The flow-map embedding on the student network (``add_flow_map_embedding``; once: idempotent)."""
+        try:
+            add_flow_map_embedding(model)
+        except ValueError as exc:
+            raise ValueError(f"objective {cls.name}: {exc} (or set objective.consistency_ratio 1: every r = 0, "
+                             "no second time)") from exc
+
+    @classmethod
+    def prepare_student(cls, model, options: dict) -> None:
+        """The flow-map embedding added before setup copies or shards the student (train.sharding fsdp: so FSDP
+        shards it with the rest; the constructor then finds it there)."""
+        ratio = options.get("consistency_ratio")
+        ratio = inspect.signature(cls.__init__).parameters["consistency_ratio"].default if ratio is None else ratio
+        if ratio < 1 and not is_lora(model):
+            cls.add_second_time(model)
 
     def train_defaults(self) -> dict:
         """FastGen's config_mean_flow.py: no weight decay, no learning-rate warm-up (Adam's betas stay fastdiff's)."""

@@ -18,7 +18,8 @@ from ..models.guidance import with_guidance_embedding
 from ..models.lora import is_lora, lora_copy
 from ..models.teacher import load_teacher
 from ..models.text import PromptEncoder, PromptSampler, read_prompts
-from ..objectives import objective_class
+from ..objectives import entry, objective_class, teacher_options
+from ..objectives.base import network_copies
 from .data import RealImages, as_model_range, real_images_for
 from .msd import draw_class_labels, restricted_to_classes
 from .teacher_data import teacher_samples_for
@@ -27,8 +28,8 @@ from .networks import student_model_for
 from .optim import Optimizer
 from .sharding import refuse_accelerate_sharding, shard_run, shards_before_teacher, shards_for_setup
 from .trackers import trackers_for
-from .setup import (build_objective, check_objective_settings, prepare_output_dir, resolve_train_defaults, sigma_init,
-                    student_denoiser, student_like, uses_ema, uses_gan)
+from .setup import (build_objective, check_objective_settings, objective_options, prepare_output_dir,
+                    resolve_train_defaults, sigma_init, student_denoiser, student_like, uses_ema, uses_gan)
 
 
 class Run:
@@ -66,7 +67,9 @@ class Run:
         self.prompts = self._training_prompts()
         # train.sharding fsdp: the teacher sharded now and the full copies below made from its shards (sharding.py)
         self.shards = shards_for_setup(self, self.accelerator.print)
-        student_model = (self.shards.copy_of(self.teacher.model, "student", trainable=True) if self.shards
+        # (made from the shards: the objective's change to the student network first, so it is sharded with it)
+        student_model = (self.shards.copy_of(self.teacher.model, "student", trainable=True,
+                                             prepare=self._student_changes()) if self.shards
                          else student_model_for(cfg, self.teacher))
         check_student(student_model, self.teacher)
         if cfg.objective.guidance_range is not None and not getattr(student_model.config, "time_cond_proj_dim", None):
@@ -102,7 +105,8 @@ class Run:
                           else fake_score_model(cfg, teacher, self.accelerator.print))
             fake = student_like(teacher, fake_model.to(device))
         self.attention = self._prepare_networks(teacher.model, student_model, fake.model if fake else None)
-        self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
+        with network_copies(self._copy_network):  # cd's target: a copy of the student as the EMA's below
+            self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
         resolve_train_defaults(cfg, self.objective)
         self.ema = None
         if uses_ema(cfg.train):  # a LoRA student's EMA keeps its own adapters and shares the base
@@ -129,6 +133,28 @@ class Run:
         if lora_export_mode(cfg, teacher) != cfg.student.lora_export and cfg.student.lora_rank:
             self.accelerator.print(f"student.lora_export {cfg.student.lora_export}: {cfg.teacher.path} has no pipeline "
                                    "that loads LoRA weights; the LoRA student is exported fused")
+
+    def _student_changes(self):
+        """``Objective.prepare_student`` of this run's objective, with the options its constructor gets."""
+        e = entry(self.cfg.objective.name)
+        given = teacher_options(e.name, self.teacher, objective_options(self.cfg))
+        options = {**e.defaults, **{k: v for k, v in given.items() if v is not None}}
+
+        def prepare(model):
+            try:
+                e.cls.prepare_student(model, options)
+            except ValueError as exc:
+                raise FastdiffError(str(exc)) from exc
+        return prepare
+
+    def _copy_network(self, denoiser, role: str):
+        """A copy of the student an objective keeps (``objectives.base.copy_network``): a deepcopy, or, when setup
+        makes its networks from shards, a sharded copy of the student's (frozen, ``role`` "target")."""
+        if self.shards is None:
+            return copy.deepcopy(denoiser)
+        model = self.shards.copy_of(denoiser.model, role, trainable=False)
+        set_attention(model, self.cfg.train.attention)  # as the student's (a deepcopy would carry it over)
+        return copy.deepcopy(denoiser, {id(denoiser.model): model})  # the same view (boundary scalings) on it
 
     def methods_used(self) -> dict:
         """Where a setting can fall back, what this run does (see ``networks.methods_used``)."""

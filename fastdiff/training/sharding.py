@@ -20,10 +20,14 @@ full fake score next to a LoRA student) is sharded per block as usual.
 
 Setup (``loads_into_shards``): the teacher is sharded as soon as it is loaded, and the student, the fake score and
 the EMA, full copies of it, are made from its shards (``Shards.copy_of``: the module structure on the meta device,
-sharded, then each process's slices copied), so no process holds more than the teacher whole. The teacher's network itself loads straight into shards
-(``load_sharded``): its module structure without weights, sharded, then each process reads only its own rows of the
-checkpoint's safetensors file(s), memory-mapped. Where that does not apply it loads whole and is sharded after (see
-``load_sharded``). The VAE and text encoders always load whole and stay replicated.
+sharded, then each process's slices copied), so no process holds more than the teacher whole. So are the networks
+objectives keep or change: cd's (and hyper-sd's) EMA target is a sharded copy of the student's
+(``objectives.base.copy_network``), and meanflow's (and ayf's) flow-map embedding is added to the student's
+structure before it is sharded (``Objective.prepare_student``), its zero weights sliced like the rest. The
+teacher's network itself loads straight into shards (``load_sharded``): its module structure without weights,
+sharded, then each process reads only its own rows of the checkpoint's safetensors file(s), memory-mapped. Where
+that does not apply it loads whole and is sharded after (see ``load_sharded``). The VAE and text encoders always
+load whole and stay replicated.
 """
 from __future__ import annotations
 
@@ -180,23 +184,36 @@ class Shards:
         self.networks.append(model)
         return model
 
-    def copy_of(self, source: nn.Module, role: str, trainable: bool) -> nn.Module:
+    def copy_of(self, source: nn.Module, role: str, trainable: bool, prepare=None) -> nn.Module:
         """A sharded copy of the sharded network ``source`` made without its full weights (``train.sharding fsdp``
         setup): its module structure with meta parameters, sharded like ``source`` (the same mesh and units, so each
         parameter is cut into the same slices), then filled with this process's slices of ``source``. ``trainable``:
         float32 and trainable, as ``networks.trainable_copy`` makes a full one (the cast is elementwise, so casting
-        the slices gives the slices of the cast), else frozen in ``source``'s dtype (an EMA)."""
+        the slices gives the slices of the cast), else frozen in ``source``'s dtype (an EMA).
+
+        ``prepare(model)``: changes the copy's structure before it is sharded (``Objective.prepare_student``: the
+        flow-map embedding), so FSDP manages what it adds; the layers it adds are small and made whole (real
+        initial values, not meta), and each process keeps its slices of those values."""
         model = copy.deepcopy(self._skeletons[id(source)])
         model = model.float().requires_grad_(True).train() if trainable else model.requires_grad_(False).eval()
+        sources = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+        added = {}
+        if prepare is not None:
+            prepare(model)
+            added = {name: t.detach().clone() for name, t in (*model.named_parameters(), *model.named_buffers())
+                     if name not in sources}
+            assert not any(t.is_meta for t in added.values()), "prepare made layers without values"
         self.shard(model, role)
         model.to_empty(device=self.device)  # room for this process's slices only; buffers are emptied too
         with torch.no_grad():
-            for (name, p), (other, q) in zip(model.named_parameters(), source.named_parameters(), strict=True):
-                assert name == other and p.shape == q.shape, (name, other)
-                local(p).copy_(local(q))
-            for (name, b), (other, c) in zip(model.named_buffers(), source.named_buffers(), strict=True):
-                assert name == other, (name, other)  # buffers are not sharded: whole on every process
-                b.copy_(c)
+            for name, p in model.named_parameters():
+                if name in added:  # a layer prepare added: its initial values, cut locally
+                    copy_full_(p, added[name])
+                    continue
+                assert p.shape == sources[name].shape, name
+                local(p).copy_(local(sources[name]))
+            for name, b in model.named_buffers():  # buffers are not sharded: whole on every process
+                b.copy_(added[name] if name in added else sources[name])
         return model
 
     def set_gradient_sync(self, on: bool) -> None:
@@ -333,19 +350,19 @@ def loads_into_shards(cfg, num_processes: int) -> bool:
     of it (``Shards.copy_of``: no process ever holds them whole) rather than full copies sharded afterwards. Under
     fsdp on several processes, for the plain full copies of the teacher only: not a LoRA student or fake score (on
     the teacher's whole tensors), a given ``student.model``, a student with blocks dropped, a layer budget or a
-    guidance embedding, fada's student, nor the objectives whose constructors change the student (cd and its
-    kind deepcopy it for their target, meanflow and its kind add a flow-map embedding); nor with
-    ``train.channels_last`` (a memory-format change of the whole weights) or the settings fsdp refuses."""
+    guidance embedding, nor fada's student (a guidance-embedded network wrapping a whole copy of the teacher's,
+    ``objectives.fada.fada_student``, to which the objective attaches adapters); nor with ``train.channels_last``
+    (a memory-format change of the whole weights) or the settings fsdp refuses. The objectives that keep or change
+    the student do load into shards: cd's target (and hyper-sd's) is a sharded copy of the student's
+    (``objectives.base.copy_network``), meanflow's flow-map embedding (and ayf's) is added before the student is
+    sharded (``Objective.prepare_student``, ``Shards.copy_of``)."""
     from ..objectives import entry
-    from ..objectives.cd import ConsistencyDistillation
-    from ..objectives.meanflow import MeanFlow
 
     o, t, s = cfg.objective, cfg.train, cfg.student
     fake_rank = o.fake_lora_rank if o.fake_lora_rank is not None else entry(o.name).fake_lora_rank
-    changes_student = issubclass(entry(o.name).cls, (ConsistencyDistillation, MeanFlow)) or o.name == "fada"
     return (t.sharding == "fsdp" and num_processes > 1 and t.mixed_precision != "fp16" and not t.compile
             and not t.channels_last and not fake_rank and not s.model and not s.lora_rank and not s.skip_layers
-            and not s.layer_budget and o.guidance_range is None and not changes_student)
+            and not s.layer_budget and o.guidance_range is None and o.name != "fada")
 
 
 def shards_before_teacher(cfg, accelerator, log=print):
@@ -481,7 +498,8 @@ def shard_run(run, log=print) -> Shards | None:
         # the gathered copies: sample grids, export) get it too, as a skeleton taken now would have it
         set_attention(shards.skeleton(net), cfg.train.attention)
         if any(not is_dtensor(p) for p in net.parameters()):  # a layer added after setup sharded it: not in the
-            # skeleton, nor managed by FSDP (loads_into_shards must leave such an objective out)
+            # skeleton, nor managed by FSDP (Objective.prepare_student adds it before; else loads_into_shards must
+            # leave such an objective out)
             raise FastdiffError(f"train.sharding fsdp: objective {cfg.objective.name} changed a network after setup "
                                 "sharded it; this objective is not supported with fsdp yet")
     # LoRA networks share the teacher's tensors as their base: then the teacher stays whole (see the module's doc)
