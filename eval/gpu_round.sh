@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU slice of issue 17, in MINUTES of wall time at most (eval/README.md, "GPU slices"):
 #   1. the H200 speed table (fastdiff bench speed, capped at SPEED_SECONDS) when eval/results/speed-nvidia-h200.json
-#      is missing, or when fastdiff/ changed since it was measured and re-measuring costs no quality row this slice
-#      (SPEED=always re-measures a stale table regardless, SPEED=never skips it). The content hash of fastdiff/ is
+#      is missing, or when it is stale (fastdiff/ changed since, or a slice cut it short: no training or no
+#      sampling rows) and re-measuring costs no quality row this slice (SPEED=always re-measures a stale table
+#      regardless, SPEED=never skips it). The content hash of fastdiff/ is
 #      kept beside the table in speed-nvidia-h200.source: the GPU machine receives files, not the git history;
 #   2. eval/fmnist_quality.py --next with the minutes left: the first missing rows of the Fashion-MNIST table.
 # Logs and results land in $OUT/round/ (at most 7 files: the device tool returns 8 files, 2 folders down):
@@ -36,9 +37,14 @@ rows_fitting() {  # how many quality rows --next would run in $1 seconds
   $PY eval/fmnist_quality.py --next --budget-minutes "$(minutes "$1")" --work "$WORK/work" --plan $FMNIST_ARGS |
     grep -c ' run$'
 }
+speed_complete() {  # the committed table has training and sampling rows (a slice cut it short: not complete)
+  $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); sys.exit(0 if r["training"] and r["sampling"] else 1)' \
+    "eval/results/speed-$SLUG.json" 2>/dev/null
+}
 speed_due() {  # $1: seconds of the whole slice
   [ -f "eval/results/speed-$SLUG.json" ] || return 0
-  [ "$(cat "eval/results/speed-$SLUG.source" 2>/dev/null)" = "$(fastdiff_sha)" ] && return 1
+  # fresh and complete: not due; stale or incomplete: due where it costs no quality row
+  speed_complete && [ "$(cat "eval/results/speed-$SLUG.source" 2>/dev/null)" = "$(fastdiff_sha)" ] && return 1
   case $SPEED in
     always) return 0 ;;
     never) return 1 ;;
