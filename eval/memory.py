@@ -13,13 +13,14 @@ also counts the Python runtime and libraries, so compare rows rather than read a
 ``--processes 2`` measures the FSDP rows instead: DMD2 and SiD (full fake score), and DMD2 with a LoRA student
 and a LoRA fake score (rank 16 at width 0.2: the adapters' share of rank 64 at full width; on the shared base), on
 2 processes, replicated (``train.sharding none``) against sharded (``fsdp``), launched with ``accelerate launch``
-(gloo on the CPU); ``--networks full`` or ``lora`` runs only those rows. The figure per row is the largest over the processes of the peak during the two steps: VmHWM reset after setup
+(gloo on the CPU); ``--networks full``, ``lora`` or ``copies`` (cd, meanflow) runs only those rows. The figure per row is the largest over the processes of the peak during the two steps: VmHWM reset after setup
 (``/proc/self/clear_refs``, after ``malloc_trim`` returns freed pages); the setup peak is shown too (under fsdp
 the teacher loads straight into shards, the student and fake score are made from its shards; the VAE and text
 encoder load whole).
 
     python eval/memory.py --processes 2 --out eval/results/memory-fsdp-cpu       # CPU: width 0.2, latent 32
     python eval/memory.py --processes 2 --networks lora --out eval/results/memory-fsdp-lora-cpu
+    python eval/memory.py --processes 2 --networks copies --out eval/results/memory-fsdp-copies-cpu
 
 ``--sd15-gpu`` is the GPU row of issue 19 in one command: the full SD1.5 shape (width 1, latent 64) at batch 4 on
 one GPU, DMD2 with a full fake score (gradient checkpointing off and on) and SiD; a row after the first starts only
@@ -42,6 +43,11 @@ ROWS = [(obj, fake, ckpt) for obj in ("dmd2", "sid") for fake in (0, 64) for ckp
 # (objective, student LoRA rank, fake score LoRA rank, sharding): full networks, then LoRA ones on the shared base
 FSDP_ROWS = [(obj, lora, lora, sharding) for obj, lora in (("dmd2", 0), ("sid", 0), ("dmd2", 16))
              for sharding in ("none", "fsdp")]
+# objectives that keep a copy of the student (cd's EMA target) or add a layer to it (meanflow's flow-map embedding):
+# under fsdp both are set up from the teacher's shards too (sharding.Shards.copy_of); no fake score
+COPY_ROWS = [(obj, 0, 0, sharding) for obj in ("cd", "meanflow") for sharding in ("none", "fsdp")]
+NETWORKS = {"dmd2": "full student + full fake", "sid": "full student + full fake",
+            "cd": "full student + EMA target", "meanflow": "full student + flow-map embedding"}
 SD15_GPU_ROWS = [("dmd2", 0, False), ("dmd2", 0, True), ("sid", 0, False)]  # --sd15-gpu
 
 
@@ -108,7 +114,10 @@ def run_row(args) -> dict:
     libraries = peak_rss_mb("VmRSS")  # the process before any network: Python, torch, diffusers
     cfg = load_config(None, [
         f"teacher.path={args.teacher}", f"data.prompts={prompts}", f"output_dir={args.run_dir}",
-        f"objective.name={args.objective}", f"objective.fake_lora_rank={args.fake_lora}", "objective.critic_updates=1",
+        f"objective.name={args.objective}",
+        *([f"objective.fake_lora_rank={args.fake_lora}", "objective.critic_updates=1"]
+          if args.objective in ("dmd2", "sid") else  # cd and meanflow train no fake score, and learn from samples:
+          ["data.name=teacher", "data.teacher_sampler=ddim", "data.teacher_steps=2"]),  # the teacher's (2 DDIM steps)
         f"student.lora_rank={args.student_lora}",
         f"train.gradient_checkpointing={str(args.checkpointing).lower()}", f"train.batch_size={args.batch_size}",
         f"train.mixed_precision={'bf16' if cuda else 'no'}", f"teacher.dtype={'bfloat16' if cuda else 'float32'}",
@@ -151,8 +160,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for table.md and results.json")
     p.add_argument("--work", default="/tmp/fastdiff-memory", help="scratch folder (teacher, runs)")
     p.add_argument("--processes", type=int, default=1, help="2: the FSDP rows (replicated vs sharded)")
-    p.add_argument("--networks", choices=("all", "full", "lora"), default="all",
-                   help="FSDP rows: full networks, LoRA ones on the shared base, or both")
+    p.add_argument("--networks", choices=("all", "full", "lora", "copies"), default="all",
+                   help="FSDP rows: full networks, LoRA ones on the shared base, cd / meanflow (a target copy, an "
+                        "added layer), or all")
     p.add_argument("--sd15-gpu", action="store_true",
                    help="issue 19's GPU row: width 1, latent 64, batch 4, DMD2 (checkpointing off / on) and SiD")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no row after this")
@@ -238,9 +248,9 @@ def fsdp_rows(args, work: Path) -> None:
     cpu_env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({} if cuda else cpu_env)}
     rows = []
-    for obj, student_lora, fake_lora, sharding in FSDP_ROWS:
-        if args.networks != "all" and (args.networks == "lora") != bool(student_lora):
-            continue
+    chosen = {"all": FSDP_ROWS + COPY_ROWS, "full": [r for r in FSDP_ROWS if not r[1]],
+              "lora": [r for r in FSDP_ROWS if r[1]], "copies": COPY_ROWS}[args.networks]
+    for obj, student_lora, fake_lora, sharding in chosen:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__, "--width",
                str(args.width), "--latent", str(args.latent), "--batch-size", str(args.batch_size), "--work", str(work),
@@ -265,7 +275,7 @@ def fsdp_rows(args, work: Path) -> None:
         base = next(b for b in rows if b["objective"] == r["objective"] and b["sharding"] == "none"
                     and b["student_lora_rank"] == r["student_lora_rank"])
         nets = (f"LoRA r{r['student_lora_rank']} student + LoRA r{r['fake_lora_rank']} fake (shared base)"
-                if r["student_lora_rank"] else "full student + full fake")
+                if r["student_lora_rank"] else NETWORKS[r["objective"]])
         own, base_own = r["peak_mb"] - r["libraries_mb"], base["peak_mb"] - base["libraries_mb"]
         lines.append(f"| {r['objective']} | {nets} | {r['sharding']} | {r['setup_mb']:.0f} | "
                      f"{r['held_after_setup_mb']:.0f} | {r['peak_mb']:.0f} | "
