@@ -289,7 +289,7 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
                         add(f"{name}, {k} steps ddim", student(z, num_steps=k), "objective", n, t0)
                 score_stages(add, name, stages, student, z, n, t0)
     return {"machine": describe("cpu"),
-            "overrides": list(overrides), "num_eval": num_eval, "sw2_floor": floor, "seconds": round(time.time() - start, 1), "rows": rows}
+            "overrides": list(overrides), "num_eval": num_eval, "seed": seed, "sw2_floor": floor, "seconds": round(time.time() - start, 1), "rows": rows}
 
 
 def is_consistency(name: str) -> bool:
@@ -322,5 +322,6 @@ def table(result: dict) -> str:
 def write_json(result: dict, path: str) -> None:
     keep = ("objective", "sw2", "sw2_floor", "max_mode_weight_error", "kind", "steps", "seconds")
     rows = [{k: r[k] for k in keep} for r in result["rows"]]
-    meta = {k: result[k] for k in ("machine", "overrides", "num_eval")}
+    # the seed draws the floor's and the scores' samples too (the mixture is fixed): rows compare within one seed
+    meta = {k: result[k] for k in ("machine", "overrides", "num_eval", "seed", "sw2_floor")}
     atomic_write_text(Path(path), json.dumps({**meta, "rows": rows}, indent=2))
