@@ -147,10 +147,15 @@ def test_objectives_that_copy_or_change_the_student_set_up_from_shards(name, tin
     student, by (1 - ema) x the student's difference plus the lerp's rounding (the difference, product and sum, each
     EPS32 x at most |w| + |t|, on each side). The gathered student (export, sample grids) and the checkpoint's
     tensors are the sharded one's weights exactly (copies of the same slices). ~7 s each on one core."""
-    _, teacher, objective, model = _setup(name, tiny_teacher)
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    single = _update(name, objective, model, [_inputs(name, teacher, r) for r in range(WORLD)])
-    magnitudes = _magnitudes(name, tiny_teacher)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (gloo_process): with 2 threads here the reference's convolutions
+    try:  # reduce in another order than the workers', and cd's error reached 1.6x the tolerance (2-core CPU)
+        _, teacher, objective, model = _setup(name, tiny_teacher)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        single = _update(name, objective, model, [_inputs(name, teacher, r) for r in range(WORLD)])
+        magnitudes = _magnitudes(name, tiny_teacher)
+    finally:
+        torch.set_num_threads(threads)
     fsdp = _two_processes(name, tiny_teacher)
 
     assert fsdp["loads"] and fsdp["dtensors"]
