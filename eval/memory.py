@@ -13,7 +13,8 @@ also counts the Python runtime and libraries, so compare rows rather than read a
 ``--processes 2`` measures the FSDP rows instead: DMD2 and SiD (full fake score), and DMD2 with a LoRA student
 and a LoRA fake score (rank 16 at width 0.2: the adapters' share of rank 64 at full width; on the shared base), on
 2 processes, replicated (``train.sharding none``) against sharded (``fsdp``), launched with ``accelerate launch``
-(gloo on the CPU); ``--networks full``, ``lora`` or ``copies`` (cd, meanflow) runs only those rows. The figure per row is the largest over the processes of the peak during the two steps: VmHWM reset after setup
+(gloo on the CPU); ``--networks full``, ``lora`` or ``copies`` (cd, meanflow) runs only those rows. The figure per
+row is the largest over the processes of the peak during the two steps: VmHWM reset after setup
 (``/proc/self/clear_refs``, after ``malloc_trim`` returns freed pages); the setup peak is shown too (under fsdp
 the teacher loads straight into shards, the student and fake score are made from its shards; the VAE and text
 encoder load whole).
