@@ -377,19 +377,20 @@ def assert_pipeline_matches_scaled(student, labels=None, seed=11):
 def test_bench_gmm_consistency_rows(tmp_path):
     """What holds on the analytic teacher (eval/results/bench-gmm-cpu/README.md, about 6 minutes): cd meets the
     bar (sw2 <= 2 x floor, mode weights within 0.02) at two steps with the deterministic sampler and at four
-    with fresh noise; with fresh noise at two steps cd and scm stay within 3 x floor with weights within 0.02
-    and beat the teacher's 4-step DDIM by 2x (the README shows why they do not reach 2 x there)."""
+    with fresh noise; with fresh noise at two steps cd and scm stay within 2.5 x floor with weights within 0.02
+    and beat the teacher's 4-step DDIM by 2x."""
     out = tmp_path / "bench.json"
     assert main(["bench", "gmm", "--objectives", "cd,scm", "--json", str(out)]) == 0
     rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
     for name in ("cd, 4 steps", "cd, 2 steps ddim"):
         r = rows[name]
         assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
-    # Measured (AMD EPYC, 2026-11-28): cd 2.34 x / 0.015, scm (unweighted, the bench's setting) 2.69 x / 0.022.
+    # Measured (AMD EPYC, 2026-11-28): cd 2.34 x / 0.015, scm (unweighted, the bench's setting) 2.69 x / 0.022
+    # against the single-draw floor then used (0.0207); against the 16-draw mean floor (0.0250) 1.94 x and 2.23 x.
     # A mode weight's sampling error at n = 5000 is about 0.007, so weights are held to 0.02 plus one of those.
     for name in ("cd, 2 steps", "scm, 2 steps"):
         r = rows[name]
-        assert r["sw2"] <= 3 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.027, r
+        assert r["sw2"] <= 2.5 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.027, r
         assert r["sw2"] < rows["teacher-ddim-4"]["sw2"] / 2, r
 
 

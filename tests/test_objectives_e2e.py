@@ -97,6 +97,10 @@ def test_bench_gmm_consistency_rows_at_one_two_and_four_steps(tmp_path, monkeypa
     assert main(["bench", "gmm", "--objectives", "cd,scm", "--steps", "2", "--num-eval", "300", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["seed"] == 0 and data["sw2_floor"] > 0  # the seed draws the floor: rows compare within one seed
+    # the floor is the mean over 16 exact sample sets (one set's score: sd ~25% of the mean); the single draw the
+    # bench divided by before is kept beside it
+    assert data["floor_draws"] == 16 and 0 < data["sw2_floor_sd"] < data["sw2_floor"] and data["sw2_floor_single"] > 0
+    assert all(r["sw2_floor"] == data["sw2_floor"] for r in data["rows"])
     names = [r["objective"] for r in data["rows"]]
     assert names[3:] == ["init (teacher copy)", "init (teacher copy), 2 steps", "init (teacher copy), 4 steps",
                          "cd", "cd, 2 steps", "cd, 4 steps", "cd, 2 steps ddim", "cd, 4 steps ddim",
