@@ -80,7 +80,11 @@ if [ "${1:-}" = --collect ]; then
   mkdir -p eval/results/fmnist/logs
   cp "$from"/fmnist.json "$from"/fmnist.md eval/results/fmnist/ &&
     tar -xzf "$from"/fmnist-extras.tar.gz -C eval/results/fmnist || exit 1
-  cp "$from"/round.log eval/results/fmnist/logs/last-round.log
+  # without torch 2.11's dynamo warning about diffusers' lru_cache-wrapped is_torch_version (harmless, and repeated
+  # by every compiled row: it buried slice 1's log)
+  grep -v -e 'Dynamo detected a call to a `functools.lru_cache`' -e '^This call originates from:' \
+    -e 'diffusers/models/upsampling.py' -e 'is_torch_version("<", "2.1")' -e 'torch._dynamo.utils.warn_once' \
+    "$from"/round.log | cat -s > eval/results/fmnist/logs/last-round.log
   for f in "$from"/speed-*; do [ -f "$f" ] && cp "$f" eval/results/; done
   if [ -f "$from/memory.json" ]; then  # MEMORY_ROW=1 slices
     mkdir -p eval/results/memory-sd15-h200
