@@ -262,6 +262,19 @@ def cmd_clip_score(args) -> None:
     _write_json(args.json, result)
 
 
+def _names(text: str | None, default: str) -> list[str]:
+    """A comma-separated list of names (``default`` when not given)."""
+    return [o.strip() for o in (text or default).split(",") if o.strip()]
+
+
+def _integers(flag: str, text: str, what: str) -> list[int]:
+    """A comma-separated list of integers; anything else is one line naming the flag."""
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise FastdiffError(f"{flag}: expected {what}; got {text!r}") from None
+
+
 def cmd_bench(args) -> None:
     if args.suite == "speed":
         return cmd_bench_speed(args)
@@ -269,7 +282,7 @@ def cmd_bench(args) -> None:
         return cmd_bench_msd(args)
     from .bench import gmm as bench_gmm
 
-    objectives = [o.strip() for o in (args.objectives or "dmd2,sid,sida,sim,vsd").split(",") if o.strip()]
+    objectives = _names(args.objectives, "dmd2,sid,sida,sim,vsd")
     if objectives == ["all"]:
         objectives = list(bench_gmm.SETTINGS)
     _check_json_target(args.json)
@@ -285,11 +298,8 @@ def cmd_bench_msd(args) -> None:
     from .bench import msd as bench_msd
     from .bench.gmm import write_json
 
-    objectives = [o.strip() for o in (args.objectives or "dmd2").split(",") if o.strip()]
-    try:
-        partitions = [int(k) for k in args.partitions.split(",") if k.strip()]
-    except ValueError:
-        raise FastdiffError(f"--partitions: expected numbers of students, e.g. 1,2,4; got {args.partitions!r}") from None
+    objectives = _names(args.objectives, "dmd2")
+    partitions = _integers("--partitions", args.partitions, "numbers of students, e.g. 1,2,4")
     _check_json_target(args.json)
     result = bench_msd.run(partitions, objectives, args.steps or 400, args.num_eval, args.seed, overrides=args.set or [])
     print(bench_msd.table(result))
@@ -301,17 +311,11 @@ def cmd_bench_msd(args) -> None:
 def cmd_bench_speed(args) -> None:
     from .bench import speed as bench_speed
 
-    objectives = [o.strip() for o in (args.objectives or "dmd2,sid").split(",") if o.strip()]
-    def int_list(flag: str, text: str) -> list[int]:
-        try:
-            return [int(b) for b in text.split(",") if b.strip()]
-        except ValueError:
-            raise FastdiffError(f"{flag} takes integers separated by commas (e.g. 128,512), got {text!r}") from None
-
-    batches = int_list("--sample-batch-sizes", args.sample_batch_sizes)
+    objectives = _names(args.objectives, "dmd2,sid")
+    batches = _integers("--sample-batch-sizes", args.sample_batch_sizes, "batch sizes, e.g. 1,256")
     device = _device(args.device)
-    train_batches = (int_list("--batch-size", args.batch_size) if args.batch_size is not None
-                     else [128 if device.type == "cuda" else 4])
+    train_batches = (_integers("--batch-size", args.batch_size, "batch sizes, e.g. 128,512")
+                     if args.batch_size is not None else [128 if device.type == "cuda" else 4])
     steps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 3)
     check_values = {"--batch-size": min(train_batches or [0]), "--steps": steps, "--warmup": args.warmup + 1,
                     "--sample-batch-sizes": min(batches or [0])}

@@ -1,6 +1,6 @@
 """train.sharding fsdp setup from shards for the objectives that keep or change the student (training/sharding.py
 ``loads_into_shards``): cd's EMA target is a sharded copy of the student's (``objectives.base.copy_network`` through
-``Run._copy_network``) and meanflow's flow-map embedding is added before the student is sharded
+``Run._sharded_copy``) and meanflow's flow-map embedding is added before the student is sharded
 (``Objective.prepare_student`` through ``Shards.copy_of``). On 2 gloo CPU processes, each with half the batch, the
 objective's gradients and a gradient step (and cd's target moved after it) equal one process's, which builds the
 networks as an unsharded run does (whole copies, the constructor's deepcopy and embedding), to float32 summation
@@ -48,7 +48,8 @@ def _setup(name: str, teacher_path: str, shards=None):
         model = shards.copy_of(teacher.model, "student", trainable=True, prepare=Run._student_changes(run))
     else:
         model = student_model_for(cfg, teacher)
-    with network_copies(lambda denoiser, role: Run._copy_network(run, denoiser, role)):
+    copier = (lambda denoiser, role: Run._sharded_copy(run, denoiser, role)) if shards is not None else None
+    with network_copies(copier):  # as Run: sharded copies only when made from shards
         objective = build_objective(cfg, teacher, None, student_denoiser(cfg, teacher, model))
     return cfg, teacher, objective, model
 

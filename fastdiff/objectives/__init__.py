@@ -56,7 +56,7 @@ def build(name: str, teacher, fake, gan_head=None, student=None, **options) -> O
     if wrong:
         raise ValueError(f"objective.{wrong[0]} does not apply to {name}")
     extra = {"student": student} if "student" in accepted else {}
-    return e.cls(teacher, fake, gan_head=gan_head, **extra, **{**e.defaults, **given})
+    return e.cls(teacher, fake, gan_head=gan_head, **extra, **e.arguments(given))
 
 
 __all__ = ["OBJECTIVES", "Entry", "Objective", "DMD2", "SiD", "SIM", "ConsistencyDistillation",

@@ -223,7 +223,7 @@ class Objective(nn.Module):
         """Change the student network in place the way the constructor will (a layer it adds: MeanFlow's flow-map
         embedding). Setup calls it on a student it makes from the teacher's shards (train.sharding fsdp,
         ``Shards.copy_of``) before sharding it, so the layer is sharded with the rest; elsewhere the constructor
-        makes the change itself. ``options``: the constructor's objective.* values (absent: its default)."""
+        makes the change itself. ``options``: the values the constructor gets (``Entry.arguments``)."""
 
     def train_defaults(self) -> dict:
         """Values for the ``train.*`` keys a config leaves null, as this objective's reference code trains

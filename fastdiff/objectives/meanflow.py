@@ -36,7 +36,6 @@ an r below the table's first level is the data end, r = 0.
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
@@ -132,9 +131,7 @@ class MeanFlow(Objective):
     def prepare_student(cls, model, options: dict) -> None:
         """The flow-map embedding added before setup copies or shards the student (train.sharding fsdp: so FSDP
         shards it with the rest; the constructor then finds it there)."""
-        ratio = options.get("consistency_ratio")
-        ratio = inspect.signature(cls.__init__).parameters["consistency_ratio"].default if ratio is None else ratio
-        if ratio < 1 and not is_lora(model):
+        if options["consistency_ratio"] < 1 and not is_lora(model):
             cls.add_second_time(model)
 
     def train_defaults(self) -> dict:

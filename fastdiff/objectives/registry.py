@@ -33,6 +33,13 @@ class Entry:
         return {name: hints.get(name, typing.Any) for name, p in params.items()
                 if name not in SUPPLIED and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
+    def arguments(self, options: dict) -> dict:
+        """The values the constructor gets: its own defaults, under this variant's, under the ``options`` that are
+        set (None = default)."""
+        params = inspect.signature(self.cls.__init__).parameters
+        own = {k: params[k].default for k in self.options() if params[k].default is not params[k].empty}
+        return {**own, **self.defaults, **{k: v for k, v in options.items() if v is not None}}
+
 
 OBJECTIVES: dict[str, Entry] = {}
 

@@ -105,7 +105,8 @@ class Run:
                           else fake_score_model(cfg, teacher, self.accelerator.print))
             fake = student_like(teacher, fake_model.to(device))
         self.attention = self._prepare_networks(teacher.model, student_model, fake.model if fake else None)
-        with network_copies(self._copy_network):  # cd's target: a copy of the student as the EMA's below
+        # cd's target: a copy of the student, sharded as the EMA below when setup makes networks from shards
+        with network_copies(self._sharded_copy if self.shards else None):
             self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
         resolve_train_defaults(cfg, self.objective)
         self.ema = None
@@ -137,8 +138,7 @@ class Run:
     def _student_changes(self):
         """``Objective.prepare_student`` of this run's objective, with the options its constructor gets."""
         e = entry(self.cfg.objective.name)
-        given = teacher_options(e.name, self.teacher, objective_options(self.cfg))
-        options = {**e.defaults, **{k: v for k, v in given.items() if v is not None}}
+        options = e.arguments(teacher_options(e.name, self.teacher, objective_options(self.cfg)))
 
         def prepare(model):
             try:
@@ -147,11 +147,9 @@ class Run:
                 raise FastdiffError(str(exc)) from exc
         return prepare
 
-    def _copy_network(self, denoiser, role: str):
-        """A copy of the student an objective keeps (``objectives.base.copy_network``): a deepcopy, or, when setup
-        makes its networks from shards, a sharded copy of the student's (frozen, ``role`` "target")."""
-        if self.shards is None:
-            return copy.deepcopy(denoiser)
+    def _sharded_copy(self, denoiser, role: str):
+        """A copy of the student an objective keeps (``objectives.base.copy_network``) when setup makes its networks
+        from shards: a sharded copy of the student's (frozen, ``role`` "target")."""
         model = self.shards.copy_of(denoiser.model, role, trainable=False)
         set_attention(model, self.cfg.train.attention)  # as the student's (a deepcopy would carry it over)
         return copy.deepcopy(denoiser, {id(denoiser.model): model})  # the same view (boundary scalings) on it
