@@ -193,6 +193,55 @@ def write_table(out: Path, table: dict) -> None:
     tmp.write_text(json.dumps(table, indent=2, default=str) + "\n")
     tmp.replace(out / "fmnist.json")  # a slice stopped mid-write keeps the previous table
     (out / "fmnist.md").write_text(render(table))
+    try:  # the GPU machine has no matplotlib: gpu_round.sh --collect re-renders here
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    plot(table, out / "fmnist.png")
+
+
+def nfe_series(table: dict) -> dict:
+    """Per teacher folder: {model: [(NFE, FID), ...]}, the teacher's DDIM curve and each student's step counts."""
+    series: dict = {}
+    for r in table["rows"]:
+        if not r.get("error"):
+            points = sorted((m["steps"], m["fid"]) for m in r["results"])
+            series.setdefault(r["teacher"], {})[r["objective"]] = points
+    return series
+
+
+def plot(table: dict, path: Path) -> None:
+    """FID against NFE, one panel per teacher: the teacher's DDIM curve, the students as points (issue 17's
+    targets read off it: every 1-step point below the curve at NFE 10, the best below the curve's minimum)."""
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = nfe_series(table)
+    if not series:
+        return
+    label = next((m["fid_label"] for r in table["rows"] for m in r.get("results", [])), "FID")
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4), squeeze=False)
+    for ax, (teacher, models) in zip(axes[0], series.items()):
+        for model, points in models.items():
+            nfe, fid = zip(*points)
+            teacher_curve = model == "teacher"
+            ax.plot(nfe, fid, "o-" if teacher_curve else "*--", label=model, markersize=6 if teacher_curve else 11)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ticks = sorted({n for points in models.values() for n, _ in points})
+        ax.set_xticks(ticks, [f"{n:g}" for n in ticks])  # the measured NFEs, not 2^k
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("NFE (sampling steps)")
+        ax.set_ylabel(label)
+        ax.set_title(teacher)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def render(table: dict) -> str:
@@ -218,6 +267,7 @@ def render(table: dict) -> str:
             lines.append(f"| {r['name']} | {r['teacher']} | {r['objective']} | {m['steps']} | {m['fid']:.2f} | {kid} | "
                          f"{train} | {seen} | {speed} | {common} |")
     missing = [n for n in ORDER if stored(table, n) is None]
+    lines += ["", "Chart (FID against NFE; written where matplotlib is installed): fmnist.png."]
     lines += ["", "## Targets", ""] + [f"- {v}" for v in verdicts(rows)]
     if missing:
         lines += ["", "Rows not measured yet: " + ", ".join(missing) + "."]

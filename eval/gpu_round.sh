@@ -86,6 +86,7 @@ if [ "${1:-}" = --collect ]; then
     -e 'diffusers/models/upsampling.py' -e 'is_torch_version("<", "2.1")' -e 'torch._dynamo.utils.warn_once' \
     "$from"/round.log | cat -s > eval/results/fmnist/logs/last-round.log
   for f in "$from"/speed-*; do [ -f "$f" ] && cp "$f" eval/results/; done
+  $PY eval/fmnist_quality.py --render >/dev/null || exit 1  # fmnist.png: the GPU machine has no matplotlib
   if [ -f "$from/memory.json" ]; then  # MEMORY_ROW=1 slices
     mkdir -p eval/results/memory-sd15-h200
     cp "$from/memory.json" eval/results/memory-sd15-h200/results.json

@@ -133,3 +133,26 @@ def test_quality_runner_smoke(tmp_path):
     assert sorted(p.name for p in (tmp_path / "table" / "grids").iterdir()) == [
         "ddpm-cd.png", "ddpm-dmd2.png", "ddpm-teacher.png"]
     assert "| ddpm-cd | fmnist-ddpm | cd | 4 |" in (tmp_path / "table" / "fmnist.md").read_text()
+
+
+def test_quality_chart(tmp_path):
+    """The table's chart: the teacher's FID-NFE curve and each student's points per teacher folder, failed rows left
+    out, written beside fmnist.md (where matplotlib is installed)."""
+    pytest.importorskip("matplotlib")
+    fq = _load_quality()
+
+    def row(name, teacher, objective, fids, error=None):
+        return {"name": name, "teacher": teacher, "objective": objective, "steps": sorted(fids), "error": error,
+                "results": [{"steps": k, "fid": f, "fid_label": "FID@10k", "kid": None} for k, f in fids.items()],
+                "wall_seconds": 60.0, "device": "cpu", "date": "2026-11-29", "commit": "0" * 12}
+
+    table = {"rows": [row("ddpm-teacher", "fmnist-ddpm", "teacher", {4: 43.2, 1: 304.9, 10: 11.9}),
+                      row("ddpm-cd", "fmnist-ddpm", "cd", {1: 20.0, 2: 9.0}),
+                      row("ddpm-sid", "fmnist-ddpm", "sid", {}, error="RuntimeError: out of memory"),
+                      row("cond-teacher", "fmnist-cond-vpred", "teacher", {1: 150.0})]}
+    assert fq.nfe_series(table) == {"fmnist-ddpm": {"teacher": [(1, 304.9), (4, 43.2), (10, 11.9)],
+                                                     "cd": [(1, 20.0), (2, 9.0)]},
+                                     "fmnist-cond-vpred": {"teacher": [(1, 150.0)]}}
+    fq.write_table(tmp_path, table)
+    assert (tmp_path / "fmnist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fmnist.png" in (tmp_path / "fmnist.md").read_text() and not list(tmp_path.glob("*.tmp*"))
