@@ -26,7 +26,7 @@ MEMORY_SECONDS=${MEMORY_SECONDS:-300}    # MEMORY_ROW=1: eval/memory.py --sd15-g
                                          # with SPEED=never, so round/ stays within the 8 files that come back)
 RESERVE_SECONDS=30                       # copying and packing the results at the end
 PY=${PYTHON:-python3}
-WORK=/tmp/round                          # runs, cached reference statistics, the working copy of the table
+WORK=${ROUND_WORK:-/tmp/round}           # runs, cached reference statistics, the working copy of the table
 
 fastdiff_sha() {
   find fastdiff -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum |

@@ -156,3 +156,45 @@ def test_quality_chart(tmp_path):
     fq.write_table(tmp_path, table)
     assert (tmp_path / "fmnist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fmnist.png" in (tmp_path / "fmnist.md").read_text() and not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_gpu_round_in_a_bare_checkout(tmp_path):
+    """eval/gpu_round.sh as the GPU machine runs it: in a copy of the tree that is not installed (no .git, no
+    pipelines/ inside fastdiff/: the first slice failed on that), with a deadline, the speed table skipped; it
+    must leave round.log, the merged table and the extras archive in $OUT/round, the student row measured, and the
+    committed table untouched."""
+    import shutil
+    import tarfile
+
+    _need(DATA)
+    _need(SHARED / "teachers" / "fmnist-ddpm")
+    checkout = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("fastdiff", "pipelines", "eval"):
+        shutil.copytree(ROOT / folder, checkout / folder, ignore=ignore)
+    committed = (checkout / "eval" / "results" / "fmnist" / "fmnist.json").read_text()
+    # fastdiff is not installed there: drop this environment's editable-install finder from every python the script
+    # starts (it would resolve fastdiff.pipelines to this repository's pipelines/)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if "
+                                           "'__editable__' not in getattr(f, '__module__', '')]\n")
+    fmnist_args = ["--which", "ddpm", "--objectives", "dmd2", "--later=", "--nfe", "1", "--num", "4", "--ref-num", "4",
+                   "--batch-size", "4", "--device", "cpu", "--train-minutes", "0.1", "--data-path", str(DATA),
+                   "--set", "train.max_steps=1", "--set", "train.batch_size=2", "--set", "train.num_sample_images=4",
+                   "--set", "train.mixed_precision=no"]
+    env = {**__import__("os").environ, "OUT": str(tmp_path / "out"), "ROUND_WORK": str(tmp_path / "work"),
+           "TEACHERS": str(SHARED / "teachers"), "SPEED": "never", "PYTHON": sys.executable,
+           "FMNIST_ARGS": " ".join(fmnist_args), "FASTDIFF_COMMIT": "0123456789ab", "PYTHONPATH": str(site)}
+    done = subprocess.run(["bash", "eval/gpu_round.sh", "6"], cwd=checkout, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    round_dir = tmp_path / "out" / "round"
+    assert sorted(p.name for p in round_dir.iterdir()) == ["fmnist-extras.tar.gz", "fmnist.json", "fmnist.md",
+                                                          "round.log"]
+    rows = {r["name"]: r for r in json.loads((round_dir / "fmnist.json").read_text())["rows"]}
+    assert not rows["ddpm-dmd2"].get("error") and rows["ddpm-dmd2"]["results"][0]["fid"] > 0
+    assert rows["ddpm-dmd2"]["commit"] == "0123456789ab"
+    with tarfile.open(round_dir / "fmnist-extras.tar.gz") as tar:
+        assert "./grids/ddpm-dmd2.png" in tar.getnames()
+    assert (checkout / "eval" / "results" / "fmnist" / "fmnist.json").read_text() == committed
