@@ -24,6 +24,7 @@ TEACHERS=${TEACHERS:-/tmp/kit/teachers}  # where the kit's unpack.sh puts the te
 FMNIST_ARGS=${FMNIST_ARGS:-}             # extra fmnist_quality.py arguments (a CPU dry run: --num 4 ...)
 MEMORY_SECONDS=${MEMORY_SECONDS:-300}    # MEMORY_ROW=1: eval/memory.py --sd15-gpu first, at most this long (issue 19;
                                          # with SPEED=never, so round/ stays within the 8 files that come back)
+MEMORY_ARGS=${MEMORY_ARGS:-}             # extra eval/memory.py arguments (a CPU dry run: --width 0.05 --latent 8 ...)
 RESERVE_SECONDS=30                       # copying and packing the results at the end
 PY=${PYTHON:-python3}
 WORK=${ROUND_WORK:-/tmp/round}           # runs, cached reference statistics, the working copy of the table
@@ -100,6 +101,8 @@ MINUTES=${1:?usage: bash eval/gpu_round.sh MINUTES | --pack-args MINUTES | --pac
 # The checkout there is not installed in place: its fastdiff/ (first on sys.path for `python -m fastdiff` and the
 # eval scripts) lacks the pipelines/ that pyproject installs as fastdiff.pipelines (the first slice failed on it).
 [ -e fastdiff/pipelines ] || ln -s ../pipelines fastdiff/pipelines
+# and the scripts under eval/ that do not put the root on sys.path themselves (memory.py) import it from here
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 DEADLINE=$(awk "BEGIN { print int($START + $MINUTES * 60) }")
 R=${OUT:-/tmp/out}/round
@@ -135,7 +138,7 @@ slice() {
     cap=$(($(left) - RESERVE_SECONDS < MEMORY_SECONDS ? $(left) - RESERVE_SECONDS : MEMORY_SECONDS))
     echo "== memory row (eval/memory.py --sd15-gpu): at most $cap s"
     timeout -k 10 "$cap" $PY eval/memory.py --sd15-gpu --time-budget $((cap / 2)) --out "$WORK/memory" \
-      --work "$WORK/memory-work"
+      --work "$WORK/memory-work" $MEMORY_ARGS
     echo "memory row: exit $? (124: stopped at the cap; the rows measured are kept)"
     cp "$WORK/memory/results.json" "$R/memory.json" && cp "$WORK/memory/table.md" "$R/memory.md"
   fi

@@ -155,9 +155,11 @@ def run_row(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=float, default=0.2, help="channel width relative to SD1.5 (1 = the real shape)")
-    p.add_argument("--latent", type=int, default=32, help="latent size (SD1.5 at 512 px: 64)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--width", type=float, default=None,
+                   help="channel width relative to SD1.5 (1 = the real shape; default 0.2, --sd15-gpu 1)")
+    p.add_argument("--latent", type=int, default=None,
+                   help="latent size (SD1.5 at 512 px: 64; default 32, --sd15-gpu 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 1, --sd15-gpu 4")
     p.add_argument("--out", default=None, help="folder for table.md and results.json")
     p.add_argument("--work", default="/tmp/fastdiff-memory", help="scratch folder (teacher, runs)")
     p.add_argument("--processes", type=int, default=1, help="2: the FSDP rows (replicated vs sharded)")
@@ -165,13 +167,15 @@ def main() -> None:
                    help="FSDP rows: full networks, LoRA ones on the shared base, cd / meanflow (a target copy, an "
                         "added layer), or all")
     p.add_argument("--sd15-gpu", action="store_true",
-                   help="issue 19's GPU row: width 1, latent 64, batch 4, DMD2 (checkpointing off / on) and SiD")
+                   help="issue 19's GPU row: width 1, latent 64, batch 4 (unless given), DMD2 (checkpointing off / on) "
+                        "and SiD")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no row after this")
     # objective fake_lora checkpointing sharding [student_lora]
     p.add_argument("--row", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.sd15_gpu:
-        args.width, args.latent, args.batch_size = 1.0, 64, 4
+    shape = (1.0, 64, 4) if args.sd15_gpu else (0.2, 32, 1)  # a shape given on the command line wins (smoke tests)
+    args.width, args.latent, args.batch_size = (given if given is not None else default for given, default in
+                                                zip((args.width, args.latent, args.batch_size), shape))
     work = Path(args.work)
     args.teacher = str(work / "teacher")
     if args.row:  # child process: one configuration, one JSON line

@@ -158,35 +158,40 @@ def test_quality_chart(tmp_path):
     assert "fmnist.png" in (tmp_path / "fmnist.md").read_text() and not list(tmp_path.glob("*.tmp*"))
 
 
+def _bare_checkout(tmp_path, **env) -> tuple[Path, dict]:
+    """A copy of the tree as the GPU machine gets it (not installed, no .git) and the environment to run
+    eval/gpu_round.sh there: this environment's editable-install finder is dropped from every python the script
+    starts (it would resolve fastdiff.pipelines, or fastdiff itself, to this repository)."""
+    import os
+    import shutil
+
+    checkout, site = tmp_path / "checkout", tmp_path / "site"
+    for folder in ("fastdiff", "pipelines", "eval", "tests"):
+        shutil.copytree(ROOT / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if "
+                                           "'__editable__' not in getattr(f, '__module__', '')]\n")
+    return checkout, {**os.environ, "OUT": str(tmp_path / "out"), "ROUND_WORK": str(tmp_path / "work"),
+                      "PYTHON": sys.executable, "FASTDIFF_COMMIT": "0123456789ab", "PYTHONPATH": str(site), **env}
+
+
 @pytest.mark.slow
 def test_gpu_round_in_a_bare_checkout(tmp_path):
-    """eval/gpu_round.sh as the GPU machine runs it: in a copy of the tree that is not installed (no .git, no
-    pipelines/ inside fastdiff/: the first slice failed on that), with a deadline, the speed table skipped; it
-    must leave round.log, the merged table and the extras archive in $OUT/round, the student row measured, and the
-    committed table untouched."""
-    import shutil
+    """eval/gpu_round.sh as the GPU machine runs it (``_bare_checkout``; the first slice failed there on the
+    missing pipelines/ inside fastdiff/), with a deadline, the speed table skipped: it must leave round.log, the
+    merged table and the extras archive in $OUT/round, the student row measured, and the committed table
+    untouched. Pre-flight before packing a slice (eval/README.md)."""
     import tarfile
 
     _need(DATA)
     _need(SHARED / "teachers" / "fmnist-ddpm")
-    checkout = tmp_path / "checkout"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("fastdiff", "pipelines", "eval"):
-        shutil.copytree(ROOT / folder, checkout / folder, ignore=ignore)
-    committed = (checkout / "eval" / "results" / "fmnist" / "fmnist.json").read_text()
-    # fastdiff is not installed there: drop this environment's editable-install finder from every python the script
-    # starts (it would resolve fastdiff.pipelines to this repository's pipelines/)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if "
-                                           "'__editable__' not in getattr(f, '__module__', '')]\n")
     fmnist_args = ["--which", "ddpm", "--objectives", "dmd2", "--later=", "--nfe", "1", "--num", "4", "--ref-num", "4",
                    "--batch-size", "4", "--device", "cpu", "--train-minutes", "0.1", "--data-path", str(DATA),
                    "--set", "train.max_steps=1", "--set", "train.batch_size=2", "--set", "train.num_sample_images=4",
                    "--set", "train.mixed_precision=no"]
-    env = {**__import__("os").environ, "OUT": str(tmp_path / "out"), "ROUND_WORK": str(tmp_path / "work"),
-           "TEACHERS": str(SHARED / "teachers"), "SPEED": "never", "PYTHON": sys.executable,
-           "FMNIST_ARGS": " ".join(fmnist_args), "FASTDIFF_COMMIT": "0123456789ab", "PYTHONPATH": str(site)}
+    checkout, env = _bare_checkout(tmp_path, TEACHERS=str(SHARED / "teachers"), SPEED="never",
+                                   FMNIST_ARGS=" ".join(fmnist_args))
+    committed = (checkout / "eval" / "results" / "fmnist" / "fmnist.json").read_text()
     done = subprocess.run(["bash", "eval/gpu_round.sh", "6"], cwd=checkout, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     round_dir = tmp_path / "out" / "round"
@@ -198,3 +203,17 @@ def test_gpu_round_in_a_bare_checkout(tmp_path):
     with tarfile.open(round_dir / "fmnist-extras.tar.gz") as tar:
         assert "./grids/ddpm-dmd2.png" in tar.getnames()
     assert (checkout / "eval" / "results" / "fmnist" / "fmnist.json").read_text() == committed
+
+
+@pytest.mark.slow
+def test_gpu_round_memory_row_in_a_bare_checkout(tmp_path):
+    """MEMORY_ROW=1 (issue 19's GPU row, eval/memory.py --sd15-gpu) the same way, at a tiny shape (MEMORY_ARGS):
+    memory.py does not put the root on sys.path, gpu_round.sh does; all three rows land in round/."""
+    checkout, env = _bare_checkout(tmp_path, TEACHERS=str(tmp_path / "no-teachers"), SPEED="never", MEMORY_ROW="1",
+                                   MEMORY_SECONDS="200", MEMORY_ARGS="--width 0.05 --latent 8 --batch-size 1")
+    done = subprocess.run(["bash", "eval/gpu_round.sh", "4"], cwd=checkout, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "round" / "memory.json").read_text())
+    assert [(r["objective"], r["gradient_checkpointing"]) for r in result["rows"]] == [
+        ("dmd2", False), ("dmd2", True), ("sid", False)]
+    assert "| dmd2 | full copy | on |" in (tmp_path / "out" / "round" / "memory.md").read_text()
