@@ -82,7 +82,15 @@ def test_bench_speed_ablation_rows_and_time_budget(tiny_teacher, tmp_path, capsy
     row = json.loads(js.read_text())["training"][0]
     assert [(a["attention"], a["compile"]) for a in row["ablation"]] == [("sdpa", False)]
     assert row["ablation"][0]["speedup"] > 0 and row["auto_check"] is None  # one backend: nothing to compare
-    assert "| dmd2 | sdpa | eager |" in capsys.readouterr().out
+    # fastdiff's own setting (here SDPA, eager) is the training row's timing again, not a second trainer
+    assert (row["attention"], row["compile"]) == ("sdpa", False) and "same_as" in row["ablation"][0]
+    assert row["ablation"][0]["seconds"] == row["fast_seconds"]
+    from fastdiff.bench.speed import Budget, ablation_rows  # without a training row to reuse: a trainer of its own
+
+    (built,) = ablation_rows(tiny_teacher, "dmd2", 2, 1, 0, torch.device("cpu"), ["objective.critic_updates=1"],
+                             1.0, Budget(None), [], str(tmp_path / "ablation"))
+    assert built["seconds"] > 0 and built["wall_seconds"] >= built["seconds"] and "same_as" not in built
+    assert "| dmd2 | sdpa | eager | " in capsys.readouterr().out
     assert main(common + ["--time-budget", "1e-6"]) == 0
     out = capsys.readouterr().out
     assert "Not run (time budget of 0 s spent): dmd2, sampling batch 1" in out and "| dmd2 | 2 |" not in out
