@@ -175,6 +175,9 @@ class TrainConfig:
     attention: str = "auto"  # auto (SDPA when compiled, else xformers where its kernels run, else SDPA) | sdpa | xformers
     compile: bool = False  # torch.compile the teacher, fake score and generator networks
     channels_last: bool = False  # channels-last memory format for convolutional networks (faster convs on GPUs)
+    # cuDNN times its convolution algorithms per input shape and keeps the fastest (EDM's training loop does by
+    # default); two GPU runs may then differ in the last bits (as they may anyway where kernels use atomics)
+    cudnn_benchmark: bool = False
     sample_every: int = 500
     num_sample_images: int = 64
     log_every: int = 10

@@ -153,3 +153,20 @@ def test_profile_kinds_classify_kernel_names():
     assert kind_of("Memcpy HtoD (Pageable -> Device)") == "copy / layout"
     assert kind_of("aten::convolution_backward") == "matmul / conv"
     assert kind_of("something_new") == "other"
+
+
+def test_cudnn_benchmark_on_for_the_config_that_asks_off_for_naive_steps(tiny_teacher, tmp_path):
+    """train.cudnn_benchmark switches cuDNN's per-shape algorithm search on (a global flag); the bench turns it off
+    before every trainer, so a fast row before a naive one cannot speed the naive one up."""
+    from fastdiff.bench.speed import make_trainer
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        make_trainer(tiny_teacher, "sid", 2, False, torch.device("cpu"), [], str(tmp_path / "naive"))
+        assert torch.backends.cudnn.benchmark is False
+        make_trainer(tiny_teacher, "sid", 2, False, torch.device("cpu"), ["train.cudnn_benchmark=true"],
+                     str(tmp_path / "asked"))
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = saved

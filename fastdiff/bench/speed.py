@@ -110,11 +110,13 @@ def make_trainer(teacher: str, objective: str, batch: int, fast: bool, device, o
                 f"output_dir={out}", "train.ema_decay=0.999", "train.max_steps=1000000",
                 f"train.mixed_precision={'bf16' if cuda else 'no'}"]
     if fast:
-        settings += ["train.attention=auto", f"train.compile={str(cuda).lower()}", f"train.channels_last={str(cuda).lower()}",
-                     f"teacher.dtype={'bfloat16' if cuda else 'float32'}"]
+        on_gpu = str(cuda).lower()
+        settings += ["train.attention=auto", f"train.compile={on_gpu}", f"train.channels_last={on_gpu}",
+                     f"train.cudnn_benchmark={on_gpu}", f"teacher.dtype={'bfloat16' if cuda else 'float32'}"]
     else:
         settings += ["train.attention=sdpa"]
     cfg = load_config(None, settings + list(overrides))
+    torch.backends.cudnn.benchmark = False  # a global flag: an earlier fast trainer must not speed up a naive one
     # A fresh dynamo cache per trainer: every row compiles the same diffusers forward for new modules (and dtypes),
     # and past dynamo's recompile limit (8) later rows would silently run eager (seen on the H200 with --ablate).
     torch._dynamo.reset()

@@ -84,6 +84,8 @@ class Run:
         # The same seed on every process: replicated networks (fake score, GAN head, LoRA) start identical.
         set_seed(cfg.train.seed, device_specific=False)
         torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: fp32 runs stay fast
+        if cfg.train.cudnn_benchmark:  # only ever switched on: a caller's own setting is kept otherwise
+            torch.backends.cudnn.benchmark = True
         device = self.accelerator.device
         teacher = self.teacher
         teacher.model.to(device)
