@@ -176,7 +176,7 @@ def _bare_checkout(tmp_path, **env) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-def test_gpu_round_in_a_bare_checkout(tmp_path):
+def test_preflight_gpu_round_in_a_bare_checkout(tmp_path):
     """eval/gpu_round.sh as the GPU machine runs it (``_bare_checkout``; the first slice failed there on the
     missing pipelines/ inside fastdiff/), with a deadline, the speed table skipped: it must leave round.log, the
     merged table and the extras archive in $OUT/round, the student row measured, and the committed table
@@ -206,7 +206,7 @@ def test_gpu_round_in_a_bare_checkout(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_round_memory_row_in_a_bare_checkout(tmp_path):
+def test_preflight_gpu_round_memory_row_in_a_bare_checkout(tmp_path):
     """MEMORY_ROW=1 (issue 19's GPU row, eval/memory.py --sd15-gpu) the same way, at a tiny shape (MEMORY_ARGS):
     memory.py does not put the root on sys.path, gpu_round.sh does; all three rows land in round/."""
     checkout, env = _bare_checkout(tmp_path, TEACHERS=str(tmp_path / "no-teachers"), SPEED="never", MEMORY_ROW="1",
@@ -217,3 +217,17 @@ def test_gpu_round_memory_row_in_a_bare_checkout(tmp_path):
     assert [(r["objective"], r["gradient_checkpointing"]) for r in result["rows"]] == [
         ("dmd2", False), ("dmd2", True), ("sid", False)]
     assert "| dmd2 | full copy | on |" in (tmp_path / "out" / "round" / "memory.md").read_text()
+
+
+@pytest.mark.slow
+def test_preflight_every_row_config_dry_runs_on_its_teacher(capsys):
+    """Each eval/configs row builds its networks and objective on its reference teacher (``--dry-run``: a wrong
+    objective setting, e.g. a stage_steps list of the wrong length, fails here, not in a GPU slice); ~17 s."""
+    from fastdiff.cli import main
+
+    for config in sorted((ROOT / "eval" / "configs").glob("fmnist-*.yaml")):
+        teacher = SHARED / "teachers" / ("fmnist-cond-vpred" if config.name.startswith("fmnist-cond") else "fmnist-ddpm")
+        _need(teacher)
+        code = main(["distill", "--config", str(config), "--dry-run", "--set", f"teacher.path={teacher}",
+                     "--set", f"data.path={DATA}"])
+        assert code == 0, f"{config.name}: {capsys.readouterr().err[-500:]}"
