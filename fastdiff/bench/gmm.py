@@ -102,9 +102,16 @@ SETTINGS["boot"] = {"steps": 4000, "objective": {}, "student": {"sigma_init": 2.
 # buckets, 25% r = t and 25% r = 0 (AnyFlow's; the paper's 75% r = t: 17.1 / 7.41 / 3.89 x floor at 1 / 2 / 4 steps
 # at p = 1); plain L2 (adaptive_power 0): 4.20 / 3.36 / 3.79 x at 2000 updates, where the paper's p = 1 weight left
 # the one-step map at the teacher's (21.7 / 3.62 / 2.35 x; 500 updates: p = 1 20.5 / 4.82 / 2.75, p = 0.5 4.42 /
-# 3.43 / 4.00, p = 0 4.42 / 3.11 / 3.55; eval/results/bench-gmm-cpu/meanflow-variants.jsonl).
-SETTINGS["meanflow"] = {"steps": 2000, "objective": {"p_mean": 0.5, "p_std": 2.0, "flow_matching_ratio": 0.25,
-                                                     "consistency_ratio": 0.25, "adaptive_power": 0.0},
+# 3.43 / 4.00, p = 0 4.42 / 3.11 / 3.55; eval/results/bench-gmm-cpu/meanflow-variants.jsonl). Then (16-draw floor):
+# the (t - r) du/dt term warmed up over 500 updates (as the bench's scm): on from the first update it wrecks the
+# student's low levels (its r = t denoiser at sigma 0.5 ends 0.22 RMS from the teacher's; 0.06 warmed up), and with
+# the warm-up 2000 updates are no plateau. 1 / 2 / 4 steps, seeds 0 / 1 / 2: 2000 updates without warm-up 3.47 / 2.78
+# / 3.13, 3.52 / 2.63 / 2.99, 3.31 / 2.77 / 2.96 x; with it 3.11 / 2.14 / 1.17, 3.28 / 2.20 / 0.86, 3.09 / 2.44 /
+# 1.33; 4000 updates with it 2.06 / 1.67 / 1.30, 2.34 / 1.76 / 1.63, 2.07 / 1.89 / 1.55 x (2-step mode-weight error
+# 0.013 / 0.017 / 0.020). README's "MeanFlow's 2-step miss, part 2", eval/results/bench-gmm-cpu/meanflow-part2.jsonl.
+SETTINGS["meanflow"] = {"steps": 4000, "objective": {"p_mean": 0.5, "p_std": 2.0, "flow_matching_ratio": 0.25,
+                                                     "consistency_ratio": 0.25, "adaptive_power": 0.0,
+                                                     "tangent_warmup": 500},
                         "train": {"lr_generator": 1e-3, "lr_schedule": "cosine", "ema_decay": 0.995}}
 # Align Your Flow (AYF-EMD by default; objective.map_loss lagrangian for LMD): meanflow's levels, buckets and learning
 # rate, with AYF's normalised tangent in place of MeanFlow's weight. 500 updates (seed 0): EMD 4.43 / 3.39 / 4.00 x floor
