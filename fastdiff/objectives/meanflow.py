@@ -84,7 +84,11 @@ class MeanFlow(Objective):
         adaptive_power, adaptive_const: p and c of the adaptive weight ``1 / (||delta||^2 + c)^p``; p = 0: none
             (default FastGen's 0.5, 0.01; the paper's 1, 1e-3 starves long jumps in distillation, see above).
         tangent_warmup: generator updates over which the ``(t - r) du/dt`` term's factor rises from 0 to 1 (FastGen's
-            ``tangent_warmup_steps``, sCM's tangent warm-up; default 0 as FastGen: none).
+            ``tangent_warmup_steps``, sCM's tangent warm-up). Default 500, not FastGen's 0: on ``fastdiff bench gmm``
+            the full term from the first update wrecked the low levels of a student that starts as the teacher
+            (2 steps 2.63-2.78 x the floor at 2000 updates, seeds 0-2; with 500: 2.14-2.44 x, and 1.67-1.89 x at
+            4000; eval/results/bench-gmm-cpu/README.md, "MeanFlow's 2-step miss, part 2"). At update 0 the target is
+            then the teacher's v itself, which a student that starts as the teacher already meets.
         sigma_max: the student's first sampling level (trainer-supplied); None = the top of the table.
     """
 
@@ -95,7 +99,7 @@ class MeanFlow(Objective):
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, tangent: str = "auto",
                  fd_step: float = 3e-4, p_mean: float = -0.4, p_std: float = 1.0, flow_matching_ratio: float = 0.75,
                  consistency_ratio: float = 0.0, adaptive_power: float = 0.5, adaptive_const: float = 0.01,
-                 tangent_warmup: int = 0, sigma_max: float | None = None):
+                 tangent_warmup: int = 500, sigma_max: float | None = None):
         super().__init__(teacher, None, 0, None)
         if gan_head is not None:
             raise ValueError(f"objective.gan does not apply to {self.name}")
