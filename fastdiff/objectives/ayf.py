@@ -30,7 +30,9 @@ its opening (abstract, introduction) could be read here; the rest is from third-
     - Sec. 3.4, Eq. 4-5, Algorithm 1 lines 7-10: sCM's tangent normalisation ``g / (||g|| + c)``, c = 0.1, and the
       "regularized tangent warmup" r = min(r_max, iteration / H), r_max = 0.99 (the left-over (1 - r) term is a flow
       matching regulariser; notes and both reimplementations below); ``tangent_warmup`` here ramps r to 1, H
-      unstated in what we read.
+      unstated in what we read: default 500 updates, meanflow's (on ``fastdiff bench gmm``, 2000 updates, seeds 0 / 1:
+      2 steps 2.03 / 1.84 x floor with it against 2.35 / 2.32 x without, 4 steps 1.38 / 0.98 against 2.82 / 2.30;
+      1 step 2.92 / 2.64 against 2.39 / 2.62).
     - Algorithm 1 line 4, the (t, s) draw: the gap t - s = sigmoid(tau), tau ~ N(P_mean, P_std^2), then s uniform
       on [0, 1 - (t - s)] (a single-file reimplementation, "Align Your Flow: A PyTorch Implementation", that follows
       Algorithm 1 line by line; its values P_mean -0.6, P_std 1.6 are not the paper's as far as we can tell; another
@@ -110,7 +112,7 @@ class AlignYourFlow(MeanFlow):
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, map_loss: str = "eulerian",
                  tangent: str = "auto", fd_step: float = 3e-4, p_mean: float = -0.4, p_std: float = 1.0,
                  flow_matching_ratio: float = 0.0, consistency_ratio: float = 0.0, tangent_norm_const: float = 0.1,
-                 tangent_warmup: int = 0, time_sampling: str = "meanflow", sigma_max: float | None = None):
+                 tangent_warmup: int = 500, time_sampling: str = "meanflow", sigma_max: float | None = None):
         if map_loss not in MAP_LOSSES:
             raise ValueError(f"objective.map_loss must be one of {', '.join(MAP_LOSSES)}, got {map_loss!r}")
         if time_sampling not in TIME_SAMPLINGS:
