@@ -20,7 +20,8 @@ Metrics on ``num_eval`` samples: sliced Wasserstein-2 to exact samples, its floo
 mode's weight. The floor is what an exact sampler scores: the mean sw2 of ``FLOOR_DRAWS`` fresh exact sample sets
 against the same truth set and directions. One draw (what the bench divided by before 2026-11-29, kept in the JSON
 as ``sw2_floor_single``) is a noisy estimate: over 16 draws its sd is ~25% of the mean, and seed 0's single draw,
-0.0207, sat 21% below its mean, 0.0262, inflating every seed-0 ratio by 27%. The teacher's own 1-, 2- and 4-step DDIM are rows too.
+0.0207, sat 17% below its 16-draw mean, 0.0250, inflating every seed-0 ratio by 21% (eval/results/bench-gmm-cpu).
+The teacher's own 1-, 2- and 4-step DDIM are rows too.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ generator eager and compiled (CUDA graphs on GPUs) at each batch size.
 ``ablate`` adds, per objective, fastdiff's step with each attention backend that runs here (SDPA, and xformers where
 its kernels run) eager and compiled (compiled on GPUs only), each as a ratio to the same naive step, and records
 whether ``auto`` picked the backend measured faster with fastdiff's own compile setting (ablation rows run after
-the sampling rows: they are the longest part, four trainers per objective on a GPU). ``time_budget`` (seconds)
+the sampling rows: they are the longest part, three trainers per objective on a GPU, fastdiff's own setting being
+the training row's timing again). ``time_budget`` (seconds)
 stops starting new rows once spent: the rows not run are listed in ``skipped``, and ``on_row`` receives the partial
 result after every row, so a run cut short still leaves its table. ``profile`` adds where each fastdiff step's
 time goes (``bench.profile``); each row records its own wall time, compiling included.
