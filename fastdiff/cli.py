@@ -116,7 +116,7 @@ def cmd_sample(args) -> None:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FastdiffError(f"--out {out} is not empty; pass --overwrite to write into it")
     device = _device(args.device)
-    model, loaded = load_sampler(args.model_dir, device, args.guidance_scale)
+    model, loaded = load_sampler(args.model_dir, device, args.guidance_scale, parse_levels(args.levels, args.steps))
     prompts = _paired_prompts(args.prompts, args.num)
     with torch.no_grad(), progress(total=args.num, desc="sample", unit="img", enabled=not args.quiet) as bar:
         for start, images in sample_model(model, loaded, args.num, args.steps, args.seed, args.batch_size, device,
@@ -124,6 +124,8 @@ def cmd_sample(args) -> None:
             save_pngs(images, out, start)
             bar.update(len(images))
     kind = f"{model.num_steps}-step student" if isinstance(model, Generator) else "teacher (DDIM)"
+    if hasattr(model, "timesteps"):  # a flow-map student: any K, on these levels
+        kind = f"flow-map student on timesteps {model.timesteps(args.steps)}"
     if isinstance(model, RouterSampler):
         kind = f"MSD router of {model.num_students} {model.num_steps}-step students"
     if isinstance(model, MultiGuidanceSampler):
@@ -221,7 +223,7 @@ def cmd_fid(args) -> None:
     ref = ReferenceStats.load(args.ref, args.ref_format)
     device = _device(args.device)
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
-                         device=device, data_path=args.data_path,
+                         device=device, data_path=args.data_path, levels=parse_levels(args.levels, args.steps),
                          prompts=read_prompts(args.prompts) if args.prompts else None)
     num = source.resolve_num(args.num)  # before the slow part, like the checks below
     ref.check_images(args.resize or ref.resize, source.cropped_shape(args.crop))  # before the slow part
@@ -254,7 +256,7 @@ def cmd_clip_score(args) -> None:
     device = _device(args.device)
     # A text-to-image model samples image i from prompt i (one image per prompt when --num is not given).
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
-                         device=device, data_path=args.data_path,
+                         device=device, data_path=args.data_path, levels=parse_levels(args.levels, args.steps),
                          prompts=prompts)
     scorer = ClipScorer(args.clip_model, args.clip_weights, args.clip_config, args.convention).to(device)
     result = clip_score(source, scorer, prompts, args.num, args.batch_size, args.crop, progress=not args.quiet)
@@ -335,6 +337,24 @@ def cmd_bench_speed(args) -> None:
         print(f"wrote {md} and {js}")
 
 
+LEVELS_HELP = ("flow-map (meanflow, ayf) students: the K levels, `table` (default: the exported scheduler's), `flow` "
+               "(uniform in flow time) or timesteps highest first, e.g. 999,256 (--steps their number)")
+
+
+def parse_levels(text: str | None, steps: int | None):
+    """--levels: None, a rule name, or comma-separated timesteps (their number must be --steps)."""
+    if text is None or text in ("table", "flow"):
+        return text
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise FastdiffError(f"--levels {text!r}: use table, flow or timesteps such as 999,256") from None
+    values = [int(v) if v == int(v) else v for v in values]
+    if steps is not None and steps != len(values):
+        raise FastdiffError(f"--levels {text} gives {len(values)} levels: pass --steps {len(values)}")
+    return values
+
+
 def _eval_args(p, inception: bool = True, model_input: bool = False) -> None:
     if model_input:
         p.add_argument("--num", type=int, default=None, help="images to use (required for a model; default: all)")
@@ -343,6 +363,7 @@ def _eval_args(p, inception: bool = True, model_input: bool = False) -> None:
         p.add_argument("--seed", type=int, default=0, help="model input: noise seed (default 0)")
         p.add_argument("--guidance-scale", type=float, default=None,
                        help="model input: CFG scale (teachers, guidance-embedded students)")
+        p.add_argument("--levels", default=None, help=LEVELS_HELP)
     p.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
     p.add_argument("--crop", type=int, default=None, help="centre-crop images to CROP x CROP (e.g. 28 for 32x32 Fashion-MNIST samples)")
     if inception:
@@ -452,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="noise seed; batch b uses seed + b (default 0)")
     s.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     s.add_argument("--guidance-scale", type=float, default=None, help="teachers only: classifier-free guidance scale")
+    s.add_argument("--levels", default=None, help=LEVELS_HELP)
     s.add_argument("--prompts", default=None, help="text-to-image models: prompts file (one per line, or JSONL); "
                    "one prompt per image, or one for all")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -5,7 +5,8 @@ network is fastdiff's ``FlowMapModel`` around the student's UNet2DConditionModel
 ``r_timestep``: the timestep it maps to. Each step maps the latents from timestep t to the next timestep of the
 schedule, ``z_r = z_t - (t - r) u(z_t, r, t)``, the last one to the data (r = 0). That is the deterministic DDIM step
 (eta 0) with the student's x0 estimate at (t, r), so the scheduler is diffusers' ``DDIMScheduler`` (trailing
-timesteps, ``set_alpha_to_one``) and any ``num_inference_steps`` samples from the one network.
+timesteps, ``set_alpha_to_one``) and any ``num_inference_steps`` samples from the one network; ``timesteps`` (highest
+first) samples on those levels instead, as in ``FastdiffFlowMapPipeline``.
 
 No classifier-free guidance: the student learnt the teacher's guided velocity (fastdiff's ``meanflow`` objective
 takes its target from the teacher at ``teacher.guidance_scale``), so one pass per step. Load with
@@ -21,6 +22,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from fastdiff.pipelines.pipeline_fastdiff_flow_map import map_levels, map_step  # the network needs fastdiff anyway
+
 
 class FastdiffFlowMapSDPipeline(StableDiffusionPipeline):
     # StableDiffusionPipeline's components, without its type hints: the network is a FlowMapModel, not a UNet
@@ -32,8 +35,9 @@ class FastdiffFlowMapSDPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 1, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
-        """Images for ``prompt`` in ``num_inference_steps`` map steps (any number, one student)."""
+                 output_type: str = "pil", return_dict: bool = True, timesteps: list[int] | None = None):
+        """Images for ``prompt`` in ``num_inference_steps`` map steps (any number, one student), or on the given
+        ``timesteps``."""
         device = self._execution_device
         prompt_embeds, _ = self.encode_prompt(prompt, device, num_images_per_prompt, False)
         size = self.unet.config.sample_size
@@ -42,12 +46,11 @@ class FastdiffFlowMapSDPipeline(StableDiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
         latents = latents.to(device) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            r = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)  # the last step maps to the data
+        levels = map_levels(self.scheduler, num_inference_steps, timesteps, device)
+        for i, t in enumerate(self.progress_bar(levels)):
+            r = levels[i + 1] if i + 1 < len(levels) else torch.zeros_like(t)  # the last step maps to the data
             output = self.unet(latents, t, encoder_hidden_states=prompt_embeds, r_timestep=r).sample
-            latents = self.scheduler.step(output, t, latents, eta=0.0).prev_sample
+            latents = map_step(self.scheduler, output, t, r, latents, timesteps is not None)
         if output_type == "latent":
             image, nsfw = latents, None
         else:

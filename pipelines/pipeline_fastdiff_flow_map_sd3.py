@@ -5,7 +5,8 @@ The components are StableDiffusion3Pipeline's (VAE, CLIP text encoders, optional
 maps to (t = 1 is timestep 1000). The student's output is the average velocity u between the two times, so each
 step is the Euler step of ``FlowMatchEulerDiscreteScheduler`` with u: ``z_r = z_t + (r - t) u(z_t, r, t)``. The K
 levels are fastdiff's ``t_i = 1 - i / K`` (passed as ``sigmas``; the scheduler has shift 1), the last step maps to
-the data (r = 0), and any ``num_inference_steps`` samples from the one network.
+the data (r = 0), and any ``num_inference_steps`` samples from the one network; ``timesteps`` (``t * 1000``,
+highest first) samples on those levels instead.
 
 No classifier-free guidance: the student learnt the teacher's guided velocity (fastdiff's ``meanflow`` objective
 takes its target from the teacher at ``teacher.guidance_scale``), so one pass per step. Load with
@@ -34,8 +35,10 @@ class FastdiffFlowMapSD3Pipeline(StableDiffusion3Pipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 1, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 max_sequence_length: int = 256, output_type: str = "pil", return_dict: bool = True):
-        """Images for ``prompt`` in ``num_inference_steps`` map steps (any number, one student)."""
+                 max_sequence_length: int = 256, output_type: str = "pil", return_dict: bool = True,
+                 timesteps: list[float] | None = None):
+        """Images for ``prompt`` in ``num_inference_steps`` map steps (any number, one student), or on the given
+        ``timesteps``."""
         device = self._execution_device
         prompt_embeds, _, pooled, _ = self.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=num_images_per_prompt,
@@ -47,7 +50,12 @@ class FastdiffFlowMapSD3Pipeline(StableDiffusion3Pipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
         latents = latents.to(device)
         steps = num_inference_steps
-        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), device=device)
+        T = self.scheduler.config.num_train_timesteps
+        sigmas = np.linspace(1.0, 1.0 / steps, steps) if timesteps is None else np.asarray(timesteps, float) / T
+        if len(sigmas) == 0 or (np.diff(sigmas) >= 0).any() or sigmas[-1] <= 0 or sigmas[0] > 1:
+            raise ValueError(f"timesteps {timesteps} must decrease strictly within (0, {T}]" if timesteps is not None
+                             else f"num_inference_steps must be positive, got {num_inference_steps}")
+        self.scheduler.set_timesteps(sigmas=sigmas, device=device)
         timesteps = self.scheduler.timesteps
         for i, t in enumerate(self.progress_bar(timesteps)):
             r = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)  # the last step maps to the data

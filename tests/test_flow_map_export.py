@@ -101,19 +101,26 @@ def distil_and_export(kind: str, folder: str, out: Path, updates: int = 2):
 def compare_any_k(pipe, teacher, generator: FlowMapGenerator) -> dict:
     """{K: (largest float difference, share of uint8 values that differ, largest uint8 difference)} between the
     reloaded pipeline and fastdiff's flow-map sampler + the teacher's VAE, same seed and prompts, no CFG (the
-    student learnt the guided velocity); asserts K = 1 and 4 are different samplers."""
+    student learnt the guided velocity); asserts K = 1 and 4 are different samplers. Key "explicit": two steps on
+    levels given as the pipeline's ``timesteps`` (the second at 0.3 x the first), fastdiff's sampler told the same."""
     cond = PromptEncoder(teacher.pipeline)(PROMPTS)
+    first = generator.timesteps(1)[0]
+    explicit = FlowMapGenerator(generator.denoiser, generator.num_steps, generator.sigma_init,
+                                levels=[first, round(first * 0.3)])
+    cases = {k: (generator, k, {"num_inference_steps": k}) for k in (1, 2, 4)}
+    cases["explicit"] = (explicit, None, {"timesteps": explicit.timesteps()})
     measured, images = {}, {}
-    for k in (1, 2, 4):
-        ref = pipe(PROMPTS, num_inference_steps=k, generator=torch.Generator().manual_seed(11), output_type="np").images
+    for k, (sampler, steps, kwargs) in cases.items():
+        ref = pipe(PROMPTS, **kwargs, generator=torch.Generator().manual_seed(11), output_type="np").images
         z = torch.randn((len(PROMPTS), *teacher.sample_shape), generator=torch.Generator().manual_seed(11))
         with torch.no_grad():
-            x0 = teacher.latents.decode(generator(z, cond, num_steps=k))
+            x0 = teacher.latents.decode(sampler(z, cond, num_steps=steps))
         mine = (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         ours, theirs = to_uint8(x0).astype(int), (ref * 255).round().astype(int)
         measured[k] = (np.abs(mine - ref).max(), (ours != theirs).mean(), np.abs(ours - theirs).max())
         images[k] = mine
     assert np.abs(images[1] - images[4]).max() > 1e-3  # K steps are different samplers, not one map repeated
+    assert np.abs(images[2] - images["explicit"]).max() > 1e-3  # the given levels were used
     return measured
 
 

@@ -109,14 +109,10 @@ def test_jvp_and_finite_difference_agree_on_a_unet(tiny_teacher):
         assert (jvp[i] - fd[i]).abs().max() <= 0.01 * jvp[i].abs().max(), (i, (jvp[i] - fd[i]).abs().max())
 
 
-@pytest.mark.parametrize("which,labels", [("tiny_teacher", None), ("tiny_cond_teacher", [0, 1, 2])])
-def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp_path):
-    """A few MeanFlow updates on a tiny UNet (unconditional epsilon; class-conditional v-prediction), exported:
-    FastdiffFlowMapPipeline (diffusers' DDIMScheduler told r) gives fastdiff's own any-K sampler's uint8 images at
-    K = 1, 2, 4 from one student (and the floats within 1e-5: the same network on the same inputs, float32
-    differences of a few operations on images in [0, 1])."""
-    teacher, d = tiny_teacher_denoiser(request.getfixturevalue(which))
-    cond = None if labels is None else {"class_labels": torch.tensor(labels)}
+def distil_and_export(folder: str, conditional: bool, tmp_path):
+    """Three MeanFlow updates on a tiny UNet teacher's copy, exported: (teacher, its denoiser, the student network,
+    its first level, the export folder)."""
+    teacher, d = tiny_teacher_denoiser(folder)
     model = copy.deepcopy(teacher.model).requires_grad_(True)
     student = Denoiser(model, d.schedule, d.prediction_type)
     top = consistency_start(d)
@@ -126,7 +122,7 @@ def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp
     torch.manual_seed(0)
     logs = {}
     for _ in range(3):
-        batch_cond = None if labels is None else {"class_labels": torch.arange(8) % 3}
+        batch_cond = None if not conditional else {"class_labels": torch.arange(8) % 3}
         loss, logs = obj.generator_loss(torch.rand(8, 1, 8, 8) * 2 - 1, batch_cond)
         opt.zero_grad()
         loss.backward()
@@ -135,23 +131,76 @@ def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp
     assert model.flow_map_r.proj.weight.abs().sum() > 0  # the second time is trained
     info = {"teacher": teacher.path, "teacher_folder": teacher.path, "objective": "meanflow", "num_steps": 1,
             "sigma_init": top, "train_step": 3, "ema": False, "settings": {}}
-    out = export_student(copy.deepcopy(model).eval(), teacher, info, tmp_path / "student")
+    return teacher, d, model, top, export_student(copy.deepcopy(model).eval(), teacher, info, tmp_path / "student")
+
+
+@pytest.mark.parametrize("which,labels", [("tiny_teacher", None), ("tiny_cond_teacher", [0, 1, 2])])
+def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp_path):
+    """A few MeanFlow updates on a tiny UNet (unconditional epsilon; class-conditional v-prediction), exported:
+    FastdiffFlowMapPipeline (diffusers' DDIMScheduler told r) gives fastdiff's own any-K sampler's uint8 images at
+    K = 1, 2, 4 from one student (and the floats within 1e-5: the same network on the same inputs, float32
+    differences of a few operations on images in [0, 1]); and at K = 2, 4 on the flow-time levels
+    (``levels="flow"``) given to the pipeline as ``timesteps``."""
+    teacher, d, model, top, out = distil_and_export(request.getfixturevalue(which), labels is not None, tmp_path)
+    cond = None if labels is None else {"class_labels": torch.tensor(labels)}
     pipe = FastdiffFlowMapPipeline.from_pretrained(out)
     assert isinstance(pipe.unet, FlowMapModel)
     ours = FlowMapGenerator(Denoiser(model.eval(), d.schedule, d.prediction_type), 1, top)
+    flow = FlowMapGenerator(ours.denoiser, 1, top, levels="flow")  # given to the pipeline as timesteps
+    cases = {k: (ours, k, {"num_inference_steps": k}) for k in (1, 2, 4)}
+    cases.update({f"flow-{k}": (flow, k, {"timesteps": flow.timesteps(k)}) for k in (2, 4)})
     images = {}
-    for k in (1, 2, 4):
-        ref = pipe(batch_size=3, num_inference_steps=k, class_labels=labels,
-                   generator=torch.Generator().manual_seed(11), output_type="np").images
+    for k, (sampler, steps, kwargs) in cases.items():
+        ref = pipe(batch_size=3, **kwargs, class_labels=labels, generator=torch.Generator().manual_seed(11),
+                   output_type="np").images
         z = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(11))
         with torch.no_grad():
-            x0 = ours(z, cond, num_steps=k)
+            x0 = sampler(z, cond, num_steps=steps)
         mine = (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         # the same network and DDIM steps in diffusers' float32 order: a few ulps per step on images in [0, 1]
         assert np.abs(mine - ref).max() <= 1e-5, (k, np.abs(mine - ref).max())
         assert np.array_equal(to_uint8(x0), (ref * 255).round().astype(np.uint8)), k
         images[k] = mine
     assert np.abs(images[1] - images[4]).max() > 1e-3  # K steps are different samplers, not one map repeated
+    assert np.abs(images[2] - images["flow-2"]).max() > 1e-3  # the given levels were used
+    first = flow.timesteps(1)[0]
+    for bad in ([first, first], [first, 10.5], [first + 1, 10]):
+        with pytest.raises(ValueError, match="must be integers decreasing strictly"):
+            pipe(batch_size=1, timesteps=bad)
+
+
+def test_sample_cli_takes_levels_as_the_pipeline_takes_timesteps(tiny_teacher, tmp_path, capsys):
+    """``fastdiff sample --levels flow`` / ``--levels T0,T1`` writes the pipeline's uint8 images for
+    ``timesteps=[...]`` (the same seed), and bad levels are one-line errors that write nothing."""
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    teacher, d, model, top, out = distil_and_export(tiny_teacher, False, tmp_path)
+    pipe = FastdiffFlowMapPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    first = FlowMapGenerator(Denoiser(model, d.schedule, d.prediction_type), 1, top).timesteps(1)[0]
+    flow = FlowMapGenerator(Denoiser(model, d.schedule, d.prediction_type), 1, top, levels="flow").timesteps(2)
+    for levels, timesteps in (("flow", flow), (f"{first},{first // 3}", [first, first // 3])):
+        folder = tmp_path / f"samples-{levels}"
+        assert main(["sample", str(out), "--num", "3", "--steps", "2", "--levels", levels, "--out", str(folder),
+                     "--device", "cpu", "--quiet"]) == 0
+        assert f"timesteps {timesteps}" in capsys.readouterr().out
+        ref = pipe(batch_size=3, timesteps=timesteps, generator=torch.Generator().manual_seed(0), output_type="np")
+        expected = (ref.images * 255).round().astype(np.uint8)[..., 0]
+        written = np.stack([np.array(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+        assert np.array_equal(written, expected), levels
+    cases = [(["--levels", f"{first},{first // 3}", "--steps", "4"], "pass --steps 2"),
+             (["--levels", "karras", "--steps", "2"], "use table, flow or timesteps"),
+             (["--levels", f"{first + 1},10", "--steps", "2"], "must decrease strictly"),
+             (["--levels", "flow", "--steps", "2", "--model", tiny_teacher], "not teachers")]
+    for extra, fragment in cases:
+        model_dir = extra[extra.index("--model") + 1] if "--model" in extra else str(out)
+        extra = extra[:extra.index("--model")] if "--model" in extra else extra
+        assert main(["sample", model_dir, "--num", "1", *extra, "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_one_time_students_need_r_zero_only(tiny_teacher):
@@ -266,8 +315,10 @@ def test_default_weight_steps_as_fastgens_distillation_loss():
 
 def test_flow_levels_are_uniform_in_flow_time_and_sampled_with_r_told():
     """``levels="flow"``: on a VP table the K levels below the top are uniform in flow time t = sigma / (1 + sigma)
-    (computed here in float64 from the top), on a flow table they are the table's own levels, and each map step is the
-    VE DDIM step ``x0 + (sigma_next / sigma) (x - x0)`` with the student told the next level (0 at the last)."""
+    (computed here in float64 from the top), snapped to the table's nearest level in log sigma (its integer
+    timesteps, which an exported pipeline takes); on a flow table they are the table's own levels; and each map step
+    is the VE DDIM step ``x0 + (sigma_next / sigma) (x - x0)`` with the student told the next level (0 at the last).
+    Explicit levels (native timesteps) are used as given, and bad ones refused."""
     from fastdiff.models.flow_map import add_flow_map_embedding, target_time
     from fastdiff.models.generator import step_sigmas
     from fastdiff.models.schedule import FlowSchedule
@@ -278,11 +329,24 @@ def test_flow_levels_are_uniform_in_flow_time_and_sampled_with_r_told():
         net.flow_map_r.proj.weight.normal_(0, 0.05)  # r matters: a wrong r changes the samples
     d = Denoiser(net, net._schedule, "sample")
     top = float(step_sigmas(d, 1)[0])
+    ac = d.schedule.alphas_cumprod.double().numpy()
+    table = np.sqrt((1 - ac) / ac)
     for k in (1, 2, 3, 4):
         t = top / (1 + top) * (k - np.arange(k)) / k
-        expected = np.concatenate([[top], t[1:] / (1 - t[1:])])
-        # float32 levels: rounding 1.2e-7 x a few operations, relative
-        assert np.allclose(FlowMapGenerator(d, 1, levels="flow").levels(k).numpy(), expected, rtol=1e-6, atol=0)
+        uniform = t[1:] / (1 - t[1:])
+        nearest = np.abs(np.log(table)[None, :] - np.log(uniform)[:, None]).argmin(axis=1)
+        expected = np.concatenate([[top], table[nearest]])
+        gen = FlowMapGenerator(d, 1, levels="flow")
+        # float32 levels of float64 table values: one rounding, relative
+        assert np.allclose(gen.levels(k).numpy(), expected, rtol=1e-6, atol=0)
+        assert gen.timesteps(k) == [999, *nearest.tolist()]
+    explicit = FlowMapGenerator(d, 1, levels=[999, 300])
+    assert explicit.timesteps() == [999, 300] and np.allclose(explicit.levels().numpy(), table[[999, 300]], rtol=1e-6)
+    for bad in ([999, 999], [998, 300], [999, 0], [999, 300.5], []):
+        with pytest.raises(ValueError, match="timesteps"):
+            FlowMapGenerator(d, 1, levels=bad)
+    with pytest.raises(ValueError, match="take 2 steps, not 4"):
+        explicit(torch.zeros(1, 1, 8, 8), num_steps=4)
     flow = Denoiser(net, FlowSchedule(1000), "flow")
     for k in (1, 2, 3, 4):
         assert torch.equal(FlowMapGenerator(flow, 1, levels="flow").levels(k), step_sigmas(flow, k))
@@ -314,7 +378,9 @@ def test_bench_gmm_meanflow_meets_the_two_step_target(tmp_path):
     2"; about 5 minutes on one core): the bench's meanflow row (tangent warm-up 500, 4000 updates) at two map steps on
     the table's levels is within 2 x the floor with mode weights within 0.02, and one student is better at four steps
     than the teacher's 4-step DDIM. Measured (AMD EPYC, seed 0): 1.67 x / 0.013 at two steps, 1.30 x / 0.008 at four
-    (seeds 1 and 2 at two steps: 1.76 x / 0.017, 1.89 x / 0.020); before the warm-up 2.78 x / 0.028."""
+    (seeds 1 and 2 at two steps: 1.76 x / 0.017, 1.89 x / 0.020); before the warm-up 2.78 x / 0.028. The same student
+    on the flow levels (999 / 256, what ``--levels flow`` exports) meets it too: 1.31 x / 0.008 (seeds 1, 2: 1.69 /
+    0.014, 1.51 / 0.012)."""
     import json
 
     from fastdiff.cli import main
@@ -322,6 +388,7 @@ def test_bench_gmm_meanflow_meets_the_two_step_target(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "gmm", "--objectives", "meanflow", "--json", str(out)]) == 0
     rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
-    r = rows["meanflow, 2 steps"]
-    assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
+    for name in ("meanflow, 2 steps", "meanflow, 2 steps, flow levels [999, 256]"):
+        r = rows[name]
+        assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
     assert rows["meanflow, 4 steps"]["sw2"] < rows["teacher-ddim-4"]["sw2"] / 2, rows["meanflow, 4 steps"]

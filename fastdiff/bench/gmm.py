@@ -296,6 +296,12 @@ def run(objectives=DEFAULT_OBJECTIVES, steps: int | None = None, num_eval: int =
                 with torch.no_grad():
                     samples = student(z, num_steps=k, rng=eval_rng(seed))
                 add(name if k == 1 else f"{name}, {k} steps", samples, "objective", n, t0)
+            if flow_map:  # the same student on levels uniform in flow time (FlowMapGenerator's levels="flow")
+                flow = FlowMapGenerator(student.denoiser, student.num_steps, student.sigma_init, levels="flow").eval()
+                for k in SAMPLING_STEPS[1:]:
+                    with torch.no_grad():
+                        add(f"{name}, {k} steps, flow levels {flow.timesteps(k)}", flow(z, num_steps=k), "objective",
+                            n, t0)
             if is_consistency(name) and not flow_map:  # the deterministic consistency sampler (student.sampler: ddim)
                 student.sampler = "ddim"
                 for k in SAMPLING_STEPS[1:]:

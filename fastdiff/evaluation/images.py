@@ -134,7 +134,7 @@ def _fashion_mnist_source(spec: str, data_path: str | None) -> ImageSource:
 
 
 def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float | None, device,
-                  prompts: list[str] | None = None) -> list[ImageSource]:
+                  prompts: list[str] | None = None, levels=None) -> list[ImageSource]:
     """One source per step count, all sampling the same network (loaded once); text-to-image models sample
     image i from ``prompts[i]``."""
     from .clip_score import prompts_for
@@ -143,7 +143,7 @@ def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float 
     for k in steps:
         if k is None or k <= 0:
             raise FastdiffError(f"{path} is a model folder: pass --steps K (> 0) to sample it")
-    model, loaded = load_sampler(path, device, guidance_scale)
+    model, loaded = load_sampler(path, device, guidance_scale, levels)
     if loaded.conditioning != "text":
         prompts = None  # class-conditional models pair prompts with classes (CLIP score), not samples
     check_prompts(loaded, prompts)  # before the slow part
@@ -167,8 +167,10 @@ def is_model_folder(path: Path) -> bool:
 
 def open_source(spec: str, *, steps: int | None = None, seed: int = 0, guidance_scale: float | None = None,
                 device=None, data_path: str | None = None, allow_model: bool = True,
-                prompts: list[str] | None = None) -> ImageSource:
+                prompts: list[str] | None = None, levels=None) -> ImageSource:
     """Open SOURCE: ``fashion-mnist:train|test``, an ``.npz``, a folder of images, or a model folder."""
+    if levels is not None and not (Path(spec).is_dir() and is_model_folder(Path(spec))):
+        raise FastdiffError(f"--levels samples a flow-map student's folder; {spec} is not a model folder")
     if spec.startswith(FMNIST_PREFIX):
         return _fashion_mnist_source(spec, data_path)
     from ..models.embedded import PREFIX, resolve_teacher_path
@@ -180,7 +182,7 @@ def open_source(spec: str, *, steps: int | None = None, seed: int = 0, guidance_
         if not allow_model:
             raise FastdiffError(f"{spec} is a model folder; reference statistics come from real images "
                                 "(a folder of images, an .npz or fashion-mnist:train)")
-        return model_sources(str(path), [steps], seed, guidance_scale, device, prompts)[0]
+        return model_sources(str(path), [steps], seed, guidance_scale, device, prompts, levels)[0]
     if path.is_dir():
         return _folder_source(path)
     if path.exists():

@@ -237,8 +237,11 @@ def model_card_body(info: dict, where: str = ".") -> str:
              f"images = pipe(batch_size=4, num_inference_steps={steps}).images"))
     settings = "\n".join(f"- `{k}`: {_shown(v)}" for k, v in info["settings"].items())
     scheduler_note = ("Each step maps to the next level, told to the network as `r_timestep` (the last to the data), with\n"
-                      f"diffusers' `{info.get('scheduler_class')}`: one student samples any `num_inference_steps`."
-                      if info.get("flow_map") and info.get("pipeline_class") else
+                      f"diffusers' `{info.get('scheduler_class', 'DDIMScheduler')}`: one student samples any "
+                      "`num_inference_steps`,\nor on the levels given as `timesteps=[...]` (highest first, the first "
+                      "the student's own; `fastdiff sample\n--levels flow` prints the flow-time levels, better at 2 "
+                      "steps on fastdiff's analytic benchmark)."
+                      if info.get("flow_map") else
                       "The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1 (and `shift_terminal`\n"
                       f"1/K for K > 1): `num_inference_steps={steps}` gives fastdiff's levels t = 1 - i/K."
                       if info.get("scheduler_class") == "FlowMatchEulerDiscreteScheduler" else
@@ -740,9 +743,10 @@ def read_student_info(folder: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def student_generator(loaded, info: dict):
+def student_generator(loaded, info: dict, levels=None):
     """fastdiff's K-step sampler for an exported student folder loaded with ``load_teacher``: the consistency
-    boundary scalings when it was trained with them, and the top of its (truncated) table as first level."""
+    boundary scalings when it was trained with them, and the top of its (truncated) table as first level.
+    ``levels``: a flow-map student's level rule or timesteps (``FlowMapGenerator``; None: the table's)."""
     from ..models.consistency import network_view
     from ..models.generator import Generator
 
@@ -754,6 +758,12 @@ def student_generator(loaded, info: dict):
     if info.get("flow_map"):  # any-K map steps from one two-time student
         from ..models.flow_map import FlowMapGenerator
 
-        return FlowMapGenerator(d, info["num_steps"])
+        try:
+            return FlowMapGenerator(d, info["num_steps"], levels="table" if levels is None else levels)
+        except ValueError as e:
+            raise FastdiffError(f"--levels: {e}") from None
+    if levels is not None:
+        raise FastdiffError("--levels is for flow-map students (objective meanflow or ayf): this student samples "
+                            "on its own levels")
     cls = flux.FluxGenerator if flux.takes_packed_latents(loaded.model) else Generator  # FluxPipeline's noise layout
     return cls(d, info["num_steps"], sampler=info.get("sampler", "lcm"))

@@ -153,12 +153,13 @@ class MultiGuidanceSampler:
             yield start, (np.asarray(images) * 255).round().astype(np.uint8)
 
 
-def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
+def load_sampler(model_dir: str, device, guidance_scale: float | None = None, levels=None):
     """(sampler, loaded): an exported student's K-step Generator, or a teacher folder's Denoiser (DDIM); an MSD
     router or a fada export: its pipeline-driven sampler (``RouterSampler``, ``MultiGuidanceSampler``), both roles.
 
     A LoRA student folder loads its teacher (``teacher_folder`` in fastdiff.json) with the adapters applied by
-    diffusers' ``load_lora_weights``, as a user of the teacher pipeline would."""
+    diffusers' ``load_lora_weights``, as a user of the teacher pipeline would. ``levels``: a flow-map student's
+    sampling levels (``student_generator``)."""
     from ..models.embedded import resolve_teacher_path
     from ..errors import FastdiffError
     from .export import load_flow_map_student, load_lora_student, read_student_info, student_generator
@@ -189,7 +190,9 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None):
     if info and guidance_scale is not None and not guided:
         raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; "
                             "this student has its guidance distilled in")
-    return (student_generator(loaded, info) if info else loaded.denoiser), loaded
+    if levels is not None and not info:
+        raise FastdiffError("--levels is for flow-map students (objective meanflow or ayf), not teachers")
+    return (student_generator(loaded, info, levels) if info else loaded.denoiser), loaded
 
 
 def check_prompts(loaded, prompts: list[str] | None) -> None:

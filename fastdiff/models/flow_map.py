@@ -175,34 +175,85 @@ def flow_time_levels(first: torch.Tensor, num_steps: int) -> torch.Tensor:
     return sigmas.float()
 
 
+def native_timesteps(schedule, sigmas: torch.Tensor) -> list:
+    """The timesteps a pipeline takes for these levels: integers on a VP table, ``t * T`` for flow teachers."""
+    t = schedule.timestep(sigmas.cpu())
+    return [int(v) for v in t.round().tolist()] if schedule.kind == "vp" else [float(v) for v in t.double().tolist()]
+
+
+def native_sigmas(schedule, timesteps: list) -> torch.Tensor:
+    """The levels of native timesteps (``native_timesteps``' inverse): the VP table's sigmas; for flow teachers
+    ``t = timesteps / T`` as the network is fed it (after any shift, unlike ``FlowSchedule.sigma_at``)."""
+    ts = torch.tensor(timesteps, dtype=torch.float64)
+    if schedule.kind == "vp":
+        return schedule.sigma_at(ts)
+    t = ts / schedule.num_train_timesteps
+    return torch.where(t >= 1, torch.full_like(t, float("inf")), t / (1 - t)).float()
+
+
 class FlowMapGenerator(Generator):
     """Any-K flow-map sampling from one student: on K levels, each step maps z_t to the next level r with
     ``z_r = z_t - (t - r) u(z_t, r, t)`` (the last to r = 0, the data), i.e. the deterministic ``ddim`` step with
     the student told r. Args as :class:`Generator` (the sampler is ddim), and ``levels``:
 
     - "table" (default): a K-step student's levels (``step_sigmas``: on a VP table its trailing timesteps, e.g.
-      sigma 157.4 / 3.42 at K = 2); the exported pipelines' schedulers reproduce them image for image.
-    - "flow": uniform in flow time below the first level (``flow_time_levels``; a flow teacher's own table rule,
-      sigma 157.4 / 0.99 at K = 2 and 157.4 / 2.93 / 0.99 / 0.33 at K = 4 on the VP table). fastdiff's sampler
-      only: the exported schedulers step on integer timesteps of the table rule. On ``fastdiff bench gmm`` (tangent
-      warm-up 500; 2000 updates, seeds 0 / 1 / 2) two steps on these levels measured 0.88 / 1.16 / 1.17 x floor
-      against the table's 2.14 / 2.20 / 2.44 x (the student's map to the data from 3.42 is its weakest); after 4000
-      updates 1.29 / 1.69 / 1.55 against 1.67 / 1.76 / 1.89, and four steps worse than the table's (1.78 / 2.39 /
-      1.74 against 1.30 / 1.63 / 1.55). The better levels follow where a given student's maps are accurate, so the
-      table's stay the default (eval/results/bench-gmm-cpu/README.md, "MeanFlow's 2-step miss, part 2").
+      sigma 157.4 / 3.42 at K = 2); the exported pipelines' schedulers step on them by default.
+    - "flow": uniform in flow time below the first level (``flow_time_levels``; a flow teacher's own table rule),
+      on a VP table snapped to its integer timesteps (999 / 256 at K = 2, 999 / 470 / 256 / 97 at K = 4), so the
+      exported pipelines reproduce them when given ``timesteps=generator.timesteps()``. On ``fastdiff bench gmm``
+      (tangent warm-up 500; 2000 updates, seeds 0 / 1 / 2, before the snapping) two steps on these levels measured
+      0.88 / 1.16 / 1.17 x floor against the table's 2.14 / 2.20 / 2.44 x (the student's map to the data from 3.42
+      is its weakest); after 4000 updates 1.29 / 1.69 / 1.55 against 1.67 / 1.76 / 1.89, and four steps worse than
+      the table's (1.78 / 2.39 / 1.74 against 1.30 / 1.63 / 1.55). The better levels follow where a given
+      student's maps are accurate, so the table's stay the default (eval/results/bench-gmm-cpu/README.md,
+      "MeanFlow's 2-step miss, part 2").
+    - a sequence of K native timesteps, highest first, the first the student's own (VP: integers, e.g.
+      ``[999, 300]``; flow teachers: ``t * T``): explicit levels, as the pipelines' ``timesteps`` argument.
     """
 
-    def __init__(self, denoiser: Denoiser, num_steps: int = 1, sigma_init: float | None = None, levels: str = "table"):
-        if levels not in LEVELS:
-            raise ValueError(f"flow-map levels must be one of {', '.join(LEVELS)}, got {levels!r}")
+    def __init__(self, denoiser: Denoiser, num_steps: int = 1, sigma_init: float | None = None, levels="table"):
+        if isinstance(levels, str) and levels not in LEVELS:
+            raise ValueError(f"flow-map levels must be one of {', '.join(LEVELS)} or a list of timesteps, "
+                             f"got {levels!r}")
         super().__init__(denoiser, num_steps, sigma_init, sampler="ddim")
-        self.level_rule = levels
+        self.level_rule = levels if isinstance(levels, str) else self._checked(levels)
+
+    def _checked(self, timesteps) -> list:
+        """Explicit levels: strictly decreasing native timesteps above 0 (the last step maps to the data), the
+        first the student's first (the sampler starts from pure noise, which is right only there)."""
+        schedule = self.denoiser.schedule
+        ts = [float(t) for t in timesteps]
+        if schedule.kind == "vp":
+            if any(t != int(t) for t in ts):
+                raise ValueError(f"timesteps {timesteps} must be integers on a VP teacher's table")
+            ts = [int(t) for t in ts]
+        first = native_timesteps(schedule, super().levels(1))[0]
+        if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] <= 0 or ts[0] != first:
+            raise ValueError(f"timesteps {list(timesteps)} must decrease strictly, stay above 0 and start at the "
+                             f"student's first timestep {first}, e.g. {[first, round(first * 0.3)]}")
+        return ts
 
     def levels(self, num_steps: int | None = None) -> torch.Tensor:
+        if not isinstance(self.level_rule, str):  # explicit: K is their number
+            if num_steps not in (None, len(self.level_rule)):
+                raise ValueError(f"this sampler's {len(self.level_rule)} explicit timesteps "
+                                 f"{self.level_rule} take {len(self.level_rule)} steps, not {num_steps}")
+            return native_sigmas(self.denoiser.schedule, self.level_rule).to(self.sigmas.device)
         sigmas = super().levels(num_steps)
         if self.level_rule == "table":
             return sigmas
-        return flow_time_levels(sigmas[0].cpu(), len(sigmas)).to(sigmas.device)
+        flow = flow_time_levels(sigmas[0].cpu(), len(sigmas))
+        schedule = self.denoiser.schedule
+        if schedule.kind == "vp":  # on the table's integer timesteps, so that an exported pipeline takes them
+            flow[1:] = native_sigmas(schedule, native_timesteps(schedule, flow[1:]))
+        return flow.to(sigmas.device)
+
+    def timesteps(self, num_steps: int | None = None) -> list:
+        """The K levels as the native timesteps the exported pipelines take (``timesteps=...``)."""
+        if not isinstance(self.level_rule, str):
+            self.levels(num_steps)  # the step-count check
+            return list(self.level_rule)
+        return native_timesteps(self.denoiser.schedule, self.levels(num_steps))
 
     def forward(self, z: torch.Tensor, cond: dict | None = None, num_steps: int | None = None,
                 rng: torch.Generator | None = None) -> torch.Tensor:
