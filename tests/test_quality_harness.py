@@ -120,19 +120,22 @@ def test_quality_runner_smoke(tmp_path):
     rows (one update each) measured at their step counts."""
     _need(DATA)
     _need(SHARED / "teachers" / "fmnist-ddpm")
-    cmd = [sys.executable, str(ROOT / "eval" / "fmnist_quality.py"), "--rows", "ddpm-teacher,ddpm-dmd2,ddpm-cd",
+    cmd = [sys.executable, str(ROOT / "eval" / "fmnist_quality.py"), "--rows",
+           "ddpm-teacher,ddpm-dmd2,ddpm-cd,ddpm-meanflow",
            *_quality(tmp_path, SHARED / "teachers"), "--set", "train.max_steps=1", "--set", "train.batch_size=2",
            "--set", "train.num_sample_images=4", "--set", "train.mixed_precision=no"]
     subprocess.run(cmd, check=True, capture_output=True)
     rows = json.loads((tmp_path / "table" / "fmnist.json").read_text())["rows"]
-    assert [(r["name"], [m["steps"] for m in r["results"]]) for r in rows] == [
-        ("ddpm-teacher", [1]), ("ddpm-dmd2", [1]), ("ddpm-cd", [1, 2, 4])]
+    assert [(r["name"], [(m["steps"], m.get("levels")) for m in r["results"]]) for r in rows] == [
+        ("ddpm-teacher", [(1, None)]), ("ddpm-dmd2", [(1, None)]), ("ddpm-cd", [(1, None), (2, None), (4, None)]),
+        ("ddpm-meanflow", [(1, None), (2, None), (4, None), (2, "flow")])]  # meanflow: 2 steps on flow levels too
     assert all(r["images_seen"] == 2 and r["train_steps"] == 1 and r["train_minutes"] == 4.5 for r in rows[1:])
     assert all(m["fid"] > 0 and m["fid_label"].startswith("FID@4(") for r in rows for m in r["results"])
     assert (tmp_path / "table" / "logs" / "ddpm-cd-metrics.jsonl").is_file()
     assert sorted(p.name for p in (tmp_path / "table" / "grids").iterdir()) == [
-        "ddpm-cd.png", "ddpm-dmd2.png", "ddpm-teacher.png"]
-    assert "| ddpm-cd | fmnist-ddpm | cd | 4 |" in (tmp_path / "table" / "fmnist.md").read_text()
+        "ddpm-cd.png", "ddpm-dmd2.png", "ddpm-meanflow.png", "ddpm-teacher.png"]
+    md = (tmp_path / "table" / "fmnist.md").read_text()
+    assert "| ddpm-cd | fmnist-ddpm | cd | 4 |" in md and "| ddpm-meanflow | fmnist-ddpm | meanflow | 2 (flow levels) |" in md
 
 
 def test_quality_chart(tmp_path):
@@ -150,12 +153,15 @@ def test_quality_chart(tmp_path):
                       row("ddpm-cd", "fmnist-ddpm", "cd", {1: 20.0, 2: 9.0}),
                       row("ddpm-sid", "fmnist-ddpm", "sid", {}, error="RuntimeError: out of memory"),
                       row("cond-teacher", "fmnist-cond-vpred", "teacher", {1: 150.0})]}
+    table["rows"][1]["results"].append({"steps": 2, "levels": "flow", "fid": 7.0, "fid_label": "FID@10k", "kid": None})
     assert fq.nfe_series(table) == {"fmnist-ddpm": {"teacher": [(1, 304.9), (4, 43.2), (10, 11.9)],
                                                      "cd": [(1, 20.0), (2, 9.0)]},
                                      "fmnist-cond-vpred": {"teacher": [(1, 150.0)]}}
     fq.write_table(tmp_path, table)
     assert (tmp_path / "fmnist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "fmnist.png" in (tmp_path / "fmnist.md").read_text() and not list(tmp_path.glob("*.tmp*"))
+    md = (tmp_path / "fmnist.md").read_text()
+    assert "fmnist.png" in md and not list(tmp_path.glob("*.tmp*"))
+    assert "| ddpm-cd | fmnist-ddpm | cd | 2 (flow levels) | 7.00 |" in md  # in the table, not on the NFE curve
 
 
 def _bare_checkout(tmp_path, **env) -> tuple[Path, dict]:
