@@ -341,8 +341,8 @@ class Measure:
         from fastdiff.inference.sampling import save_grid
 
         a = self.args
-        sources = model_sources(str(folder), row.steps, a.seed, guidance, a.device)  # the network is loaded once
-        extra = EXTRA_LEVELS.get(row.objective, [])
+        sources = model_sources(str(folder), row.steps, a.seed, guidance, a.device)  # one load for the step counts
+        extra = EXTRA_LEVELS.get(row.objective, [])  # and one per extra level set (seconds for this UNet)
         sources += [model_sources(str(folder), [k], a.seed, guidance, a.device, levels=rule)[0] for k, rule in extra]
         results, blocks = [], []
         per = min(max(10, 100 // len(sources) // 10 * 10), a.num)  # 100 images in all, 10 a line

@@ -230,6 +230,8 @@ def cmd_fid(args) -> None:
     extractor = _extractor(args, args.resize or ref.resize)
     result = evaluate(source, ref, extractor, num, args.batch_size, args.crop, progress=not args.quiet)
     result["steps"] = args.steps if source.is_model else None
+    if args.levels is not None:
+        result["levels"] = args.levels
     line = f"{result['fid_label']} = {result['fid']:.4f}"
     if "kid" in result:
         line += f"   {result['kid_label']} = {result['kid']:.6f} +- {result['kid_std']:.6f}"
@@ -338,7 +340,8 @@ def cmd_bench_speed(args) -> None:
 
 
 LEVELS_HELP = ("flow-map (meanflow, ayf) students: the K levels, `table` (default: the exported scheduler's), `flow` "
-               "(uniform in flow time) or timesteps highest first, e.g. 999,256 (--steps their number)")
+               "(uniform in flow time; the run prints them) or timesteps highest first from the student's own, e.g. "
+               "727,234 (--steps their number)")
 
 
 def parse_levels(text: str | None, steps: int | None):
@@ -347,9 +350,10 @@ def parse_levels(text: str | None, steps: int | None):
         return text
     try:
         values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise FastdiffError(f"--levels {text!r}: use table, flow or timesteps such as 999,256") from None
-    values = [int(v) if v == int(v) else v for v in values]
+        values = [int(v) if v == int(v) else v for v in values]  # inf / nan fail here too
+    except (ValueError, OverflowError):
+        raise FastdiffError(f"--levels {text!r}: use table, flow or timesteps such as 727,234 (highest first, the "
+                            "first the student's own: `--levels flow` prints them)") from None
     if steps is not None and steps != len(values):
         raise FastdiffError(f"--levels {text} gives {len(values)} levels: pass --steps {len(values)}")
     return values

@@ -3,16 +3,17 @@
 The student (fastdiff's ``FlowMapModel``) takes a second time, ``r_timestep``: the level it maps to. Each step maps
 the current sample from timestep t to the next timestep of the schedule, ``z_r = z_t - (t - r) u(z_t, r, t)``, and
 the last step maps to the data (r = 0). That step is the deterministic DDIM step (eta 0) with the student's x0
-estimate at (t, r), so the scheduler is diffusers' ``DDIMScheduler`` with trailing timesteps and
-``set_alpha_to_one``; this pipeline only adds the r of each call. ``timesteps`` (a list, highest first, the first
-the scheduler's top) samples on those levels instead (fastdiff's ``FlowMapGenerator(levels=...)``, e.g. its
-``levels="flow"``): each step then takes the student's x0 estimate from the scheduler and re-noises it to the next
-level with the noise the step implies, the same deterministic step. Load it with
+estimate at (t, r): diffusers' ``DDIMScheduler`` gives the x0 estimate (``pred_original_sample``), which is
+re-noised to r with the noise the step implies (``add_noise``). The K levels are fastdiff's (``map_levels``; DDIM's
+own trailing grid is one timestep off where K does not divide the table), or those given as ``timesteps``
+(highest first, from the student's first timestep: fastdiff's ``FlowMapGenerator(levels=...)``, e.g. its
+``levels="flow"``). Load it with
 ``FastdiffFlowMapPipeline.from_pretrained(folder)`` (fastdiff installed: the network is ``fastdiff.FlowMapModel``,
 imported first, ``from fastdiff import FlowMapModel``: diffusers loads a class only from a module already imported).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -45,7 +46,7 @@ class FastdiffFlowMapPipeline(DiffusionPipeline):
             r = levels[i + 1] if i + 1 < len(levels) else torch.zeros_like(t)  # the last step maps to the data
             kwargs = {} if labels is None else {"class_labels": labels}
             output = self.unet(image, t, r_timestep=r, **kwargs).sample
-            image = map_step(self.scheduler, output, t, r, image, timesteps is not None)
+            image = map_step(self.scheduler, output, t, r, image)
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
         if output_type == "pil":
             image = self.numpy_to_pil(image)
@@ -55,28 +56,31 @@ class FastdiffFlowMapPipeline(DiffusionPipeline):
 
 
 def map_levels(scheduler, num_inference_steps: int, timesteps, device) -> torch.Tensor:
-    """The scheduler's K trailing timesteps, or the given ones (checked: decreasing, within its table)."""
+    """The K levels: fastdiff's K-step rule on the (truncated) table, LCMScheduler's with ``original_inference_steps``
+    = its length (evenly spaced from the top, rounded down: 999 / 666 / 333 at K = 3, where DDIM's trailing grid
+    has 332), or the given ``timesteps``, checked."""
+    top = len(scheduler.alphas_cumprod) - 1
     if timesteps is None:
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        return scheduler.timesteps
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
+        spaced = np.floor(np.linspace(0, top + 1, num=num_inference_steps, endpoint=False)).astype(np.int64)
+        timesteps = [top - int(i) for i in spaced]
     given = torch.as_tensor(timesteps, device=device)
     levels = given.long()
-    top = len(scheduler.alphas_cumprod) - 1
     if levels.ndim != 1 or len(levels) == 0 or (levels != given).any() or (levels[1:] >= levels[:-1]).any() \
-            or levels[-1] <= 0 or levels[0] > top:
-        raise ValueError(f"timesteps {list(timesteps)} must be integers decreasing strictly within (0, {top}]")
+            or levels[-1] <= 0 or levels[0] != top:  # the first: pure noise is right only at the top
+        raise ValueError(f"timesteps {list(timesteps)} must be integers decreasing strictly from the student's first "
+                         f"timestep {top} to above 0, e.g. {[top, round(top * 0.3)]}")
     scheduler.set_timesteps(len(levels), device=device)  # DDIMScheduler.step needs its step count set
     return levels
 
 
-def map_step(scheduler, output, t, r, sample, given: bool):
-    """One map step to r: DDIMScheduler's own step on its levels; on given ones, its x0 estimate re-noised to r
-    with the implied noise (the same deterministic step: DDIM's own would step to its trailing grid, not r)."""
-    if not given:
-        return scheduler.step(output, t, sample, eta=0.0).prev_sample
+def map_step(scheduler, output, t, r, sample):
+    """One map step to r: DDIMScheduler's x0 estimate re-noised to r with the implied noise (DDIM's own step would
+    go to its trailing grid's next timestep, not r)."""
     x0 = scheduler.step(output, t, sample, eta=0.0).pred_original_sample
     if r == 0:
         return x0
-    a_t = scheduler.alphas_cumprod[t].to(sample.device, sample.dtype)
-    noise = (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-    return scheduler.add_noise(x0, noise, r.reshape(1))
+    a_t = scheduler.alphas_cumprod[t].to(sample.device)  # float32: 1 - a_t in fp16 would lose its digits
+    noise = (sample.float() - a_t.sqrt() * x0.float()) / (1 - a_t).sqrt()
+    return scheduler.add_noise(x0.float(), noise, r.reshape(1)).to(sample.dtype)

@@ -4,9 +4,9 @@ The components are StableDiffusionPipeline's (VAE, CLIP text encoder and tokeniz
 network is fastdiff's ``FlowMapModel`` around the student's UNet2DConditionModel, with one more input,
 ``r_timestep``: the timestep it maps to. Each step maps the latents from timestep t to the next timestep of the
 schedule, ``z_r = z_t - (t - r) u(z_t, r, t)``, the last one to the data (r = 0). That is the deterministic DDIM step
-(eta 0) with the student's x0 estimate at (t, r), so the scheduler is diffusers' ``DDIMScheduler`` (trailing
-timesteps, ``set_alpha_to_one``) and any ``num_inference_steps`` samples from the one network; ``timesteps`` (highest
-first) samples on those levels instead, as in ``FastdiffFlowMapPipeline``.
+(eta 0) with the student's x0 estimate at (t, r), taken from diffusers' ``DDIMScheduler`` and re-noised to r as in
+``FastdiffFlowMapPipeline`` (fastdiff's levels), and any ``num_inference_steps`` samples from the one network;
+``timesteps`` (highest first, from the student's first) samples on those levels instead.
 
 No classifier-free guidance: the student learnt the teacher's guided velocity (fastdiff's ``meanflow`` objective
 takes its target from the teacher at ``teacher.guidance_scale``), so one pass per step. Load with
@@ -50,7 +50,7 @@ class FastdiffFlowMapSDPipeline(StableDiffusionPipeline):
         for i, t in enumerate(self.progress_bar(levels)):
             r = levels[i + 1] if i + 1 < len(levels) else torch.zeros_like(t)  # the last step maps to the data
             output = self.unet(latents, t, encoder_hidden_states=prompt_embeds, r_timestep=r).sample
-            latents = map_step(self.scheduler, output, t, r, latents, timesteps is not None)
+            latents = map_step(self.scheduler, output, t, r, latents)
         if output_type == "latent":
             image, nsfw = latents, None
         else:

@@ -51,10 +51,12 @@ class FastdiffFlowMapSD3Pipeline(StableDiffusion3Pipeline):
         latents = latents.to(device)
         steps = num_inference_steps
         T = self.scheduler.config.num_train_timesteps
+        if timesteps is None and steps < 1:
+            raise ValueError(f"num_inference_steps must be positive, got {steps}")
         sigmas = np.linspace(1.0, 1.0 / steps, steps) if timesteps is None else np.asarray(timesteps, float) / T
-        if len(sigmas) == 0 or (np.diff(sigmas) >= 0).any() or sigmas[-1] <= 0 or sigmas[0] > 1:
-            raise ValueError(f"timesteps {timesteps} must decrease strictly within (0, {T}]" if timesteps is not None
-                             else f"num_inference_steps must be positive, got {num_inference_steps}")
+        if len(sigmas) == 0 or (np.diff(sigmas) >= 0).any() or sigmas[-1] <= 0 or sigmas[0] != 1:
+            raise ValueError(f"timesteps {timesteps} must decrease strictly from {T} (pure noise) to above 0, "
+                             f"e.g. {[T, round(0.3 * T)]}")
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
         timesteps = self.scheduler.timesteps
         for i, t in enumerate(self.progress_bar(timesteps)):

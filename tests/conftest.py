@@ -9,6 +9,10 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # README's `-n 2`: split the core
     # threads each ran the suite in 864 s against 155 s with 1 thread each and 250 s in one process
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    # diffusers copies a custom pipeline's file into HF_MODULES_CACHE (truncate, write) and imports it from there:
+    # one folder per worker, or a worker may import the file while the other rewrites it (subprocesses inherit it)
+    import tempfile
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

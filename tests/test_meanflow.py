@@ -138,7 +138,7 @@ def distil_and_export(folder: str, conditional: bool, tmp_path):
 def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp_path):
     """A few MeanFlow updates on a tiny UNet (unconditional epsilon; class-conditional v-prediction), exported:
     FastdiffFlowMapPipeline (diffusers' DDIMScheduler told r) gives fastdiff's own any-K sampler's uint8 images at
-    K = 1, 2, 4 from one student (and the floats within 1e-5: the same network on the same inputs, float32
+    K = 1, 2, 3, 4 from one student (and the floats within 1e-5: the same network on the same inputs, float32
     differences of a few operations on images in [0, 1]); and at K = 2, 4 on the flow-time levels
     (``levels="flow"``) given to the pipeline as ``timesteps``."""
     teacher, d, model, top, out = distil_and_export(request.getfixturevalue(which), labels is not None, tmp_path)
@@ -147,7 +147,8 @@ def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp
     assert isinstance(pipe.unet, FlowMapModel)
     ours = FlowMapGenerator(Denoiser(model.eval(), d.schedule, d.prediction_type), 1, top)
     flow = FlowMapGenerator(ours.denoiser, 1, top, levels="flow")  # given to the pipeline as timesteps
-    cases = {k: (ours, k, {"num_inference_steps": k}) for k in (1, 2, 4)}
+    # K = 3 does not divide the 728-long truncated table: DDIM's trailing grid would be one timestep off fastdiff's
+    cases = {k: (ours, k, {"num_inference_steps": k}) for k in (1, 2, 3, 4)}
     cases.update({f"flow-{k}": (flow, k, {"timesteps": flow.timesteps(k)}) for k in (2, 4)})
     images = {}
     for k, (sampler, steps, kwargs) in cases.items():
@@ -164,8 +165,9 @@ def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp
     assert np.abs(images[1] - images[4]).max() > 1e-3  # K steps are different samplers, not one map repeated
     assert np.abs(images[2] - images["flow-2"]).max() > 1e-3  # the given levels were used
     first = flow.timesteps(1)[0]
-    for bad in ([first, first], [first, 10.5], [first + 1, 10]):
-        with pytest.raises(ValueError, match="must be integers decreasing strictly"):
+    for bad in ([first, first], [first, 10.5], [first + 1, 10], [first - 1, 10], [first, 0]):
+        with pytest.raises(ValueError, match=f"must be integers decreasing strictly from the student's first "
+                                             f"timestep {first}"):
             pipe(batch_size=1, timesteps=bad)
 
 
@@ -190,10 +192,15 @@ def test_sample_cli_takes_levels_as_the_pipeline_takes_timesteps(tiny_teacher, t
         expected = (ref.images * 255).round().astype(np.uint8)[..., 0]
         written = np.stack([np.array(Image.open(p)) for p in sorted(folder.glob("*.png"))])
         assert np.array_equal(written, expected), levels
+    other = tmp_path / "router"  # an MSD router's folder: refused before anything loads
+    other.mkdir()
+    (other / "fastdiff.json").write_text('{"format": "fastdiff-msd-v1"}')
     cases = [(["--levels", f"{first},{first // 3}", "--steps", "4"], "pass --steps 2"),
+             (["--levels", "flow", "--steps", "2", "--model", str(other)], "another kind of student"),
              (["--levels", "karras", "--steps", "2"], "use table, flow or timesteps"),
+             (["--levels", "inf,1", "--steps", "2"], "use table, flow or timesteps"),
              (["--levels", f"{first + 1},10", "--steps", "2"], "must decrease strictly"),
-             (["--levels", "flow", "--steps", "2", "--model", tiny_teacher], "not teachers")]
+             (["--levels", "flow", "--steps", "2", "--model", tiny_teacher], "is a teacher, sampled on its own levels")]
     for extra, fragment in cases:
         model_dir = extra[extra.index("--model") + 1] if "--model" in extra else str(out)
         extra = extra[:extra.index("--model")] if "--model" in extra else extra
@@ -347,6 +354,8 @@ def test_flow_levels_are_uniform_in_flow_time_and_sampled_with_r_told():
             FlowMapGenerator(d, 1, levels=bad)
     with pytest.raises(ValueError, match="take 2 steps, not 4"):
         explicit(torch.zeros(1, 1, 8, 8), num_steps=4)
+    with pytest.raises(ValueError, match="collapse on the table's integer timesteps"):  # K levels, fewer timesteps
+        FlowMapGenerator(d, 1, levels="flow").levels(400)
     flow = Denoiser(net, FlowSchedule(1000), "flow")
     for k in (1, 2, 3, 4):
         assert torch.equal(FlowMapGenerator(flow, 1, levels="flow").levels(k), step_sigmas(flow, k))

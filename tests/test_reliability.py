@@ -203,6 +203,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_teacher, tmp_pa
     2 steps; Adam's first steps amplify rounding where gradients are near zero); half the global batch differs by ~1.
     The two-process checkpoint then resumes on one process."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0",  # 0: a free port (test workers run side by side)
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
     env = {**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(launch + _sets(tiny_teacher, tmp_path / "two", 2), env=env, capture_output=True, text=True)

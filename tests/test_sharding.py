@@ -469,6 +469,7 @@ def _two_processes(teacher, out, steps, *extra, resume: bool = False, sets=None)
     import subprocess
 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0",  # 0: a free port (test workers run side by side)
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     args = (sets or _sets)(teacher, out, steps, "train.sharding=fsdp", *extra) + (["--resume", "latest"] if resume

@@ -303,6 +303,7 @@ def test_fsdp_lora_run_exports_the_single_process_lora(tmp_path):
              "train.lr_warmup_steps=0"]
     two, one = tmp_path / "two", tmp_path / "one"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0",  # 0: a free port (test workers run side by side)
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launch + _sets(teacher, two, 2, "train.sharding=fsdp", *extra), env=env,

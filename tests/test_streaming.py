@@ -362,6 +362,7 @@ def test_two_processes_draw_what_one_accumulating_process_draws(tiny_teacher, tm
         return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["grad_norm_generator"]
 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0",  # 0: a free port (test workers run side by side)
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     two = subprocess.run(launch + sets(tmp_path / "two"), env=env, capture_output=True, text=True)

@@ -762,8 +762,5 @@ def student_generator(loaded, info: dict, levels=None):
             return FlowMapGenerator(d, info["num_steps"], levels="table" if levels is None else levels)
         except ValueError as e:
             raise FastdiffError(f"--levels: {e}") from None
-    if levels is not None:
-        raise FastdiffError("--levels is for flow-map students (objective meanflow or ayf): this student samples "
-                            "on its own levels")
     cls = flux.FluxGenerator if flux.takes_packed_latents(loaded.model) else Generator  # FluxPipeline's noise layout
     return cls(d, info["num_steps"], sampler=info.get("sampler", "lcm"))

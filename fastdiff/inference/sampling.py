@@ -167,6 +167,9 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
 
     model_dir = resolve_teacher_path(model_dir)
     info = read_student_info(model_dir)
+    if levels is not None and not (info and info.get("flow_map")):
+        raise FastdiffError(f"--levels is for flow-map students (objective meanflow or ayf); {model_dir} is "
+                            f"{'a teacher' if not info else 'another kind of student'}, sampled on its own levels")
     if info and info.get("format") in RouterSampler.FORMATS:  # fastdiff msd: sampled by its own router pipeline
         if guidance_scale is not None:
             raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; an MSD router's "
@@ -190,8 +193,6 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
     if info and guidance_scale is not None and not guided:
         raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; "
                             "this student has its guidance distilled in")
-    if levels is not None and not info:
-        raise FastdiffError("--levels is for flow-map students (objective meanflow or ayf), not teachers")
     return (student_generator(loaded, info, levels) if info else loaded.denoiser), loaded
 
 

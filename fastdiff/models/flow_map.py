@@ -199,8 +199,9 @@ class FlowMapGenerator(Generator):
     - "table" (default): a K-step student's levels (``step_sigmas``: on a VP table its trailing timesteps, e.g.
       sigma 157.4 / 3.42 at K = 2); the exported pipelines' schedulers step on them by default.
     - "flow": uniform in flow time below the first level (``flow_time_levels``; a flow teacher's own table rule),
-      on a VP table snapped to its integer timesteps (999 / 256 at K = 2, 999 / 470 / 256 / 97 at K = 4), so the
-      exported pipelines reproduce them when given ``timesteps=generator.timesteps()``. On ``fastdiff bench gmm``
+      on a VP table snapped to its integer timesteps (a student starting at 999: 999 / 256 at K = 2, 999 / 470 / 256
+      / 97 at K = 4; an epsilon teacher's, starting at 727: 727 / 234 and 727 / 428 / 234 / 89), so the exported
+      pipelines reproduce them when given ``timesteps=generator.timesteps(K)``. On ``fastdiff bench gmm``
       (tangent warm-up 500; 2000 updates, seeds 0 / 1 / 2, before the snapping) two steps on these levels measured
       0.88 / 1.16 / 1.17 x floor against the table's 2.14 / 2.20 / 2.44 x (the student's map to the data from 3.42
       is its weakest); after 4000 updates 1.29 / 1.69 / 1.55 against 1.67 / 1.76 / 1.89, and four steps worse than
@@ -245,7 +246,11 @@ class FlowMapGenerator(Generator):
         flow = flow_time_levels(sigmas[0].cpu(), len(sigmas))
         schedule = self.denoiser.schedule
         if schedule.kind == "vp":  # on the table's integer timesteps, so that an exported pipeline takes them
-            flow[1:] = native_sigmas(schedule, native_timesteps(schedule, flow[1:]))
+            snapped = native_timesteps(schedule, flow)
+            if any(a <= b for a, b in zip(snapped, snapped[1:])) or snapped[-1] < 1:
+                raise ValueError(f'levels="flow" at K = {len(snapped)} collapse on the table\'s integer timesteps '
+                                 f"({snapped}): use fewer steps or explicit timesteps")
+            flow[1:] = native_sigmas(schedule, snapped[1:])
         return flow.to(sigmas.device)
 
     def timesteps(self, num_steps: int | None = None) -> list:
