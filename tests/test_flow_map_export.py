@@ -149,6 +149,7 @@ def test_text_flow_map_student_exports_any_k(kind, teachers, tmp_path):
     assert f'custom_pipeline="{module}"' in card
     # one student samples any K: the card says so, not "trained for 1 step (others not trained)"
     assert "# Flow-map student (any step count)" in card and "K = 1, 2, 4, 8" in card and "not trained" not in card
+    assert ("For two steps pass `timesteps=[" in card) == (kind == "sd")  # SD3's levels are flow-time already
     pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=module, trust_remote_code=True, **absent)
     assert type(pipe).__name__ == name and isinstance(getattr(pipe, teacher.model_folder), FlowMapModel)
     d = teacher.denoiser

@@ -2,6 +2,7 @@
 export that diffusers reproduces image for image."""
 import copy
 import inspect
+import json
 
 import numpy as np
 import pytest
@@ -147,6 +148,9 @@ def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp
     assert isinstance(pipe.unet, FlowMapModel)
     ours = FlowMapGenerator(Denoiser(model.eval(), d.schedule, d.prediction_type), 1, top)
     flow = FlowMapGenerator(ours.denoiser, 1, top, levels="flow")  # given to the pipeline as timesteps
+    # the export records the two-step flow levels and its card gives them
+    assert json.loads((out / "fastdiff.json").read_text())["flow_levels_2"] == flow.timesteps(2)
+    assert f"For two steps pass `timesteps={flow.timesteps(2)}`" in (out / "README.md").read_text()
     # K = 3 does not divide the 728-long truncated table: DDIM's trailing grid would be one timestep off fastdiff's
     cases = {k: (ours, k, {"num_inference_steps": k}) for k in (1, 2, 3, 4)}
     cases.update({f"flow-{k}": (flow, k, {"timesteps": flow.timesteps(k)}) for k in (2, 4)})

@@ -239,8 +239,10 @@ def model_card_body(info: dict, where: str = ".") -> str:
     scheduler_note = ("Each step maps to the next level, told to the network as `r_timestep` (the last to the data), with\n"
                       f"diffusers' `{info.get('scheduler_class', 'DDIMScheduler')}`: one student samples any "
                       "`num_inference_steps`,\nor on the levels given as `timesteps=[...]` (highest first, the first "
-                      "the student's own; `fastdiff sample\n--levels flow` prints the flow-time levels, better at 2 "
-                      "steps on fastdiff's analytic benchmark)."
+                      "the student's own)." + (
+                          f"\nFor two steps pass `timesteps={info['flow_levels_2']}`: levels uniform in flow time, better "
+                          "than the default's\nat two steps (not at four) on fastdiff's analytic benchmark."
+                          if info.get("flow_levels_2") else "")
                       if info.get("flow_map") else
                       "The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1 (and `shift_terminal`\n"
                       f"1/K for K > 1): `num_inference_steps={steps}` gives fastdiff's levels t = 1 - i/K."
@@ -422,9 +424,14 @@ def _student_info(info: dict, teacher, guided: bool) -> dict:
     from ..models.generator import top_timestep
 
     vp = teacher.denoiser.schedule.kind == "vp"
-    return {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": guided,
+    info = {**info, "num_classes": teacher.num_classes, "null_class": teacher.null_class, "guidance_embedded": guided,
             "prediction_type": teacher.denoiser.prediction_type, "format": "fastdiff-student-v1",
             "top_timestep": top_timestep(teacher.denoiser, info.get("sigma_init")) if vp else None}
+    if info.get("flow_map") and vp:  # the card's two-step advice: flow-time levels (flow teachers' tables are those)
+        from ..models.flow_map import FlowMapGenerator
+
+        info["flow_levels_2"] = FlowMapGenerator(teacher.denoiser, 1, info.get("sigma_init"), levels="flow").timesteps(2)
+    return info
 
 
 def _tmp_folder(out: Path) -> Path:
