@@ -55,16 +55,21 @@ class FastdiffFlowMapPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
 
+def step_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """fastdiff's K-step levels on a VP table: LCMScheduler's K timesteps with ``original_inference_steps = T``
+    (evenly spaced from T - 1, rounded down: 999 / 666 / 333 at K = 3, where DDIM's trailing grid has 332)."""
+    reversed_grid = np.arange(num_train_timesteps)[::-1]
+    idx = np.floor(np.linspace(0, num_train_timesteps, num=num_steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in reversed_grid[idx]]
+
+
 def map_levels(scheduler, num_inference_steps: int, timesteps, device) -> torch.Tensor:
-    """The K levels: fastdiff's K-step rule on the (truncated) table, LCMScheduler's with ``original_inference_steps``
-    = its length (evenly spaced from the top, rounded down: 999 / 666 / 333 at K = 3, where DDIM's trailing grid
-    has 332), or the given ``timesteps``, checked."""
+    """The K levels: ``step_timesteps`` on the (truncated) table, or the given ``timesteps``, checked."""
     top = len(scheduler.alphas_cumprod) - 1
     if timesteps is None:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
-        spaced = np.floor(np.linspace(0, top + 1, num=num_inference_steps, endpoint=False)).astype(np.int64)
-        timesteps = [top - int(i) for i in spaced]
+        timesteps = step_timesteps(top + 1, num_inference_steps)
     given = torch.as_tensor(timesteps, device=device)
     levels = given.long()
     if levels.ndim != 1 or len(levels) == 0 or (levels != given).any() or (levels[1:] >= levels[:-1]).any() \

@@ -21,22 +21,16 @@ the timesteps that diffusers' ``LCMScheduler(original_inference_steps=T).set_tim
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from fastdiff.pipelines.pipeline_fastdiff_flow_map import step_timesteps  # one rule for the sampler and the flow-map
+# pipeline that must reproduce it (the pipeline file imports only diffusers, so the rule lives there)
 from .denoiser import Denoiser, expand
 from .schedule import FlowSchedule
 
 
 SAMPLERS = ("lcm", "ddim")
-
-
-def step_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
-    """LCMScheduler's K-step timesteps with ``original_inference_steps = T`` (evenly spaced, from T-1)."""
-    reversed_grid = np.arange(num_train_timesteps)[::-1]
-    idx = np.floor(np.linspace(0, num_train_timesteps, num=num_steps, endpoint=False)).astype(np.int64)
-    return [int(t) for t in reversed_grid[idx]]
 
 
 def top_timestep(denoiser: Denoiser, sigma_init: float | None) -> int:
