@@ -32,7 +32,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from .denoiser import Denoiser
-from .generator import Generator
+from .generator import Generator, flow_time_levels
 from .mlp import MLPDenoiser
 
 MLP_FEATURES = 64  # sinusoidal features of r for fastdiff's MLP (UNets reuse their own time_proj)
@@ -162,17 +162,6 @@ class FlowMapModel(ModelMixin, ConfigMixin):
 
 
 LEVELS = ("table", "flow")
-
-
-def flow_time_levels(first: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """K levels uniform in flow time below the first level sigma_0: ``t_i = t_0 (K - i) / K`` with
-    ``t = sigma / (1 + sigma)`` (t_0 = 1 for sigma_0 = inf), returned as sigma = t / (1 - t), highest first."""
-    first = first.double()
-    t0 = torch.where(torch.isinf(first), torch.ones_like(first), first / (1 + first))
-    t = t0 * (num_steps - torch.arange(num_steps, dtype=torch.float64)) / num_steps
-    sigmas = t / (1 - t)
-    sigmas[0] = first
-    return sigmas.float()
 
 
 def native_timesteps(schedule, sigmas: torch.Tensor) -> list:

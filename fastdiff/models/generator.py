@@ -41,6 +41,17 @@ def top_timestep(denoiser: Denoiser, sigma_init: float | None) -> int:
     return int(denoiser.schedule.timestep(torch.tensor([float(sigma_init)])).round().item())
 
 
+def flow_time_levels(first: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """K levels uniform in flow time below the first level sigma_0: ``t_i = t_0 (K - i) / K`` with
+    ``t = sigma / (1 + sigma)`` (t_0 = 1 for sigma_0 = inf), returned as sigma = t / (1 - t), highest first."""
+    first = first.double()
+    t0 = torch.where(torch.isinf(first), torch.ones_like(first), first / (1 + first))
+    t = t0 * (num_steps - torch.arange(num_steps, dtype=torch.float64)) / num_steps
+    sigmas = t / (1 - t)
+    sigmas[0] = first
+    return sigmas.float()
+
+
 def step_sigmas(denoiser: Denoiser, num_steps: int, sigma_init: float | None = None) -> torch.Tensor:
     """Noise levels of a K-step student, highest first.
 
@@ -50,11 +61,11 @@ def step_sigmas(denoiser: Denoiser, num_steps: int, sigma_init: float | None = N
     """
     schedule = denoiser.schedule
     if isinstance(schedule, FlowSchedule):
-        # t_i = 1 - i/K, sigma = t / (1 - t); the first level (t = 1) is pure noise, sigma = inf.
-        sigmas = torch.tensor([float("inf")] + [(num_steps - i) / i for i in range(1, num_steps)])
+        # t_i = 1 - i/K; the first level (t = 1) is pure noise, sigma = inf.
+        sigmas = flow_time_levels(torch.tensor(float("inf")), num_steps)
         if sigma_init is not None:
             sigmas[0] = sigma_init
-        return sigmas.float()
+        return sigmas
     top = top_timestep(denoiser, sigma_init)
     return schedule.sigma_at(torch.tensor(step_timesteps(top + 1, num_steps))).float()
 
