@@ -37,7 +37,9 @@ def test_generator_gradient_is_normalised_score_difference():
         real, fake_x0 = teacher(x_t, sigma), fake(x_t, sigma)
         weight = (x - real).abs().mean(dim=(1, 2, 3), keepdim=True)
         expected = (fake_x0 - real) / weight / x.numel()
-    assert torch.allclose(x.grad, expected, rtol=1e-4, atol=1e-9)
+    # the same network calls on the same inputs; only the normalisation and the 1 / numel scaling round in another
+    # order (a few float32 operations, ~1e-6 relative where the difference itself is small; measured 4e-6 max)
+    assert torch.allclose(x.grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
     assert int(teacher.schedule.timestep(sigma).min()) >= 20 and int(teacher.schedule.timestep(sigma).max()) <= 980
 
 
@@ -57,7 +59,10 @@ def test_fake_loss_is_the_teachers_own_loss(pred):
         out = fake.model(sched.add_noise(x, noise, t), t).sample
     target = noise if pred == "epsilon" else sched.get_velocity(x, noise, t)
     expected = ((out - target) ** 2).mean()
-    assert torch.allclose(loss, expected, rtol=1e-3), (loss, expected)
+    # fastdiff works in x0 terms at sigma up to ~160 (t = 892 here): x0_hat = x_t - sigma eps_hat rounds to ~eps |x_t|
+    # ~ 1.2e-7 x 5 sigma, i.e. ~6e-7 in eps units after the 1 / sigma^2 weight, against |eps_hat - eps| ~ 1: the MSE
+    # agrees to ~1e-6 relative (measured 1e-7); rtol 1e-5.
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
 
 
 def test_cfg_on_the_real_score_only():
@@ -71,7 +76,9 @@ def test_cfg_on_the_real_score_only():
     real = teacher(x, sigma, cond, guidance_scale=3.0)
     fake_x0 = fake(x, sigma, cond, guidance_scale=1.0)
     expected = (fake_x0 - real) / (x - real).abs().mean(dim=(1, 2, 3), keepdim=True)
-    assert torch.allclose(grad, expected, atol=1e-6)
+    # the same calls; the division rounds alike up to operation order: 1e-6 absolute on values up to ~5 is ~2 float32
+    # eps (measured 2.4e-7)
+    assert torch.allclose(grad, expected, rtol=0, atol=1e-6)
 
 
 def test_gan_head_trains_critic_and_passes_gradient_to_the_generator():
