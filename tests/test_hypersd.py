@@ -13,7 +13,7 @@ from fastdiff.models.denoiser import Denoiser
 from fastdiff.models.generator import step_timesteps
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.schedule import VPSchedule
-from fastdiff.objectives import build
+from fastdiff.objectives import OBJECTIVES, build
 from fastdiff.objectives.cd import ConsistencyDistillation
 from fastdiff.objectives.hypersd import HyperSD, segment_edges, stage_at
 
@@ -177,6 +177,63 @@ def test_dmd_term_joins_in_the_one_step_stage():
     tscd = plain.generator_loss(x)[0]
     dm = obj.dmd.generator_loss(obj.one_step_sample(x, None))[0]
     assert logs["segments"] == 1 and torch.equal(loss, tscd + 0.25 * dm) and dm > 0
+
+
+def param_grad(loss, mlp) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(mlp.parameters()))]).double()
+
+
+@pytest.mark.parametrize("dmd_weight", [None, 0.25])  # None: hyper-sd-dmd's registered default
+def test_hyper_sd_dmd_gradient_is_tscd_plus_weighted_dmd_in_the_one_step_stage(dmd_weight):
+    """The generator gradient (an MLP student) is plain hyper-sd's TSCD gradient on the same draws plus dmd_weight x a
+    DMD gradient rebuilt by hand in the one-step stage, and TSCD's alone before it. The DMD part follows DMD2
+    (tianweiy/DMD2 main/sd_guidance.py ``compute_distribution_matching_loss``): the student's one-step sample G from
+    native noise at the top timestep 999, a DDPM timestep in [20, 980] and fresh noise, grad = (x0_fake - x0_real) /
+    mean|G - x0_real| per sample with both denoisers Tweedie's formula in float64, through 0.5 mse(G, sg(G - grad)):
+    d/dtheta of <sg(grad), G> / (B D)."""
+    teacher_model, fake_model = gaussian(0.5, 1), gaussian(0.6, 4)
+    schedule = VPSchedule(teacher_model.scheduler().alphas_cumprod)
+    teacher, fake = Denoiser(teacher_model, schedule, "sample"), Denoiser(fake_model, schedule, "sample")
+    torch.manual_seed(0)
+    mlp = MLPDenoiser(sample_size=2, in_channels=1, hidden=16, depth=2)
+    student = Denoiser(mlp, schedule, "sample")
+    common = dict(segments=[2, 1], stage_steps=[3], num_intervals=8)
+    obj = build("hyper-sd-dmd", teacher, fake, student=student, dmd_weight=dmd_weight, **common)
+    plain = build("hyper-sd", teacher, None, student=student, **common)
+    default = OBJECTIVES["hyper-sd-dmd"].arguments({})["dmd_weight"]
+    assert default == 1.0
+    w = default if dmd_weight is None else dmd_weight
+    x = teacher_model.sample_true(64, torch.Generator().manual_seed(3))
+
+    # Before the one-step stage (update 2 of the 2-segment stage): TSCD's gradient, to the bit, and no DMD term.
+    obj.step = plain.step = 2
+    torch.manual_seed(5)
+    loss, logs = obj.generator_loss(x)
+    torch.manual_seed(5)
+    assert torch.equal(param_grad(loss, mlp), param_grad(plain.generator_loss(x)[0], mlp)) and "loss_dm" not in logs
+
+    obj.step = plain.step = 3
+    torch.manual_seed(5)
+    loss, logs = obj.generator_loss(x)
+    g = param_grad(loss, mlp)
+    torch.manual_seed(5)
+    g_tscd = param_grad(plain.generator_loss(x)[0], mlp)
+    # The rest of the stream as hyper-sd-dmd draws it after TSCD's: one-step sample noise, DMD level, its noise.
+    z = torch.randn_like(x)
+    sample = student.denoise_native(z, schedule.sigma_at(torch.tensor([999])).expand(64))
+    sigma = schedule.sigma_at(torch.randint(20, 981, (64,)))
+    x_t = sample.detach().double() + sigma.double().reshape(-1, 1, 1, 1) * torch.randn_like(sample).double()
+    real, fake_x0 = tweedie(teacher_model, 0.5, x_t, sigma), tweedie(fake_model, 0.6, x_t, sigma)
+    grad = (fake_x0 - real) / (sample.detach().double() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    g_dmd = param_grad((grad.float() * sample).sum() / sample.numel(), mlp)
+    expected = g_tscd + w * g_dmd
+    # float32 networks against float64 Tweedie: the DMD part differs by the float32 rounding of the analytic denoisers
+    # (eps32 1.2e-7 relative, tens of operations: ~1e-6 of it; measured 8e-8); 1e-5 of the largest element covers that,
+    # and the DMD part, which a missing term or another weight changes by its size or more, is over 100 x it (asserted).
+    tol = 1e-5 * expected.abs().max()
+    assert logs["segments"] == 1 and "loss_dm" in logs
+    assert (g - expected).abs().max() <= tol
+    assert (w * g_dmd).abs().max() >= 100 * tol
 
 
 @pytest.mark.parametrize("options, message", [

@@ -12,7 +12,7 @@ from conftest import tiny_unet
 from fastdiff.errors import FastdiffError
 from fastdiff.models.denoiser import Denoiser
 from fastdiff.models.schedule import FlowSchedule, VPSchedule
-from fastdiff.objectives import build
+from fastdiff.objectives import OBJECTIVES, build
 from fastdiff.objectives.ladd import (LADD, SCMLADD, critic_terms, generator_terms,
                                       feature_modules)
 from test_export_e2e import TRAINERS, assert_pipeline_matches, distill_on_fake_images
@@ -160,24 +160,130 @@ def test_generator_gradient_equals_an_independent_autograd_computation():
     assert torch.allclose(gx, gx_expected, rtol=1e-4, atol=1e-5 * gx_expected.abs().max())
 
 
-def test_scm_ladd_adds_the_weighted_adversarial_term_to_scm():
+def flat(grads) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+@pytest.mark.parametrize("ladd_weight", [None, 2.0])  # None: scm-ladd's registered default (Sana's adv_lambda 0.5)
+def test_scm_ladd_loss_and_gradient_are_scm_plus_weighted_adversarial_term(ladd_weight):
+    """Sana train_scm_ladd.py phase G: ``scm_lambda * loss + adv_lambda * adv_loss`` (scm_lambda 1), the adversarial
+    term (with ``train_largest_timestep`` off: largest_timestep_prob 0; on, see the next test) on
+    ``pred_x_0 = cos(t) x_t - sin(t) sd F`` from the sCM term's own forward, noised at logit_mean / std
+    _discriminator (-0.6, 1.0) before the frozen teacher's heads. Rebuilt here from the same random stream: the sCM
+    part by fastdiff's plain ``scm`` objective (same student, teacher and options), the adversarial part from the
+    student's and teacher's networks called directly with hooks registered here; both the loss and the student's
+    parameter gradient must equal scm + w * adversarial."""
     teacher = vp_denoiser(tiny_unet(num_class_embeds=4), "v_prediction", null_class=3)
     student = vp_denoiser(tiny_unet(num_class_embeds=4, seed=2), "v_prediction", null_class=3)
     student.model.requires_grad_(True)
-    obj = build("scm-ladd", teacher, None, student=student, tangent="jvp", adaptive_weighting=False,
-                tangent_warmup=0)
+    sc = dict(tangent="jvp", tangent_warmup=0)  # sCM's other options at their defaults, in both objectives
+    obj = build("scm-ladd", teacher, None, student=student, ladd_weight=ladd_weight, largest_timestep_prob=0.0, **sc)
+    scm = build("scm", teacher, None, student=student, **sc)
+    default = OBJECTIVES["scm-ladd"].arguments({})["ladd_weight"]
+    assert default == 0.5  # Sana's SanaSprint_*_scm_ladd.yaml: adv_lambda 0.5, scm_lambda 1
+    w = default if ladd_weight is None else ladd_weight
     assert isinstance(obj, SCMLADD) and obj.critic_updates == 1 and not obj.uses_fake_score
-    cond = {"class_labels": torch.tensor([0, 1, 2])}
-    x = torch.randn(3, 1, 8, 8)
-    torch.manual_seed(0)
+    heads = obj.adversary.disc.heads
+    cond = {"class_labels": torch.tensor([0, 1, 2, 1])}
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    params = list(student.model.parameters())
+    torch.manual_seed(1)
     loss, logs = obj.generator_loss(x, cond)
-    assert torch.allclose(loss, logs["loss_scm"] + 0.5 * logs["loss_ladd_g"], rtol=1e-6)
-    loss.backward()
+    g = flat(torch.autograd.grad(loss, params))
+
+    # (i) sCM's generator loss: plain scm from the same seed draws the same t and x_t noise.
+    torch.manual_seed(1)
+    scm_loss, _ = scm.generator_loss(x, cond)
+    # (ii) the adversarial term. The stream, as sCM + LADD draw it: ln sigma ~ N(-1, 1.4^2) (float64, clamped to the
+    # table) with t = atan(sigma / sd), x_t's noise; then the discriminator's ln sigma_D ~ N(-0.6, 1^2) and its noise.
+    torch.manual_seed(1)
+    lo, hi = (float(s) for s in teacher.schedule.sigma_at(torch.tensor([0, 999])))
+    t = torch.atan((torch.randn(4, dtype=torch.float64) * 1.4 - 1.0).exp().clamp(lo, hi) / 0.5).float()
+    r = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    x_t = r(torch.cos(t)) * x + r(torch.sin(t)) * 0.5 * torch.randn_like(x)
+    sigma_d = (torch.randn(4) * 1.0 - 0.6).exp().clamp(lo, hi)
+    eps_d = torch.randn_like(x)
+    # Sana's pred_x_0 = cos(t) x_t - sin(t) sd F is the student's x0 estimate at VE point x_t / cos t, sigma = sd tan t:
+    # its v-prediction network on the native input a (x_t / cos t), a = 1 / sqrt(1 + sigma^2), gives a x - s v.
+    sigma = 0.5 * torch.tan(t)
+    a, s = r((1 + sigma.double() ** 2).rsqrt().float()), r((sigma.double() * (1 + sigma.double() ** 2).rsqrt()).float())
+    native = a * x_t / r(torch.cos(t))
+    v = student.model(native, teacher.schedule.model_timestep(sigma), class_labels=cond["class_labels"]).sample
+    x0 = a * native - s * v
+    x_d = x0 + r(sigma_d) * eps_d
+    caught = []
+    model = teacher.model
+    hooks = [m.register_forward_hook(lambda m, args, out: caught.append(out[0] if isinstance(out, tuple) else out))
+             for m in [*model.down_blocks, model.mid_block]]
+    model(x_d * r((1 + sigma_d.double() ** 2).rsqrt().float()), teacher.schedule.model_timestep(sigma_d),
+          class_labels=cond["class_labels"])
+    for h in hooks:
+        h.remove()
+    heads.eval()  # phase G reads the heads in eval mode: no power iteration in the spectral norms
+    adv = -torch.stack([head(f).mean() for head, f in zip(heads, caught)]).mean()  # hinge: -mean D(fake), per head
+    heads.train()
+    expected = scm_loss + w * adv
+    g_scm, g_adv = flat(torch.autograd.grad(scm_loss, params)), flat(torch.autograd.grad(adv, params))
+    g_expected = g_scm + w * g_adv
+    # float32: the sCM part runs the same code on the same inputs (equal to the bit); the adversarial part sees inputs
+    # rounded another way (a few ulps) through two tiny UNets: rtol 1e-5 on it (a mean of logits, measured 6e-7) is
+    # ~80 float32 roundings (eps 1.2e-7); on the total, rtol 1e-6 is ~8 roundings of its size and far below w * adv
+    # (2-8% of the total here).
+    assert torch.equal(logs["loss_scm"], scm_loss) and torch.allclose(logs["loss_ladd_g"], adv, rtol=1e-5)
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    # The gradient: those few-ulp differences through the backward of both UNets (measured 5e-7 of the largest
+    # element); 1e-5 of it is ~80 roundings of the largest element, and the adversarial part, which a missing term or
+    # another weight would change by its full size or more, is over 100 x that tolerance (asserted).
+    tol = 1e-5 * g_expected.abs().max()
+    assert (g - g_expected).abs().max() <= tol
+    assert (w * g_adv).abs().max() >= 100 * tol
     assert all(p.grad is None for p in teacher.model.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.model.parameters())
-    loss_d, _ = obj.critic_loss(x, cond)
-    loss_d.backward()
-    assert all(p.grad is not None for p in obj.critic_modules()[0].parameters())
+    if ladd_weight is None:  # the heads train 1:1 on the student's x0 estimate (fake) against the data batch (real)
+        loss_d, _ = obj.critic_loss(x, cond)
+        loss_d.backward()
+        assert all(p.grad is not None for p in obj.critic_modules()[0].parameters())
+
+
+def test_scm_ladd_adversarial_estimate_is_a_second_pass_at_the_top_with_probability_p():
+    """Sana's ``train_largest_timestep`` (its SANA-Sprint configs: on, ``largest_timestep_prob`` 0.5, fastdiff's
+    default): the adversarial term's x0 comes from a second student pass on fresh noise at the sCM levels, each
+    replaced by the student's top level with probability p. Rebuilt from the same random stream (the mask's uniforms,
+    then the noise) with the student's network called directly at its native input; the top is the table's last
+    timestep (999) for this unconditional-start VP student."""
+    teacher = vp_denoiser(tiny_unet(num_class_embeds=4), "v_prediction", null_class=3)
+    student = vp_denoiser(tiny_unet(num_class_embeds=4, seed=2), "v_prediction", null_class=3)
+    student.model.requires_grad_(True)
+    assert OBJECTIVES["scm-ladd"].arguments({})["largest_timestep_prob"] == 0.5
+    cond = {"class_labels": torch.tensor([0, 1, 2, 1, 0, 2, 1, 0])}
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(0.2, 1.4, 8)
+    r = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    for p in (0.0, 0.5, 1.0):
+        obj = build("scm-ladd", teacher, None, student=student, largest_timestep_prob=p, tangent="jvp")
+        torch.manual_seed(4)
+        got = obj.adversarial_estimate(x, t, cond)
+        torch.manual_seed(4)
+        top = torch.rand(8) < p
+        sigma = torch.where(top, teacher.schedule.sigma_at(torch.tensor([999])).double(), 0.5 * torch.tan(t.double()))
+        a, s = r((1 + sigma ** 2).rsqrt()), r(sigma * (1 + sigma ** 2).rsqrt())
+        native = (a * x.double() + s * torch.randn_like(x).double()).float()
+        v = student.model(native, teacher.schedule.model_timestep(sigma.float()), class_labels=cond["class_labels"]).sample
+        want = a.float() * native - s.float() * v
+        # the same network on inputs rounded the same way up to an ulp of a or s: float32, |x0| ~ 1-3
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert p != 0.5 or 0 < int(top.sum()) < 8  # at 0.5 this draw exercises both kinds of level
+    # the generator's adversarial term reads that second pass (it carries the student's gradient), and the critic
+    # phase uses it too; with p = 0 neither does (the sCM forward's estimate)
+    calls = []
+    for p, n_calls in ((0.5, 2), (0.0, 0)):
+        obj = build("scm-ladd", teacher, None, student=student, largest_timestep_prob=p, tangent="jvp")
+        original = obj.adversarial_estimate
+        obj.adversarial_estimate = lambda *args, o=original: calls.append(torch.is_grad_enabled()) or o(*args)
+        calls.clear()
+        loss, _ = obj.generator_loss(x, cond)
+        obj.critic_loss(x, cond)
+        assert calls == ([True, False] if n_calls else []), (p, calls)
+        assert torch.isfinite(loss)
 
 
 # --- end to end ----------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..errors import FastdiffError
 from ..inference.sampling import ddim_sample
 from ..models.denoiser import Denoiser, expand
+from ..models.generator import step_sigmas
 from .base import Objective, edm_sigma, finite_mean
 from .gan import bottleneck_channels, discriminator_gan_loss
 from .registry import register
@@ -353,17 +354,30 @@ class LADD(Objective):
 
 
 class SCMLADD(ContinuousConsistency):
-    """SANA-Sprint's hybrid: sCM's loss plus ``ladd_weight`` times LADD's generator loss on the student's one-step
-    x0 estimate from the same noised data point (Sana ``pred_x_0 = cos(t) x_t - sin(t) sd F``, from the same forward
-    as the sCM term), the heads trained 1:1 on that estimate (fake) against the data batch itself (real).
+    """SANA-Sprint's hybrid: sCM's loss plus ``ladd_weight`` times LADD's generator loss on the student's x0 estimate
+    ``pred_x_0 = cos(t) x_t - sin(t) sd F`` of a noised copy of the data batch, the heads trained 1:1 on such
+    estimates (fake) against the data batch itself (real).
+
+    Which estimate (Sana's ``train_largest_timestep``, on in its shipped SANA-Sprint configs and in diffusers'
+    ``train_sana_sprint_diffusers.py`` recipe, with ``largest_timestep_prob`` 0.5): a second student pass at fresh
+    levels drawn as the sCM term's, each replaced by the student's first sampling level (Sana's t = pi / 2, pure
+    noise; fastdiff's top is ``step_sigmas(student, 1)``) with probability ``largest_timestep_prob``, on fresh noise;
+    so half the adversarial signal is on the one-step sample the student is used for. In the critic phase the same:
+    the sCM levels, the top with that probability, fresh noise. ``largest_timestep_prob`` 0 is Sana's flag off: the
+    estimate from the sCM term's own forward (no second pass).
 
     Args (beyond :class:`~fastdiff.objectives.scm.ContinuousConsistency`'s):
         ladd_weight: the adversarial term's weight (Sana: ``adv_lambda`` 0.5 with ``scm_lambda`` 1).
+        largest_timestep_prob: probability of the student's top level for the adversarial estimate (Sana: 0.5).
         head_every, disc_p_mean, disc_p_std, adversarial_loss, critic_updates: as :class:`LADD` (Sana's -0.6, 1.0).
+
+    The sCM term is fastdiff's ``scm`` (tangent normalised by its RMS + c, as sCM-mnist and FastGen); Sana's
+    ``train_scm_ladd.py`` divides by the tangent's L2 norm + c, which shrinks the normalised tangent by sqrt(D) for
+    D elements per sample (README parity table).
     """
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, ladd_weight: float = 0.5,
-                 head_every: int = 1, disc_p_mean: float = -0.6, disc_p_std: float = 1.0,
+                 largest_timestep_prob: float = 0.5, head_every: int = 1, disc_p_mean: float = -0.6, disc_p_std: float = 1.0,
                  adversarial_loss: str = "hinge", critic_updates: int = 1, tangent: str = "auto",
                  tangent_warmup: int = 10_000, tangent_norm: float = 0.1, fd_step: float = 3e-4, p_mean: float = -1.0,
                  p_std: float = 1.4, guidance_range: list[float] | None = None, prior_weighting: bool = True,
@@ -373,7 +387,10 @@ class SCMLADD(ContinuousConsistency):
                          guidance_range, prior_weighting, adaptive_weighting, sigma_max)
         if ladd_weight < 0 or critic_updates < 1:
             raise FastdiffError("objective.ladd_weight must be >= 0 and critic_updates >= 1")
+        if not 0 <= largest_timestep_prob <= 1:
+            raise FastdiffError(f"objective.largest_timestep_prob must be in [0, 1], got {largest_timestep_prob}")
         self.ladd_weight = ladd_weight
+        self.largest_timestep_prob = largest_timestep_prob
         self.critic_updates = critic_updates
         self.adversary = Adversary(teacher, head_every, disc_p_mean, disc_p_std, adversarial_loss)
         self._kept_F = None
@@ -395,6 +412,17 @@ class SCMLADD(ContinuousConsistency):
             self._kept_F = out
         return out
 
+    def adversarial_estimate(self, x, t_scm, student_cond):
+        """The student's x0 estimate of fresh noised copies of x (Sana's ``train_largest_timestep``): levels drawn
+        as the sCM term's (``t_scm``: the critic phase passes its draw), the student's top level with probability
+        ``largest_timestep_prob``; from the native input, so a flow student's top (pure noise) needs no division."""
+        sigma = SIGMA_DATA * torch.tan(t_scm.double())
+        top = step_sigmas(self.student, 1, self.sigma_max).to(x.device, torch.float64)[0]
+        sigma = torch.where(torch.rand(x.shape[0], device=x.device) < self.largest_timestep_prob, top, sigma)
+        schedule = self.student.schedule
+        x_native = expand(schedule.alpha(sigma), x) * x + expand(schedule.noise_scale(sigma), x) * torch.randn_like(x)
+        return self.student.denoise_native(x_native.float(), sigma.float(), student_cond).float()
+
     def generator_loss(self, x, cond=None, real=None):
         x = x.detach().float()
         t = self.sample_time(x.shape[0], x.device)
@@ -404,7 +432,10 @@ class SCMLADD(ContinuousConsistency):
         per_sample, rms = self.loss_at(x_t, t, cond, scale, student_cond)
         scm = finite_mean(self.weighted(per_sample, t))
         F_theta, self._kept_F = self._kept_F, None
-        x0 = expand(torch.cos(t), x) * x_t - expand(torch.sin(t), x) * SIGMA_DATA * F_theta
+        if self.largest_timestep_prob > 0:  # a second pass (Sana's train_largest_timestep)
+            x0 = self.adversarial_estimate(x, self.sample_time(x.shape[0], x.device), student_cond)
+        else:  # the sCM term's own forward
+            x0 = expand(torch.cos(t), x) * x_t - expand(torch.sin(t), x) * SIGMA_DATA * F_theta
         adv = self.adversary.generator_loss(x0, cond)
         logs = {"loss_scm": scm.detach(), "loss_scm_unweighted": finite_mean(per_sample.detach()),
                 "tangent_rms": rms.mean().detach(), "loss_ladd_g": adv.detach()}
@@ -414,11 +445,14 @@ class SCMLADD(ContinuousConsistency):
         """Fake: the student's x0 estimate at a noised copy of the data batch x; real: x itself (Sana's phase D)."""
         x = x.detach().float()
         t = self.sample_time(x.shape[0], x.device)
-        cos, sin = expand(torch.cos(t), x), expand(torch.sin(t), x)
-        x_t = cos * x + sin * SIGMA_DATA * torch.randn_like(x)
         _, student_cond = self.guidance.draw(x.shape[0], cond, x.device)
         with torch.no_grad():
-            x0 = self.student(x_t / cos, SIGMA_DATA * torch.tan(t), student_cond)
+            if self.largest_timestep_prob > 0:
+                x0 = self.adversarial_estimate(x, t, student_cond)
+            else:
+                cos, sin = expand(torch.cos(t), x), expand(torch.sin(t), x)
+                x_t = cos * x + sin * SIGMA_DATA * torch.randn_like(x)
+                x0 = self.student(x_t / cos, SIGMA_DATA * torch.tan(t), student_cond)
         loss = self.adversary.critic_loss(x0, x, cond, cond)
         return loss, {"loss_ladd_d": loss.detach()}
 
