@@ -6,8 +6,13 @@ in the VE scale, or Heun) carries it to ``sigma_{n-k}`` (k = ``skip``, LCM's ski
 consistency function at the first point must equal the target network's at the second:
 ``d(f_theta(x_n, sigma_n), f_target(x_{n-k}, sigma_{n-k}))``. The target is an EMA of the student
 (``target_ema`` > 0, CM / LCM) or the student itself under stop-gradient (``target_ema = 0``, iCT, Song &
-Dhariwal 2023). Distance: pseudo-Huber ``sqrt(|d|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)`` (iCT Sec. 3.3)
-or mean squared error. ``start_intervals`` / ``double_every`` give iCT's doubling schedule of N.
+Dhariwal 2023). Distance: mean squared error (``distance: l2``, the default: LCM's ``--loss_type l2``, diffusers
+``train_lcm_distill_sd_wds.py``) or iCT's pseudo-Huber ``sqrt(|d|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)``
+(Sec. 3.3; LCM's own ``huber`` option is element-wise with c = 0.001). On the analytic bench's cd settings the
+pseudo-Huber distance measured worse at 2 and 4 steps on all three seeds (seed 0: 2.76 / 2.54 x floor against l2's
+1.94 / 1.23; mode-weight errors 0.019-0.032 against 0.007-0.022) and within the seeds' spread at 1 step
+(eval/results/bench-gmm-cpu/README.md, "cd's distance"). ``start_intervals`` / ``double_every`` give iCT's doubling
+schedule of N.
 The grid ends at the student's first sampling level (``sigma_max``): below the top of the table for epsilon
 students on VP teachers, where the x0 estimate would amplify every change 1 / a_t times (``consistency_start``).
 
@@ -39,7 +44,7 @@ DISTANCES = ("pseudo_huber", "l2")
 INDEX_SAMPLINGS = ("uniform", "lognormal")
 LOSS_WEIGHTINGS = ("uniform", "ict")
 # Options the recipe may set (None in the signature): cd's own defaults, and what each recipe changes.
-CD_DEFAULTS = {"num_intervals": 50, "start_intervals": None, "double_every": None, "distance": "pseudo_huber",
+CD_DEFAULTS = {"num_intervals": 50, "start_intervals": None, "double_every": None, "distance": "l2",
                "target_ema": 0.95, "grid": "timesteps", "index_sampling": "uniform", "loss_weighting": "uniform",
                "p_mean": -1.1, "p_std": 2.0}
 RECIPES = {"ict": {"grid": "karras", "index_sampling": "lognormal", "p_mean": -1.1, "p_std": 2.0,
@@ -70,7 +75,7 @@ class ConsistencyDistillation(Objective):
         start_intervals, double_every: iCT's schedule: N starts at start_intervals and doubles every
             double_every generator updates, up to num_intervals (None = fixed N).
         solver: the teacher ODE step, "ddim" or "heun".
-        distance: "pseudo_huber" or "l2".
+        distance: "l2" (LCM's) or "pseudo_huber" (iCT's; the ict recipe's).
         target_ema: EMA rate of the target network; 0 = the online student (iCT).
         guidance_range: CFG scales drawn per example (needs a guidance-embedded student), or None.
         sigma_max: the student's first sampling level (the trainer passes it; see ``consistency_start``): the grid
