@@ -5,6 +5,7 @@ the same tensors: the same noise levels and noise (re-drawn from the same seed),
 Tolerances: float32 rounding, 1.2e-7 relative per operation, times the operations a value went through, times
 the magnitude of the terms summed (not of their sum, which may cancel).
 """
+import copy
 import types
 
 import pytest
@@ -87,6 +88,54 @@ def test_sida_generator_loss_matches_reference(images_seen):
     assert_close(loss.detach() * scale, ref.detach(), terms, numel + 20)
     assert_close(x.grad * scale, y.grad, y.grad.abs().max(), numel + 20)
     assert float(loss_gan.detach()) > 0 and ("loss_gan_g" in logs)
+
+
+def test_sid_generator_loss_at_defaults_matches_reference_on_an_epsilon_teacher():
+    """SiD's generator loss at sid's defaults (alpha 1.2, t <= 0.8 on the teacher's own DDPM table) on an epsilon
+    teacher, against the reference written out in float64 from raw UNet calls:
+    mingyuanzhou/SiD training/sid_loss.py ``generator_loss`` (the per-element loss, weight_factor = mean|y - y_real|
+    clipped at 1e-5 without gradient) and training/sid_training_loop.py (``loss.sum().mul(loss_scaling_G /
+    batch_gpu_total)``, sid_train.py ``--lsg`` 100); on a VP epsilon teacher y_real / y_fake are SiD-LSG's
+    training/sid_util ``sid_sd_denoise``: ``add_noise`` at integer timestep t, then the scheduler's
+    ``pred_original_sample`` (x_t - sqrt(1 - acp) eps) / sqrt(acp).
+    Units: fastdiff's loss is a mean over elements, summed over samples / B, so reference = fastdiff * 100 N (N
+    elements per sample), and so are the gradients on x."""
+    sched, teacher, fake = _pair("epsilon")
+    obj = build("sid", teacher, fake)
+    assert (obj.alpha, obj.min_t, obj.max_t, obj.sigma_grid) == (1.2, 0.0, 0.8, "teacher")
+    batch = 6
+    torch.manual_seed(13)
+    x = (0.5 * torch.randn(batch, 1, 8, 8)).requires_grad_()
+    torch.manual_seed(14)
+    loss, logs = obj.generator_loss(x)
+    loss.backward()
+
+    # The same draws, made here: integer timesteps in [0, 0.8 * 1000] of the table, then the noise.
+    torch.manual_seed(14)
+    t = torch.randint(0, 801, (batch,))
+    noise = torch.randn(batch, 1, 8, 8).double()  # drawn in float32, as fastdiff's randn_like(x)
+    real_net, fake_net = copy.deepcopy(teacher.model).double(), copy.deepcopy(fake.model).double()
+    acp = sched.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
+    y = x.detach().double().requires_grad_()
+    x_t = acp.sqrt() * y + (1 - acp).sqrt() * noise
+    y_real = (x_t - (1 - acp).sqrt() * real_net(x_t, t).sample) / acp.sqrt()
+    y_fake = (x_t - (1 - acp).sqrt() * fake_net(x_t, t).sample) / acp.sqrt()
+    with torch.no_grad():
+        weight_factor = (y - y_real).abs().mean(dim=[1, 2, 3], keepdim=True).clip(min=1e-5)
+    alpha = 1.2
+    per_elem = (y_real - y_fake) * ((y_real - y) - alpha * (y_real - y_fake)) / weight_factor
+    ref = per_elem.sum() * 100 / batch
+    ref.backward()
+
+    unit = 100 * x[0].numel()
+    # The reference is float64; fastdiff runs float32: the native input a (x + sigma eps) rounded twice, ~20 UNet
+    # layers forward and again backward, the x0 conversion (3 ops) and the loss (5 ops), each a rounding of the
+    # largest term: 64 roundings (measured: ~1 on the loss, ~8 on the gradient).
+    terms = per_elem.detach().abs().sum() * 100 / batch
+    assert_close(loss.detach() * unit, ref.detach(), terms, 64)
+    assert_close(logs["loss_sid"] * unit, ref.detach(), terms, 64)
+    assert_close(x.grad * unit, y.grad, y.grad.abs().max(), 64)
+    assert float(ref.detach().abs()) > 100 * EPS32 * 64 * float(terms)  # the loss is not rounding noise
 
 
 def test_sida_critic_loss_matches_reference():

@@ -6,10 +6,15 @@ import math
 import pytest
 import torch
 
+from fastdiff.config import load_config
+from fastdiff.models.lora import lora_rank
 from fastdiff.models.teacher import load_teacher
 from fastdiff.objectives import build
 from fastdiff.objectives import dmd2 as dmd2_module
+from fastdiff.training.networks import fake_score_model
 from test_export_e2e import TRAINERS, assert_pipeline_matches, distill_on_fake_images
+
+EPS32 = torch.finfo(torch.float32).eps
 
 
 def denoisers(path):
@@ -114,3 +119,76 @@ def test_pg_sb_trains_exports_and_loads(tiny_cond_teacher, tmp_path):
     assert json.loads((run / "student" / "fastdiff.json").read_text())["objective"] == "pg-sb"
     assert run.resolve() in TRAINERS
     assert_pipeline_matches(run / "student", labels=[0, 1, 2])
+
+
+def test_generator_gradient_matches_swiftbrush_with_per_sample_cfg(tiny_cond_teacher):
+    """PG-SB at its defaults (range [2, 8]) against SwiftBrush's generator update written out from raw network calls
+    in float64 (VinAIResearch/SwiftBrush ``train_swiftbrush.py``; SNOOPI's PG-SB: the real score's CFG scale drawn per
+    sample): x_t = sqrt(acp) x + sqrt(1 - acp) eps at integer t in [20, 980]; the teacher's eps with the labels and
+    with the null label, ``eps_cfg = eps_u + w_i (eps_c - eps_u)``; the LoRA fake score's eps (labels, no CFG);
+    ``grad = s_t^2 (eps_cfg - eps_fake)`` (s_t^2 = 1 - acp, README's VSD row); ``loss = 0.5 mse(x, sg(x - grad))``,
+    mean over every element. fastdiff's loss is in the same units (per-sample element means summed / B).
+
+    The teacher is the tiny v-prediction one, so each eps is ``s x_t + a v``. w_i are re-drawn here from the same seed
+    in fastdiff's order (timesteps, noise, then the scales) and must equal the ones the objective used."""
+    teacher = load_teacher(tiny_cond_teacher, null_class=3)
+    fake_net = fake_score_model(load_config(None, ["objective.name=pg-sb"]), teacher)
+    assert lora_rank(fake_net) == 16
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained LoRA: the zero-initialised up projections moved
+        for name, p in fake_net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    d = teacher.denoiser
+    obj = build("pg-sb", d, type(d)(fake_net, d.schedule, d.prediction_type, null_class=3))
+    lo, hi = obj.real_guidance_range
+    assert (lo, hi) == (2.0, 8.0)
+    batch, labels = 4, torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(21)
+    x = torch.randn(batch, 1, 8, 8).requires_grad_(True)
+    torch.manual_seed(22)
+    loss, _ = obj.generator_loss(x, {"class_labels": labels})
+    loss.backward()
+
+    torch.manual_seed(22)
+    t = torch.randint(20, 981, (batch,))
+    noise = torch.randn(batch, 1, 8, 8).double()  # float32 draw, as fastdiff's randn_like
+    w = lo + (hi - lo) * torch.rand(batch)
+    assert torch.equal(w, obj.last_real_guidance)
+    # per-sample scales: inside the range and all different (a per-batch scalar draw would fail below)
+    assert bool((w >= lo).all() and (w <= hi).all()) and len(set(w.tolist())) == batch
+    acp = teacher.scheduler.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
+    a, s = acp.sqrt(), (1 - acp).sqrt()
+    real64, fake64 = copy.deepcopy(teacher.model).double(), copy.deepcopy(fake_net).double()
+    y = x.detach().double().requires_grad_(True)
+    x_t = (a * y + s * noise).detach()
+    with torch.no_grad():
+        v_c = real64(x_t, t, class_labels=labels).sample
+        v_u = real64(x_t, t, class_labels=torch.full_like(labels, 3)).sample  # the null label
+        v_f = fake64(x_t, t, class_labels=labels).sample
+        eps_c, eps_u, eps_f = s * x_t + a * v_c, s * x_t + a * v_u, s * x_t + a * v_f
+
+    def reference(scales):
+        eps_cfg = eps_u + scales.double().reshape(-1, 1, 1, 1) * (eps_c - eps_u)
+        grad = s ** 2 * (eps_cfg - eps_f)
+        y.grad = None
+        value = 0.5 * torch.nn.functional.mse_loss(y, (y - grad).detach())
+        value.backward()
+        return value.detach(), y.grad.clone()
+
+    ref_loss, ref_grad = reference(w)
+    # fastdiff is float32 (the reference float64). Per sample: the native input and x0 = a x_t - s v rounded, each
+    # pass's output off by a few roundings of |x_t| + |v|, the CFG combination multiplying the two teacher errors by up
+    # to w (1 + 2 w in all), times the VSD weight a s: 16 roundings of that; then the surrogate's x - (x - grad), two
+    # roundings of |x|; all over numel (the mean). Measured: under 1 of the first part.
+    mags = torch.stack([v.abs().amax(dim=(1, 2, 3)) for v in (v_c, v_u, v_f)]).amax(0) + x_t.abs().amax(dim=(1, 2, 3))
+    per_sample = 16 * (a * s).flatten() * (1 + 2 * w.double()) * mags + 2 * y.detach().abs().amax(dim=(1, 2, 3))
+    bound = EPS32 * per_sample.reshape(-1, 1, 1, 1) / x.numel()
+    assert bool(((x.grad.double() - ref_grad).abs() <= bound).all()), float((x.grad.double() - ref_grad).abs().max())
+    # The loss 0.5 mean(d^2), d = numel * grad_x: an error numel * bound on each d moves it by at most
+    # numel * sum(|ref_grad| bound), plus the float32 mean's own rounding (a few eps of the loss).
+    loss_bound = x.numel() * float((ref_grad.abs() * bound).sum()) + 16 * EPS32 * float(ref_loss)
+    assert abs(float(loss.detach()) - float(ref_loss)) <= loss_bound
+    # the scales matter: one scale for the whole batch (the batch mean of the draws) is far outside the bound
+    _, batch_scalar = reference(w.mean().expand(batch))
+    assert float(((x.grad.double() - batch_scalar).abs() - bound).max()) > 100 * float(bound.max())
