@@ -72,6 +72,64 @@ def test_boundary_condition_and_lcm_scheduler_agree(tiny_teacher):
     assert (ours - theirs).abs().max() <= bound, ((ours - theirs).abs().max(), bound)
 
 
+def test_cd_default_loss_is_lcms_on_the_same_draws(tiny_teacher):
+    """cd at its defaults (50 intervals, DDIM solver, l2, EMA target, LCM's boundary scalings with timestep_scaling
+    10) against LCM's loss transcribed from diffusers examples/consistency_distillation/train_lcm_distill_sd_wds.py in
+    float64 from raw UNet calls: ``noisy = add_noise(x, eps, t_n)``; the student's ``c_skip(t_n) noisy +
+    c_out(t_n) pred_x0``; the teacher's DDIMSolver step ``sqrt(acp_prev) pred_x0 + sqrt(1 - acp_prev) pred_eps`` to
+    t_prev; the target network's ``c_skip(t_prev) x_prev + c_out(t_prev) pred_x0``; ``F.mse_loss`` (``--loss_type``
+    l2, the script's default), with c_skip = sd^2 / ((10 t)^2 + sd^2), c_out = 10 t / sqrt((10 t)^2 + sd^2), sd = 0.5.
+    The pairs (t_n, t_prev) are fastdiff's grid's (round(i 999 / 50): 0, 20, ..., 999), which LCM's DDIMSolver
+    shifts by one timestep (i 20 - 1: 19, 39, ..., 999, the last interval to 0; README parity table)."""
+    import copy
+
+    teacher = load_teacher(tiny_teacher)
+    d = teacher.denoiser
+    student = ConsistencyDenoiser(tiny_unet(seed=2), d.schedule, d.prediction_type, timestep_scaling=10.0)
+    cd = ConsistencyDistillation(d, None, student)
+    assert (cd.num_intervals, cd.solver, cd.distance, cd.target_ema) == (50, "ddim", "l2", 0.95)
+    with torch.no_grad():  # a target network distinct from the student, as after some EMA updates
+        for p in cd.target.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(3)
+    loss, _ = cd.generator_loss(x)
+
+    torch.manual_seed(3)
+    i = torch.randint(1, 51, (6,))
+    eps = torch.randn_like(x).double()
+    grid = torch.round(torch.arange(51, dtype=torch.float64) * 999 / 50).long()
+    t_n, t_prev = grid[i], grid[i - 1]
+    acp = torch.tensor(teacher.scheduler.alphas_cumprod, dtype=torch.float64) \
+        if not torch.is_tensor(teacher.scheduler.alphas_cumprod) else teacher.scheduler.alphas_cumprod.double()
+    r = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    a_n, s_n, a_p, s_p = r(acp[t_n].sqrt()), r((1 - acp[t_n]).sqrt()), r(acp[t_prev].sqrt()), r((1 - acp[t_prev]).sqrt())
+    nets = {k: copy.deepcopy(m).double() for k, m in (("student", student.model), ("teacher", teacher.model),
+                                                        ("target", cd.target.model))}
+
+    def scalings(t):
+        scaled = 10.0 * t.double()
+        return r(0.25 / (scaled ** 2 + 0.25)), r(scaled / (scaled ** 2 + 0.25) ** 0.5)
+
+    with torch.no_grad():
+        noisy = a_n * x.double() + s_n * eps
+        pred_eps = nets["student"](noisy, t_n).sample
+        c_skip, c_out = scalings(t_n)
+        model_pred = c_skip * noisy + c_out * (noisy - s_n * pred_eps) / a_n
+        teacher_eps = nets["teacher"](noisy, t_n).sample
+        x_prev = a_p * (noisy - s_n * teacher_eps) / a_n + s_p * teacher_eps
+        target_eps = nets["target"](x_prev, t_prev).sample
+        c_skip, c_out = scalings(t_prev)
+        target = c_skip * x_prev + c_out * (x_prev - s_p * target_eps) / a_p
+        ref = ((model_pred - target) ** 2).mean()
+    # fastdiff runs float32 in the VE scale: x0 estimates at t up to 999 amplify the rounding of the native input by
+    # 1 / a_t (157 at the top of this table), so each x0 is good to ~eps32 x 157 x (|x| + |eps|) per operation; over the
+    # ~10 operations and two UNets to each output, 1e-4 relative on a mean of squared differences of O(10-100) values
+    # covers that (measured below 1e-6), while a wrong scaling, solver step or target level changes the loss by O(1).
+    torch.testing.assert_close(loss.detach().double(), ref, rtol=1e-4, atol=0)
+    assert float(ref) > 1e-3
+
+
 def exact_ode(x, sigma, sigma_next, mean, std):
     """The exact PF-ODE solution of one Gaussian N(mean, std^2 I) in the VE scale."""
     return mean + (x - mean) * ((std**2 + sigma_next**2) / (std**2 + sigma**2)).sqrt()
