@@ -135,8 +135,8 @@ CASES = {
     "sid": ("sid", 60, {}, 0.3),  # 0.155 - 0.164
     "sida": ("sida", 40, {"gan_start_images": 0}, 0.3),  # 0.126 - 0.151
     "sim": ("sim", 60, {}, 0.3),  # 0.158 - 0.168
-    "cd": ("cd", 60, {"target_ema": 0.0}, 0.06),  # 0.022 - 0.024
-    "cd-ema": ("cd", 120, {"target_ema": 0.5}, 0.45),  # 0.276 - 0.280
+    "cd": ("cd", 60, {"target_ema": 0.0}, 0.03),  # 0.010 - 0.013 (l2; pseudo-Huber 0.022 - 0.024)
+    "cd-ema": ("cd", 120, {"target_ema": 0.5}, 0.45),  # 0.252 - 0.271 (l2; pseudo-Huber 0.276 - 0.280)
     "scm": ("scm", 60, {"tangent_warmup": 10}, 0.06),  # 0.021 - 0.028
     "fdistill": ("fdistill", 30, {}, 0.15),  # 0.071 - 0.074
     "uni_instruct": ("uni_instruct", 40, {"gan_start_images": 0}, 0.3),  # 0.115 - 0.142 (its weighting from 0)
@@ -154,9 +154,11 @@ CASES = {
     # BOOT reads g(eps, 0) at the trainer's sigma_init (2.5, passed as sigma_max); one (m, s) serves all its times
     "boot": ("boot", 60, {"sigma_max": 2.5}, 0.5),  # 0.255 - 0.277
     # Hyper-SD: two segments for 20 updates, then one (the one-step map the W2 scores); online target as cd's case
-    "hyper-sd": ("hyper-sd", 60, {"segments": [2, 1], "stage_steps": [20], "target_ema": 0.0}, 0.08),  # 0.035 - 0.036
-    "hyper-sd-dmd": ("hyper-sd-dmd", 60, {"segments": [2, 1], "stage_steps": [20], "target_ema": 0.0,
-                                          "critic_updates": 1}, 0.08),  # 0.036 - 0.037
+    "hyper-sd": ("hyper-sd", 60, {"segments": [2, 1], "stage_steps": [20], "target_ema": 0.0}, 0.03),  # 0.010 - 0.015 (l2)
+    # with DMD2's 5:1 fake-score updates (its default): at 1:1 the lagging fake score's DMD term, which outweighs l2
+    # TSCD's, leaves 0.26 - 0.28 (pseudo-Huber TSCD, whose gradient is unit-size per sample, outweighed it: 0.036)
+    "hyper-sd-dmd": ("hyper-sd-dmd", 60, {"segments": [2, 1], "stage_steps": [20], "target_ema": 0.0}, 0.11),
+    # 0.051 - 0.055
 }
 
 
