@@ -28,6 +28,7 @@ and the run-state cases in test_reliability.py):
 | resume     | checkpoint from another config                    | was trained with objective.name='dmd2'         |
 | CLI        | export of a folder that is not a run              | is not a fastdiff run folder                   |
 | CLI        | sample / fid with --num or --batch-size <= 0      | must be positive                               |
+| CLI        | sample of a missing folder (also with --levels)   | does not exist                                 |
 | CLI        | model input without --steps / --num               | --steps / --num                                |
 | CLI        | bad step list for the benchmark                   | comma-separated                                |
 | evaluation | missing Inception weights file                    | no such file                                   |
@@ -112,6 +113,11 @@ def test_export_and_sample_bad_input(tmp_path, capsys, tiny_teacher):
     assert "is not a fastdiff run folder" in capsys.readouterr().err
     assert main(["sample", tiny_teacher, "--num", "0", "--steps", "1", "--out", str(tmp_path / "s")]) == 2
     assert "must be positive" in capsys.readouterr().err
+    for extra in ([], ["--levels", "flow"]):  # --levels once answered that a missing folder "is a teacher"
+        assert main(["sample", str(tmp_path / "nope"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s"),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert "nope does not exist" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()
 
 

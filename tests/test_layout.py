@@ -95,3 +95,34 @@ def test_readme_package_map_matches_the_tree():
     top_modules = {p.name for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")}
     assert subpackages | top_modules == named, (f"README's package map names {sorted(named)}; "
                                                 f"the tree has {sorted(subpackages | top_modules)}")
+
+
+def test_readme_package_map_names_every_objective_file():
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| 2 | `fastdiff/objectives/`"))
+    files = {p.name for p in (PACKAGE / "objectives").glob("*.py") if p.name != "__init__.py"}
+    missing = sorted(f for f in files if f"`{f}`" not in row)
+    assert not missing, f"README's package map row for fastdiff/objectives/ does not name {missing}"
+
+
+def table_cell_counts(text: str) -> list[tuple[int, int, int]]:
+    """(line, separators, header's separators) of every Markdown table row whose count of unescaped ``|`` differs
+    from its header's: a ``|`` inside a code span still splits a GitHub table cell unless written ``\\|``."""
+    lines, bad, i = text.split("\n"), [], 0
+    count = lambda line: len(re.findall(r"(?<!\\)\|", line))  # noqa: E731
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and re.fullmatch(r"\|[-| :]+\|", lines[i + 1]):
+            n, i = count(lines[i]), i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                if count(lines[i]) != n:
+                    bad.append((i + 1, count(lines[i]), n))
+                i += 1
+        else:
+            i += 1
+    return bad
+
+
+def test_markdown_tables_keep_their_columns():
+    docs = [README, *sorted((PACKAGE.parent / "eval").rglob("README.md"))]
+    bad = {str(p.relative_to(PACKAGE.parent)): table_cell_counts(p.read_text()) for p in docs if p.is_file()}
+    assert not {k: v for k, v in bad.items() if v}, bad
+    assert table_cell_counts("| a | b |\n|---|---|\n| `x || y` | z |") == [(3, 5, 3)]  # the check sees one

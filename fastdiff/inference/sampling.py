@@ -166,6 +166,10 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
     from ..models.teacher import load_teacher
 
     model_dir = resolve_teacher_path(model_dir)
+    if not Path(model_dir).is_dir() and (Path(model_dir).exists() or model_dir.startswith((".", "/", "~"))
+                                         or model_dir.count("/") != 1):  # not a folder, nor a hub id (load_teacher's rule)
+        # before the --levels check below, which would call a missing folder a teacher
+        raise FastdiffError(f"{model_dir} does not exist: pass an exported student's or a teacher's folder")
     info = read_student_info(model_dir)
     if levels is not None and not (info and info.get("flow_map")):
         raise FastdiffError(f"--levels is for flow-map students (objective meanflow or ayf); {model_dir} is "
