@@ -127,6 +127,41 @@ def test_loss_matches_oftsr_transcription_of_the_boot_loss():
     assert abs(float(loss) - float(reference)) <= 1.2e-7 * 128 * 10 * float(reference)
 
 
+def test_gradient_is_the_transcriptions_with_the_target_stopped():
+    """The same transcription with gradient: OFTSR computes the bootstrap target (the student's y_t and the teacher's
+    step from it) without gradient, so the student's parameters get d/dtheta of ``1 / delta^2 mse(y_s, sg(target))``
+    through y_s alone. A target left attached (its y_t carries the student's gradient too) would differ."""
+    obj, gmm, mlp = case()
+    x = torch.zeros(32, 1, 2, 2)
+    params = list(mlp.parameters())
+    torch.manual_seed(7)
+    got = torch.autograd.grad(obj.generator_loss(x)[0], params)
+    torch.manual_seed(7)
+    eps, n = torch.randn(x.shape), torch.randint(1, obj.num_intervals + 1, (32,))
+    with torch.no_grad():
+        y_t, _ = obj.bootstrap_target(eps, n)
+        rho_t, rho_s = obj.levels[n], obj.levels[n - 1]
+        x_t = obj.teacher.schedule.alpha(rho_t).reshape(-1, 1, 1, 1) * y_t \
+            + obj.teacher.schedule.noise_scale(rho_t).reshape(-1, 1, 1, 1) * eps
+        f = obj.teacher.denoise_native(x_t, rho_t)
+    y_s = obj.student_signal(eps, n - 1)  # with gradient
+    t, s = 1 / (1 + rho_t.double()), 1 / (1 + rho_s.double())
+    delta = ((1 - (t * (1 - s)) / (s * (1 - t))) / (s - t) * (s - t)).float().reshape(-1, 1, 1, 1)
+    want = torch.autograd.grad((1 / delta**2 * (y_s - (y_t + delta * (f - y_t))) ** 2).mean(), params,
+                               retain_graph=True)
+    # float32: the same student pass; the residual's factor 2 / delta^2 / numel differs by the rounding of delta
+    # (computed in another order: 1e-7 relative x 1 / delta^2's amplification ~ 2 / delta <= 7): 1e-5 of the largest
+    # element covers it ~10x.
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+    # a target with the student's gradient left in (y_t attached) changes it
+    top = (n == obj.num_intervals).reshape(-1, 1, 1, 1)
+    y_t_live = torch.where(top, obj.top_signal(eps), obj.student_signal(eps, n))
+    attached = torch.autograd.grad((1 / delta**2 * (y_s - (y_t_live + delta * (f - y_t_live))) ** 2).mean(), params,
+                                   allow_unused=True)
+    assert any(a is not None and (a - w).abs().max() > 1e-3 * w.abs().max() for a, w in zip(attached, want))
+
+
 def test_bad_settings_are_errors():
     obj, _, _ = case()
     with pytest.raises(ValueError, match="sigma_init"):
