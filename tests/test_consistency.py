@@ -336,7 +336,7 @@ def test_resumed_cd_run_equals_an_uninterrupted_one(tiny_teacher, tmp_path):
 
 def assert_resume_equals_whole(teacher: str, tmp_path, common: list[str], subs=("generator", "cd_target")) -> Path:
     """A 4-update run, and a 2-update run resumed to 4 with the same settings, end with equal checkpointed networks
-    ``subs``; returns the uninterrupted run's folder."""
+    ``subs`` (None: every one the checkpoint holds, the same set in both); returns the uninterrupted run's folder."""
     from safetensors.torch import load_file
 
     whole = distill(teacher, tmp_path / "whole", *common, "train.max_steps=4")
@@ -345,10 +345,14 @@ def assert_resume_equals_whole(teacher: str, tmp_path, common: list[str], subs=(
     for item in [f"teacher.path={teacher}", f"output_dir={part}", *FAST, *common, "train.max_steps=4"]:
         args += ["--set", item]
     assert main(args) == 0
+    if subs is None:
+        subs = sorted(p.stem for p in (whole / "checkpoints" / "step-00000004").glob("*.safetensors"))
+        assert "generator" in subs
+        assert subs == sorted(p.stem for p in (part / "checkpoints" / "step-00000004").glob("*.safetensors"))
     for sub in subs:
         a = load_file(whole / "checkpoints" / "step-00000004" / f"{sub}.safetensors")
         b = load_file(part / "checkpoints" / "step-00000004" / f"{sub}.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), sub
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     return whole
 
 

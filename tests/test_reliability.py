@@ -241,7 +241,7 @@ def test_every_objective_resumes_bit_identically(name, tiny_teacher, tiny_cond_t
     """Step-dependent state (warm-ups counted in updates, stage switches, images seen before a GAN starts, random
     guidance draws, critic schedules) is checkpointed: 2 updates, then a resume to 4, end with every checkpointed
     network (generator, EMA, fake score, heads, targets) equal bit for bit to an uninterrupted 4-update run."""
-    from test_consistency import FAST, distill
+    from test_consistency import assert_resume_equals_whole
     from test_export_e2e import write_fake_fashion_mnist
 
     data = tmp_path / "fmnist"
@@ -254,15 +254,4 @@ def test_every_objective_resumes_bit_identically(name, tiny_teacher, tiny_cond_t
         pairs = tmp_path / "pairs"
         assert main(["pairs", "--teacher", teacher, "--out", str(pairs), "--num", "8", "--steps", "3", "-q"]) == 0
         common = [f"objective.name={name}", "data.name=pairs", f"data.path={pairs}"]
-    whole = distill(teacher, tmp_path / "whole", *common, "train.max_steps=4")
-    part = distill(teacher, tmp_path / "part", *common, "train.max_steps=2")
-    args = ["distill", "--resume", "latest"]
-    for item in [f"teacher.path={teacher}", f"output_dir={part}", *FAST, *common, "train.max_steps=4"]:
-        args += ["--set", item]
-    assert main(args) == 0
-    a, b = whole / "checkpoints" / "step-00000004", part / "checkpoints" / "step-00000004"
-    files = sorted(p.name for p in a.glob("*.safetensors"))
-    assert "generator.safetensors" in files and files == sorted(p.name for p in b.glob("*.safetensors"))
-    for f in files:
-        wa, wb = load_file(a / f), load_file(b / f)
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f
+    assert_resume_equals_whole(teacher, tmp_path, common, subs=None)
