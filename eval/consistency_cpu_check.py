@@ -81,23 +81,25 @@ def summarize(results: Path = RESULTS) -> str:
     """README.md of the results folder: the check's table (check-*.json) and the diagnosis (diagnose.json)."""
     lines = ["# Consistency distillation on the embedded fmnist-ddpm teacher (CPU)", "",
              "Issue 26. Written by `python eval/consistency_cpu_check.py --summarize` from the JSON files here.", ""]
-    rows = [json.loads(p.read_text()) for p in sorted(results.glob("check-*.json"))]
+    rows = [{**json.loads(p.read_text()), "file": p.name} for p in sorted(results.glob("check-*.json"))]
     if rows:
         r0 = rows[0]
         lines += ["## Check: 5 minutes at batch 8, FID@1k before and after", "",
-                  f"{r0.get('cpu_model', r0['machine'])}, {r0['cpus']} cores shared with other jobs (steps done are "
-                  f"what the time allowed), torch {r0['torch']}, diffusers {r0['diffusers']}, {r0['date']}. "
+                  f"{r0.get('cpu_model', r0['machine'])}, {r0['cpus']} cores (steps done are what the time allowed: "
+                  f"runs on cores shared with other jobs did fewer), torch {r0['torch']}, diffusers {r0['diffusers']}; "
+                  "each row's date in its last column. "
                   f"{r0['reference']}. Start = the untrained student (the teacher's weights behind the same sampler, "
                   "from timestep 727).", "",
                   "| objective | lr | steps | first level | loss first / last / max logged | grad norm median / max | "
-                  "FID@1k 1 step start -> end | 2 steps start -> end |", "|---|---|---|---|---|---|---|---|"]
+                  "FID@1k 1 step start -> end | 2 steps start -> end | file, date |", "|---|---|---|---|---|---|---|---|---|"]
         for result in rows:
             for r in result["rows"]:
                 two = (f"{r['fid_start_2step']:.1f} -> {r['fid_end_2step']:.1f}" if "fid_end_2step" in r else "-")
                 lines.append(f"| {r['objective']} | {r['resolved']['train']['lr_generator']:g} | {r['steps']} | sigma {r['sigma_init']:.2f} | "
                              f"{r['loss_first_logged']:.3g} / {r['loss_last_logged']:.3g} / {r['loss_max_logged']:.3g} | "
                              f"{r['grad_norm_median_logged']:.3g} / {r['grad_norm_max_logged']:.3g} | "
-                             f"{r['fid_start_1step']:.1f} -> {r['fid_end_1step']:.1f} | {two} |")
+                             f"{r['fid_start_1step']:.1f} -> {r['fid_end_1step']:.1f} | {two} | "
+                             f"{result['file']}, {result['date']} |")
         lines.append("")
     diag = results / "diagnose.json"
     if diag.is_file():
