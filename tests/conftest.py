@@ -82,3 +82,14 @@ def shared_teacher():
         return str(path)
 
     return get
+
+
+def bench_gmm_rows(tmp_path, *args: str) -> dict:
+    """``fastdiff bench gmm ARGS`` with its JSON under tmp_path: the rows by name (the slow bench tests' first step)."""
+    import json
+
+    from fastdiff.cli import main
+
+    out = tmp_path / "bench-gmm.json"
+    assert main(["bench", "gmm", *args, "--json", str(out)]) == 0
+    return {r["objective"]: r for r in json.loads(out.read_text())["rows"]}

@@ -21,6 +21,7 @@ from fastdiff.objectives.base import schedule_range
 from fastdiff.objectives.meanflow import total_derivative
 from fastdiff.pipelines.pipeline_fastdiff_flow_map import FastdiffFlowMapPipeline
 from test_meanflow import average_velocity, gaussian_flow, gaussian_velocity, tiny_teacher_denoiser
+from conftest import bench_gmm_rows
 
 
 def draws(n=64, seed=0):
@@ -298,13 +299,7 @@ def test_bench_gmm_ayf_rows(tmp_path):
     and at two on the flow levels (999 / 256, which its export records as ``flow_levels_2``), and both beat the
     teacher's 4-step DDIM by 2x. Measured (AMD EPYC): 4 steps 1.38 x floor / 0.011, 2 steps on flow levels 1.32 x /
     0.011 (table levels 2.03 x / 0.018)."""
-    import json
-
-    from fastdiff.cli import main
-
-    out = tmp_path / "bench.json"
-    assert main(["bench", "gmm", "--objectives", "ayf", "--json", str(out)]) == 0
-    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = bench_gmm_rows(tmp_path, "--objectives", "ayf")
     for name in ("ayf, 4 steps", "ayf, 2 steps, flow levels [999, 256]"):
         r = rows[name]
         assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r

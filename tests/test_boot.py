@@ -19,6 +19,7 @@ from fastdiff.models.schedule import VPSchedule
 from fastdiff.models.teacher import load_teacher
 from fastdiff.objectives import build
 from test_export_e2e import TRAINERS, assert_pipeline_matches, distill
+from conftest import bench_gmm_rows
 
 STD = 0.5  # the teacher: one Gaussian mode N(mu, STD^2 I), whose denoiser and ODE are closed-form
 
@@ -281,13 +282,7 @@ def test_bench_gmm_boot_row(tmp_path):
     minutes on one core): BOOT misses the bar at one step (3.75 x floor, mode weights within 0.021; its ceiling, the
     50-interval DDIM chain it bootstraps toward, is 2.12 x) but its one step beats the teacher's 4-step DDIM (sw2
     0.0775 against 0.127). This asserts what was measured, with room for the seeds' spread (~0.3 x floor)."""
-    import json
-
-    from fastdiff.cli import main
-
-    out = tmp_path / "bench.json"
-    assert main(["bench", "gmm", "--objectives", "boot", "--json", str(out)]) == 0
-    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = bench_gmm_rows(tmp_path, "--objectives", "boot")
     r = rows["boot"]
     assert r["sw2"] < rows["teacher-ddim-4"]["sw2"] and r["sw2"] <= 4.25 * r["sw2_floor"], r
     assert r["max_mode_weight_error"] <= 0.027, r  # 0.02 plus one sampling error of a weight (0.007 at n = 5000)

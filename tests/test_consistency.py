@@ -17,7 +17,7 @@ from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.objectives.cd import ConsistencyDistillation
 from fastdiff.objectives.scm import SIGMA_DATA, ContinuousConsistency
 from fastdiff.models.teacher import load_teacher
-from conftest import tiny_unet
+from conftest import bench_gmm_rows, tiny_unet
 from test_export_e2e import assert_pipeline_matches, distill_on_fake_images, fastdiff_images, write_fake_fashion_mnist
 
 FAST = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "train.sample_every=1",
@@ -441,9 +441,7 @@ def test_bench_gmm_consistency_rows(tmp_path):
     bar (sw2 <= 2 x floor, mode weights within 0.02) at two steps with the deterministic sampler and at four
     with fresh noise; with fresh noise at two steps cd and scm stay within 2.5 x floor with weights within 0.02
     and beat the teacher's 4-step DDIM by 2x."""
-    out = tmp_path / "bench.json"
-    assert main(["bench", "gmm", "--objectives", "cd,scm", "--json", str(out)]) == 0
-    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = bench_gmm_rows(tmp_path, "--objectives", "cd,scm")
     for name in ("cd, 4 steps", "cd, 2 steps ddim"):
         r = rows[name]
         assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r

@@ -17,6 +17,7 @@ from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.teacher import load_teacher
 from fastdiff.objectives.meanflow import MeanFlow, meanflow_target, total_derivative
 from fastdiff.pipelines.pipeline_fastdiff_flow_map import FastdiffFlowMapPipeline
+from conftest import bench_gmm_rows
 
 M, S = 0.7, 0.3  # a Gaussian data distribution N(M, S^2) per element
 
@@ -394,13 +395,7 @@ def test_bench_gmm_meanflow_meets_the_two_step_target(tmp_path):
     (seeds 1 and 2 at two steps: 1.76 x / 0.017, 1.89 x / 0.020); before the warm-up 2.78 x / 0.028. The same student
     on the flow levels (999 / 256, what ``--levels flow`` exports) meets it too: 1.31 x / 0.008 (seeds 1, 2: 1.69 /
     0.014, 1.51 / 0.012)."""
-    import json
-
-    from fastdiff.cli import main
-
-    out = tmp_path / "bench.json"
-    assert main(["bench", "gmm", "--objectives", "meanflow", "--json", str(out)]) == 0
-    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = bench_gmm_rows(tmp_path, "--objectives", "meanflow")
     for name in ("meanflow, 2 steps", "meanflow, 2 steps, flow levels [999, 256]"):
         r = rows[name]
         assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r

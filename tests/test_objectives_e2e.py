@@ -10,6 +10,7 @@ from fastdiff.config import load_config
 from fastdiff.models.teacher import load_teacher
 from fastdiff.training.networks import fake_score_model
 from test_export_e2e import TRAINERS, assert_pipeline_matches, distill, distill_on_fake_images, write_fake_fashion_mnist
+from conftest import bench_gmm_rows
 
 OBJECTIVES = ["dmd2", "vsd", "sid", "sida", "sim"]
 
@@ -110,9 +111,7 @@ def test_bench_gmm_fdistill_and_uni_instruct_rows(tmp_path):
 def test_bench_gmm_disback_row(tmp_path):
     """README "DisBack": on seeds 0 / 1 / 2 dmd2 1.64 / 1.34 / 1.49 x floor and disback 1.73 / 1.12 / 1.54 x, weights
     within 0.018 (AMD EPYC, 2026-11-29): both meet the bar, no difference beyond the seeds' spread. Seed 1 here."""
-    out = tmp_path / "bench.json"
-    assert main(["bench", "gmm", "--objectives", "dmd2,disback", "--seed", "1", "--json", str(out)]) == 0
-    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = bench_gmm_rows(tmp_path, "--objectives", "dmd2,disback", "--seed", "1")
     for name in ("dmd2", "disback"):
         r = rows[name]
         assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r

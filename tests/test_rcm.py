@@ -13,6 +13,7 @@ from fastdiff.objectives import build
 from fastdiff.objectives.rcm import rcm_dmd_weight
 from fastdiff.objectives.scm import ContinuousConsistency
 from test_export_e2e import assert_pipeline_matches, distill_on_fake_images
+from conftest import bench_gmm_rows
 
 TEACHER_STD, FAKE_STD = 0.5, 0.7
 
@@ -121,11 +122,7 @@ def test_bench_gmm_rcm_row(tmp_path):
     minutes on one core): two deterministic (ddim) steps meet issue 21's bar, 1.74 x floor with mode weights within
     0.017, and one step is within 2.5 x (2.50 x / 0.013). Across seeds 0 / 1 / 2 the two-step ddim row is 2.10 /
     1.74 / 2.16 x, the spread being mostly the floor's (0.0207 / 0.0252 / 0.0260): this asserts the measured seed."""
-    from fastdiff.cli import main
-
-    out = tmp_path / "bench.json"
-    assert main(["bench", "gmm", "--objectives", "rcm", "--seed", "1", "--json", str(out)]) == 0
-    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = bench_gmm_rows(tmp_path, "--objectives", "rcm", "--seed", "1")
     r = rows["rcm, 2 steps ddim"]
     assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
     r = rows["rcm"]

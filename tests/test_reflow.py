@@ -22,6 +22,7 @@ from fastdiff.objectives.reflow import sample_u_shaped
 from fastdiff.training import pairs as pairs_module
 from fastdiff.training.pairs import PairSamples, shard_name
 from fastdiff.models.trajectory import ode_sample, trajectory_levels
+from conftest import bench_gmm_rows
 
 EPS32 = torch.finfo(torch.float32).eps
 K = 100.0  # the oracle's gain on an input off the line
@@ -325,9 +326,7 @@ def test_bench_gmm_reflow_row(tmp_path):
     updates; about 3.5 minutes on one core): two and four Euler steps along the straightened flow meet issue 23's bar,
     the bench's best few-step rows. Measured (AMD EPYC): 2 steps 1.48 x floor / 0.013, 4 steps 1.14 x / 0.013; one
     step 2.90 x."""
-    out = tmp_path / "bench.json"
-    assert main(["bench", "gmm", "--objectives", "reflow", "--json", str(out)]) == 0
-    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = bench_gmm_rows(tmp_path, "--objectives", "reflow")
     for name in ("reflow, 2 steps ddim", "reflow, 4 steps ddim"):
         r = rows[name]
         assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
