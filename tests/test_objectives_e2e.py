@@ -95,10 +95,8 @@ def test_bench_gmm_fdistill_and_uni_instruct_rows(tmp_path):
     (kl) meets sw2 and misses the weights by about one sampling error. Measured (seed 0, AMD EPYC, 2026-11-28):
     fdistill 1.63 x / 0.012, uni_instruct js 1.56 x / 0.017; kl 1.84 x / 0.025 (fdistill kl 1.65 x / 0.016)."""
     for divergence in ("js", "kl"):
-        out = tmp_path / f"bench-{divergence}.json"
-        assert main(["bench", "gmm", "--objectives", "fdistill,uni_instruct", "--set",
-                     f"objective.divergence={divergence}", "--json", str(out)]) == 0
-        rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+        rows = bench_gmm_rows(tmp_path, "--objectives", "fdistill,uni_instruct", "--set",
+                              f"objective.divergence={divergence}")
         for name in ("fdistill", "uni_instruct"):
             r = rows[name]
             # a mode weight's sampling error at n = 5000 is about 0.007: uni_instruct's kl row is held to 0.02 plus

@@ -163,11 +163,10 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
     from ..models.embedded import resolve_teacher_path
     from ..errors import FastdiffError
     from .export import load_flow_map_student, load_lora_student, read_student_info, student_generator
-    from ..models.teacher import load_teacher
+    from ..models.teacher import could_be_hub_id, load_teacher
 
     model_dir = resolve_teacher_path(model_dir)
-    if not Path(model_dir).is_dir() and (Path(model_dir).exists() or model_dir.startswith((".", "/", "~"))
-                                         or model_dir.count("/") != 1):  # not a folder, nor a hub id (load_teacher's rule)
+    if not Path(model_dir).is_dir() and not could_be_hub_id(model_dir):
         # before the --levels check below, which would call a missing folder a teacher
         raise FastdiffError(f"{model_dir} does not exist: pass an exported student's or a teacher's folder")
     info = read_student_info(model_dir)

@@ -195,6 +195,12 @@ def load_pipeline(path: str, index: dict, dtype: torch.dtype = torch.float32, sa
         raise FastdiffError(f"could not load the pipeline in {path!r}: {_first_line(exc)}") from exc
 
 
+def could_be_hub_id(path: str) -> bool:
+    """Not a local folder, but shaped like a hub id (``owner/name``, nothing at that path, not written as a local
+    path): where a teacher or student folder is missing, only such a string may still be resolved on the hub."""
+    return not os.path.exists(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1
+
+
 def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None = None,
                  dtype: torch.dtype = torch.float32, load_network=None) -> Teacher:
     """Load a teacher from a local diffusers folder, or from a hub id on a machine with a network.
@@ -211,7 +217,7 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
     pipeline = None
     if os.path.isdir(path):
         index = pipeline_index(path)
-    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+    elif not could_be_hub_id(path):
         raise FastdiffError(f"teacher path {path!r} does not exist; pass a local diffusers folder (teacher.path)")
     elif offline():
         raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE / FASTDIFF_OFFLINE forbid the hub")
