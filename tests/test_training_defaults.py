@@ -1,7 +1,10 @@
 """Training defaults as the reference code has them: the generator EMA (SiD's ramped half-life), each objective's
 optimizer settings (DMD2's and SiD's scripts), DMD2's critic-update counts, and backward simulation that re-noises
-as the sampler does."""
+as the sampler does, and README's table of them."""
+import ast
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +165,62 @@ def test_fashion_mnist_is_found_where_the_readme_says(tmp_path, monkeypatch):
                                                            "apt-get install dataset-fashion-mnist"))
     with pytest.raises(FastdiffError, match="--data-path DIR"):
         fashion_mnist_root(str(tmp_path / "nowhere"), "--data-path")
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_defaults(key: str) -> dict[str, list[str]]:
+    """The per-objective defaults README's configuration table gives for ``key``: its row's 'null = the
+    objective's reference: NAMES VALUES (why); ...' (or, for a row without that phrase, its default column) read
+    as {objective: [value, ...]}, with 'others' for every objective not named."""
+    row = next(line for line in README.read_text().splitlines() if line.startswith(f"| `{key}`"))
+    text = row.split(" | ")[-1].rstrip(" |") if "null = the objective's reference: " in row else row.split(" | ")[1]
+    text = text.split("null = the objective's reference: ")[-1]
+    text = re.sub(r" \([A-Za-z][^()]*\)", "", text)  # the reasons in brackets (values in brackets start with a digit)
+    out = {}
+    for group in text.split("; "):
+        names, values = re.fullmatch(r"((?:[a-z_\-0-9]+, )*[a-z_\-0-9]+) (.+)", group.strip()).groups()
+        for name in names.split(", "):
+            assert name not in out, f"README names {name} twice in {key}'s row"
+            out[name] = [v.strip(" `") for v in re.split(r",? and |, (?![^()]*\))", values)]
+    return out
+
+
+def resolved_defaults(name: str) -> dict:
+    """What resolve_train_defaults fills in for ``objective.name: name`` at the objective's own defaults on a
+    class-conditional teacher (an instance built without a model: train_defaults reads only its settings)."""
+    from fastdiff.objectives import OBJECTIVES
+    from fastdiff.training.setup import TRAIN_FALLBACKS
+
+    entry = OBJECTIVES[name]
+    obj = entry.cls.__new__(entry.cls)
+    obj.__dict__.update({"weighting": "dmd", **entry.arguments({})})
+    return {**TRAIN_FALLBACKS, "ema_decay": None, **obj.train_defaults(), "critic_updates": obj.critic_updates
+            if "critic_updates" in entry.arguments({}) else None}
+
+
+def test_readme_lists_every_objectives_training_defaults():
+    """The configuration table's per-objective defaults (optimizer, learning rates, warm-up, EMA, critic updates)
+    are what the trainer fills in, for every registered objective: a default changed in code and not in README
+    (or the reverse) fails here."""
+    from fastdiff.objectives import OBJECTIVES
+
+    rows = {key: readme_defaults(key) for key in ("train.adam_betas", "train.lr_generator", "train.lr_schedule",
+                                                  "train.ema_decay", "objective.critic_updates")}
+    unknown = {k: sorted(set(r) - set(OBJECTIVES) - {"others"}) for k, r in rows.items()}
+    assert not any(unknown.values()), f"README names objectives that are not registered: {unknown}"
+    assert set(rows["train.adam_betas"]) == set(OBJECTIVES), "README's optimizer row must name every objective"
+    for name in OBJECTIVES:
+        got = resolved_defaults(name)
+        readme = {k: r.get(name, r.get("others")) for k, r in rows.items()}
+        betas, wd = readme["train.adam_betas"]
+        assert (ast.literal_eval(betas), float(wd)) == (tuple(got["adam_betas"]), got["weight_decay"]), name
+        assert [float(v) for v in readme["train.lr_generator"]] == [got["lr_generator"], got["lr_critic"]], name
+        (warmup,) = readme["train.lr_schedule"]
+        assert (500 // got["critic_updates"] if warmup == "500 / critic_updates" else int(warmup)) == \
+            got["lr_warmup_steps"], name
+        ema = readme["train.ema_decay"][0]
+        assert (None if ema == "the half-life above" else float(ema)) == got["ema_decay"], name
+        if got["critic_updates"] is not None:
+            assert int(readme["objective.critic_updates"][0]) == got["critic_updates"], name
