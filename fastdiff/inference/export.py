@@ -329,8 +329,12 @@ def check_exportable(model, teacher) -> None:
 
     Teachers with a pipeline (latent, text-to-image) export into their own pipeline class; the rest into
     DDPMPipeline or fastdiff's class-conditional pipeline, which take a UNet2DModel (or the guidance-embedded one)
-    on a VP schedule."""
+    on a VP schedule; flow-map students of pipeline teachers into fastdiff's flow-map pipeline for that class."""
     if teacher.pipeline is not None:
+        from ..models.flow_map import flow_map_embedding
+
+        if flow_map_embedding(model) is not None:
+            check_flow_map_exportable(model, type(teacher.pipeline).__name__)
         return
     name, kind = type(model).__name__, teacher.denoiser.schedule.kind
     if kind != "vp" or name not in ("UNet2DModel", "GuidanceEmbeddedUNet", "FlowMapModel"):
@@ -583,7 +587,11 @@ def export_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -
         if (h, w) != (flux.default_image_size(teacher.pipeline),) * 2:
             info["call_args"] = f", height={h}, width={w}"
     lora = is_lora(model)
-    mode = info.get("lora_export", "both") if lora else "fused"
+    # A guidance-embedded student's scale embedding (agd's cond_proj) is not a LoRA weight: a LoRA file loaded into
+    # the teacher's pipeline would sample without it, so such students export fused only.
+    mode = info.get("lora_export", "both") if lora and not guided else "fused"
+    if lora:
+        info["lora_export"] = mode  # the card says what was written
     dtype, variant = info.get("dtype"), info.get("variant")
 
     def write_pipeline(folder: Path, network) -> None:
@@ -616,6 +624,16 @@ FLOW_MAP_PIPELINES = {"StableDiffusionPipeline": ("pipeline_fastdiff_flow_map_sd
                       "StableDiffusion3Pipeline": ("pipeline_fastdiff_flow_map_sd3.py", "FastdiffFlowMapSD3Pipeline")}
 
 
+def check_flow_map_exportable(model, pipeline_class: str) -> None:
+    from ..models.lora import is_lora
+
+    if pipeline_class not in FLOW_MAP_PIPELINES:
+        raise FastdiffError(f"export of flow-map (meanflow, ayf) students of {pipeline_class} teachers is not "
+                            f"supported yet; supported: {', '.join(FLOW_MAP_PIPELINES)} and pixel VP teachers")
+    if is_lora(model) or getattr(model.config, "time_cond_proj_dim", None):
+        raise FastdiffError("export of flow-map students with LoRA layers or a guidance embedding is not supported")
+
+
 def export_flow_map_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -> Path:
     """A latent text-to-image flow-map (meanflow) student: the teacher's components with the network as
     ``FlowMapModel`` in fastdiff's flow-map pipeline for that teacher class (any K; each step told the level it maps
@@ -625,15 +643,10 @@ def export_flow_map_pipeline_student(model, teacher, info: dict, out: Path, card
     import importlib
 
     from ..models.flow_map import FlowMapModel
-    from ..models.lora import is_lora
     from ..models.teacher import load_pipeline, pipeline_index
 
     index = pipeline_index(teacher.path)
-    if index["_class_name"] not in FLOW_MAP_PIPELINES:
-        raise FastdiffError(f"export of flow-map (meanflow) students of {index['_class_name']} teachers is not "
-                            f"supported yet; supported: {', '.join(FLOW_MAP_PIPELINES)} and pixel VP teachers")
-    if is_lora(model) or getattr(model.config, "time_cond_proj_dim", None):
-        raise FastdiffError("export of flow-map students with LoRA layers or a guidance embedding is not supported")
+    check_flow_map_exportable(model, index["_class_name"])
     file, name = FLOW_MAP_PIPELINES[index["_class_name"]]
     info = _student_info({**info, "flow_map": True, "sampler": "ddim"}, teacher, False)
     flow = teacher.denoiser.schedule.kind == "flow"

@@ -23,7 +23,10 @@ What fastdiff does, and where it differs:
   trajectories ahead of training instead).
 - loss: the MSE in the teacher's own prediction space (eps, v or velocity), written in x0 terms through
   ``Denoiser.loss_weight`` (CFG is linear, so the x0 combination equals the eps one); the target is detached.
-The ``x`` the trainer passes (a data batch) is used only for its size and conditions (class labels / prompts).
+No images: the trainer passes noise as ``x`` (as for BOOT and TDM), used only for its size, and draws the conditions
+as for distribution matching (class labels uniform, text teachers' ``data.prompts``; the reference's trajectories
+take every class ``--num-per-class`` times, no images either); the student samples with the teacher's own deterministic sampler from the top
+(``student.sampler: ddim``).
 Training: the reference's optimiser and no EMA (``train_defaults``); checkpoints keep the adapters and the scale
 embedding (``state_modules``); the export merges the adapters into the guidance-embedded network, which the
 exported pipeline calls once per step with its ``guidance_scale``.
@@ -80,8 +83,8 @@ class AdapterGuidanceDistillation(Objective):
         trajectory_steps: K, DDIM steps of each teacher trajectory the training points are taken from.
     """
 
-    trains_on = "data"
     uses_fake_score = False
+    uses_generator_sample = False  # its own points: the teacher's trajectories
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None,
                  guidance_range: list[float] | None = None, adapter_rank: int = 8, trajectory_steps: int = 25):

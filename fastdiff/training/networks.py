@@ -77,6 +77,8 @@ def lora_export_mode(cfg: Config, teacher: Teacher) -> str | None:
     """How a LoRA student is exported: ``student.lora_export`` where the teacher has a pipeline that loads LoRA
     weights; fused for pixel teachers, whose pipelines (DDPMPipeline, fastdiff's class-conditional one) do not.
     None for students that are not LoRAs."""
+    if cfg.objective.name == "agd":  # adapters, and a scale embedding no LoRA file carries (export.py)
+        return "fused"
     if not cfg.student.lora_rank:
         return None
     return cfg.student.lora_export if teacher.pipeline is not None else "fused"

@@ -133,9 +133,12 @@ class Run:
         self.step = 0
         # Non-finite updates not applied, counted on the device (read at log steps, so no step waits for it).
         self.skipped = {k: torch.zeros((), dtype=torch.long, device=device) for k in ("generator", "critic", "consecutive")}
-        if lora_export_mode(cfg, teacher) != cfg.student.lora_export and cfg.student.lora_rank:
-            self.accelerator.print(f"student.lora_export {cfg.student.lora_export}: {cfg.teacher.path} has no pipeline "
-                                   "that loads LoRA weights; the LoRA student is exported fused")
+        mode = lora_export_mode(cfg, teacher)
+        if mode is not None and mode != cfg.student.lora_export:
+            why = ("agd's scale embedding is not a LoRA weight" if cfg.objective.name == "agd" else
+                   f"{cfg.teacher.path} has no pipeline that loads LoRA weights")
+            self.accelerator.print(f"student.lora_export {cfg.student.lora_export}: {why}; the LoRA student is "
+                                   "exported fused")
 
     def _student_changes(self):
         """``Objective.prepare_student`` of this run's objective, with the options its constructor gets."""
