@@ -5,7 +5,8 @@
   exports fused only, and ``StableDiffusionPipeline`` told ``guidance_scale`` samples fastdiff's own images.
 - agd's guided sampler is the teacher's own deterministic one: the fresh-noise (lcm) sampler is refused.
 - flow-map students (meanflow, ayf) of pipelines without a fastdiff flow-map pipeline (SDXL): one line before
-  training, not an error after it.
+  training, not an error after it; so are objectives on teachers they do not support (boot, tdm, agd on SD3,
+  meanflow on Flux).
 """
 import json
 
@@ -22,6 +23,7 @@ from test_text_to_image import FAST, assert_same, ours, theirs
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("guards")
     return {"sd": str(tp.sd_pipeline(root / "sd")), "sdxl": str(tp.sdxl_pipeline(root / "sdxl")),
+            "sd3": str(tp.sd3_pipeline(root / "sd3")), "flux": str(tp.flux_pipeline(root / "flux")),
             "prompts": str(tp.prompts_file(root / "prompts.txt"))}
 
 
@@ -55,20 +57,29 @@ def test_agd_on_stable_diffusion_exports_fused_and_the_pipeline_samples_it(files
     assert not np.array_equal(theirs(pipe, 4, guidance=1.0), theirs(pipe, 4, guidance=3.0))
 
 
-@pytest.mark.parametrize("case", ["agd-lora", "agd-lcm", "meanflow-sdxl", "ayf-sdxl"])
-def test_exports_that_would_lose_the_student_are_refused_before_training(files, tmp_path, capsys, case):
-    items = {"agd-lora": [f"teacher.path={files['sd']}", *AGD, "student.lora_export=lora"],
-             "agd-lcm": [f"teacher.path={files['sd']}", *AGD, "student.sampler=lcm"],
-             "meanflow-sdxl": [f"teacher.path={files['sdxl']}", "objective.name=meanflow", "data.name=teacher",
-                               "data.teacher_steps=2"],
-             "ayf-sdxl": [f"teacher.path={files['sdxl']}", "objective.name=ayf", "data.name=teacher",
-                          "data.teacher_steps=2"]}[case]
-    message = {"agd-lora": "agd's scale embedding is not a LoRA weight",
-               "agd-lcm": "set student.sampler=ddim",
-               "meanflow-sdxl": "flow-map (meanflow, ayf) students of StableDiffusionXLPipeline teachers",
-               "ayf-sdxl": "flow-map (meanflow, ayf) students of StableDiffusionXLPipeline teachers"}[case]
+FLOW_MAP = ["data.name=teacher", "data.teacher_steps=2"]  # no images: the refusal comes first either way
+# case: (teacher, settings, the one line's words). The first four are exports that would lose what the student
+# learnt; the rest objectives on teachers they do not support.
+REFUSED = {
+    "agd-lora": ("sd", [*AGD, "student.lora_export=lora"], "agd's scale embedding is not a LoRA weight"),
+    "agd-lcm": ("sd", [*AGD, "student.sampler=lcm"], "set student.sampler=ddim"),
+    "meanflow-sdxl": ("sdxl", ["objective.name=meanflow", *FLOW_MAP],
+                      "flow-map (meanflow, ayf) students of StableDiffusionXLPipeline teachers"),
+    "ayf-sdxl": ("sdxl", ["objective.name=ayf", *FLOW_MAP],
+                 "flow-map (meanflow, ayf) students of StableDiffusionXLPipeline teachers"),
+    "meanflow-flux": ("flux", ["objective.name=meanflow", *FLOW_MAP], "FluxTransformer2DModel"),
+    "boot-sd3": ("sd3", ["objective.name=boot"], "needs a VP teacher"),
+    "tdm-sd3": ("sd3", ["objective.name=tdm"], "flow-matching teachers are not supported"),
+    "agd-sd3": ("sd3", AGD, "needs a UNet2DModel or UNet2DConditionModel"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refused_with_one_line_before_anything_is_written(files, tmp_path, capsys, case):
+    teacher, sets, message = REFUSED[case]
     out = tmp_path / "x"
-    code = main(["distill", *distill_args(f"output_dir={out}", f"data.prompts={files['prompts']}", *FAST, *items)])
+    code = main(["distill", *distill_args(f"teacher.path={files[teacher]}", f"output_dir={out}",
+                                          f"data.prompts={files['prompts']}", *FAST, *sets)])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err[-800:]
     lines = [line for line in err.splitlines() if "error" in line]  # beside diffusers' loading bars
