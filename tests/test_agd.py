@@ -153,22 +153,22 @@ def test_export_reloads_in_diffusers_as_a_one_pass_guided_sampler(tiny_cond_teac
         emb = guidance_embedding(torch.tensor([w - 1]), 256)
         a = obj.student.model(z[:1], t, class_labels=torch.tensor([1]), timestep_cond=emb).sample
         b = pipe.unet(z[:1], t, class_labels=torch.tensor([1]), timestep_cond=emb).sample
-    # merged weights W + BA against W x + B A x: a few float32 roundings per layer on values of magnitude |a|
+    # merged weights W + BA against W x + B A x: a few float32 roundings per layer on values of magnitude |a|, a
+    # tiny UNet's ~1e3 roundings at most: 1e-4 relative (~800 eps32; measured 4.2e-7), far below a lost adapter (O(1))
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
 
 
 def test_distill_checkpoint_export_and_diffusers_load(tiny_cond_teacher, tmp_path):
-    """``fastdiff distill`` with objective.name=agd: the scale embedding is checkpointed beside the adapters, and
-    the exported folder loads in diffusers and samples what fastdiff's single-pass DDIM sampler samples."""
+    """``fastdiff distill`` with objective.name=agd, no images (the trajectories are the teacher's): the scale
+    embedding is checkpointed beside the adapters, and the exported folder loads in diffusers and samples what
+    fastdiff's single-pass DDIM sampler samples."""
     from safetensors.torch import load_file
 
     from fastdiff.cli import main
-    from test_export_e2e import fastdiff_images, write_fake_fashion_mnist
+    from test_export_e2e import fastdiff_images
 
-    data = tmp_path / "fmnist"
-    write_fake_fashion_mnist(data, size=8, n=8)
     run = tmp_path / "run"
-    sets = [f"teacher.path={tiny_cond_teacher}", f"output_dir={run}", f"data.path={data}", "data.resolution=8",
+    sets = [f"teacher.path={tiny_cond_teacher}", f"output_dir={run}", "data.path=/no/images/here",
             "objective.name=agd", "objective.guidance_range=[1.0, 4.0]", "objective.trajectory_steps=4",
             "objective.adapter_rank=2", "student.sampler=ddim", "student.num_steps=4", "train.max_steps=2",
             "train.batch_size=4", "train.lr_generator=1e-2", "train.lr_warmup_steps=0", "train.checkpoint_every=2",
@@ -186,7 +186,9 @@ def test_distill_checkpoint_export_and_diffusers_load(tiny_cond_teacher, tmp_pat
                generator=torch.Generator().manual_seed(11), output_type="np").images
     ours = fastdiff_images(run / "student", 4, 11, 3, [0, 1, 2], 3.0)
     # the same network on the same inputs: float32 differences of a few operations on images in [0, 1]
-    assert np.abs(ours - ref).max() <= 1e-5
+    # (test_export_e2e.image_bound: 5.7e-6 for this v student; measured 3e-7)
+    from test_export_e2e import image_bound
+    assert np.abs(ours - ref).max() <= image_bound(run / "student", 3, 11, 3.0)
 
 
 def test_an_ema_owns_its_scale_embedding_and_averages_it(tiny_cond_teacher, tmp_path):
@@ -197,13 +199,10 @@ def test_an_ema_owns_its_scale_embedding_and_averages_it(tiny_cond_teacher, tmp_
     from fastdiff.config import load_config
     from fastdiff.training import Trainer
     from fastdiff.training.state import checkpoint_modules
-    from test_export_e2e import write_fake_fashion_mnist
 
-    data = tmp_path / "fmnist"
-    write_fake_fashion_mnist(data, size=8, n=8)
     cfg = load_config(None, [f"teacher.path={tiny_cond_teacher}", f"output_dir={tmp_path / 'run'}",
-                             f"data.path={data}", "data.resolution=8", "objective.name=agd",
-                             "objective.guidance_range=[1.0, 4.0]", "objective.trajectory_steps=4",
+                             "objective.name=agd", "student.sampler=ddim", "objective.guidance_range=[1.0, 4.0]",
+                             "objective.trajectory_steps=4",
                              "objective.adapter_rank=2", "train.batch_size=4", "train.lr_generator=1e-2",
                              "train.lr_warmup_steps=0", "train.ema_decay=0.5"])
     trainer = Trainer(cfg, progress=False)

@@ -18,7 +18,7 @@ from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.schedule import VPSchedule
 from fastdiff.models.teacher import load_teacher
 from fastdiff.objectives import build
-from test_export_e2e import TRAINERS, assert_pipeline_matches, distill
+from test_export_e2e import TRAINERS, assert_pipeline_matches, distill, image_bound
 from conftest import bench_gmm_rows
 
 STD = 0.5  # the teacher: one Gaussian mode N(mu, STD^2 I), whose denoiser and ODE are closed-form
@@ -216,16 +216,17 @@ def test_boot_trains_exports_and_diffusers_reproduces_it(tiny_teacher, tmp_path)
         ours = student_generator(load_teacher(str(student)), info)(z)
         exported = trainer.export_generator()(z)  # g(eps, 0) of the weights the run exports
 
-    # Equal uint8 images: the float images agree to 1e-5 (the same network, a few float32 operations ordered
-    # differently), so only a value within 1e-5 x 255 of a rounding boundary (x.5) may round to the neighbour level.
+    # Equal uint8 images: the float images agree to image_bound (1.5e-5 here: the same network, a few float32
+    # operations ordered differently), so only a value within that x 255 of a rounding boundary (x.5) may round to
+    # the neighbour level.
     ref_u8 = (ref * 255).round().astype(np.uint8)
-    near_tie = np.abs((ref * 255) % 1 - 0.5) < 255e-5
+    near_tie = np.abs((ref * 255) % 1 - 0.5) < 255 * image_bound(student, 3, 5)
     for images in (to_uint8(ours), to_uint8(exported)):
         assert np.array_equal(images[~near_tie], ref_u8[~near_tie])
         assert np.abs(images.astype(int) - ref_u8).max() <= 1
     teacher_w, student_w = load_teacher(tiny_teacher).model.state_dict(), pipe.unet.state_dict()
     assert any(not torch.equal(teacher_w[k], student_w[k]) for k in teacher_w)  # it trained: not the teacher's weights
-    assert_pipeline_matches(student)  # and the 1e-5 check of every exported student (1, 2 and 4 steps)
+    assert_pipeline_matches(student)  # and the image_bound check of every exported student (1, 2 and 4 steps)
 
 
 def test_boot_refuses_a_flow_teacher():

@@ -73,13 +73,36 @@ def fastdiff_images(folder, steps, seed, n, labels=None, guidance_scale=None):
     return (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def assert_pipeline_matches(student: Path, labels=None, guidance_scale=None):
-    """diffusers' pipeline for the exported folder equals fastdiff's sampler at 1, 2 and 4 steps (1e-5): both
-    the one rebuilt from the folder and, when the folder is a run's ``student/``, the trainer's own generator.
+def image_bound(student, n: int, seed: int, guidance_scale=None) -> float:
+    """How far diffusers' pipeline and fastdiff's sampler may differ on images in [0, 1] (max |difference|).
 
-    1e-5 on images in [0, 1]: the same network on the same inputs, float32 differences of a few operations."""
+    Both run the same network on the same input and differ only in how the scheduler rounds a_t, s_t (1 ulp) and
+    orders its float32 operations: a few eps32 per step times the magnitude x0 is formed from, ``(|x| + s |eps|) / a``
+    for an epsilon student (1 / a up to 157 at the top of a linear table, where a fixed 1e-5 failed on an AMD EPYC:
+    1.9e-5) and ``a |x| + s |v|`` (no 1 / a) for v and sample students; x0 -> image halves it. With |x| <= max|z| and
+    s |eps| ~ |x| at the top level that is ``max|z| / a`` (a = 1 but for epsilon); 8 roundings at the first level
+    and as many over the later ones (smaller 1 / a): 16 eps32 of it. CFG in the pipeline (a student without the
+    scale embedded) sums two predictions with weights up to 2 w - 1. Measured on the tiny teachers: at most 1/15
+    of the bound (3.9e-7 against 6e-6 and more)."""
+    teacher = load_teacher(str(student))
+    info = read_student_info(student)
+    inv_a = 1.0
+    if info.get("prediction_type") == "epsilon" and info.get("top_timestep") is not None:
+        sigma_top = teacher.denoiser.schedule.sigma_at(torch.tensor([float(info["top_timestep"])]))
+        inv_a = float((1 + sigma_top.double() ** 2).sqrt())
+    z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(seed))
+    cfg = guidance_scale is not None and not info.get("guidance_embedded")
+    weight = max(1.0, 2 * guidance_scale - 1) if cfg else 1.0
+    return 16 * torch.finfo(torch.float32).eps * float(z.abs().max()) * inv_a * weight
+
+
+def assert_pipeline_matches(student: Path, labels=None, guidance_scale=None):
+    """diffusers' pipeline for the exported folder equals fastdiff's sampler at 1, 2 and 4 steps (to
+    ``image_bound``): both the one rebuilt from the folder and, when the folder is a run's ``student/``, the
+    trainer's own generator."""
     n = 3 if labels is None else len(labels)
     trainer = TRAINERS.pop(Path(student).resolve().parent, None) if Path(student).name == "student" else None
+    bound = image_bound(student, n, 11, guidance_scale)
     for steps in (1, 2, 4):
         if labels is None:
             pipe = DDPMPipeline.from_pretrained(student)
@@ -91,15 +114,15 @@ def assert_pipeline_matches(student: Path, labels=None, guidance_scale=None):
             ref = pipe(class_labels=labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(11),
                        output_type="np", **extra).images
         ours = fastdiff_images(student, steps, 11, n, labels, guidance_scale)
-        assert np.abs(ours - ref).max() <= 1e-5, (steps, np.abs(ours - ref).max())
+        assert np.abs(ours - ref).max() <= bound, (steps, np.abs(ours - ref).max(), bound)
         if trainer is not None:
             live = trainer_images(trainer, steps, 11, n, labels, guidance_scale)
-            assert np.abs(live - ref).max() <= 1e-5, ("trainer", steps, np.abs(live - ref).max())
+            assert np.abs(live - ref).max() <= bound, ("trainer", steps, np.abs(live - ref).max(), bound)
 
 
 def test_unconditional_distill_export_and_diffusers_load(tiny_teacher, tmp_path):
-    # A learning rate that moves the student well past the 1e-5 image tolerance in two steps (the defaults' warm-up
-    # leaves it within 1.2e-5 of the teacher), so an export of the wrong weights cannot pass.
+    # A learning rate that moves the student well past the image bound (1.5e-5 here, see image_bound) in two steps
+    # (the defaults' warm-up leaves it within 1.2e-5 of the teacher), so an export of the wrong weights cannot pass.
     run = distill(tiny_teacher, tmp_path / "run", "train.lr_generator=1e-3", "train.lr_warmup_steps=0")
     student = run / "student"
     assert (run / "samples").is_dir() and list((run / "samples").glob("*.png"))
@@ -172,7 +195,7 @@ def test_reference_teachers(shared_teacher, tmp_path, name):
     else:
         ref = FastdiffClassConditionalPipeline.from_pretrained(student)(
             class_labels=labels, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="np").images
-    assert np.abs(fastdiff_images(student, 1, 0, n, labels) - ref).max() <= 1e-5
+    assert np.abs(fastdiff_images(student, 1, 0, n, labels) - ref).max() <= image_bound(student, n, 0)
 
 
 def write_fake_fashion_mnist(folder: Path, size: int = 28, n: int = 16) -> None:

@@ -351,8 +351,9 @@ def test_export_reloads_in_diffusers_as_a_one_pass_two_scale_sampler(two_cond_te
             v = student_v(obj, x, t, labels, text, torch.full((3,), s_class), torch.full((3,), s_text)).float()
             x = sched.step(v, t, x).prev_sample
     ours = (x / 2 + 0.5).clamp(0, 1)
-    # merged weights W + BA against W x + B A x, through 4 steps: float32 roundings per layer on values of order 1
-    assert (ours - images).abs().max() <= 1e-4, (ours - images).abs().max()
+    # merged weights W + BA against W x + B A x, through 4 steps: float32 roundings per layer on values of order 1;
+    # a v student (no 1 / a_t amplification), images in [0, 1]: 1e-5 as for the trained export below (measured 2.4e-7)
+    assert (ours - images).abs().max() <= 1e-5, (ours - images).abs().max()
     # the teacher through the same pipeline class: nested CFG, three conditions in one batch per step
     teacher_pipe = FastdiffMultiGuidancePipeline(unet=teacher.model, scheduler=scheduler)
     teacher_pipe.set_progress_bar_config(disable=True)
@@ -466,9 +467,9 @@ def test_distill_draws_tier_weights_trains_and_exports_a_one_pass_pipeline(class
         x0 = gen(z, trainer.objective.student_condition({"class_labels": labels, **text}, 3, s_class, s_text))
     ours = (x0 / 2 + 0.5).clamp(0, 1)
     # merged W + BA against W x + B A x and the scheduler's arithmetic against fastdiff's sampler: float32 roundings
-    # of a few operations per layer and step on values of order 1 (AGD's export test: the same 1e-5 on images in
-    # [0, 1]; measured 1.8e-7 - 2.7e-7 at (3, 2), (1, 1), (4, 4), while the export's images sit 0.14 - 0.25 RMS from
-    # the teacher's three-pass ones: the comparison can tell the trained student from others)
+    # of a few operations per layer and step on values of order 1, a v student (no 1 / a_t amplification): 1e-5 on
+    # images in [0, 1] (measured 1.8e-7 - 2.7e-7 at (3, 2), (1, 1), (4, 4), while the export's images sit 0.14 - 0.25
+    # RMS from the teacher's three-pass ones: the comparison can tell the trained student from others)
     assert (ours - images).abs().max() <= 1e-5, (ours - images).abs().max()
     teacher_w = load_teacher(class_text_teacher).model.state_dict()
     assert any(not torch.equal(v, teacher_w[k]) for k, v in pipe.unet.state_dict().items() if k in teacher_w)

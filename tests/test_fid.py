@@ -79,7 +79,9 @@ def test_frechet_exact_on_singular_covariances():
     # Near-singular and shifted: still equal to the eigen-decomposition of a full-rank perturbation's limit.
     eps = 1e-9
     near = frechet_distance(mu, s + eps * np.eye(64), mu + 1, s)
-    assert near == pytest.approx(64.0, rel=1e-6, abs=1e-3)
+    # the limit is 64 + 45 eps (the 45 null directions of s gain eps each, the 19 others net nothing to first order):
+    # 4.5e-8 from 64 (measured 4.5e-8), float64 rounding ~1e-12; 1e-6 leaves 20x
+    assert near == pytest.approx(64.0, rel=0, abs=1e-6)
 
 
 def test_feature_stats_streaming_equals_numpy():
@@ -157,7 +159,12 @@ def test_nv_bilinear_is_tf1_resize(size_in):
 
     img = np.random.default_rng(size_in).uniform(0, 255, (size_in, size_in))
     ours = tf_bilinear(torch.from_numpy(img).float()[None, None], 64)[0, 0].numpy()
-    np.testing.assert_allclose(ours, _tf_legacy_bilinear(img, 64), atol=2e-3)
+    # float32 against float64: affine_grid forms each source coordinate j * in / out from normalised coordinates
+    # (|.| <= 1, ~3 roundings) scaled by in / 2, so it is off by up to ~2 eps32 x in pixels, which moves the value by
+    # that times the step between neighbours (<= the image's range, ~255). Bound: 8 eps32 x in x range (measured
+    # 0.34 - 0.86 of eps32 x in x range, 3e-4 - 7e-4); a coordinate off by a pixel fraction moves values by O(10).
+    bound = 8 * np.finfo(np.float32).eps * size_in * np.ptp(img)
+    np.testing.assert_allclose(ours, _tf_legacy_bilinear(img, 64), rtol=0, atol=bound)
 
 
 def test_clean_bicubic_is_pil_float_bicubic():
@@ -166,6 +173,8 @@ def test_clean_bicubic_is_pil_float_bicubic():
     img = np.random.default_rng(0).integers(0, 256, (2, 1, 28, 28)).astype(np.uint8)
     ours = pil_bicubic(torch.from_numpy(img), 299).numpy()
     ref = np.asarray(Image.fromarray(img[1, 0].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC))
+    # the same PIL resampling of the same float32 image: equal here (measured 0); 1e-4 (~3 ulps of 255) leaves room
+    # only for another float32 accumulation order
     np.testing.assert_allclose(ours[1, 0], ref.clip(0, 255), atol=1e-4)
 
 
@@ -178,6 +187,8 @@ def test_eager_inception_equals_nvidia_torchscript(extractor):
         expected = script((x.float() - 128) / 128)
     got = extractor(x)
     assert extractor.extractor_id == "tf-inception-2015-12-05"
+    # features up to ~6 after ~100 float32 layers summing ~1e3 terms each, with other kernels and fusions: ~1e-6 of
+    # the largest (measured 5.5e-6 absolute); atol 1e-4 (~2e-5 of it) leaves 18x
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -297,6 +308,8 @@ def test_cli_ref_stats_and_fid(tmp_path, capsys, tiny_teacher):
     code, out, err = _run(capsys, "fid", folder, "--ref", ref, "--json", tmp_path / "r.json")
     assert code == 0, err
     result = json.loads((tmp_path / "r.json").read_text())
+    # float64 FID of the same images' features (measured -1.7e-13); were a batch split to round features differently
+    # (float32 Inception, ~5e-6 of features up to ~6), FID is second order in that: ~2048 x (5e-6)^2 = 5e-8 < 1e-6
     assert result["fid_label"] == "FID@12(real12, nv-bilinear)" and abs(result["fid"]) < 1e-6
     assert out.startswith("FID@12(real12, nv-bilinear) = ") and "KID@12" in out
     # A model folder is sampled on the fly (the tiny teacher is 8x8, one channel), no images written.

@@ -18,6 +18,7 @@ from fastdiff.models.teacher import load_teacher
 from fastdiff.objectives.meanflow import MeanFlow, meanflow_target, total_derivative
 from fastdiff.pipelines.pipeline_fastdiff_flow_map import FastdiffFlowMapPipeline
 from conftest import bench_gmm_rows
+from test_export_e2e import image_bound
 
 M, S = 0.7, 0.3  # a Gaussian data distribution N(M, S^2) per element
 
@@ -140,8 +141,9 @@ def distil_and_export(folder: str, conditional: bool, tmp_path):
 def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp_path):
     """A few MeanFlow updates on a tiny UNet (unconditional epsilon; class-conditional v-prediction), exported:
     FastdiffFlowMapPipeline (diffusers' DDIMScheduler told r) gives fastdiff's own any-K sampler's uint8 images at
-    K = 1, 2, 3, 4 from one student (and the floats within 1e-5: the same network on the same inputs, float32
-    differences of a few operations on images in [0, 1]); and at K = 2, 4 on the flow-time levels
+    K = 1, 2, 3, 4 from one student (and the floats within test_export_e2e.image_bound: the same network on the same
+    inputs, float32 differences of a few operations on images in [0, 1]; measured at most 1.8e-7); and at K = 2, 4
+    on the flow-time levels
     (``levels="flow"``) given to the pipeline as ``timesteps``."""
     teacher, d, model, top, out = distil_and_export(request.getfixturevalue(which), labels is not None, tmp_path)
     cond = None if labels is None else {"class_labels": torch.tensor(labels)}
@@ -164,7 +166,7 @@ def test_distil_export_and_diffusers_reproduce_any_k(which, labels, request, tmp
             x0 = sampler(z, cond, num_steps=steps)
         mine = (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         # the same network and DDIM steps in diffusers' float32 order: a few ulps per step on images in [0, 1]
-        assert np.abs(mine - ref).max() <= 1e-5, (k, np.abs(mine - ref).max())
+        assert np.abs(mine - ref).max() <= image_bound(out, 3, 11), (k, np.abs(mine - ref).max())
         assert np.array_equal(to_uint8(x0), (ref * 255).round().astype(np.uint8)), k
         images[k] = mine
     assert np.abs(images[1] - images[4]).max() > 1e-3  # K steps are different samplers, not one map repeated

@@ -17,7 +17,7 @@ from fastdiff.models.schedule import schedule_from_scheduler
 from fastdiff.objectives.pso import pair_losses, pso_loss
 
 from conftest import tiny_unet
-from test_export_e2e import distill, fastdiff_images
+from test_export_e2e import distill, fastdiff_images, image_bound
 
 
 def diffusion_dpo_loss(model_pred, ref_pred, target, beta_dpo):
@@ -170,8 +170,9 @@ def assert_tuned_export(student: Path, out: Path, labels=None) -> None:
         else:
             ref = FastdiffClassConditionalPipeline.from_pretrained(out)(class_labels=labels, num_inference_steps=steps,
                                                                       output_type="np", generator=rng).images
-        # 1e-5 on [0, 1] images: the same network on the same inputs, float32 differences of a few operations
-        assert np.abs(fastdiff_images(out, steps, 11, n, labels) - ref).max() <= 1e-5
+        # [0, 1] images: the same network on the same inputs, float32 differences of a few operations (image_bound;
+        # measured at most 2.4e-7)
+        assert np.abs(fastdiff_images(out, steps, 11, n, labels) - ref).max() <= image_bound(out, n, 11)
     moved = np.abs(fastdiff_images(out, 2, 11, n, labels) - fastdiff_images(student, 2, 11, n, labels)).max()
     assert moved > 1e-3, moved  # the export holds the tuned weights, not the student's
 
