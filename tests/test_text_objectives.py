@@ -1,0 +1,54 @@
+"""The text-to-image papers' objectives on a Stable Diffusion teacher, end to end: SwiftBrush's vsd and SNOOPI's
+pg-sb, SIM, SiDA, sCM and rCM, LADD and Hyper-SD's DMD stage (dmd2, sid and cd: tests/test_text_to_image.py).
+
+Each trains two updates on the tiny SD pipeline (tests/tiny_pipelines.py), exports, and the export loads in
+diffusers' own ``StableDiffusionPipeline``, whose uint8 images equal fastdiff's sampler on the exported folder at one
+and two steps, and at one step the trainer's own in-memory student (so the export holds the weights that trained,
+not a copy of the teacher's or a stale checkpoint's).
+"""
+import json
+
+import pytest
+import torch
+
+import tiny_pipelines as tp
+from fastdiff.config import load_config
+from fastdiff.inference.sampling import to_uint8
+from fastdiff.training import Trainer
+from test_text_to_image import FAST, PROMPTS, assert_same, changed, ours, theirs
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i-objectives")
+    return {"sd": str(tp.sd_pipeline(root / "sd")), "prompts": str(tp.prompts_file(root / "prompts.txt")),
+            "images": str(tp.caption_folder(root / "images"))}
+
+
+# what they train on besides prompts: captioned images (consistency terms; SiDA's GAN head reads real images)
+ON_IMAGES = {"scm", "rcm", "hyper-sd-dmd", "sida"}
+OBJECTIVES = ["vsd", "pg-sb", "sim", "sida", "scm", "rcm", "ladd", "hyper-sd-dmd"]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objective_on_stable_diffusion_exports_what_trained(files, tmp_path, objective):
+    from diffusers import StableDiffusionPipeline
+
+    data = ["data.name=imagefolder", f"data.path={files['images']}"] if objective in ON_IMAGES else \
+        [f"data.prompts={files['prompts']}"]
+    critic = [] if objective == "scm" else ["objective.critic_updates=1"]  # scm has no critic
+    cfg = load_config(None, [f"teacher.path={files['sd']}", f"output_dir={tmp_path / 'run'}", *FAST, *data, *critic,
+                             f"objective.name={objective}", "train.lr_generator=1e-3",
+                             "train.lr_warmup_steps=0", "train.ema_decay=0.5"])  # an EMA far from the raw student
+    trainer = Trainer(cfg, progress=False)
+    student = trainer.fit()
+    assert changed(student, files["sd"], "unet") > 0
+    info = json.loads((student / "fastdiff.json").read_text())
+    assert info["pipeline_class"] == "StableDiffusionPipeline" and info["objective"] == objective
+    pipe = StableDiffusionPipeline.from_pretrained(student)
+    for steps in (1, 2):
+        assert_same(ours(student, steps), theirs(pipe, steps))
+    with torch.no_grad():  # the trainer's own student on the pipeline's noise for seed 5 (theirs' default)
+        z = torch.randn((len(PROMPTS), *trainer.teacher.sample_shape), generator=torch.Generator().manual_seed(5))
+        x = trainer.teacher.latents.decode(trainer.export_generator()(z, trainer.text(PROMPTS)))
+    assert_same(to_uint8(x), theirs(pipe, 1))
