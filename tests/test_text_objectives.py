@@ -52,3 +52,43 @@ def test_objective_on_stable_diffusion_exports_what_trained(files, tmp_path, obj
         z = torch.randn((len(PROMPTS), *trainer.teacher.sample_shape), generator=torch.Generator().manual_seed(5))
         x = trainer.teacher.latents.decode(trainer.export_generator()(z, trainer.text(PROMPTS)))
     assert_same(to_uint8(x), theirs(pipe, 1))
+
+
+def aligned_global_rng(seed: int, n: int, shape: tuple) -> None:
+    """Put torch's global RNG where fastdiff's seeded generator is after the initial noise: SD3's and Sana's pipelines
+    give ``scheduler.step`` no generator, so a K > 1 student's re-noising draws from the global RNG there."""
+    rng = torch.Generator().manual_seed(seed)
+    torch.randn((n, *shape), generator=rng)
+    torch.set_rng_state(rng.get_state())
+
+
+def test_presets_step_counts_reproduce_in_diffusers(files, tmp_path):
+    """The presets' multi-step students at their step counts, equal to fastdiff's uint8 images: sd3-sid's 4-step sid
+    on SD3 at 4 steps (a flow export's scheduler is set for its K, ``shift_terminal = 1/K``; its re-noising comes from
+    the global RNG, aligned here: a plain call is the same law, not the same draws) and sdxl-dmd2-lora's 4-step LoRA
+    dmd2 on SDXL at 1, 2 and 4 (the teacher's pipeline with ``load_lora_weights`` and the exported LCMScheduler)."""
+    import numpy as np
+    from diffusers import LCMScheduler, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    from test_text_to_image import distill
+
+    sd3, sdxl = tp.sd3_pipeline(tmp_path / "sd3"), tp.sdxl_pipeline(tmp_path / "sdxl")
+    student = distill(str(sd3), tmp_path / "sid", "objective.name=sid", f"data.prompts={files['prompts']}",
+                      "student.num_steps=4", "train.lr_generator=1e-3")
+    pipe = StableDiffusion3Pipeline.from_pretrained(student, text_encoder_3=None, tokenizer_3=None)
+    shape = (4, tp.LATENT, tp.LATENT)
+    aligned_global_rng(5, len(PROMPTS), shape)
+    assert_same(ours(student, 4), theirs(pipe, 4))
+    torch.manual_seed(0)  # the global RNG elsewhere: other re-noising draws, other images
+    assert not np.array_equal(ours(student, 4), theirs(pipe, 4))
+
+    lora = distill(str(sdxl), tmp_path / "lora", "objective.name=dmd2", f"data.prompts={files['prompts']}",
+                   "objective.critic_updates=1", "student.num_steps=4", "student.lora_rank=4",
+                   "objective.fake_lora_rank=4", "train.lr_generator=1e-2", "train.lr_critic=1e-2")
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    plain = theirs(pipe, 4)
+    pipe.load_lora_weights(str(lora))
+    pipe.scheduler = LCMScheduler.from_pretrained(lora, subfolder="scheduler")
+    for steps in (1, 2, 4):  # SDXL's pipeline passes its generator to the scheduler: no alignment needed
+        assert_same(ours(lora, steps), theirs(pipe, steps))
+    assert not np.array_equal(plain, theirs(pipe, 4))
