@@ -115,10 +115,27 @@ def tcd_scheduler(scheduler):
     return TCDScheduler.from_config(scheduler.config, original_inference_steps=scheduler.config.num_train_timesteps)
 
 
+# step counts a flow export's per-K schedulers are written for (``scheduler_k{K}/``), beside the student's own
+FLOW_STEP_COUNTS = (1, 2, 4, 8)
+
+
+def flow_schedulers_per_k(info: dict) -> bool:
+    """Whether an export needs ``scheduler_k{K}/`` folders: SD3- and Sana-style flow exports, whose scheduler holds K
+    (``shift_terminal = 1/K``); FluxPipeline passes every K's levels itself."""
+    return info.get("scheduler_class") == "FlowMatchEulerDiscreteScheduler" and \
+        info.get("pipeline_class") != "FluxPipeline"
+
+
 def _save_schedulers(scheduler, folder: Path, info: dict) -> None:
-    """Beside a pipeline or LoRA export: a hyper-sd student's TCD scheduler in ``scheduler_tcd/``."""
+    """Beside a pipeline or LoRA export: a hyper-sd student's TCD scheduler in ``scheduler_tcd/``; a flow export's
+    scheduler for each other K of ``FLOW_STEP_COUNTS`` in ``scheduler_k{K}/`` (a consistency student samples any K,
+    and SD3's and Sana's pipelines take the levels from the scheduler's config)."""
     if str(info.get("objective", "")).startswith("hyper-sd"):
         tcd_scheduler(scheduler).save_pretrained(folder / "scheduler_tcd")
+    if flow_schedulers_per_k(info):
+        for k in FLOW_STEP_COUNTS:
+            if k != info["num_steps"]:
+                flow_scheduler(scheduler, k, info.get("sampler", "lcm")).save_pretrained(folder / f"scheduler_k{k}")
 
 
 def _class_cond_pipeline_file() -> Path:
@@ -244,8 +261,13 @@ def model_card_body(info: dict, where: str = ".") -> str:
                           "than the default's\nat two steps (not at four) on fastdiff's analytic benchmark."
                           if info.get("flow_levels_2") else "")
                       if info.get("flow_map") else
+                      "The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1: FluxPipeline passes "
+                      "fastdiff's levels\nt = 1 - i/K for every `num_inference_steps=K`."
+                      if info.get("pipeline_class") == "FluxPipeline" else
                       "The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1 (and `shift_terminal`\n"
-                      f"1/K for K > 1): `num_inference_steps={steps}` gives fastdiff's levels t = 1 - i/K."
+                      f"1/K for K > 1): `num_inference_steps={steps}` gives fastdiff's levels t = 1 - i/K. For another "
+                      "K (1, 2, 4, 8)\nload its own: `pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("
+                      "\".\", subfolder=\"scheduler_k2\")`."
                       if info.get("scheduler_class") == "FlowMatchEulerDiscreteScheduler" else
                       "The scheduler is diffusers' `DDIMScheduler` (eta 0, trailing timesteps): `num_inference_steps=K`\n"
                       "reproduces fastdiff's deterministic K-step consistency sampler when K divides the table length."
