@@ -2,8 +2,8 @@
 pg-sb, SIM, SiDA, sCM and rCM, LADD and Hyper-SD's DMD stage (dmd2, sid and cd: tests/test_text_to_image.py).
 
 Each trains two updates on the tiny SD pipeline (tests/tiny_pipelines.py), exports, and the export loads in
-diffusers' own ``StableDiffusionPipeline``, whose uint8 images equal fastdiff's sampler on the exported folder at one
-and two steps, and at one step the trainer's own in-memory student (so the export holds the weights that trained,
+diffusers' own ``StableDiffusionPipeline``, whose uint8 images equal fastdiff's sampler on the exported folder at 1,
+2 and 4 steps, and at one step the trainer's own in-memory student (so the export holds the weights that trained,
 not a copy of the teacher's or a stale checkpoint's).
 """
 import json
@@ -46,7 +46,7 @@ def test_objective_on_stable_diffusion_exports_what_trained(files, tmp_path, obj
     info = json.loads((student / "fastdiff.json").read_text())
     assert info["pipeline_class"] == "StableDiffusionPipeline" and info["objective"] == objective
     pipe = StableDiffusionPipeline.from_pretrained(student)
-    for steps in (1, 2):
+    for steps in (1, 2, 4):
         assert_same(ours(student, steps), theirs(pipe, steps))
     with torch.no_grad():  # the trainer's own student on the pipeline's noise for seed 5 (theirs' default)
         z = torch.randn((len(PROMPTS), *trainer.teacher.sample_shape), generator=torch.Generator().manual_seed(5))
@@ -94,10 +94,12 @@ def test_presets_step_counts_reproduce_in_diffusers(files, tmp_path):
     assert not np.array_equal(plain, theirs(pipe, 4))
 
 
-@pytest.mark.parametrize("objective,sampler", [("cd", "ddim"), ("rcm", "lcm"), ("scm", "lcm")])
-def test_one_consistency_student_on_sd3_samples_k_1_2_4_in_diffusers(files, tmp_path, objective, sampler):
-    """A one-step consistency student of an SD3 teacher samples any K: the export's ``scheduler_k{K}/`` folders (its
-    own scheduler holds K = 1) give StableDiffusion3Pipeline fastdiff's levels t = 1 - i/K at K = 2 and 4, with
+@pytest.mark.parametrize("objective,sampler,data", [
+    ("cd", "ddim", "images"), ("rcm", "lcm", "images"), ("scm", "lcm", "teacher")])
+def test_one_consistency_student_on_sd3_samples_k_1_2_4_in_diffusers(files, tmp_path, objective, sampler, data):
+    """A one-step consistency student of an SD3 teacher (scm: image-free, on the teacher's own samples for the
+    training prompts, TBCM's setting) samples any K: the export's ``scheduler_k{K}/`` folders (its own scheduler
+    holds K = 1) give StableDiffusion3Pipeline fastdiff's levels t = 1 - i/K at K = 2 and 4, with
     images equal to fastdiff's sampler's up to one uint8 level on 0.5% of values (Euler steps and fastdiff's
     re-noising are the same arithmetic in another order, so a value on a rounding boundary may flip on another CPU;
     measured here: equal; the fresh-noise sampler's draws come from the global RNG, aligned)."""
@@ -107,8 +109,10 @@ def test_one_consistency_student_on_sd3_samples_k_1_2_4_in_diffusers(files, tmp_
     from test_text_to_image import distill
 
     sd3 = tp.sd3_pipeline(tmp_path / "sd3")
-    student = distill(str(sd3), tmp_path / "run", f"objective.name={objective}", "data.name=imagefolder",
-                      f"data.path={files['images']}", f"student.sampler={sampler}", "train.lr_generator=1e-3",
+    source = ["data.name=imagefolder", f"data.path={files['images']}"] if data == "images" else \
+        ["data.name=teacher", "data.teacher_steps=2", f"data.prompts={files['prompts']}"]
+    student = distill(str(sd3), tmp_path / "run", f"objective.name={objective}", *source,
+                      f"student.sampler={sampler}", "train.lr_generator=1e-3",
                       *(["objective.critic_updates=1"] if objective == "rcm" else []))
     assert sorted(p.name for p in student.glob("scheduler_k*")) == ["scheduler_k2", "scheduler_k4", "scheduler_k8"]
     pipe = StableDiffusion3Pipeline.from_pretrained(student, text_encoder_3=None, tokenizer_3=None)
