@@ -158,12 +158,13 @@ def test_text_flow_map_student_exports_any_k(kind, teachers, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("objective", ["meanflow", "ayf"])  # ayf: its default AYF-EMD loss, the same export
 @pytest.mark.parametrize("kind", ["sd", "sd3"])
-def test_distill_cli_exports_text_flow_map_students(kind, teachers, tmp_path):
-    """``fastdiff distill objective.name=meanflow`` on a captioned image folder (teacher CFG 2, JVP tangent): the
-    trainer's own export reloads through the class the model card names (the card's code runs), and ``fastdiff
-    sample``'s path (``load_sampler`` on the folder, then ``sample_model``) gives the pipeline's uint8 images at
-    K = 1, 2, 4 for the same seed and prompts."""
+def test_distill_cli_exports_text_flow_map_students(kind, objective, teachers, tmp_path):
+    """``fastdiff distill objective.name=meanflow`` (or ayf) on a captioned image folder (teacher CFG 2, JVP
+    tangent): the trainer's own export reloads through the class the model card names (the card's code runs), and
+    ``fastdiff sample``'s path (``load_sampler`` on the folder, then ``sample_model``) gives the pipeline's uint8
+    images at K = 1, 2, 4 for the same seed and prompts."""
     import importlib
 
     from fastdiff.cli import main
@@ -174,7 +175,7 @@ def test_distill_cli_exports_text_flow_map_students(kind, teachers, tmp_path):
     args = ["distill"]
     for item in [f"teacher.path={teachers[kind]}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
                  "train.batch_size=2", "train.checkpoint_every=2", "train.sample_every=2", "train.num_sample_images=2",
-                 "objective.name=meanflow", "data.name=imagefolder", f"data.path={images}", "teacher.guidance_scale=2",
+                 f"objective.name={objective}", "data.name=imagefolder", f"data.path={images}", "teacher.guidance_scale=2",
                  "train.lr_generator=1e-2", "train.ema_decay=0"]:
         args += ["--set", item]
     assert main(args) == 0
