@@ -175,8 +175,8 @@ def test_distill_cli_exports_text_flow_map_students(kind, objective, teachers, t
     args = ["distill"]
     for item in [f"teacher.path={teachers[kind]}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
                  "train.batch_size=2", "train.checkpoint_every=2", "train.sample_every=2", "train.num_sample_images=2",
-                 f"objective.name={objective}", "data.name=imagefolder", f"data.path={images}", "teacher.guidance_scale=2",
-                 "train.lr_generator=1e-2", "train.ema_decay=0"]:
+                 f"objective.name={objective}", "data.name=imagefolder", f"data.path={images}",
+                 "teacher.guidance_scale=2", "train.lr_generator=1e-2", "train.ema_decay=0"]:
         args += ["--set", item]
     assert main(args) == 0
     out = tmp_path / "run" / "student"
