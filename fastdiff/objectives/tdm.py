@@ -92,8 +92,8 @@ class TDM(DMD2):
         critic_updates: fake-score updates per generator update (reference: 1).
         distance: "l2" (default) or "huber" (the reference README's ``--use_huber``, ``huber_c`` 1e-3). At c = 1e-3 the
             element-wise pseudo-Huber's gradient is nearly the sign of g; on the analytic bench (4 steps, 400
-            updates, seeds 0 / 1 / 2) l2 measured 4.08 / 2.86 / 2.48 x floor (mode weights 0.069 / 0.037 / 0.060)
-            against huber's 5.25 / 4.67 / 3.92 (0.079 / 0.080 / 0.082), so l2 is the default
+            updates, seeds 0 / 1 / 2) l2 measured 2.65 / 2.86 / 2.48 x floor (mode weights 0.038 / 0.037 / 0.060)
+            against huber's 4.07 / 4.67 / 3.92 (0.072 / 0.080 / 0.082), so l2 is the default
             (eval/results/bench-gmm-cpu/README.md, "TDM").
         fake_snr_cap: the fake score's min-SNR cap (reference: 5); importance_weight: the mixed-noise weight on it.
         weighting: "dmd" (the reference's ``1 / mean|x0 - x0_real|``) or "vsd" (``a_t s_t``, no per-sample
