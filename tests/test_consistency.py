@@ -254,17 +254,20 @@ def test_auto_tangent_falls_back_to_finite_differences(tiny_teacher):
     ("cd", ["objective.target_ema=0", "objective.distance=l2"]),
     ("scm", ["objective.tangent_warmup=1"]),
     ("cd", ["student.sampler=ddim", "student.num_steps=4"]),
+    # two stages (2 segments, then 1) within the run's two updates
+    ("hyper-sd", ["objective.segments=[2, 1]", "objective.stage_steps=[1]", "objective.num_intervals=4"]),
 ])
 def test_consistency_trains_exports_and_diffusers_reproduces_it(name, extra, tiny_cond_teacher, tmp_path):
     run, logs = distill_on_fake_images(tiny_cond_teacher, tmp_path, f"objective.name={name}", *extra, distill_fn=distill)
-    assert f"loss_{name}" in logs[-1] and all(torch.isfinite(torch.tensor(v)) for r in logs for v in r.values())
+    assert f"loss_{ {'hyper-sd': 'tscd'}.get(name, name)}" in logs[-1] and all(torch.isfinite(torch.tensor(v)) for r in logs for v in r.values())
     info = json.loads((run / "student" / "fastdiff.json").read_text())
     assert info["timestep_scaling"] == (10.0 if name == "cd" else None) and info["top_timestep"] == 999
     sampler = "ddim" if "student.sampler=ddim" in extra else "lcm"
     scheduler = json.loads((run / "student" / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     assert info["sampler"] == sampler and scheduler == {"ddim": "DDIMScheduler", "lcm": "LCMScheduler"}[sampler]
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
-    assert (ckpt / "cd_target.safetensors").is_file() == (name == "cd" and "objective.target_ema=0" not in extra)
+    assert (ckpt / "cd_target.safetensors").is_file() == (name in ("cd", "hyper-sd")
+                                                           and "objective.target_ema=0" not in extra)
     assert (ckpt / "scm_logvar.safetensors").is_file() == (name == "scm")
     if name == "scm":  # the adaptive weighting's head (zero at the start) was trained by the generator's optimizer
         from safetensors.torch import load_file
