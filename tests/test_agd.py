@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fastdiff import objectives
-from fastdiff.inference.export import export_student, read_student_info, student_generator
+from fastdiff.inference.export import export_student
+from fastdiff.inference.students import read_student_info, student_generator
 from fastdiff.inference.sampling import guided_cond
 from fastdiff.models.denoiser import Denoiser
 from fastdiff.models.guidance import guidance_embedding, with_guidance_embedding

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from fastdiff.inference.export import read_student_info, student_generator
+from fastdiff.inference.students import read_student_info, student_generator
 from fastdiff.inference.sampling import to_uint8
 from fastdiff.models.analytic import GaussianMixtureModel
 from fastdiff.models.denoiser import Denoiser

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMPipeline
 
 from fastdiff.cli import main
-from fastdiff.inference.export import read_student_info, student_generator
+from fastdiff.inference.students import read_student_info, student_generator
 from fastdiff.pipelines import FastdiffClassConditionalPipeline
 from fastdiff.inference.sampling import guided_cond
 from fastdiff.models.teacher import load_teacher

@@ -94,7 +94,7 @@ def test_exported_scheduler_gives_fastdiff_levels_under_flux_sigmas_and_mu(files
     scheduler (shift 1, no dynamic shift, no shift_terminal) turns them into fastdiff's timesteps exactly."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    from fastdiff.inference.export import flow_scheduler, flux_scheduler
+    from fastdiff.inference.schedulers import flow_scheduler, flux_scheduler
     from fastdiff.models.generator import step_sigmas
     from fastdiff.models.teacher import load_teacher
 

@@ -130,7 +130,7 @@ class MultiGuidanceSampler:
 
         from ..models.teacher import load_teacher
         from ..models.text import PromptEncoder
-        from .export import teacher_location
+        from .students import teacher_location
 
         self.pipe = FastdiffMultiGuidancePipeline.from_pretrained(folder).to(device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -162,7 +162,7 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
     sampling levels (``student_generator``)."""
     from ..models.embedded import resolve_teacher_path
     from ..errors import FastdiffError
-    from .export import load_flow_map_student, load_lora_student, read_student_info, student_generator
+    from .students import load_flow_map_student, load_lora_student, read_student_info, student_generator
     from ..models.teacher import could_be_hub_id, load_teacher
 
     model_dir = resolve_teacher_path(model_dir)

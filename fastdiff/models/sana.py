@@ -9,7 +9,7 @@
   network fed ``t * T`` (times the transformer's ``timestep_scale``, as the pipeline does). Some ship
   ``FlowMatchEulerDiscreteScheduler``, which fastdiff reads like SD3's.
 - Latents: ``AutoencoderDC`` (deterministic encoder, ``scaling_factor``, no shift; ``latent.py``).
-- Export: ``FlowMatchEulerDiscreteScheduler`` (``inference/export.py: flow_scheduler``). DPMSolver's flow sigmas for K
+- Export: ``FlowMatchEulerDiscreteScheduler`` (``inference/schedulers.py: flow_scheduler``). DPMSolver's flow sigmas for K
   steps start at the shifted ``1 - 1/T``, never at t = 1 where the student starts, and it cannot re-noise with fresh
   noise; the Euler scheduler with shift 1 and ``shift_terminal = 1/K`` gives the student's levels ``1 - i/K`` exactly.
 """

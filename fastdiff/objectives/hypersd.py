@@ -39,7 +39,7 @@ from the start of the run (``critic_updates`` per generator update, as ``rcm``),
 
 Export: one student (LoRA with ``student.lora_rank``) serves 1, 2, 4 and 8 steps; the exported scheduler
 (DDIMScheduler, trailing, for ``student.sampler: ddim``) reproduces fastdiff's sampler image for image, and a
-TCDScheduler config is saved beside it in ``scheduler_tcd/`` (``inference/export.py`` ``tcd_scheduler``: its K
+TCDScheduler config is saved beside it in ``scheduler_tcd/`` (``inference/schedulers.py`` ``tcd_scheduler``: its K
 timesteps are fastdiff's for every K; step count and eta are call arguments, so one config serves 1, 2, 4 and 8).
 Per-stage students, as Hyper-SD ships one LoRA per step count besides its unified one: ``stage_ends`` tells the
 trainer where each stage but the last ends, and there it exports that stage's student (the EMA when the run keeps

@@ -75,7 +75,9 @@ def export_fada(run, model, out: Path) -> Path:
     sample grid uses) and a README.md model card; written to a hidden sibling folder, then moved."""
     import json
 
-    from ..inference.export import _portable, _write_folder, deterministic_scheduler, multi_guidance_card
+    from ..inference.export import _portable, _write_folder
+    from ..inference.model_card import multi_guidance_card
+    from ..inference.schedulers import deterministic_scheduler
     from ..objectives.fada import export_multi_guidance
 
     o = run.cfg.objective

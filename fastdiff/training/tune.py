@@ -23,7 +23,8 @@ import torch
 
 from ..config import flat_config
 from ..errors import FastdiffError
-from ..inference.export import export_student, read_student_info, student_generator, teacher_location
+from ..inference.export import export_student
+from ..inference.students import read_student_info, student_generator, teacher_location
 from ..inference.sampling import save_grid, to_uint8
 from ..machine import progress
 from ..models import flux
