@@ -12,7 +12,34 @@ from .errors import FastdiffError
 def _device(name: str | None):
     import torch
 
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FastdiffError(f"--device {name!r} is not a device torch knows; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastdiffError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def _check_out(out: Path, overwrite: bool, keep: dict | None = None) -> None:
+    """An output folder a command may write: not a file (nor under one), not non-empty unless ``overwrite``, and
+    never one of the folders ``keep`` ({role: path}, the command's inputs) or a folder holding one, which --overwrite
+    would delete."""
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise FastdiffError(f"--out {out}: {folder} is a file; give a folder")
+    for role, source in (keep or {}).items():
+        if source is None:
+            continue
+        if out.resolve() == Path(source).resolve():
+            raise FastdiffError(f"--out {out} is the {role} folder itself; give another folder")
+        if out.resolve() in Path(source).resolve().parents:
+            raise FastdiffError(f"--out {out} holds the {role} folder {source}, which writing it would replace; "
+                                "give another folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
 
 
 def cmd_distill(args) -> None:
@@ -62,8 +89,7 @@ def cmd_export(args) -> None:
     cfg = Config()
     _apply(cfg, _yaml((path / "config.yaml").read_text()))
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
+    _check_out(out, args.overwrite, keep={"run": run})
     from .inference.export import push_to_hub, weight_options
     from .training.outputs import export_run
 
@@ -83,10 +109,7 @@ def cmd_tune(args) -> None:
 
     cfg = tune_config(args.set or [])  # unknown keys and bad values fail before anything loads
     out = Path(args.out or f"{str(args.student).rstrip('/')}-pso")
-    if out.resolve() == Path(args.student).resolve():
-        raise FastdiffError("--out is the student folder itself; give another folder")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
+    _check_out(out, args.overwrite, keep={"student": args.student, "targets": args.targets})
     folder = tune(args.student, args.targets, str(out), cfg, args.device, show_progress=not args.quiet)
     print(f"tuned student exported to {folder}")
 
@@ -96,8 +119,8 @@ def cmd_upscale(args) -> None:
 
     cfg = upscale_config(args.set or [])  # unknown keys and bad values fail before anything loads
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
+    _check_out(out, args.overwrite, keep={"teacher": args.teacher, "images": args.images,
+                                          "eval images": args.eval_images})
     folder = upscale(args.teacher, args.images, str(out), cfg, args.device, show_progress=not args.quiet,
                      eval_dir=args.eval_images)
     print(f"one-step x{cfg.factor}-scale-distilled upscaler exported to {folder}")
@@ -113,8 +136,7 @@ def cmd_sample(args) -> None:
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
         raise FastdiffError("--num, --steps and --batch-size must be positive")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to write into it")
+    _check_out(out, args.overwrite, keep={"model": args.model_dir})
     device = _device(args.device)
     model, loaded = load_sampler(args.model_dir, device, args.guidance_scale, parse_levels(args.levels, args.steps))
     prompts = _paired_prompts(args.prompts, args.num)
@@ -164,6 +186,8 @@ def _extractor(args, resize: str):
 def _check_json_target(path: str | None) -> None:
     if path and not Path(path).resolve().parent.is_dir():
         raise FastdiffError(f"--json {path}: folder {Path(path).parent} does not exist")
+    if path and Path(path).is_dir():
+        raise FastdiffError(f"--json {path} is a folder; give a file name")
 
 
 def _write_json(path: str | None, result: dict) -> None:
@@ -208,8 +232,12 @@ def _is_statistics_file(path: str) -> bool:
 
     if not (path.endswith(".npz") and Path(path).is_file()):
         return False
-    with np.load(path) as z:
-        return {"mu", "sigma"} <= set(z.files)
+    try:
+        with np.load(path) as z:
+            return {"mu", "sigma"} <= set(z.files)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a text file: any unreadable .npz is one line
+        raise FastdiffError(f"{path} is not a readable .npz ({type(e).__name__}); give a folder of images, an "
+                            ".npz of images or statistics from fastdiff ref-stats") from None
 
 
 def cmd_fid(args) -> None:
@@ -325,9 +353,12 @@ def cmd_bench_speed(args) -> None:
                     "--sample-batch-sizes": min(batches or [0])}
     for name, value in check_values.items():
         if value <= 0:
-            raise FastdiffError(f"{name} must be positive")
+            raise FastdiffError(f"{name} must be {'>= 0' if name == '--warmup' else 'positive'}")
     if args.time_budget is not None and args.time_budget <= 0:
         raise FastdiffError("--time-budget must be positive (seconds)")
+    for folder in (Path(args.out), *Path(args.out).parents) if args.out else ():  # written after minutes of timing
+        if folder.exists() and not folder.is_dir():
+            raise FastdiffError(f"--out {args.out}: {folder} is a file; give a folder")
     partial = (lambda result: bench_speed.write(result, args.out)) if args.out else None  # noqa: E731
     result = bench_speed.run(args.teacher, objectives, train_batches, batches, steps, args.warmup, device,
                              args.set or [], compile_sampler=not args.skip_compile, progress=not args.quiet,

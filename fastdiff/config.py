@@ -5,6 +5,7 @@ Unknown keys and values of the wrong type are one-line errors naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import re
 
 import yaml
 
-from .errors import FastdiffError
+from .errors import FastdiffError, read_text
 
 DEFAULT_TEACHER = "embedded:fmnist-ddpm"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -207,13 +208,16 @@ def _coerce(key: str, value, tp):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        finite = None  # a number that is not finite: say so rather than list the types
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(key, value, arg)
-            except FastdiffError:
-                pass
+            except FastdiffError as e:
+                finite = e if "finite" in str(e) else finite
+        if finite is not None:
+            raise finite
         raise FastdiffError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin in (list, typing.List):
         (item,) = typing.get_args(tp)
@@ -227,13 +231,18 @@ def _coerce(key: str, value, tp):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no setting means nan or inf; torch would fail later, or train on it
+                raise FastdiffError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -292,7 +301,7 @@ def _read_yaml(name_or_path: str, _chain: tuple = ()) -> dict:
 def _read_one_yaml(name_or_path: str) -> dict:
     path = Path(name_or_path)
     if path.is_file():
-        text = path.read_text()
+        text = read_text(path, "config")
     else:
         packaged = resources.files("fastdiff.configs") / f"{name_or_path}.yaml"
         if not packaged.is_file():
@@ -344,15 +353,25 @@ def validate(cfg: Config) -> None:
                 "train.gradient_accumulation": t.gradient_accumulation, "train.checkpoint_every": t.checkpoint_every,
                 "train.sample_every": t.sample_every, "train.log_every": t.log_every,
                 "train.checkpoint_limit": t.checkpoint_limit, "student.num_steps": cfg.student.num_steps,
-                "train.max_nonfinite_steps": t.max_nonfinite_steps}
+                "train.max_nonfinite_steps": t.max_nonfinite_steps, "train.num_sample_images": t.num_sample_images}
     o = cfg.objective
     if o.critic_updates is not None:
         positive["objective.critic_updates"] = o.critic_updates
     for key, value in positive.items():
         if value <= 0:
             raise FastdiffError(f"{key} must be a positive integer, got {value}")
-    if isinstance(cfg.student.sigma_init, str) and cfg.student.sigma_init != "auto":
-        raise FastdiffError(f"student.sigma_init must be a number, null (the top) or auto, got {cfg.student.sigma_init!r}")
+    sigma = cfg.student.sigma_init
+    if (isinstance(sigma, str) and sigma != "auto") or (not isinstance(sigma, str) and sigma is not None
+                                                        and not (0 < sigma < math.inf)):
+        raise FastdiffError(f"student.sigma_init must be a positive number, null (the top) or auto, got {sigma!r}")
+    if not 0 <= t.seed < 2**32:
+        raise FastdiffError(f"train.seed must be in [0, 2^32), got {t.seed}")
+    for key in ("lr_generator", "lr_critic", "weight_decay", "grad_clip"):  # grad_clip 0 would zero every update
+        value = getattr(t, key)
+        if value is not None and (value < 0 or (value == 0 and key != "weight_decay")):
+            raise FastdiffError(f"train.{key} must be {'>= 0' if key == 'weight_decay' else 'positive'}, got {value}")
+    if t.adam_betas is not None and (len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas)):
+        raise FastdiffError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
     if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
         raise FastdiffError(f"train.time_limit_minutes must be positive, got {t.time_limit_minutes}")
     d = cfg.data

@@ -80,6 +80,19 @@ def _distill(tmp_path, *sets):
     (["teacher.path={teacher}", "student.sampler=ddim", "student.sigma_init=2.5"], "set student.sigma_init to null"),
     (["teacher.path={teacher}", "student.lora_rank=2", "student.lora_export=lora"], "set student.lora_export=fused"),
     (["teacher.path={gmm}"], "export of GaussianMixtureModel students on a vp schedule is not supported"),
+    # values torch would have refused mid-run, or trained on (found by a fuzzing pass, 2026-11-30)
+    (["teacher.path={teacher}", "train.lr_generator=nan"], "train.lr_generator: expected a finite number"),
+    (["teacher.path={teacher}", "objective.alpha=inf", "objective.name=sid"], "objective.alpha: expected a finite"),
+    (["teacher.path={teacher}", "train.seed=-1"], "train.seed must be in [0, 2^32)"),
+    (["teacher.path={teacher}", "train.adam_betas=[2, 0.999]"], "train.adam_betas must be two numbers in [0, 1)"),
+    (["teacher.path={teacher}", "train.grad_clip=0"], "train.grad_clip must be positive"),
+    (["teacher.path={teacher}", "train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
+    (["teacher.path={teacher}", "student.sigma_init=-1"], "student.sigma_init must be a positive number"),
+    (["teacher.path={teacher}", "train.num_sample_images=0"], "train.num_sample_images must be a positive integer"),
+    (["teacher.path={teacher}", "teacher.guidance_scale=3"], "needs a class- or text-conditional teacher"),
+    (["teacher.path={teacher}", "objective.name=sid", "objective.fake_guidance=2"],
+     "objective.fake_guidance 2.0 needs a class- or text-conditional teacher"),
+    (["teacher.path={teacher}", "output_dir={data}/file.txt/run"], "is a file, not a folder"),
 ])
 def test_distill_bad_input(tmp_path, capsys, tiny_teacher, sets, fragment):
     (tmp_path / "empty").mkdir()
@@ -92,6 +105,7 @@ def test_distill_bad_input(tmp_path, capsys, tiny_teacher, sets, fragment):
         from fastdiff.models.analytic import GaussianMixtureModel
 
         GaussianMixtureModel().save_teacher(tmp_path / "gmm")
+    (tmp_path / "data" / "file.txt").write_text("not a folder")
     rc = _distill(tmp_path, *[s.format(**fill) for s in sets])
     err = capsys.readouterr().err.strip()
     assert rc == 2
@@ -142,3 +156,57 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == ["fastdiff: error: teacher path '/nope' does not exist; "
                                                 "pass a local diffusers folder (teacher.path)"]
     assert not (tmp_path / "o").exists()
+
+
+def test_outputs_devices_and_files_that_are_not_what_they_should_be(tmp_path, capsys, tiny_teacher):
+    """Export into (or above) its own run folder once replaced the run with the student (checkpoints gone, exit 0);
+    --out a file, an unknown or absent device, a damaged checkpoint named by step, a non-UTF-8 config, a damaged
+    fastdiff.json, a truncated .npz and a folder as --json were tracebacks. Each is one line, exit 2, nothing
+    changed."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    run = tmp_path / "run"
+    assert main(["distill", "--set", f"teacher.path={tiny_teacher}", "--set", f"output_dir={run}",
+                 "--set", "train.max_steps=1", "--set", "train.batch_size=2", "--set", "train.checkpoint_every=1",
+                 "--set", "train.sample_every=100", "--set", "train.num_sample_images=2", "-q"]) == 0
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "checkpoints" / "step-00000001" / "generator.safetensors").write_bytes(b"\0" * 100)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "latin1.yaml").write_bytes("train: {seed: 0}  # caf\xe9\n".encode("latin-1"))
+    broken = tmp_path / "broken-student"
+    shutil.copytree(run / "student", broken)
+    (broken / "fastdiff.json").write_text("{")
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(3), sigma=np.eye(3))
+    (tmp_path / "trunc.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:200])
+    student = str(run / "student")
+    cases = [
+        (["export", str(run), "--out", str(run), "--overwrite"], "is the run folder itself"),
+        (["export", str(run), "--out", str(tmp_path), "--overwrite"], "which writing it would replace"),
+        (["export", str(run), "--out", str(tmp_path / "a_file")], "a_file is a file; give a folder"),
+        (["sample", student, "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"), "--device", "magic"],
+         "--device 'magic' is not a device torch knows"),
+        (["sample", tiny_teacher, "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"),
+          "--guidance-scale", "3"], "--guidance-scale 3.0 needs a class- or text-conditional teacher"),
+        (["export", str(damaged), "--out", str(tmp_path / "e"), "--checkpoint", "1"], "cannot be read"),
+        (["distill", "--config", str(tmp_path / "latin1.yaml")], "is not UTF-8 text"),
+        (["sample", str(broken), "--num", "1", "--steps", "1", "--out", str(tmp_path / "s")], "is not valid JSON"),
+        (["fid", str(run / "samples"), "--ref", str(tmp_path / "trunc.npz")], "File is not a zip file"),
+        (["fid", str(run / "samples"), "--ref", str(tmp_path / "ok.npz"), "--json", str(tmp_path)],
+         "is a folder; give a file name"),
+        (["pairs", "--teacher", tiny_teacher, "--num", "2", "--out", str(tmp_path / "p"), "--guidance", "3"],
+         "--guidance 3.0 needs a class- or text-conditional teacher"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["sample", student, "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"), "--device",
+                       "cuda"], "no CUDA GPU is available here"))
+    for argv, fragment in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, (argv, err)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # the run is intact
+    assert not any((tmp_path / name).exists() for name in ("s", "e", "p"))

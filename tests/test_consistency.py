@@ -373,7 +373,7 @@ def assert_resume_equals_whole(teacher: str, tmp_path, common: list[str], subs=(
     (["objective.name=scm", "objective.tangent=magic"], "objective.tangent must be one of"),
     (["objective.name=cd", "objective.start_intervals=4"], "go together"),
     (["objective.name=cd", "objective.critic_updates=2"], "objective.critic_updates does not apply to cd"),
-    (["student.sigma_init=top"], "student.sigma_init must be a number, null (the top) or auto"),
+    (["student.sigma_init=top"], "student.sigma_init must be a positive number, null (the top) or auto"),
     (["student.sampler=ddim", "student.sigma_init=2.5"], "student.sampler ddim starts at the top of the schedule"),
     (["student.sampler=euler"], "student.sampler must be lcm or ddim"),
 ])

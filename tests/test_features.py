@@ -361,9 +361,9 @@ def test_an_export_that_cannot_succeed_fails_before_training(gmm_teacher, tmp_pa
     assert not run.exists()  # no step ran, nothing was written
 
 
-def test_resume_refuses_another_sigma_init_sampler_or_guidance_and_logs_alpha(tiny_teacher, tmp_path, capsys):
-    run = tmp_path / "run"
-    base = [f"teacher.path={tiny_teacher}", f"output_dir={run}", *FAST, "objective.name=sid", "student.sigma_init=null"]
+def test_resume_refuses_another_sigma_init_sampler_or_guidance_and_logs_alpha(tiny_cond_teacher, tmp_path, capsys):
+    run = tmp_path / "run"  # a class-conditional teacher: guidance on an unconditional one is refused before resume
+    base = [f"teacher.path={tiny_cond_teacher}", f"output_dir={run}", *FAST, "objective.name=sid", "student.sigma_init=null"]
     assert main(["distill", *_sets(*base)]) == 0
     for change, shown in (("student.sigma_init=1.0", "student.sigma_init=None, this config has 1.0"),
                           ("student.sampler=ddim", "student.sampler='lcm', this config has 'ddim'"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,7 +177,7 @@ class ReferenceStats:
                 if fmt == "fastdiff" or not {"mu", "sigma"} <= set(z.files):
                     raise KeyError(f"keys {', '.join(z.files)}")
                 return cls._foreign(path, fmt, set(z.files), z["mu"], z["sigma"])
-        except (KeyError, ValueError, OSError, EOFError) as exc:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise FastdiffError(f"--ref {path}: not a fastdiff reference-statistics file nor an EDM / clean-fid / "
                                 f"torch-fidelity mu/sigma .npz ({exc})") from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import FastdiffError
+from ..errors import FastdiffError, read_text
 from .export_format import FLOW_MAP_PIPELINES, is_hub_id
 
 
@@ -75,8 +75,17 @@ def load_lora_student(folder: str | Path, info: dict):
 
 
 def read_student_info(folder: str | Path) -> dict | None:
+    """An export's fastdiff.json (None where the folder has none: a teacher); a damaged one is a one-line error."""
     path = Path(folder) / "fastdiff.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(read_text(path, "student info"))
+    except ValueError as exc:
+        raise FastdiffError(f"{path} is not valid JSON ({exc}); re-export the student with fastdiff export") from None
+    if not isinstance(info, dict):
+        raise FastdiffError(f"{path} is not a fastdiff export's info (a JSON object); re-export the student")
+    return info
 
 
 def student_generator(loaded, info: dict, levels=None):

@@ -261,6 +261,8 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
         num_classes = len(cfg.weights)
         null_class = num_classes if null_class is None else null_class
 
+    if null_class is not None and num_classes is not None and not 0 <= null_class <= num_classes:
+        raise FastdiffError(f"teacher.null_class {null_class} is not one of {path}'s class labels 0..{num_classes}")
     if flux.takes_packed_latents(model):  # the shift resolved at the teacher's size; guidance as embedding input
         schedule, guidance_scale = flux.teacher_setup(model, scheduler, pipeline, guidance_scale)
     else:
@@ -269,4 +271,15 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
         schedule = FlowSchedule(schedule.num_train_timesteps, flow_shift(scheduler))
     denoiser = Denoiser(model, schedule, prediction_type_of(scheduler),
                         null_class=null_class, guidance_scale=guidance_scale)
-    return Teacher(path, model, scheduler, denoiser, folder, num_classes, null_class, pipeline, dtype)
+    teacher = Teacher(path, model, scheduler, denoiser, folder, num_classes, null_class, pipeline, dtype)
+    if guidance_scale != 1 and not flux.takes_packed_latents(model):  # Flux: the scale is an embedding input
+        require_condition(teacher, f"classifier-free guidance (scale {guidance_scale})")
+    return teacher
+
+
+def require_condition(teacher: Teacher, what: str) -> None:
+    """Refuse CFG (``what``: the setting asking for it) on a teacher without class labels or text: checked before a
+    run writes anything, as the guided pass would fail at its first step."""
+    if teacher.conditioning == "none":
+        raise FastdiffError(f"{what} needs a class- or text-conditional teacher; {teacher.path} is unconditional: "
+                            "leave the guidance scale at 1")

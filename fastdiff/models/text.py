@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FastdiffError
+from ..errors import FastdiffError, read_text
 
 
 def read_prompts(path: str | Path, what: str = "--prompts") -> list[str]:
@@ -19,7 +19,7 @@ def read_prompts(path: str | Path, what: str = "--prompts") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FastdiffError(f"{what} {path}: no such file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in read_text(path, what).splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         try:
             rows = [json.loads(line) for line in lines]

@@ -120,18 +120,29 @@ def find_checkpoint(run_dir: Path, which: str = "latest") -> Path:
     return wanted[0]
 
 
-def load_checkpoint(ckpt: Path, modules: dict[str, torch.nn.Module]) -> dict:
-    """Load weights into modules and return the training state (optimizers, RNG, step)."""
+def read_checkpoint(ckpt: Path, modules: dict[str, torch.nn.Module]) -> dict:
+    """Load weights into modules and return the training state (optimizers, RNG, step); raises what the readers
+    raise on a damaged or incomplete checkpoint (``load_latest_valid`` skips those)."""
     for name, module in modules.items():
         load_weights(module, ckpt / f"{name}.safetensors")
     return torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+
+
+def load_checkpoint(ckpt: Path, modules: dict[str, torch.nn.Module]) -> dict:
+    """``read_checkpoint`` of the checkpoint a user named (a step number): a damaged one is a one-line error."""
+    try:
+        return read_checkpoint(ckpt, modules)
+    except Exception as exc:  # noqa: BLE001 - truncated safetensors, a missing file, a corrupt state.pt
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FastdiffError(f"checkpoint {ckpt} cannot be read ({type(exc).__name__}: {first}); name another step, "
+                            "or 'latest' to take the newest readable one") from exc
 
 
 def load_latest_valid(run_dir: Path, modules: dict[str, torch.nn.Module]) -> tuple[Path, dict]:
     """Newest checkpoint that loads; corrupt ones are skipped with a warning."""
     for ckpt in reversed(checkpoint_dirs(run_dir)):
         try:
-            return ckpt, load_checkpoint(ckpt, modules)
+            return ckpt, read_checkpoint(ckpt, modules)
         except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not stop resume
             warnings.warn(f"skipping unreadable checkpoint {ckpt.name}: {exc}")
     raise FastdiffError(f"{run_dir}: no readable checkpoint to resume from")

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from ..config import Config, _apply, _yaml, validate
-from ..errors import FastdiffError
+from ..errors import FastdiffError, read_text
 
 PARTITION_FILE = "partition.json"  # beside the students' runs: the classes (or prompts) of each
 
@@ -51,7 +51,7 @@ def contiguous_partition(num_classes: int, k: int) -> list[list[int]]:
 def read_partition(path: str) -> list[list]:
     """A partition file: JSON or YAML, a list of K lists of class labels, or of prompts (one list per student)."""
     try:
-        data = _yaml(Path(path).read_text())
+        data = _yaml(read_text(path, "--partition-file"))
     except (OSError, yaml.YAMLError) as exc:
         raise FastdiffError(f"--partition-file {path}: not readable as JSON / YAML ({exc})") from None
     if not isinstance(data, list) or not all(isinstance(part, list) for part in data):

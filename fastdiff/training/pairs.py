@@ -68,7 +68,7 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
     ``guidance``: CFG scale of the teacher's ODE (None = the teacher's own, 1 = none). ``on_shard(rows)`` is called
     after each shard (progress bars)."""
     from ..models.embedded import resolve_teacher_path
-    from ..models.teacher import load_teacher
+    from ..models.teacher import load_teacher, require_condition
     from ..models.text import read_prompts
 
     if num <= 0 or steps < 2 or shard_size <= 0 or batch_size <= 0:
@@ -80,6 +80,8 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
     prompts = read_prompts(prompts_file) if prompts_file else None
     if (teacher.conditioning == "text") != bool(prompts):
         raise FastdiffError("--prompts FILE is for text-to-image teachers, and they need it (one prompt a line)")
+    if guidance is not None and guidance != 1:
+        require_condition(teacher, f"--guidance {guidance}")
     resolved = str(Path(path).resolve()) if Path(path).exists() else str(path)
     key = pairs_key(teacher, resolved, num, steps, sampler, shard_size, seed, guidance, prompts)
     out = Path(out)

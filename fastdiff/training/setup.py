@@ -11,7 +11,7 @@ from ..errors import FastdiffError
 from ..models.consistency import consistency_start, network_view
 from ..models.denoiser import Denoiser
 from ..models.generator import Generator
-from ..models.teacher import Teacher
+from ..models.teacher import Teacher, require_condition
 from ..objectives import build, entry, objective_class, teacher_options
 from ..objectives.gan import GANHead
 from .data import takes_text
@@ -81,6 +81,9 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
                              or cfg.student.layer_budget):
         raise FastdiffError("objective fada trains its own adapters on a copy of the teacher: leave student.lora_rank, "
                             "student.model, student.skip_layers and student.layer_budget unset")
+    for key in ("fake_guidance", "fake_train_guidance"):  # SiD-LSG's CFG of the fake score
+        if getattr(o, key, None) not in (None, 1):
+            require_condition(teacher, f"objective.{key} {getattr(o, key)}")
     if cfg.student.lora_rank and (cfg.student.model or o.guidance_range is not None):
         raise FastdiffError("student.lora_rank adapts the teacher's own weights: it cannot be combined with "
                             "student.model or objective.guidance_range")
@@ -150,8 +153,9 @@ def uses_ema(train) -> bool:
 
 def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path:
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise FastdiffError(f"output_dir {out} exists and is not a folder")
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise FastdiffError(f"output_dir {out}: {folder} is a file, not a folder")
     if resume is None and out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FastdiffError(f"output_dir {out} is not empty; pass --resume latest to continue it "
