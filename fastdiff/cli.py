@@ -78,7 +78,7 @@ def cmd_msd(args) -> None:
 
 def cmd_export(args) -> None:
     from .training import checkpoint as ckpt
-    from .config import Config, _apply, _yaml
+    from .config import Config, _apply, _read_one_yaml
     from .training import Trainer
 
     run = Path(args.run_dir)
@@ -86,8 +86,10 @@ def cmd_export(args) -> None:
     if not config_file.is_file():
         raise FastdiffError(f"{run} is not a fastdiff run folder (no config.yaml)")
     path = ckpt.find_checkpoint(run, args.checkpoint)
+    if not (path / "config.yaml").is_file():
+        raise FastdiffError(f"{path} has no config.yaml; name another checkpoint with --checkpoint")
     cfg = Config()
-    _apply(cfg, _yaml((path / "config.yaml").read_text()))
+    _apply(cfg, _read_one_yaml(str(path / "config.yaml")))  # one-line errors for bad YAML or a non-mapping
     out = Path(args.out)
     _check_out(out, args.overwrite, keep={"run": run})
     from .inference.export import push_to_hub, weight_options

@@ -204,9 +204,35 @@ def test_outputs_devices_and_files_that_are_not_what_they_should_be(tmp_path, ca
     if not torch.cuda.is_available():
         cases.append((["sample", student, "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"), "--device",
                        "cuda"], "no CUDA GPU is available here"))
+    bad_config = tmp_path / "bad-config"  # a run whose checkpoint config / run config is damaged
+    shutil.copytree(run, bad_config)
+    (bad_config / "checkpoints" / "step-00000001" / "config.yaml").write_text("[1")
+    (bad_config / "config.yaml").write_text("[1, 2]\n")
+    bad_index = tmp_path / "bad-index"
+    shutil.copytree(tiny_teacher, bad_index)
+    (bad_index / "model_index.json").write_text("{")
+    cases += [
+        (["export", str(bad_config), "--out", str(tmp_path / "e")], "invalid YAML"),
+        (["distill", "--set", f"teacher.path={tiny_teacher}", "--set", f"output_dir={bad_config}", "--resume",
+          "latest"], "is not a run config"),
+        (["sample", str(bad_index), "--num", "1", "--steps", "1", "--out", str(tmp_path / "s")], "is not valid JSON"),
+    ]
     for argv, fragment in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1, (argv, err)
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # the run is intact
     assert not any((tmp_path / name).exists() for name in ("s", "e", "p"))
+
+
+@pytest.mark.parametrize("sets,fragment", [
+    (["teacher.null_class=99", "teacher.guidance_scale=2"], "teacher.null_class 99 is not one of"),
+    (["student.model={uncond}/unet"], "student.model takes no class labels but the teacher is class-conditional"),
+])
+def test_class_conditional_teacher_bad_input(tmp_path, capsys, tiny_teacher, tiny_cond_teacher, sets, fragment):
+    """A null class outside the label table, and an unconditional student for a class-conditional teacher: both
+    failed inside the first forward pass, after the run folder was written."""
+    rc = _distill(tmp_path, f"teacher.path={tiny_cond_teacher}", *[s.format(uncond=tiny_teacher) for s in sets])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from torch import nn
 
 from .denoiser import Denoiser
 from . import flux
-from ..errors import FastdiffError
+from ..errors import FastdiffError, read_text
 from ..machine import offline
 from .sana import flow_shift
 from .schedule import FlowSchedule, schedule_from_scheduler
@@ -73,7 +73,7 @@ def _resolve_folders(path: str) -> tuple[str, str]:
     root = Path(path)
     index = root / "model_index.json"
     if index.is_file():
-        components = json.loads(index.read_text())
+        components = read_model_index(index)
         folder = next((f for f in MODEL_FOLDERS if f in components and (root / f).is_dir()), None)
         if folder is None:
             raise FastdiffError(f"{path}: model_index.json names no unet or transformer folder that exists")
@@ -159,11 +159,22 @@ def prediction_type_of(scheduler) -> str:
 LATENT_OR_TEXT = ("vae", "text_encoder", "text_encoder_2")
 
 
+def read_model_index(path: Path) -> dict:
+    """A local pipeline's model_index.json; a damaged one is a one-line error."""
+    try:
+        index = json.loads(read_text(path, "teacher"))
+    except ValueError as exc:
+        raise FastdiffError(f"{path} is not valid JSON ({exc}); restore the pipeline's model_index.json") from None
+    if not isinstance(index, dict):
+        raise FastdiffError(f"{path} is not a pipeline's model_index.json (a JSON object)")
+    return index
+
+
 def pipeline_index(path: str) -> dict | None:
     """The pipeline's model_index.json (local, or from the hub), or None for a bare unet/scheduler folder."""
     local = Path(path) / "model_index.json"
     if local.is_file():
-        return json.loads(local.read_text())
+        return read_model_index(local)
     if os.path.isdir(path):
         return None
     from huggingface_hub import hf_hub_download

@@ -72,7 +72,15 @@ def check_resume_config(run) -> None:
     saved_file = run.out / "config.yaml"
     if not saved_file.is_file():
         return
-    saved, now = yaml.safe_load(saved_file.read_text()) or {}, to_dict(run.cfg)
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FastdiffError(f"{saved_file} is not valid YAML ({str(exc).splitlines()[0]}); restore the run's config "
+                            "or start a new output_dir") from None
+    if not isinstance(saved, dict):
+        raise FastdiffError(f"{saved_file} is not a run config (a mapping of sections); restore it or start a new "
+                            "output_dir")
+    now = to_dict(run.cfg)
     for key, before, after in changed_keys(saved, now, RESUME_KEYS):
         raise FastdiffError(f"{run.out} was trained with {key}={before!r}, this config has {after!r}; resume "
                             f"with the run's own config ({saved_file}) or start a new output_dir")
