@@ -346,6 +346,9 @@ def parse_override(item: str) -> dict:
     return nested
 
 
+DATA_NAMES = ("fashion-mnist", "imagefolder", "webdataset", "analytic", "teacher", "pairs")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     t = cfg.train
@@ -375,6 +378,10 @@ def validate(cfg: Config) -> None:
     if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
         raise FastdiffError(f"train.time_limit_minutes must be positive, got {t.time_limit_minutes}")
     d = cfg.data
+    if d.name not in DATA_NAMES:  # checked here too: objectives that read no data would otherwise ignore a typo
+        raise FastdiffError(f"data.name {d.name!r} is not one of {', '.join(DATA_NAMES)}")
+    if d.resolution is not None and d.resolution <= 0:
+        raise FastdiffError(f"data.resolution must be positive or null (the teacher's size), got {d.resolution}")
     if d.teacher_sampler not in ("ddim", "heun") or d.teacher_steps < 2 or (d.cache_size is not None and d.cache_size <= 0):
         raise FastdiffError(f"data.teacher_sampler must be heun or ddim, data.teacher_steps >= 2 and data.cache_size "
                             f"positive or null; got {d.teacher_sampler!r}, {d.teacher_steps}, {d.cache_size}")

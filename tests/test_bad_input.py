@@ -93,6 +93,8 @@ def _distill(tmp_path, *sets):
     (["teacher.path={teacher}", "objective.name=sid", "objective.fake_guidance=2"],
      "objective.fake_guidance 2.0 needs a class- or text-conditional teacher"),
     (["teacher.path={teacher}", "output_dir={data}/file.txt/run"], "is a file, not a folder"),
+    (["teacher.path={teacher}", "data.name=fashion_mnist"], "data.name 'fashion_mnist' is not one of"),
+    (["teacher.path={teacher}", "data.resolution=0"], "data.resolution must be positive or null"),
 ])
 def test_distill_bad_input(tmp_path, capsys, tiny_teacher, sets, fragment):
     (tmp_path / "empty").mkdir()

@@ -148,7 +148,8 @@ def check_student(model: torch.nn.Module, teacher: Teacher) -> None:
         shape = flux.sample_shape(model, teacher.pipeline.vae)
     if shape != teacher.sample_shape:
         raise FastdiffError(f"student.model takes {shape} samples but the teacher makes {teacher.sample_shape}")
-    labels = getattr(cfg, "num_class_embeds", None) or getattr(cfg, "num_embeds_ada_norm", None)
-    if teacher.num_classes and not labels:  # its forward would fail on the labels at the first step
+    # a diffusers UNet without a label table fails on the labels at the first step ("class_embedding needs to be
+    # initialized"); other networks may take labels their own way, or ignore them (an MSD part's MLP)
+    if teacher.num_classes and getattr(model, "class_embedding", False) is None:
         raise FastdiffError(f"student.model takes no class labels but the teacher is class-conditional "
                             f"({teacher.num_classes} classes); give a class-conditional student")
