@@ -41,6 +41,16 @@ and the run-state cases in test_reliability.py):
 | evaluation | images of mixed sizes in one folder               | differs from                                   |
 | evaluation | crop larger than the image                        | --crop 9                                       |
 | evaluation | empty prompt file / missing CLIP weights          | no prompts / --clip-weights                    |
+| config     | nan / inf in a float setting                      | expected a finite number                       |
+| config     | seed, Adam betas, grad_clip, weight decay, sigma_init, num_sample_images out of range | must be ... |
+| config     | unknown data.name, data.resolution <= 0           | is not one of / must be positive               |
+| teacher    | CFG on an unconditional teacher (any setting)     | needs a class- or text-conditional teacher     |
+| teacher    | null class outside the labels; damaged model_index.json | is not one of / is not valid JSON        |
+| student    | unconditional student.model, class teacher        | takes no class labels                          |
+| output     | export --out the run (or above it); --out a file  | is the run folder itself / is a file           |
+| CLI        | unknown device, cuda without a GPU                | is not a device / no CUDA GPU                  |
+| resume     | damaged checkpoint named by step; damaged configs | cannot be read / invalid YAML / not a run config |
+| files      | non-UTF-8 config / prompts; damaged fastdiff.json; truncated .npz; folder as --json | not UTF-8 / not valid JSON / zip / is a folder |
 """
 import os
 import subprocess
