@@ -248,3 +248,19 @@ def test_class_conditional_teacher_bad_input(tmp_path, capsys, tiny_teacher, tin
     err = capsys.readouterr().err.strip()
     assert rc == 2 and fragment in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_pairs_shard_and_a_file_as_cache_dir(tmp_path, capsys, tiny_teacher):
+    """A truncated `fastdiff pairs` shard and a file given as the teacher-sample cache folder were tracebacks."""
+    pairs = tmp_path / "pairs"
+    assert main(["pairs", "--teacher", tiny_teacher, "--out", str(pairs), "--num", "4", "--steps", "3", "-q"]) == 0
+    shard = next(pairs.glob("pairs-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    (tmp_path / "a_file").write_text("x")
+    for sets, fragment in ((["objective.name=reflow", "data.name=pairs", f"data.path={pairs}"],
+                            "delete it and rerun `fastdiff pairs`"),
+                           (["objective.name=cd", "data.name=teacher", "data.cache_size=4",
+                             f"data.cache_dir={tmp_path / 'a_file'}"], "is a file; give a folder")):
+        assert _distill(tmp_path, f"teacher.path={tiny_teacher}", "train.batch_size=2", *sets) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err

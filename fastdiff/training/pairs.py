@@ -157,6 +157,16 @@ def _open_folder(out: Path, key: dict, overwrite: bool) -> None:
     atomic_write_text(manifest, json.dumps(key, indent=1))
 
 
+def read_shard(path: Path) -> dict:
+    """One pairs shard; a truncated or damaged file is a one-line error (delete it and rerun ``fastdiff pairs``, which
+    keeps the complete shards and makes the missing ones)."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors' errors for a damaged file
+        raise FastdiffError(f"{path} cannot be read ({type(exc).__name__}); delete it and rerun `fastdiff pairs` with "
+                            "the same options to make it again") from None
+
+
 class PairSamples:
     """``data.name: pairs``: random batches of stored pairs, with the ``.batch(n, device, encode)`` interface of
     ``TeacherSamples`` and one checkpointed ``rng``. A batch's "image" is the pair stacked on dim 1,
@@ -178,7 +188,7 @@ class PairSamples:
         if missing:
             raise FastdiffError(f"data.path {path}: {len(missing)} of {key['num_shards']} shards missing; rerun "
                                 "`fastdiff pairs` with the same options to finish them")
-        shards = [load_file(str(root / shard_name(i))) for i in range(key["num_shards"])]
+        shards = [read_shard(root / shard_name(i)) for i in range(key["num_shards"])]
         self.noise = torch.cat([s["noise"] for s in shards])
         self.sample = torch.cat([s["sample"] for s in shards])
         self.cond = torch.cat([s["cond"] for s in shards]) if "cond" in shards[0] else None

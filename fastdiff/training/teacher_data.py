@@ -147,6 +147,8 @@ class TeacherSamples:
     def _open_cache(self) -> None:
         """Use the folder's chunks if they were made with the same settings; else empty it of chunks first, so
         the folder never holds more than cache_size samples (chunk files only, nothing else is touched)."""
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise FastdiffError(f"data.cache_dir {self.cache_dir} is a file; give a folder")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         manifest = self.cache_dir / MANIFEST
         key = self._key()
