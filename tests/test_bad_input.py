@@ -105,6 +105,7 @@ def _distill(tmp_path, *sets):
     (["teacher.path={teacher}", "output_dir={data}/file.txt/run"], "is a file, not a folder"),
     (["teacher.path={teacher}", "data.name=fashion_mnist"], "data.name 'fashion_mnist' is not one of"),
     (["teacher.path={teacher}", "data.resolution=0"], "data.resolution must be positive or null"),
+    (["teacher.path={teacher}", "student.num_steps=5000"], "is more than the teacher's 1000 timesteps"),
 ])
 def test_distill_bad_input(tmp_path, capsys, tiny_teacher, sets, fragment):
     (tmp_path / "empty").mkdir()

@@ -81,6 +81,12 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
                              or cfg.student.layer_budget):
         raise FastdiffError("objective fada trains its own adapters on a copy of the teacher: leave student.lora_rank, "
                             "student.model, student.skip_layers and student.layer_budget unset")
+    T = teacher.denoiser.schedule.num_train_timesteps  # the most levels a sampler on the table can step on
+    if cfg.student.num_steps > T:
+        raise FastdiffError(f"student.num_steps {cfg.student.num_steps} is more than the teacher's {T} timesteps")
+    if cfg.data.name == "teacher" and cfg.data.teacher_sampler == "ddim" and cfg.data.teacher_steps > T:
+        raise FastdiffError(f"data.teacher_steps {cfg.data.teacher_steps} is more than the teacher's {T} timesteps "
+                            "(the ddim sampler steps on them)")
     for key in ("fake_guidance", "fake_train_guidance"):  # SiD-LSG's CFG of the fake score
         if getattr(o, key, None) not in (None, 1):
             require_condition(teacher, f"objective.{key} {getattr(o, key)}")
