@@ -217,6 +217,11 @@ def test_outputs_devices_and_files_that_are_not_what_they_should_be(tmp_path, ca
     if not torch.cuda.is_available():
         cases.append((["sample", student, "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"), "--device",
                        "cuda"], "no CUDA GPU is available here"))
+    no_config = tmp_path / "no-config"  # the run's config.yaml deleted: the checkpoint's own copy is compared
+    shutil.copytree(run, no_config)
+    (no_config / "config.yaml").unlink()
+    cases.append((["distill", "--set", f"teacher.path={tiny_teacher}", "--set", f"output_dir={no_config}", "--set",
+                   "objective.name=sid", "--resume", "latest"], "was trained with objective.name='dmd2'"))
     bad_config = tmp_path / "bad-config"  # a run whose checkpoint config / run config is damaged
     shutil.copytree(run, bad_config)
     (bad_config / "checkpoints" / "step-00000001" / "config.yaml").write_text("[1")

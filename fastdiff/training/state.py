@@ -70,8 +70,11 @@ def save_checkpoint(run) -> None:
 def check_resume_config(run) -> None:
     """A checkpoint only fits the networks its own config built: refuse another teacher, objective or student."""
     saved_file = run.out / "config.yaml"
-    if not saved_file.is_file():
-        return
+    if not saved_file.is_file():  # deleted: the newest checkpoint keeps its own copy
+        saved_file = next((d / "config.yaml" for d in reversed(ckpt.checkpoint_dirs(run.out))
+                           if (d / "config.yaml").is_file()), None)
+        if saved_file is None:
+            return
     try:
         saved = yaml.safe_load(saved_file.read_text()) or {}
     except yaml.YAMLError as exc:
