@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,8 +53,17 @@ def cmd_distill(args) -> None:
 
         print(dry_run_report(cfg))
         return
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    out = trainer.fit()
+    run = Path(cfg.output_dir)
+    new = args.resume is None and not (run.is_dir() and any(run.iterdir()))
+    try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+        out = trainer.fit()
+    except FastdiffError:
+        # bad input found only once running (a corrupt image in a streamed folder): a run this call started and
+        # that saved no checkpoint leaves nothing behind, so the same command works again without --overwrite
+        if new and run.is_dir() and not any(run.glob("checkpoints/step-*")):
+            shutil.rmtree(run, ignore_errors=True)
+        raise
     if out is not None:
         trainer.accelerator.print(f"student exported to {out}")
 

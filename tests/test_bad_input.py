@@ -270,3 +270,27 @@ def test_damaged_pairs_shard_and_a_file_as_cache_dir(tmp_path, capsys, tiny_teac
         assert _distill(tmp_path, f"teacher.path={tiny_teacher}", "train.batch_size=2", *sets) == 2
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1, err
+
+
+def test_input_found_bad_while_running_leaves_no_run_folder(tmp_path, capsys, tiny_teacher):
+    """A streamed image folder is read per batch, so a corrupt image surfaces only in the first step, after the run
+    folder was written: the one-line error, and the folder this call made removed (the same command works again
+    without --overwrite). A folder that held something before is left as it was."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), color=40 * i).save(images / f"{i}.png")
+    (images / "4.png").write_bytes(b"not a png")
+    sets = ["objective.gan=true", "data.name=imagefolder", "data.stream=true", f"data.path={images}",
+            "data.resolution=8", "train.batch_size=5", f"teacher.path={tiny_teacher}"]
+    assert _distill(tmp_path, *sets) == 2
+    err = capsys.readouterr().err.strip()
+    assert "4.png" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main(["distill", *[a for s in sets + [f"output_dir={tmp_path / 'out'}", "train.max_steps=1"]
+                              for a in ("--set", s)], "--overwrite"]) == 2
+    assert (tmp_path / "out").is_dir()  # not made by this call: kept
