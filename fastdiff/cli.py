@@ -265,6 +265,8 @@ def cmd_fid(args) -> None:
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
                          device=device, data_path=args.data_path, levels=parse_levels(args.levels, args.steps),
                          prompts=read_prompts(args.prompts) if args.prompts else None)
+    if args.prompts and not source.is_model:  # a folder / .npz is scored as it is
+        raise FastdiffError(f"--prompts samples a text-to-image model; {args.input} holds images: leave it out")
     num = source.resolve_num(args.num)  # before the slow part, like the checks below
     ref.check_images(args.resize or ref.resize, source.cropped_shape(args.crop))  # before the slow part
     extractor = _extractor(args, args.resize or ref.resize)

@@ -294,3 +294,19 @@ def test_input_found_bad_while_running_leaves_no_run_folder(tmp_path, capsys, ti
     assert main(["distill", *[a for s in sets + [f"output_dir={tmp_path / 'out'}", "train.max_steps=1"]
                               for a in ("--set", s)], "--overwrite"]) == 2
     assert (tmp_path / "out").is_dir()  # not made by this call: kept
+
+
+def test_sampling_options_on_images_are_refused(tmp_path, capsys):
+    """fid / clip-score score an image folder as it is: --steps, --guidance-scale (and fid's --prompts) would be
+    silently ignored, so they are refused."""
+    from PIL import Image
+
+    from fastdiff.evaluation.images import open_source
+    from fastdiff.errors import FastdiffError
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "imgs" / "0.png")
+    for kwargs in ({"steps": 4}, {"guidance_scale": 2.0}):
+        with pytest.raises(FastdiffError, match="sample a model; .* holds images"):
+            open_source(str(tmp_path / "imgs"), **kwargs)
+    open_source(str(tmp_path / "imgs"), prompts=["a shoe"])  # clip-score pairs prompts with images

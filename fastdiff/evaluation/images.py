@@ -171,11 +171,15 @@ def open_source(spec: str, *, steps: int | None = None, seed: int = 0, guidance_
     """Open SOURCE: ``fashion-mnist:train|test``, an ``.npz``, a folder of images, or a model folder."""
     if levels is not None and not (Path(spec).is_dir() and is_model_folder(Path(spec))):
         raise FastdiffError(f"--levels samples a flow-map student's folder; {spec} is not a model folder")
-    if spec.startswith(FMNIST_PREFIX):
-        return _fashion_mnist_source(spec, data_path)
     from ..models.embedded import PREFIX, resolve_teacher_path
 
     path = Path(resolve_teacher_path(spec)) if spec.startswith(PREFIX) else Path(spec)
+    model = path.is_dir() and is_model_folder(path)
+    unused = [name for name, value in (("--steps", steps), ("--guidance-scale", guidance_scale)) if value is not None]
+    if unused and not model:  # images are scored as they are: a sampling option would be silently ignored
+        raise FastdiffError(f"{', '.join(unused)} sample a model; {spec} holds images: leave them out")
+    if spec.startswith(FMNIST_PREFIX):
+        return _fashion_mnist_source(spec, data_path)
     if path.is_file() and path.suffix == ".npz":
         return _npz_source(path)
     if path.is_dir() and is_model_folder(path):
