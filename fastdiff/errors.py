@@ -14,3 +14,17 @@ def read_text(path, what: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise FastdiffError(f"{what} {path} is not UTF-8 text (byte {exc.start} of it); save it as UTF-8") from None
+
+
+def read_json_object(path, fix: str) -> dict:
+    """A JSON object file fastdiff wrote or reads (fastdiff.json, model_index.json); damaged or not an object, a
+    one-line error ending in ``fix`` (what to do about it)."""
+    import json
+
+    try:
+        data = json.loads(read_text(path, "JSON file"))
+    except ValueError as exc:
+        raise FastdiffError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise FastdiffError(f"{path} holds no JSON object; {fix}")
+    return data

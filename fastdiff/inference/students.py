@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import FastdiffError, read_text
+from ..errors import FastdiffError, read_json_object
 from .export_format import FLOW_MAP_PIPELINES, is_hub_id
 
 
@@ -79,13 +79,7 @@ def read_student_info(folder: str | Path) -> dict | None:
     path = Path(folder) / "fastdiff.json"
     if not path.is_file():
         return None
-    try:
-        info = json.loads(read_text(path, "student info"))
-    except ValueError as exc:
-        raise FastdiffError(f"{path} is not valid JSON ({exc}); re-export the student with fastdiff export") from None
-    if not isinstance(info, dict):
-        raise FastdiffError(f"{path} is not a fastdiff export's info (a JSON object); re-export the student")
-    return info
+    return read_json_object(path, "re-export the student with fastdiff export")
 
 
 def student_generator(loaded, info: dict, levels=None):

@@ -13,7 +13,7 @@ from torch import nn
 
 from .denoiser import Denoiser
 from . import flux
-from ..errors import FastdiffError, read_text
+from ..errors import FastdiffError, read_json_object
 from ..machine import offline
 from .sana import flow_shift
 from .schedule import FlowSchedule, schedule_from_scheduler
@@ -161,13 +161,7 @@ LATENT_OR_TEXT = ("vae", "text_encoder", "text_encoder_2")
 
 def read_model_index(path: Path) -> dict:
     """A local pipeline's model_index.json; a damaged one is a one-line error."""
-    try:
-        index = json.loads(read_text(path, "teacher"))
-    except ValueError as exc:
-        raise FastdiffError(f"{path} is not valid JSON ({exc}); restore the pipeline's model_index.json") from None
-    if not isinstance(index, dict):
-        raise FastdiffError(f"{path} is not a pipeline's model_index.json (a JSON object)")
-    return index
+    return read_json_object(path, "restore the pipeline's model_index.json")
 
 
 def pipeline_index(path: str) -> dict | None:
