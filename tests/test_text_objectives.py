@@ -115,6 +115,7 @@ def test_one_consistency_student_on_sd3_samples_k_1_2_4_in_diffusers(files, tmp_
                       f"student.sampler={sampler}", "train.lr_generator=1e-3",
                       *(["objective.critic_updates=1"] if objective == "rcm" else []))
     assert sorted(p.name for p in student.glob("scheduler_k*")) == ["scheduler_k2", "scheduler_k4", "scheduler_k8"]
+    assert 'subfolder="scheduler_k2"' in (student / "README.md").read_text()  # the card says how to use them
     pipe = StableDiffusion3Pipeline.from_pretrained(student, text_encoder_3=None, tokenizer_3=None)
     for steps in (1, 2, 4):
         if steps > 1:
