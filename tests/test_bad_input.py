@@ -106,6 +106,8 @@ def _distill(tmp_path, *sets):
     (["teacher.path={teacher}", "data.name=fashion_mnist"], "data.name 'fashion_mnist' is not one of"),
     (["teacher.path={teacher}", "data.resolution=0"], "data.resolution must be positive or null"),
     (["teacher.path={teacher}", "student.num_steps=5000"], "is more than the teacher's 1000 timesteps"),
+    (["teacher.path={teacher}", "objective.name=hyper-sd", "data.name=teacher", "objective.reward=clip"],
+     "is applied with objective.reward_weight > 0"),
 ])
 def test_distill_bad_input(tmp_path, capsys, tiny_teacher, sets, fragment):
     (tmp_path / "empty").mkdir()

@@ -159,6 +159,9 @@ class HyperSD(ConsistencyDistillation):
             self.sigma_grid = self.dmd.sigma_grid
         if (reward_weight or 0) < 0 or ((reward_weight or 0) > 0 and not reward):
             raise ValueError("objective.reward_weight must be >= 0, and > 0 needs objective.reward (clip or module:function)")
+        if reward and reward_weight is None:  # forgotten, the reward would be silently unused (an explicit 0: off)
+            raise ValueError(f"objective.reward {reward!r} is applied with objective.reward_weight > 0 (ReFL's "
+                             "grad_scale); set it (0 turns ReFL off)")
         self.refl = None  # 0 (the default): no reward is loaded and the loss draws nothing more
         if (reward_weight or 0) > 0:
             self.refl = RewardFeedback(reward, reward_weight, reward_margin, reward_path, reward_clip_model, reward_prompt)
