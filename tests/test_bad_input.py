@@ -70,6 +70,7 @@ def _distill(tmp_path, *sets):
 
 @pytest.mark.parametrize("sets,fragment", [
     (["teacher.path=/no/such/teacher"], "does not exist"),
+    (["teacher.path={data}/file.txt"], "is a file, not a folder"),
     (["teacher.path={empty}"], "no diffusers model found"),
     (["teacher.path={no_scheduler}"], "no scheduler/scheduler_config.json"),
     (["teacher.path={teacher}", "objective.name=magic"], "unknown objective 'magic'"),

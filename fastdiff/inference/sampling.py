@@ -168,7 +168,8 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
     model_dir = resolve_teacher_path(model_dir)
     if not Path(model_dir).is_dir() and not could_be_hub_id(model_dir):
         # before the --levels check below, which would call a missing folder a teacher
-        raise FastdiffError(f"{model_dir} does not exist: pass an exported student's or a teacher's folder")
+        what = "is a file" if Path(model_dir).exists() else "does not exist"
+        raise FastdiffError(f"{model_dir} {what}: pass an exported student's or a teacher's folder")
     info = read_student_info(model_dir)
     if levels is not None and not (info and info.get("flow_map")):
         raise FastdiffError(f"--levels is for flow-map students (objective meanflow or ayf); {model_dir} is "

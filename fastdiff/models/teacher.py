@@ -223,7 +223,8 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
     if os.path.isdir(path):
         index = pipeline_index(path)
     elif not could_be_hub_id(path):
-        raise FastdiffError(f"teacher path {path!r} does not exist; pass a local diffusers folder (teacher.path)")
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise FastdiffError(f"teacher path {path!r} {what}; pass a local diffusers folder (teacher.path)")
     elif offline():
         raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE / FASTDIFF_OFFLINE forbid the hub")
     else:
