@@ -143,7 +143,8 @@ def cmd_sample(args) -> None:
 
     from .machine import progress
     from .models.generator import Generator
-    from .inference.sampling import MultiGuidanceSampler, RouterSampler, load_sampler, sample_model, save_pngs
+    from .inference.sampling import (MultiGuidanceSampler, RouterSampler, check_prompts, load_sampler, sample_model,
+                                     save_pngs)
 
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
         raise FastdiffError("--num, --steps and --batch-size must be positive")
@@ -151,6 +152,8 @@ def cmd_sample(args) -> None:
     _check_out(out, args.overwrite, keep={"model": args.model_dir})
     device = _device(args.device)
     model, loaded = load_sampler(args.model_dir, device, args.guidance_scale, parse_levels(args.levels, args.steps))
+    if args.prompts and getattr(loaded, "conditioning", "text") != "text":  # before pairing them with the images
+        check_prompts(loaded, [args.prompts])
     prompts = _paired_prompts(args.prompts, args.num)
     with torch.no_grad(), progress(total=args.num, desc="sample", unit="img", enabled=not args.quiet) as bar:
         for start, images in sample_model(model, loaded, args.num, args.steps, args.seed, args.batch_size, device,

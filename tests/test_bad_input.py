@@ -216,6 +216,8 @@ def test_outputs_devices_and_files_that_are_not_what_they_should_be(tmp_path, ca
          "is a folder; give a file name"),
         (["pairs", "--teacher", tiny_teacher, "--num", "2", "--out", str(tmp_path / "p"), "--guidance", "3"],
          "--guidance 3.0 needs a class- or text-conditional teacher"),
+        (["sample", tiny_teacher, "--num", "2", "--steps", "1", "--out", str(tmp_path / "s"), "--prompts",
+          str(tmp_path / "a_file")], "--prompts is for text-to-image models; this one is unconditional"),
     ]
     if not torch.cuda.is_available():
         cases.append((["sample", student, "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"), "--device",

@@ -209,7 +209,8 @@ def check_prompts(loaded, prompts: list[str] | None) -> None:
     if loaded.conditioning == "text" and not prompts:
         raise FastdiffError("this is a text-to-image model: pass --prompts FILE (one prompt per line)")
     if loaded.conditioning != "text" and prompts:
-        raise FastdiffError(f"--prompts is for text-to-image models; this one is {loaded.conditioning}-conditioned")
+        kind = "unconditional" if loaded.conditioning == "none" else f"{loaded.conditioning}-conditioned"
+        raise FastdiffError(f"--prompts is for text-to-image models; this one is {kind}")
 
 
 @torch.no_grad()
