@@ -262,9 +262,22 @@ def test_class_conditional_teacher_bad_input(tmp_path, capsys, tiny_teacher, tin
 
 
 def test_damaged_pairs_shard_and_a_file_as_cache_dir(tmp_path, capsys, tiny_teacher):
-    """A truncated `fastdiff pairs` shard and a file given as the teacher-sample cache folder were tracebacks."""
+    """A truncated `fastdiff pairs` shard and a file given as the teacher-sample cache folder were tracebacks; a
+    damaged pairs manifest read as pairs "made with other settings"."""
+    import shutil
+
     pairs = tmp_path / "pairs"
     assert main(["pairs", "--teacher", tiny_teacher, "--out", str(pairs), "--num", "4", "--steps", "3", "-q"]) == 0
+    damaged = tmp_path / "damaged-manifest"  # a pairs folder whose manifest.json is not JSON
+    shutil.copytree(pairs, damaged)
+    (damaged / "manifest.json").write_text("{")
+    assert main(["pairs", "--teacher", tiny_teacher, "--out", str(damaged), "--num", "4", "--steps", "3", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is damaged (not a JSON object)" in err and len(err.splitlines()) == 1, err
+    assert _distill(tmp_path, f"teacher.path={tiny_teacher}", "objective.name=reflow", "data.name=pairs",
+                    f"data.path={damaged}") == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not valid JSON" in err and len(err.splitlines()) == 1, err
     shard = next(pairs.glob("pairs-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:100])
     (tmp_path / "a_file").write_text("x")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import FastdiffError
+from ..errors import FastdiffError, read_json_object
 from ..models.trajectory import SAMPLERS, ode_sample, trajectory_levels
 
 MANIFEST = "manifest.json"
@@ -141,8 +141,11 @@ def _open_folder(out: Path, key: dict, overwrite: bool) -> None:
         except ValueError:
             old = None
         if old != key:
+            if not overwrite and not isinstance(old, dict):
+                raise FastdiffError(f"{manifest} is damaged (not a JSON object); use another folder, or --overwrite to "
+                                    "make the pairs again")
             if not overwrite:
-                changed = sorted(k for k in key if not isinstance(old, dict) or old.get(k) != key[k])
+                changed = sorted(k for k in key if old.get(k) != key[k])
                 raise FastdiffError(f"--out {out} holds pairs made with other settings ({', '.join(changed)}); "
                                     "use another folder, or --overwrite to replace them")
             for old_shard in out.glob("pairs-*.safetensors"):
@@ -178,7 +181,7 @@ class PairSamples:
             raise FastdiffError(f"data.name pairs needs data.path: a folder made by `fastdiff pairs` (no {MANIFEST} "
                                 f"in {path})")
         root = Path(path)
-        key = json.loads((root / MANIFEST).read_text())
+        key = read_json_object(root / MANIFEST, "rerun `fastdiff pairs` with --overwrite to make the pairs again")
         if key.get("format") != FORMAT:
             raise FastdiffError(f"{root / MANIFEST}: not a fastdiff pairs manifest")
         if list(key["shape"]) != list(teacher.sample_shape) or key["num_classes"] != teacher.num_classes:
