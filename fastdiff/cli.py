@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import FastdiffError
+from .errors import FastdiffError, file_on_path
 
 
 def _device(name: str | None):
@@ -28,9 +28,8 @@ def _check_out(out: Path, overwrite: bool, keep: dict | None = None) -> None:
     """An output folder a command may write: not a file (nor under one), not non-empty unless ``overwrite``, and
     never one of the folders ``keep`` ({role: path}, the command's inputs) or a folder holding one, which --overwrite
     would delete."""
-    for folder in (out, *out.parents):
-        if folder.exists() and not folder.is_dir():
-            raise FastdiffError(f"--out {out}: {folder} is a file; give a folder")
+    if (blocker := file_on_path(out)) is not None:
+        raise FastdiffError(f"--out {out}: {blocker} is a file; give a folder")
     for role, source in (keep or {}).items():
         if source is None:
             continue
@@ -143,8 +142,7 @@ def cmd_sample(args) -> None:
 
     from .machine import progress
     from .models.generator import Generator
-    from .inference.sampling import (MultiGuidanceSampler, RouterSampler, check_prompts, load_sampler, sample_model,
-                                     save_pngs)
+    from .inference.sampling import MultiGuidanceSampler, RouterSampler, load_sampler, sample_model, save_pngs
 
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
         raise FastdiffError("--num, --steps and --batch-size must be positive")
@@ -152,9 +150,7 @@ def cmd_sample(args) -> None:
     _check_out(out, args.overwrite, keep={"model": args.model_dir})
     device = _device(args.device)
     model, loaded = load_sampler(args.model_dir, device, args.guidance_scale, parse_levels(args.levels, args.steps))
-    if args.prompts and getattr(loaded, "conditioning", "text") != "text":  # before pairing them with the images
-        check_prompts(loaded, [args.prompts])
-    prompts = _paired_prompts(args.prompts, args.num)
+    prompts = _paired_prompts(args.prompts, args.num, loaded)
     with torch.no_grad(), progress(total=args.num, desc="sample", unit="img", enabled=not args.quiet) as bar:
         for start, images in sample_model(model, loaded, args.num, args.steps, args.seed, args.batch_size, device,
                                           args.guidance_scale, prompts):
@@ -181,14 +177,19 @@ def cmd_pairs(args) -> None:
     print(f"{args.out}: {args.num} pairs ({made} shards made now, {kept} already there)")
 
 
-def _paired_prompts(path: str | None, num: int) -> list[str] | None:
-    """--prompts FILE read and paired with ``num`` images (one per image, or one for all)."""
+def _paired_prompts(path: str | None, num: int, loaded=None) -> list[str] | None:
+    """--prompts FILE read and paired with ``num`` images (one per image, or one for all); checked against the
+    ``loaded`` model first (a model without text takes none), so a mismatch is not reported as a count."""
     if not path:
         return None
     from .evaluation.clip_score import prompts_for
+    from .inference.sampling import check_prompts
     from .models.text import read_prompts
 
-    return prompts_for(read_prompts(path), num)
+    prompts = read_prompts(path)
+    if hasattr(loaded, "conditioning"):  # an MSD router or FADA sampler checks its own
+        check_prompts(loaded, prompts)
+    return prompts_for(prompts, num)
 
 
 def _extractor(args, resize: str):
@@ -373,9 +374,8 @@ def cmd_bench_speed(args) -> None:
             raise FastdiffError(f"{name} must be {'>= 0' if name == '--warmup' else 'positive'}")
     if args.time_budget is not None and args.time_budget <= 0:
         raise FastdiffError("--time-budget must be positive (seconds)")
-    for folder in (Path(args.out), *Path(args.out).parents) if args.out else ():  # written after minutes of timing
-        if folder.exists() and not folder.is_dir():
-            raise FastdiffError(f"--out {args.out}: {folder} is a file; give a folder")
+    if args.out and (blocker := file_on_path(args.out)) is not None:  # written after minutes of timing
+        raise FastdiffError(f"--out {args.out}: {blocker} is a file; give a folder")
     partial = (lambda result: bench_speed.write(result, args.out)) if args.out else None  # noqa: E731
     result = bench_speed.run(args.teacher, objectives, train_batches, batches, steps, args.warmup, device,
                              args.set or [], compile_sampler=not args.skip_compile, progress=not args.quiet,

@@ -28,3 +28,12 @@ def read_json_object(path, fix: str) -> dict:
     if not isinstance(data, dict):
         raise FastdiffError(f"{path} holds no JSON object; {fix}")
     return data
+
+
+def file_on_path(folder):
+    """The first existing file on the way to ``folder`` (the folder itself or a parent), where a folder is to be
+    written: a command refuses it before doing anything, else mkdir fails after the slow part. None if there is none."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)

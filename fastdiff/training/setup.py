@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import RUN_SHAPE_KEYS, Config
-from ..errors import FastdiffError
+from ..errors import FastdiffError, file_on_path
 from ..models.consistency import consistency_start, network_view
 from ..models.denoiser import Denoiser
 from ..models.generator import Generator
@@ -159,9 +159,8 @@ def uses_ema(train) -> bool:
 
 def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path:
     out = Path(cfg.output_dir)
-    for folder in (out, *out.parents):
-        if folder.exists() and not folder.is_dir():
-            raise FastdiffError(f"output_dir {out}: {folder} is a file, not a folder")
+    if (blocker := file_on_path(out)) is not None:
+        raise FastdiffError(f"output_dir {out}: {blocker} is a file, not a folder")
     if resume is None and out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FastdiffError(f"output_dir {out} is not empty; pass --resume latest to continue it "
