@@ -124,8 +124,9 @@ class FastdiffNASAPipeline(StableDiffusionPipeline):
                  nasa_scale: float = 0.5, **kwargs):
         """As ``StableDiffusionPipeline.__call__`` (other arguments by keyword); with ``negative_prompt`` (one string,
         or one per prompt) the negative prompt is applied by NASA with weight ``nasa_scale``, in one network pass per
-        step. 0.5 is an untuned middle value, not the paper's (its code is not public): raise it to remove more, lower
-        it if images degrade. NASA replaces CFG's negative pass, so it needs ``guidance_scale`` <= 1 (a one-step
+        step. 0.5 is a middle value of the 0 - 1 range the paper shows (its Fig. 5); the paper's per-backbone choices
+        (Table 8, PG-SB students) are 0.04 on SD 1.5, 0.30 on SD 2.1, 0.80 on PixArt-alpha: raise it to remove
+        more, lower it if images degrade. NASA replaces CFG's negative pass, so it needs ``guidance_scale`` <= 1 (a one-step
         student's call; a guidance-embedded student's own scale is fine)."""
         if negative_prompt is None or nasa_scale == 0:
             return super().__call__(prompt, **kwargs)

@@ -90,11 +90,13 @@ class DMD2(Backtracking, Objective):
             return {"adam_betas": [0.9, 0.999], "weight_decay": 0.0, "lr_warmup_steps": 0, "lr_critic": 1e-3}
         return {"adam_betas": [0.9, 0.999], "weight_decay": 0.01, "lr_warmup_steps": 500 // self.critic_updates}
 
-    def dm_gradient(self, x: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
-        """The KL gradient on x, no graph: (x0_fake - x0_real) / mean|x - x0_real| (DMD) or a s (x0_fake - x0_real) (VSD)."""
+    def dm_gradient(self, x: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond,
+                    fake_guidance=1.0) -> torch.Tensor:
+        """The KL gradient on x, no graph: (x0_fake - x0_real) / mean|x - x0_real| (DMD) or a s (x0_fake - x0_real) (VSD).
+        ``fake_guidance``: the fake score's CFG scale (a float or one per sample); 1 (unguided) as DMD2 and SwiftBrush."""
         with torch.no_grad():
             x0_real = self.real_x0(x_t, sigma, cond)  # the teacher, or DisBack's node on the path
-            x0_fake = self.fake(x_t, sigma, cond, guidance_scale=1.0)
+            x0_fake = self.fake(x_t, sigma, cond, guidance_scale=fake_guidance)
             if self.weighting == "vsd":
                 schedule = self.teacher.schedule
                 weight = expand(schedule.alpha(sigma) * schedule.noise_scale(sigma), x).to(x0_real.dtype)
