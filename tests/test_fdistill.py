@@ -255,7 +255,8 @@ def test_uni_instruct_trains_on_the_ratio_weighted_sid_loss():
 
 
 @pytest.mark.parametrize("name, extra", [("fdistill", ["objective.ratio_bins=0", "objective.divergence=kl"]),
-                                         ("uni_instruct", ["objective.gan_start_images=0", "objective.ratio_bins=0"])])
+                                         ("uni_instruct", ["objective.gan_start_images=0", "objective.ratio_bins=0",
+                                                           "objective.generator_hold_images=1"])])
 def test_objective_trains_exports_and_loads(name, extra, tiny_cond_teacher, tmp_path):
     run, logs = distill_on_fake_images(tiny_cond_teacher, tmp_path, f"objective.name={name}", *extra)
     assert all(math.isfinite(v) for row in logs for v in row.values() if isinstance(v, (int, float)))

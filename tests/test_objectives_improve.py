@@ -133,13 +133,13 @@ CASES = {
     "vsd": ("vsd", 60, {}, 0.3),  # 0.140 - 0.148
     "pg-sb": ("pg-sb", 60, {}, 0.3),  # 0.142 - 0.148 (unconditional analytic teacher: CFG is the identity, = vsd)
     "sid": ("sid", 60, {}, 0.3),  # 0.155 - 0.164
-    "sida": ("sida", 40, {"gan_start_images": 0}, 0.3),  # 0.126 - 0.151
+    "sida": ("sida", 40, {"gan_start_images": 0, "generator_hold_images": 0}, 0.3),  # 0.126 - 0.151
     "sim": ("sim", 60, {}, 0.3),  # 0.158 - 0.168
     "cd": ("cd", 60, {"target_ema": 0.0}, 0.03),  # 0.010 - 0.013 (l2; pseudo-Huber 0.022 - 0.024)
     "cd-ema": ("cd", 120, {"target_ema": 0.5}, 0.45),  # 0.252 - 0.271 (l2; pseudo-Huber 0.276 - 0.280)
     "scm": ("scm", 60, {"tangent_warmup": 10}, 0.06),  # 0.021 - 0.028
     "fdistill": ("fdistill", 30, {}, 0.15),  # 0.071 - 0.074
-    "uni_instruct": ("uni_instruct", 40, {"gan_start_images": 0}, 0.3),  # 0.115 - 0.142 (its weighting from 0)
+    "uni_instruct": ("uni_instruct", 40, {"gan_start_images": 0, "generator_hold_images": 0}, 0.3),  # 0.115 - 0.142 (its weighting from 0)
     "rcm": ("rcm", 60, {"tangent_warmup": 10}, 0.01),  # 0.004 (the DMD term on from update 10)
     # LADD's discriminator on the analytic teacher's 8 mid-block features oscillates: a loose bound on real progress
     "ladd": ("ladd", 60, {}, 0.75),  # 0.45 - 0.57 (seeds 0-3, disc_p_mean -0.6): real side the teacher's 4-step samples (real_source data 0.33 - 0.53)

@@ -207,6 +207,61 @@ def test_sida_resolved_defaults():
             validate(cfg)
 
 
+def test_sida_and_uni_instruct_hold_the_generator_as_their_references():
+    """sida_training_loop.py and Uni_Instruct's fsim_training_loop.py step the generator only ``if use_gan is False or
+    cur_nimg > 100 * 1000``, cur_nimg counting images before the step: at batch 256 steps 0..390 are held (390 x 256 =
+    99840) and step 391 (100096) is the first update. With DisBack's stage 1 as well, a step trains only past both."""
+    teacher, fake, head, obj = _sida()
+    assert obj.generator_hold_images == 100_000
+    assert build("sid", teacher, fake).generator_hold_images == 0
+    uni = build("uni_instruct", teacher, fake, gan_head=head)
+    disback = build("sida", teacher, fake, gan_head=head, backtrack=2, degradation_steps=500, backtrack_interval=10)
+    for o in (obj, uni, disback):
+        o.images_per_step = 256
+    for step in (0, 1, 389, 390, 391, 392, 499, 500, 501, 2000):
+        for o in (obj, uni, disback):
+            o.step, o.images_seen = step, step * 256
+        reference = step * 256 > 100 * 1000
+        assert obj.trains_generator() == reference and uni.trains_generator() == reference, step
+        assert disback.trains_generator() == (reference and step >= 500), step
+        trains = sum(s * 256 > 100_000 for s in range(step))
+        assert obj.generator_updates(step) == uni.generator_updates(step) == trains, step
+        assert disback.generator_updates(step) == sum(s * 256 > 100_000 and s >= 500 for s in range(step)), step
+    with pytest.raises(ValueError, match="generator_hold_images"):
+        build("sida", teacher, fake, gan_head=head, generator_hold_images=-1)
+
+
+def test_sida_generator_held_in_a_run_then_trained(tiny_teacher, tmp_path, capsys):
+    """A run with a 4-image hold at batch 2: steps 0, 1, 2 (0, 2, 4 images seen) leave the student as it started
+    (the teacher copy), step 3 moves it; the export counts one generator update; the hold is announced."""
+    from safetensors.torch import load_file
+
+    from test_consistency import distill
+    from test_export_e2e import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path / "fmnist", size=8)
+    run = distill(tiny_teacher, tmp_path / "run", "objective.name=sida", f"data.path={tmp_path / 'fmnist'}",
+                  "data.resolution=8", "objective.generator_hold_images=4", "train.max_steps=4", "train.ema_decay=0",
+                  "train.checkpoint_limit=4")
+    assert "held still for its first 4 images (3 steps)" in capsys.readouterr().out
+
+    def generator(step):
+        return load_file(str(run / "checkpoints" / f"step-{step:08d}" / "generator.safetensors"))
+
+    start = {k: v for k, v in tiny_teacher_weights(tiny_teacher).items()}
+    for step in (1, 2, 3):
+        assert all(torch.equal(v, start[k]) for k, v in generator(step).items()), step
+    assert any(not torch.equal(v, start[k]) for k, v in generator(4).items())
+    info = (run / "student" / "fastdiff.json").read_text()
+    assert '"generator_updates": 1' in info
+
+
+def tiny_teacher_weights(path) -> dict:
+    from fastdiff.models.teacher import load_teacher
+
+    return {k: v.float() for k, v in load_teacher(path).model.state_dict().items()}
+
+
 # --- item 4: the fake-score loss on VP teachers (mingyuanzhou/SiD-LSG) -------------------------------------------
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])

@@ -253,6 +253,8 @@ def test_every_objective_resumes_bit_identically(name, tiny_teacher, tiny_cond_t
         teacher = tiny_cond_teacher
         common += ["objective.guidance_range=[1.0, 4.0]", "objective.trajectory_steps=4", "objective.adapter_rank=2",
                    "student.sampler=ddim"]
+    if name in ("sida", "uni_instruct"):  # the generator hold ends in the resumed half: steps 0-2 (<= 4 images) held
+        common.append("objective.generator_hold_images=4")
     if name == "reflow":  # trains on the teacher's (noise, sample) pairs
         pairs = tmp_path / "pairs"
         assert main(["pairs", "--teacher", teacher, "--out", str(pairs), "--num", "8", "--steps", "3", "-q"]) == 0

@@ -37,6 +37,8 @@ def test_objective_on_stable_diffusion_exports_what_trained(files, tmp_path, obj
     data = ["data.name=imagefolder", f"data.path={files['images']}"] if objective in ON_IMAGES else \
         [f"data.prompts={files['prompts']}"]
     critic = [] if objective == "scm" else ["objective.critic_updates=1"]  # scm has no critic
+    if objective == "sida":  # no 100k-image hold in a 2-step run
+        critic.append("objective.generator_hold_images=0")
     cfg = load_config(None, [f"teacher.path={files['sd']}", f"output_dir={tmp_path / 'run'}", *FAST, *data, *critic,
                              f"objective.name={objective}", "train.lr_generator=1e-3",
                              "train.lr_warmup_steps=0", "train.ema_decay=0.5"])  # an EMA far from the raw student

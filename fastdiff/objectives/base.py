@@ -154,7 +154,8 @@ class Objective(nn.Module):
     ``trains_on``: what the trainer passes as ``x`` to ``generator_loss``: "generator" samples (distribution
     matching) or "data" (consistency distillation, which noises real images and needs no fake score).
     ``step``: the generator update about to run, set by the trainer (schedules such as sCM's warm-up read it);
-    ``images_seen``: generator images trained on before it (step x global batch; SiDA's GAN start reads it).
+    ``images_seen``: generator images trained on before it (step x global batch; SiDA's GAN start reads it);
+    ``images_per_step``: that global batch, set by the trainer when it builds the objective (0: not known).
     ``sigma_grid``: where noise levels come from (:func:`sample_sigma`); None = :func:`default_sigma_grid`.
     ``critic_clip``: when set by the objective, the trainer clips critic gradients by this value (SiDA).
     ``uses_generator_sample``: whether the losses read the trainer's generator sample (``trains_on`` "generator");
@@ -173,6 +174,7 @@ class Objective(nn.Module):
     samples_student = False
     step = 0
     images_seen = 0
+    images_per_step = 0
     critic_clip: float | None = None
 
     @classmethod
@@ -183,11 +185,12 @@ class Objective(nn.Module):
 
     def trains_generator(self) -> bool:
         """Whether the update about to run (``step``) includes the generator's: False for DisBack's stage 1, whose
-        updates train only the critic."""
+        updates train only the critic, and while SiDA / Uni-Instruct hold their generator still."""
         return True
 
     def generator_updates(self, steps: int) -> int:
-        """Generator updates among the first ``steps`` trainer steps (all of them; DisBack's stage 1 has none)."""
+        """Generator updates among the first ``steps`` trainer steps (all of them but the ``trains_generator`` False
+        ones: DisBack's stage 1, SiDA's hold)."""
         return steps
 
     def critic_updates_now(self) -> int:

@@ -84,6 +84,9 @@ class SiD(Backtracking, Objective):
         gan_generator_weight, gan_critic_weight: SiDA's GAN scales in fastdiff's per-element units (1e-4 = the
             reference's loss_scaling_G_gan 0.01 / loss_scaling_G 100; 1 = loss_scaling_D / loss_scaling).
         gan_start_images: the GAN term joins the generator loss once more images than this were seen (200k).
+        generator_hold_images: the generator stays as it is until more images than this were seen, while the fake
+            score (and head) train: SiDA's reference steps its generator only past 100k images (``g_optimizer.step()``
+            if ``cur_nimg > 100 * 1000``, ``sida_training_loop.py``; sida's default); 0 = from the first update.
         critic_clip_value: clip fake-score (and head) gradients by this value in the reference's units while the
             GAN is on (1); 0 = no clip.
         backtrack, degradation_steps, backtrack_interval: DisBack's path (:mod:`.disback`; 0 = off).
@@ -94,8 +97,12 @@ class SiD(Backtracking, Objective):
                  fake_train_guidance: float = 1.0, fake_loss: str | None = None, gan_head: GANHead | None = None,
                  gan_weight: float = 0.5, gan_generator_weight: float = 1e-4, gan_critic_weight: float = 1.0,
                  gan_start_images: int = 200_000, critic_clip_value: float = 1.0, sigma_grid: str | None = None,
-                 backtrack: int = 0, degradation_steps: int = 200, backtrack_interval: int = 200):
+                 backtrack: int = 0, degradation_steps: int = 200, backtrack_interval: int = 200,
+                 generator_hold_images: int = 0):
         super().__init__(teacher, fake, critic_updates, gan_head, sigma_grid)
+        if generator_hold_images < 0:
+            raise ValueError(f"objective.generator_hold_images must be 0 or more, got {generator_hold_images}")
+        self.generator_hold_images = int(generator_hold_images)
         self.backtrack = Backtrack(fake, backtrack, degradation_steps, backtrack_interval)
         self.alpha, self.min_t, self.max_t = alpha, min_t, max_t
         self.fake_guidance, self.fake_train_guidance = fake_guidance, fake_train_guidance
@@ -123,6 +130,20 @@ class SiD(Backtracking, Objective):
     def train_defaults(self) -> dict:
         """SiD's optimizer (``SID_OPTIMIZER``)."""
         return dict(SID_OPTIMIZER)
+
+    def trains_generator(self) -> bool:
+        """DisBack's stage 1 aside (``Backtracking``), False while at most ``generator_hold_images`` images were seen:
+        the reference's ``cur_nimg > 100 * 1000`` before its generator step, ``images_seen`` being its cur_nimg."""
+        held = self.generator_hold_images and self.images_seen <= self.generator_hold_images
+        return super().trains_generator() and not held
+
+    def generator_updates(self, steps: int) -> int:
+        """Of the first ``steps`` trainer steps s, those past DisBack's stage 1 and past the hold (s x global batch >
+        generator_hold_images, i.e. s > hold // batch)."""
+        updates = super().generator_updates(steps)
+        if self.generator_hold_images and self.images_per_step:
+            updates = min(updates, max(0, steps - (self.generator_hold_images // self.images_per_step + 1)))
+        return updates
 
     def gan_on(self) -> bool:
         """SiDA's loop: ``cur_nimg > 200 * 1000`` before the update (a host integer, no device sync)."""
@@ -189,4 +210,4 @@ register("sid", SiD)
 # SiDA's own settings (sida_train.py: alpha 1, t <= 0.8, unguided EDM teachers) stay its defaults on guided teachers
 # too: SiDA has no guided reference, and its head shares the fake score's pass only when that pass is unguided.
 register("sida", SiD, defaults={"alpha": 1.0, "min_t": 0.0, "max_t": 0.8, "fake_guidance": 1.0,
-                                "fake_train_guidance": 1.0}, needs_gan=True)
+                                "fake_train_guidance": 1.0, "generator_hold_images": 100_000}, needs_gan=True)

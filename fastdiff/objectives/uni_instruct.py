@@ -31,9 +31,9 @@ exactly as f-distill (:class:`~fastdiff.objectives.fdistill.DensityRatio`), and 
 mean of g. The rest follows the reference: SiDA's fake score, discriminator on the fake score's encoder, critic
 loss, clipping and optimizer (:class:`~fastdiff.objectives.sid.SiD`); the generator runs plain SiD (alpha = 1, the
 reference's ``(y_r - y_f) (y_f - y)``) until ``gan_start_images`` (200k), then the expanded-divergence loss plus
-SiDA's GAN term at full weight (``loss_scaling_G_gan`` 0.01 / ``loss_scaling_G`` 100 = 1e-4 in fastdiff's units). The
-reference also holds the generator still for the first 100k images (``g_optimizer.step()`` after ``cur_nimg > 100k``),
-a trainer matter not reproduced here.
+SiDA's GAN term at full weight (``loss_scaling_G_gan`` 0.01 / ``loss_scaling_G`` 100 = 1e-4 in fastdiff's units). As in
+SiDA, the generator is held still for the first 100k images (``g_optimizer.step()`` only when ``cur_nimg > 100 * 1000``,
+``fsim_training_loop.py``; ``generator_hold_images``) while the fake score and discriminator train.
 """
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ class UniInstruct(SiD):
             fdistill).
         gan_head: required (SiDA's discriminator, which also gives r).
         gan_start_images: the divergence weighting and the GAN term start after this many images (200k).
+        generator_hold_images: the generator steps only past this many images (100k, as SiDA).
         The rest: as :class:`~fastdiff.objectives.sid.SiD` (SiDA's defaults).
     """
 
@@ -105,7 +106,8 @@ class UniInstruct(SiD):
                  ratio_bins: int = 10, ratio_ema_rate: float = 0.0,
                  min_t: float = 0.0, max_t: float = 0.8, critic_updates: int = 1, fake_loss: str | None = None,
                  gan_head: GANHead | None = None, gan_generator_weight: float = 1e-4, gan_critic_weight: float = 1.0,
-                 gan_start_images: int = 200_000, critic_clip_value: float = 1.0, sigma_grid: str | None = None):
+                 gan_start_images: int = 200_000, critic_clip_value: float = 1.0, sigma_grid: str | None = None,
+                 generator_hold_images: int = 100_000):
         if gan_head is None:
             raise FastdiffError("uni_instruct estimates the density ratio with a GAN head: it needs real images "
                                 "(data.path)")
@@ -115,7 +117,8 @@ class UniInstruct(SiD):
         super().__init__(teacher, fake, alpha=alpha, min_t=min_t, max_t=max_t, critic_updates=critic_updates,
                          fake_loss=fake_loss, gan_head=gan_head, gan_generator_weight=gan_generator_weight,
                          gan_critic_weight=gan_critic_weight, gan_start_images=gan_start_images,
-                         critic_clip_value=critic_clip_value, sigma_grid=sigma_grid)
+                         critic_clip_value=critic_clip_value, sigma_grid=sigma_grid,
+                         generator_hold_images=generator_hold_images)
         self.divergence, self.expansion = divergence, expansion
         self.ratio = DensityRatio(ratio_lower, ratio_upper, ratio_bins, ratio_ema_rate)
 

@@ -110,6 +110,9 @@ class Run:
         # cd's target: a copy of the student, sharded as the EMA below when setup makes networks from shards
         with network_copies(self._sharded_copy if self.shards else None):
             self.objective = build_objective(cfg, teacher, fake, self.generator.denoiser).to(device)
+        self.objective.images_per_step = (cfg.train.batch_size * cfg.train.gradient_accumulation
+                                          * self.accelerator.num_processes)
+        self._say_generator_hold()
         resolve_train_defaults(cfg, self.objective)
         self.ema = None
         if uses_ema(cfg.train):  # a LoRA student's EMA keeps its own adapters and shares the base
@@ -139,6 +142,19 @@ class Run:
                    f"{cfg.teacher.path} has no pipeline that loads LoRA weights")
             self.accelerator.print(f"student.lora_export {cfg.student.lora_export}: {why}; the LoRA student is "
                                    "exported fused")
+
+    def _say_generator_hold(self) -> None:
+        """SiDA / Uni-Instruct hold the generator still at first (their references' 100k images): say so, and say
+        when the whole run lies inside the hold (the student would come out unchanged)."""
+        hold = getattr(self.objective, "generator_hold_images", 0)
+        if not hold:
+            return
+        held = hold // self.objective.images_per_step + 1
+        name, steps = self.cfg.objective.name, self.cfg.train.max_steps
+        self.accelerator.print(f"{name}: the generator is held still for its first {hold} images ({held} steps) while "
+                               "the fake score trains, as the reference; objective.generator_hold_images=0 starts it at "
+                               "once" + (f" (all {steps} steps of train.max_steps lie inside the hold: the student "
+                                         "will not change)" if steps <= held else ""))
 
     def _student_changes(self):
         """``Objective.prepare_student`` of this run's objective, with the options its constructor gets."""
