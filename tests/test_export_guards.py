@@ -61,7 +61,7 @@ FLOW_MAP = ["data.name=teacher", "data.teacher_steps=2"]  # no images: the refus
 # case: (teacher, settings, the one line's words). The first four are exports that would lose what the student
 # learnt; the rest objectives on teachers they do not support.
 REFUSED = {
-    "agd-lora": ("sd", [*AGD, "student.lora_export=lora"], "agd's scale embedding is not a LoRA weight"),
+    "agd-lora": ("sd", [*AGD, "student.lora_export=lora"], "objective agd: its scale embedding is not a LoRA weight"),
     "agd-lcm": ("sd", [*AGD, "student.sampler=lcm"], "set student.sampler=ddim"),
     "meanflow-sdxl": ("sdxl", ["objective.name=meanflow", *FLOW_MAP],
                       "flow-map (meanflow, ayf) students of StableDiffusionXLPipeline teachers"),

@@ -163,6 +163,8 @@ class Objective(nn.Module):
     and passes the noise ``z`` as ``x``, of which they read only the batch's shape and device.
     ``needs_sigma_init``: the constructor takes ``sigma_max`` = ``student.sigma_init`` (as consistency objectives,
     ``trains_on`` "data", always do): BOOT reads its one-step sample g(eps, 0) there.
+    ``sampler``: the ``student.sampler`` the objective needs (None: either), with ``sampler_reason`` saying why;
+    ``fused_export_reason``: why its LoRA student cannot be exported as a LoRA file (None: it can).
     ``samples_student``: the constructor's ``student`` is the run's K-step sampler (a ``models.generator.Generator``
     on the same levels and re-noising as the run's), not the bare student Denoiser: TDM runs the trajectory itself.
     """
@@ -172,6 +174,9 @@ class Objective(nn.Module):
     uses_generator_sample = True
     needs_sigma_init = False
     samples_student = False
+    sampler: str | None = None
+    sampler_reason = ""
+    fused_export_reason: str | None = None
     step = 0
     images_seen = 0
     images_per_step = 0

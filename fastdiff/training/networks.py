@@ -77,7 +77,7 @@ def lora_export_mode(cfg: Config, teacher: Teacher) -> str | None:
     """How a LoRA student is exported: ``student.lora_export`` where the teacher has a pipeline that loads LoRA
     weights; fused for pixel teachers, whose pipelines (DDPMPipeline, fastdiff's class-conditional one) do not.
     None for students that are not LoRAs."""
-    if cfg.objective.name == "agd":  # adapters, and a scale embedding no LoRA file carries (export.py)
+    if entry(cfg.objective.name).cls.fused_export_reason:  # agd: adapters and a scale embedding no LoRA file carries
         return "fused"
     if not cfg.student.lora_rank:
         return None

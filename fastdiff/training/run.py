@@ -138,8 +138,9 @@ class Run:
         self.skipped = {k: torch.zeros((), dtype=torch.long, device=device) for k in ("generator", "critic", "consecutive")}
         mode = lora_export_mode(cfg, teacher)
         if mode is not None and mode != cfg.student.lora_export:
-            why = ("agd's scale embedding is not a LoRA weight" if cfg.objective.name == "agd" else
-                   f"{cfg.teacher.path} has no pipeline that loads LoRA weights")
+            reason = entry(cfg.objective.name).cls.fused_export_reason
+            why = (f"objective {cfg.objective.name}: {reason}" if reason
+                   else f"{cfg.teacher.path} has no pipeline that loads LoRA weights")
             self.accelerator.print(f"student.lora_export {cfg.student.lora_export}: {why}; the LoRA student is "
                                    "exported fused")
 

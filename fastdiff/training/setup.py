@@ -93,12 +93,12 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
     if cfg.student.lora_rank and (cfg.student.model or o.guidance_range is not None):
         raise FastdiffError("student.lora_rank adapts the teacher's own weights: it cannot be combined with "
                             "student.model or objective.guidance_range")
-    if o.name == "agd" and cfg.student.sampler != "ddim":
-        raise FastdiffError("objective agd distils CFG into the teacher's own deterministic sampler, which its export "
-                            "runs: set student.sampler=ddim")
-    if o.name == "agd" and cfg.student.lora_export == "lora":
-        raise FastdiffError("objective agd's scale embedding is not a LoRA weight, so a LoRA file would lose it; "
-                            "its student exports fused: set student.lora_export=fused")
+    cls = objective_class(o.name)
+    if cls.sampler is not None and cfg.student.sampler != cls.sampler:
+        raise FastdiffError(f"objective {o.name} {cls.sampler_reason}: set student.sampler={cls.sampler}")
+    if cls.fused_export_reason and cfg.student.lora_export == "lora":
+        raise FastdiffError(f"objective {o.name}: {cls.fused_export_reason}; its student exports fused: set "
+                            "student.lora_export=fused")
     pipe = teacher.pipeline
     if cfg.student.lora_rank and cfg.student.lora_export != "fused" and pipe is not None \
             and not hasattr(type(pipe), "save_lora_weights"):
