@@ -274,6 +274,12 @@ def test_damaged_pairs_shard_and_a_file_as_cache_dir(tmp_path, capsys, tiny_teac
     assert main(["pairs", "--teacher", tiny_teacher, "--out", str(damaged), "--num", "4", "--steps", "3", "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "is damaged (not a JSON object)" in err and len(err.splitlines()) == 1, err
+    (tmp_path / "a-file").write_text("keep")  # --out under a file: named, nothing written, the file kept
+    assert main(["pairs", "--teacher", tiny_teacher, "--out", str(tmp_path / "a-file" / "p"), "--num", "4",
+                 "--steps", "3", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'a-file'} is a file" in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "a-file").read_text() == "keep"
     assert _distill(tmp_path, f"teacher.path={tiny_teacher}", "objective.name=reflow", "data.name=pairs",
                     f"data.path={damaged}") == 2
     err = capsys.readouterr().err.strip()
