@@ -215,3 +215,17 @@ def test_upscale_forward_is_the_pipeline_input():
     z, low, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 5, 32)
     direct = unet(torch.cat([z, low], 1), 10, encoder_hidden_states=text, class_labels=torch.tensor([20])).sample
     assert torch.equal(upscale_forward(unet, z, low, 10, torch.tensor([20]), text), direct)
+
+
+def test_a_non_finite_upscaler_writes_nothing_and_keeps_the_old_export(tmp_path):
+    """The non-finite check runs before anything is written: an earlier export in --out stays as it was, and no
+    temporary folder is left."""
+    from fastdiff.errors import FastdiffError
+    from fastdiff.training.upscale import export_upscaler
+
+    out = tmp_path / "upscaler"
+    out.mkdir()
+    (out / "fastdiff.json").write_text("{}")
+    with pytest.raises(FastdiffError, match="non-finite images .* nothing was written"):
+        export_upscaler(None, None, None, None, {"measured": {"psnr_after_decoder": float("nan")}}, str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["upscaler"] and (out / "fastdiff.json").read_text() == "{}"

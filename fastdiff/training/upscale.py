@@ -365,24 +365,33 @@ def upscale(teacher_dir: str, images_dir: str, out: str, cfg: UpscaleConfig, dev
 
 
 def export_upscaler(pipe, student, vae, scheduler, info: dict, out: str) -> Path:
-    """The student as a StableDiffusionUpscalePipeline folder (one-step scheduler) with ``fastdiff.json`` and a card."""
+    """The student as a StableDiffusionUpscalePipeline folder (one-step scheduler) with ``fastdiff.json`` and a card,
+    written in a hidden temporary folder renamed to ``out`` at the end (an interrupted export leaves no half folder,
+    and an existing ``out`` stays until the new one is whole); nothing is written for an upscaler gone non-finite."""
+    import shutil
+
     from diffusers import StableDiffusionUpscalePipeline
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    m = info["measured"]
+    if not math.isfinite(m["psnr_after_decoder"]):
+        raise FastdiffError("the upscaler gives non-finite images after its decoder fine-tuning; nothing was written "
+                            "(lower decoder_lr)")
+    final = Path(out)
+    folder = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     exported = StableDiffusionUpscalePipeline(vae=vae.cpu().eval(), text_encoder=pipe.text_encoder.cpu(),
                                               tokenizer=pipe.tokenizer, unet=student.cpu().eval(),
                                               low_res_scheduler=pipe.low_res_scheduler, scheduler=scheduler,
                                               max_noise_level=pipe.config.max_noise_level)
     exported.save_pretrained(folder, safe_serialization=True)
     (folder / "fastdiff.json").write_text(json.dumps(info, indent=2) + "\n")
-    m = info["measured"]
     (folder / "README.md").write_text(
         f"# x{info['student_scale']} one-step upscaler (YONOS-SR, fastdiff)\n\n"
         f"Scale-distilled from the x{info['teacher_scale']} teacher `{Path(info['teacher_folder']).name}`, then its "
         f"VAE decoder fine-tuned on the one-step output.\n\n```python\n"
         f"import torch.nn.functional as F\nfrom diffusers import StableDiffusionUpscalePipeline\n"
-        f"pipe = StableDiffusionUpscalePipeline.from_pretrained(\"{folder.name}\")\n"
+        f"pipe = StableDiffusionUpscalePipeline.from_pretrained(\"{final.name}\")\n"
         f"# low_res: NCHW in [0, 1] at 1/{info['student_scale']} of the output size, upsampled x{info['factor']} "
         f"first (bicubic), as in training\n"
         f"image = F.interpolate(low_res, scale_factor={info['factor']}, mode=\"bicubic\").clamp(0, 1)\n"
@@ -391,6 +400,7 @@ def export_upscaler(pipe, student, vae, scheduler, info: dict, out: str) -> Path
         f"One-step PSNR against HR images ({info['measured_on']}, up to {info['settings']['num_eval_images']}): "
         f"bicubic {m['psnr_bicubic']:.2f} dB, start {m['psnr_start']:.2f}, after scale distillation "
         f"{m['psnr_after_scale_distillation']:.2f}, after the decoder {m['psnr_after_decoder']:.2f}.\n")
-    if not math.isfinite(m["psnr_after_decoder"]):
-        raise FastdiffError(f"the exported upscaler in {folder} gives non-finite images (lower decoder_lr)")
-    return folder
+    if final.exists():
+        shutil.rmtree(final)
+    folder.rename(final)
+    return final
