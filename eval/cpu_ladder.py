@@ -67,6 +67,8 @@ def objective_settings(which: str, teacher: str, guidance: float, name: str, out
         return ["data.name=pairs", f"data.path={pairs}", "student.sampler=ddim"]
     if name == "tdm":
         return ["student.num_steps=4", "student.sampler=ddim"]
+    if name == "pg-sb":  # draws its CFG scale from objective.real_guidance_range: the teacher's fixed one stays 1
+        return ["teacher.guidance_scale=1.0"]
     if name in ("sida", "uni_instruct"):  # their references' 100k-image generator hold outlasts any ladder budget
         return ["objective.generator_hold_images=0"]
     return []

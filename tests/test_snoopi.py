@@ -68,6 +68,11 @@ def test_registered_defaults_and_bad_range(tiny_cond_teacher):
     assert obj.critic_updates == 1
     assert obj.train_defaults() == {**build("vsd", teacher, fake).train_defaults(), "lr_generator": 1e-6}
     assert build("pg-sb", teacher, fake, real_guidance_range=[0.0, 0.5]).real_guidance_range == (0.0, 0.5)
+    teacher.guidance_scale = 3.0  # a fixed scale beside the range would be silently replaced by the draws
+    with pytest.raises(ValueError, match="teacher.guidance_scale 3.0 is not used by pg-sb"):
+        build("pg-sb", teacher, fake)
+    assert build("vsd", teacher, fake).teacher.guidance_scale == 3.0  # vsd is the one-fixed-scale objective
+    teacher.guidance_scale = 1.0
     for bad in ([-0.5, 2.0], [3.0, 2.0], [1.0, 2.0, 3.0]):
         with pytest.raises(ValueError, match="real_guidance_range"):
             build("pg-sb", teacher, fake, real_guidance_range=bad)
@@ -118,7 +123,7 @@ def test_unconditional_call_is_vsd(tiny_teacher, monkeypatch):
 
 def test_pg_sb_trains_exports_and_loads(tiny_cond_teacher, tmp_path):
     run, logs = distill_on_fake_images(tiny_cond_teacher, tmp_path, "objective.name=pg-sb",
-                                       "objective.real_guidance_range=[2.0,4.0]")
+                                       "objective.real_guidance_range=[2.0,4.0]", "teacher.guidance_scale=1.0")
     assert all(math.isfinite(v) for row in logs for v in row.values() if isinstance(v, (int, float)))
     assert all(2.0 <= row["real_guidance_mean"] <= 4.0 for row in logs)
     assert json.loads((run / "student" / "fastdiff.json").read_text())["objective"] == "pg-sb"

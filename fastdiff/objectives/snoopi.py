@@ -57,8 +57,10 @@ class ProperGuidanceSwiftBrush(DMD2):
     """VSD whose real score's CFG scale is drawn from ``real_guidance_range`` per sample at every generator step.
 
     Args (besides :class:`~fastdiff.objectives.dmd2.DMD2`'s, with VSD's defaults):
-        real_guidance_range: [lo, hi], 0 <= lo <= hi, the uniform range of the CFG scale drawn per sample; None
-            keeps the teacher's fixed ``teacher.guidance_scale`` and an unguided fake score (plain VSD). Not
+        real_guidance_range: [lo, hi], 0 <= lo <= hi, the uniform range of the CFG scale drawn per sample
+            (``teacher.guidance_scale`` must then stay 1: the draws replace it); None (only when built directly,
+            the registered default fills a config's null) keeps the teacher's fixed scale and an unguided fake
+            score (plain VSD). Not
             ``objective.guidance_range``: that key gives consistency students an LCM guidance embedding, which a
             PG-SB student does not read.
         guide_fake: the fake score guided by the same draw as the real score (SNOOPI's "both teachers"), and then
@@ -79,6 +81,11 @@ class ProperGuidanceSwiftBrush(DMD2):
                 raise ValueError(f"objective.real_guidance_range must be [lo, hi] with 0 <= lo <= hi, "
                                  f"got {list(real_guidance_range)}")
             self.real_guidance_range = (lo, hi)
+            fixed = teacher.guidance_scale
+            if torch.is_tensor(fixed) or fixed != 1.0:  # it would be silently replaced by the draws
+                raise ValueError(f"teacher.guidance_scale {fixed} is not used by pg-sb, which draws the scale from "
+                                 f"objective.real_guidance_range {list(real_guidance_range)}: leave it at 1 (objective vsd "
+                                 "takes one fixed scale, as does a range [w, w])")
         self.guide_fake = bool(guide_fake)
         self.last_real_guidance: torch.Tensor | None = None  # the scales of the latest step (for logs and tests)
 
