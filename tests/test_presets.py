@@ -37,6 +37,28 @@ def test_sdxl_preset_inherits_the_dmd2_settings_of_its_base():
     assert (sd15.train.lr_generator, sd15.objective.critic_updates, sd15.student.lora_rank) == (1e-5, 10, 0)
 
 
+def test_dmd2_presets_warm_up_over_500_fake_score_updates_as_train_sd(tiny_teacher):
+    """train_sd.py's --warmup_step 500 counts iterations, one fake-score update each, and steps the generator's
+    scheduler every iteration too: both rates are full after 500 fake-score updates. fastdiff counts generator
+    updates, so the presets leave the warm-up to dmd2's own 500 // critic_updates (50 at SD 1.5's 10, 100 at SDXL's 5);
+    a preset line of 500 had warmed up 10x too long."""
+    from fastdiff.models.teacher import load_teacher
+    from fastdiff.objectives import build
+
+    d = load_teacher(tiny_teacher).denoiser
+    for name, warmup in (("sd15-dmd2", 50), ("sdxl-dmd2-lora", 100)):
+        cfg = load_config(name)
+        assert cfg.train.lr_warmup_steps is None, name
+        obj = build("dmd2", d, d, critic_updates=cfg.objective.critic_updates)
+        assert obj.train_defaults()["lr_warmup_steps"] * cfg.objective.critic_updates == 500 and \
+            obj.train_defaults()["lr_warmup_steps"] == warmup, name
+
+
+def test_sana_preset_counts_the_tangent_warm_up_in_generator_updates():
+    """Sana's tangent_warmup_steps 4000 counts a global step per generator and per discriminator step (1:1)."""
+    assert load_config("sana-scm").objective.tangent_warmup == 4000 // 2
+
+
 def test_base_merges_recursively_and_refuses_cycles(tmp_path):
     (tmp_path / "mid.yaml").write_text("base: fmnist-dmd2\ntrain:\n  batch_size: 7\n")
     (tmp_path / "top.yaml").write_text("base: mid.yaml\ntrain:\n  max_steps: 3\nobjective:\n  critic_updates: 2\n")
