@@ -1,6 +1,8 @@
-"""rCM (fastdiff/objectives/rcm.py): its generator gradient is sCM's plus the weighted DMD gradient, the DMD term
-waits for the tangent warm-up, and a run on a tiny diffusers teacher trains, exports and reloads."""
+"""rCM (fastdiff/objectives/rcm.py): its generator gradient is sCM's plus the weighted DMD gradient, its tangent
+warm-up is rCM's (transcribed from the reference), the DMD term waits for the warm-up, and a run on a tiny
+diffusers teacher trains, exports and reloads."""
 import json
+import math
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from fastdiff.models.denoiser import Denoiser
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.schedule import VPSchedule
 from fastdiff.objectives import build
-from fastdiff.objectives.rcm import rcm_dmd_weight
-from fastdiff.objectives.scm import ContinuousConsistency
+from fastdiff.objectives.rcm import rcm_dmd_weight, rcm_tangent
+from fastdiff.objectives.scm import tangent_loss
+from fastdiff.objectives.scm import SIGMA_DATA, ContinuousConsistency
 from test_export_e2e import assert_pipeline_matches, distill_on_fake_images
 from conftest import bench_gmm_rows
 
@@ -80,6 +83,49 @@ def test_rcm_gradient_is_scm_plus_weighted_dmd():
     assert (rcm_dmd_weight(4) * g_dmd).abs().max() >= 0.01 * scale
 
 
+@pytest.mark.parametrize("r", [0.0, 0.3, 1.0])
+def test_rcm_tangent_matches_the_reference(r):
+    """NVlabs/rcm rcm/models/t2v_model_distill_rcm.py ``_student_scm_step``, lines 546-573, transcribed in float64
+    on random tensors (the NaN masks of lines 554-569 are no-ops on finite values). rCM's units have sigma_data 1:
+    its F is ``SIGMA_DATA * F`` of fastdiff's, F_teacher fastdiff's ``dxt_dt``, t_F_theta (the JVP along
+    ``(cos sin F_teacher, cos sin)``) ``SIGMA_DATA * dF_dt``. rCM's loss is a sum with ``g / (||g|| + 0.1)``;
+    fastdiff's element mean with ``g / (rms(g) + c)`` equals it at ``c = 0.1 / sqrt(D)`` (``||g|| = sqrt(D) rms``)."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (4, 2, 3, 3)  # B, C, H, W (rCM's B_C_T_H_W without T); D = 18 elements per sample
+    F = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+    dF_dt, x_t, dxt_dt = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    t = 0.05 + 1.45 * torch.rand(shape[0], generator=gen, dtype=torch.float64)  # TrigFlow times in (0, pi/2)
+    D = F[0].numel()
+    # The reference, in its names and order.
+    cost_B_1_1_1, sint_B_1_1_1 = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+    xt, F_teacher, t_F_theta = x_t, dxt_dt, SIGMA_DATA * dF_dt
+    F_theta = SIGMA_DATA * F
+    F_theta_sg = F_theta.clone().detach()
+    warmup_ratio = r
+    g_ref = -cost_B_1_1_1 * torch.sqrt(1 - warmup_ratio**2 * sint_B_1_1_1**2) * (F_theta_sg - F_teacher) - (
+        warmup_ratio * cost_B_1_1_1 * sint_B_1_1_1 * xt + t_F_theta
+    )
+    g_hat_ref = g_ref.double() / (g_ref.double().norm(p=2, dim=(1, 2, 3), keepdim=True) + 0.1)
+    loss_ref = ((F_theta - F_theta_sg - g_hat_ref) ** 2).sum(dim=(1, 2, 3))
+    grad_ref = torch.autograd.grad(loss_ref.sum(), F)[0]  # d/dF of fastdiff's F, through F_theta = SIGMA_DATA F
+
+    g = rcm_tangent(F, dF_dt, x_t, dxt_dt, t, r)
+    loss, rms = tangent_loss(F, dF_dt, x_t, dxt_dt, t, r, 0.1 / math.sqrt(D), rcm_tangent)
+    grad = torch.autograd.grad(loss.sum(), F)[0]
+    # Both sides float64: they differ by rounding only. g takes ~10 operations per element (products by SIGMA_DATA
+    # = 0.5 are exact), so |error| <= ~10 eps64 x the largest term's magnitude; 32 eps64 covers it. The loss, rms
+    # and gradient add a reduction over D elements and a few operations: relative error <= ~(D + 10) eps64, bound
+    # at 4 (D + 16) eps64 (~3e-14). The old sCM warm-up form differs by O(1) at r < 1.
+    eps = torch.finfo(torch.float64).eps
+    terms = (F_theta_sg - F_teacher).abs() + xt.abs() + t_F_theta.abs()
+    assert (g - g_ref).abs().max() <= 32 * eps * terms.max()
+    rel = 4 * (D + 16) * eps
+    assert torch.allclose(rms, g_ref.flatten(1).norm(dim=1) / math.sqrt(D), rtol=rel, atol=0)
+    assert torch.allclose(loss, loss_ref, rtol=rel, atol=0)
+    # rCM's gradient in F_theta is -2 g_hat_ref; fastdiff's in F is -2 g_hat / D with g_hat = sqrt(D) g_hat_ref
+    assert torch.allclose(grad * SIGMA_DATA * math.sqrt(D), grad_ref, rtol=rel, atol=rel * grad_ref.abs().max())
+
+
 def test_dmd_term_waits_for_the_tangent_warmup():
     rcm, scm, mlp, (teacher_model, _) = tiny_case(tangent_warmup=10)
     x = teacher_model.sample_true(32, torch.Generator().manual_seed(3))
@@ -87,8 +133,14 @@ def test_dmd_term_waits_for_the_tangent_warmup():
         obj.step = 3
     torch.manual_seed(5)
     loss, logs = rcm.generator_loss(x)
+    g_rcm = param_grad(loss, mlp)
     torch.manual_seed(5)
-    assert torch.equal(param_grad(loss, mlp), param_grad(scm.generator_loss(x)[0], mlp)) and "loss_dm" not in logs
+    g_scm = param_grad(scm.generator_loss(x)[0], mlp)
+    # In the warm-up (r = 0.3) rCM's tangent is not sCM's: rcm's loss is scm's with rCM's tangent and nothing more.
+    assert (g_rcm - g_scm).abs().max() >= 0.1 * g_scm.abs().max()
+    scm.tangent_rule = rcm_tangent  # scm's objective with rCM's tangent: rcm's warm-up gradient, bit for bit
+    torch.manual_seed(5)
+    assert torch.equal(g_rcm, param_grad(scm.generator_loss(x)[0], mlp)) and "loss_dm" not in logs
     assert rcm.critic_updates_now() == 0  # rCM's is_student_phase: the fake score waits for the DMD term too
     rcm.step = 10
     assert "loss_dm" in rcm.generator_loss(x)[1] and rcm.critic_updates_now() == rcm.critic_updates == 4
@@ -121,7 +173,9 @@ def test_bench_gmm_rcm_row(tmp_path):
     """eval/results/bench-gmm-cpu/README.md, "rcm: twice the budget, and seeds 1-2" (seed 1, 2000 updates; about 5
     minutes on one core): two deterministic (ddim) steps meet issue 21's bar, 1.74 x floor with mode weights within
     0.017, and one step is within 2.5 x (2.50 x / 0.013). Across seeds 0 / 1 / 2 the two-step ddim row is 2.10 /
-    1.74 / 2.16 x, the spread being mostly the floor's (0.0207 / 0.0252 / 0.0260): this asserts the measured seed."""
+    1.74 / 2.16 x, the spread being mostly the floor's (0.0207 / 0.0252 / 0.0260): this asserts the measured seed.
+    With rCM's own tangent warm-up (2026-11-30; seed 1's 16-draw floor equals its single draw, 0.0252): 1.89 x /
+    0.016 at two ddim steps, 2.58 x / 0.011 at one (bench-rcm-reference-warmup-seed1.json)."""
     rows = bench_gmm_rows(tmp_path, "--objectives", "rcm", "--seed", "1")
     r = rows["rcm, 2 steps ddim"]
     assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r

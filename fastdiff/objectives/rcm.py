@@ -5,11 +5,16 @@ The student's loss is sCM's (``scm.py``, sCM Eq. 8 with tangent normalisation) o
 (reverse-KL) regulariser on the student's own samples, ``L = L_sCM + w L_DMD``; the fake score learns the
 student's samples with the teacher's denoising loss. Both parts are the existing code: this class *is* an
 ``ContinuousConsistency`` and *has* a ``DMD2`` (its generator gradient, per-sample normalisation, non-finite mask
-and fake-score loss), so each term is exactly what ``scm`` and ``dmd2`` compute.
+and fake-score loss), so each term is exactly what ``scm`` and ``dmd2`` compute, except the sCM term's tangent
+warm-up, which is rCM's own (``rcm_tangent``): during the warm-up (r < 1) rCM scales only the ``x_t`` term by r,
+keeps the JVP term ``cos sin dF/dt`` whole and weights ``sd F - dx_t/dt`` by ``cos(t) sqrt(1 - r^2 sin^2 t)``
+instead of sCM's ``cos^2 t``; at r = 1 both are sCM's Eq. 8.
 
 What follows the reference, file by file (NVlabs/rcm):
 - rcm/models/t2v_model_distill_rcm.py ``_student_scm_step``: the sCM term without a prior or adaptive weighting
-  (``kendall_loss = loss_scale * loss_scm``), hence ``prior_weighting`` / ``adaptive_weighting`` off here.
+  (``kendall_loss = loss_scale * loss_scm``), hence ``prior_weighting`` / ``adaptive_weighting`` off here; its
+  tangent with rCM's warm-up (lines 548-552; ``rcm_tangent``), r = ``min(1, step / tangent_warmup)`` as there (every
+  update of the warm-up is a student update in both).
 - ``_student_dmd_step``: DMD's gradient ``(x0_fake - x0_teacher) / mean|x - x0_teacher|`` (dmd2's) on the student
   sample noised at a DMD level; ``training_step_critic``: the fake score's denoising loss on student samples.
 - ``is_student_phase`` / ``training_step_closures``: during the tangent warm-up the student trains on sCM alone
@@ -59,9 +64,23 @@ def rcm_dmd_weight(elements: int) -> float:
     return 2 * RCM_DMD_SCALE * math.sqrt(elements) * RCM_SIGMA_DATA / (RCM_SCM_SCALE * SIGMA_DATA)
 
 
+def rcm_tangent(F, dF_dt, x_t, dxt_dt, t, r: float) -> torch.Tensor:
+    """rCM's sCM tangent with its warm-up (NVlabs/rcm rcm/models/t2v_model_distill_rcm.py ``_student_scm_step``,
+    lines 548-552), before normalisation:
+
+        g = -cos(t) sqrt(1 - r^2 sin^2(t)) (F_sg - F_teacher) - (r cos(t) sin(t) x_t + t_F_theta)
+
+    with rCM's F (sigma_data 1, ``F = (cos x_t - x0) / sin``) = ``SIGMA_DATA * F`` here, F_teacher = ``dxt_dt`` and
+    t_F_theta (the JVP of F along ``(cos sin F_teacher, cos sin)``) = ``SIGMA_DATA * dF_dt``. Only the x_t term is
+    scaled by r; at r = 1 this is ``scm.tangent_loss``'s sCM Eq. 8."""
+    cos, sin = expand(torch.cos(t), x_t), expand(torch.sin(t), x_t)
+    return (-cos * torch.sqrt(1 - r**2 * sin**2) * (SIGMA_DATA * F.detach() - dxt_dt)
+            - (r * cos * sin * x_t + SIGMA_DATA * dF_dt))
+
+
 class RCM(ContinuousConsistency):
     """Args (beyond :class:`~fastdiff.objectives.scm.ContinuousConsistency`, whose defaults change to rCM's: no prior
-    or adaptive weighting, tangent warm-up 1000):
+    or adaptive weighting, tangent warm-up 1000, in rCM's form: ``rcm_tangent``):
         fake: the fake score, a trainable copy of the teacher.
         dmd_weight: w of ``L_sCM + w L_DMD``; None = rCM's balance (``rcm_dmd_weight``). The DMD term joins after
             the tangent warm-up, as in rCM.
@@ -72,6 +91,7 @@ class RCM(ContinuousConsistency):
 
     trains_on = "data"
     uses_fake_score = True
+    tangent_rule = staticmethod(rcm_tangent)  # rCM's warm-up in the sCM term (ContinuousConsistency.loss_at)
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, student: Denoiser, gan_head=None, tangent: str = "auto",
                  tangent_warmup: int = 1000, tangent_norm: float = 0.1, fd_step: float = 3e-4, p_mean: float = -1.0,
@@ -95,7 +115,8 @@ class RCM(ContinuousConsistency):
     def train_defaults(self) -> dict:
         """rCM's optimizer (wan2pt1_t2v.py: AdamW betas (0, 0.999), weight decay 0.01; scheduler.py: 100 warm-up
         steps). Its fake-score lr is 5x below the student's: set ``train.lr_critic`` accordingly."""
-        return {"adam_betas": [0.0, 0.999], "weight_decay": 0.01, "lr_warmup_steps": 100}
+        return {"adam_betas": [0.0, 0.999], "weight_decay": 0.01, "lr_warmup_steps": 100,
+                "grad_clip": 0.0}  # wan2pt1_t2v.py: grad_clip=False
 
     def dmd_on(self) -> bool:
         return self.step >= self.tangent_warmup

@@ -44,6 +44,13 @@ TANGENTS = ("auto", "jvp", "finite_difference")
 SIGMA_DATA = 0.5
 
 
+def scm_tangent(F, dF_dt, x_t, dxt_dt, t, r: float) -> torch.Tensor:
+    """sCM Eq. 8's tangent with sCM's warm-up r (both the x_t and the JVP term scaled by r), before normalisation.
+    ``dF_dt`` is ``cos(t) sin(t) dF/dt`` along the teacher ODE, ``dxt_dt`` the teacher's TrigFlow velocity."""
+    cos, sin = expand(torch.cos(t), x_t), expand(torch.sin(t), x_t)
+    return -cos**2 * (SIGMA_DATA * F.detach() - dxt_dt) - r * (cos * sin * x_t + SIGMA_DATA * dF_dt)
+
+
 class AdaptiveLogVariance(nn.Module):
     """logvar(sigma) of sCM's adaptive weighting: a linear layer on fixed random Fourier features of
     ``ln(sigma) / 4`` (EDM2's ``logvar_fourier`` + ``logvar_linear``), zero-initialised so the weighting starts at 1.
@@ -83,6 +90,8 @@ class ContinuousConsistency(Objective):
 
     trains_on = "data"
     uses_fake_score = False
+    tf32 = False  # its tangent differentiates the networks along time (FastGen: tf32_enabled False)
+    tangent_rule = staticmethod(scm_tangent)  # the tangent with its warm-up (rCM: its own)
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, tangent: str = "auto",
                  tangent_warmup: int = 10_000, tangent_norm: float = 0.1, fd_step: float = 3e-4,
@@ -103,8 +112,9 @@ class ContinuousConsistency(Objective):
         self.logvar = AdaptiveLogVariance() if adaptive_weighting else None
 
     def train_defaults(self) -> dict:
-        """sCM's optimizer (FastGen config_scm.py: betas (0.9, 0.99), weight decay 0; Adam's eps 1e-8 is torch's)."""
-        return {"adam_betas": [0.9, 0.99], "weight_decay": 0.0, "lr_warmup_steps": 0}
+        """sCM's optimizer (FastGen config_scm.py: betas (0.9, 0.99), weight decay 0, ``grad_clip.grad_norm`` 1e6, i.e.
+        no clip; Adam's eps 1e-8 is torch's; FastGen's optimizer there is RAdam, fastdiff's AdamW)."""
+        return {"adam_betas": [0.9, 0.99], "weight_decay": 0.0, "lr_warmup_steps": 0, "grad_clip": 0.0}
 
     def generator_modules(self) -> list[nn.Module]:
         return [self.logvar] if self.logvar is not None else []
@@ -177,14 +187,14 @@ class ContinuousConsistency(Objective):
         dF_dt = self.time_derivative(x_t, t, student_cond, dxt_dt)  # times cos sin
         F = self.F(x_t, t, student_cond)
         r = 1.0 if self.tangent_warmup == 0 else min(1.0, self.step / self.tangent_warmup)
-        return tangent_loss(F, dF_dt, x_t, dxt_dt, t, r, self.tangent_norm)
+        return tangent_loss(F, dF_dt, x_t, dxt_dt, t, r, self.tangent_norm, self.tangent_rule)
 
 
-def tangent_loss(F, dF_dt, x_t, dxt_dt, t, r: float, tangent_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """sCM Eq. 8 with tangent normalisation: per-sample ``mean((F - sg(F + g))^2)`` and rms(g) before normalising.
-    ``dF_dt`` is ``cos(t) sin(t) dF/dt`` along the teacher ODE, ``dxt_dt`` the teacher's TrigFlow velocity."""
-    cos, sin = expand(torch.cos(t), x_t), expand(torch.sin(t), x_t)
-    g = -cos**2 * (SIGMA_DATA * F.detach() - dxt_dt) - r * (cos * sin * x_t + SIGMA_DATA * dF_dt)
+def tangent_loss(F, dF_dt, x_t, dxt_dt, t, r: float, tangent_norm: float,
+                 tangent=scm_tangent) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``mean((F - sg(F + g / (rms(g) + c)))^2)`` and rms(g) before normalising, g = ``tangent(...)``
+    (sCM Eq. 8 with its warm-up by default; rCM passes its own warm-up, ``rcm.rcm_tangent``)."""
+    g = tangent(F, dF_dt, x_t, dxt_dt, t, r)
     rms = g.flatten(1).pow(2).mean(dim=1).sqrt()
     g = g / expand(rms + tangent_norm, g)
     return (F - (F.detach() + g)).flatten(1).pow(2).mean(dim=1), rms
