@@ -6,6 +6,7 @@ isotropic Gaussian teacher, a frozen copy of the generator's law as the fake sco
 """
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -168,6 +169,35 @@ def test_fdistill_at_reverse_kl_is_dmd2_exactly_and_weights_dmd2_otherwise():
     # float32: the weight and the product each round once (a few eps of the values compared): 1e-6 of the largest
     # is ~8 eps32 (measured 1e-7 of it).
     assert torch.allclose(grad, expected, rtol=1e-6, atol=1e-6 * expected.abs().max())
+
+
+def test_fdistill_update_ratio_and_optimizer_are_fastgens(tiny_teacher):
+    """NVlabs/FastGen's f-distill trains the student on iterations ``iteration % student_update_freq == 0`` (counted
+    from 1) and the fake score and discriminator on the others (methods/distribution_matching/dmd2.py
+    ``single_train_step``): ``student_update_freq`` 5 (configs/methods/config_dmd2.py, kept by config_f_distill.py and
+    SDXL/config_f_distill.py) is 4 critic updates per generator update, SD15/config_f_distill.py's 10 is 9. Its
+    three schedulers have ``warm_up_steps [0]`` (config_f_distill.py); the optimizer is BaseOptimizerConfig's AdamW
+    (0.9, 0.999), weight decay 0.01, as dmd2's. dmd2 keeps DMD2's 5 / 10 and 500 / critic_updates warm-up."""
+    from fastdiff.config import load_config
+    from fastdiff.objectives import teacher_options
+    from fastdiff.training.setup import resolve_train_defaults
+
+    c, head = gan_case()
+    obj = build("fdistill", c["teacher"], c["fake"], gan_head=head)
+    assert obj.critic_updates == 4
+    assert obj.train_defaults() == {"adam_betas": [0.9, 0.999], "weight_decay": 0.01, "lr_warmup_steps": 0}
+    assert build("dmd2", c["teacher"], c["fake"]).train_defaults()["lr_warmup_steps"] == 500 // 5
+    cfg = load_config(None, [f"teacher.path={tiny_teacher}", "objective.name=fdistill"])
+    resolve_train_defaults(cfg, obj)
+    assert (cfg.train.adam_betas, cfg.train.weight_decay, cfg.train.lr_warmup_steps) == ([0.9, 0.999], 0.01, 0)
+    # text teachers (teacher_defaults reads the conditioning and the pipeline's class name): one fewer than dmd2's
+    for pipeline, dmd2, fdistill in (("StableDiffusionPipeline", 10, 9), ("StableDiffusionXLPipeline", 5, 4)):
+        teacher = SimpleNamespace(conditioning="text", pipeline=type(pipeline, (), {})())
+        assert teacher_options("dmd2", teacher, {"critic_updates": None})["critic_updates"] == dmd2
+        assert teacher_options("fdistill", teacher, {"critic_updates": None})["critic_updates"] == fdistill
+        assert teacher_options("fdistill", teacher, {"critic_updates": 7})["critic_updates"] == 7  # a set value wins
+    teacher = SimpleNamespace(conditioning="class", pipeline=None)
+    assert teacher_options("fdistill", teacher, {"critic_updates": None})["critic_updates"] is None  # the 4 above
 
 
 def test_objectives_need_a_gan_head_and_known_divergences():

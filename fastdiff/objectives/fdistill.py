@@ -16,13 +16,19 @@ DMD gradient (one fake-score pass gives both). FastGen's normalisation, followed
    DMD levels are drawn from; FastGen bins its ``t`` range), kept as an EMA across steps (``ratio_ema_rate``: 0 on
    CIFAR-10, i.e. this batch's bin means; 0.5 on ImageNet-64); ``ratio_bins = 0`` skips this step;
 3. ``h(r)`` is divided by its batch mean, so only the relative weights of the samples change.
-The bin EMA is checkpointed (``state_modules``). Everything else (fake score, GAN losses, two time-scale rule) is
-DMD2's; the generator's GAN term uses DMD2's weights (FastGen's f-distill configs: ``gan_loss_weight_gen`` 1e-3 to
-3e-3).
+Across processes (torch.distributed with more than one) the bin counts and ratio sums of step 2 and the sum and count
+of ``h`` in step 3 are all-reduced, as FastGen's ``world_size() > 1`` branches do: every process normalises by the
+global batch's statistics and keeps the same bins (only the main process's copy is checkpointed). The bin EMA is
+checkpointed (``state_modules``). Everything else (fake score, GAN losses) is DMD2's; the generator's GAN term uses
+DMD2's weights (FastGen's f-distill configs: ``gan_loss_weight_gen`` 1e-3 to 3e-3). The two time-scale rule and the
+optimizer follow FastGen's f-distill configs, not DMD2's scripts: ``critic_updates`` 4 (``student_update_freq`` 5, of
+whose iterations every 5th updates the student instead of the critic; 9 where dmd2 gives text teachers 10: SD1.5's
+``student_update_freq`` 10) and no learning-rate warm-up (``warm_up_steps [0]`` for all three schedulers).
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..errors import FastdiffError
@@ -53,6 +59,18 @@ def check_divergence(divergence: str) -> None:
         raise FastdiffError(f"objective.divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
 
 
+def processes() -> int:
+    """The number of torch.distributed processes (1 when it is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def summed_over_processes(*stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of ``stats`` (same shape) summed over all processes, in float64, with one all-reduce."""
+    packed = torch.stack([s.double() for s in stats])
+    dist.all_reduce(packed)
+    return packed.unbind(0)
+
+
 class DensityRatio(nn.Module):
     """Per-sample ``r = p_real / p_fake`` from discriminator logits, clamped and normalised per noise-level bin.
 
@@ -80,6 +98,8 @@ class DensityRatio(nn.Module):
         idx = (position.double() * n).floor().long().clamp(0, n - 1)
         count = torch.bincount(idx, weights=ok.double(), minlength=n)
         total = torch.bincount(idx, weights=torch.where(ok, r, 0).double(), minlength=n)
+        if processes() > 1:  # the global batch's bin means, the same bins on every process (FastGen all-reduces)
+            count, total = summed_over_processes(count, total)
         seen = count > 0
         new = torch.where(seen, total / count.clamp(min=1), 0).to(self.bins.dtype)
         self.bins.copy_(torch.where(seen, self.ema_rate * self.bins + (1 - self.ema_rate) * new, self.bins))
@@ -87,9 +107,13 @@ class DensityRatio(nn.Module):
 
 
 def normalised(h: torch.Tensor) -> torch.Tensor:
-    """``h`` over its mean across the finite samples (the mean of the result is 1; a constant h gives exactly 1)."""
+    """``h`` over its mean across the finite samples of the global batch (every process's, all-reduced when there
+    are several; the mean of the result is 1; a constant h gives exactly 1)."""
     ok = torch.isfinite(h)
-    mean = torch.where(ok, h, 0).sum() / ok.sum().clamp(min=1)
+    total, count = torch.where(ok, h, 0).sum(), ok.sum()
+    if processes() > 1:
+        total, count = summed_over_processes(total, count)
+    mean = (total / count.clamp(min=1)).to(h.dtype)
     return h / mean.clamp(min=1e-12)
 
 
@@ -107,13 +131,15 @@ class FDistill(DMD2):
             "rkl" is DMD2 exactly).
         ratio_lower, ratio_upper: the clamp of ``r`` (FastGen: 0.1, 20).
         ratio_bins, ratio_ema_rate: the per-level normalisation of ``r`` (FastGen: 10 bins, EMA 0; 0 bins = off).
+        critic_updates: fake-score and GAN-head updates per generator update (FastGen's f-distill: 4, from
+            ``student_update_freq`` 5; :meth:`teacher_defaults`: 9 on SD1.5-type text teachers).
         gan_head: required (the discriminator that estimates ``r``; it needs real images).
         The rest: as :class:`~fastdiff.objectives.dmd2.DMD2`.
     """
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, divergence: str = "js", ratio_lower: float = 0.1,
                  ratio_upper: float = 20.0, ratio_bins: int = 10, ratio_ema_rate: float = 0.0, min_t: float = 0.02,
-                 max_t: float = 0.98, critic_updates: int = 5, gan_head: GANHead | None = None,
+                 max_t: float = 0.98, critic_updates: int = 4, gan_head: GANHead | None = None,
                  gan_generator_weight: float = 3e-3, gan_critic_weight: float = 1e-2, fake_loss: str = "teacher",
                  sigma_grid: str | None = None):
         if gan_head is None:
@@ -125,6 +151,20 @@ class FDistill(DMD2):
         self.divergence = divergence
         self.ratio = DensityRatio(ratio_lower, ratio_upper, ratio_bins, ratio_ema_rate)
         self._weight_logs: dict = {}
+
+    @classmethod
+    def teacher_defaults(cls, teacher) -> dict:
+        """One critic update fewer than dmd2's on text teachers: FastGen's ``student_update_freq`` counts the
+        student's iteration (``iteration % student_update_freq == 0``: student, else fake score and discriminator),
+        10 in ``SD15/config_f_distill.py`` (9 critic updates) and the default 5 in ``SDXL/config_f_distill.py`` (4)."""
+        dmd2 = super().teacher_defaults(teacher)
+        return {**dmd2, "critic_updates": dmd2["critic_updates"] - 1} if "critic_updates" in dmd2 else dmd2
+
+    def train_defaults(self) -> dict:
+        """DMD2's optimizer (AdamW (0.9, 0.999), weight decay 0.01: FastGen's ``BaseOptimizerConfig``, which its
+        f-distill configs keep) without its warm-up: ``config_f_distill.py`` sets ``warm_up_steps [0]`` for the
+        student's, the fake score's and the discriminator's schedulers."""
+        return {**super().train_defaults(), "lr_warmup_steps": 0}
 
     def state_modules(self) -> dict[str, nn.Module]:
         return {"density_ratio": self.ratio}
