@@ -156,7 +156,9 @@ class TrainConfig:
     # scripts), (0, 0.999) for sid / sida / sim (SiD's sid_train.py)
     adam_betas: typing.Optional[typing.List[float]] = None
     weight_decay: typing.Optional[float] = None  # null = the objective's reference: 0.01 (AdamW, DMD2), 0 for SiD (Adam)
-    grad_clip: float = 10.0
+    # gradient-norm clip; null = the objective's reference (Objective.train_defaults): none (0) for SiD, sCM, MeanFlow,
+    # rCM, reflow, AGD, whose references never clip; LCM's 1 for cd; Sana's 0.1 for ladd; DMD2's 10 otherwise
+    grad_clip: typing.Optional[float] = None  # 0 = no clip (the norm is still logged)
     # Generator EMA as SiD / EDM keep it: a half-life in images, ramped up to ema_rampup x the images seen so far
     # (so a short run never exports its start: the start's weight falls to 0 at the first update).
     ema_halflife_kimg: float = 500.0  # SiD's --ema 0.5 (Mimg); 0 disables the EMA
@@ -369,10 +371,11 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"student.sigma_init must be a positive number, null (the top) or auto, got {sigma!r}")
     if not 0 <= t.seed < 2**32:
         raise FastdiffError(f"train.seed must be in [0, 2^32), got {t.seed}")
-    for key in ("lr_generator", "lr_critic", "weight_decay", "grad_clip"):  # grad_clip 0 would zero every update
+    for key in ("lr_generator", "lr_critic", "weight_decay", "grad_clip"):  # grad_clip 0: no clip
         value = getattr(t, key)
-        if value is not None and (value < 0 or (value == 0 and key != "weight_decay")):
-            raise FastdiffError(f"train.{key} must be {'>= 0' if key == 'weight_decay' else 'positive'}, got {value}")
+        if value is not None and (value < 0 or (value == 0 and key.startswith("lr_"))):
+            raise FastdiffError(f"train.{key} must be {'positive' if key.startswith('lr_') else '>= 0'}"
+                                f"{' (0: no clip)' if key == 'grad_clip' else ''}, got {value}")
     if t.adam_betas is not None and (len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas)):
         raise FastdiffError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
     if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:

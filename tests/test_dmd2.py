@@ -204,3 +204,19 @@ def test_dmd2_and_vsd_mask_nonfinite_samples(weighting, monkeypatch):
     loss2.backward()
     assert torch.isfinite(loss2) and int(logs2["nonfinite_samples"]) == 1
     assert torch.equal(x2.grad[2], torch.zeros_like(x2.grad[2])) and x2.grad[:2].abs().sum() > 0
+
+
+def test_text_teachers_get_dmd2_scripts_update_ratio_and_gan_weight():
+    """experiments/sdv1.5 and sdxl scripts: --dfake_gen_update_ratio 10 / 5 and --gen_cls_loss_weight 1e-3 / 5e-3
+    (ImageNet's 3e-3 stays the constructor default for other teachers); a value the config sets wins."""
+    from types import SimpleNamespace
+
+    from fastdiff.objectives import teacher_options
+
+    unset = {"critic_updates": None, "gan_generator_weight": None}
+    for pipeline, ratio, weight in (("StableDiffusionPipeline", 10, 1e-3), ("StableDiffusionXLPipeline", 5, 5e-3)):
+        teacher = SimpleNamespace(conditioning="text", pipeline=type(pipeline, (), {})())
+        got = teacher_options("dmd2", teacher, dict(unset))
+        assert (got["critic_updates"], got["gan_generator_weight"]) == (ratio, weight), pipeline
+        assert teacher_options("dmd2", teacher, {**unset, "gan_generator_weight": 2e-3})["gan_generator_weight"] == 2e-3
+    assert teacher_options("dmd2", SimpleNamespace(conditioning="class", pipeline=None), dict(unset)) == unset

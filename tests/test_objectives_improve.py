@@ -138,9 +138,9 @@ CASES = {
     "cd": ("cd", 60, {"target_ema": 0.0}, 0.03),  # 0.010 - 0.013 (l2; pseudo-Huber 0.022 - 0.024)
     "cd-ema": ("cd", 120, {"target_ema": 0.5}, 0.45),  # 0.252 - 0.271 (l2; pseudo-Huber 0.276 - 0.280)
     "scm": ("scm", 60, {"tangent_warmup": 10}, 0.06),  # 0.021 - 0.028
-    "fdistill": ("fdistill", 30, {}, 0.15),  # 0.071 - 0.074
+    "fdistill": ("fdistill", 30, {}, 0.2),  # 0.103 - 0.106 (FastGen's 4 critic updates; 0.071 - 0.074 at 5)
     "uni_instruct": ("uni_instruct", 40, {"gan_start_images": 0, "generator_hold_images": 0}, 0.3),  # 0.115 - 0.142 (its weighting from 0)
-    "rcm": ("rcm", 60, {"tangent_warmup": 10}, 0.01),  # 0.004 (the DMD term on from update 10)
+    "rcm": ("rcm", 60, {"tangent_warmup": 10}, 0.01),  # 0.004 - 0.005 (the DMD term on from update 10)
     # LADD's discriminator on the analytic teacher's 8 mid-block features oscillates: a loose bound on real progress
     "ladd": ("ladd", 60, {}, 0.75),  # 0.45 - 0.57 (seeds 0-3, disc_p_mean -0.6): real side the teacher's 4-step samples (real_source data 0.33 - 0.53)
     "scm-ladd": ("scm-ladd", 60, {"tangent_warmup": 10}, 0.06),  # 0.020 - 0.027

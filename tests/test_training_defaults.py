@@ -207,7 +207,7 @@ def test_readme_lists_every_objectives_training_defaults():
     from fastdiff.objectives import OBJECTIVES
 
     rows = {key: readme_defaults(key) for key in ("train.adam_betas", "train.lr_generator", "train.lr_schedule",
-                                                  "train.ema_decay", "objective.critic_updates")}
+                                                  "train.ema_decay", "objective.critic_updates", "train.grad_clip")}
     unknown = {k: sorted(set(r) - set(OBJECTIVES) - {"others"}) for k, r in rows.items()}
     assert not any(unknown.values()), f"README names objectives that are not registered: {unknown}"
     assert set(rows["train.adam_betas"]) == set(OBJECTIVES), "README's optimizer row must name every objective"
@@ -222,5 +222,58 @@ def test_readme_lists_every_objectives_training_defaults():
             got["lr_warmup_steps"], name
         ema = readme["train.ema_decay"][0]
         assert (None if ema == "the half-life above" else float(ema)) == got["ema_decay"], name
+        assert float(readme["train.grad_clip"][0]) == got["grad_clip"], name
         if got["critic_updates"] is not None:
             assert int(readme["objective.critic_updates"][0]) == got["critic_updates"], name
+
+
+def test_tf32_is_off_for_objectives_that_differentiate_along_time(tiny_teacher, tmp_path):
+    """FastGen trains sCM and MeanFlow with TF32 off (``tf32_enabled = False``): their tangents are JVPs or finite
+    differences of the networks, which a 10-bit mantissa would blur. The run sets matmul precision and cuDNN's TF32
+    per objective (both process-wide, so every run sets them)."""
+    from fastdiff.config import load_config
+    from fastdiff.objectives import objective_class
+    from fastdiff.training import Trainer
+    from test_export_e2e import write_fake_fashion_mnist
+
+    assert [n for n in ("scm", "rcm", "scm-ladd", "meanflow", "ayf", "dmd2", "cd") if not objective_class(n).tf32] == \
+        ["scm", "rcm", "scm-ladd", "meanflow", "ayf"]
+    write_fake_fashion_mnist(tmp_path / "fmnist", size=8)
+    for name, precision in (("scm", "highest"), ("dmd2", "high"), ("meanflow", "highest")):
+        cfg = load_config(None, [f"teacher.path={tiny_teacher}", f"objective.name={name}", "train.batch_size=2",
+                                 f"data.path={tmp_path / 'fmnist'}", "data.resolution=8",
+                                 f"output_dir={tmp_path / name}", "train.report_to=none"])
+        Trainer(cfg, progress=False)
+        assert torch.get_float32_matmul_precision() == precision, name
+        assert torch.backends.cudnn.allow_tf32 == (precision == "high"), name
+
+
+def test_each_objectives_gradient_clip_reaches_its_optimizers(tiny_teacher, tmp_path):
+    """train.grad_clip null resolves to the reference's clip per objective (0 = none, an infinite bound that still
+    measures the norm): reflow none (rfpp), cd LCM's 1, dmd2 DMD2's 10, tdm 1 on the student and none on its fake
+    score (train_tdm_demo.py), ladd Sana's 0.1; a set value wins; and an unclipped gradient is left as it is."""
+    import types
+
+    from fastdiff.config import load_config
+    from fastdiff.training import Trainer
+    from fastdiff.training.optim import Optimizer
+    from test_export_e2e import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path / "fmnist", size=8)
+    common = [f"teacher.path={tiny_teacher}", "train.batch_size=2", f"data.path={tmp_path / 'fmnist'}",
+              "data.resolution=8", "train.report_to=none"]
+    for name, extra, generator, critic in (("cd", [], 1.0, None), ("dmd2", [], 10.0, 10.0), ("tdm", [], 1.0, math.inf),
+                                           ("sid", [], math.inf, math.inf), ("dmd2", ["train.grad_clip=3"], 3.0, 3.0)):
+        cfg = load_config(None, [*common, f"objective.name={name}", f"output_dir={tmp_path / name}", *extra])
+        run = Trainer(cfg, progress=False)
+        assert run.opt_g.clip == generator, name
+        assert (run.opt_c.clip if run.opt_c else None) == critic, name
+    w = torch.nn.Parameter(torch.zeros(2))
+    train = types.SimpleNamespace(adam_betas=[0.9, 0.999], weight_decay=0.0, grad_clip=0.0, lr_warmup_steps=0,
+                                  lr_schedule="constant", max_steps=10)
+    opt = Optimizer([types.SimpleNamespace(parameters=lambda: [w])], 1e-3, types.SimpleNamespace(train=train), False)
+    w.grad = torch.tensor([300.0, -400.0])
+    norm, applied = opt.step(types.SimpleNamespace(num_processes=1))
+    assert bool(applied) and float(norm) == 500.0 and opt.clip == math.inf
+    # Adam's first moment after one step is (1 - beta1) x the gradient it was given: the whole, unclipped one
+    assert torch.allclose(opt.opt.state[w]["exp_avg"], torch.tensor([30.0, -40.0]), rtol=1e-6)

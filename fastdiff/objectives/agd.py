@@ -107,7 +107,7 @@ class AdapterGuidanceDistillation(Objective):
         defaults): AdamW at lr 1e-4 without weight decay, a linear warm-up over a tenth of its 5000 steps (its cosine
         decay afterwards is not reproduced), and no EMA (its checkpoints are the trained adapters themselves)."""
         return {"lr_generator": 1e-4, "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "lr_warmup_steps": 500,
-                "ema_decay": 0.0}
+                "ema_decay": 0.0, "grad_clip": 0.0}  # train.py: backward, then opt.step(), no clip
 
     def state_modules(self) -> dict[str, torch.nn.Module]:
         """The scale embedding: a LoRA student's checkpoint keeps only its ``lora_`` weights (``AdapterWeights``),

@@ -165,6 +165,11 @@ class Objective(nn.Module):
     ``trains_on`` "data", always do): BOOT reads its one-step sample g(eps, 0) there.
     ``sampler``: the ``student.sampler`` the objective needs (None: either), with ``sampler_reason`` saying why;
     ``fused_export_reason``: why its LoRA student cannot be exported as a LoRA file (None: it can).
+    ``tf32``: whether float32 matmuls and convolutions may run in TF32 on GPUs that have it (fast, 10-bit mantissa);
+    False for objectives that differentiate the networks along time (a JVP or a finite difference: sCM, rCM,
+    MeanFlow), which FastGen trains with TF32 off (``tf32_enabled = False`` in config_scm.py, config_mean_flow.py).
+    ``critic_grad_clip``: the critic optimizer's gradient-norm clip where the reference clips it otherwise than the
+    generator (0: none, TDM's fake score); None = ``train.grad_clip`` for both.
     ``samples_student``: the constructor's ``student`` is the run's K-step sampler (a ``models.generator.Generator``
     on the same levels and re-noising as the run's), not the bare student Denoiser: TDM runs the trajectory itself.
     """
@@ -177,6 +182,8 @@ class Objective(nn.Module):
     sampler: str | None = None
     sampler_reason = ""
     fused_export_reason: str | None = None
+    critic_grad_clip: float | None = None
+    tf32 = True
     step = 0
     images_seen = 0
     images_per_step = 0

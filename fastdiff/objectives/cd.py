@@ -89,6 +89,11 @@ class ConsistencyDistillation(Objective):
     trains_on = "data"
     uses_fake_score = False
 
+    def train_defaults(self) -> dict:
+        """LCM's gradient clip (``train_lcm_distill_sd_wds.py``: ``--max_grad_norm`` 1.0); its AdamW (0.9, 0.999) with
+        weight decay 1e-2 is the trainer's fallback."""
+        return {"grad_clip": 1.0}
+
     @classmethod
     def boundary_timestep_scaling(cls, options: dict) -> float | None:
         """``timestep_scaling`` (the trainer wraps the student with it before building the objective): LCM's 10."""

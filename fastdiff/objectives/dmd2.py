@@ -67,10 +67,13 @@ class DMD2(Backtracking, Objective):
     @classmethod
     def teacher_defaults(cls, teacher) -> dict:
         """Text-to-image teachers: DMD2's experiments/ scripts update the fake score ``--dfake_gen_update_ratio``
-        10 times per generator update for SD1.5, 5 for SDXL (as for ImageNet)."""
+        10 times per generator update for SD1.5, 5 for SDXL (as for ImageNet), and weigh the generator's GAN term
+        ``--gen_cls_loss_weight`` 1e-3 (SD1.5) and 5e-3 (SDXL) where ImageNet's is 3e-3 (the discriminator's
+        ``--guidance_cls_loss_weight`` is 1e-2 in all of them)."""
         if teacher.conditioning != "text":
             return {}
-        return {"critic_updates": 5 if "XL" in type(teacher.pipeline).__name__ else 10}
+        xl = "XL" in type(teacher.pipeline).__name__
+        return {"critic_updates": 5 if xl else 10, "gan_generator_weight": 5e-3 if xl else 1e-3}
 
     def train_defaults(self) -> dict:
         """DMD2's scripts (main/train_sd.py, main/edm/train_edm.py): AdamW (0.9, 0.999), weight decay 0.01, and

@@ -142,7 +142,7 @@ class MultiGuidanceDistillation(Objective):
     def train_defaults(self) -> dict:
         """AGD's (its reference's optimiser): AdamW lr 1e-4, no weight decay, 500 warm-up steps, no EMA."""
         return {"lr_generator": 1e-4, "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "lr_warmup_steps": 500,
-                "ema_decay": 0.0}
+                "ema_decay": 0.0, "grad_clip": 0.0}
 
     def state_modules(self) -> dict[str, torch.nn.Module]:
         """The scale projection (a LoRA checkpoint keeps only ``lora_`` weights)."""

@@ -321,8 +321,9 @@ class LADD(Objective):
         return options.real_source == "data"  # the discriminator's real side is the trainer's data batch
 
     def train_defaults(self) -> dict:
-        """The heads' lr ``HEAD_LR`` (the trainer's AdamW otherwise): see the module's "Defaults"."""
-        return {"lr_critic": HEAD_LR}
+        """The heads' lr ``HEAD_LR`` (the trainer's AdamW otherwise): see the module's "Defaults"; Sana's gradient
+        clip 0.1 on both phases (``train_scm_ladd.py``, ``gradient_clip``)."""
+        return {"lr_critic": HEAD_LR, "grad_clip": 0.1}
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.adversary.disc.heads]
@@ -397,8 +398,8 @@ class SCMLADD(ContinuousConsistency):
 
     def train_defaults(self) -> dict:
         """sCM's optimizer, with the heads at LADD's ``HEAD_LR``: at the trainer's 1e-5 they stayed at chance here too
-        (loss_ladd_d 1.036 -> 1.011 over the CPU ladder's 100 updates on the embedded teacher)."""
-        return {**super().train_defaults(), "lr_critic": HEAD_LR}
+        (loss_ladd_d 1.036 -> 1.011 over the CPU ladder's 100 updates on the embedded teacher); Sana's clip 0.1."""
+        return {**super().train_defaults(), "lr_critic": HEAD_LR, "grad_clip": 0.1}
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.adversary.disc.heads]

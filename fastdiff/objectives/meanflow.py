@@ -21,16 +21,17 @@ through its flow-map embedding (``models/flow_map.py``), added to the network he
 as the teacher (u = v at every r).
 
 Adaptive weighting (Sec. 4.3): per sample ``w = sg(1 / (||delta||^2 + c)^p)``, ||.||^2 summed over elements. Default
-p = 0.5, c = 0.01: FastGen's default for distillation (``loss_type opt_grad``, ``norm_method poly_1.0``, norm_const
-0.1) steps each sample by ``delta / (||delta|| + 0.1)``, which is p = 0.5's ``delta / sqrt(||delta||^2 + 0.01)`` up to
-how the constant enters. The paper's p = 1, c = 1e-3 (Table 1d, training from data) gives ``delta / ||delta||^2``:
+p = 0.5, c = 0.01: FastGen's ``config_mean_flow.py`` (``loss_type opt_grad``, ``norm_method poly_1.0``, norm_const
+0.1; a consistency-*training* config: ``use_cd`` off) steps each sample by ``delta / (||delta|| + 0.1)``, which is
+p = 0.5's ``delta / sqrt(||delta||^2 + 0.01)`` up to how the constant enters; FastGen's only distillation config
+(``WanT2V/config_mf.py``) uses norm_const 10 on the RMS-scaled tangent, a nearly constant weight (p = 0 here). The paper's p = 1, c = 1e-3 (Table 1d, training from data) gives ``delta / ||delta||^2``:
 in distillation the student starts as the teacher, so short jumps (r near t) start near their targets and outweigh
 the long ones (r = 0 from the top) by orders of magnitude; on ``fastdiff bench gmm`` it left the one-step map at the
 teacher's own one DDIM step (20.5 x floor at 500 updates; p = 0.5: 4.4 x, p = 0: 4.4 x).
 (t, r) sampling (Sec. 4.3, Table 1a-b): two draws from a logit-normal in t, which is a log-normal in
 sigma = t / (1 - t) (``ln sigma ~ N(p_mean, p_std^2)``, the paper's (-0.4, 1.0)), t the larger and r the smaller;
 a share ``flow_matching_ratio`` of the samples takes r = t (the paper's best: 75%, i.e. 25% with r != t; FastGen's
-default 0.25), and a share ``consistency_ratio`` r = 0 (FastGen/AnyFlow's consistency bucket; 0 in MeanFlow).
+DiT config 0.25, its Wan distillation config none), and a share ``consistency_ratio`` r = 0 (FastGen/AnyFlow's consistency bucket; 0 in MeanFlow).
 Training levels stay inside the teacher's table and at or below the student's first sampling level (``sigma_max``);
 an r below the table's first level is the data end, r = 0.
 """
@@ -94,6 +95,7 @@ class MeanFlow(Objective):
 
     trains_on = "data"
     uses_fake_score = False
+    tf32 = False  # its tangent differentiates the networks along time (FastGen: tf32_enabled False)
     name = "meanflow"  # in messages and log keys (AYF, objectives/ayf.py, shares this machinery)
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, tangent: str = "auto",
@@ -139,8 +141,9 @@ class MeanFlow(Objective):
             cls.add_second_time(model)
 
     def train_defaults(self) -> dict:
-        """FastGen's config_mean_flow.py: no weight decay, no learning-rate warm-up (Adam's betas stay fastdiff's)."""
-        return {"weight_decay": 0.0, "lr_warmup_steps": 0}
+        """FastGen's config_mean_flow.py: no weight decay, no learning-rate warm-up, no clip (``grad_norm`` 1e6; its
+        Wan distillation config drops the clip callback); Adam's betas stay fastdiff's."""
+        return {"weight_decay": 0.0, "lr_warmup_steps": 0, "grad_clip": 0.0}
 
     # --- times ---------------------------------------------------------------------------------------
     def sample_levels(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,8 +54,9 @@ from .registry import register
 # SiD-LSG's fake-score timesteps, torch.randint(20, 980): [0.02, 0.979] * 1000 inclusive.
 FAKE_T_RANGE = (0.02, 0.979)
 # sid_train.py: torch.optim.Adam (no weight decay), betas (0, 0.999) for the fake score and the generator
-# (--g_beta1 0), no learning-rate warm-up.
-SID_OPTIMIZER = {"adam_betas": [0.0, 0.999], "weight_decay": 0.0, "lr_warmup_steps": 0}
+# (--g_beta1 0), no learning-rate warm-up, no gradient-norm clip (sid_training_loop.py only replaces non-finite
+# gradient entries; SiDA clips the fake score by value, ``critic_clip_value``).
+SID_OPTIMIZER = {"adam_betas": [0.0, 0.999], "weight_decay": 0.0, "lr_warmup_steps": 0, "grad_clip": 0.0}
 # SiD-LSG: share of conditions dropped while the fake score trains when a fake-score CFG scale is not 1.
 COND_DROPOUT = 0.1
 

@@ -101,6 +101,7 @@ class TDM(DMD2):
     """
 
     samples_student = True
+    critic_grad_clip = 0.0  # train_tdm_demo.py steps optimizer_d without clipping (only the student's is clipped)
     uses_generator_sample = False  # both losses run the student's trajectory themselves (trajectory_sample)
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, student: Generator, min_t: float = REFERENCE_FLOOR_T,
@@ -134,9 +135,10 @@ class TDM(DMD2):
 
     def train_defaults(self) -> dict:
         """The reference's optimizers (``train_tdm_demo.py`` and its README command): AdamW betas (0, 0.95), weight
-        decay 1e-2, 50 warm-up steps, fake score at 2e-5 and the student at a fifth of it."""
+        decay 1e-2, 50 warm-up steps, fake score at 2e-5 and the student at a fifth of it; the student's gradient
+        clipped at ``--max_grad_norm 1``, the fake score's never (``critic_grad_clip``)."""
         return {"adam_betas": [0.0, 0.95], "weight_decay": 1e-2, "lr_warmup_steps": 50, "lr_generator": 4e-6,
-                "lr_critic": 2e-5}
+                "lr_critic": 2e-5, "grad_clip": 1.0}
 
     # --- the student's trajectory ---------------------------------------------------------------------------
     @property

@@ -83,7 +83,10 @@ class Run:
                                    f"{self.accelerator.device.type}; training runs in float32")
         # The same seed on every process: replicated networks (fake score, GAN head, LoRA) start identical.
         set_seed(cfg.train.seed, device_specific=False)
-        torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: fp32 runs stay fast
+        # TF32 on GPUs that have it, so fp32 runs stay fast, except for objectives that differentiate along time
+        tf32 = objective_class(cfg.objective.name).tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
         if cfg.train.cudnn_benchmark:  # only ever switched on: a caller's own setting is kept otherwise
             torch.backends.cudnn.benchmark = True
         device = self.accelerator.device
@@ -131,8 +134,8 @@ class Run:
                                mp == "fp16")
         critic = self.objective.critic_modules()
         # The critic's schedule follows generator updates, of which each has critic_updates critic steps.
-        self.opt_c = (Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates)
-                      if critic else None)
+        self.opt_c = (Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates,
+                                self.objective.critic_grad_clip) if critic else None)
         self.step = 0
         # Non-finite updates not applied, counted on the device (read at log steps, so no step waits for it).
         self.skipped = {k: torch.zeros((), dtype=torch.long, device=device) for k in ("generator", "critic", "consecutive")}

@@ -128,7 +128,7 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
 
 # train.* keys whose null means "the objective's reference" (Objective.train_defaults), and what fills the rest.
 TRAIN_FALLBACKS = {"adam_betas": [0.9, 0.999], "weight_decay": 0.01, "lr_warmup_steps": 0, "lr_generator": 1e-5,
-                   "lr_critic": 1e-5}
+                   "lr_critic": 1e-5, "grad_clip": 10.0}  # DMD2's --max_grad_norm 10
 
 
 def resolve_train_defaults(cfg: Config, objective) -> None:
