@@ -70,9 +70,14 @@ def test_regression_target_is_the_pairs_displacement(kind):
     # The line's noise end, computed here: z itself on a flow teacher (start t = 1); on a VP teacher the line through
     # x0 and the student's start, the VE point z sqrt(1 + s^2) at sigma s (float64).
     s = schedule.sigma_max if sigma_start is None else sigma_start
+    if kind == "vp-low-start":  # the student samples from the table level nearest 14.9 (Generator's snap): the line's
+        t_start = int(schedule.timestep(torch.tensor([sigma_start])).round())
+        s = float(schedule.sigma_at(torch.tensor(t_start)))
+        assert s != sigma_start and abs(s - sigma_start) < 0.01 * sigma_start
     x1 = z if kind == "flow" else (z.double() * math.sqrt(1 + s * s) - x0.double()) / s
     student = Denoiser(LineOracle(x0, x1, schedule), schedule, prediction)
     obj = build("reflow", teacher, None, student=student, sigma_max=sigma_start)
+    assert obj.sigma_start == (math.inf if kind == "flow" else float(torch.tensor(s, dtype=torch.float32)))
     t = torch.tensor([0.05, 0.2, 0.5, 0.8, 0.95, 1.0 if kind == "flow" else obj.t_hi], dtype=torch.float64)
     t_used, v_pred, target = obj.regression(pairs, None, t)
     if kind == "flow":

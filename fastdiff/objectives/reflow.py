@@ -45,6 +45,7 @@ import torch
 from ..errors import FastdiffError
 from ..models.denoiser import Denoiser, expand
 from ..models.lpips import LPIPS
+from ..models.generator import step_sigmas
 from ..models.schedule import FlowSchedule
 from .base import Objective, finite_mean
 from .cd import DISTANCES, consistency_distance
@@ -111,8 +112,8 @@ class Reflow(Objective):
         self.lpips = [LPIPS.from_file(lpips_path)] if lpips_path else []
         schedule = teacher.schedule
         self.flow = isinstance(schedule, FlowSchedule)
-        top = math.inf if self.flow else schedule.sigma_max
-        self.sigma_start = top if sigma_max is None else float(sigma_max)
+        # the level the student's sampler starts from (a VP sigma_init snapped to its table timestep, as Generator does)
+        self.sigma_start = float(step_sigmas(teacher, 1, sigma_max)[0])  # the student shares the teacher's table
         # The range of flow times the teacher was trained on, up to the student's first level.
         self.t_lo = schedule.sigma_min / (1 + schedule.sigma_min)
         self.t_hi = 1.0 if math.isinf(self.sigma_start) else self.sigma_start / (1 + self.sigma_start)
