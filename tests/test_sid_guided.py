@@ -53,3 +53,25 @@ def test_guided_loss_is_zero_when_the_fake_score_is_the_teacher(tiny_cond_teache
         # the same network on the same inputs through the same ops: bitwise equal outputs, an exact zero
         loss, top = float(loss.detach()), float(grad.abs().max())
         assert (loss == 0.0 and top == 0.0) == zero, (loss, top)
+
+
+def test_sid_on_text_teachers_trains_at_sid_lsgs_rate(tiny_teacher):
+    """Every SiD-LSG run_sid.sh command: --lr 0.000001 --glr 0.000001. Only plain sid on a text teacher; sida and
+    uni_instruct (no text reference) and class-conditional teachers keep SiD's 1e-5 fallback; a set rate wins."""
+    from types import SimpleNamespace
+
+    from fastdiff.config import load_config
+    from fastdiff.models.teacher import load_teacher
+    from fastdiff.objectives import build
+    from fastdiff.objectives.gan import GANHead
+    from fastdiff.training.setup import resolve_train_defaults
+
+    d = load_teacher(tiny_teacher).denoiser
+    text, pixels = SimpleNamespace(conditioning="text"), SimpleNamespace(conditioning=None)
+    sid, sida = build("sid", d, d), build("sida", d, d, gan_head=GANHead(d))
+    assert sid.teacher_train_defaults(text) == {"lr_generator": 1e-6, "lr_critic": 1e-6}
+    assert sid.teacher_train_defaults(pixels) == {} and sida.teacher_train_defaults(text) == {}
+    for overrides, expected in (([], (1e-6, 1e-6)), (["train.lr_generator=3e-6"], (3e-6, 1e-6))):
+        cfg = load_config(None, ["objective.name=sid", *overrides])
+        resolve_train_defaults(cfg, sid, text)
+        assert (cfg.train.lr_generator, cfg.train.lr_critic) == expected

@@ -245,6 +245,11 @@ class Objective(nn.Module):
         (the trainer fills the rest from ``TRAIN_FALLBACKS``: AdamW (0.9, 0.999), weight decay 0.01, no warm-up)."""
         return {}
 
+    def teacher_train_defaults(self, teacher) -> dict:
+        """``train_defaults`` that depend on the teacher (a ``models.teacher.Teacher``), over them: SiD-LSG's rate for
+        text teachers."""
+        return {}
+
     def critic_modules(self) -> list[nn.Module]:
         return [m for m in (self.fake, self.gan_head) if m is not None]
 

@@ -132,6 +132,14 @@ class SiD(Backtracking, Objective):
         """SiD's optimizer (``SID_OPTIMIZER``)."""
         return dict(SID_OPTIMIZER)
 
+    def teacher_train_defaults(self, teacher) -> dict:
+        """SiD-LSG's learning rates on text teachers (every ``run_sid.sh`` command: ``--lr 0.000001 --glr 0.000001``;
+        its fp32 runs' 50k-image EMA half-life is not a null key: set ``train.ema_halflife_kimg``). Plain ``sid`` only:
+        SiDA and Uni-Instruct keep their own references' settings, which have no text teacher."""
+        if teacher.conditioning != "text" or type(self) is not SiD or self.gan_head is not None:
+            return {}
+        return {"lr_generator": 1e-6, "lr_critic": 1e-6}
+
     def trains_generator(self) -> bool:
         """DisBack's stage 1 aside (``Backtracking``), False while at most ``generator_hold_images`` images were seen:
         the reference's ``cur_nimg > 100 * 1000`` before its generator step, ``images_seen`` being its cur_nimg."""

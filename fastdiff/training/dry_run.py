@@ -94,7 +94,7 @@ def dry_run_report(cfg: Config) -> str:
     if objective_class(cfg.objective.name).uses_fake_score:
         fake = student_like(teacher, fake_score_model(cfg, teacher, lambda message: None))
     objective = build_objective(cfg, teacher, fake, generator.denoiser)
-    resolve_train_defaults(cfg, objective)  # the train.* values the run would use
+    resolve_train_defaults(cfg, objective, teacher)  # the train.* values the run would use
     rows = _rows(teacher, student, fake.model if fake is not None else None,
                  [*objective.generator_modules(), *objective.critic_modules()])
     ema = uses_ema(cfg.train)

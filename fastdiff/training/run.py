@@ -116,7 +116,7 @@ class Run:
         self.objective.images_per_step = (cfg.train.batch_size * cfg.train.gradient_accumulation
                                           * self.accelerator.num_processes)
         self._say_generator_hold()
-        resolve_train_defaults(cfg, self.objective)
+        resolve_train_defaults(cfg, self.objective, teacher)
         self.ema = None
         if uses_ema(cfg.train):  # a LoRA student's EMA keeps its own adapters and shares the base
             self.ema = (lora_copy(student_model) if is_lora(student_model) else

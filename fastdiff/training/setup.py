@@ -131,10 +131,11 @@ TRAIN_FALLBACKS = {"adam_betas": [0.9, 0.999], "weight_decay": 0.01, "lr_warmup_
                    "lr_critic": 1e-5, "grad_clip": 10.0}  # DMD2's --max_grad_norm 10
 
 
-def resolve_train_defaults(cfg: Config, objective) -> None:
+def resolve_train_defaults(cfg: Config, objective, teacher=None) -> None:
     """Fill the train.* keys left null with the objective's reference values (in place, so checkpoints and the
-    export record what the run used)."""
-    defaults = {**TRAIN_FALLBACKS, **objective.train_defaults()}
+    export record what the run used), the teacher's own (``teacher_train_defaults``) over the objective's."""
+    defaults = {**TRAIN_FALLBACKS, **objective.train_defaults(),
+                **(objective.teacher_train_defaults(teacher) if teacher is not None else {})}
     for key, value in defaults.items():
         if getattr(cfg.train, key) is None:
             setattr(cfg.train, key, value)
