@@ -63,6 +63,9 @@ class StudentConfig:
     # LoRA student: rank of adapters on the teacher's attention / projection layers (0 = train all weights).
     # The frozen base is the teacher's own tensors (not a copy); exported as LoRA weights for the teacher pipeline.
     lora_rank: int = 0
+    # LoRA scale alpha / rank; null = alpha = rank (scale 1). DMD2's SDXL LoRA: --lora_alpha 8 at rank 64. Exported
+    # LoRA files carry the scale folded into lora_B, so load_lora_weights applies the trained delta.
+    lora_alpha: typing.Optional[float] = None
     lora_export: str = "both"  # lora (weights for load_lora_weights) | fused (a full pipeline) | both
     # Multi-student distillation (`fastdiff msd`, training/msd.py): the class labels this student is distilled on,
     # its part of a class-conditional teacher's classes. Its samples, its fake score and its real data see only these.
@@ -422,6 +425,9 @@ def validate(cfg: Config) -> None:
                             "the smaller transformer; set student.lora_export=fused")
     if cfg.student.lora_rank < 0:
         raise FastdiffError(f"student.lora_rank must be 0 (full student) or positive, got {cfg.student.lora_rank}")
+    if cfg.student.lora_alpha is not None and (cfg.student.lora_alpha <= 0 or not cfg.student.lora_rank):
+        raise FastdiffError(f"student.lora_alpha must be positive and needs student.lora_rank, got "
+                            f"{cfg.student.lora_alpha} at rank {cfg.student.lora_rank}")
     if cfg.student.lora_export not in ("lora", "fused", "both"):
         raise FastdiffError(f"student.lora_export must be lora, fused or both, got {cfg.student.lora_export!r}")
     if t.mixed_precision not in ("no", "bf16", "fp16"):

@@ -97,6 +97,8 @@ def _distill(tmp_path, *sets):
     (["teacher.path={teacher}", "train.seed=-1"], "train.seed must be in [0, 2^32)"),
     (["teacher.path={teacher}", "train.adam_betas=[2, 0.999]"], "train.adam_betas must be two numbers in [0, 1)"),
     (["teacher.path={teacher}", "train.grad_clip=-1"], "train.grad_clip must be >= 0 (0: no clip)"),
+    (["teacher.path={teacher}", "student.lora_alpha=8"], "student.lora_alpha must be positive and needs student.lora_rank"),
+    (["teacher.path={teacher}", "student.lora_rank=4", "student.lora_alpha=-1"], "student.lora_alpha must be positive"),
     (["teacher.path={teacher}", "train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
     (["teacher.path={teacher}", "student.sigma_init=-1"], "student.sigma_init must be a positive number"),
     (["teacher.path={teacher}", "train.num_sample_images=0"], "train.num_sample_images must be a positive integer"),

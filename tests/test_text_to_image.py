@@ -224,7 +224,10 @@ def test_dit_distill_export_matches_dit_pipeline(files, tmp_path):
     run_model_card(student)
 
 
-def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
+@pytest.mark.parametrize("alpha", [None, 1.0])  # scale 1, and DMD2's SDXL kind of scale (alpha / rank = 0.25 here)
+def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path, alpha):
+    """A LoRA student (student.lora_alpha: its scale alpha / rank, folded into lora_B in the exported file, which
+    diffusers loads at scale 1) samples the same in fastdiff, through load_lora_weights and fused."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     from fastdiff.models.lora import is_lora
@@ -234,8 +237,11 @@ def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path):
     cfg = load_config(None, [f"teacher.path={files['sd']}", f"output_dir={tmp_path / 'run'}", *FAST,
                              "train.checkpoint_every=1",
                              f"data.prompts={files['prompts']}", "student.lora_rank=4", "objective.fake_lora_rank=4",
-                             "train.lr_generator=1e-2", "train.lr_critic=1e-2"])
+                             "train.lr_generator=1e-2", "train.lr_critic=1e-2",
+                             *([f"student.lora_alpha={alpha}"] if alpha else [])])
     trainer = Trainer(cfg, progress=False)
+    scalings = {v for m in trainer.generator.denoiser.model.modules() for v in getattr(m, "scaling", {}).values()}
+    assert scalings == {1.0 if alpha is None else alpha / 4}
     teacher_params = {p.data_ptr() for p in trainer.teacher.model.parameters()}
     student_net, fake_net = trainer.generator.denoiser.model, trainer.objective.fake.model
     assert is_lora(student_net) and is_lora(fake_net)

@@ -33,8 +33,9 @@ def is_lora(model: nn.Module) -> bool:
     return any("lora_" in n for n, _ in model.named_parameters())
 
 
-def with_lora(model: nn.Module, rank: int, what: str, seed: int | None = None) -> nn.Module:
-    """A LoRA network on ``model``'s frozen weights: adapters (rank r, alpha r) trainable, everything else frozen.
+def with_lora(model: nn.Module, rank: int, what: str, seed: int | None = None, alpha: float | None = None) -> nn.Module:
+    """A LoRA network on ``model``'s frozen weights: adapters (rank r, alpha r unless ``alpha`` is given: the delta is
+    ``alpha / r`` B A) trainable, everything else frozen.
 
     ``what`` names the config key in errors (a model without adapter targets, or no peft installed). ``seed``:
     peft draws ``lora_A`` from torch's global generator; with a seed it draws from that seed instead and leaves
@@ -50,7 +51,7 @@ def with_lora(model: nn.Module, rank: int, what: str, seed: int | None = None) -
         raise FastdiffError(f"{what}: {type(model).__name__} has no attention or convolution layers for a LoRA; "
                             "set it to 0")
     net = shared_copy(model)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
     with torch.random.fork_rng(devices=[], enabled=seed is not None):  # peft makes the adapters on the CPU
         if seed is not None:
             torch.random.default_generator.manual_seed(seed)
@@ -109,10 +110,21 @@ class AdapterWeights(nn.Module):
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights in peft's naming (``<module>.lora_A.weight``), as diffusers' ``load_lora_weights`` reads."""
+    """Adapter weights in peft's naming (``<module>.lora_A.weight``), as diffusers' ``load_lora_weights`` reads, with
+    each module's ``alpha / r`` folded into its ``lora_B``: a loader that finds no alpha in the file (diffusers' scale
+    1 for a file without metadata) then applies the trained delta ``(alpha / r) B A``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    scale = {name: next(iter(m.scaling.values())) for name, m in model.named_modules()
+             if isinstance(m, BaseTunerLayer) and getattr(m, "scaling", None)}
+    out = {}
+    for k, v in get_peft_model_state_dict(model).items():
+        v = v.detach().float().cpu()
+        if ".lora_B." in k:
+            v = v * scale.get(k.split(".lora_B.")[0], 1.0)
+        out[k] = v.contiguous()
+    return out
 
 
 def merged_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -122,7 +122,8 @@ def student_model_for(cfg: Config, teacher: Teacher) -> torch.nn.Module:
         model = load_model(cfg.student.model).requires_grad_(True).train()
     elif cfg.student.lora_rank:  # blocks dropped from the LoRA's own module tree: the teacher keeps all of its
         # Built before the run seeds torch: its adapters start from train.seed, the same in every process.
-        model = with_lora(teacher.model, cfg.student.lora_rank, "student.lora_rank", seed=cfg.train.seed)
+        model = with_lora(teacher.model, cfg.student.lora_rank, "student.lora_rank", seed=cfg.train.seed,
+                          alpha=cfg.student.lora_alpha)
     else:
         model = trainable_copy(teacher.model)
     if cfg.student.layer_budget:

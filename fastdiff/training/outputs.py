@@ -102,7 +102,7 @@ def export_fada(run, model, out: Path) -> Path:
 
 def export_info(cfg: Config, step: int, ema: bool, teacher: Teacher) -> dict:
     # teacher_folder: the folder loaded, made relative to the export folder (or kept as a hub id) by export_student
-    return {"teacher": cfg.teacher.path, "teacher_folder": teacher.path, "lora_rank": cfg.student.lora_rank, "lora_export": cfg.student.lora_export,
+    return {"teacher": cfg.teacher.path, "teacher_folder": teacher.path, "lora_rank": cfg.student.lora_rank, "lora_alpha": cfg.student.lora_alpha, "lora_export": cfg.student.lora_export,
             "objective": cfg.objective.name, "num_steps": cfg.student.num_steps,
             "sigma_init": sigma_init(cfg, teacher), "timestep_scaling": timestep_scaling(cfg), "sampler": cfg.student.sampler, "train_step": step, "ema": ema,
             "settings": {"teacher.guidance_scale": cfg.teacher.guidance_scale,
