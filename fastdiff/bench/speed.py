@@ -139,7 +139,7 @@ def naive_step(trainer, opts: dict):
                 x = gen.training_sample(z, cond)
             loss, _ = obj.critic_loss(x, cond, trainer._real(n))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(critic, trainer.cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(critic, trainer.opt_c.clip)  # the run's clip (inf: none)
         opts["critic"].step()
         opts["critic"].zero_grad(set_to_none=True)
         float(loss.detach())
@@ -149,7 +149,7 @@ def naive_step(trainer, opts: dict):
     with acc.autocast():
         loss, _ = obj.generator_loss(gen.training_sample(z, cond), cond, None)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainer.opt_g.params, trainer.cfg.train.grad_clip)
+    torch.nn.utils.clip_grad_norm_(trainer.opt_g.params, trainer.opt_g.clip)
     opts["generator"].step()
     opts["generator"].zero_grad(set_to_none=True)
     with torch.no_grad():

@@ -9,7 +9,7 @@ SiD uses alpha = 1.2 (1.0 for text-to-image). Noise levels: positions in [min_t,
 ``sigma_grid`` (the teacher's DDPM table as SiD-LSG; opt-in Karras rho=7 as sid_loss.py on EDM teachers).
 The reference sums over elements and scales by ``loss_scaling_G`` = 100; fastdiff reports the mean over
 elements, i.e. the reference's loss / (100 N), N elements per sample (a constant factor Adam ignores, and one
-scale for logs and train.grad_clip across objectives).
+scale for logs across objectives; no gradient-norm clip, as the reference).
 Fake score: EDM's loss on x0 teachers (sid_loss.py ``__call__``), the epsilon loss at t in [20, 980) on
 epsilon / v teachers (SiD-LSG training/sid_training_loop.py), one update per generator update.
 Samples with non-finite values are masked out of the loss. The generator EMA is the trainer's.

@@ -41,7 +41,8 @@ the teacher with CFG. What follows the reference, line by line of ``train_tdm_de
   (``obtain_mixed_noise``) against the fresh noise eps;
 - one fake-score update per generator update; AdamW betas (0, 0.95), weight decay 1e-2; the fake score a full copy
   of the teacher at ``--learning_rate`` 2e-5, the student at a fifth of it (4e-6, the README's command), 50 warm-up
-  steps, generator gradients clipped at norm 1 (``--max_grad_norm``; fastdiff: set ``train.grad_clip=1``).
+  steps, generator gradients clipped at norm 1 (``--max_grad_norm``: ``train.grad_clip`` 1 by default) and the fake
+  score's not at all (``critic_grad_clip`` 0).
 Not followed: ``--use_randmid`` (off in the README command), the PixArt-specific plumbing.
 
 fastdiff's K levels are the student's own (``student.num_steps``, ``student.sigma_init``, ``student.sampler``): the
