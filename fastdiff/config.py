@@ -159,8 +159,8 @@ class TrainConfig:
     # scripts), (0, 0.999) for sid / sida / sim (SiD's sid_train.py)
     adam_betas: typing.Optional[typing.List[float]] = None
     weight_decay: typing.Optional[float] = None  # null = the objective's reference: 0.01 (AdamW, DMD2), 0 for SiD (Adam)
-    # gradient-norm clip; null = the objective's reference (Objective.train_defaults): none (0) for SiD, sCM, MeanFlow,
-    # rCM, reflow, AGD, whose references never clip; LCM's 1 for cd; Sana's 0.1 for ladd; DMD2's 10 otherwise
+    # gradient-norm clip; null = the objective's reference (Objective.train_defaults): none (0) for SiD, sCM, rCM,
+    # reflow, AGD, whose references never clip; LCM's 1 for cd; Sana's 0.1 for ladd; DMD2's 10 otherwise (README)
     grad_clip: typing.Optional[float] = None  # 0 = no clip (the norm is still logged)
     # Generator EMA as SiD / EDM keep it: a half-life in images, ramped up to ema_rampup x the images seen so far
     # (so a short run never exports its start: the start's weight falls to 0 at the first update).
