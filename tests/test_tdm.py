@@ -301,20 +301,14 @@ def test_bench_gmm_tdm_row(tmp_path):
     assert r["sw2"] > 2 * r["sw2_floor"] and r["max_mode_weight_error"] > 0.02, r
 
 
-def test_tdm_schedules_only_its_student(tiny_teacher, tmp_path):
-    """train_tdm_demo.py builds its lr scheduler (50 warm-up steps, then the command's cosine) for the student's
-    optimizer alone: the fake score runs at 2e-5 from its first update, unclipped; the student warms up and is
-    clipped at 1 (the trainer's schedules, read after one update)."""
+def test_tdm_clips_its_student_only(tiny_teacher, tmp_path):
+    """train_tdm_demo.py clips the student's gradients at --max_grad_norm 1 and never the fake score's."""
     import math
 
     from fastdiff.config import load_config
     from fastdiff.training import Trainer
 
     cfg = load_config(None, [f"teacher.path={tiny_teacher}", "objective.name=tdm", "train.batch_size=2",
-                             f"output_dir={tmp_path / 'run'}", "train.report_to=none", "train.lr_schedule=cosine",
-                             "train.max_steps=100"])
+                             f"output_dir={tmp_path / 'run'}", "train.report_to=none"])
     run = Trainer(cfg, progress=False)
-    run.train_step()
-    critic_lr, student_lr = run.opt_c.opt.param_groups[0]["lr"], run.opt_g.opt.param_groups[0]["lr"]
-    assert critic_lr == 2e-5 and student_lr == 4e-6 * 2 / 50  # after 1 update: the student at 2 / 50 of its rate
     assert (run.opt_g.clip, run.opt_c.clip) == (1.0, math.inf)

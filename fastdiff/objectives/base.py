@@ -165,8 +165,6 @@ class Objective(nn.Module):
     ``trains_on`` "data", always do): BOOT reads its one-step sample g(eps, 0) there.
     ``sampler``: the ``student.sampler`` the objective needs (None: either), with ``sampler_reason`` saying why;
     ``fused_export_reason``: why its LoRA student cannot be exported as a LoRA file (None: it can).
-    ``critic_constant_lr``: the critic optimizer keeps ``train.lr_critic`` from the first update, without the
-    warm-up and schedule the generator's follows (TDM's fake score, whose optimizer has no scheduler).
     ``tf32``: whether float32 matmuls and convolutions may run in TF32 on GPUs that have it (fast, 10-bit mantissa);
     False for objectives that differentiate the networks along time (a JVP or a finite difference: sCM, rCM,
     MeanFlow), which FastGen trains with TF32 off (``tf32_enabled = False`` in config_scm.py, config_mean_flow.py).
@@ -185,7 +183,6 @@ class Objective(nn.Module):
     sampler_reason = ""
     fused_export_reason: str | None = None
     critic_grad_clip: float | None = None
-    critic_constant_lr = False
     tf32 = True
     step = 0
     images_seen = 0

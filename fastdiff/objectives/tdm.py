@@ -103,7 +103,6 @@ class TDM(DMD2):
 
     samples_student = True
     critic_grad_clip = 0.0  # train_tdm_demo.py steps optimizer_d without clipping (only the student's is clipped)
-    critic_constant_lr = True  # ... and gives it no scheduler: 2e-5 from the first update (the student warms up)
     uses_generator_sample = False  # both losses run the student's trajectory themselves (trajectory_sample)
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, student: Generator, min_t: float = REFERENCE_FLOOR_T,

@@ -30,7 +30,7 @@ class Optimizer:
     """AdamW + gradient clipping + (fp16) loss scaling + learning-rate schedule for one group of modules."""
 
     def __init__(self, modules: list[torch.nn.Module], lr: float, cfg, fp16: bool, steps_per_update: int = 1,
-                 clip: float | None = None, constant_lr: bool = False):
+                 clip: float | None = None):
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]  # LoRA: adapters only
         self.sharded = any(sharding.is_dtensor(p) for p in self.params)  # train.sharding fsdp
         fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params) and not self.sharded
@@ -39,9 +39,7 @@ class Optimizer:
         self.scaler = torch.amp.GradScaler(enabled=fp16)
         # the gradient-norm clip (``clip``, else train.grad_clip); 0 = none: an infinite bound still measures the norm
         self.clip = (cfg.train.grad_clip if clip is None else clip) or math.inf
-        # ``constant_lr``: no warm-up or decay for this optimizer whatever train.* says (TDM's unscheduled fake score)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda step: 1.0 if constant_lr else lr_factor(step // steps_per_update, cfg.train))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step // steps_per_update, cfg.train))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()

@@ -135,7 +135,7 @@ class Run:
         critic = self.objective.critic_modules()
         # The critic's schedule follows generator updates, of which each has critic_updates critic steps.
         self.opt_c = (Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates,
-                                self.objective.critic_grad_clip, self.objective.critic_constant_lr) if critic else None)
+                                self.objective.critic_grad_clip) if critic else None)
         self.step = 0
         # Non-finite updates not applied, counted on the device (read at log steps, so no step waits for it).
         self.skipped = {k: torch.zeros((), dtype=torch.long, device=device) for k in ("generator", "critic", "consecutive")}
