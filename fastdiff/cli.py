@@ -60,7 +60,9 @@ def cmd_distill(args) -> None:
     except FastdiffError:
         # bad input found only once running (a corrupt image in a streamed folder): a run this call started and
         # that saved no checkpoint leaves nothing behind, so the same command works again without --overwrite
-        if new and run.is_dir() and not any(run.glob("checkpoints/step-*")):
+        from .training.checkpoint import checkpoint_dirs
+
+        if new and run.is_dir() and not checkpoint_dirs(run):
             shutil.rmtree(run, ignore_errors=True)
         raise
     if out is not None:

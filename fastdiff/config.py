@@ -464,11 +464,6 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"objective.timestep_scaling must be positive, got {o.timestep_scaling}")
     if o.c is not None and o.c <= 0:
         raise FastdiffError(f"objective.c must be positive, got {o.c}")
-    for key in ("lr_generator", "lr_critic"):
-        if getattr(t, key) is not None and getattr(t, key) <= 0:
-            raise FastdiffError(f"train.{key} must be positive, got {getattr(t, key)}")
-    if t.adam_betas is not None and len(t.adam_betas) != 2:
-        raise FastdiffError(f"train.adam_betas must have two values, got {t.adam_betas}")
     from .objectives import OBJECTIVES
 
     if o.name not in OBJECTIVES:

@@ -50,10 +50,14 @@ def guided_cond(model, cond: dict | None, guidance_scale: float | None) -> dict 
     return guided_condition(cond, torch.full((len(first),), scale - 1.0), dim, first.device)
 
 
+def to_unit(x0: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> [0, 1] float NHWC, as diffusers' pipelines return ``output_type="np"``."""
+    return (x0.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_uint8(x0: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW -> uint8 NHWC, with the same rounding as diffusers' numpy_to_pil."""
-    images = (x0.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return (images * 255).round().astype(np.uint8)
+    return (to_unit(x0) * 255).round().astype(np.uint8)
 
 
 def save_pngs(images: np.ndarray, out: Path, start: int = 0) -> None:

@@ -46,6 +46,12 @@ from .guidance import TeacherGuidance
 from .registry import register
 
 
+# agd/utils/training_loop.py get_opt_scheduler and train.py: AdamW lr 1e-4, no weight decay, 500 warm-up steps, no EMA,
+# no gradient clip (backward, then opt.step())
+AGD_OPTIMIZER = {"lr_generator": 1e-4, "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "lr_warmup_steps": 500,
+                 "ema_decay": 0.0, "grad_clip": 0.0}
+
+
 def attach_adapters(model: torch.nn.Module, rank: int) -> torch.nn.Module:
     """LoRA adapters (rank r, alpha r, B = 0) in place on a guidance-embedded network; then only the adapters and
     the scale embedding (``cond_proj``) train."""
@@ -106,8 +112,7 @@ class AdapterGuidanceDistillation(Objective):
         """The reference's optimiser (``agd/utils/training_loop.py`` ``get_opt_scheduler`` and ``train.py``'s
         defaults): AdamW at lr 1e-4 without weight decay, a linear warm-up over a tenth of its 5000 steps (its cosine
         decay afterwards is not reproduced), and no EMA (its checkpoints are the trained adapters themselves)."""
-        return {"lr_generator": 1e-4, "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "lr_warmup_steps": 500,
-                "ema_decay": 0.0, "grad_clip": 0.0}  # train.py: backward, then opt.step(), no clip
+        return dict(AGD_OPTIMIZER)
 
     def state_modules(self) -> dict[str, torch.nn.Module]:
         """The scale embedding: a LoRA student's checkpoint keeps only its ``lora_`` weights (``AdapterWeights``),

@@ -44,7 +44,7 @@ from fastdiff.pipelines.pipeline_fastdiff_multi_guidance import (GUIDANCE_ORDERS
 from ..models.denoiser import Denoiser, expand
 from ..models.guidance import with_guidance_embedding
 from ..models.lora import merged_model
-from .agd import attach_adapters
+from .agd import AGD_OPTIMIZER, attach_adapters
 from .base import Objective, finite_mean, noised, per_sample_mean
 from .registry import register
 
@@ -141,8 +141,7 @@ class MultiGuidanceDistillation(Objective):
 
     def train_defaults(self) -> dict:
         """AGD's (its reference's optimiser): AdamW lr 1e-4, no weight decay, 500 warm-up steps, no EMA."""
-        return {"lr_generator": 1e-4, "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "lr_warmup_steps": 500,
-                "ema_decay": 0.0, "grad_clip": 0.0}
+        return dict(AGD_OPTIMIZER)
 
     def state_modules(self) -> dict[str, torch.nn.Module]:
         """The scale projection (a LoRA checkpoint keeps only ``lora_`` weights)."""

@@ -72,6 +72,7 @@ ADVERSARIAL_LOSSES = ("hinge", "logistic")
 # fallback, and Sana's 2e-6 for both sides) the heads learn nothing in a short run and the generator follows a fixed
 # random direction of the teacher's features (see LADD's docstring, "Defaults").
 HEAD_LR = 3e-4
+HEAD_TRAIN = {"lr_critic": HEAD_LR, "grad_clip": 0.1}  # the heads' rate, and Sana's clip on both phases (train_scm_ladd.py)
 REAL_SOURCES = ("teacher", "data")  # what the discriminator's real side is (LADD.real_source)
 
 
@@ -323,7 +324,7 @@ class LADD(Objective):
     def train_defaults(self) -> dict:
         """The heads' lr ``HEAD_LR`` (the trainer's AdamW otherwise): see the module's "Defaults"; Sana's gradient
         clip 0.1 on both phases (``train_scm_ladd.py``, ``gradient_clip``)."""
-        return {"lr_critic": HEAD_LR, "grad_clip": 0.1}
+        return dict(HEAD_TRAIN)
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.adversary.disc.heads]
@@ -399,7 +400,7 @@ class SCMLADD(ContinuousConsistency):
     def train_defaults(self) -> dict:
         """sCM's optimizer, with the heads at LADD's ``HEAD_LR``: at the trainer's 1e-5 they stayed at chance here too
         (loss_ladd_d 1.036 -> 1.011 over the CPU ladder's 100 updates on the embedded teacher); Sana's clip 0.1."""
-        return {**super().train_defaults(), "lr_critic": HEAD_LR, "grad_clip": 0.1}
+        return {**super().train_defaults(), **HEAD_TRAIN}
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.adversary.disc.heads]

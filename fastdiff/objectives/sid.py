@@ -146,13 +146,17 @@ class SiD(Backtracking, Objective):
         held = self.generator_hold_images and self.images_seen <= self.generator_hold_images
         return super().trains_generator() and not held
 
+    @property
+    def held_steps(self) -> int:
+        """Trainer steps s the hold covers (s x global batch <= generator_hold_images, i.e. s <= hold // batch); 0
+        without a hold or before the trainer set ``images_per_step``."""
+        if not (self.generator_hold_images and self.images_per_step):
+            return 0
+        return self.generator_hold_images // self.images_per_step + 1
+
     def generator_updates(self, steps: int) -> int:
-        """Of the first ``steps`` trainer steps s, those past DisBack's stage 1 and past the hold (s x global batch >
-        generator_hold_images, i.e. s > hold // batch)."""
-        updates = super().generator_updates(steps)
-        if self.generator_hold_images and self.images_per_step:
-            updates = min(updates, max(0, steps - (self.generator_hold_images // self.images_per_step + 1)))
-        return updates
+        """Of the first ``steps`` trainer steps, those past DisBack's stage 1 and past the hold."""
+        return min(super().generator_updates(steps), max(0, steps - self.held_steps))
 
     def gan_on(self) -> bool:
         """SiDA's loop: ``cur_nimg > 200 * 1000`` before the update (a host integer, no device sync)."""

@@ -105,7 +105,7 @@ class Trainer(Run):
     def train_step(self) -> dict:
         obj = self.objective
         obj.step = self.step
-        global_batch = self.cfg.train.batch_size * self.cfg.train.gradient_accumulation * self.accelerator.num_processes
+        global_batch = obj.images_per_step  # batch x accumulation x processes, set when the run built it
         obj.images_seen = self.step * global_batch  # before this update, as SiD's cur_nimg
         logs = {}
         critic_params = self.opt_c.params if self.opt_c else []

@@ -14,7 +14,7 @@ from ..models import flux
 from ..models.layer_skip import drop_blocks, with_layer_budget
 from ..models.lora import AdapterWeights, is_lora, lora_rank, with_lora
 from ..models.teacher import Teacher, load_model
-from ..objectives import entry
+from ..objectives import entry, objective_class
 
 
 def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -77,7 +77,7 @@ def lora_export_mode(cfg: Config, teacher: Teacher) -> str | None:
     """How a LoRA student is exported: ``student.lora_export`` where the teacher has a pipeline that loads LoRA
     weights; fused for pixel teachers, whose pipelines (DDPMPipeline, fastdiff's class-conditional one) do not.
     None for students that are not LoRAs."""
-    if entry(cfg.objective.name).cls.fused_export_reason:  # agd: adapters and a scale embedding no LoRA file carries
+    if objective_class(cfg.objective.name).fused_export_reason:  # agd: adapters and a scale embedding no LoRA file carries
         return "fused"
     if not cfg.student.lora_rank:
         return None

@@ -61,7 +61,10 @@ class Optimizer:
         else:
             if clip_value:
                 torch.nn.utils.clip_grad_value_(self.params, clip_value)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            if math.isinf(self.clip):  # no clip: measure the norm without rescaling every gradient by 1
+                norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         finite = torch.isfinite(norm)
         if self.opt.defaults.get("fused") and not self.scaler.is_enabled():
             self.opt.grad_scale, self.opt.found_inf = None, (~finite).float()

@@ -141,7 +141,7 @@ class Run:
         self.skipped = {k: torch.zeros((), dtype=torch.long, device=device) for k in ("generator", "critic", "consecutive")}
         mode = lora_export_mode(cfg, teacher)
         if mode is not None and mode != cfg.student.lora_export:
-            reason = entry(cfg.objective.name).cls.fused_export_reason
+            reason = self.objective.fused_export_reason
             why = (f"objective {cfg.objective.name}: {reason}" if reason
                    else f"{cfg.teacher.path} has no pipeline that loads LoRA weights")
             self.accelerator.print(f"student.lora_export {cfg.student.lora_export}: {why}; the LoRA student is "
@@ -150,10 +150,10 @@ class Run:
     def _say_generator_hold(self) -> None:
         """SiDA / Uni-Instruct hold the generator still at first (their references' 100k images): say so, and say
         when the whole run lies inside the hold (the student would come out unchanged)."""
-        hold = getattr(self.objective, "generator_hold_images", 0)
-        if not hold:
+        held = getattr(self.objective, "held_steps", 0)
+        if not held:
             return
-        held = hold // self.objective.images_per_step + 1
+        hold = self.objective.generator_hold_images
         name, steps = self.cfg.objective.name, self.cfg.train.max_steps
         self.accelerator.print(f"{name}: the generator is held still for its first {hold} images ({held} steps) while "
                                "the fake score trains, as the reference; objective.generator_hold_images=0 starts it at "

@@ -35,6 +35,8 @@ import contextlib
 import copy
 import os
 
+import math
+
 import torch
 from torch import nn
 
@@ -339,6 +341,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, clip_value: floa
             replicated += squares
     torch.distributed.all_reduce(sharded)
     norm = (sharded + replicated).sqrt()
+    if math.isinf(max_norm):  # no clip: the norm only
+        return norm
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         local(g).mul_(coef.to(g.dtype))
