@@ -241,13 +241,21 @@ def _check_no_local_paths(folder: Path, *roots: Path) -> None:
 
 
 def _write_folder(out: Path, fill, teacher) -> Path:
-    """Write a folder atomically: ``fill(tmp)`` writes into a hidden temporary folder, renamed to ``out`` at the end."""
+    """An export folder written atomically (``write_atomically``), checked for local paths before it replaces ``out``."""
+    def checked_fill(tmp: Path) -> None:
+        fill(tmp)
+        _drop_local_names(tmp)
+        _check_no_local_paths(tmp, tmp, out, Path(teacher.path))
+    return write_atomically(out, checked_fill)
+
+
+def write_atomically(out: Path, fill) -> Path:
+    """``fill(tmp)`` writes into a hidden temporary folder beside ``out``, renamed to ``out`` at the end: an
+    interrupted write leaves no half folder, and an existing ``out`` stays until the new one is whole."""
     tmp = _tmp_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fill(tmp)
-    _drop_local_names(tmp)
-    _check_no_local_paths(tmp, tmp, out, Path(teacher.path))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -366,20 +366,20 @@ def upscale(teacher_dir: str, images_dir: str, out: str, cfg: UpscaleConfig, dev
 
 def export_upscaler(pipe, student, vae, scheduler, info: dict, out: str) -> Path:
     """The student as a StableDiffusionUpscalePipeline folder (one-step scheduler) with ``fastdiff.json`` and a card,
-    written in a hidden temporary folder renamed to ``out`` at the end (an interrupted export leaves no half folder,
-    and an existing ``out`` stays until the new one is whole); nothing is written for an upscaler gone non-finite."""
-    import shutil
+    written atomically (``inference.export.write_atomically``); nothing is written for an upscaler gone non-finite."""
+    from ..inference.export import write_atomically
 
-    from diffusers import StableDiffusionUpscalePipeline
-
-    m = info["measured"]
-    if not math.isfinite(m["psnr_after_decoder"]):
+    if not math.isfinite(info["measured"]["psnr_after_decoder"]):
         raise FastdiffError("the upscaler gives non-finite images after its decoder fine-tuning; nothing was written "
                             "(lower decoder_lr)")
     final = Path(out)
-    folder = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    return write_atomically(final, lambda folder: _write_upscaler(pipe, student, vae, scheduler, info, folder, final))
+
+
+def _write_upscaler(pipe, student, vae, scheduler, info: dict, folder: Path, final: Path) -> None:
+    from diffusers import StableDiffusionUpscalePipeline
+
+    m = info["measured"]
     exported = StableDiffusionUpscalePipeline(vae=vae.cpu().eval(), text_encoder=pipe.text_encoder.cpu(),
                                               tokenizer=pipe.tokenizer, unet=student.cpu().eval(),
                                               low_res_scheduler=pipe.low_res_scheduler, scheduler=scheduler,
@@ -400,7 +400,3 @@ def export_upscaler(pipe, student, vae, scheduler, info: dict, out: str) -> Path
         f"One-step PSNR against HR images ({info['measured_on']}, up to {info['settings']['num_eval_images']}): "
         f"bicubic {m['psnr_bicubic']:.2f} dB, start {m['psnr_start']:.2f}, after scale distillation "
         f"{m['psnr_after_scale_distillation']:.2f}, after the decoder {m['psnr_after_decoder']:.2f}.\n")
-    if final.exists():
-        shutil.rmtree(final)
-    folder.rename(final)
-    return final
