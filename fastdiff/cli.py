@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import FastdiffError, file_on_path
+from .errors import FastdiffError, require_folder_path
 
 
 def _device(name: str | None):
@@ -28,8 +28,7 @@ def _check_out(out: Path, overwrite: bool, keep: dict | None = None) -> None:
     """An output folder a command may write: not a file (nor under one), not non-empty unless ``overwrite``, and
     never one of the folders ``keep`` ({role: path}, the command's inputs) or a folder holding one, which --overwrite
     would delete."""
-    if (blocker := file_on_path(out)) is not None:
-        raise FastdiffError(f"--out {out}: {blocker} is a file; give a folder")
+    require_folder_path(out, "--out")
     for role, source in (keep or {}).items():
         if source is None:
             continue
@@ -123,7 +122,7 @@ def cmd_tune(args) -> None:
     cfg = tune_config(args.set or [])  # unknown keys and bad values fail before anything loads
     out = Path(args.out or f"{str(args.student).rstrip('/')}-pso")
     _check_out(out, args.overwrite, keep={"student": args.student, "targets": args.targets})
-    folder = tune(args.student, args.targets, str(out), cfg, args.device, show_progress=not args.quiet)
+    folder = tune(args.student, args.targets, str(out), cfg, _device(args.device), show_progress=not args.quiet)
     print(f"tuned student exported to {folder}")
 
 
@@ -134,7 +133,7 @@ def cmd_upscale(args) -> None:
     out = Path(args.out)
     _check_out(out, args.overwrite, keep={"teacher": args.teacher, "images": args.images,
                                           "eval images": args.eval_images})
-    folder = upscale(args.teacher, args.images, str(out), cfg, args.device, show_progress=not args.quiet,
+    folder = upscale(args.teacher, args.images, str(out), cfg, _device(args.device), show_progress=not args.quiet,
                      eval_dir=args.eval_images)
     print(f"one-step x{cfg.factor}-scale-distilled upscaler exported to {folder}")
 
@@ -369,15 +368,16 @@ def cmd_bench_speed(args) -> None:
     train_batches = (_integers("--batch-size", args.batch_size, "batch sizes, e.g. 128,512")
                      if args.batch_size is not None else [128 if device.type == "cuda" else 4])
     steps = args.steps if args.steps is not None else (20 if device.type == "cuda" else 3)
-    check_values = {"--batch-size": min(train_batches or [0]), "--steps": steps, "--warmup": args.warmup + 1,
-                    "--sample-batch-sizes": min(batches or [0])}
-    for name, value in check_values.items():
+    positive = {"--batch-size": min(train_batches or [0]), "--steps": steps, "--sample-batch-sizes": min(batches or [0])}
+    for name, value in positive.items():
         if value <= 0:
-            raise FastdiffError(f"{name} must be {'>= 0' if name == '--warmup' else 'positive'}")
+            raise FastdiffError(f"{name} must be positive")
+    if args.warmup < 0:
+        raise FastdiffError("--warmup must be >= 0")
     if args.time_budget is not None and args.time_budget <= 0:
         raise FastdiffError("--time-budget must be positive (seconds)")
-    if args.out and (blocker := file_on_path(args.out)) is not None:  # written after minutes of timing
-        raise FastdiffError(f"--out {args.out}: {blocker} is a file; give a folder")
+    if args.out:  # written after minutes of timing
+        require_folder_path(args.out, "--out")
     partial = (lambda result: bench_speed.write(result, args.out)) if args.out else None  # noqa: E731
     result = bench_speed.run(args.teacher, objectives, train_batches, batches, steps, args.warmup, device,
                              args.set or [], compile_sampler=not args.skip_compile, progress=not args.quiet,

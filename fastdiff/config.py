@@ -206,6 +206,10 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+class _NotFinite(FastdiffError):
+    """A number that is nan or inf: reported as such even where the field also takes other types."""
+
+
 def _coerce(key: str, value, tp):
     """Check (and gently convert) a value against a dataclass field type; raise FastdiffError naming key."""
     origin = typing.get_origin(tp)
@@ -219,8 +223,10 @@ def _coerce(key: str, value, tp):
                 continue
             try:
                 return _coerce(key, value, arg)
-            except FastdiffError as e:
-                finite = e if "finite" in str(e) else finite
+            except _NotFinite as e:
+                finite = e
+            except FastdiffError:
+                pass
         if finite is not None:
             raise finite
         raise FastdiffError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
@@ -246,7 +252,7 @@ def _coerce(key: str, value, tp):
                 pass
         if number is not None:
             if not math.isfinite(number):  # no setting means nan or inf; torch would fail later, or train on it
-                raise FastdiffError(f"{key}: expected a finite number, got {value!r}")
+                raise _NotFinite(f"{key}: expected a finite number, got {value!r}")
             return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -37,3 +37,10 @@ def file_on_path(folder):
 
     folder = Path(folder)
     return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
+def require_folder_path(folder, setting: str) -> None:
+    """Refuse, in one line naming ``setting`` (``--out``, ``output_dir``, ...), a folder to be written that is a
+    file or lies under one."""
+    if (blocker := file_on_path(folder)) is not None:
+        raise FastdiffError(f"{setting} {folder}: {blocker} is a file; give a folder")

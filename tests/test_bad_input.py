@@ -105,7 +105,7 @@ def _distill(tmp_path, *sets):
     (["teacher.path={teacher}", "teacher.guidance_scale=3"], "needs a class- or text-conditional teacher"),
     (["teacher.path={teacher}", "objective.name=sid", "objective.fake_guidance=2"],
      "objective.fake_guidance 2.0 needs a class- or text-conditional teacher"),
-    (["teacher.path={teacher}", "output_dir={data}/file.txt/run"], "is a file, not a folder"),
+    (["teacher.path={teacher}", "output_dir={data}/file.txt/run"], "is a file; give a folder"),
     (["teacher.path={teacher}", "data.name=fashion_mnist"], "data.name 'fashion_mnist' is not one of"),
     (["teacher.path={teacher}", "data.resolution=0"], "data.resolution must be positive or null"),
     (["teacher.path={teacher}", "student.num_steps=5000"], "is more than the teacher's 1000 timesteps"),
@@ -138,6 +138,20 @@ def test_non_empty_output_dir_is_kept(tmp_path, capsys, tiny_teacher):
     rc = _distill(tmp_path, f"teacher.path={tiny_teacher}")
     assert rc == 2 and "is not empty" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--batch-size", "2,0"], "--batch-size must be positive"),
+    (["--sample-batch-sizes", "0"], "--sample-batch-sizes must be positive"),
+    (["--time-budget", "0"], "--time-budget must be positive"),
+])
+def test_bench_speed_refuses_counts_out_of_range(tiny_teacher, capsys, flags, fragment):
+    """Checked before any timing starts: one line, exit 2."""
+    assert main(["bench", "speed", "--teacher", tiny_teacher, "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1, err
 
 
 def test_export_and_sample_bad_input(tmp_path, capsys, tiny_teacher):
@@ -207,6 +221,10 @@ def test_outputs_devices_and_files_that_are_not_what_they_should_be(tmp_path, ca
         (["export", str(run), "--out", str(tmp_path), "--overwrite"], "which writing it would replace"),
         (["export", str(run), "--out", str(tmp_path / "a_file")], "a_file is a file; give a folder"),
         (["sample", student, "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"), "--device", "magic"],
+         "--device 'magic' is not a device torch knows"),
+        (["tune", student, "--targets", str(run / "samples"), "--out", str(tmp_path / "t"), "--device", "magic"],
+         "--device 'magic' is not a device torch knows"),
+        (["upscale", tiny_teacher, "--images", str(run / "samples"), "--out", str(tmp_path / "u"), "--device", "magic"],
          "--device 'magic' is not a device torch knows"),
         (["sample", tiny_teacher, "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"),
           "--guidance-scale", "3"], "--guidance-scale 3.0 needs a class- or text-conditional teacher"),

@@ -56,9 +56,6 @@ DEFAULT_OBJECTIVES = ("dmd2", "sid", "sida", "sim", "vsd")
 # (SIM at 1:1: 2.27 x floor, mode error 0.033; at 5:1: 1.71 x floor, 0.017; same start and seed).
 SETTINGS = {name: {"steps": 400, "objective": {"critic_updates": 5}} for name in ("dmd2", "vsd", "sid", "sida", "sim")}
 SETTINGS["vsd"]["objective"]["fake_lora_rank"] = 0  # the analytic teacher has no layers to put a LoRA on
-# SiDA's reference holds the generator for its first 100k images, 98% of these 400 updates of 256; the bench measures
-# the generator's loss within its budget, its fake score already kept up by the 5:1 updates, so no hold here.
-SETTINGS["sida"]["objective"]["generator_hold_images"] = 0
 # DisBack (dmd2 + backtracking) on dmd2's budget of 400 trainer steps, its stage 1 included (no generator updates
 # there): the reference's proportions shortened, 4 path checkpoints over 40 stage-1 steps, 40 updates per node.
 SETTINGS["disback"] = {"steps": 400, "objective": {"critic_updates": 5, "backtrack": 4, "degradation_steps": 40,
@@ -82,8 +79,12 @@ SETTINGS["rcm"] = {"steps": 2000, "objective": {"tangent_warmup": 500, "p_mean":
 # rest. Uni-Instruct's divergence weighting starts at 200k images in the reference, past this run's 102k, so here it
 # starts half way (51200), after 1000 discriminator updates.
 SETTINGS["fdistill"] = {"steps": 400, "objective": {"critic_updates": 5}}
-SETTINGS["uni_instruct"] = {"steps": 400, "objective": {"critic_updates": 5, "gan_start_images": 51200,
-                                                         "generator_hold_images": 0}}  # as sida's
+SETTINGS["uni_instruct"] = {"steps": 400, "objective": {"critic_updates": 5, "gan_start_images": 51200}}
+# SiDA's and Uni-Instruct's references hold the generator for its first 100k images, 98% of these 400 updates of 256;
+# the bench measures the generator's loss within its budget, its fake score already kept up by the 5:1 updates, so
+# no hold here.
+for _name in ("sida", "uni_instruct"):
+    SETTINGS[_name]["objective"]["generator_hold_images"] = 0
 # Reflow (Lee et al. 2024): the teacher copy regressed on 32k (noise, Heun-40 sample) pairs of the teacher's ODE
 # (``fastdiff pairs``), U-shaped t and pseudo-Huber as the paper; lr and schedule as the bench's cd. Its Euler
 # sampler is the "ddim" rows. 6000 updates: at 2000 one step was 8.3 x floor and two Euler steps 4.4 x; at 6000

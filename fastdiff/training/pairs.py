@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import FastdiffError, file_on_path, read_json_object
+from ..errors import FastdiffError, read_json_object, require_folder_path
 from ..models.trajectory import SAMPLERS, ode_sample, trajectory_levels
 
 MANIFEST = "manifest.json"
@@ -132,8 +132,7 @@ def _make_shard(teacher, rows: int, seed: int, levels, sampler: str, batch_size:
 
 def _open_folder(out: Path, key: dict, overwrite: bool) -> None:
     """Create ``out`` with its manifest, or continue one made with the same settings; stale temporary files go."""
-    if (blocker := file_on_path(out)) is not None:  # the folder itself or a parent on the way to it
-        raise FastdiffError(f"--out {out}: {blocker} is a file; give a folder")
+    require_folder_path(out, "--out")
     manifest = out / MANIFEST
     if manifest.is_file():
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import RUN_SHAPE_KEYS, Config
-from ..errors import FastdiffError, file_on_path
+from ..errors import FastdiffError, require_folder_path
 from ..models.consistency import consistency_start, network_view
 from ..models.denoiser import Denoiser
 from ..models.generator import Generator
@@ -64,6 +64,7 @@ def uses_gan(cfg: Config) -> bool:
 def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
     """Settings the objective's constructor does not see but that only make sense for some objectives."""
     o = cfg.objective
+    cls = objective_class(o.name)
     if teacher.denoiser.schedule.kind == "flow" and sigma_init(cfg, teacher) is not None:
         raise FastdiffError("flow-matching students start from pure noise (t = 1), as their pipelines do: "
                             "set student.sigma_init to null or auto")
@@ -72,7 +73,7 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
     backtrack = getattr(o, "backtrack", None)
     if (backtrack if backtrack is not None else entry(o.name).defaults.get("backtrack")) and cfg.train.sharding == "fsdp":
         raise FastdiffError("objective.backtrack (DisBack) does not run with train.sharding fsdp yet")
-    if uses_gan(cfg) and not objective_class(o.name).uses_fake_score:
+    if uses_gan(cfg) and not cls.uses_fake_score:
         raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
     if o.name == "fada" and not (teacher.num_classes and takes_text(teacher)):
         raise FastdiffError(f"objective fada needs a teacher with two conditions, class labels (num_class_embeds) and "
@@ -93,7 +94,6 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
     if cfg.student.lora_rank and (cfg.student.model or o.guidance_range is not None):
         raise FastdiffError("student.lora_rank adapts the teacher's own weights: it cannot be combined with "
                             "student.model or objective.guidance_range")
-    cls = objective_class(o.name)
     if cls.sampler is not None and cfg.student.sampler != cls.sampler:
         raise FastdiffError(f"objective {o.name} {cls.sampler_reason}: set student.sampler={cls.sampler}")
     if cls.fused_export_reason and cfg.student.lora_export == "lora":
@@ -112,10 +112,11 @@ def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, studen
     try:
         gan_head = GANHead(fake) if uses_gan(cfg) else None
         options = teacher_options(cfg.objective.name, teacher, objective_options(cfg))
+        cls = objective_class(cfg.objective.name)
         # Consistency students train up to the level they sample from; BOOT reads its g(eps, 0) there.
-        if trains_on_data(cfg) or objective_class(cfg.objective.name).needs_sigma_init:
+        if cls.trains_on == "data" or cls.needs_sigma_init:
             options["sigma_max"] = sigma_init(cfg, teacher)
-        if objective_class(cfg.objective.name).samples_student:
+        if cls.samples_student:
             # tdm runs the student's K-step sampler itself: the same levels and re-noising as the run's generator
             student = Generator(student, cfg.student.num_steps, sigma_init(cfg, teacher), cfg.student.sampler)
         objective = build(cfg.objective.name, teacher.denoiser, fake, gan_head=gan_head, student=student, **options)
@@ -160,8 +161,9 @@ def uses_ema(train) -> bool:
 
 def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path:
     out = Path(cfg.output_dir)
-    if (blocker := file_on_path(out)) is not None:
-        raise FastdiffError(f"output_dir {out}: {blocker} is a file, not a folder")
+    require_folder_path(out, "output_dir")
+    if cfg.data.name == "teacher" and cfg.data.cache_dir:  # here, before the teacher loads, not at the first batch
+        require_folder_path(cfg.data.cache_dir, "data.cache_dir")
     if resume is None and out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FastdiffError(f"output_dir {out} is not empty; pass --resume latest to continue it "

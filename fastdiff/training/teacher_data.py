@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import FastdiffError, file_on_path
+from ..errors import FastdiffError, require_folder_path
 from ..models.trajectory import SAMPLERS, ode_sample, trajectory_levels
 from .pairs import draw_conditions
 
@@ -147,8 +147,7 @@ class TeacherSamples:
     def _open_cache(self) -> None:
         """Use the folder's chunks if they were made with the same settings; else empty it of chunks first, so
         the folder never holds more than cache_size samples (chunk files only, nothing else is touched)."""
-        if (blocker := file_on_path(self.cache_dir)) is not None:
-            raise FastdiffError(f"data.cache_dir {self.cache_dir}: {blocker} is a file; give a folder")
+        require_folder_path(self.cache_dir, "data.cache_dir")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         manifest = self.cache_dir / MANIFEST
         key = self._key()
