@@ -301,13 +301,13 @@ def test_damaged_pairs_shard_and_a_file_as_cache_dir(tmp_path, capsys, tiny_teac
     assert f"{tmp_path / 'a-file'} is a file" in err and len(err.splitlines()) == 1, err
     assert (tmp_path / "a-file").read_text() == "keep"
     assert _distill(tmp_path, f"teacher.path={tiny_teacher}", "objective.name=reflow", "data.name=pairs",
-                    f"data.path={damaged}") == 2
+                    "student.sampler=ddim", f"data.path={damaged}") == 2
     err = capsys.readouterr().err.strip()
     assert "is not valid JSON" in err and len(err.splitlines()) == 1, err
     shard = next(pairs.glob("pairs-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:100])
     (tmp_path / "a_file").write_text("x")
-    for sets, fragment in ((["objective.name=reflow", "data.name=pairs", f"data.path={pairs}"],
+    for sets, fragment in ((["objective.name=reflow", "data.name=pairs", "student.sampler=ddim", f"data.path={pairs}"],
                             "delete it and rerun `fastdiff pairs`"),
                            (["objective.name=cd", "data.name=teacher", "data.cache_size=4",
                              f"data.cache_dir={tmp_path / 'a_file'}"], "is a file; give a folder")):

@@ -282,6 +282,13 @@ def test_pairs_bad_input(gmm_dir, tmp_path, capsys):
     obj = build("reflow", Denoiser(nn.Identity(), _vp_schedule(), "sample"), None, student=None)
     with pytest.raises(ValueError, match="data.name=pairs"):
         obj.generator_loss(torch.zeros(2, 1, 8, 8))
+    # the default lcm sampler (fresh noise between steps) is refused before training: Euler steps only
+    capsys.readouterr()
+    assert main(["distill", "--set", f"teacher.path={gmm_dir}", "--set", "objective.name=reflow", "--set",
+                 "data.name=pairs", "--set", f"data.path={out}", "--set", f"output_dir={tmp_path / 'lcm'}", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "samples by Euler steps" in err and "set student.sampler=ddim" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "lcm" / "checkpoints").exists()
 
 
 def test_reflow_distill_export_and_diffusers_load(tiny_teacher, tmp_path):

@@ -89,7 +89,8 @@ for _name in ("sida", "uni_instruct"):
 # (``fastdiff pairs``), U-shaped t and pseudo-Huber as the paper; lr and schedule as the bench's cd. Its Euler
 # sampler is the "ddim" rows. 6000 updates: at 2000 one step was 8.3 x floor and two Euler steps 4.4 x; at 6000
 # 2.9 x and 1.5 x (AMD EPYC, 1 thread, seed 0).
-SETTINGS["reflow"] = {"steps": 6000, "objective": {}, "pairs": {"num": 32768, "steps": 40, "sampler": "heun"},
+SETTINGS["reflow"] = {"steps": 6000, "objective": {}, "student": {"sampler": "ddim"},
+                      "pairs": {"num": 32768, "steps": 40, "sampler": "heun"},
                       "train": {"lr_generator": 5e-4, "lr_schedule": "cosine", "ema_decay": 0.999,
                                 "lr_warmup_steps": 0}}
 # TDM: a 4-step student on its deterministic (ddim) trajectory, as the reference samples; it starts, as the reference's

@@ -91,6 +91,9 @@ class Reflow(Objective):
 
     trains_on = "data"
     uses_fake_score = False
+    sampler = "ddim"
+    sampler_reason = ("samples by Euler steps along its straight lines (rfpp's sampler); the lcm sampler's fresh "
+                      "noise between steps would leave them")
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, sigma_max: float | None = None,
                  u_shape: float = 4.0, distance: str | None = None, huber_c: float | None = None,
