@@ -168,6 +168,8 @@ def test_msd_end_to_end(tiny_cond_teacher, tmp_path):
     assert main(args) == 0  # finished students are kept, the router rebuilt
     assert (out / "student-0" / "metrics.jsonl").stat().st_mtime_ns == stamp
     assert main(args[:2] + ["3"] + args[3:]) == 2  # another partition over the same folder: refused
+    partition = out / "partition.json"
+    assert json.loads(partition.read_text()) == [[0, 1], [2]]  # and its record untouched
     # Runs trained by hand, assembled in another order: student 0 is now the one of class 2.
     assert main(["msd", "--assemble", str(out / "student-1"), str(out / "student-0"), "--out", str(tmp_path / "r")]) == 0
     again = FastdiffMultiStudentPipeline.from_pretrained(tmp_path / "r")
@@ -179,6 +181,22 @@ def test_msd_end_to_end(tiny_cond_teacher, tmp_path):
         own = students[k](class_labels=[label], generator=[torch.Generator().manual_seed(seeds[i])],
                           output_type="np").images
         assert np.array_equal((ours[i] * 255).round(), (own[0] * 255).round())
+    # --overwrite with fewer students: the extra student's run goes (it would sit unrouted beside the new one)
+    assert main(args[:2] + ["1"] + args[3:] + ["--overwrite"]) == 0
+    assert not (out / "student-1").exists() and json.loads(partition.read_text()) == [[0, 1, 2]]
+
+
+def test_msd_refuses_an_unfinished_student_before_training_any(tiny_cond_teacher, tmp_path):
+    """Student 1's folder holds an unfinished run: refused before student 0 trains or the partition is recorded
+    (it once trained student 0 first, then stopped at student 1)."""
+    out = tmp_path / "msd"
+    (out / "student-1").mkdir(parents=True)
+    (out / "student-1" / "notes.txt").write_text("mine")
+    args = ["msd", "--partitions", "2", "--quiet", "--set", f"teacher.path={tiny_cond_teacher}",
+            "--set", f"output_dir={out}", *(a for item in FAST for a in ("--set", item))]
+    assert main(args) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["student-1"]
+    assert (out / "student-1" / "notes.txt").read_text() == "mine"
 
 
 def test_msd_command_refuses_bad_input(tiny_teacher, tiny_cond_teacher, tmp_path):

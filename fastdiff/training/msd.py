@@ -179,12 +179,20 @@ def train_students(cfg: Config, parts: list[list] | int, overwrite: bool = False
     recorded = root / PARTITION_FILE
     if recorded.is_file() and json.loads(recorded.read_text()) != parts and not overwrite:
         raise FastdiffError(f"{root} holds students of another partition ({recorded}); pass --overwrite to replace them")
+    runs = [root / f"student-{k}" for k in range(len(parts))]
+    for run in runs:  # every refusal before anything is written
+        again = resume and (run / "checkpoints").is_dir()
+        if run.is_dir() and any(run.iterdir()) and not (overwrite or again) and not (run / "student").is_dir():
+            raise FastdiffError(f"{run} holds an unfinished student; pass --resume to continue it from its latest "
+                                "checkpoint or --overwrite to retrain every student")
     root.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(parts) + "\n")
-    runs = []
-    for k, part in enumerate(parts):
-        run = root / f"student-{k}"
-        runs.append(run)
+    if overwrite:  # students of a larger earlier partition would sit beside the new ones, unrouted
+        for stale in root.glob("student-*"):
+            index = stale.name.removeprefix("student-").removesuffix("-warmup")
+            if stale.is_dir() and index.isdigit() and int(index) >= len(parts):
+                shutil.rmtree(stale)
+    for k, (part, run) in enumerate(zip(parts, runs)):
         what = f"{len(part)} prompts" if isinstance(part[0], str) else f"classes {part}"
         child = student_config(cfg, part, run)
         if not overwrite and _finished(run, child):
