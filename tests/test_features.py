@@ -326,6 +326,16 @@ def test_lora_export_lora_alone_and_fused_alone(sd, tmp_path):
     pipe.load_lora_weights(str(lora))
     pipe.scheduler = LCMScheduler.from_pretrained(lora, subfolder="scheduler")
     assert_same(theirs(pipe, 1), mine)
+    # The file adapts every layer kind of LCM-LoRA's / DMD2's list the UNet has, the convolutions included
+    from safetensors.torch import load_file
+
+    from fastdiff.models.lora import LORA_TARGETS
+
+    keys = list(load_file(lora / "pytorch_lora_weights.safetensors"))
+    names = [n for n, _ in trainer.teacher.model.named_modules()]
+    present = {t for t in LORA_TARGETS if any(n.endswith("." + t) for n in names)}
+    assert {"conv_shortcut", "time_emb_proj", "ff.net.0.proj", "downsamplers.0.conv"} <= present
+    assert {t for t in present if any(f".{t}.lora_A" in k for k in keys)} == present
     assert_same(theirs(StableDiffusionPipeline.from_pretrained(fused), 1), mine)
 
 

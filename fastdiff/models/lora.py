@@ -15,9 +15,12 @@ from torch import nn
 
 from ..errors import FastdiffError
 
-# Attention projections, feed-forward outputs, transformer in/out projections and ResNet convolutions
-# (the layers LCM-LoRA and SwiftBrush adapt).
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.2")
+# The layers LCM-LoRA and DMD2's SDXL LoRA adapt (diffusers examples/consistency_distillation/
+# train_lcm_distill_lora_sdxl.py ``lora_target_modules``, tianweiy/DMD2 main/sd_unified_model.py, the same 14 names):
+# attention and transformer in/out projections, both feed-forward layers, the ResNet convolutions with their
+# shortcuts and time-embedding projections, and the down / up samplers' convolutions. Names a model lacks are skipped.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
