@@ -323,10 +323,7 @@ def test_uni_instruct_generator_loss_at_defaults_matches_reference(images_seen, 
     schedule = schedule_from_scheduler(DDPMScheduler(prediction_type="sample", clip_sample=False))
     teacher = Denoiser(tiny_unet(seed=0).eval(), schedule, "sample")
     fake = Denoiser(tiny_unet(seed=1), schedule, "sample")
-    head = GANHead(fake)
-    torch.manual_seed(11)  # a head whose logits are not ~0, so the BCE term has slope
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.5)
+    head = GANHead(fake, "sida")  # SiDA's networks: y_D is the encoder output's channel mean, a logit per position
     obj = build("uni_instruct", teacher, fake, gan_head=head)
     assert (obj.divergence, obj.expansion, obj.alpha, obj.gan_generator_weight) == ("kl", "reference", 1.0, 1e-4)
     assert (obj.min_t, obj.max_t, obj.sigma_grid, obj.gan_start_images) == (0.0, 0.8, "teacher", 200_000)

@@ -83,7 +83,7 @@ def train(name: str, steps: int, lr: float, options: dict, batch: int = 256, see
     fake = gan = None
     if cls.uses_fake_score:  # rcm: a consistency student with a DMD regulariser has one too
         fake = Denoiser(copy.deepcopy(gmm).requires_grad_(True), teacher.schedule, "sample")
-        gan = GANHead(fake) if objectives.OBJECTIVES[name].needs_gan else None
+        gan = GANHead(fake, cls.gan_readout) if objectives.OBJECTIVES[name].needs_gan else None
     sigma = 2.5 if cls.trains_on == "generator" else teacher.schedule.sigma_max  # the trainer's sigma_init
     generator = Generator(student, 1, sigma if cls.trains_on == "generator" else None)
     sampler = generator if cls.samples_student else student  # tdm runs the sampler (setup.py)

@@ -47,10 +47,7 @@ def _pair(pred="sample", num_class_embeds=None):
 
 def _sida():
     sched, teacher, fake = _pair("sample")
-    head = GANHead(fake)
-    torch.manual_seed(11)  # a head whose logits are not ~0, so the BCE terms have slope
-    for p in head.parameters():
-        nn.init.normal_(p, std=0.5)
+    head = GANHead(fake, "sida")  # SiDA's: y_D is the encoder output's channel mean, a logit per position
     # on the Karras grid, as SiDA's sida_loss.py draws its generator noise levels
     return teacher, fake, head, build("sida", teacher, fake, gan_head=head, sigma_grid="karras")
 
@@ -387,7 +384,7 @@ def test_sigma_grid_defaults_per_teacher_family():
         _, teacher, fake = _pair(pred)
         assert default_sigma_grid(teacher) == expected
         for name in ("dmd2", "sid", "sida", "sim"):
-            head = GANHead(fake) if name == "sida" else None
+            head = GANHead(fake, "sida") if name == "sida" else None
             assert build(name, teacher, fake, gan_head=head).sigma_grid == expected
         assert build("sid", teacher, fake, sigma_grid="karras").sigma_grid == "karras"
     with pytest.raises(ValueError, match="sigma_grid does not apply to cd"):

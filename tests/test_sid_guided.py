@@ -68,7 +68,7 @@ def test_sid_on_text_teachers_trains_at_sid_lsgs_rate(tiny_teacher):
 
     d = load_teacher(tiny_teacher).denoiser
     text, pixels = SimpleNamespace(conditioning="text"), SimpleNamespace(conditioning=None)
-    sid, sida = build("sid", d, d), build("sida", d, d, gan_head=GANHead(d))
+    sid, sida = build("sid", d, d), build("sida", d, d, gan_head=GANHead(d, "sida"))
     assert sid.teacher_train_defaults(text) == {"lr_generator": 1e-6, "lr_critic": 1e-6}
     assert sid.teacher_train_defaults(pixels) == {} and sida.teacher_train_defaults(text) == {}
     for overrides, expected in (([], (1e-6, 1e-6)), (["train.lr_generator=3e-6"], (3e-6, 1e-6))):

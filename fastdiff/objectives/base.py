@@ -172,6 +172,8 @@ class Objective(nn.Module):
     generator (0: none, TDM's fake score); None = ``train.grad_clip`` for both.
     ``samples_student``: the constructor's ``student`` is the run's K-step sampler (a ``models.generator.Generator``
     on the same levels and re-noising as the run's), not the bare student Denoiser: TDM runs the trajectory itself.
+    ``gan_readout``: the read-out of its GAN head on the fake score (``gan.GANHead``): DMD2's branch, or SiDA's
+    parameter-free channel mean (sid, sida, Uni-Instruct).
     """
 
     trains_on = "generator"
@@ -183,6 +185,7 @@ class Objective(nn.Module):
     sampler_reason = ""
     fused_export_reason: str | None = None
     critic_grad_clip: float | None = None
+    gan_readout = "dmd2"
     tf32 = True
     step = 0
     images_seen = 0

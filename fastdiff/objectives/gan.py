@@ -1,16 +1,27 @@
-"""A GAN head on the fake score's bottleneck (DMD2, Yin et al. 2024, Sec. 4.3).
+"""A GAN head on the fake score's bottleneck (DMD2, Yin et al. 2024, Sec. 4.3; SiDA, Zhou et al. 2025).
 
-The fake score network doubles as the discriminator's trunk: a forward hook reads its bottleneck
-(UNet ``mid_block`` output, or the middle transformer block) on noised images, and a small head turns
-it into one logit per image. Non-saturating losses: generator ``softplus(-D(fake))``, discriminator
-``softplus(-D(real)) + softplus(D(fake))``.
+The fake score network doubles as the discriminator's trunk: a forward hook reads its bottleneck (UNet
+``mid_block`` output, or the image tokens of the middle transformer block) on noised images, and a read-out turns
+it into logits. Two read-outs, each its reference's (``GANHead(readout=...)``):
 
-SiDA's forms (mingyuanzhou/SiD, branch sida, sida_training/sida_loss.py and sida_training_loop.py) weigh the
-same BCE terms by batch means: see :func:`sida_generator_gan_loss` and :func:`sida_discriminator_loss`.
+- ``dmd2``: DMD2's ``cls_pred_branch`` (tianweiy/DMD2 ``main/sd_guidance.py``, ``main/edm/edm_guidance.py``) as
+  FastGen's ``Discriminator_EDM`` generalises it to any bottleneck size (``fastgen/networks/discriminators.py``):
+  4x4 stride-2 convolutions (+ GroupNorm + SiLU) halve the map until it is at most 4x4 (8x8 -> 4x4 for SD 1.5 and
+  EDM-ImageNet's, 32 -> 16 -> 8 -> 4 for SDXL's), a convolution as large as the map (DMD2's 4x4 stride 4) takes it
+  to 1x1, and a 1x1 convolution to one logit per image. dmd2, disback and f-distill use it.
+- ``sida``: SiDA's discriminator has no head of its own (mingyuanzhou/SiD branch sida,
+  ``sida_training/sida_networks.py``: ``logits = x.mean(dim=1, keepdim=True)`` on the encoder's output): the logit
+  map is the bottleneck's channel mean, one logit per position, and the BCE terms average over the positions as
+  ``nn.BCEWithLogitsLoss`` does. sid / sida and Uni-Instruct (SiDA's networks) use it.
+
+On token features (transformers) the ``dmd2`` read-out is a mean over tokens and a two-layer MLP (DMD2 has no
+transformer head); on flat features (the analytic teacher's per-mode responsibilities, no map) both read-outs are
+that MLP. Non-saturating losses: generator ``softplus(-D(fake))``, discriminator ``softplus(-D(real)) +
+softplus(D(fake))``. SiDA's forms weigh the same BCE terms by batch means: :func:`sida_generator_gan_loss` and
+:func:`sida_discriminator_loss`.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
@@ -19,6 +30,55 @@ from torch import nn
 
 from ..models.denoiser import Denoiser
 from .base import kept_mean, only_finite
+
+
+READOUTS = ("dmd2", "sida")
+
+
+def image_features(output) -> torch.Tensor:
+    """The image features of a block's output: UNet down blocks return (hidden, skips), joint (MM-DiT: SD3, Flux)
+    blocks (text, image) with text None in SD3's last one; other blocks a tensor."""
+    if torch.is_tensor(output):
+        return output
+    tensors = [o for o in output if torch.is_tensor(o)]
+    if tensors and tensors[0].ndim == 4:
+        return tensors[0]
+    return tensors[-1]
+
+
+def bottleneck_size(model: nn.Module, sample_size) -> tuple[int, int] | None:
+    """(h, w) of a UNet's ``mid_block`` features for samples of ``sample_size`` (an int, (h, w), or None for the
+    model's own ``config.sample_size``): each down block with a downsampler halves it, rounding up as a stride-2 3x3
+    convolution with padding 1 does. None for models without down blocks."""
+    if not getattr(model, "down_blocks", None):
+        return None
+    size = sample_size if sample_size is not None else getattr(model.config, "sample_size", None)
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    for block in model.down_blocks:
+        if getattr(block, "downsamplers", None):
+            h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def dmd2_branch(channels: int, size: tuple[int, int]) -> nn.Sequential:
+    """DMD2's ``cls_pred_branch`` for a ``size`` map (see the module docstring): (B, C, h, w) -> (B, 1, 1, 1)."""
+    # DMD2's 32 groups (768, 1280 channels); on narrower networks the most groups up to 32 with at least 4 channels
+    # each (FastGen's _get_optimal_groups keeps 4 a group too). Never one channel a group: on the final 1x1 map
+    # GroupNorm would then output its bias alone, and no gradient would reach the fake score.
+    groups = max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
+
+    def block(kernel, stride, padding):
+        return [nn.Conv2d(channels, channels, kernel, stride, padding), nn.GroupNorm(groups, channels), nn.SiLU()]
+
+    h, w = size
+    layers = []
+    while min(h, w) > 4:
+        layers += block(4, 2, 1)
+        h, w = h // 2, w // 2
+    layers += block((h, w), (h, w), 0)  # DMD2's 4x4 stride-4 convolution when the map is 4x4
+    return nn.Sequential(*layers, nn.Conv2d(channels, 1, 1))
 
 
 def bottleneck_module(model: nn.Module) -> nn.Module:
@@ -48,14 +108,22 @@ def _is_fsdp_root(model: nn.Module) -> bool:
 
 
 class GANHead(nn.Module):
-    """Logits from the fake score's bottleneck features; owns only the head's parameters."""
+    """Logits from the fake score's bottleneck features; owns only the read-out's parameters.
 
-    def __init__(self, fake: Denoiser):
+    ``readout``: ``dmd2`` or ``sida`` (module docstring). ``sample_size``: the spatial size of the samples the
+    fake score sees (None: its config's ``sample_size``), which sizes DMD2's branch on a UNet."""
+
+    def __init__(self, fake: Denoiser, readout: str = "dmd2", sample_size=None):
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"GAN head readout must be one of {', '.join(READOUTS)}, got {readout!r}")
         channels = bottleneck_channels(fake.model)
-        self.conv = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(math.gcd(32, channels), channels), nn.SiLU())
-        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
+        self.readout = readout
+        self.size = bottleneck_size(fake.model, sample_size)
+        if readout == "dmd2" and self.size is not None:
+            self.branch = dmd2_branch(channels, self.size)
+        elif self.size is None:  # tokens or flat features
+            self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
         self._fake = [fake]  # a list keeps the fake score out of this module's parameters
         self._features = None
         self._capturing = False  # other fake-score passes (DM gradient, fake loss) keep nothing
@@ -63,7 +131,7 @@ class GANHead(nn.Module):
 
     def _keep(self, module, args, output):
         if self._capturing:
-            features = output[0] if isinstance(output, tuple) else output
+            features = image_features(output)
             self._features = features
             root = self._fake[0].model
             if features.requires_grad and _is_fsdp_root(root):
@@ -89,13 +157,33 @@ class GANHead(nn.Module):
         return self.logits()
 
     def logits(self) -> torch.Tensor:
-        """One logit per image from the features the last :meth:`reading` pass kept."""
+        """Logits from the features the last :meth:`reading` pass kept: (B,) per image (``dmd2``, flat features) or
+        (B, positions), one per map position or token (``sida``)."""
         h, self._features = self._features.float(), None
+        if h.ndim == 4 and self.readout == "dmd2" and self.size is None:
+            raise ValueError(f"{type(self._fake[0].model).__name__} has no down blocks or sample_size to size DMD2's "
+                             "GAN branch by: build the head with the samples' size (sample_size)")
+        if h.ndim == 4 and self.readout == "dmd2" and tuple(h.shape[-2:]) != self.size:
+            raise ValueError(f"the GAN head was sized for a {self.size[0]}x{self.size[1]} bottleneck, the fake score "
+                             f"gave {h.shape[-2]}x{h.shape[-1]}: build it with the samples' size (sample_size)")
+        if h.ndim > 2 and self.readout == "sida":  # SiDA: the channel mean at every position, no parameters
+            return (h.mean(dim=1) if h.ndim == 4 else h.mean(dim=2)).flatten(1)
         if h.ndim == 4:
-            h = self.conv(h).mean(dim=(2, 3))
-        elif h.ndim == 3:  # tokens (B, N, D)
+            return self.branch(h).flatten()
+        if h.ndim == 3:  # tokens (B, N, D)
             h = h.mean(dim=1)
         return self.mlp(h).squeeze(1)
+
+
+def per_sample_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A logit map's per-sample mean: (B,) from (B,) or (B, positions)."""
+    return logits.flatten(1).mean(dim=1) if logits.ndim > 1 else logits
+
+
+def per_sample_softplus(logits: torch.Tensor) -> torch.Tensor:
+    """``softplus`` per logit, averaged over each sample's positions (BCEWithLogits' mean, per sample)."""
+    values = F.softplus(logits)
+    return values.flatten(1).mean(dim=1) if values.ndim > 1 else values
 
 
 def discriminator_gan_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -107,7 +195,7 @@ def sida_generator_gan_loss(logits_fake: torch.Tensor, norm: torch.Tensor, ok: t
     ``sum_kept(1 / norm) / B`` with norm = mean|x - y_r| per sample (sida_loss.py divides the batch-mean BCE by each
     sample's weight_factor; the loop sums over samples and divides by the batch). ``ok``: samples kept."""
     (logits,) = only_finite(ok, logits_fake.float())
-    bce = kept_mean(ok, F.softplus(-logits.clamp(-10, 10)))
+    bce = kept_mean(ok, per_sample_softplus(-logits.clamp(-10, 10)))
     return bce * only_finite(ok, 1 / norm)[0].sum() / ok.shape[0]
 
 
@@ -116,5 +204,5 @@ def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor
     """SiDA's discriminator loss: ``sum_kept(lambda(sigma)) / B * (BCE(D(real), 1) + BCE(D(fake), 0)) / 2``, the
     BCEs averaged over the kept samples, lambda the fake-score loss weight at the shared noise level."""
     real, fake, weight = only_finite(ok, logits_real.float(), logits_fake.float(), weight)
-    bce = (kept_mean(ok, F.softplus(-real)) + kept_mean(ok, F.softplus(fake))) / 2
+    bce = (kept_mean(ok, per_sample_softplus(-real)) + kept_mean(ok, per_sample_softplus(fake))) / 2
     return weight.sum() / ok.shape[0] * bce

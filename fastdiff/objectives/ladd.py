@@ -63,7 +63,7 @@ from ..inference.sampling import ddim_sample
 from ..models.denoiser import Denoiser, expand
 from ..models.generator import step_sigmas
 from .base import Objective, edm_sigma, finite_mean
-from .gan import bottleneck_channels, discriminator_gan_loss
+from .gan import bottleneck_channels, discriminator_gan_loss, image_features
 from .registry import register
 from .scm import SIGMA_DATA, ContinuousConsistency
 
@@ -95,17 +95,6 @@ def feature_modules(model: nn.Module, head_every: int = 1) -> list[nn.Module]:
     if getattr(model, "mid_block", None) is not None:
         return [model.mid_block]
     raise FastdiffError(f"{type(model).__name__} has no down/mid blocks or transformer blocks for LADD's heads")
-
-
-def image_features(output) -> torch.Tensor:
-    """The image features of a block's output: UNet down blocks return (hidden, skips), joint (MM-DiT) blocks
-    (text, image) with text None in the last one; other blocks a tensor."""
-    if torch.is_tensor(output):
-        return output
-    tensors = [o for o in output if torch.is_tensor(o)]
-    if tensors and tensors[0].ndim == 4:
-        return tensors[0]
-    return tensors[-1]
 
 
 def head_shapes(model: nn.Module, count: int) -> list[tuple[int, int]]:

@@ -93,6 +93,8 @@ class SiD(Backtracking, Objective):
         backtrack, degradation_steps, backtrack_interval: DisBack's path (:mod:`.disback`; 0 = off).
     """
 
+    gan_readout = "sida"  # SiDA's discriminator: the fake score's bottleneck channel mean, no head parameters
+
     def __init__(self, teacher: Denoiser, fake: Denoiser, alpha: float = 1.2, min_t: float = 0.0,
                  max_t: float = 0.8, critic_updates: int = 1, fake_guidance: float = 1.0,
                  fake_train_guidance: float = 1.0, fake_loss: str | None = None, gan_head: GANHead | None = None,

@@ -44,7 +44,7 @@ from ..errors import FastdiffError
 from ..models.denoiser import Denoiser, expand
 from .base import finite_samples, noised, only_finite, per_sample_mean
 from .fdistill import DIVERGENCES, DensityRatio, check_divergence, level_position
-from .gan import GANHead, sida_generator_gan_loss
+from .gan import GANHead, per_sample_logits, sida_generator_gan_loss
 from .registry import register
 from .sid import SiD, sid_loss
 
@@ -151,7 +151,7 @@ class UniInstruct(SiD):
         logits = self.gan_head.logits()
         ok = finite_samples(x, y_real, y_fake, logits)
         with torch.no_grad():
-            g, rg1, r2g2 = only_finite(ok, *self.weights(logits.detach(), sigma))
+            g, rg1, r2g2 = only_finite(ok, *self.weights(per_sample_logits(logits.detach()), sigma))
             norm = per_sample_mean((x - y_real).abs()).clamp(min=1e-5)
         kept = only_finite(ok, x, y_real, y_fake)
         if self.expansion == "exact":

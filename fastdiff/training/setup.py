@@ -110,9 +110,9 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
 
 def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, student: Denoiser):
     try:
-        gan_head = GANHead(fake) if uses_gan(cfg) else None
-        options = teacher_options(cfg.objective.name, teacher, objective_options(cfg))
         cls = objective_class(cfg.objective.name)
+        gan_head = GANHead(fake, cls.gan_readout, teacher.sample_shape[-2:]) if uses_gan(cfg) else None
+        options = teacher_options(cfg.objective.name, teacher, objective_options(cfg))
         # Consistency students train up to the level they sample from; BOOT reads its g(eps, 0) there.
         if cls.trains_on == "data" or cls.needs_sigma_init:
             options["sigma_max"] = sigma_init(cfg, teacher)
