@@ -167,6 +167,8 @@ class TrainConfig:
     ema_halflife_kimg: float = 500.0  # SiD's --ema 0.5 (Mimg); 0 disables the EMA
     ema_rampup: typing.Optional[float] = 0.05  # null = no ramp-up
     ema_decay: typing.Optional[float] = None  # a fixed per-update decay instead of the half-life (0 disables the EMA)
+    # EDM2's power-function EMA instead of the half-life (rCM's PowerEMA, rate 0.1): its relative width sigma_rel
+    ema_sigma_rel: typing.Optional[float] = None
     # progressive objectives (hyper-sd): the EMA set to the student when a stage ends (after its export), so the next
     # stage's EMA averages only that stage's updates; not at the run's last update (measured: eval/results/bench-gmm-cpu/README.md, Hyper-SD)
     ema_stage_restart: bool = True
@@ -445,6 +447,11 @@ def validate(cfg: Config) -> None:
                             "parameters only): set one of them off")
     if t.ema_decay is not None and not 0.0 <= t.ema_decay < 1.0:
         raise FastdiffError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.ema_sigma_rel is not None and not 0.0 < t.ema_sigma_rel < 0.28:  # gamma = 0 at sigma_rel 0.2887
+        raise FastdiffError(f"train.ema_sigma_rel must be in (0, 0.28) (EDM2's power EMA: 0.05 - 0.15 is typical), "
+                            f"got {t.ema_sigma_rel}")
+    if t.ema_sigma_rel is not None and t.ema_decay is not None:
+        raise FastdiffError("train.ema_sigma_rel and train.ema_decay are two EMA rules: set one of them")
     if t.ema_halflife_kimg < 0 or (t.ema_rampup is not None and t.ema_rampup <= 0):
         raise FastdiffError("train.ema_halflife_kimg must be >= 0 and train.ema_rampup positive or null")
     if t.weight_decay is not None and t.weight_decay < 0:

@@ -34,6 +34,48 @@ def test_ema_beta_is_sids(halflife, rampup):
         assert ema_beta(step, 64, train) == sid_reference_ema_beta(step * 64, 64, halflife, rampup)
 
 
+def rcm_reference_ema_beta(iteration: int, s: float) -> float:
+    """NVlabs/rcm, rcm/models/t2v_model_distill_rcm.py: ``ema_exp_coefficient`` (in ``__init__``) and ``ema_beta``
+    with ``iteration_shift`` 0 (rcm/configs/defaults/ema.py), transcribed."""
+    import numpy as np
+
+    ema_exp_coefficient = np.roots([1, 7, 16 - s**-2, 12 - s**-2]).real.max()
+    if iteration < 1:
+        return 0.0
+    return (1 - 1 / (iteration + 1)) ** (ema_exp_coefficient + 1)
+
+
+@pytest.mark.parametrize("sigma_rel", [0.1, 0.05, 0.2])
+def test_power_ema_is_rcms_and_edm2s(sigma_rel):
+    """``train.ema_sigma_rel``: rcm's PowerEMA beta per student iteration; its gamma has EDM2's relative width,
+    ``sigma_rel = sqrt((g + 1) / ((g + 2)^2 (g + 3)))`` (Karras et al. 2024, Eq. 3), checked in float64."""
+    from fastdiff.training.setup import power_ema_exponent
+
+    train = load_config(None, [f"train.ema_sigma_rel={sigma_rel}"]).train
+    for step in (0, 1, 2, 7, 100, 5000):
+        assert ema_beta(step, 64, train) == rcm_reference_ema_beta(step, sigma_rel)
+    g = power_ema_exponent(sigma_rel)
+    assert abs(math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) - sigma_rel) < 1e-12
+    if sigma_rel == 0.1:
+        assert abs(g - 6.94) < 0.01  # the value EDM2 quotes for sigma_rel 0.10
+    # The averaged weights: a power-function profile over the iterates, p_t proportional to t^gamma
+    n = 200
+    weights = [1 - ema_beta(s, 64, train) for s in range(n)]
+    for s in range(n):
+        weights[s] *= math.prod(ema_beta(k, 64, train) for k in range(s + 1, n))
+    ratio = weights[n - 1] / weights[n // 2 - 1]
+    assert abs(ratio - 2 ** g) < 0.05 * 2 ** g  # t^gamma between t = n/2 and n, up to discretisation
+
+
+@pytest.mark.parametrize("sets,fragment", [(["train.ema_sigma_rel=0.3"], "must be in (0, 0.28)"),
+                                           (["train.ema_sigma_rel=0.1", "train.ema_decay=0.99"], "two EMA rules")])
+def test_power_ema_bad_settings(sets, fragment):
+    from fastdiff.errors import FastdiffError
+
+    with pytest.raises(FastdiffError, match=re.escape(fragment)):
+        load_config(None, sets)
+
+
 def start_weight(steps: int, batch: int, train) -> float:
     """Weight of the student's initial parameters in the EMA after ``steps`` updates (product of the betas)."""
     return math.prod(ema_beta(s, batch, train) for s in range(steps))
@@ -60,8 +102,9 @@ def _trainer(teacher, tmp_path, *sets):
     return Trainer(cfg, overwrite=True, progress=False)
 
 
-def test_first_ema_update_copies_the_student_and_later_ones_average(tiny_teacher, tmp_path):
-    trainer = _trainer(tiny_teacher, tmp_path)
+@pytest.mark.parametrize("sets,beta_range", [([], (0, 1e-5)), (["train.ema_sigma_rel=0.1"], (0.003, 0.005))])
+def test_first_ema_update_copies_the_student_and_later_ones_average(tiny_teacher, tmp_path, sets, beta_range):
+    trainer = _trainer(tiny_teacher, tmp_path, *sets)
     student = trainer.generator.denoiser.model
     start = {k: v.clone() for k, v in student.state_dict().items()}
     trainer.train_step()
@@ -71,8 +114,8 @@ def test_first_ema_update_copies_the_student_and_later_ones_average(tiny_teacher
     assert any(not torch.equal(start[n], p) for n, p in student.named_parameters())
     ema_before = [e.clone() for e in trainer.ema.parameters()]
     trainer.train_step()
-    beta = ema_beta(1, 2, trainer.cfg.train)  # 0.5 ** (2 / (2 * 0.05)), computed in float64
-    assert 0 < beta < 1e-5
+    beta = ema_beta(1, 2, trainer.cfg.train)  # 0.5 ** (2 / (2 * 0.05)), or 0.5 ** (gamma + 1): float64
+    assert beta_range[0] < beta < beta_range[1]
     for e0, e, p in zip(ema_before, trainer.ema.parameters(), student.parameters()):
         # lerp in float32: |error| <= a few eps of the magnitudes involved
         tol = 4 * torch.finfo(torch.float32).eps * (e0.abs() + p.abs()).max().item() + 1e-30

@@ -109,4 +109,5 @@ def export_info(cfg: Config, step: int, ema: bool, teacher: Teacher) -> dict:
                          "objective": to_dict(cfg)["objective"], "train.batch_size": cfg.train.batch_size,
                          "train.lr_generator": cfg.train.lr_generator, "train.lr_critic": cfg.train.lr_critic,
                          "train.mixed_precision": cfg.train.mixed_precision, "train.ema_decay": cfg.train.ema_decay,
-                         "train.ema_halflife_kimg": cfg.train.ema_halflife_kimg, "train.ema_rampup": cfg.train.ema_rampup}}
+                         "train.ema_halflife_kimg": cfg.train.ema_halflife_kimg, "train.ema_rampup": cfg.train.ema_rampup,
+                         "train.ema_sigma_rel": cfg.train.ema_sigma_rel}}

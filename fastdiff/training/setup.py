@@ -142,13 +142,25 @@ def resolve_train_defaults(cfg: Config, objective, teacher=None) -> None:
             setattr(cfg.train, key, value)
 
 
+def power_ema_exponent(sigma_rel: float) -> float:
+    """EDM2's gamma for a relative width sigma_rel (Karras et al. 2024, Eq. 3 solved for gamma): the largest real
+    root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2)`` (rcm ``t2v_model_distill_rcm.py``: ``np.roots([1, 7,
+    16 - s**-2, 12 - s**-2]).real.max()``; 6.94 at rCM's rate 0.1)."""
+    import numpy as np
+
+    return float(np.roots([1, 7, 16 - sigma_rel ** -2, 12 - sigma_rel ** -2]).real.max())
+
+
 def ema_beta(step: int, global_batch: int, train) -> float:
-    """The generator EMA's decay for update ``step`` (0-based): ``train.ema_decay`` when set, else SiD's / EDM's
-    half-life in images, ramped up to ``ema_rampup`` x the images seen before this update
-    (sid_training_loop.py: ``0.5 ** (batch / max(min(halflife, nimg * rampup), 1e-8))``). The first update's beta
-    is 0, so the EMA never keeps the student's starting weights."""
+    """The generator EMA's decay for update ``step`` (0-based): ``train.ema_decay`` when set; with
+    ``train.ema_sigma_rel`` EDM2's power function ``(1 - 1 / (step + 1)) ** (gamma + 1)`` (rcm's ``ema_beta`` on the
+    student's iteration: 0 at the first update); else SiD's / EDM's half-life in images, ramped up to ``ema_rampup``
+    x the images seen before this update (sid_training_loop.py: ``0.5 ** (batch / max(min(halflife, nimg *
+    rampup), 1e-8))``). The first update's beta is 0, so the EMA never keeps the student's starting weights."""
     if train.ema_decay is not None:
         return train.ema_decay
+    if train.ema_sigma_rel is not None:
+        return 0.0 if step < 1 else (1 - 1 / (step + 1)) ** (power_ema_exponent(train.ema_sigma_rel) + 1)
     halflife = train.ema_halflife_kimg * 1000
     if train.ema_rampup is not None:
         halflife = min(halflife, step * global_batch * train.ema_rampup)
@@ -156,7 +168,9 @@ def ema_beta(step: int, global_batch: int, train) -> float:
 
 
 def uses_ema(train) -> bool:
-    return train.ema_decay != 0 if train.ema_decay is not None else train.ema_halflife_kimg > 0
+    if train.ema_decay is not None:
+        return train.ema_decay != 0
+    return train.ema_sigma_rel is not None or train.ema_halflife_kimg > 0
 
 
 def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path:

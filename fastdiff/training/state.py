@@ -19,7 +19,7 @@ RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lo
                "objective.fake_lora_rank", "objective.guidance_range", "objective.timestep_scaling", "train.ema_decay",
                "objective.adaptive_weighting",  # scm: whether checkpoints hold the logvar head
                "objective.backtrack", "objective.degradation_steps",  # DisBack: the recorded path and its stage 1
-               "train.ema_halflife_kimg", "train.ema_rampup",
+               "train.ema_halflife_kimg", "train.ema_rampup", "train.ema_sigma_rel",
                # what the student means: its first noise level and its multi-step sampler
                "student.sigma_init", "student.sampler",
                # the distribution it is trained towards (for cd, the scale distilled in); fastdiff.json records one
