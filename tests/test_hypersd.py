@@ -153,6 +153,39 @@ def test_one_segment_is_cd(distance):
     assert torch.equal(ours, cd.generator_loss(x)[0])
 
 
+@pytest.mark.parametrize("solver", ["heun", "ddim"])
+def test_the_lowest_interval_of_a_flow_grid_is_trained(solver):
+    """A flow grid's lowest level is sigma 0. cd's Heun step to it divided 0 by 0, and so did Hyper-SD's map to the
+    clean edge (any solver): those samples, 1/N of every batch, came out NaN and were dropped as non-finite, so the
+    interval next to the data was never trained on flow teachers (SD3, Flux). The step to 0 is now the Euler step, the
+    teacher's x0 (EDM's sampler ends so), and the map to a zero edge is the x0 estimate itself."""
+    from conftest import tiny_unet
+    from fastdiff.models.schedule import FlowSchedule
+
+    schedule = FlowSchedule(1000)
+    teacher, student = (Denoiser(tiny_unet(seed=k), schedule, "flow") for k in (0, 1))
+    hyper = HyperSD(teacher, None, student, segments=[1], num_intervals=8, solver=solver)
+    cd = ConsistencyDistillation(teacher, None, student, num_intervals=8, solver=solver)
+    cd.grid = hyper.grid
+    levels = hyper.grid(8, "cpu")
+    assert float(levels[0]) == 0.0
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 1, 8, 8, generator=g)
+    i = torch.tensor([1, 1, 2, 8])
+    x_n = x + levels[i].reshape(-1, 1, 1, 1) * torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        step = cd.teacher_step(x_n[:2], levels[i[:2]], levels[:1].expand(2), None, None)
+        x0 = teacher(x_n[:2], levels[i[:2]])
+    # x + (0 - s) (x - D) / s: D up to the rounding of three operations on x's magnitude
+    assert float((step - x0).abs().max()) <= 4 * EPS32 * float(x_n.abs().max())
+    ours = cd.loss_at(x_n, levels[i], levels[i - 1]).detach()
+    assert bool(torch.isfinite(ours).all()) and float(ours[:2].min()) > 0
+    assert torch.equal(hyper.loss_at(x_n, levels[i], levels[i - 1]).detach(), ours)
+    two = HyperSD(teacher, None, student, segments=[2], num_intervals=8, solver=solver)
+    edge = torch.where(i <= 4, torch.zeros(4), levels[4])
+    assert bool(torch.isfinite(two.loss_at(x_n, levels[i], levels[i - 1], edge)).all())
+
+
 def test_dmd_term_joins_in_the_one_step_stage():
     """hyper-sd-dmd: before the last stage the loss is TSCD alone; in it, TSCD + dmd_weight x DMD2's generator loss on
     the student's one-step sample (rebuilt here from hyper-sd's TSCD loss and dmd2's loss on the same draws)."""

@@ -167,13 +167,15 @@ class ConsistencyDistillation(Objective):
 
     @torch.no_grad()
     def teacher_step(self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, cond, scale) -> torch.Tensor:
-        """One probability-flow ODE step of the teacher from sigma to sigma_next (VE scale; DDIM = Euler)."""
+        """One probability-flow ODE step of the teacher from sigma to sigma_next (VE scale; DDIM = Euler). Heun's
+        correction is skipped for a step to sigma 0 (a flow grid's lowest level), where its slope is 0 / 0: the Euler
+        step, the teacher's x0 itself, as EDM's sampler ends."""
         s, s_next = expand(sigma, x), expand(sigma_next, x)
         d = (x - self.teacher(x, sigma, cond, scale)) / s
         x_next = x + (s_next - s) * d
         if self.solver == "heun":
-            d_next = (x_next - self.teacher(x_next, sigma_next, cond, scale)) / s_next
-            x_next = x + (s_next - s) * (d + d_next) / 2
+            d_next = (x_next - self.teacher(x_next, sigma_next, cond, scale)) / s_next.clamp(min=1e-30)
+            x_next = torch.where(s_next > 0, x + (s_next - s) * (d + d_next) / 2, x_next)
         return x_next
 
     def generator_loss(self, x, cond=None, real=None):

@@ -90,8 +90,9 @@ def segment_edges(index: torch.Tensor, num_intervals: int, num_segments: int) ->
 def to_edge(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor,
             sigma_edge: torch.Tensor) -> torch.Tensor:
     """DDIM map of x (VE scale, level sigma) with x0 estimate ``x0`` to level ``sigma_edge``, in the native scale:
-    ``a(sigma_e) (x0 + sigma_e / sigma (x - x0))``; exactly ``x0`` at ``sigma_e = 0``."""
-    ratio = expand(sigma_edge / sigma, x)
+    ``a(sigma_e) (x0 + sigma_e / sigma (x - x0))``; exactly ``x0`` at ``sigma_e = 0``, also where sigma is 0 too (a
+    flow grid's lowest level, where the ratio would be 0 / 0)."""
+    ratio = expand(torch.where(sigma_edge > 0, sigma_edge / sigma.clamp(min=1e-30), torch.zeros_like(sigma)), x)
     return expand(denoiser.schedule.alpha(sigma_edge), x) * (x0 + ratio * (x - x0))
 
 
