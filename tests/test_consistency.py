@@ -555,3 +555,65 @@ def test_scm_defaults_follow_the_reference(tiny_teacher, tmp_path):
     assert all(id(p) in opt_params for p in obj.logvar.parameters())
     from fastdiff.training.state import checkpoint_modules
     assert "scm_logvar" in checkpoint_modules(trainer)
+
+
+def edm2_logvar(sigma, freqs, phases, weight, bias):
+    """EDM2's uncertainty head, transcribed from NVlabs/edm2 training/networks_edm2.py (float64 here):
+    ``Precond.forward``: ``c_noise = sigma.flatten().log() / 4``, ``logvar = logvar_linear(logvar_fourier(c_noise))``;
+    ``MPFourier.forward``: ``y = x.ger(freqs); y = y + phases; y = y.cos() * np.sqrt(2)`` with ``freqs = 2 pi
+    randn(C)``, ``phases = 2 pi rand(C)`` (the 2 pi lives in the buffers). EDM2's ``logvar_linear`` is a
+    weight-normalised MPConv without bias; fastdiff's is a plain ``nn.Linear``, so its weight and bias are applied."""
+    import math
+
+    c_noise = sigma.flatten().log() / 4
+    y = c_noise.ger(freqs) + phases
+    return ((y.cos() * math.sqrt(2)) @ weight.t() + bias).flatten()  # EDM2 reshapes to (-1, 1, 1, 1)
+
+
+def test_scm_logvar_is_edm2s_uncertainty_head_on_ln_sigma_over_4():
+    """``AdaptiveLogVariance`` (sCM's adaptive weighting) against EDM2's head (``edm2_logvar``), with non-zero
+    linear weights: zero-initialised, as every other test leaves it, logvar is 0 whatever the Fourier features are,
+    so their input ``ln(sigma) / 4`` was never checked. Then ``ContinuousConsistency.weighted`` at that transcribed
+    logvar (prior weighting 1 / sigma, ``exp(-logvar)``, ``+ logvar``: NVlabs/FastGen sCM.py ``_scm_pred_to_loss``,
+    as ``fastgen_scm_loss`` above).
+
+    Float64 throughout, the same buffers on both sides. The Fourier arguments (|c freqs + phases| < 60 here) round
+    to a few eps64 of 60 and cos is 1-Lipschitz; the 128-term dot product adds 128 roundings of sum |w f|
+    (|f| <= sqrt 2). 1024 eps64 x (sum |w| x (60 + sqrt 2) + |b|) bounds it (5e-10 here; measured 0). In
+    ``weighted`` that logvar error enters once through exp(-logvar) (relative) and once added, plus a few roundings
+    of each term: (term + 1) x (that bound + 16 eps64). A wrong Fourier input moves logvar by O(0.1) (the spread
+    asserted below)."""
+    import math
+
+    from fastdiff.objectives.scm import AdaptiveLogVariance
+
+    module = AdaptiveLogVariance().double()
+    gen = torch.Generator().manual_seed(0)  # EDM2's draw: freqs then phases, from fastdiff's seeded generator
+    assert torch.equal(module.freqs, (2 * math.pi * torch.randn(128, generator=gen)).double())
+    assert torch.equal(module.phases, (2 * math.pi * torch.rand(128, generator=gen)).double())
+    with torch.no_grad():
+        module.linear.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        module.linear.bias.fill_(0.2)
+    sigma = torch.tensor([0.002, 0.03, 0.2, 0.5, 1.0, 3.0, 14.6, 80.0, 160.0], dtype=torch.float64)
+    w, b = module.linear.weight.detach(), module.linear.bias.detach()
+    ref = edm2_logvar(sigma, module.freqs, module.phases, w, b)
+    ours = module(sigma).detach()
+    arg = (sigma.log() / 4).ger(module.freqs).abs().max() + module.phases.abs().max()
+    assert float(arg) < 60
+    eps64 = torch.finfo(torch.float64).eps
+    bound = 1024 * eps64 * (float(w.abs().sum()) * (60 + math.sqrt(2)) + float(b.abs().sum()))
+    assert float((ours - ref).abs().max()) <= bound, (float((ours - ref).abs().max()), bound)
+    assert float(ref.std()) > 0.1  # logvar varies with sigma by O(0.1): a wrong Fourier input moves it so much
+
+    gauss = GaussianMixtureModel(sample_size=2, weights=(1.0,), stds=(0.3,), seed=3)
+    d = Denoiser(gauss, _vp_schedule(), "sample")
+    scm = ContinuousConsistency(d, None, d).double()
+    scm.logvar.load_state_dict(module.state_dict())
+    t = torch.atan(sigma / SIGMA_DATA)
+    per_sample = torch.linspace(0.5, 2.0, len(sigma), dtype=torch.float64)
+    sigma_t = SIGMA_DATA * torch.tan(t)  # as ``weighted`` computes it from t
+    lv = edm2_logvar(sigma_t, module.freqs, module.phases, w, b)
+    term = per_sample / sigma_t / torch.exp(lv)
+    expected = term + lv  # FastGen: weight / exp(logvar) * loss + logvar, weight = 1 / sigma
+    got = scm.weighted(per_sample, t).detach()
+    assert bool(((got - expected).abs() <= (term + 1) * (bound + 16 * eps64)).all())

@@ -220,3 +220,126 @@ def test_text_teachers_get_dmd2_scripts_update_ratio_and_gan_weight():
         assert (got["critic_updates"], got["gan_generator_weight"]) == (ratio, weight), pipeline
         assert teacher_options("dmd2", teacher, {**unset, "gan_generator_weight": 2e-3})["gan_generator_weight"] == 2e-3
     assert teacher_options("dmd2", SimpleNamespace(conditioning="class", pipeline=None), dict(unset)) == unset
+
+
+EPS32 = torch.finfo(torch.float32).eps
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def _fixed_gan_noising(obj, monkeypatch, timesteps):
+    """Replace ``obj.gan_noised`` (a random level over the whole schedule, then fresh noise) by fixed levels and a
+    fixed noise per call; each call's (sigma, noise) is recorded in call order so a test can rebuild the head's
+    inputs exactly. The noised sample keeps its graph to x, as the real one does."""
+    gen = torch.Generator().manual_seed(123)
+    calls = []
+
+    def fixed(x):
+        sigma = obj.teacher.schedule.sigma_at(torch.tensor(timesteps[: x.shape[0]]))
+        noise = torch.randn(x.shape, generator=gen)
+        calls.append((sigma, noise))
+        return x + sigma.reshape(-1, 1, 1, 1) * noise, sigma
+
+    monkeypatch.setattr(obj, "gan_noised", fixed)
+    return calls
+
+
+def test_generator_gan_term_is_dmd2s_non_saturating_loss(monkeypatch):
+    """The generator's GAN term against tianweiy/DMD2 main/sd_guidance.py ``compute_generator_clean_cls_loss``
+    (``gen_cls_loss = F.softplus(-pred_realism_on_fake_with_grad).mean()``) and main/train_sd.py
+    (``generator_loss += gen_cls_loss * gen_cls_loss_weight``): loss = loss_dm + gan_generator_weight *
+    softplus(-D).mean(), with D the head's logits on the same noised sample. The sign is what matters: softplus(D)
+    instead would differ by weight * mean(D) and push the generator away from "real"; a step along the term's
+    gradient must raise every sample's logit.
+
+    The noising is fixed (``gan_noised`` patched), so the head sees bitwise the same inputs here and in the
+    objective: the logits are equal and only softplus (float32 there, float64 here), the mean over 4 samples and
+    the weighted sum round, a few eps32 of the (positive) terms; 8 eps32 of them is allowed."""
+    sched, teacher, fake = _pair(num_class_embeds=4)
+    head = GANHead(fake)
+    obj = DMD2(teacher, fake, gan_head=head, gan_generator_weight=0.3, gan_critic_weight=0.07)
+    calls = _fixed_gan_noising(obj, monkeypatch, [50, 300, 600, 900])
+    cond = {"class_labels": torch.tensor([0, 1, 2, 0])}
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    torch.manual_seed(3)
+    loss, logs = obj.generator_loss(x, cond)
+    assert len(calls) == 1
+    sigma, noise = calls[0]
+    with torch.no_grad():
+        logits = head(x.detach() + sigma.reshape(-1, 1, 1, 1) * noise, sigma, cond).double()
+    gen_cls_loss = torch.nn.functional.softplus(-logits).mean()  # DMD2's, in float64
+    assert abs(float(logs["loss_gan_g"]) - float(gen_cls_loss)) <= 8 * EPS32 * float(gen_cls_loss)
+    expected = logs["loss_dm"].double() + 0.3 * gen_cls_loss
+    assert abs(float(loss.detach()) - float(expected)) <= 8 * EPS32 * float(expected)
+    # Teeth: the wrong sign would move the loss by 0.3 * mean(D), far above the bound.
+    assert 0.3 * abs(float(logits.mean())) > 1e4 * 8 * EPS32 * float(expected)
+
+    # The direction: with the DM gradient switched off, a small step down the loss raises each sample's logit
+    # (each logit depends on its own sample only; the step is 1e-2 at the largest element, a first-order change).
+    monkeypatch.setattr(obj, "dm_gradient", lambda x, x_t, sigma, cond, *a, **k: torch.zeros_like(x))
+    x2 = x.detach().clone().requires_grad_(True)
+    loss2, _ = obj.generator_loss(x2, cond)
+    (grad,) = torch.autograd.grad(loss2, x2)
+    sigma2, noise2 = calls[1]
+    step = x2.detach() - 1e-2 * grad / grad.abs().max()
+    with torch.no_grad():
+        before = head(x2.detach() + sigma2.reshape(-1, 1, 1, 1) * noise2, sigma2, cond)
+        after = head(step + sigma2.reshape(-1, 1, 1, 1) * noise2, sigma2, cond)
+    assert (after > before).all(), (before, after)
+
+
+def test_critic_gan_term_uses_the_critic_weight_and_dmd2s_discriminator_loss(monkeypatch):
+    """The critic loss against tianweiy/DMD2 main/sd_guidance.py ``compute_guidance_clean_cls_loss``
+    (``F.softplus(pred_realism_on_fake).mean() + F.softplus(-pred_realism_on_real).mean()``) and main/train_sd.py
+    (``guidance_loss += guidance_cls_loss * guidance_cls_loss_weight``): loss = loss_fake + gan_critic_weight *
+    that, with the critic's weight (here 0.07), not the generator's (0.3): DMD2's defaults differ (1e-2 and 3e-3),
+    and nothing else ties the critic loss to its parts.
+
+    Same draws: the fake-score loss is re-drawn from the same seed (critic_loss computes it first, the GAN noising
+    is patched and draws nothing), so it is the same computation and compared exactly. The logits are bitwise the
+    objective's (same inputs); softplus, two means over 4 and the weighted sum round a few eps32 of the (positive)
+    terms: 8 eps32 allowed."""
+    sched, teacher, fake = _pair(num_class_embeds=4)
+    head = GANHead(fake)
+    obj = DMD2(teacher, fake, gan_head=head, gan_generator_weight=0.3, gan_critic_weight=0.07)
+    calls = _fixed_gan_noising(obj, monkeypatch, [50, 300, 600, 900])
+    cond = {"class_labels": torch.tensor([0, 1, 2, 0])}
+    cond_real = {"class_labels": torch.tensor([2, 2, 1, 0])}
+    torch.manual_seed(0)
+    x, x_real = torch.randn(4, 1, 8, 8), torch.rand(4, 1, 8, 8) * 2 - 1
+    torch.manual_seed(5)
+    loss, logs = obj.critic_loss(x, cond, (x_real, cond_real))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        loss_fake = obj.fake_denoising_loss(x, cond, obj.fake_loss)
+        (s_f, n_f), (s_r, n_r) = calls
+        pred_realism_on_fake = head(x + s_f.reshape(-1, 1, 1, 1) * n_f, s_f, cond).double()
+        pred_realism_on_real = head(x_real + s_r.reshape(-1, 1, 1, 1) * n_r, s_r, cond_real).double()
+    F = torch.nn.functional
+    guidance_cls_loss = F.softplus(pred_realism_on_fake).mean() + F.softplus(-pred_realism_on_real).mean()
+    assert torch.equal(logs["loss_fake"], loss_fake)
+    assert abs(float(logs["loss_gan_d"]) - float(guidance_cls_loss)) <= 8 * EPS32 * float(guidance_cls_loss)
+    expected = loss_fake.double() + 0.07 * guidance_cls_loss
+    assert abs(float(loss.detach()) - float(expected)) <= 8 * EPS32 * float(expected)
+    # Teeth: the generator's weight instead moves the loss by 0.23 * guidance_cls_loss (~0.3), far above the bound.
+    assert 0.23 * float(guidance_cls_loss) > 1e4 * 8 * EPS32 * float(expected)
+
+
+def test_discriminator_gan_loss_is_bce_on_real_as_one_and_fake_as_zero():
+    """``discriminator_gan_loss`` against torch's ``BCEWithLogitsLoss`` on (real, 1) + (fake, 0), which is what
+    tianweiy/DMD2 main/sd_guidance.py ``compute_guidance_clean_cls_loss`` computes as
+    ``softplus(fake).mean() + softplus(-real).mean()``; on its own so DMD2's discriminator does not rest on LADD's
+    test. Logits of both signs, in float64, up to |15|: F.softplus switches to the identity above its threshold 20,
+    dropping log1p(e^-x) <= 2e-9, which float64 would see. Both sides are a handful of float64 operations and a mean
+    over 7 values per term: 16 eps64 of the summed magnitudes allowed."""
+    from fastdiff.objectives.gan import discriminator_gan_loss
+
+    real = torch.tensor([-15.0, -4.0, -0.3, 0.0, 0.6, 3.5, 12.0], dtype=torch.float64)
+    fake = torch.tensor([-11.0, -2.5, -0.7, 0.2, 1.0, 6.0, 15.0], dtype=torch.float64)
+    bce = torch.nn.BCEWithLogitsLoss()
+    ref = bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))
+    ours = discriminator_gan_loss(real, fake)
+    assert abs(float(ours) - float(ref)) <= 16 * EPS64 * float(ref)
+    # teeth: flipping either sign moves the loss by that side's mean logit (-0.46 real, 1.14 fake here)
+    assert abs(float(discriminator_gan_loss(-real, fake)) - float(ref)) > 0.1
+    assert abs(float(discriminator_gan_loss(real, -fake)) - float(ref)) > 0.1

@@ -67,12 +67,14 @@ def test_h_is_f_second_derivative_times_r_squared_and_fastgens_table():
             assert torch.allclose(h, FASTGEN_H[name](r), rtol=1e-15), name
 
 
-def fastgen_ratio_weights(logits, position, bins, ema_rate, h, lower=0.1, upper=20.0):
-    """FastGen f_distill.py ``_get_f_div_weighting_h``, transcribed (float64; t range [0, 1]); returns (h, bins)."""
+def fastgen_ratio_weights(logits, position, bins, ema_rate, h, lower=0.1, upper=20.0, min_t=0.0, max_t=1.0):
+    """FastGen f_distill.py ``_get_f_div_weighting_h``, transcribed (float64); returns (h, bins). ``position`` is
+    FastGen's t, binned over its [min_t, max_t] (default [0, 1], where t is the position itself)."""
     ratio = torch.exp(torch.clamp(logits, min=-10.0, max=10.0))
     ratio = torch.clamp(ratio, lower, upper)
     n = len(bins)
-    idx = (position / (1.0 / n)).floor().long().clamp(0, n - 1)
+    bin_width = (max_t - min_t) / n
+    idx = ((position - min_t) / bin_width).floor().long().clamp(0, n - 1)
     cnt = torch.bincount(idx, minlength=n).double()
     ratio_sum = torch.bincount(idx, weights=ratio, minlength=n).double()
     valid = cnt > 0
@@ -83,14 +85,16 @@ def fastgen_ratio_weights(logits, position, bins, ema_rate, h, lower=0.1, upper=
     return out / (out.sum() / len(out) + 1e-6), bins
 
 
-def test_ratio_normalisation_matches_fastgen():
+@pytest.mark.parametrize("ema_rate", [0.0, 0.5, 0.9])  # FastGen's CIFAR-10 0, ImageNet-64 0.5, and a slow EMA
+def test_ratio_normalisation_matches_fastgen(ema_rate):
+    """At 0.5 the EMA is symmetric in the old bins and the batch's means: 0 and 0.9 tell the two weights apart."""
     gen = torch.Generator().manual_seed(0)
-    module = DensityRatio(bins=10, ema_rate=0.5)
+    module = DensityRatio(bins=10, ema_rate=ema_rate)
     bins = torch.ones(10, dtype=torch.float64)
     for step in range(3):  # the EMA carries over steps
         logits = 4 * torch.randn(256, generator=gen, dtype=torch.float64)  # some beyond the clamps
         position = torch.rand(256, generator=gen, dtype=torch.float64) * 0.97  # bin 9 is often empty
-        expected, bins = fastgen_ratio_weights(logits, position, bins, 0.5, FASTGEN_H["js"])
+        expected, bins = fastgen_ratio_weights(logits, position, bins, ema_rate, FASTGEN_H["js"])
         h = DIVERGENCES["js"](module(logits.float(), position.float()))
         h = h / h.mean()
         # FastGen's 1e-6 stabilisers shift values of order 1 by ~1e-6 (a fixed offset: 3.1e-6 - 3.3e-6 relative with
@@ -98,6 +102,46 @@ def test_ratio_normalisation_matches_fastgen():
         # 30x that.
         assert torch.allclose(h.double(), expected, rtol=1e-5), step
         assert torch.allclose(module.bins.double(), bins, rtol=1e-5)
+
+
+def test_level_position_and_f_weights_bin_over_dmd2s_range():
+    """The bins cover the range the DMD levels are drawn from, DMD2's [0.02, 0.98] T, not [0, 1]: FastGen
+    f_distill.py ``_get_f_div_weighting_h`` bins t over its ``[min_t, max_t]`` (``idx = ((t - min_t) / bin_width)
+    .floor().clamp(0, bins - 1)``, ``bin_width = (max_t - min_t) / bins``), so fastdiff's ``level_position`` must be
+    ``((t / T - min_t) / (max_t - min_t)).clamp(0, 1)``. On [0, 1] (the other tests) that is t itself.
+
+    level_position: every timestep 0..999 of the teacher's table (``timestep`` snaps sigma_at's round trip to the
+    integer), against the formula in float64: a subtraction and a division on values <= 1, a few eps64. f_weights:
+    ``FDistill.f_weights`` (js, FastGen's default; EMA 0.5, two steps) against ``fastgen_ratio_weights`` with FastGen's
+    own t and range. Timesteps exactly on a bin edge (t = 0.02 + 0.096 j) are left out of the draws: there FastGen's
+    ``(t - min_t) / bin_width`` and fastdiff's ``position * bins`` round to either side (3 of the 11 edges differ),
+    a choice no continuous t makes. The tolerance is test_ratio_normalisation_matches_fastgen's (FastGen's 1e-6
+    stabilisers, a fixed ~3e-6 relative offset)."""
+    from fastdiff.objectives.fdistill import level_position
+
+    c, head = gan_case()
+    fd = FDistill(c["teacher"], c["fake"], gan_head=head, ratio_ema_rate=0.5)
+    assert (fd.min_t, fd.max_t, fd.divergence) == (0.02, 0.98, "js")
+    schedule = c["teacher"].schedule
+    T = schedule.num_train_timesteps
+    ts = torch.arange(T)
+    position = level_position(schedule, schedule.sigma_at(ts), 0.02, 0.98)
+    expected = ((ts.double() / T - 0.02) / (0.98 - 0.02)).clamp(0, 1)
+    eps64 = torch.finfo(torch.float64).eps
+    assert float((position - expected).abs().max()) <= 4 * eps64
+    assert float(position[20]) == 0 and float(position[980]) == 1 and float(position[21]) > 0
+
+    off_edges = ts[((ts - 20) % 96 != 0) | (ts < 20) | (ts > 980)]
+    gen = torch.Generator().manual_seed(0)
+    bins = torch.ones(10, dtype=torch.float64)
+    for step in range(2):
+        t = off_edges[torch.randint(len(off_edges), (256,), generator=gen)]
+        logits = 4 * torch.randn(256, generator=gen)
+        h = fd.f_weights(logits, schedule.sigma_at(t))
+        want, bins = fastgen_ratio_weights(logits.double(), t.double() / T, bins, 0.5, FASTGEN_H["js"],
+                                           min_t=0.02, max_t=0.98)
+        assert torch.allclose(h.double(), want, rtol=1e-5), step
+        assert torch.allclose(fd.ratio.bins.double(), bins, rtol=1e-5), step
 
 
 def test_fdistill_weight_is_the_f_divergence_gradient_on_gaussians():

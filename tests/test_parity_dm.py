@@ -446,3 +446,79 @@ def test_karras_grid_draws_small_noise_levels_more_often_than_the_ddpm_table():
     schedule = schedule_from_scheduler(DDPMScheduler())
     assert float((schedule.sigmas < 0.1).double().mean()) == pytest.approx(0.027)
     assert float((karras_grid(schedule) < 0.1).double().mean()) == pytest.approx(0.131)
+
+
+# --- sample_sigma on flow teachers: the draw's clamp ------------------------------------------------------------
+
+def test_flow_sigma_draws_are_clamped_off_both_ends(monkeypatch):
+    """``sample_sigma`` on a flow teacher (grid "teacher", fastdiff/objectives/base.py): t uniform on [lo, hi],
+    clamped to [1/T, 1 - 1e-4], sigma = t / (1 - t). No reference repository has this rule; the test transcribes
+    fastdiff's own (the function's docstring and comment): the lower end 1/T is FlowSchedule's t_min at shift 1 (the
+    lowest of diffusers' FlowMatchEulerDiscreteScheduler training levels t = k/T), the upper end keeps sigma finite
+    (t = 1 is pure noise, sigma = inf). It sets the largest level of every flow-teacher draw with hi near 1: DMD2's
+    fake-score loss (t_range (0, 1)), its GAN noising and FADA's.
+
+    ``torch.rand`` is patched to return 0, 1/2 and 1 - 1e-9, the ends and the middle of its range; the sigmas are
+    1/999, 1 and (1 - 1e-4) / 1e-4 = 9999, computed here in float64. fastdiff's value is that float64 quotient
+    rounded once to float32 (half an eps32 relative); eps32 allowed. Then 10^5 real draws (seeded): the largest t is
+    above 1 - 1e-4 (a miss has probability e^-10), so the largest sigma is the clamp's 9999, well past the 99 a
+    clamp at 1 - 1e-2 would give."""
+    from fastdiff.models.schedule import FlowSchedule
+
+    schedule = FlowSchedule(1000)
+    eps32 = torch.finfo(torch.float32).eps
+    for u, t in ((0.0, 1 / 1000), (0.5, 0.5), (1 - 1e-9, 1 - 1e-4)):
+        def rand(n, dtype=None, device=None, u=u, **_):
+            return torch.full((n,), u, dtype=dtype, device=device)
+
+        monkeypatch.setattr(torch, "rand", rand)
+        sigma = sample_sigma(schedule, 3, 0.0, 1.0, "cpu")
+        expected = t / (1 - t)
+        assert sigma.dtype == torch.float32
+        assert float((sigma.double() - expected).abs().max()) <= eps32 * expected, (u, sigma, expected)
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    sigma = sample_sigma(schedule, 100_000, 0.0, 1.0, "cpu")
+    assert float(sigma.max()) > 99
+    assert abs(float(sigma.max()) - 9999) <= eps32 * 9999
+    assert float(sigma.min()) >= (1 - eps32) / 999  # and none below the lower clamp's 1/999
+
+
+# --- SiDA's generator GAN term: its logit clamp -------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", ["per-image", "map"])
+def test_sida_generator_gan_term_clamps_logits_at_ten(shape):
+    """``sida_generator_gan_loss`` against mingyuanzhou/SiD (branch sida) sida_training/sida_loss.py
+    ``generator_share_encoder_loss`` (``loss_gan = BCEWithLogitsLoss()(y_D.clamp(-10, 10), ones) / weight_factor``)
+    and sida_training_loop.py (``loss_gan.mean(dim=[1, 2, 3]) * N``, summed over the batch, ``* loss_scaling_G_gan /
+    batch_gpu_total``), written out on logits far outside the clamp (|D| = 30) and inside it. Units (the function's
+    docstring): fastdiff's term is the reference's / (0.01 N), i.e. BCE(clamp(D), 1) * sum(1 / weight_factor) / B.
+    The parity test on the objective sees a fresh head's |D| < 1, where any clamp above 1 agrees; here a clamp at
+    +-1 would give softplus(1) = 1.31 where +-10 gives 10.00005.
+
+    ``per-image``: one logit per image; ``map``: SiDA's read-out, the encoder output's channel mean, a (B, 1, h, w)
+    map in the reference and (B, positions) for fastdiff. The reference runs in float64; fastdiff in float32:
+    softplus, a mean over <= 16 positions and 3 samples (<= 5 rounding levels), 1 / norm, its sum and two products,
+    each a rounding of the positive terms' size: 16 eps32 of the result."""
+    gen = torch.Generator().manual_seed(0)
+    if shape == "per-image":
+        y_d = torch.tensor([-30.0, -5.0, -0.5, 0.5, 5.0, 30.0], dtype=torch.float64).reshape(6, 1, 1, 1)
+    else:  # 3 images, 4x4 maps spanning [-30, 30]
+        y_d = torch.linspace(-30, 30, 48, dtype=torch.float64)[torch.randperm(48, generator=gen)].reshape(3, 1, 4, 4)
+    batch = y_d.shape[0]
+    weight_factor = torch.tensor([0.3, 0.7, 1.1, 0.05, 2.0, 0.9], dtype=torch.float64)[:batch].reshape(-1, 1, 1, 1)
+    numel = 64  # N: elements of a sample (the generator's image), any value: it cancels in the units
+    loss_gan = torch.nn.BCEWithLogitsLoss()(y_d.clamp(-10, 10), torch.ones_like(y_d)) / weight_factor
+    loss_gan = (loss_gan.mean(dim=[1, 2, 3], keepdim=True) * numel).sum() * 0.01 / batch
+    ref = loss_gan / (0.01 * numel)
+
+    from fastdiff.objectives.gan import sida_generator_gan_loss
+
+    logits = y_d.float().flatten(1) if shape == "map" else y_d.float().flatten()
+    ok = torch.ones(batch, dtype=torch.bool)
+    ours = sida_generator_gan_loss(logits, weight_factor.flatten().float(), ok)
+    assert_close(ours, ref, ref, 16)
+    # teeth: the largest logits are past the clamp, and clamping at +-1 instead would change the value by > 10%
+    assert float(y_d.abs().max()) > 10
+    at_one = torch.nn.BCEWithLogitsLoss()(y_d.clamp(-1, 1), torch.ones_like(y_d)) * (1 / weight_factor).sum() / batch
+    assert abs(float(at_one - ref)) > 0.1 * float(ref)

@@ -181,3 +181,46 @@ def test_bench_gmm_rcm_row(tmp_path):
     assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
     r = rows["rcm"]
     assert r["sw2"] <= 2.75 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
+
+
+def test_backward_simulation_levels_are_the_running_min_of_the_draws(monkeypatch):
+    """rCM's ``backward_simulation`` (NVlabs/rcm rcm/models/t2v_model_distill_rcm.py: ``G_time_B_1 =
+    torch.minimum(self.draw_training_time_D(...), G_time_B_1)`` per step): the student starts at its first sampling
+    level (rCM: t = pi / 2, pure noise; fastdiff: the student's first level, rcm.py's docstring) and each later level
+    is ``min(draw, previous)``, so a draw above the current level never sends the student back up the noise scale.
+
+    The DMD draws are patched (``rcm.sample_sigma``) to per-sample levels above, equal to and below the previous one;
+    a spy on ``denoise_native`` (the student's first call, and the one every later ``student(x, sigma)`` call ends
+    in) records the levels the student sees. Levels are compared exactly: ``torch.minimum`` of float32 values returns
+    one of them, no rounding."""
+    import fastdiff.objectives.rcm as rcm_module
+
+    rcm, _, _, (teacher_model, _) = tiny_case()
+    top = rcm.student.schedule.sigma_at(torch.tensor([999]))[0]  # step_sigmas(student, 1): the table's top
+    draws = [top * torch.tensor([4.0, 0.5, 1.0, 0.01]), top * torch.tensor([0.2, 2.0, 0.5, 0.1])]
+    asked = []
+
+    def draw(schedule, n, lo, hi, device, grid="teacher"):
+        asked.append((n, lo, hi))
+        return draws[len(asked) - 1].clone()
+
+    monkeypatch.setattr(rcm_module, "sample_sigma", draw)
+    seen, native = [], rcm.student.denoise_native
+
+    def spy(x, sigma, cond=None, guidance_scale=None):
+        seen.append(sigma.detach().clone())
+        return native(x, sigma, cond, guidance_scale)
+
+    monkeypatch.setattr(rcm.student, "denoise_native", spy)
+    like = teacher_model.sample_true(4, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        rcm.student_sample(like, None, 3)
+    assert asked == [(4, rcm.dmd.min_t, rcm.dmd.max_t)] * 2  # DMD's range, [0.02, 0.98]
+    expected = [top.expand(4)]
+    for d in draws:
+        expected.append(torch.minimum(d, expected[-1]))
+    assert len(seen) == 3
+    for k, (got, want) in enumerate(zip(seen, expected)):
+        assert torch.equal(got, want), (k, got, want)
+    assert all(bool((seen[k] <= seen[k - 1]).all()) for k in range(1, 3))  # never back up the noise scale
+    assert bool((draws[0] > top).any()) and bool((draws[1] > expected[1]).any())  # the draws do try to rise
