@@ -53,8 +53,10 @@ def scm_tangent(F, dF_dt, x_t, dxt_dt, t, r: float) -> torch.Tensor:
 
 class AdaptiveLogVariance(nn.Module):
     """logvar(sigma) of sCM's adaptive weighting: a linear layer on fixed random Fourier features of
-    ``ln(sigma) / 4`` (EDM2's ``logvar_fourier`` + ``logvar_linear``), zero-initialised so the weighting starts at 1.
-    The features are drawn from their own seeded generator: building the objective leaves the global RNG alone."""
+    ``ln(sigma) / 4`` (EDM2's ``logvar_fourier``, ``MPFourier``), zero-initialised so the weighting starts at 1.
+    The layer is a plain ``nn.Linear`` with a bias, as FastGen's ``logvar_linear`` (``networks/EDM/network.py``; it
+    reads the network's own timestep embedding); EDM2's ``logvar_linear`` is a weight-normalised ``MPConv`` without
+    one. The features are drawn from their own seeded generator: building the objective leaves the global RNG alone."""
 
     def __init__(self, channels: int = 128, seed: int = 0):
         super().__init__()
