@@ -81,7 +81,8 @@ class StudentConfig:
 
 
 def _objective_config() -> type:
-    """The ``objective`` section: ``name``, the two keys that shape the run's networks (``gan``, ``fake_lora_rank``),
+    """The ``objective`` section: ``name``, the keys that shape the run's networks (``gan``, ``gan_readout``,
+    ``fake_lora_rank``),
     and every registered objective's constructor options (``fastdiff.objectives.registry``), each defaulting to
     null = "that objective's own default" (shown per objective in the README). A key another objective takes is
     refused by :func:`validate`."""
@@ -89,6 +90,8 @@ def _objective_config() -> type:
 
     fields = [("name", str, field(default="dmd2")),  # a registered objective (fastdiff.objectives.OBJECTIVES)
               ("gan", bool, field(default=False)),  # GAN head on the fake score's bottleneck (needs data)
+              # its read-out: dmd2 (DMD2's conv branch) or sida (SiDA's channel mean); null = the objective's own
+              ("gan_readout", typing.Optional[str], field(default=None)),
               # fake score as a LoRA on the teacher (vsd: 16); 0 = full copy
               ("fake_lora_rank", typing.Optional[int], field(default=None))]
     fields += [(key, _optional(tp), field(default=None)) for key, tp in option_types().items()]
@@ -100,7 +103,7 @@ def _optional(tp):
 
 
 ObjectiveConfig = _objective_config()
-RUN_SHAPE_KEYS = ("name", "gan", "fake_lora_rank")  # objective.* keys read by the trainer, not the objective
+RUN_SHAPE_KEYS = ("name", "gan", "gan_readout", "fake_lora_rank")  # objective.* keys the trainer reads, not the objective
 
 
 @dataclass
@@ -465,6 +468,9 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"objective.fake_loss must be teacher, eps or edm, got {o.fake_loss!r}")
     if o.sigma_grid not in (None, *SIGMA_GRIDS):
         raise FastdiffError(f"objective.sigma_grid must be teacher or karras, got {o.sigma_grid!r}")
+    if o.gan_readout is not None and o.gan_readout not in ("dmd2", "sida"):
+        raise FastdiffError(f"objective.gan_readout must be dmd2 (DMD2's conv branch) or sida (SiDA's channel mean), "
+                            f"got {o.gan_readout!r}")
     if o.gan_start_images is not None and o.gan_start_images < 0:
         raise FastdiffError(f"objective.gan_start_images must be >= 0, got {o.gan_start_images}")
     if o.critic_clip_value is not None and o.critic_clip_value < 0:

@@ -107,3 +107,28 @@ def test_joint_blocks_are_read_on_their_image_tokens():
     assert image_features((text, image)) is image and image_features((None, image)) is image
     down = torch.zeros(2, 3, 4, 4)
     assert image_features((down, (down,))) is down  # UNet down blocks: (hidden, skips)
+
+
+def test_objective_gan_readout_picks_the_read_out(tiny_teacher, tmp_path):
+    """``objective.gan_readout`` (null: the objective's reference's) builds that head; it is refused where the run
+    has no GAN head, and an unknown name at load."""
+    from fastdiff.config import load_config
+    from fastdiff.errors import FastdiffError
+    from fastdiff.training import Trainer
+    from test_export_e2e import write_fake_fashion_mnist
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=8)
+    base = [f"teacher.path={tiny_teacher}", f"data.path={data}", "data.resolution=8", "train.batch_size=2"]
+    for i, (sets, readout) in enumerate(((["objective.name=sida"], "sida"),
+                                         (["objective.name=sida", "objective.gan_readout=dmd2"], "dmd2"),
+                                         (["objective.gan=true"], "dmd2"),
+                                         (["objective.gan=true", "objective.gan_readout=sida"], "sida"))):
+        cfg = load_config(None, [*base, *sets, f"output_dir={tmp_path / f'run{i}'}"])
+        head = Trainer(cfg, progress=False).objective.gan_head
+        assert head.readout == readout and bool(list(head.parameters())) == (readout == "dmd2"), sets
+    with pytest.raises(FastdiffError, match="objective dmd2 has none here: set objective.gan=true"):
+        Trainer(load_config(None, [*base, "objective.gan_readout=sida", f"output_dir={tmp_path / 'x'}"]),
+                progress=False)
+    with pytest.raises(FastdiffError, match="must be dmd2 .* or sida"):
+        load_config(None, [*base, "objective.gan_readout=mean"])

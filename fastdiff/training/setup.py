@@ -73,6 +73,9 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
     backtrack = getattr(o, "backtrack", None)
     if (backtrack if backtrack is not None else entry(o.name).defaults.get("backtrack")) and cfg.train.sharding == "fsdp":
         raise FastdiffError("objective.backtrack (DisBack) does not run with train.sharding fsdp yet")
+    if o.gan_readout is not None and not uses_gan(cfg):
+        raise FastdiffError(f"objective.gan_readout is the GAN head's read-out, and objective {o.name} has none here: "
+                            "set objective.gan=true, or leave objective.gan_readout unset")
     if uses_gan(cfg) and not cls.uses_fake_score:
         raise FastdiffError(f"objective.gan does not apply to {o.name} (the GAN head sits on a fake score)")
     if o.name == "fada" and not (teacher.num_classes and takes_text(teacher)):
@@ -111,7 +114,8 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
 def build_objective(cfg: Config, teacher: Teacher, fake: Denoiser | None, student: Denoiser):
     try:
         cls = objective_class(cfg.objective.name)
-        gan_head = GANHead(fake, cls.gan_readout, teacher.sample_shape[-2:]) if uses_gan(cfg) else None
+        readout = cfg.objective.gan_readout or cls.gan_readout
+        gan_head = GANHead(fake, readout, teacher.sample_shape[-2:]) if uses_gan(cfg) else None
         options = teacher_options(cfg.objective.name, teacher, objective_options(cfg))
         # Consistency students train up to the level they sample from; BOOT reads its g(eps, 0) there.
         if cls.trains_on == "data" or cls.needs_sigma_init:
