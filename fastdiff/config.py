@@ -468,7 +468,9 @@ def validate(cfg: Config) -> None:
         raise FastdiffError(f"objective.fake_loss must be teacher, eps or edm, got {o.fake_loss!r}")
     if o.sigma_grid not in (None, *SIGMA_GRIDS):
         raise FastdiffError(f"objective.sigma_grid must be teacher or karras, got {o.sigma_grid!r}")
-    if o.gan_readout is not None and o.gan_readout not in ("dmd2", "sida"):
+    from .objectives.gan import READOUTS
+
+    if o.gan_readout is not None and o.gan_readout not in READOUTS:
         raise FastdiffError(f"objective.gan_readout must be dmd2 (DMD2's conv branch) or sida (SiDA's channel mean), "
                             f"got {o.gan_readout!r}")
     if o.gan_start_images is not None and o.gan_start_images < 0:

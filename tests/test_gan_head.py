@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_unet
+from test_sharding import _Fake  # what the head reads of a fake score: its network and a call
 from fastdiff.objectives.gan import GANHead, bottleneck_size, dmd2_branch, image_features
 
 
@@ -57,14 +58,6 @@ def test_dmd2_branch_on_small_maps_keeps_several_channels_per_group():
         assert out.shape == (3, 1, 1, 1)
         out.sum().backward()
         assert float(h.grad.abs().max()) > 0
-
-
-class _Fake:
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, x, sigma, cond=None):
-        return self.model(x, sigma).sample
 
 
 def test_bottleneck_size_and_readouts_on_a_unet():

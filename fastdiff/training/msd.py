@@ -180,11 +180,9 @@ def train_students(cfg: Config, parts: list[list] | int, overwrite: bool = False
     if recorded.is_file() and json.loads(recorded.read_text()) != parts and not overwrite:
         raise FastdiffError(f"{root} holds students of another partition ({recorded}); pass --overwrite to replace them")
     runs = [root / f"student-{k}" for k in range(len(parts))]
-    for run in runs:  # every refusal before anything is written
-        again = resume and (run / "checkpoints").is_dir()
-        if run.is_dir() and any(run.iterdir()) and not (overwrite or again) and not (run / "student").is_dir():
-            raise FastdiffError(f"{run} holds an unfinished student; pass --resume to continue it from its latest "
-                                "checkpoint or --overwrite to retrain every student")
+    for run in runs:  # every refusal before anything is written (an exported run is checked against its part below)
+        if not (run / "student").is_dir():
+            _refuse_unfinished(run, overwrite, resume)
     root.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(parts) + "\n")
     if overwrite:  # students of a larger earlier partition would sit beside the new ones, unrouted
@@ -198,16 +196,22 @@ def train_students(cfg: Config, parts: list[list] | int, overwrite: bool = False
         if not overwrite and _finished(run, child):
             log(f"student {k} ({what}): already exported in {run / 'student'}, kept")
             continue
+        _refuse_unfinished(run, overwrite, resume)
         again = resume and (run / "checkpoints").is_dir()
-        if run.is_dir() and any(run.iterdir()) and not (overwrite or again):
-            raise FastdiffError(f"{run} holds an unfinished student; pass --resume to continue it from its latest "
-                                "checkpoint or --overwrite to retrain every student")
         if warmup_steps:
             folder = warm_up(child, warmup_steps, warmup_lr, root / f"student-{k}-warmup", overwrite, log)
             _apply(child, {"student": {"model": str(folder)}})
         log(f"student {k} of {len(parts)}: {what} -> {run}")
         Trainer(child, resume="latest" if again else None, overwrite=overwrite, progress=progress).fit()
     return assemble_router(runs, root / "router")
+
+
+def _refuse_unfinished(run: Path, overwrite: bool, resume: bool) -> None:
+    """A student's folder holding a run that neither --overwrite replaces nor --resume continues."""
+    again = resume and (run / "checkpoints").is_dir()
+    if run.is_dir() and any(run.iterdir()) and not (overwrite or again):
+        raise FastdiffError(f"{run} holds an unfinished student; pass --resume to continue it from its latest "
+                            "checkpoint or --overwrite to retrain every student")
 
 
 def _finished(run: Path, child: Config) -> bool:

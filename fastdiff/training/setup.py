@@ -2,6 +2,7 @@
 objective needs, the objective's options and the train.* values it fills in, the EMA's decay, the output folder."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -146,6 +147,7 @@ def resolve_train_defaults(cfg: Config, objective, teacher=None) -> None:
             setattr(cfg.train, key, value)
 
 
+@functools.lru_cache(maxsize=8)  # ema_beta asks every update; the root depends on the setting alone
 def power_ema_exponent(sigma_rel: float) -> float:
     """EDM2's gamma for a relative width sigma_rel (Karras et al. 2024, Eq. 3 solved for gamma): the largest real
     root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2)`` (rcm ``t2v_model_distill_rcm.py``: ``np.roots([1, 7,
