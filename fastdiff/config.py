@@ -467,7 +467,7 @@ def validate(cfg: Config) -> None:
     if o.fake_loss not in (None, *FAKE_LOSSES):
         raise FastdiffError(f"objective.fake_loss must be teacher, eps or edm, got {o.fake_loss!r}")
     if o.sigma_grid not in (None, *SIGMA_GRIDS):
-        raise FastdiffError(f"objective.sigma_grid must be teacher or karras, got {o.sigma_grid!r}")
+        raise FastdiffError(f"objective.sigma_grid must be teacher, karras or shifted, got {o.sigma_grid!r}")
     from .objectives.gan import READOUTS
 
     if o.gan_readout is not None and o.gan_readout not in READOUTS:

@@ -23,7 +23,7 @@ from fastdiff.objectives.base import (default_fake_loss, default_sigma_grid, dro
 from fastdiff.objectives.gan import GANHead
 from fastdiff.objectives.sid import FAKE_T_RANGE
 from fastdiff.training.optim import Optimizer
-from fastdiff.models.schedule import schedule_from_scheduler
+from fastdiff.models.schedule import FlowSchedule, schedule_from_scheduler
 
 EPS32 = 1.2e-7
 
@@ -389,6 +389,28 @@ def test_sigma_grid_defaults_per_teacher_family():
         assert build("sid", teacher, fake, sigma_grid="karras").sigma_grid == "karras"
     with pytest.raises(ValueError, match="sigma_grid does not apply to cd"):
         build("cd", teacher, None, student=fake, sigma_grid="karras")
+
+
+def test_shifted_grid_draws_the_flow_schedules_shifted_levels():
+    """``sigma_grid: shifted`` (FastGen's ``time_dist_type = "shifted"``): t' = s t / (1 + (s - 1) t), which in
+    the VE scale is the unshifted sigma times s (t' / (1 - t') = s t / (1 - t)), an identity independent of the
+    code's formula; its smallest level is the schedule's own sigma_min. Only flow schedules have a shift."""
+    schedule = FlowSchedule(1000, shift=3.0)
+    torch.manual_seed(4)
+    plain = sample_sigma(schedule, 4096, 0.0, 1.0, "cpu", "teacher")
+    torch.manual_seed(4)
+    shifted = sample_sigma(schedule, 4096, 0.0, 1.0, "cpu", "shifted")
+    # both round a float64 value to float32 once: 2 float32 roundings of a value of size `shifted`
+    assert_close(shifted, 3.0 * plain.double(), shifted, 2)
+    assert float(shifted.min()) >= schedule.sigma_min * (1 - 2 * EPS32)
+    torch.manual_seed(4)
+    assert torch.equal(sample_sigma(FlowSchedule(1000, shift=1.0), 64, 0.0, 1.0, "cpu", "shifted"), plain[:64])
+    _, teacher, fake = _pair("epsilon")
+    with pytest.raises(ValueError, match="shift of a flow teacher's schedule; this teacher's is a vp table"):
+        build("dmd2", teacher, fake, sigma_grid="shifted")
+    cfg = Config()
+    cfg.objective.sigma_grid = "shifted"
+    validate(cfg)
 
 
 def test_edm_fake_loss_levels_stay_in_the_teacher_range():

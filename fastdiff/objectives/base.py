@@ -13,29 +13,42 @@ from ..models.schedule import FlowSchedule, VPSchedule
 from ..models.trajectory import KARRAS_POINTS, karras_grid, schedule_range
 
 
-SIGMA_GRIDS = ("teacher", "karras")
+SIGMA_GRIDS = ("teacher", "karras", "shifted")
 
 
 def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: float, device,
                  grid: str = "teacher") -> torch.Tensor:
     """Noise levels at timesteps drawn uniformly from [lo, hi] * T (integers for discrete VP teachers).
 
-    grid "teacher": the teacher's own table (DDPM timesteps; uniform t for flow teachers).
+    grid "teacher": the teacher's own table (DDPM timesteps; uniform t for flow teachers, FastGen's Flux / SD 1.5
+    ``time_dist_type = "uniform"``).
     grid "karras": integer indices in [lo, hi] * 1000 of :func:`karras_grid` (DMD2 edm_guidance.py).
+    grid "shifted" (flow teachers): uniform t through the teacher schedule's shift, ``s t / (1 + (s - 1) t)``, the
+    levels its scheduler visits (FastGen's ``time_dist_type = "shifted"``, its Wan / Cosmos DMD2 configs; rCM's
+    ``p_D``); the same as "teacher" at shift 1.
     """
     if grid == "karras":
         idx = torch.randint(int(lo * KARRAS_POINTS), min(int(hi * KARRAS_POINTS), KARRAS_POINTS - 1) + 1, (n,),
                             device=device)
         return karras_grid(schedule, device)[idx]
-    if grid != "teacher":
+    if grid not in SIGMA_GRIDS:
         raise ValueError(f"sigma_grid must be one of {', '.join(SIGMA_GRIDS)}, got {grid!r}")
     T = schedule.num_train_timesteps
     if isinstance(schedule, VPSchedule):
+        if grid == "shifted":
+            raise ValueError(shifted_needs_flow(schedule))
         t = torch.randint(int(lo * T), min(int(hi * T), T - 1) + 1, (n,), device=device)
         return schedule.sigma_at(t)
     t = lo + (hi - lo) * torch.rand(n, dtype=torch.float64, device=device)
     t = t.clamp(1.0 / T, 1 - 1e-4)  # flow: stay off t = 1, where sigma is infinite
+    if grid == "shifted":  # the clamp's 1/T becomes the schedule's own smallest level
+        t = schedule.shift * t / (1 + (schedule.shift - 1) * t)
     return (t / (1 - t)).float()
+
+
+def shifted_needs_flow(schedule) -> str:
+    return (f"sigma_grid shifted applies the shift of a flow teacher's schedule; this teacher's is a "
+            f"{schedule.kind} table: use teacher or karras")
 
 
 def edm_sigma(schedule, n: int, device, p_mean: float = -1.2, p_std: float = 1.2,
@@ -222,6 +235,8 @@ class Objective(nn.Module):
         self.gan_head = gan_head
         if sigma_grid not in (None, *SIGMA_GRIDS):
             raise ValueError(f"sigma_grid must be one of {', '.join(SIGMA_GRIDS)}, got {sigma_grid!r}")
+        if sigma_grid == "shifted" and not isinstance(teacher.schedule, FlowSchedule):
+            raise ValueError(shifted_needs_flow(teacher.schedule))  # at setup, not at the first step
         self.sigma_grid = sigma_grid or default_sigma_grid(teacher)
 
     @classmethod
