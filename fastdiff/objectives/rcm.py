@@ -28,7 +28,8 @@ What follows the reference, file by file (NVlabs/rcm):
   re-noised with fresh noise, gradient through the last step only. rCM cycles ``n`` with the iteration; fastdiff
   draws it uniformly (the same frequencies, and the RNG is already checkpointed).
 - DMD noise levels: rCM draws them from its teacher's own training distribution (``p_D``: shifted-uniform RF time
-  for Wan, shift 5); here dmd2's, the teacher's table in ``[min_t, max_t]`` (DMD2's [0.02, 0.98]).
+  for Wan, shift 5); here dmd2's, the teacher's table in ``[min_t, max_t]`` (DMD2's [0.02, 0.98]); on a flow teacher
+  ``sigma_grid: shifted`` draws rCM's shifted-uniform levels with the teacher schedule's own shift.
 - rcm/configs/experiments/rcm/wan2pt1_t2v.py: ``loss_scale = 100`` (sCM) and ``loss_scale_dmd = 1``, both *summed*
   over elements, with sCM's tangent normalised by its L2 norm (``g / (||g|| + 0.1)``); tangent warm-up 1000;
   AdamW betas (0, 0.999), weight decay 0.01 for both networks (student lr 2e-6, fake score 4e-7: a 5x lower critic
