@@ -3,6 +3,7 @@ the regression target is the pair's displacement, the student's velocity is read
 the U-shaped timestep density, resumable pair files, bad input, and a tiny distill -> export -> diffusers run."""
 import json
 import math
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -289,6 +290,50 @@ def test_pairs_bad_input(gmm_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "samples by Euler steps" in err and "set student.sampler=ddim" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "lcm" / "checkpoints").exists()
+
+
+def _anon_kb() -> int | None:
+    """The process's anonymous resident memory (Linux), which a memory-mapped file's pages do not count in."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in lines if line.startswith("RssAnon:")), None)
+
+
+def test_pairs_are_memory_mapped_not_loaded(tmp_path):
+    """data.name pairs reads rows from the shards (file-backed pages), so its memory does not grow with the number of
+    pairs: 32 MiB of pairs add under a quarter of that to the process's own memory (56 KiB measured; loading them
+    adds all of it); the
+    rows are the loaded shards' rows for the same draws; a shard cut short is one line."""
+    teacher_dir = tmp_path / "teacher"
+    GaussianMixtureModel(sample_size=32).save_teacher(teacher_dir)
+    teacher = load_teacher(str(teacher_dir))
+    count, shard = 4096, 1500  # 8 KiB per pair; the last shard short, as `fastdiff pairs` leaves it
+    out = tmp_path / "pairs"
+    out.mkdir()
+    key = pairs_module.pairs_key(teacher, str(teacher_dir), count, 4, "ddim", shard, 0, None, None)
+    (out / pairs_module.MANIFEST).write_text(json.dumps(key))
+    gen = torch.Generator().manual_seed(0)
+    for i in range(key["num_shards"]):
+        rows = min(shard, count - i * shard)
+        pairs_module.save_file({"noise": torch.randn(rows, 1, 32, 32, generator=gen),
+                                "sample": torch.randn(rows, 1, 32, 32, generator=gen)}, str(out / shard_name(i)))
+    before = _anon_kb()
+    data = PairSamples(str(out), teacher, seed=5)
+    x, labels, _ = data.batch(64, "cpu")
+    grown = None if before is None else _anon_kb() - before
+    loaded = [load_file(str(out / shard_name(i))) for i in range(key["num_shards"])]
+    idx = torch.randint(count, (64,), generator=torch.Generator().manual_seed(5))
+    for j, name in enumerate(("noise", "sample")):
+        assert torch.equal(x[:, j], torch.cat([s[name] for s in loaded])[idx])
+    assert labels is None and len(data) == count
+    if grown is not None:  # 4096 pairs x 2 x 4 KiB = 32 MiB on disk
+        assert grown < 8 * 1024, f"{grown} KiB of anonymous memory for 32 MiB of memory-mapped pairs"
+    cut = out / shard_name(1)
+    cut.write_bytes(cut.read_bytes()[:-4096])
+    with pytest.raises(FastdiffError, match="cannot be read .shorter than its header says.; delete it and rerun"):
+        PairSamples(str(out), teacher)
 
 
 def test_reflow_distill_export_and_diffusers_load(tiny_teacher, tmp_path):

@@ -14,13 +14,15 @@ Each shard draws its noise (and class / prompt index, uniform) from a seed of it
 its index, so its content does not depend on which shards exist or on the order they were made: a rerun after an
 interruption keeps the complete shards and makes the rest, and the result equals an uninterrupted run. A shard is
 written under a temporary name and renamed when complete, so a reader never sees half a shard; only one shard is in
-memory at a time. ``data.name: pairs`` (``PairSamples``) reads the folder back for ``objective.name: reflow``.
+memory at a time. ``data.name: pairs`` (``PairSamples``) reads the folder back for ``objective.name: reflow``,
+memory-mapped: a batch reads its rows from the files, so a run's memory does not grow with the number of pairs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import struct
 from pathlib import Path
 
 import torch
@@ -159,21 +161,63 @@ def _open_folder(out: Path, key: dict, overwrite: bool) -> None:
     atomic_write_text(manifest, json.dumps(key, indent=1))
 
 
+def _damaged(path: Path, why: str) -> FastdiffError:
+    return FastdiffError(f"{path} cannot be read ({why}); delete it and rerun `fastdiff pairs` with the same options "
+                         "to make it again")
+
+
 def read_shard(path: Path) -> dict:
-    """One pairs shard; a truncated or damaged file is a one-line error (delete it and rerun ``fastdiff pairs``, which
-    keeps the complete shards and makes the missing ones)."""
+    """One pairs shard, loaded; a truncated or damaged file is a one-line error (delete it and rerun ``fastdiff
+    pairs``, which keeps the complete shards and makes the missing ones)."""
     try:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors' errors for a damaged file
-        raise FastdiffError(f"{path} cannot be read ({type(exc).__name__}); delete it and rerun `fastdiff pairs` with "
-                            "the same options to make it again") from None
+        raise _damaged(path, type(exc).__name__) from None
+
+
+# safetensors' dtype names for what pairs shards hold (float32 noise and samples, int64 conditions) and kin
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32}
+
+
+def map_shard(path: Path) -> dict:
+    """One pairs shard's tensors as views of the file, memory-mapped (private, read-only use): rows are read from disk
+    when indexed, and the pages stay file-backed (the OS evicts them as needed), not the process's own memory.
+
+    The safetensors layout: an 8-byte little-endian header length N, N bytes of JSON (per tensor dtype, shape and
+    byte offsets into the data after the header), then the data. A file cut short or with a damaged header is the
+    same one-line error as :func:`read_shard`'s."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        start = 8 + n
+        spans = {k: (_DTYPES[v["dtype"]], list(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
+    except (ValueError, KeyError, TypeError, struct.error) as exc:
+        raise _damaged(path, type(exc).__name__) from None
+    if any(end > size - start or math.prod(shape) * dtype.itemsize != end - begin
+           for dtype, shape, begin, end in spans.values()):
+        raise _damaged(path, "shorter than its header says")
+    raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    tensors = {}
+    for key, (dtype, shape, begin, end) in spans.items():
+        part = raw[start + begin:start + end]
+        if (start + begin) % dtype.itemsize:  # a view needs aligned storage: copy this one (safetensors aligns them)
+            part = part.clone()
+        tensors[key] = part.view(dtype).reshape(shape)
+    return tensors
 
 
 class PairSamples:
     """``data.name: pairs``: random batches of stored pairs, with the ``.batch(n, device, encode)`` interface of
     ``TeacherSamples`` and one checkpointed ``rng``. A batch's "image" is the pair stacked on dim 1,
     ``(n, 2, *shape)``: [:, 0] the noise, [:, 1] the teacher's sample (what ``objective.name: reflow`` reads).
-    Every shard is loaded into memory (count x 2 x sample size x 4 bytes)."""
+    The shards are memory-mapped (:func:`map_shard`): a batch reads its rows from them, the same rows for the same
+    ``rng`` as from loaded shards."""
 
     def __init__(self, path: str | None, teacher, seed: int = 0):
         if path is None or not (Path(path) / MANIFEST).is_file():
@@ -190,25 +234,39 @@ class PairSamples:
         if missing:
             raise FastdiffError(f"data.path {path}: {len(missing)} of {key['num_shards']} shards missing; rerun "
                                 "`fastdiff pairs` with the same options to finish them")
-        shards = [read_shard(root / shard_name(i)) for i in range(key["num_shards"])]
-        self.noise = torch.cat([s["noise"] for s in shards])
-        self.sample = torch.cat([s["sample"] for s in shards])
-        self.cond = torch.cat([s["cond"] for s in shards]) if "cond" in shards[0] else None
-        if len(self.noise) != key["count"] or len(self.sample) != key["count"]:
-            raise FastdiffError(f"data.path {path}: {len(self.noise)} pairs on disk, the manifest says {key['count']}")
+        self.shards = [map_shard(root / shard_name(i)) for i in range(key["num_shards"])]
+        rows = [len(s["noise"]) for s in self.shards]
+        size = key["shard_size"]
+        if sum(rows) != key["count"] or any(r != size for r in rows[:-1]) or \
+                any(len(s["sample"]) != r or ("cond" in s) != ("cond" in self.shards[0]) for s, r in zip(self.shards, rows)):
+            raise FastdiffError(f"data.path {path}: {sum(rows)} pairs in shards of {sorted(set(rows))} rows on disk, "
+                                f"the manifest says {key['count']} in shards of {size}; rerun `fastdiff pairs` with "
+                                "--overwrite to make them again")
+        self.count, self.shard_size = key["count"], size
+        self.conditional = "cond" in self.shards[0]
         self.prompts = key.get("prompts")
         self.captions = self.prompts  # the prompts a run encodes up front (text teachers)
         self.rng = torch.Generator().manual_seed(seed)
 
     def __len__(self):
-        return len(self.noise)
+        return self.count
+
+    def rows(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` (indices over all pairs, in order) of one stored tensor, read from the shards they sit in."""
+        shard, local = idx // self.shard_size, idx % self.shard_size
+        out = torch.empty((len(idx), *self.shards[0][key].shape[1:]), dtype=self.shards[0][key].dtype)
+        for s in shard.unique().tolist():
+            mine = shard == s
+            out[mine] = self.shards[s][key][local[mine]]
+        return out
 
     def batch(self, n: int, device, encode=None) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
         """(pairs (n, 2, *shape), labels or None, prompts or None)."""
-        idx = torch.randint(len(self.noise), (n,), generator=self.rng)
-        x = torch.stack([self.noise[idx], self.sample[idx]], dim=1).to(device)
-        if self.cond is None:
+        idx = torch.randint(self.count, (n,), generator=self.rng)
+        x = torch.stack([self.rows("noise", idx), self.rows("sample", idx)], dim=1).to(device)
+        if not self.conditional:
             return x, None, None
+        cond = self.rows("cond", idx)
         if self.prompts:
-            return x, None, [self.prompts[i] for i in self.cond[idx].tolist()]
-        return x, self.cond[idx].to(device), None
+            return x, None, [self.prompts[i] for i in cond.tolist()]
+        return x, cond.to(device), None
