@@ -106,6 +106,11 @@ def test_disk_cache_keeps_to_its_bound_and_is_reused(gmm_teachers, tmp_path):
     files = list(tmp_path.glob("chunk-*.safetensors"))
     assert len(files) == 1 and len(load_file(str(files[0]))["x"]) == 100
     assert not list(tmp_path.glob(".*.tmp"))
+    # A chunk cut short (a full disk, a copy stopped half way) is one line naming it, read memory-mapped or not.
+    files[0].write_bytes(files[0].read_bytes()[:-64])
+    with pytest.raises(FastdiffError, match=r"chunk-00000.safetensors cannot be read \(shorter than its header says\); "
+                                            r"delete it; the run makes it again"):
+        TeacherSamples(teacher, 4, seed=5, cache_size=100, cache_dir=tmp_path).batch(16, "cpu")
 
 
 def test_text_teacher_needs_prompts(gmm_teachers):

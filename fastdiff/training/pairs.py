@@ -161,9 +161,11 @@ def _open_folder(out: Path, key: dict, overwrite: bool) -> None:
     atomic_write_text(manifest, json.dumps(key, indent=1))
 
 
-def _damaged(path: Path, why: str) -> FastdiffError:
-    return FastdiffError(f"{path} cannot be read ({why}); delete it and rerun `fastdiff pairs` with the same options "
-                         "to make it again")
+REMAKE = "delete it and rerun `fastdiff pairs` with the same options to make it again"
+
+
+def _damaged(path: Path, why: str, remedy: str = REMAKE) -> FastdiffError:
+    return FastdiffError(f"{path} cannot be read ({why}); {remedy}")
 
 
 def read_shard(path: Path) -> dict:
@@ -180,13 +182,13 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32}
 
 
-def map_shard(path: Path) -> dict:
+def map_shard(path: Path, remedy: str = REMAKE) -> dict:
     """One pairs shard's tensors as views of the file, memory-mapped (private, read-only use): rows are read from disk
     when indexed, and the pages stay file-backed (the OS evicts them as needed), not the process's own memory.
 
     The safetensors layout: an 8-byte little-endian header length N, N bytes of JSON (per tensor dtype, shape and
     byte offsets into the data after the header), then the data. A file cut short or with a damaged header is the
-    same one-line error as :func:`read_shard`'s."""
+    same one-line error as :func:`read_shard`'s, ending with ``remedy``."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -198,10 +200,10 @@ def map_shard(path: Path) -> dict:
         start = 8 + n
         spans = {k: (_DTYPES[v["dtype"]], list(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
     except (ValueError, KeyError, TypeError, struct.error) as exc:
-        raise _damaged(path, type(exc).__name__) from None
+        raise _damaged(path, type(exc).__name__, remedy) from None
     if any(end > size - start or math.prod(shape) * dtype.itemsize != end - begin
            for dtype, shape, begin, end in spans.values()):
-        raise _damaged(path, "shorter than its header says")
+        raise _damaged(path, "shorter than its header says", remedy)
     raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
     tensors = {}
     for key, (dtype, shape, begin, end) in spans.items():

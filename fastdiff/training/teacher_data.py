@@ -15,7 +15,8 @@ checkpoint saves (``Run._generators``), so a resumed run draws the same batches 
   sampled by the teacher, so ``rng`` is the whole state;
 - ``data.cache_size`` N: a pool of N samples, split into chunks whose noise comes from a seed of their own
   (derived from ``train.seed`` and the chunk's index), each generated the first time a batch draws from it
-  and written to ``data.cache_dir``; batches draw pool indices from ``rng``. A chunk's content does not depend
+  and written to ``data.cache_dir``, then kept memory-mapped (``pairs.map_shard``: the pool's pages are the
+  files', not the process's memory); batches draw pool indices from ``rng``. A chunk's content does not depend
   on when it was made, so resume stays exact whether a chunk was read from disk or made again.
 """
 from __future__ import annotations
@@ -25,11 +26,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import FastdiffError, require_folder_path
 from ..models.trajectory import SAMPLERS, ode_sample, trajectory_levels
-from .pairs import draw_conditions
+from .pairs import draw_conditions, map_shard
 
 CHUNK = 256  # pool samples generated together and stored in one file
 CACHE_DIR = "teacher-samples"  # under output_dir when data.cache_dir is null
@@ -119,7 +120,7 @@ class TeacherSamples:
             self._opened = True
         path = self.cache_dir / f"chunk-{c:05d}.safetensors" if self.cache_dir is not None else None
         if path is not None and path.is_file():
-            stored = load_file(str(path))
+            stored = map_shard(path, "delete it; the run makes it again")
             chunk = (stored["x"], stored.get("cond"))
         else:
             n = min(CHUNK, self.cache_size - c * CHUNK)
@@ -132,6 +133,8 @@ class TeacherSamples:
                 tmp = path.with_name(f".{path.name}.tmp")
                 save_file(tensors, str(tmp))
                 tmp.replace(path)  # a reader never sees half a chunk
+                stored = map_shard(path)  # kept as the file's pages, not the process's memory
+                chunk = (stored["x"], stored.get("cond"))
         self._chunks[c] = chunk
         return chunk
 
