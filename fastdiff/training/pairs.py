@@ -199,9 +199,9 @@ def map_shard(path: Path, remedy: str = REMAKE) -> dict:
         header.pop("__metadata__", None)
         start = 8 + n
         spans = {k: (_DTYPES[v["dtype"]], list(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
-    except (ValueError, KeyError, TypeError, struct.error) as exc:
-        raise _damaged(path, type(exc).__name__, remedy) from None
-    if any(end > size - start or math.prod(shape) * dtype.itemsize != end - begin
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error):
+        raise _damaged(path, "no safetensors header", remedy) from None
+    if any(begin < 0 or end > size - start or math.prod(shape) * dtype.itemsize != end - begin
            for dtype, shape, begin, end in spans.values()):
         raise _damaged(path, "shorter than its header says", remedy)
     raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
