@@ -26,7 +26,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import FastdiffError, read_json_object, require_folder_path
 from ..models.trajectory import SAMPLERS, ode_sample, trajectory_levels
@@ -168,15 +168,6 @@ def _damaged(path: Path, why: str, remedy: str = REMAKE) -> FastdiffError:
     return FastdiffError(f"{path} cannot be read ({why}); {remedy}")
 
 
-def read_shard(path: Path) -> dict:
-    """One pairs shard, loaded; a truncated or damaged file is a one-line error (delete it and rerun ``fastdiff
-    pairs``, which keeps the complete shards and makes the missing ones)."""
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - safetensors' errors for a damaged file
-        raise _damaged(path, type(exc).__name__) from None
-
-
 # safetensors' dtype names for what pairs shards hold (float32 noise and samples, int64 conditions) and kin
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32}
@@ -187,8 +178,8 @@ def map_shard(path: Path, remedy: str = REMAKE) -> dict:
     when indexed, and the pages stay file-backed (the OS evicts them as needed), not the process's own memory.
 
     The safetensors layout: an 8-byte little-endian header length N, N bytes of JSON (per tensor dtype, shape and
-    byte offsets into the data after the header), then the data. A file cut short or with a damaged header is the
-    same one-line error as :func:`read_shard`'s, ending with ``remedy``."""
+    byte offsets into the data after the header), then the data. A file cut short (an interrupted copy, a full disk)
+    or with a damaged header is a one-line error naming it and ending with ``remedy``."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
