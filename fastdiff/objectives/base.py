@@ -47,7 +47,7 @@ def sample_sigma(schedule: VPSchedule | FlowSchedule, n: int, lo: float, hi: flo
 
 
 def shifted_needs_flow(schedule) -> str:
-    return (f"sigma_grid shifted applies the shift of a flow teacher's schedule; this teacher's is a "
+    return (f"objective.sigma_grid shifted applies the shift of a flow teacher's schedule; this teacher's is a "
             f"{schedule.kind} table: use teacher or karras")
 
 
