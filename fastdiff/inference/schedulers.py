@@ -4,8 +4,9 @@ VP students get diffusers' ``LCMScheduler`` configured so the pipeline reproduce
 sampler exactly: ``original_inference_steps = T`` gives the same K timesteps, ``clip_sample = False``
 matches fastdiff (the pipeline clamps the final image anyway), and ``timestep_scaling`` is the one the
 student was trained with: a consistency-distilled (cd) student's boundary scalings (LCM's k, 10 by
-default), or, for every other student, a huge value that makes them exactly ``c_skip = 0, c_out = 1`` in
-float32, so each step is the student's plain x0 estimate. Then re-noising with fresh noise, as in fastdiff.
+default), or, for every other student, a huge value that makes ``c_out = 1`` in float32 and ``c_skip`` about
+1e-19 (``c_skip * x`` is below half an ulp of any x0 of size 1e-3 or more), so each step is the student's plain x0
+estimate. Then re-noising with fresh noise, as in fastdiff.
 The ``ddim`` sampler exports a trailing ``DDIMScheduler``; flow students ``FlowMatchEulerDiscreteScheduler``.
 """
 from __future__ import annotations
