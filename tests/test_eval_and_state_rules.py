@@ -1,5 +1,5 @@
-"""Rules of the evaluation (FID / KID / CLIP score), data and training-state code that a mutation audit found
-each one fails under a specific plausible bug (named in its docstring) that the rest of the suite let through.
+"""Rules of the evaluation (FID / KID / CLIP score), data and training-state code that a mutation audit found untested:
+each test fails under a specific plausible bug (named in its docstring) that the rest of the suite let through.
 All run on plain tensors or tiny randomly initialised networks, on the CPU, without weights or data sets."""
 import io
 import os
