@@ -230,8 +230,9 @@ class PairSamples:
         self.shards = [map_shard(root / shard_name(i)) for i in range(key["num_shards"])]
         rows = [len(s["noise"]) for s in self.shards]
         size = key["shard_size"]
-        if sum(rows) != key["count"] or any(r != size for r in rows[:-1]) or \
-                any(len(s["sample"]) != r or ("cond" in s) != ("cond" in self.shards[0]) for s, r in zip(self.shards, rows)):
+        uneven = any(len(s["sample"]) != r or ("cond" in s) != ("cond" in self.shards[0])
+                     for s, r in zip(self.shards, rows))
+        if sum(rows) != key["count"] or any(r != size for r in rows[:-1]) or uneven:
             raise FastdiffError(f"data.path {path}: {sum(rows)} pairs in shards of {sorted(set(rows))} rows on disk, "
                                 f"the manifest says {key['count']} in shards of {size}; rerun `fastdiff pairs` with "
                                 "--overwrite to make them again")
