@@ -263,7 +263,8 @@ def test_export_drops_local_model_paths_and_keeps_hub_ids(tmp_path):
     from fastdiff.inference.export import _drop_local_names
 
     (tmp_path / "unet").mkdir()
-    config = {"_name_or_path": str(tmp_path / "teacher"), "nested": [{"name_or_path": "/abs/x"}, {"_name_or_path": "org/m"}]}
+    config = {"_name_or_path": str(tmp_path / "teacher"),
+              "nested": [{"name_or_path": "/abs/x"}, {"_name_or_path": "org/m"}]}
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     (tmp_path / "model_index.json").write_text(json.dumps({"_name_or_path": "org/tiny-ddpm", "unet": ["a", "b"]}))
     _drop_local_names(tmp_path)
