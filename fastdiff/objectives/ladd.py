@@ -111,8 +111,10 @@ def head_shapes(model: nn.Module, count: int) -> list[tuple[int, int]]:
 
 
 class LocalBatchNorm(nn.Module):
-    """Batch norm over groups of ``group`` samples and all locations, no running statistics (StyleGAN-T's
-    ``BatchNormLocal``, as Sana's ladd_blocks.py): the head sees how a sample differs from its group."""
+    """Batch norm over groups of consecutive samples and all locations, no running statistics (StyleGAN-T's
+    ``BatchNormLocal``, as Sana's ladd_blocks.py): the head sees how a sample differs from its group. A batch of B
+    makes ``ceil(B / group)`` groups; where they cannot be equal (B = 9, 11, 13, 17, ...: the reference's reshape
+    fails there) their sizes differ by one (``torch.tensor_split``), so any per-process batch size trains."""
 
     def __init__(self, channels: int, group: int = 8, eps: float = 1e-5):
         super().__init__()
@@ -123,6 +125,12 @@ class LocalBatchNorm(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, c = h.shape[:2]
         groups = -(-b // self.group)
+        if b % groups:
+            return torch.cat([self._normalise(part, 1) for part in torch.tensor_split(h, groups)])
+        return self._normalise(h, groups)
+
+    def _normalise(self, h: torch.Tensor, groups: int) -> torch.Tensor:
+        c = h.shape[1]
         g = h.reshape(groups, -1, c, h[0, 0].numel())  # (groups, samples, C, locations)
         mean = g.mean(dim=(1, 3), keepdim=True)
         var = g.var(dim=(1, 3), keepdim=True, unbiased=False)
