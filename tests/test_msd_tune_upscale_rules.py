@@ -361,7 +361,7 @@ def test_upscale_checks_resolution_and_noise_level_bounds(upscaler, tmp_path):
     assert json.loads((Path(out) / "fastdiff.json").read_text())["noise_level"] == 350
 
 
-# --- models/layer_skip.py, models/attention.py -------------------------------------------------------------------------
+# --- models/layer_skip.py, models/attention.py ------------------------------------------------------------------------
 def test_dual_attention_indices_follow_the_kept_blocks_when_an_earlier_block_is_dropped(tmp_path):
     """SD3.5-style dual attention on block 2 of 0..3; dropping block 0 makes it block 1 of the kept three. The
     reloaded transformer equals the one with block 0 replaced by the identity (float64, same operations: equal)."""
