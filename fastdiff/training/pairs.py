@@ -228,6 +228,10 @@ class PairSamples:
             raise FastdiffError(f"data.path {path}: {len(missing)} of {key['num_shards']} shards missing; rerun "
                                 "`fastdiff pairs` with the same options to finish them")
         self.shards = [map_shard(root / shard_name(i)) for i in range(key["num_shards"])]
+        for i, shard in enumerate(self.shards):
+            if not {"noise", "sample"} <= shard.keys():
+                raise FastdiffError(f"{root / shard_name(i)} holds {sorted(shard)}, not a pairs shard's noise and "
+                                    f"sample; {REMAKE}")
         rows = [len(s["noise"]) for s in self.shards]
         size = key["shard_size"]
         uneven = any(len(s["sample"]) != r or ("cond" in s) != ("cond" in self.shards[0])
