@@ -422,3 +422,13 @@ def test_xformers_switch_is_not_used_when_a_module_has_no_twin(xformers_stubbed)
         setting = A.set_attention(model, "xformers")
     assert calls == [] and setting == (0, 7, 1, ("set_attn_processor",)), (calls, setting)
     assert type(own.processor) is OwnProcessor
+
+
+def test_an_emptied_kmeans_cluster_restarts_at_the_row_farthest_from_its_own_centroid():
+    """k-means' restart rule (hard to reach through ``kmeans`` itself: random cases never empty a cluster in a way
+    that changes the result): squared distances to the own centroid 1, 25, 4, 0 here, so row 1, not the nearest."""
+    from fastdiff.training.msd_text import farthest_row
+
+    x = torch.tensor([[1.0, 0.0], [0.0, 5.0], [12.0, 0.0], [10.0, 0.0]], dtype=torch.float64)
+    centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=torch.float64)
+    assert farthest_row(x, centroids, torch.tensor([0, 0, 1, 1])) == 1

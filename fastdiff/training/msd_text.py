@@ -55,13 +55,18 @@ def kmeans(features: torch.Tensor, k: int, seed: int, max_iter: int = 300) -> tu
             members = x[assign == j]
             if len(members):
                 moved[j] = members.mean(dim=0)
-            else:  # the row farthest from its own centroid starts this cluster again
-                far = ((x - centroids[assign]) ** 2).sum(-1).argmax()
+            else:
+                far = farthest_row(x, centroids, assign)
                 moved[j], assign[far] = x[far], j
         if torch.equal(moved, centroids):
             break
         centroids = moved
     return nearest_centroid(x, centroids), centroids
+
+
+def farthest_row(x: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor) -> int:
+    """The row farthest from its own centroid: where k-means starts a cluster that was left empty again."""
+    return int(((x - centroids[assign]) ** 2).sum(-1).argmax())
 
 
 def text_features(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
