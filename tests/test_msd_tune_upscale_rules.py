@@ -432,3 +432,17 @@ def test_an_emptied_kmeans_cluster_restarts_at_the_row_farthest_from_its_own_cen
     x = torch.tensor([[1.0, 0.0], [0.0, 5.0], [12.0, 0.0], [10.0, 0.0]], dtype=torch.float64)
     centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=torch.float64)
     assert farthest_row(x, centroids, torch.tensor([0, 0, 1, 1])) == 1
+
+
+def test_overwrite_removes_only_the_students_beyond_the_new_partition(tmp_path):
+    """``fastdiff msd --overwrite`` with 2 parts where 4 students were: student-2, student-3 and student-2-warmup go
+    (with K == the new count among them); student-0, student-1, their warm-up and anything not a student run stay."""
+    from fastdiff.training.msd import remove_extra_students
+
+    names = ["student-0", "student-1", "student-1-warmup", "student-2", "student-2-warmup", "student-3", "student-x"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "student-9.txt").write_text("a file, not a run")
+    remove_extra_students(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student-0", "student-1", "student-1-warmup", "student-9.txt",
+                                                           "student-x"]

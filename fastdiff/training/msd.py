@@ -186,10 +186,7 @@ def train_students(cfg: Config, parts: list[list] | int, overwrite: bool = False
     root.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(parts) + "\n")
     if overwrite:  # students of a larger earlier partition would sit beside the new ones, unrouted
-        for stale in root.glob("student-*"):
-            index = stale.name.removeprefix("student-").removesuffix("-warmup")
-            if stale.is_dir() and index.isdigit() and int(index) >= len(parts):
-                shutil.rmtree(stale)
+        remove_extra_students(root, len(parts))
     for k, (part, run) in enumerate(zip(parts, runs)):
         what = f"{len(part)} prompts" if isinstance(part[0], str) else f"classes {part}"
         child = student_config(cfg, part, run)
@@ -227,6 +224,15 @@ def _finished(run: Path, child: Config) -> bool:
         return done.student.classes == child.student.classes
     return bool(done.data.prompts) and Path(done.data.prompts).is_file() and \
         read_prompts(done.data.prompts) == read_prompts(child.data.prompts)
+
+
+def remove_extra_students(root: Path, count: int) -> None:
+    """Delete the ``student-K`` run folders (and their ``-warmup`` folders) with K >= ``count`` under ``root``: what
+    an earlier partition into more students left. Nothing else there is touched."""
+    for stale in root.glob("student-*"):
+        index = stale.name.removeprefix("student-").removesuffix("-warmup")
+        if stale.is_dir() and index.isdigit() and int(index) >= count:
+            shutil.rmtree(stale)
 
 
 def assemble_router(runs: list[str | Path], out: str | Path) -> Path:
