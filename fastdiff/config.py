@@ -82,10 +82,9 @@ class StudentConfig:
 
 def _objective_config() -> type:
     """The ``objective`` section: ``name``, the keys that shape the run's networks (``gan``, ``gan_readout``,
-    ``fake_lora_rank``),
-    and every registered objective's constructor options (``fastdiff.objectives.registry``), each defaulting to
-    null = "that objective's own default" (shown per objective in the README). A key another objective takes is
-    refused by :func:`validate`."""
+    ``fake_lora_rank``), and every registered objective's constructor options (``fastdiff.objectives.registry``),
+    each defaulting to null = "that objective's own default" (shown per objective in the README). A key another
+    objective takes is refused by :func:`validate`."""
     from .objectives import option_types
 
     fields = [("name", str, field(default="dmd2")),  # a registered objective (fastdiff.objectives.OBJECTIVES)
@@ -465,9 +464,9 @@ def validate(cfg: Config) -> None:
     from .objectives.base import FAKE_LOSSES, SIGMA_GRIDS
 
     if o.fake_loss not in (None, *FAKE_LOSSES):
-        raise FastdiffError(f"objective.fake_loss must be teacher, eps or edm, got {o.fake_loss!r}")
+        raise FastdiffError(f"objective.fake_loss must be one of {', '.join(FAKE_LOSSES)}, got {o.fake_loss!r}")
     if o.sigma_grid not in (None, *SIGMA_GRIDS):
-        raise FastdiffError(f"objective.sigma_grid must be teacher, karras or shifted, got {o.sigma_grid!r}")
+        raise FastdiffError(f"objective.sigma_grid must be one of {', '.join(SIGMA_GRIDS)}, got {o.sigma_grid!r}")
     from .objectives.gan import READOUTS
 
     if o.gan_readout is not None and o.gan_readout not in READOUTS:

@@ -84,6 +84,18 @@ def shared_teacher():
     return get
 
 
+def small_trainer(teacher, out, *sets: str, resume=None):
+    """A Trainer on ``teacher`` writing to ``out``: batch 2, 2 updates, one critic update each, no checkpoint, grid or
+    log on the way (``sets`` override any of it; ``resume``: continue ``out``'s run, else it is overwritten)."""
+    from fastdiff.config import load_config
+    from fastdiff.training import Trainer
+
+    cfg = load_config(None, [f"teacher.path={teacher}", f"output_dir={out}", "train.batch_size=2", "train.max_steps=2",
+                             "objective.critic_updates=1", "train.checkpoint_every=100", "train.sample_every=100",
+                             "train.log_every=100", *sets])
+    return Trainer(cfg, resume=resume, overwrite=resume is None, progress=False)
+
+
 def bench_gmm_rows(tmp_path, *args: str) -> dict:
     """``fastdiff bench gmm ARGS`` with its JSON under tmp_path: the rows by name (the slow bench tests' first step)."""
     import json

@@ -4,7 +4,6 @@ All run on plain tensors or tiny randomly initialised networks, on the CPU, with
 import io
 import os
 import tarfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from PIL import Image
 
 from fastdiff.config import load_config
 from fastdiff.evaluation.metrics import kernel_inception_distance
+from conftest import small_trainer
 
 EPS32 = np.finfo(np.float32).eps
 
@@ -364,12 +364,7 @@ def test_critic_schedule_advances_once_per_generator_update():
 
 # --- checkpoints: what a resume restores ---------------------------------------------------------------------------
 def _trainer(teacher, out, *sets, resume=None):
-    from fastdiff.training import Trainer
-
-    cfg = load_config(None, [f"teacher.path={teacher}", f"output_dir={out}", "train.batch_size=2", "train.max_steps=4",
-                             "objective.critic_updates=1", "train.checkpoint_every=100", "train.sample_every=100",
-                             "train.log_every=100", "train.lr_generator=1e-3", *sets])
-    return Trainer(cfg, resume=resume, overwrite=resume is None, progress=False)
+    return small_trainer(teacher, out, "train.max_steps=4", "train.lr_generator=1e-3", *sets, resume=resume)
 
 
 def _two_steps_and_a_checkpoint(teacher, out, *sets):

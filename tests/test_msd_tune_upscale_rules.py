@@ -3,7 +3,6 @@
 input checks) that the end-to-end tests do not pin down: each test here fails on a plausible bug in that rule."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -151,8 +150,6 @@ def test_pixart_micro_conditions_only_for_the_1024_pixel_transformer():
 # --- msd_warmup -----------------------------------------------------------------------------------------------------
 def _small_student(tmp_path):
     from diffusers import UNet2DModel
-
-    from fastdiff.models.teacher import load_model
 
     torch.manual_seed(6)
     UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,

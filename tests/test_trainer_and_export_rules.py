@@ -8,14 +8,11 @@ import pytest
 import torch
 
 from fastdiff.config import load_config
-from fastdiff.training import Trainer
+from conftest import small_trainer
 
 
 def _trainer(teacher, tmp_path, *sets):
-    cfg = load_config(None, [f"teacher.path={teacher}", f"output_dir={tmp_path / 'run'}", "train.batch_size=2",
-                             "train.max_steps=2", "objective.critic_updates=1", "train.checkpoint_every=100",
-                             "train.sample_every=100", "train.log_every=100", *sets])
-    return Trainer(cfg, overwrite=True, progress=False)
+    return small_trainer(teacher, tmp_path / "run", *sets)
 
 
 def _grads_at_step(opt):

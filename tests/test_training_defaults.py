@@ -12,9 +12,8 @@ import torch
 from fastdiff.config import load_config
 from fastdiff.models.denoiser import Denoiser
 from fastdiff.models.generator import Generator
-from fastdiff.training import Trainer
 from fastdiff.training.setup import ema_beta, resolve_train_defaults
-from conftest import tiny_unet
+from conftest import small_trainer, tiny_unet
 
 
 def sid_reference_ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio):
@@ -96,10 +95,7 @@ def test_default_ema_never_exports_the_start():
 
 
 def _trainer(teacher, tmp_path, *sets):
-    cfg = load_config(None, [f"teacher.path={teacher}", f"output_dir={tmp_path / 'run'}", "train.batch_size=2",
-                             "train.max_steps=2", "objective.critic_updates=1", "train.checkpoint_every=100",
-                             "train.sample_every=100", "train.log_every=100", "train.lr_generator=1e-3", *sets])
-    return Trainer(cfg, overwrite=True, progress=False)
+    return small_trainer(teacher, tmp_path / "run", "train.lr_generator=1e-3", *sets)
 
 
 @pytest.mark.parametrize("sets,beta_range", [([], (0, 1e-5)), (["train.ema_sigma_rel=0.1"], (0.003, 0.005))])

@@ -15,8 +15,9 @@ from .sharding import full_state_dict
 
 
 # Settings that decide which networks a run has and what their weights mean.
-RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lora_rank", "student.lora_alpha", "objective.name", "objective.gan", "objective.gan_readout",
-               "objective.fake_lora_rank", "objective.guidance_range", "objective.timestep_scaling", "train.ema_decay",
+RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lora_rank", "student.lora_alpha",
+               "objective.name", "objective.gan", "objective.gan_readout", "objective.fake_lora_rank",
+               "objective.guidance_range", "objective.timestep_scaling", "train.ema_decay",
                "objective.adaptive_weighting",  # scm: whether checkpoints hold the logvar head
                "objective.backtrack", "objective.degradation_steps",  # DisBack: the recorded path and its stage 1
                "train.ema_halflife_kimg", "train.ema_rampup", "train.ema_sigma_rel",

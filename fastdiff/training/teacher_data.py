@@ -35,6 +35,7 @@ from .pairs import draw_conditions, map_shard
 CHUNK = 256  # pool samples generated together and stored in one file
 CACHE_DIR = "teacher-samples"  # under output_dir when data.cache_dir is null
 MANIFEST = "manifest.json"
+REMAKE_CHUNK = "delete it; the run makes it again"  # a pool chunk's content depends only on its seed
 
 
 def _chunk_seed(seed: int, index: int) -> int:
@@ -120,7 +121,7 @@ class TeacherSamples:
             self._opened = True
         path = self.cache_dir / f"chunk-{c:05d}.safetensors" if self.cache_dir is not None else None
         if path is not None and path.is_file():
-            stored = map_shard(path, "delete it; the run makes it again")
+            stored = map_shard(path, REMAKE_CHUNK)
             chunk = (stored["x"], stored.get("cond"))
         else:
             n = min(CHUNK, self.cache_size - c * CHUNK)
@@ -133,7 +134,7 @@ class TeacherSamples:
                 tmp = path.with_name(f".{path.name}.tmp")
                 save_file(tensors, str(tmp))
                 tmp.replace(path)  # a reader never sees half a chunk
-                stored = map_shard(path)  # kept as the file's pages, not the process's memory
+                stored = map_shard(path, REMAKE_CHUNK)  # kept as the file's pages, not the process's memory
                 chunk = (stored["x"], stored.get("cond"))
         self._chunks[c] = chunk
         return chunk
