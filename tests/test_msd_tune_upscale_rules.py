@@ -36,6 +36,15 @@ def test_an_exported_student_counts_as_finished_only_for_its_own_classes(tmp_pat
         assert _finished(run, child) is finished, classes
 
 
+def test_partition_route_sends_each_class_to_the_student_whose_part_holds_it():
+    """The router's table (``class_to_student``) is each class's part index: [[2], [0, 1]] routes classes 0 and 1 to
+    student 1 and class 2 to student 0 (a reversed table, caught before only by the slow end-to-end test)."""
+    from fastdiff.training.msd import check_partition
+
+    assert check_partition([[2], [0, 1]], 3) == [1, 1, 0]
+    assert check_partition([[0, 3], [1], [2, 4]], 5) == [0, 1, 2, 0, 2]
+
+
 # --- msd_text -------------------------------------------------------------------------------------------------------
 def test_kmeans_plus_plus_draws_the_second_centre_with_probability_proportional_to_squared_distance():
     """Rows 0, 1, 3 on a line; max_iter=0 returns the k-means++ seeding itself. Whenever the first centre is row 0,
@@ -341,6 +350,44 @@ def test_stage_one_target_is_the_teacher_or_the_data(upscaler, target, monkeypat
     up.distill_scale(pipe, copy.deepcopy(pipe.unet), data, cfg, torch.Generator().manual_seed(0), False)
     assert teachers == [pipe.unet if target == "teacher" else None]
 
+
+
+def test_decoder_stage_decodes_the_one_step_latent_divided_by_the_vae_scaling_factor(upscaler, monkeypatch):
+    """Stage 2 (Eq. 2) decodes the student's one-step latent as the pipeline does, z0 / scaling_factor (0.08333 on
+    the tiny x2 VAE, as on stabilityai's x4 upscaler). Decoding z0 itself trained the decoder on latents 12x too
+    large, which only the slow PSNR test noticed."""
+    import copy
+
+    from fastdiff.training import upscale as up
+
+    _, pipe, folder = upscaler
+    data = up.UpscaleData(folder, pipe, 16, 2, 2, 20, "", "cpu")
+    vae = copy.deepcopy(pipe.vae)
+    z0 = torch.randn((1, vae.config.latent_channels, *data.grid), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = vae.decode(z0 / vae.config.scaling_factor, return_dict=False)[0]
+    decoded = []
+    monkeypatch.setattr(up, "one_step_latent", lambda *a, **kw: z0)
+    monkeypatch.setattr(up, "decoder_loss", lambda image, x: decoded.append(image.detach()) or image.square().mean())
+    cfg = up.upscale_config(["decoder_steps=1", "batch_size=1"])
+    up.tune_decoder(copy.deepcopy(pipe.unet), vae, None, data, cfg, torch.Generator().manual_seed(0), False)
+    assert vae.config.scaling_factor != 1 and len(decoded) == 1
+    # The same decoder on the same input in one process: the same float32 operations, so equal up to the few ulps
+    # autograd's graph recording could change in kernel choice (none on CPU); 1e-6 relative is 8 float32 ulps.
+    torch.testing.assert_close(decoded[0], expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_evaluation_timesteps_spread_over_the_schedule_rounded_to_the_nearest(upscaler):
+    """The fixed evaluation set's timesteps are linspace(0, T - 1, n) rounded (499.5 -> 500 at n = 3, T = 1000),
+    not floored, so the set is symmetric about the middle of the schedule."""
+    from fastdiff.training import upscale as up
+
+    _, pipe, folder = upscaler
+    data = up.UpscaleData(folder, pipe, 16, 2, 2, 20, "", "cpu")
+    evaluation = up.Evaluation(data, 3, 0, up.one_step_scheduler(pipe.scheduler.config))
+    T = pipe.scheduler.config.num_train_timesteps
+    assert (T - 1) % 2 == 1  # the middle one lies half-way between two timesteps: rounding and flooring differ
+    assert evaluation.t.tolist() == [0, round((T - 1) / 2), T - 1]
 
 def test_upscale_checks_resolution_and_noise_level_bounds(upscaler, tmp_path):
     """resolution 18 with factor 3 is a multiple of 6 but its low-res grid (9) is not a multiple of the VAE factor:

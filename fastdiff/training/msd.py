@@ -60,8 +60,9 @@ def read_partition(path: str) -> list[list]:
     return data
 
 
-def check_partition(parts: list[list[int]], num_classes: int) -> None:
-    """K non-empty, disjoint lists of labels 0..num_classes-1 that cover every class (each class needs a student)."""
+def check_partition(parts: list[list[int]], num_classes: int) -> list[int]:
+    """K non-empty, disjoint lists of labels 0..num_classes-1 that cover every class (each class needs a student).
+    Returns the route: for every class label, the index of the part (student) that holds it."""
     seen: dict[int, int] = {}
     for k, part in enumerate(parts):
         if not part:
@@ -75,6 +76,7 @@ def check_partition(parts: list[list[int]], num_classes: int) -> None:
     missing = [c for c in range(num_classes) if c not in seen]
     if missing:
         raise FastdiffError(f"partition: classes {missing} have no student (every class needs one)")
+    return [seen[c] for c in range(num_classes)]
 
 
 def check_classes(classes: list[int] | None, teacher) -> None:
@@ -264,7 +266,7 @@ def assemble_router(runs: list[str | Path], out: str | Path) -> Path:
         pipes.append(FastdiffClassConditionalPipeline.from_pretrained(export))
         infos.append(info)
     num_classes = infos[0]["num_classes"]
-    check_partition(parts, num_classes)
+    route = check_partition(parts, num_classes)
     teachers = {teacher_from(run / "student", info, Path(out)) for run, info in zip(runs, infos)}
     if len(teachers) > 1:
         raise FastdiffError(f"the students were distilled from different teachers ({', '.join(sorted(teachers))})")
@@ -277,10 +279,6 @@ def assemble_router(runs: list[str | Path], out: str | Path) -> Path:
                                 "noise level); one router samples every student with one scheduler")
         if type(pipe.unet).__name__ != "UNet2DModel":
             raise FastdiffError(f"{run}: the router takes UNet2DModel students, not {type(pipe.unet).__name__}")
-    route = [0] * num_classes
-    for k, part in enumerate(parts):
-        for c in part:
-            route[c] = k
     configs = [{"_class_name": type(p.unet).__name__, **{k: v for k, v in p.unet.config.items()
                                                           if not k.startswith("_")}} for p in pipes]
     model = MultiStudentUNet(students=configs, class_to_student=route)
