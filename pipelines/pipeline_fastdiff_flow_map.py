@@ -47,9 +47,11 @@ class FastdiffFlowMapPipeline(DiffusionPipeline):
             kwargs = {} if labels is None else {"class_labels": labels}
             output = self.unet(image, t, r_timestep=r, **kwargs).sample
             image = map_step(self.scheduler, output, t, r, image)
-        image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
-        if output_type == "pil":
-            image = self.numpy_to_pil(image)
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":  # "pt": a (B, C, H, W) tensor, as diffusers' own pipelines
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)

@@ -187,8 +187,9 @@ class FastdiffMultiStudentTextPipeline(DiffusionPipeline):
     def __call__(self, prompt, num_inference_steps: int = 1, guidance_scale: float = 0.0,
                  generator: torch.Generator | list | None = None, output_type: str = "pil", return_dict: bool = True,
                  **kwargs):
-        """Generate one image per prompt, each by its student (other arguments go to ``StableDiffusionPipeline``;
-        guidance off by default: the students' guidance is distilled in)."""
+        """Generate ``num_images_per_prompt`` images per prompt (default 1), each by its prompt's student (other
+        arguments go to ``StableDiffusionPipeline``; guidance off by default: the students' guidance is distilled
+        in)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         route = self.route(prompts)
         groups = [(k, (route == k).nonzero().squeeze(1).tolist()) for k in range(len(self.students.nets))]
@@ -199,22 +200,28 @@ class FastdiffMultiStudentTextPipeline(DiffusionPipeline):
                                                        return_dict=return_dict, **call)
         if kwargs.get("latents") is not None or kwargs.get("prompt_embeds") is not None:
             raise ValueError("a batch routed to several students takes prompts, not latents / prompt_embeds")
+        per_prompt = kwargs.get("num_images_per_prompt") or 1
+        total = len(prompts) * per_prompt  # images in the pipeline's order: each prompt's images together
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"{len(generator)} generators for {total} images ({len(prompts)} prompts x "
+                             f"num_images_per_prompt {per_prompt}): give one per image, or one for the batch")
         latents = None
         if not isinstance(generator, list):  # the whole batch's first noise, as one student's pipeline draws it
             first = self.students.nets[0]
             size = first.config.sample_size
-            shape = (len(prompts), first.config.in_channels, size, size)
+            shape = (total, first.config.in_channels, size, size)
             latents = randn_tensor(shape, generator=generator, device=self._execution_device,
                                    dtype=self.text_encoder.dtype)
         parts = {}
         for k, idx in groups:
-            gen = [generator[i] for i in idx] if isinstance(generator, list) else generator
-            sub = None if latents is None else latents[idx]
+            rows = [i * per_prompt + j for i in idx for j in range(per_prompt)]  # its prompts' images
+            gen = [generator[r] for r in rows] if isinstance(generator, list) else generator
+            sub = None if latents is None else latents[rows]
             out = self.student_pipeline(k)(prompt=[prompts[i] for i in idx], generator=gen, latents=sub,
                                            output_type="pt" if output_type == "pt" else "np", **call).images
-            parts.update(zip(idx, out))
+            parts.update(zip(rows, out))
         stack = torch.stack if output_type == "pt" else np.stack
-        image = stack([parts[i] for i in range(len(prompts))])
+        image = stack([parts[r] for r in range(total)])
         if output_type == "pil":
             image = self.numpy_to_pil(image)
         if not return_dict:

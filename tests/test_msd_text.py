@@ -145,6 +145,25 @@ def test_text_router_routes_to_the_nearest_centroid_and_equals_each_student(sd, 
         theirs = own[k]([mixed[i] for i in rows], latents=noise[rows], num_inference_steps=1, guidance_scale=0,
                         output_type="np").images
         assert np.array_equal(ours[rows], _uint8(theirs))
+    # num_images_per_prompt 2 on a mixed batch (it once crashed: noise drawn per prompt, not per image): the images in
+    # the pipeline's order (each prompt's two together), each its student's on its rows of the batch's noise, and with
+    # one generator per image, each image its student's alone with that seed.
+    ours = _uint8(router(mixed, num_images_per_prompt=2, num_inference_steps=1, guidance_scale=0,
+                         generator=torch.Generator().manual_seed(22), output_type="np").images)
+    noise = torch.randn((8, 4, tp.LATENT, tp.LATENT), generator=torch.Generator().manual_seed(22))
+    for k in (0, 1):
+        prompts_k = [i for i in range(4) if rule[i] == k]
+        rows = [2 * i + j for i in prompts_k for j in (0, 1)]
+        theirs = own[k]([mixed[i] for i in prompts_k], num_images_per_prompt=2, latents=noise[rows],
+                        num_inference_steps=1, guidance_scale=0, output_type="np").images
+        assert np.array_equal(ours[rows], _uint8(theirs))
+    seeds = list(range(30, 38))
+    ours = _uint8(router(mixed, num_images_per_prompt=2, num_inference_steps=1, guidance_scale=0,
+                         generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images)
+    for r, seed in enumerate(seeds):
+        assert np.array_equal(ours[r], images(own[rule[r // 2]], [mixed[r // 2]], [seed])[0])
+    with pytest.raises(ValueError, match="give one per image"):
+        router(mixed, num_images_per_prompt=2, generator=[torch.Generator() for _ in range(4)])
     assert not np.array_equal(images(own[0], mixed[:1], 5), images(own[1], mixed[:1], 5))  # the routing is seen
 
 
