@@ -61,11 +61,9 @@ def step_sigmas(denoiser: Denoiser, num_steps: int, sigma_init: float | None = N
     """
     schedule = denoiser.schedule
     if isinstance(schedule, FlowSchedule):
-        # t_i = 1 - i/K; the first level (t = 1) is pure noise, sigma = inf.
-        sigmas = flow_time_levels(torch.tensor(float("inf")), num_steps)
-        if sigma_init is not None:
-            sigmas[0] = sigma_init
-        return sigmas
+        # t_i = t_0 (K - i) / K; the first level is pure noise (t_0 = 1, sigma = inf) unless sigma_init is given (the
+        # library's callers only: the trainer refuses it on flow teachers), whose t_0 the later levels then divide.
+        return flow_time_levels(torch.tensor(float("inf") if sigma_init is None else float(sigma_init)), num_steps)
     top = top_timestep(denoiser, sigma_init)
     return schedule.sigma_at(torch.tensor(step_timesteps(top + 1, num_steps))).float()
 
