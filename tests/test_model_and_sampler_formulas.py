@@ -218,6 +218,10 @@ def test_sdedit_renoises_with_alpha_on_x0_and_noise_scale_on_noise():
     assert torch.equal(refine_levels(flow, 2, float("inf")), refine_levels(flow, 2, None))
     top = refine(flow, x0, noise, 2, sigma_refine=flow.schedule.sigma_max)
     assert torch.equal(top, refine(flow, x0, noise, 2)) and bool(torch.isfinite(top).all())
+    # below the top, uniform in flow time under sigma_refine: 0.5 is t = 1/3, then t = 1/6, sigma 0.2 (float64 t and
+    # back, one float32 rounding: 1 ulp)
+    levels = refine_levels(flow, 2, 0.5)
+    assert float(levels[0]) == 0.5 and abs(float(levels[1]) - 0.2) <= EPS32 * 0.2
 
 
 def test_threshold_of_a_higher_is_better_critic_refines_the_low_scores():

@@ -30,7 +30,6 @@ import torch
 from ..errors import FastdiffError
 from ..models.denoiser import Denoiser, expand
 from ..models.generator import Generator, step_sigmas
-from ..models.schedule import FlowSchedule
 
 
 class DenoisingError:
@@ -105,10 +104,7 @@ def refine_levels(teacher: Denoiser, num_steps: int, sigma_refine: float | None)
         raise FastdiffError(f"the refinement level sigma_refine must be > 0 (or None: the top), got {sigma_refine}")
     if sigma_refine is not None and math.isinf(sigma_refine):
         sigma_refine = None  # a flow teacher's top (sigma_max = inf) is the top, not t = inf / inf
-    if isinstance(teacher.schedule, FlowSchedule) and sigma_refine is not None:
-        t = sigma_refine / (1 + sigma_refine) * (1 - torch.arange(num_steps, dtype=torch.float64) / num_steps)
-        return (t / (1 - t)).float()
-    return step_sigmas(teacher, num_steps, sigma_refine)
+    return step_sigmas(teacher, num_steps, sigma_refine)  # flow teachers: uniform in flow time below sigma_refine
 
 
 class AdaptiveSampler:
