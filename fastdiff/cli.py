@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -157,6 +158,9 @@ def cmd_sample(args) -> None:
                                           args.guidance_scale, prompts):
             save_pngs(images, out, start)
             bar.update(len(images))
+    stale = [f for f in out.iterdir() if re.fullmatch(r"\d{6}\.png", f.name) and int(f.name[:6]) >= args.num]
+    for f in stale:  # --overwrite: the images of an earlier, larger call go, so the folder holds this call's only
+        f.unlink()
     kind = f"{model.num_steps}-step student" if isinstance(model, Generator) else "teacher (DDIM)"
     if hasattr(model, "timesteps"):  # a flow-map student: any K, on these levels
         kind = f"flow-map student on timesteps {model.timesteps(args.steps)}"
@@ -531,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", default=None, help="text-to-image models: prompts file (one per line, or JSONL); "
                    "one prompt per image, or one for all")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: its NNNNNN.png images are "
+                   "replaced by this call's (those beyond --num removed), other files kept")
     s.set_defaults(func=cmd_sample)
 
     pp = sub.add_parser("pairs", help="(noise, teacher sample) pairs of the teacher's ODE for objective.name reflow",
