@@ -369,8 +369,9 @@ def distill(row: Row, args, run: Path, log: Path) -> dict:
     writes at most once a minute to the row's log (the loss curve is in metrics.jsonl)."""
     import yaml
 
+    # the time limit after --set: the row records (and hashes) the capped value, so no --set may lift it
     sets = [f"teacher.path={args.teachers / row.teacher}", f"output_dir={run}", f"data.path={args.data_path}",
-            f"train.time_limit_minutes={train_minutes(row, args)}", *args.set]
+            *args.set, f"train.time_limit_minutes={train_minutes(row, args)}"]
     t0 = time.time()
     if row.objective in PAIRS:  # reflow trains on the teacher's ODE pairs, made here (resumable, sharded)
         pairs = args.work / f"pairs-{row.which}"
@@ -560,6 +561,12 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, _slice_end)  # gpu_round.sh's timeout stops a row that overruns with SIGTERM
     start = time.time()
     for row in todo:
+        # A row too big for the budget is passed over first: --teachers-needed (fits) packs no teacher for it, so
+        # checking its teacher folder first would stop the slice before later rows that fit.
+        if args.next and args.budget_minutes is not None and too_big(row, table, args):
+            print(f"passing over {row.name}: ~{estimate_minutes(row, table, args):.1f} min (+ reference statistics)"
+                  f" does not fit a {args.budget_minutes:.1f}-minute budget", flush=True)
+            continue
         if not (args.teachers / row.teacher).is_dir():  # the GPU kit holds the teachers --teachers-needed named
             message = f"{row.name}: no teacher folder {args.teachers / row.teacher}"
             if args.rows:
@@ -567,10 +574,6 @@ def main(argv=None) -> None:
             print(f"stopping before {message}", flush=True)
             break
         spent = (time.time() - start) / 60
-        if args.next and args.budget_minutes is not None and too_big(row, table, args):
-            print(f"passing over {row.name}: ~{estimate_minutes(row, table, args):.1f} min (+ reference statistics)"
-                  f" does not fit a {args.budget_minutes:.1f}-minute budget", flush=True)
-            continue
         if not fits([row], table, args, spent, ref_ready=bool(measure) or reference_file(args).is_file()):
             print(f"stopping before {row.name}: ~{estimate_minutes(row, table, args):.1f} min left to do, "
                   f"{args.budget_minutes - spent:.1f} min of the budget left", flush=True)

@@ -211,8 +211,11 @@ def main() -> None:
 def single_rows_table(args, params: int, rows: list[dict]) -> None:
     from fastdiff.machine import describe
 
-    machine = describe()
-    unit = "GPU max_memory_allocated" if "cuda" in str(machine).lower() or "GPU" in str(machine) else "process VmHWM"
+    import torch
+
+    cuda = torch.cuda.is_available()  # where the rows ran (each child measures on CUDA when it is there)
+    machine = describe("cuda" if cuda else "cpu")
+    unit = "GPU max_memory_allocated" if cuda else "process VmHWM"
     lines = [f"# Peak memory of one training step, SD1.5-shaped UNet ({params / 1e6:.0f}M parameters, width "
              f"{args.width}, latent {args.latent}, batch {args.batch_size})", "", f"machine: {machine}", "",
              f"memory: {unit}", "",
@@ -269,7 +272,7 @@ def fsdp_rows(args, work: Path) -> None:
     unit = "GPU max_memory_allocated" if cuda else "process VmHWM (the steps' peak: reset after setup)"
     lines = [f"# Peak memory per process, {args.processes} processes, SD1.5-shaped UNet ({params / 1e6:.0f}M "
              f"parameters, width {args.width}, latent {args.latent}, batch {args.batch_size} per process)", "",
-             f"machine: {describe()}", "", f"memory: {unit}, the largest over the processes", "",
+             f"machine: {describe('cuda' if cuda else 'cpu')}", "", f"memory: {unit}, the largest over the processes", "",
              "above libraries: the peak minus the process's resident memory before any network was built (Python, "
              "torch, diffusers; CPU only)", "",
              "held after setup: the resident memory when the steps start (CPU: after malloc_trim; what the networks, "
@@ -287,7 +290,8 @@ def fsdp_rows(args, work: Path) -> None:
                      f"{100 * (r['peak_mb'] / base['peak_mb'] - 1):+.0f}% | {own:.0f} | {100 * (own / base_own - 1):+.0f}% | "
                      f"{r['step_seconds']:.2f} |")
     write_table(args, lines, {"unet_parameters": params, "width": args.width, "latent": args.latent,
-                              "batch_size": args.batch_size, "processes": args.processes, "machine": describe(),
+                              "batch_size": args.batch_size, "processes": args.processes,
+                              "machine": describe("cuda" if cuda else "cpu"),
                               "rows": rows})
 
 
