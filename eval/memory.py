@@ -270,9 +270,10 @@ def fsdp_rows(args, work: Path) -> None:
         rows.append({**max(found, key=lambda r: r["peak_mb"]), "setup_mb": max(r["after_setup_mb"] for r in found)})
         print(rows[-1], flush=True)
     unit = "GPU max_memory_allocated" if cuda else "process VmHWM (the steps' peak: reset after setup)"
+    machine = describe("cuda" if cuda else "cpu")
     lines = [f"# Peak memory per process, {args.processes} processes, SD1.5-shaped UNet ({params / 1e6:.0f}M "
              f"parameters, width {args.width}, latent {args.latent}, batch {args.batch_size} per process)", "",
-             f"machine: {describe('cuda' if cuda else 'cpu')}", "", f"memory: {unit}, the largest over the processes", "",
+             f"machine: {machine}", "", f"memory: {unit}, the largest over the processes", "",
              "above libraries: the peak minus the process's resident memory before any network was built (Python, "
              "torch, diffusers; CPU only)", "",
              "held after setup: the resident memory when the steps start (CPU: after malloc_trim; what the networks, "
@@ -290,8 +291,7 @@ def fsdp_rows(args, work: Path) -> None:
                      f"{100 * (r['peak_mb'] / base['peak_mb'] - 1):+.0f}% | {own:.0f} | {100 * (own / base_own - 1):+.0f}% | "
                      f"{r['step_seconds']:.2f} |")
     write_table(args, lines, {"unet_parameters": params, "width": args.width, "latent": args.latent,
-                              "batch_size": args.batch_size, "processes": args.processes,
-                              "machine": describe("cuda" if cuda else "cpu"),
+                              "batch_size": args.batch_size, "processes": args.processes, "machine": machine,
                               "rows": rows})
 
 
