@@ -119,6 +119,7 @@ def run(args, save) -> dict:
         if differ:
             raise FastdiffError(f"--append: {', '.join(differ)} differ from the earlier run's; use another --out")
         result["rows"] = previous["rows"]
+        result["seconds"] = previous["seconds"]  # kept when no new row is scored (the table reads it)
         start -= previous["seconds"]
     done = {r["row"] for r in result["rows"]}
     rows = sample_rows(student, teacher, z_batches, args.seed, args.sigma_refine, args.teacher_steps,

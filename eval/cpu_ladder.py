@@ -77,18 +77,22 @@ def objective_settings(which: str, teacher: str, guidance: float, name: str, out
 def start_row(which, teacher, guidance, name, extra, out, args, rows, errors, add, ref, extractor) -> str | None:
     """The label of ``name``'s start row, measured first if the ladder lacks it at a step count it needs (starts
     are shared by objectives that start alike); None if the start run failed."""
+    user = [e for e in args.set or [] if e.startswith("student.")]  # --set's student (steps, sampler, level) too
+    extra = [*extra, *user]
     sigma = start_sigma(teacher, name, extra)
     start = "start (top)" if sigma is None else f"start (sigma {sigma:.3g})"
     student = [e for e in extra if e.startswith("student.")]
     if student:  # a start of its own: the student's sampler or step count differs from the default
         start = f"{start[:-1]}, {', '.join(student)})"
     run = out / "runs" / f"{which}-{name}-start"
+    if user:  # not the default start's run folder either
+        run = run.with_name(f"{run.name}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', '-'.join(user)).strip('-')}")
     have = {r["steps"] for r in rows if r["teacher"] == which and r["model"] == start}
     if have and set(eval_steps(name, run)) <= have:
         return start
     if not (run / "student" / "fastdiff.json").is_file():
         info = run_distill(teacher, guidance, name, run, args, ["train.max_steps=1", "train.lr_generator=1e-30",
-                                                                 "train.lr_critic=1e-30", *extra])
+                                                                 "train.lr_critic=1e-30", *extra], user_sets=False)
         if "error" in info:
             errors.append({"teacher": which, "model": start, **info})
             return None
@@ -107,11 +111,14 @@ def make_pairs(teacher: str, guidance: float, folder: Path, num: int, args) -> N
     subprocess.run(cmd, check=True)
 
 
-def run_distill(teacher: str, guidance: float, objective: str, run: Path, args, extra: list[str]) -> dict:
+def run_distill(teacher: str, guidance: float, objective: str, run: Path, args, extra: list[str],
+                user_sets: bool = True) -> dict:
+    """``user_sets``: the command's --set overrides last (a start run takes only their student.* ones, in ``extra``:
+    a --set train.max_steps or learning rate must not train the start)."""
     sets = [f"teacher.path={teacher}", f"teacher.guidance_scale={guidance}", f"objective.name={objective}",
             f"output_dir={run}", f"data.path={args.data_path}", f"train.batch_size={args.batch_size}",
             f"train.seed={args.seed}", "train.max_steps=1000000", "train.checkpoint_every=1000000",
-            "train.sample_every=1000000", "train.log_every=10", *extra, *(args.set or [])]
+            "train.sample_every=1000000", "train.log_every=10", *extra, *((args.set or []) if user_sets else [])]
     cmd = [sys.executable, "-m", "fastdiff", "distill", "--overwrite"]
     for item in sets:
         cmd += ["--set", item]
