@@ -22,6 +22,16 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TEACHERS = SHARED / "teachers"
 
 
+def eval_script(name: str):
+    """``eval/NAME.py`` loaded as a fresh module (the eval scripts are files to run, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"eval_{name}", Path(__file__).resolve().parents[1] / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_unet(num_class_embeds=None, sample_size=8, seed=0) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import eval_script
 from fastdiff.bench.gmm import warm_start
 from fastdiff.errors import FastdiffError
 from fastdiff.inference.adaptive import AdaptiveSampler, CallableCritic, DenoisingError, refine
@@ -148,19 +149,13 @@ def test_real_teacher_rows_score_like_evaluate(tiny_teacher, tmp_path):
     """eval/adaptive_fid.py on the tiny teacher: per row, the cached features give the FID and KID that
     ``fastdiff.evaluation.evaluate`` gives on the same images (the CPU ladder's path), and Inception runs only on
     images no earlier row had: an adaptive row's unrefined images are the student's, bit for bit."""
-    import importlib.util
-    from pathlib import Path
-
     import numpy as np
 
     from fastdiff.evaluation.evaluate import evaluate, make_reference
     from fastdiff.evaluation.images import open_source
     from fastdiff.inference.sampling import to_uint8
 
-    spec = importlib.util.spec_from_file_location(
-        "adaptive_fid", Path(__file__).resolve().parents[1] / "eval" / "adaptive_fid.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = eval_script("adaptive_fid")
     teacher = load_teacher(tiny_teacher).denoiser
     student = Generator(teacher, num_steps=1, sigma_init=2.5)  # the teacher in one step: a poor student
     extractor = ProjectionFeatures(6 * 6)

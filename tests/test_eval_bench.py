@@ -1,24 +1,16 @@
 """eval/teacher_vs_student.py end to end on the tiny teacher and a 2-step-trained student: rows for every
 NFE and step count, the table and JSON written with machine, versions and date; bad input fails in seconds."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastdiff.cli import main as fastdiff_main
+from conftest import eval_script
 from test_export_e2e import distill
 from test_fid import needs_inception
 
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "teacher_vs_student.py"
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("teacher_vs_student", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow  # 11 s on 2 cores; the default suite keeps test_fid's FID checks
@@ -28,7 +20,7 @@ def test_teacher_vs_student_table(tiny_teacher, tmp_path, capsys):
     np.savez(tmp_path / "real.npz", images=np.random.default_rng(0).integers(0, 256, (10, 8, 8), dtype=np.uint8))
     assert fastdiff_main(["ref-stats", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref.npz")]) == 0
     out = tmp_path / "bench"
-    code = _bench().main(["--teacher", tiny_teacher, "--students", str(student), "--ref", str(tmp_path / "ref.npz"),
+    code = eval_script("teacher_vs_student").main(["--teacher", tiny_teacher, "--students", str(student), "--ref", str(tmp_path / "ref.npz"),
                           "--num", "4", "--teacher-nfe", "1,2", "--student-steps", "1,2", "--batch-size", "4",
                           "--out", str(out), "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
@@ -41,7 +33,7 @@ def test_teacher_vs_student_table(tiny_teacher, tmp_path, capsys):
 
 
 def test_teacher_vs_student_bad_input(tiny_teacher, tmp_path, capsys):
-    bench = _bench()
+    bench = eval_script("teacher_vs_student")
     cases = [(["--teacher", tiny_teacher, "--ref", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o")], "no such file"),
              (["--teacher", tiny_teacher, "--ref", "x.npz", "--teacher-nfe", "1,a", "--out", str(tmp_path / "o")], "comma-separated"),
              (["--teacher", tiny_teacher, "--ref", "x.npz", "--num", "0", "--out", str(tmp_path / "o")], "positive")]

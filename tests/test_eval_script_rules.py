@@ -2,7 +2,6 @@
 that return fixed numbers: eval/cpu_ladder.py (which rows run, which start a student is compared with, verdicts,
 rows replaced across invocations, the table), eval/teacher_vs_student.py (row plan, table, JSON arithmetic) and
 eval/adaptive_fid.py (rows quoted from the ladder, --append, noise batches, table order). CPU only, no network."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,16 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import eval_script
 from fastdiff.errors import FastdiffError
-
-EVAL = Path(__file__).resolve().parents[1] / "eval"
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_rules", EVAL / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------------- cpu_ladder
@@ -32,7 +23,7 @@ def _student(run: Path, **info):
 
 
 def test_ladder_eval_steps_one_two_and_trained_count(tmp_path):
-    lad = _script("cpu_ladder")
+    lad = eval_script("cpu_ladder")
     assert lad.eval_steps("dmd2", tmp_path / "none") == [1]  # no export yet: a one-step student
     assert lad.eval_steps("cd", tmp_path / "none") == [1, 2]  # a few-step student also at 2
     _student(tmp_path / "tdm", num_steps=4)
@@ -42,7 +33,7 @@ def test_ladder_eval_steps_one_two_and_trained_count(tmp_path):
 
 
 def test_ladder_reflow_pairs_cover_every_image_trained_on(tmp_path, monkeypatch):
-    lad = _script("cpu_ladder")
+    lad = eval_script("cpu_ladder")
     made = []
     monkeypatch.setattr(lad, "make_pairs", lambda teacher, guidance, folder, num, args: made.append(num))
     args = SimpleNamespace(pairs=800, updates=200, batch_size=8)
@@ -52,7 +43,7 @@ def test_ladder_reflow_pairs_cover_every_image_trained_on(tmp_path, monkeypatch)
 
 
 def test_ladder_run_distill_counts_generator_updates_and_last_log(tmp_path, monkeypatch):
-    lad = _script("cpu_ladder")
+    lad = eval_script("cpu_ladder")
     run = tmp_path / "run"
     args = SimpleNamespace(data_path="d", batch_size=8, seed=0, set=None)
 
@@ -119,7 +110,7 @@ def test_ladder_rows_starts_verdicts_and_rerun_replacement(tmp_path, monkeypatch
     """Two teachers, objectives that share a start (dmd2, sid, cd at sigma 2.5: cd measures only the step it lacks),
     a K-step start of its own (tdm), a failed run; every verdict compares with its own teacher's start at the same
     step count (an equal FID is not below); a second invocation replaces the rows it measures again."""
-    lad = _script("cpu_ladder")
+    lad = eval_script("cpu_ladder")
     fids = {k: dict(v) for k, v in FIDS.items()}
     calls = _fake_ladder(lad, monkeypatch, tmp_path, fids)
     _ladder_main(lad, monkeypatch, ["--out", str(tmp_path), "--which", "ddpm,cond", "--objectives", "dmd2,sid,cd,tdm",
@@ -176,7 +167,7 @@ def test_a_labelled_ladder_run_with_student_overrides_measures_its_own_start(tmp
     """After a default dmd2 row, `--set student.num_steps=2 --set train.lr_generator=1 --label dmd2-k2` compares with
     a start of its own, 2 steps, in its own run folder (it once reused the default 1-step start and raised
     StopIteration after training); the start run takes the --set's student keys, not its training ones."""
-    lad = _script("cpu_ladder")
+    lad = eval_script("cpu_ladder")
     fids = {"embedded:a": {1: 300.0}, "ddpm-dmd2-start": {1: 170.0}, "ddpm-dmd2": {1: 150.0},
             "ddpm-dmd2-start-student.num_steps-2": {2: 120.0}, "ddpm-dmd2-k2": {2: 100.0}}
     calls = _fake_ladder(lad, monkeypatch, tmp_path, fids)
@@ -194,7 +185,7 @@ def test_a_labelled_ladder_run_with_student_overrides_measures_its_own_start(tmp
     capsys.readouterr()
 
 def test_ladder_start_label_rounds_sigma_to_three_figures(tmp_path, monkeypatch):
-    lad = _script("cpu_ladder")
+    lad = eval_script("cpu_ladder")
     calls = _fake_ladder(lad, monkeypatch, tmp_path, {"embedded:a": {}, "ddpm-cd-start": {1: 9.0, 2: 8.0},
                                                         "ddpm-cd": {1: 7.0, 2: 6.0}})
     monkeypatch.setitem(SIGMAS, "cd", 14.6123)
@@ -209,7 +200,7 @@ def test_ladder_start_label_rounds_sigma_to_three_figures(tmp_path, monkeypatch)
 
 
 def test_bench_steps_must_be_positive_and_not_empty():
-    bench = _script("teacher_vs_student")
+    bench = eval_script("teacher_vs_student")
     assert bench._steps("1, 2,4") == [1, 2, 4]
     for text in ("0,1", "", ","):
         with pytest.raises(FastdiffError, match="positive"):
@@ -219,7 +210,7 @@ def test_bench_steps_must_be_positive_and_not_empty():
 def test_bench_rows_scale_and_table_with_fakes(tmp_path, monkeypatch):
     """Teacher rows first (CFG only on the teacher), each row labelled with the step count its source samples,
     Inception seconds per 1000 images (not per row), the table's rounding and KID ± its std."""
-    bench = _script("teacher_vs_student")
+    bench = eval_script("teacher_vs_student")
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     teacher.mkdir(), student.mkdir()
     ref = SimpleNamespace(name="ref10", n=10, resize="nv-bilinear", extractor="fake", check_images=lambda *a: None)
@@ -270,7 +261,7 @@ def _adaptive_args(tmp_path, **kw):
 
 
 def test_adaptive_ladder_rows_quote_the_ddpm_teacher_at_each_nfe(tmp_path):
-    script = _script("adaptive_fid")
+    script = eval_script("adaptive_fid")
     _ladder_json(tmp_path / "ladder.json")
     rows = script.ladder_rows(_adaptive_args(tmp_path))
     assert [(r["row"], r["nfe"], r["fid"], r["refined_share"]) for r in rows] == [
@@ -304,7 +295,7 @@ def _fake_adaptive(script, monkeypatch):
 
 
 def test_adaptive_noise_batches_are_the_ladders(tmp_path, monkeypatch):
-    script = _script("adaptive_fid")
+    script = eval_script("adaptive_fid")
     seen = _fake_adaptive(script, monkeypatch)
     script.run(_adaptive_args(tmp_path, num=300, seed=3, ladder_teacher=()), lambda result: None)
     want = [torch.randn((n, 1, 2, 2), generator=torch.Generator().manual_seed(3 + b)) for b, n in enumerate((250, 50))]
@@ -312,7 +303,7 @@ def test_adaptive_noise_batches_are_the_ladders(tmp_path, monkeypatch):
 
 
 def test_adaptive_append_scores_only_new_rows_and_keeps_time(tmp_path, monkeypatch):
-    script = _script("adaptive_fid")
+    script = eval_script("adaptive_fid")
     seen = _fake_adaptive(script, monkeypatch)
     _ladder_json(tmp_path / "ladder.json", num=300)
     args = _adaptive_args(tmp_path, num=300, ladder_teacher=(1,))
@@ -337,7 +328,7 @@ def test_adaptive_append_scores_only_new_rows_and_keeps_time(tmp_path, monkeypat
 
 
 def test_adaptive_table_order_and_rounding():
-    script = _script("adaptive_fid")
+    script = eval_script("adaptive_fid")
     row = dict(fid_label="FID@1000", kid=0.01234, kid_std=0.0, seconds=1.5)
     rows = [{**row, "row": "teacher ddim-1 (ladder)", "kind": "teacher", "nfe": 1.0, "refined_share": None,
              "fid": 317.34, "seconds": None},

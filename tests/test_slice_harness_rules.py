@@ -3,7 +3,6 @@ eval/memory.py's tables, with the heavy parts (distillation, FID, the speed benc
 that return fixed results: which rows a budget runs, what they are estimated to cost, when a stored row is done,
 how results merge and render, and the minute arithmetic that splits a slice. All CPU, no network, < 3 s each."""
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import eval_script
 from test_quality_harness import _load_quality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,11 +381,6 @@ def test_slice_caps_the_speed_table_and_gives_quality_rows_the_rest_less_the_res
 
 
 # --- eval/memory.py's tables ----------------------------------------------------------------------------------
-def _load_memory():
-    spec = importlib.util.spec_from_file_location("eval_memory", ROOT / "eval" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fake_row(cmd, peaks, setups, libraries=200.0):
@@ -399,7 +394,7 @@ def _fake_row(cmd, peaks, setups, libraries=200.0):
 
 
 def test_fsdp_table_takes_the_largest_process_and_compares_with_the_replicated_row(tmp_path, monkeypatch):
-    memory = _load_memory()
+    memory = eval_script("memory")
     commands = []
 
     def fake_run(cmd, **kw):
@@ -423,7 +418,7 @@ def test_fsdp_table_takes_the_largest_process_and_compares_with_the_replicated_r
 
 
 def test_sd15_gpu_rows_run_at_batch_4_and_the_first_row_ignores_the_time_budget(tmp_path, monkeypatch, capsys):
-    memory = _load_memory()
+    memory = eval_script("memory")
     commands = []
 
     def fake_run(cmd, **kw):
@@ -445,7 +440,7 @@ def test_sd15_gpu_rows_run_at_batch_4_and_the_first_row_ignores_the_time_budget(
 def test_single_row_table_on_a_gpu_names_the_gpu_and_its_allocator(tmp_path, monkeypatch):
     """Where the children measured on CUDA (torch.cuda.max_memory_allocated) the table names the GPU and that unit;
     it once described the host CPU and called the numbers VmHWM."""
-    memory = _load_memory()
+    memory = eval_script("memory")
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -459,7 +454,7 @@ def test_single_row_table_on_a_gpu_names_the_gpu_and_its_allocator(tmp_path, mon
 
 
 def test_memory_child_reads_its_row_arguments(tmp_path, monkeypatch, capsys):
-    memory = _load_memory()
+    memory = eval_script("memory")
     monkeypatch.setattr(memory, "run_row", lambda a: {k: getattr(a, k) for k in (
         "objective", "fake_lora", "checkpointing", "sharding", "student_lora")})
     monkeypatch.setattr(sys, "argv", ["memory.py", "--work", str(tmp_path), "--row", "sid", "64", "1", "fsdp", "16"])
@@ -474,7 +469,7 @@ def test_peak_rss_is_the_kernels_high_water_mark_in_mib():
         return next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines()
                     if ln.startswith("VmHWM"))
 
-    memory = _load_memory()
+    memory = eval_script("memory")
     before = vm_hwm_kib()
     peak = memory.peak_rss_mb()
     after = vm_hwm_kib()  # the high-water mark only grows; a MiB is 1024 KiB

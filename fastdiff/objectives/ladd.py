@@ -123,7 +123,7 @@ class LocalBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b, c = h.shape[:2]
+        b = h.shape[0]
         groups = -(-b // self.group)
         if b % groups:
             return torch.cat([self._normalise(part, 1) for part in torch.tensor_split(h, groups)])

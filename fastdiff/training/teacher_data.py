@@ -120,24 +120,21 @@ class TeacherSamples:
             self._open_cache()
             self._opened = True
         path = self.cache_dir / f"chunk-{c:05d}.safetensors" if self.cache_dir is not None else None
-        if path is not None and path.is_file():
-            stored = map_shard(path, REMAKE_CHUNK)
-            chunk = (stored["x"], stored.get("cond"))
-        else:
+        if path is None or not path.is_file():
             n = min(CHUNK, self.cache_size - c * CHUNK)
             gen = torch.Generator().manual_seed(_chunk_seed(self.seed, c))
             drawn = self._draw_conditions(n, gen)
             z = torch.randn((n, *self.teacher.sample_shape), generator=gen)
-            chunk = (self._sample(z, drawn, device, encode).cpu(), drawn)
-            if path is not None:
-                tensors = {"x": chunk[0].contiguous()} | ({"cond": drawn} if drawn is not None else {})
-                tmp = path.with_name(f".{path.name}.tmp")
-                save_file(tensors, str(tmp))
-                tmp.replace(path)  # a reader never sees half a chunk
-                stored = map_shard(path, REMAKE_CHUNK)  # kept as the file's pages, not the process's memory
-                chunk = (stored["x"], stored.get("cond"))
-        self._chunks[c] = chunk
-        return chunk
+            x = self._sample(z, drawn, device, encode).cpu()
+            if path is None:  # no cache folder: the pool lives in memory
+                self._chunks[c] = (x, drawn)
+                return self._chunks[c]
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({"x": x.contiguous()} | ({"cond": drawn} if drawn is not None else {}), str(tmp))
+            tmp.replace(path)  # a reader never sees half a chunk
+        stored = map_shard(path, REMAKE_CHUNK)  # the file's pages, not the process's memory
+        self._chunks[c] = (stored["x"], stored.get("cond"))
+        return self._chunks[c]
 
     def _key(self) -> dict:
         """What a stored chunk's content depends on: another value means other samples."""
