@@ -153,11 +153,21 @@ def cmd_sample(args) -> None:
     device = _device(args.device)
     model, loaded = load_sampler(args.model_dir, device, args.guidance_scale, parse_levels(args.levels, args.steps))
     prompts = _paired_prompts(args.prompts, args.num, loaded)
-    with torch.no_grad(), progress(total=args.num, desc="sample", unit="img", enabled=not args.quiet) as bar:
-        for start, images in sample_model(model, loaded, args.num, args.steps, args.seed, args.batch_size, device,
-                                          args.guidance_scale, prompts):
-            save_pngs(images, out, start)
-            bar.update(len(images))
+    # The images go to a staging folder beside --out and move in only when all are written, so a call that fails
+    # (or is stopped) partway leaves --out as it was: never a mix of old and new images for `fastdiff fid` to score.
+    staging = out.parent / f".{out.name}.fastdiff-partial"
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed earlier call left
+    try:
+        with torch.no_grad(), progress(total=args.num, desc="sample", unit="img", enabled=not args.quiet) as bar:
+            for start, images in sample_model(model, loaded, args.num, args.steps, args.seed, args.batch_size,
+                                              device, args.guidance_scale, prompts):
+                save_pngs(images, staging, start)
+                bar.update(len(images))
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(staging.iterdir()):
+            shutil.move(f, out / f.name)  # a rename, or a copy where --out is a mount point
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     stale = [f for f in out.iterdir() if re.fullmatch(r"\d{6}\.png", f.name) and int(f.name[:6]) >= args.num]
     for f in stale:  # --overwrite: the images of an earlier, larger call go, so the folder holds this call's only
         f.unlink()
@@ -536,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one prompt per image, or one for all")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: its NNNNNN.png images are "
-                   "replaced by this call's (those beyond --num removed), other files kept")
+                   "replaced by this call's (those beyond --num removed), other files kept; a call that fails "
+                   "leaves --out as it was")
     s.set_defaults(func=cmd_sample)
 
     pp = sub.add_parser("pairs", help="(noise, teacher sample) pairs of the teacher's ODE for objective.name reflow",

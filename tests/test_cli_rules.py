@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fastdiff.cli import main
+from fastdiff.errors import FastdiffError
 
 
 def _distill_args(teacher, out, *extra):
@@ -187,6 +188,30 @@ def test_sample_refuses_a_non_empty_out_unless_overwrite(tiny_teacher, tmp_path,
     assert main([*args[:3], "1", *args[4:], "--overwrite"]) == 0  # --num 1 after --num 2
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "0000001.png", "mine.txt"]
     assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_a_sample_call_that_fails_partway_leaves_out_as_it_was(tiny_teacher, tmp_path, monkeypatch, capsys):
+    """--overwrite with a call that fails after its first batch: --out keeps the earlier call's images byte for byte
+    (none replaced, none added), and no staging folder is left; into a new --out, nothing is created."""
+    import fastdiff.inference.sampling as sampling
+
+    out = tmp_path / "out"
+    args = ["sample", tiny_teacher, "--num", "4", "--steps", "1", "--batch-size", "2", "--out", str(out)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = sampling.sample_model
+
+    def fails_after_one_batch(*a, **k):
+        batches = real(*a, **k)
+        yield next(batches)
+        raise FastdiffError("stopped partway")
+
+    monkeypatch.setattr(sampling, "sample_model", fails_after_one_batch)
+    assert main([*args, "--seed", "7", "--overwrite"]) == 2
+    assert "stopped partway" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*args[:-1], str(tmp_path / "new")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_sample_refuses_its_model_folder_as_out_and_a_zero_batch_size(tiny_teacher, tmp_path, capsys):
