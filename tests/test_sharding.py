@@ -256,7 +256,6 @@ def test_fsdp_gradients_equal_single_process():
                for n, g in grads.items() if float(g.abs().max()) > 1e-3)
 
 
-@pytest.mark.slow
 def test_fsdp_update_equals_single_process_and_resumes_across_process_counts():
     """2 gloo processes, FSDP2 per UNet block part, 2 accumulated micro-batches each (the reduce-scatter skipped until
     the last) against one process accumulating the same 4 micro-batches: gradients, their norm (one clip decision for

@@ -68,7 +68,7 @@ def _worker(rank: int, port: int, folder: str, dtype: str) -> None:
         torch.save(out, Path(folder) / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_copies_made_from_the_teachers_shards_equal_the_slices_of_full_copies(tmp_path, dtype):
     """bfloat16: a teacher in teacher.dtype bf16, whose float32 trainable copies cast each slice (exact: elementwise).
     ~10 s each on one core."""

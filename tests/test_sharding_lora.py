@@ -228,7 +228,6 @@ def test_lora_networks_under_fsdp_share_one_base_and_take_the_single_process_gra
     assert all(fsdp["export"][k].dtype == torch.float32 and torch.equal(fsdp["export"][k], v) for k, v in single.items())
 
 
-@pytest.mark.slow
 def test_lora_update_under_fsdp_equals_single_process_and_exports_the_same_lora():
     """As above with 2 accumulated micro-batches of 2 per process (the reduce-scatter skipped until the last, against
     one process accumulating the 4), and the AdamW step: gradients, the updated adapters and the exported LoRA weights (peft's names, as
