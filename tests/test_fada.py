@@ -104,24 +104,28 @@ def tolerance(diff_max, magnitudes, s_t, scale_max):
     return 2 * diff_max * e + e ** 2
 
 
+def three_draws(teacher):
+    """Three samples at timesteps across the table with guidance scales in and beyond [1, 4]: (t, sigma, z, cond,
+    class labels, text, class scales, text scales); z from the global RNG."""
+    t = torch.tensor([900, 500, 120])
+    z = torch.randn(3, 1, 8, 8)
+    cond = conditions(3)
+    return (t, teacher.denoiser.schedule.sigma_at(t), z, cond, cond["class_labels"], cond["encoder_hidden_states"],
+            torch.tensor([1.5, 3.0, 4.0]), torch.tensor([2.0, 1.0, 3.5]))
+
+
 @pytest.mark.parametrize("order", ["class_first", "text_first"])
 def test_loss_is_the_mse_to_nested_cfg_computed_by_hand(two_cond_teacher, order):
     teacher, obj = build(two_cond_teacher, order)
     perturb(obj)
     torch.manual_seed(1)
-    d = teacher.denoiser
-    t = torch.tensor([900, 500, 120])
-    sigma = d.schedule.sigma_at(t)
-    z = torch.randn(3, 1, 8, 8)
-    cond = conditions(3)
-    labels, text = cond["class_labels"], cond["encoder_hidden_states"]
-    s_class, s_text = torch.tensor([1.5, 3.0, 4.0]), torch.tensor([2.0, 1.0, 3.5])
+    t, sigma, z, cond, labels, text, s_class, s_text = three_draws(teacher)
     with torch.no_grad():
         got = obj.loss_at(z, sigma, cond, s_class, s_text).double()
         v_cfg = nested_cfg_v(teacher.model, z, t, labels, text, s_class, s_text, order)
         v_s = student_v(obj, z, t, labels, text, s_class, s_text)
     want = ((v_s - v_cfg) ** 2).flatten(1).mean(1)
-    s_t = d.schedule.noise_scale(sigma).double()
+    s_t = teacher.denoiser.schedule.noise_scale(sigma).double()
     tol = tolerance((v_s - v_cfg).abs().flatten(1).max(1).values, (z, v_cfg, v_s), s_t, 4.0)
     assert want.min() > 1e-4 and ((got - want).abs() <= tol).all(), (got - want, tol)
 

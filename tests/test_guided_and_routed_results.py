@@ -130,13 +130,33 @@ def test_guided_ode_is_converged():
 
 
 # --- 1. msd: each student trained on its own class ends near its class ------------------------------------------
-def run_inputs(classes: list[int]):
+def run_inputs(classes: list[int], side: int = DIM_SIDE):
     """The trainer's own draw of a generator batch's noise and labels (``Run._inputs``, which reads
     ``student.classes`` through ``training.msd.draw_class_labels``), on a stand-in for the run's fields it reads."""
     run = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), text=None,
-                          teacher=SimpleNamespace(sample_shape=(1, DIM_SIDE, DIM_SIDE), num_classes=NUM_CLASSES),
+                          teacher=SimpleNamespace(sample_shape=(1, side, side), num_classes=NUM_CLASSES),
                           cfg=SimpleNamespace(student=SimpleNamespace(classes=classes)))
     return lambda n: Run._inputs(run, n)
+
+
+def updates(obj, generator, inputs, opt_g, opt_c, steps: int, batch: int) -> None:
+    """``steps`` generator updates as the trainer runs them: the objective's critic updates first, each on fresh
+    samples made without gradient, then one generator update; ``inputs(n)`` draws (noise, conditions)."""
+    for step in range(steps):
+        obj.step = step
+        for _ in range(obj.critic_updates):
+            z, cond = inputs(batch)
+            with torch.no_grad():
+                x = generator.training_sample(z, cond)
+            loss, _ = obj.critic_loss(x, cond, None)
+            opt_c.zero_grad()
+            loss.backward()
+            opt_c.step()
+        z, cond = inputs(batch)
+        loss, _ = obj.generator_loss(generator.training_sample(z, cond), cond, None)
+        opt_g.zero_grad()
+        loss.backward()
+        opt_g.step()
 
 
 def train_msd_student(k: int, steps: int = 30, batch: int = 256, lr: float = 3e-2, seed: int = 0):
@@ -154,21 +174,7 @@ def train_msd_student(k: int, steps: int = 30, batch: int = 256, lr: float = 3e-
     inputs = run_inputs([k])
     sigma = generator.sigmas[0].item()
     before = one_step_w2(start, sigma, mode)
-    for step in range(steps):
-        obj.step = step
-        for _ in range(obj.critic_updates):
-            z, cond = inputs(batch)
-            with torch.no_grad():
-                x = generator.training_sample(z, cond)
-            loss, _ = obj.critic_loss(x, cond, None)
-            opt_c.zero_grad()
-            loss.backward()
-            opt_c.step()
-        z, cond = inputs(batch)
-        loss, _ = obj.generator_loss(generator.training_sample(z, cond), cond, None)
-        opt_g.zero_grad()
-        loss.backward()
-        opt_g.step()
+    updates(obj, generator, inputs, opt_g, opt_c, steps, batch)
     return before, one_step_w2(start, sigma, mode)
 
 
@@ -420,29 +426,12 @@ def train_sid_lsg(steps: int = 150, batch: int = 256, lr: float = 1e-2, seed: in
     opt_g = torch.optim.Adam(start.parameters(), lr=lr, betas=(0.0, 0.999))
     opt_c = torch.optim.Adam(obj.fake.parameters(), lr=1e-2, betas=(0.0, 0.999))
     sigma = generator.sigmas[0].item()
-    run = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), text=None,
-                          teacher=SimpleNamespace(sample_shape=(1, GUIDED_SIDE, GUIDED_SIDE), num_classes=NUM_CLASSES),
-                          cfg=SimpleNamespace(student=SimpleNamespace(classes=list(classes))))
 
     def distances():
         return [moment_distance(start, k, sigma, *targets[k]) for k in classes]
 
     before = distances()
-    for step in range(steps):
-        obj.step = step
-        for _ in range(obj.critic_updates):
-            z, cond = Run._inputs(run, batch)
-            with torch.no_grad():
-                x = generator.training_sample(z, cond)
-            loss, _ = obj.critic_loss(x, cond, None)
-            opt_c.zero_grad()
-            loss.backward()
-            opt_c.step()
-        z, cond = Run._inputs(run, batch)
-        loss, _ = obj.generator_loss(generator.training_sample(z, cond), cond, None)
-        opt_g.zero_grad()
-        loss.backward()
-        opt_g.step()
+    updates(obj, generator, run_inputs(list(classes), GUIDED_SIDE), opt_g, opt_c, steps, batch)
     return before, distances()
 
 

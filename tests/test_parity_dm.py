@@ -87,6 +87,28 @@ def test_sida_generator_loss_matches_reference(images_seen):
     assert float(loss_gan.detach()) > 0 and ("loss_gan_g" in logs)
 
 
+def sid_reference_per_element(sched, teacher, fake, x, alpha: float, seed: int):
+    """(y, per-element loss) of mingyuanzhou/SiD training/sid_loss.py ``generator_loss`` in float64 from raw UNet calls
+    on an epsilon teacher: ``(y_r - y_f)((y_r - y) - alpha (y_r - y_f)) / weight_factor``, weight_factor = mean|y - y_r|
+    clipped at 1e-5 without gradient, y_real / y_fake SiD-LSG's ``sid_sd_denoise`` (``add_noise`` at integer t, then
+    (x_t - sqrt(1 - acp) eps) / sqrt(acp)). The draws are fastdiff's after ``torch.manual_seed(seed)``: integer
+    timesteps in [0, 0.8 * 1000] of the table, then the noise (float32, as fastdiff's randn_like(x)). y = x in
+    float64, with gradient."""
+    batch = x.shape[0]
+    torch.manual_seed(seed)
+    t = torch.randint(0, 801, (batch,))
+    noise = torch.randn(x.shape).double()
+    real_net, fake_net = copy.deepcopy(teacher.model).double(), copy.deepcopy(fake.model).double()
+    acp = sched.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
+    y = x.detach().double().requires_grad_()
+    x_t = acp.sqrt() * y + (1 - acp).sqrt() * noise
+    y_real = (x_t - (1 - acp).sqrt() * real_net(x_t, t).sample) / acp.sqrt()
+    y_fake = (x_t - (1 - acp).sqrt() * fake_net(x_t, t).sample) / acp.sqrt()
+    with torch.no_grad():
+        weight_factor = (y - y_real).abs().mean(dim=[1, 2, 3], keepdim=True).clip(min=1e-5)
+    return y, (y_real - y_fake) * ((y_real - y) - alpha * (y_real - y_fake)) / weight_factor
+
+
 def test_sid_generator_loss_at_defaults_matches_reference_on_an_epsilon_teacher():
     """SiD's generator loss at sid's defaults (alpha 1.2, t <= 0.8 on the teacher's own DDPM table) on an epsilon
     teacher, against the reference written out in float64 from raw UNet calls:
@@ -107,20 +129,7 @@ def test_sid_generator_loss_at_defaults_matches_reference_on_an_epsilon_teacher(
     loss, logs = obj.generator_loss(x)
     loss.backward()
 
-    # The same draws, made here: integer timesteps in [0, 0.8 * 1000] of the table, then the noise.
-    torch.manual_seed(14)
-    t = torch.randint(0, 801, (batch,))
-    noise = torch.randn(batch, 1, 8, 8).double()  # drawn in float32, as fastdiff's randn_like(x)
-    real_net, fake_net = copy.deepcopy(teacher.model).double(), copy.deepcopy(fake.model).double()
-    acp = sched.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
-    y = x.detach().double().requires_grad_()
-    x_t = acp.sqrt() * y + (1 - acp).sqrt() * noise
-    y_real = (x_t - (1 - acp).sqrt() * real_net(x_t, t).sample) / acp.sqrt()
-    y_fake = (x_t - (1 - acp).sqrt() * fake_net(x_t, t).sample) / acp.sqrt()
-    with torch.no_grad():
-        weight_factor = (y - y_real).abs().mean(dim=[1, 2, 3], keepdim=True).clip(min=1e-5)
-    alpha = 1.2
-    per_elem = (y_real - y_fake) * ((y_real - y) - alpha * (y_real - y_fake)) / weight_factor
+    y, per_elem = sid_reference_per_element(sched, teacher, fake, x, alpha=1.2, seed=14)
     ref = per_elem.sum() * 100 / batch
     ref.backward()
 

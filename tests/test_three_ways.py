@@ -450,25 +450,19 @@ def test_fada_parameter_gradient_is_the_single_pass_regression_onto_nested_cfg(o
     """FADA's distillation term (the nested two-condition CFG of instruct-pix2pix ``CFGDenoiser.forward`` as the target
     of one student pass told both scales): the adapters' gradient is the VJP of the student's v with
     2 (v_s - sg(v_nested)) / (B D), the target from raw teacher passes in float64 (test_fada.py's transcription)."""
-    from test_fada import build as fada_build, conditions, nested_cfg_v, perturb, student_v
+    from test_fada import build as fada_build, nested_cfg_v, perturb, student_v, three_draws
 
     teacher, obj = fada_build(two_cond_teacher, order)
     torch.manual_seed(0)
     perturb(obj)
     params = [p for p in obj.student.model.parameters() if p.requires_grad]
-    d = teacher.denoiser
-    t = torch.tensor([900, 500, 120])
-    sigma = d.schedule.sigma_at(t)
-    z = torch.randn(3, 1, 8, 8)
-    cond = conditions(3)
-    labels, text = cond["class_labels"], cond["encoder_hidden_states"]
-    s_class, s_text = torch.tensor([1.5, 3.0, 4.0]), torch.tensor([2.0, 1.0, 3.5])
+    t, sigma, z, cond, labels, text, s_class, s_text = three_draws(teacher)
     loss = obj.loss_at(z, sigma, cond, s_class, s_text).mean()
     v_cfg = nested_cfg_v(teacher.model, z, t, labels, text, s_class, s_text, order)
     v_s = student_v(obj, z, t, labels, text, s_class, s_text)  # float64 view of the float32 pass, with graph
     residual = v_s.detach() - v_cfg
     # test_fada.py's rounding estimate per element (10 roundings, combination coefficients <= 2 s_max + 1)
-    s_t = d.schedule.noise_scale(sigma).double()
+    s_t = teacher.denoiser.schedule.noise_scale(sigma).double()
     e = 10 * EPS32 * (2 * 4.0 + 1) * max(float(m.abs().max()) for m in (z, v_cfg, v_s.detach())) / s_t
     rel = float(e.max() / residual.flatten(1).pow(2).mean(1).sqrt().min())
     err = vjp_close(loss, v_s, residual, params)
@@ -480,18 +474,9 @@ def test_scale_distill_parameter_gradient_is_the_vjp_onto_the_teachers_output():
     2 (out_s - sg(out_t)) / (B D) at the same z_t, the teacher's output a constant (float64 throughout, so the two
     agree to float64 rounding: ~1e4 operations per value at eps64 2.2e-16; bound 1e-10 relative)."""
     from fastdiff.objectives.scale_distill import scale_distill_loss
-    from test_upscale import LATENT, tiny_upscale_unet
+    from test_upscale import float64_case
 
-    teacher, student = tiny_upscale_unet(0).double(), tiny_upscale_unet(1).double()
-    g = torch.Generator().manual_seed(0)
-    b = 3
-    z0 = torch.randn(b, 4, LATENT, LATENT, generator=g, dtype=torch.float64)
-    noise = torch.randn(z0.shape, generator=g, dtype=torch.float64)
-    low_t, low_s = (torch.rand(b, 3, LATENT, LATENT, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
-    text = torch.randn(b, 5, 32, generator=g, dtype=torch.float64)
-    t, levels = torch.tensor([0, 411, 999]), torch.tensor([20, 0, 350])
-    betas = torch.linspace(0.0001 ** 0.5, 0.02 ** 0.5, 1000, dtype=torch.float64) ** 2
-    acp = torch.cumprod(1 - betas, 0)
+    teacher, student, z0, noise, t, low_t, low_s, levels, text, acp = float64_case()
     loss, _ = scale_distill_loss(student, teacher, acp, z0, noise, t, low_t, low_s, levels, text)
     a = acp[t].reshape(-1, 1, 1, 1)
     z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -614,6 +599,7 @@ def test_sim_at_a_quadratic_distance_has_sids_reference_gradient():
     from conftest import tiny_unet
     from fastdiff.models.schedule import schedule_from_scheduler
     from fastdiff.objectives import SIM
+    from test_parity_dm import sid_reference_per_element
 
     sched = DDPMScheduler(prediction_type="epsilon", clip_sample=False)
     schedule = schedule_from_scheduler(sched)
@@ -628,18 +614,7 @@ def test_sim_at_a_quadratic_distance_has_sids_reference_gradient():
     loss, _ = obj.generator_loss(x)
     (loss * c).backward()
 
-    torch.manual_seed(14)
-    t = torch.randint(0, 801, (batch,))
-    noise = torch.randn(batch, 1, 8, 8).double()
-    acp = sched.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
-    real_net, fake_net = copy.deepcopy(teacher.model).double(), copy.deepcopy(fake.model).double()
-    y = x.detach().double().requires_grad_()
-    x_t = acp.sqrt() * y + (1 - acp).sqrt() * noise
-    y_real = (x_t - (1 - acp).sqrt() * real_net(x_t, t).sample) / acp.sqrt()
-    y_fake = (x_t - (1 - acp).sqrt() * fake_net(x_t, t).sample) / acp.sqrt()
-    with torch.no_grad():
-        weight_factor = (y - y_real).abs().mean(dim=[1, 2, 3], keepdim=True).clip(min=1e-5)
-    per_elem = (y_real - y_fake) * ((y_real - y) - 0.5 * (y_real - y_fake)) / weight_factor
+    y, per_elem = sid_reference_per_element(sched, teacher, fake, x, alpha=0.5, seed=14)
     # fastdiff's units: a mean over elements, summed over samples / B (SiD's sum x 100 / B is 100 D times that)
     (per_elem.flatten(1).mean(1).sum() / batch).backward()
     # float32 against float64 through two UNets (64 roundings of the largest gradient term, as test_parity_dm.py's SiD

@@ -63,9 +63,10 @@ def image_folder(path, n: int = 6, size: int = 16, captions: bool = False, cycle
     return str(path)
 
 
-def test_scale_distill_loss_against_float64():
-    """Eq. (1) recomputed independently in float64: z_t from the betas' own cumulative product, both UNet passes
-    on the concatenated inputs, the mean over samples of each sample's mean squared difference."""
+def float64_case():
+    """A float64 teacher and student (tiny upscaler UNets) and one batch of 3: (teacher, student, z0, noise, t,
+    low_t, low_s, levels, text, alphas_cumprod), the timesteps and noise levels spanning the table, the low-resolution
+    inputs in [-1, 1], the linear-beta table from its betas."""
     teacher, student = tiny_upscale_unet(0).double(), tiny_upscale_unet(1).double()
     g = torch.Generator().manual_seed(0)
     b = 3
@@ -73,10 +74,16 @@ def test_scale_distill_loss_against_float64():
     noise = torch.randn(z0.shape, generator=g, dtype=torch.float64)
     low_t, low_s = (torch.rand(b, 3, LATENT, LATENT, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
     text = torch.randn(b, 5, 32, generator=g, dtype=torch.float64)
-    t = torch.tensor([0, 411, 999])
-    levels = torch.tensor([20, 0, 350])
+    t, levels = torch.tensor([0, 411, 999]), torch.tensor([20, 0, 350])
     betas = torch.linspace(0.0001 ** 0.5, 0.02 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    return teacher, student, z0, noise, t, low_t, low_s, levels, text, torch.cumprod(1 - betas, 0)
+
+
+def test_scale_distill_loss_against_float64():
+    """Eq. (1) recomputed independently in float64: z_t from the betas' own cumulative product, both UNet passes
+    on the concatenated inputs, the mean over samples of each sample's mean squared difference."""
+    teacher, student, z0, noise, t, low_t, low_s, levels, text, alphas_cumprod = float64_case()
+    b = z0.shape[0]
     loss, logs = scale_distill_loss(student, teacher, alphas_cumprod, z0, noise, t, low_t, low_s, levels, text,
                                     "v_prediction")
     expected, data_errors = 0.0, 0.0
