@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import FastdiffError, require_folder_path
+from .errors import FastdiffError, refuse_replacing, require_folder_path
 
 
 def _device(name: str | None):
@@ -25,19 +25,13 @@ def _device(name: str | None):
     return device
 
 
-def _check_out(out: Path, overwrite: bool, keep: dict | None = None) -> None:
-    """An output folder a command may write: not a file (nor under one), not non-empty unless ``overwrite``, and
-    never one of the folders ``keep`` ({role: path}, the command's inputs) or a folder holding one, which --overwrite
-    would delete."""
+def _check_out(out: Path, overwrite: bool, keep: dict | None = None, may_hold: tuple = ()) -> None:
+    """An output folder a command may write: not a file (nor under one), not non-empty unless ``overwrite``, never
+    the working directory or a folder holding it, and never one of ``keep`` ({role: path}, the command's inputs), a
+    folder holding one, or one inside one (but inside a ``may_hold`` role's), which --overwrite would delete or
+    change."""
     require_folder_path(out, "--out")
-    for role, source in (keep or {}).items():
-        if source is None:
-            continue
-        if out.resolve() == Path(source).resolve():
-            raise FastdiffError(f"--out {out} is the {role} folder itself; give another folder")
-        if out.resolve() in Path(source).resolve().parents:
-            raise FastdiffError(f"--out {out} holds the {role} folder {source}, which writing it would replace; "
-                                "give another folder")
+    refuse_replacing(out, "--out", keep, may_hold=may_hold)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
 
@@ -76,6 +70,8 @@ def cmd_msd(args) -> None:
     if args.assemble:  # students trained by hand (fastdiff distill with student.classes): only the router
         if not args.out:
             raise FastdiffError("fastdiff msd --assemble RUN ...: give --out, the folder for the router pipeline")
+        runs = {f"student run {r}": r for r in args.assemble}
+        _check_out(Path(args.out), args.overwrite, keep=runs, may_hold=tuple(runs))
         print(f"router pipeline of the students exported to {assemble_router(args.assemble, args.out)}")
         return
     if (args.partitions is None) == (args.partition_file is None):
@@ -102,7 +98,10 @@ def cmd_export(args) -> None:
     cfg = Config()
     _apply(cfg, _read_one_yaml(str(path / "config.yaml")))  # one-line errors for bad YAML or a non-mapping
     out = Path(args.out)
-    _check_out(out, args.overwrite, keep={"run": run})
+    # the run may hold its exports (runs/x/student), never one in its checkpoints or samples, or in its teacher
+    _check_out(out, args.overwrite, keep={"run": run, "checkpoints": run / "checkpoints", "samples": run / "samples",
+                                          "teacher": cfg.teacher.path, "student model": cfg.student.model},
+               may_hold=("run",))
     from .inference.export import push_to_hub, weight_options
     from .training.outputs import export_run
 
@@ -214,11 +213,19 @@ def _extractor(args, resize: str):
     return extractor.to(_device(args.device))
 
 
-def _check_json_target(path: str | None) -> None:
+def _check_json_target(path: str | None, inputs: tuple = ()) -> None:
+    """--json: a file name in an existing folder, never one of the command's ``inputs`` (files or folders) nor a
+    file inside an input folder, which writing the result would overwrite or change."""
     if path and not Path(path).resolve().parent.is_dir():
         raise FastdiffError(f"--json {path}: folder {Path(path).parent} does not exist")
     if path and Path(path).is_dir():
         raise FastdiffError(f"--json {path} is a folder; give a file name")
+    target = Path(path).resolve() if path else None
+    for source in inputs:
+        if path and source and Path(source).exists():
+            source = Path(source).resolve()
+            if target == source or source in target.parents:
+                raise FastdiffError(f"--json {path} would overwrite or change the input {source}; give another file")
 
 
 def _write_json(path: str | None, result: dict) -> None:
@@ -278,7 +285,7 @@ def cmd_fid(args) -> None:
     from .models.text import read_prompts
 
     check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
-    _check_json_target(args.json)
+    _check_json_target(args.json, (args.input, args.ref, args.prompts, args.data_path))
     ref = ReferenceStats.load(args.ref, args.ref_format)
     device = _device(args.device)
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
@@ -314,7 +321,7 @@ def cmd_clip_score(args) -> None:
     from .evaluation.images import open_source
 
     check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
-    _check_json_target(args.json)
+    _check_json_target(args.json, (args.input, args.prompts, args.data_path, args.clip_weights, args.clip_config))
     prompts = read_prompts(args.prompts)
     device = _device(args.device)
     # A text-to-image model samples image i from prompt i (one image per prompt when --num is not given).
@@ -479,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "this many updates by teacher score matching (regressing the teacher's output), then distill")
     m.add_argument("--warmup-lr", type=float, default=1e-4, help="Adam learning rate of the warm-up (default 1e-4)")
     m.add_argument("--resume", action="store_true", help="continue an unfinished student from its latest checkpoint")
-    m.add_argument("--overwrite", action="store_true", help="retrain every student, replacing their runs")
+    m.add_argument("--overwrite", action="store_true", help="retrain every student, replacing their runs; with "
+                   "--assemble, replace a non-empty --out")
     m.add_argument("--assemble", nargs="+", metavar="RUN", default=None, help="train nothing: assemble finished "
                    "student runs (fastdiff distill with student.classes) into one router pipeline in --out")
     m.add_argument("--out", default=None, help="with --assemble: the folder for the router pipeline")

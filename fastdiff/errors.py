@@ -44,3 +44,29 @@ def require_folder_path(folder, setting: str) -> None:
     file or lies under one."""
     if (blocker := file_on_path(folder)) is not None:
         raise FastdiffError(f"{setting} {folder}: {blocker} is a file; give a folder")
+
+
+def refuse_replacing(folder, setting: str, inputs: dict | None = None, may_hold: tuple = ()) -> None:
+    """Refuse, in one line naming ``setting``, a folder that a command writes and, with --overwrite, deletes first
+    when it is the working directory or holds it, or when it is, holds or lies inside one of ``inputs`` ({role:
+    path}; a role in ``may_hold`` may hold it, as a run folder holds its exports). Inputs that are not local paths
+    (hub ids) are passed over."""
+    from pathlib import Path
+
+    out, cwd = Path(folder).resolve(), Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise FastdiffError(f"{setting} {folder or '(empty)'} is the working directory or holds it, which --overwrite "
+                            "would delete; give a folder of its own")
+    for role, source in (inputs or {}).items():
+        if not source or not Path(source).exists():
+            continue
+        path = Path(source).resolve()
+        if out == path:
+            raise FastdiffError(f"{setting} {folder} is the {role} folder itself; give another folder")
+        if out in path.parents:
+            kind = "folder" if path.is_dir() else "file"
+            raise FastdiffError(f"{setting} {folder} holds the {role} {kind} {source}, which writing it would "
+                                "replace; give another folder")
+        if path in out.parents and role not in may_hold:
+            raise FastdiffError(f"{setting} {folder} lies inside the {role} folder {source}, which writing it would "
+                                "change; give a folder outside it")

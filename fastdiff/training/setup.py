@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import RUN_SHAPE_KEYS, Config
-from ..errors import FastdiffError, require_folder_path
+from ..errors import FastdiffError, refuse_replacing, require_folder_path
 from ..models.consistency import consistency_start, network_view
 from ..models.denoiser import Denoiser
 from ..models.generator import Generator
@@ -184,6 +184,9 @@ def prepare_output_dir(cfg: Config, resume: str | None, overwrite: bool) -> Path
     require_folder_path(out, "output_dir")
     if cfg.data.name == "teacher" and cfg.data.cache_dir:  # here, before the teacher loads, not at the first batch
         require_folder_path(cfg.data.cache_dir, "data.cache_dir")
+    if resume is None:  # a new run replaces output_dir with --overwrite: never the working directory or an input
+        refuse_replacing(out, "output_dir", {"teacher": cfg.teacher.path, "student.model": cfg.student.model,
+                                             "data.path": cfg.data.path, "data.prompts": cfg.data.prompts})
     if resume is None and out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FastdiffError(f"output_dir {out} is not empty; pass --resume latest to continue it "
