@@ -660,10 +660,23 @@ def _with_quiet(add_parser):
     return add
 
 
+def _check_common(args) -> None:
+    """The flags several commands share, checked before anything loads."""
+    import math
+
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2**32:  # as train.seed (batch b: seed + b)
+        raise FastdiffError(f"--seed must be in [0, 2^32), got {args.seed}")
+    for flag in ("guidance_scale", "guidance"):  # a NaN scale samples NaN images (and NaN reflow pairs)
+        value = getattr(args, flag, None)
+        if value is not None and not math.isfinite(value):
+            raise FastdiffError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = build_parser().parse_args(argv)
     try:
+        _check_common(args)
         args.func(args)
     except FastdiffError as exc:
         print(f"fastdiff: error: {exc}", file=sys.stderr)

@@ -340,6 +340,11 @@ def flat_config(cfg, overrides: list[str], positive: tuple[str, ...]):
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise FastdiffError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in ("weight_decay", "grad_clip"):  # torch refuses the first with a traceback, trains on the second
+        if getattr(cfg, key, 0) < 0:
+            raise FastdiffError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
+    if not 0 <= getattr(cfg, "seed", 0) < 2**32:  # as train.seed
+        raise FastdiffError(f"seed must be in [0, 2^32), got {cfg.seed}")
     return cfg
 
 

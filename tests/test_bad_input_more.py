@@ -1,6 +1,7 @@
-"""Bad input the CLI does not yet meet the standard for (found by a careless-user audit, 2026-11-30; see AUDIT.md):
-one line on stderr, exit 2, nothing half-written, nothing existing deleted or overwritten. Each test fails on the
-code as it is and is marked xfail(strict=True): when a fix lands, its test passes and the mark must go."""
+"""Bad input found by a careless-user audit of the CLI (2026-11-30), held to the standard: one line on stderr, exit
+2, nothing half-written, nothing existing deleted or overwritten. Each test failed on the code before its fix. The
+ones still marked xfail(strict=True) are violations not fixed yet (their reasons say what happens); when a fix lands,
+its test passes, the strict mark fails the suite, and the mark must go."""
 import shutil
 from pathlib import Path
 
@@ -150,8 +151,6 @@ def test_json_result_never_overwrites_an_input(tmp_path, capsys, tiny_clip):
 
 # --- tracebacks ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="--seed beyond 64 bits: ValueError 'Overflow when unpacking long long' "
-                   "traceback from torch.Generator.manual_seed (tune --set seed=... too)")
 def test_sample_seed_out_of_range_is_one_line(tmp_path, capsys, tiny_teacher):
     rc = main(["sample", tiny_teacher, "--num", "1", "--steps", "1", "--seed", "99999999999999999999",
                "--out", str(tmp_path / "s"), "-q"])
@@ -160,9 +159,6 @@ def test_sample_seed_out_of_range_is_one_line(tmp_path, capsys, tiny_teacher):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="tune_config checks only steps/batch_size/num_sample_images/lr/beta: "
-                   "weight_decay=-1 is a ValueError traceback from torch.optim, grad_clip=-1 is trained on, seed "
-                   "beyond 64 bits an OverflowError traceback")
 @pytest.mark.parametrize("setting", ["weight_decay=-1", "grad_clip=-1", "seed=99999999999999999999"])
 def test_tune_settings_out_of_range_are_refused(tmp_path, capsys, one_step_run, setting):
     rc = main(["tune", str(one_step_run / "student"), "--targets", str(one_step_run / "samples"), "--out",
@@ -185,8 +181,6 @@ def test_batch_too_large_for_memory_is_one_line_and_leaves_no_run(tmp_path, caps
 
 # --- unclear or multi-line messages --------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="read_partition puts the whole multi-line yaml.YAMLError in the message "
-                   "(5 lines on stderr)")
 def test_partition_file_with_bad_yaml_is_one_line(tmp_path, capsys, tiny_cond_teacher):
     bad = tmp_path / "parts.json"
     bad.write_text("[[0, 1],")
@@ -212,8 +206,6 @@ def test_damaged_teacher_component_config_names_the_file(tmp_path, capsys, tiny_
 
 # --- numbers that make no sense, accepted ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="--guidance-scale / --guidance nan is not refused: sample writes garbage "
-                   "images (NaN cast to uint8), pairs writes NaN pairs; exit 0")
 @pytest.mark.parametrize("command", ["sample", "pairs"])
 def test_nan_guidance_is_refused(tmp_path, capsys, tiny_cond_teacher, command):
     out = tmp_path / "o"
@@ -227,8 +219,6 @@ def test_nan_guidance_is_refused(tmp_path, capsys, tiny_cond_teacher, command):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="more DDIM steps than the teacher's training timesteps is sampled (distill "
-                   "refuses student.num_steps > timesteps; sample and pairs --sampler ddim do not); exit 0")
 @pytest.mark.parametrize("command", ["sample", "pairs"])
 def test_more_steps_than_the_teachers_timesteps_is_refused(tmp_path, capsys, tiny_teacher, command):
     import json

@@ -49,6 +49,10 @@ def ddim_levels(schedule, num_steps: int, finite: bool = False) -> torch.Tensor:
     ``finite``: round(linspace(T - 1, 1, K)) on a flow table instead, every level finite and above sigma = 0 (AGD
     trains at every level, and a velocity loss weight is infinite at both ends)."""
     T = schedule.num_train_timesteps
+    if num_steps > T:  # the rounded levels would repeat: steps of zero length, each a wasted network pass
+        from ..errors import FastdiffError
+
+        raise FastdiffError(f"{num_steps} DDIM steps are more than the teacher's {T} timesteps; use at most {T}")
     if not isinstance(schedule, FlowSchedule):
         return schedule.sigma_at(torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round())
     if finite:

@@ -53,7 +53,8 @@ def read_partition(path: str) -> list[list]:
     try:
         data = _yaml(read_text(path, "--partition-file"))
     except (OSError, yaml.YAMLError) as exc:
-        raise FastdiffError(f"--partition-file {path}: not readable as JSON / YAML ({exc})") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # one line, as a config's YAML error
+        raise FastdiffError(f"--partition-file {path}: not readable as JSON / YAML ({first})") from None
     if not isinstance(data, list) or not all(isinstance(part, list) for part in data):
         raise FastdiffError(f"--partition-file {path}: expected a list of lists of class labels, e.g. [[0, 1], [2]], "
                             "or of prompts")

@@ -85,6 +85,7 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
     if guidance is not None and guidance != 1:
         require_condition(teacher, f"--guidance {guidance}")
     resolved = str(Path(path).resolve()) if Path(path).exists() else str(path)
+    levels = trajectory_levels(teacher.denoiser.schedule, steps, sampler)  # refuses too many ddim steps: first
     key = pairs_key(teacher, resolved, num, steps, sampler, shard_size, seed, guidance, prompts)
     out = Path(out)
     _open_folder(out, key, overwrite)
@@ -96,7 +97,6 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
 
         text = PromptEncoder(teacher.pipeline, device=device, max_cached=0)
         encode = lambda idx: text([prompts[i] for i in idx.tolist()])  # noqa: E731
-    levels = trajectory_levels(teacher.denoiser.schedule, steps, sampler)
     made = kept = 0
     for index in range(key["num_shards"]):
         target = out / shard_name(index)
