@@ -47,20 +47,40 @@ def cmd_distill(args) -> None:
         print(dry_run_report(cfg))
         return
     run = Path(cfg.output_dir)
-    new = args.resume is None and not (run.is_dir() and any(run.iterdir()))
+    existed = run.is_dir()
+    new = args.resume is None and not (existed and any(run.iterdir()))
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-        out = trainer.fit()
+        try:
+            trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+            out = trainer.fit()
+        except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not _out_of_memory(exc):
+                raise
+            raise FastdiffError(f"out of memory at train.batch_size {cfg.train.batch_size} "
+                                f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); lower "
+                                "train.batch_size (train.gradient_accumulation keeps the global batch)") from None
     except FastdiffError:
-        # bad input found only once running (a corrupt image in a streamed folder): a run this call started and
-        # that saved no checkpoint leaves nothing behind, so the same command works again without --overwrite
+        # bad input found only once running (a corrupt image in a streamed folder, a batch too large): a run this
+        # call started and that saved no checkpoint leaves nothing behind, so the same command works again without
+        # --overwrite (a folder that existed empty is emptied again, never removed: it may be the working directory)
         from .training.checkpoint import checkpoint_dirs
 
         if new and run.is_dir() and not checkpoint_dirs(run):
-            shutil.rmtree(run, ignore_errors=True)
+            for entry in run.iterdir() if existed else [run]:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
         raise
     if out is not None:
         trainer.accelerator.print(f"student exported to {out}")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, MemoryError)."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        "out of memory" in text or "defaultcpuallocator" in text
 
 
 def cmd_msd(args) -> None:
@@ -675,6 +695,15 @@ def _check_common(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # -q reaches the libraries' own loading bars too (they would wrap the error)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # huggingface_hub and transformers (read at import)
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+        if "transformers" in sys.modules:  # already imported: its flag was read before the line above
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
     try:
         _check_common(args)
         args.func(args)

@@ -1,7 +1,8 @@
 """Bad input found by a careless-user audit of the CLI (2026-11-30), held to the standard: one line on stderr, exit
-2, nothing half-written, nothing existing deleted or overwritten. Each test failed on the code before its fix. The
-ones still marked xfail(strict=True) are violations not fixed yet (their reasons say what happens); when a fix lands,
-its test passes, the strict mark fails the suite, and the mark must go."""
+2, nothing half-written, nothing existing deleted or overwritten. Each test failed on the code before its fix (seen
+as a strict xfail first): the working directory or an input deleted by --overwrite, an input overwritten by --json,
+tracebacks for out-of-range seeds, tune settings and an unallocatable batch, multi-line YAML and loading-bar noise,
+messages naming another flag or no file, NaN guidance and more DDIM steps than timesteps accepted."""
 import shutil
 from pathlib import Path
 
@@ -169,8 +170,6 @@ def test_tune_settings_out_of_range_are_refused(tmp_path, capsys, one_step_run, 
     assert not (tmp_path / "t").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a batch that cannot be allocated: RuntimeError (DefaultCPUAllocator) "
-                   "traceback, and the run folder this call made is left behind")
 def test_batch_too_large_for_memory_is_one_line_and_leaves_no_run(tmp_path, capsys, tiny_teacher):
     rc = main(["distill", "-q", *_sets(f"teacher.path={tiny_teacher}", f"output_dir={tmp_path / 'out'}", *FAST,
                                        "train.batch_size=100000000000")])
@@ -191,8 +190,6 @@ def test_partition_file_with_bad_yaml_is_one_line(tmp_path, capsys, tiny_cond_te
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a damaged component config is reported without its file: 'list' object has "
-                   "no attribute 'get' / 'Expecting property name ...'")
 @pytest.mark.parametrize("component,text", [("scheduler/scheduler_config.json", "[1]"), ("unet/config.json", "{")])
 def test_damaged_teacher_component_config_names_the_file(tmp_path, capsys, tiny_teacher, component, text):
     teacher = tmp_path / "teacher"
@@ -238,9 +235,6 @@ def test_more_steps_than_the_teachers_timesteps_is_refused(tmp_path, capsys, tin
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="--quiet does not reach diffusers' / transformers' own progress bars: loading a "
-                   "text-to-image model writes 'Loading pipeline components' / 'Loading weights' bars to stderr "
-                   "(even when it is a file), so the error is the last of several lines")
 def test_error_after_loading_a_text_to_image_model_is_one_line(tmp_path, capsys):
     import tiny_pipelines as tp
 
@@ -251,8 +245,6 @@ def test_error_after_loading_a_text_to_image_model_is_one_line(tmp_path, capsys)
     _one_line(capsys, "pass --prompts")
 
 
-@pytest.mark.xfail(strict=True, reason="upscale --eval-images is reported as data.path (empty folder) or as --images "
-                   "(a file): the message names the wrong setting")
 @pytest.mark.parametrize("kind", ["empty folder", "file"])
 def test_upscale_eval_images_errors_name_the_flag(tmp_path, capsys, kind):
     from PIL import Image

@@ -93,8 +93,9 @@ def _class_from_config(path: str, subfolder: str, config_name: str):
     import diffusers
 
     local = Path(path) / subfolder / config_name
-    if local.is_file():
-        name = json.loads(local.read_text()).get("_class_name")
+    if local.is_file():  # a damaged config is one line naming its file, before diffusers reads it
+        name = read_json_object(local, f"restore the teacher's {subfolder}/{config_name}" if subfolder else
+                                f"restore {config_name}").get("_class_name")
     else:  # hub id: let diffusers resolve the config
         from huggingface_hub import hf_hub_download
 

@@ -192,10 +192,12 @@ def _all_gather_chunks(piece: torch.Tensor | None, chunk: int, world: int, devic
     return out
 
 
-def load_image_folder(path: str, size: int, channels: int = 3) -> tuple[torch.Tensor, list[str] | None]:
+def load_image_folder(path: str, size: int, channels: int = 3,
+                      setting: str = "data.path") -> tuple[torch.Tensor, list[str] | None]:
     """uint8 (N, C, size, size) images, each resized (shortest side, bicubic) and centre-cropped, and their
-    captions from ``metadata.jsonl`` ({"file_name": ..., "text": ...} per line) when the folder has one."""
-    files, captions = list_image_folder(path)
+    captions from ``metadata.jsonl`` ({"file_name": ..., "text": ...} per line) when the folder has one; errors
+    name the folder by ``setting`` (the config key or flag it came from)."""
+    files, captions = list_image_folder(path, setting)
     out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)  # filled in place: one copy in memory
     pixels = out.numpy()
     for i, f in enumerate(files):
@@ -203,7 +205,7 @@ def load_image_folder(path: str, size: int, channels: int = 3) -> tuple[torch.Te
     return out, captions
 
 
-def list_image_folder(path: str) -> tuple[list[str], list[str] | None]:
+def list_image_folder(path: str, setting: str = "data.path") -> tuple[list[str], list[str] | None]:
     """The image files of a folder (metadata.jsonl's order, else sorted by name) and their captions, if any: plain
     strings, read line by line, since a streamed folder keeps this list (and only this) for the whole run."""
     if path is None:
@@ -211,7 +213,7 @@ def list_image_folder(path: str) -> tuple[list[str], list[str] | None]:
                             "for text-to-image teachers)")
     root = Path(path)
     if not root.is_dir():
-        raise FastdiffError(f"data.path {path!r} is not a folder")
+        raise FastdiffError(f"{setting} {path!r} is not a folder")
     meta = root / "metadata.jsonl"
     captions = None
     if meta.is_file():
@@ -229,7 +231,7 @@ def list_image_folder(path: str) -> tuple[list[str], list[str] | None]:
         with os.scandir(root) as entries:
             files = sorted(e.path for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FastdiffError(f"data.path {path}: no images (png, jpg, webp, bmp) found")
+        raise FastdiffError(f"{setting} {path}: no images (png, jpg, webp, bmp) found")
     return files, captions
 
 

@@ -90,7 +90,7 @@ class Targets:
         channels, height, width = loaded.image_shape
         if height != width:
             raise FastdiffError(f"students of non-square images ({height}x{width}) cannot be tuned yet")
-        images, captions = load_image_folder(folder, height, channels)
+        images, captions = load_image_folder(folder, height, channels, "--targets")
         self.folder = folder
         self.images = as_model_range(images).to(device)
         self.latents = loaded.latents

@@ -131,11 +131,11 @@ class UpscaleData:
     """The HR images ([-1, 1]) with their prompts; each batch also gives both low-res inputs, noise-augmented."""
 
     def __init__(self, folder: str, pipe, resolution: int, teacher_scale: int, factor: int, noise_level: int,
-                 prompt: str, device):
+                 prompt: str, device, flag: str = "--images"):
         if not Path(folder).is_dir():
-            raise FastdiffError(f"--images {folder} is not a folder")
-        _, captions = list_image_folder(folder)  # bad folders fail here, before anything loads
-        images, _ = load_image_folder(folder, resolution, 3)
+            raise FastdiffError(f"{flag} {folder} is not a folder")
+        _, captions = list_image_folder(folder, flag)  # bad folders fail here, before anything loads
+        images, _ = load_image_folder(folder, resolution, 3, flag)
         self.images = as_model_range(images).to(device)
         self.captions = captions or [prompt] * len(images)
         self.pipe, self.device = pipe, device
@@ -330,7 +330,7 @@ def upscale(teacher_dir: str, images_dir: str, out: str, cfg: UpscaleConfig, dev
                             f"max_noise_level), got {cfg.noise_level}")
     data = UpscaleData(images_dir, pipe, resolution, scale, cfg.factor, cfg.noise_level, cfg.prompt, device)
     held_out = eval_dir and UpscaleData(eval_dir, pipe, resolution, scale, cfg.factor, cfg.noise_level, cfg.prompt,
-                                        device)
+                                        device, "--eval-images")
     pipe.to(device)
     pipe.unet.requires_grad_(False).eval()
     pipe.vae.requires_grad_(False).eval()
