@@ -23,7 +23,20 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 would read ``mixed_precision: no`` as False."""
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read ``mixed_precision: no`` as False. A key given twice
+    in one mapping is an error (PyYAML keeps the last silently, so an edit above a forgotten line would not apply)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {

@@ -267,3 +267,30 @@ def test_upscale_eval_images_errors_name_the_flag(tmp_path, capsys, kind):
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (the loading bars: the test above)
     assert "--eval-images" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_pairs_never_write_into_their_teacher(tmp_path, capsys, tiny_teacher):
+    """pairs --out the teacher folder (or a folder inside it) with --overwrite wrote its shards into the teacher:
+    refused in one line, the teacher unchanged."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    before = _tree(teacher)
+    for out in (teacher, teacher / "pairs"):
+        rc = main(["pairs", "--teacher", str(teacher), "--num", "2", "--steps", "2", "--out", str(out), "-q",
+                   "--overwrite"])
+        assert rc == 2
+        _one_line(capsys, "teacher")
+    assert _tree(teacher) == before
+
+
+def test_a_key_given_twice_in_a_config_is_one_line(tmp_path, capsys):
+    """PyYAML keeps the last of two equal keys silently, so an edited line above a forgotten one did not apply:
+    refused in one line naming the key and its line; a merge key's override stays allowed."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr_generator: 1.0e-4\n  batch_size: 4\n  lr_generator: 2.0e-4\n")
+    assert main(["distill", "--config", str(config), "--dry-run"]) == 2
+    _one_line(capsys, "'lr_generator' given twice (line 4)")
+    config.write_text("base: &b {batch_size: 4, max_steps: 3}\ntrain:\n  <<: *b\n  batch_size: 2\n")
+    from fastdiff.config import _read_one_yaml
+
+    assert _read_one_yaml(str(config))["train"] == {"batch_size": 2, "max_steps": 3}

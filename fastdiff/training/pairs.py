@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..errors import FastdiffError, read_json_object, require_folder_path
+from ..errors import FastdiffError, read_json_object, refuse_replacing, require_folder_path
 from ..models.trajectory import SAMPLERS, ode_sample, trajectory_levels
 
 MANIFEST = "manifest.json"
@@ -88,6 +88,7 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
     levels = trajectory_levels(teacher.denoiser.schedule, steps, sampler)  # refuses too many ddim steps: first
     key = pairs_key(teacher, resolved, num, steps, sampler, shard_size, seed, guidance, prompts)
     out = Path(out)
+    refuse_replacing(out, "--out", {"teacher": path, "prompts file": prompts_file})
     _open_folder(out, key, overwrite)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     (teacher.pipeline if teacher.pipeline is not None else teacher.model).to(device)  # a pipeline moves its VAE, encoders
