@@ -48,9 +48,9 @@ def require_folder_path(folder, setting: str) -> None:
 
 def refuse_replacing(folder, setting: str, inputs: dict | None = None, may_hold: tuple = ()) -> None:
     """Refuse, in one line naming ``setting``, a folder that a command writes and, with --overwrite, deletes first
-    when it is the working directory or holds it, or when it is, holds or lies inside one of ``inputs`` ({role:
-    path}; a role in ``may_hold`` may hold it, as a run folder holds its exports). Inputs that are not local paths
-    (hub ids) are passed over."""
+    when it is the working directory or holds it, or when it is, holds or is already a part of one of ``inputs``
+    ({role: path}; a role in ``may_hold`` may hold it, as a run folder holds its exports). Inputs that are not local
+    paths (hub ids) are passed over."""
     from pathlib import Path
 
     out, cwd = Path(folder).resolve(), Path.cwd().resolve()
@@ -67,6 +67,6 @@ def refuse_replacing(folder, setting: str, inputs: dict | None = None, may_hold:
             kind = "folder" if path.is_dir() else "file"
             raise FastdiffError(f"{setting} {folder} holds the {role} {kind} {source}, which writing it would "
                                 "replace; give another folder")
-        if path in out.parents and role not in may_hold:
+        if path in out.parents and role not in may_hold and out.exists():  # a part of the input; a new subfolder is not
             raise FastdiffError(f"{setting} {folder} lies inside the {role} folder {source}, which writing it would "
                                 "change; give a folder outside it")

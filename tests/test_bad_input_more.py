@@ -270,12 +270,12 @@ def test_upscale_eval_images_errors_name_the_flag(tmp_path, capsys, kind):
 
 
 def test_pairs_never_write_into_their_teacher(tmp_path, capsys, tiny_teacher):
-    """pairs --out the teacher folder (or a folder inside it) with --overwrite wrote its shards into the teacher:
+    """pairs --out the teacher folder (or one of its parts) with --overwrite wrote its shards into the teacher:
     refused in one line, the teacher unchanged."""
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_teacher, teacher)
     before = _tree(teacher)
-    for out in (teacher, teacher / "pairs"):
+    for out in (teacher, teacher / "unet"):
         rc = main(["pairs", "--teacher", str(teacher), "--num", "2", "--steps", "2", "--out", str(out), "-q",
                    "--overwrite"])
         assert rc == 2
