@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared row builder of the analytic script
 from adaptive_nfe import FRACTIONS, plot, sample_rows  # noqa: E402
 
-from fastdiff.errors import FastdiffError  # noqa: E402
+from fastdiff.errors import FastdiffError, require_folder_path, script_main  # noqa: E402
 from fastdiff.evaluation.images import centre_crop  # noqa: E402
 from fastdiff.evaluation.inception import InceptionFeatures  # noqa: E402
 from fastdiff.evaluation.metrics import (FeatureStats, ReferenceStats, frechet_distance,  # noqa: E402
@@ -114,6 +114,8 @@ def run(args, save) -> dict:
               "num": args.num, "seed": args.seed, "crop": args.crop, "sigma_refine": args.sigma_refine,
               "teacher_steps": args.teacher_steps, "critic_sigma": args.critic_sigma, "rows": []}
     if args.append:  # add rows to an earlier run of the same settings; the rows it has are sampled but not scored
+        if not (Path(args.out) / "adaptive_fid.json").is_file():
+            raise FastdiffError(f"--append: {Path(args.out) / 'adaptive_fid.json'} does not exist; run without it")
         previous = json.loads((Path(args.out) / "adaptive_fid.json").read_text())
         differ = [k for k in SETTINGS if previous[k] != result[k]]
         if differ:
@@ -169,6 +171,7 @@ def numbers(text: str, kind=float) -> tuple:
     return tuple(kind(x) for x in text.split(",") if x.strip())
 
 
+@script_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="eval/results/adaptive-fmnist")
@@ -191,9 +194,10 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="add the rows --out's json lacks (same settings)")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    require_folder_path(out, "--out")
 
     def save(result: dict, write_json: bool = True) -> None:
+        out.mkdir(parents=True, exist_ok=True)  # here, not before the inputs are checked: a bad call leaves nothing
         if write_json:
             (out / "adaptive_fid.json").write_text(json.dumps(result, indent=2))
         notes = out / "NOTES.md"  # the hand-written analysis, kept below the table as the CPU ladder does
@@ -202,6 +206,8 @@ def main() -> None:
              "adaptive teacher-student sampling (fmnist-ddpm)", log_y=True)
 
     if args.render:  # no sampling; the --ladder-teacher rows the json lacks are added (a run cut short has none)
+        if not (out / "adaptive_fid.json").is_file():
+            raise FastdiffError(f"--render: {out / 'adaptive_fid.json'} does not exist; run without --render first")
         result = json.loads((out / "adaptive_fid.json").read_text())
         done = {r["row"] for r in result["rows"]}
         args.teacher, args.num, args.seed, args.crop = (result[k] for k in ("teacher", "num", "seed", "crop"))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.bench.gmm import warm_start
+from fastdiff.errors import FastdiffError, require_folder_path, script_main
 from fastdiff.inference.adaptive import AdaptiveSampler, CallableCritic, DenoisingError
 from fastdiff.inference.sampling import ddim_sample
 from fastdiff.machine import describe, today, versions
@@ -146,6 +147,7 @@ def plot(result: dict, path: Path, metric: str = "sw2", ylabel: str = "sliced W2
     fig.savefig(path, dpi=120)
 
 
+@script_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="eval/results/adaptive")
@@ -155,8 +157,11 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=4)
     parser.add_argument("--critic-sigma", type=float, default=0.2)
     args = parser.parse_args()
-    result = run(args.num, args.seed, args.sigma_refine, args.teacher_steps, args.critic_sigma)
+    if args.num <= 0 or args.teacher_steps <= 0 or not args.sigma_refine > 0 or not args.critic_sigma > 0:
+        raise FastdiffError("--num, --teacher-steps, --sigma-refine and --critic-sigma must be positive")
     out = Path(args.out)
+    require_folder_path(out, "--out")  # a file here was found only after the run
+    result = run(args.num, args.seed, args.sigma_refine, args.teacher_steps, args.critic_sigma)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adaptive_nfe.json").write_text(json.dumps(result, indent=2))
     (out / "README.md").write_text(table(result))

@@ -148,6 +148,12 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="keep runs already trained in --work; only measure")
     p.add_argument("--start-of", default=None, help="measure every start with this objective's (e.g. cd)")
     args = p.parse_args(argv)
+    from fastdiff.objectives import OBJECTIVES
+
+    unknown = [o for o in args.objectives.split(",") if o not in OBJECTIVES]
+    if unknown:
+        print(f"consistency_cpu_check: error: --objectives: unknown {', '.join(unknown)}", file=sys.stderr)
+        return 2
     if args.summarize:
         print(summarize())
         return 0
@@ -157,8 +163,10 @@ def main(argv=None) -> int:
         if not args.ref.is_file():
             from fastdiff.cli import main as cli
 
-            assert cli(["ref-stats", "fashion-mnist:train", "--num", "2000", "--out", str(args.ref), "--data-path",
-                        args.data_path, "--device", "cpu"]) == 0
+            rc = cli(["ref-stats", "fashion-mnist:train", "--num", "2000", "--out", str(args.ref), "--data-path",
+                      args.data_path, "--device", "cpu"])
+            if rc:  # its one error line is printed: stop there
+                return rc
     import diffusers
 
     result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

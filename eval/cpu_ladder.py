@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fastdiff.errors import FastdiffError, require_folder_path, script_main  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 # label -> (teacher path, CFG of the real score, conditioning note)
@@ -210,6 +211,7 @@ def table(result: dict, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+@script_main
 def main() -> None:
     from fastdiff.objectives import OBJECTIVES
 
@@ -247,15 +249,22 @@ def main() -> None:
         p.error("--label names one run: give one objective with it")
     out = Path(args.out)
     if args.render:
+        if not (out / "ladder.json").is_file():
+            raise FastdiffError(f"--render: {out / 'ladder.json'} does not exist; run without --render first")
         result = json.loads((out / "ladder.json").read_text())
         (out / "README.md").write_text(table(result, out))
         plot(result, out / "ladder.png")
         return
+    unknown = [o for o in args.objectives.split(",") if o.strip() and o.strip() not in OBJECTIVES]
+    if unknown:  # before the teacher rows, not after them
+        raise FastdiffError(f"--objectives: unknown {', '.join(unknown)}; known: {', '.join(OBJECTIVES)}")
+    require_folder_path(out, "--out")
+    ref_file = out / f"fmnist-train{args.ref_num}.npz"
+    source = None if ref_file.is_file() else open_source("fashion-mnist:train", data_path=args.data_path,
+                                                          allow_model=False)  # a missing folder: before --out is made
     out.mkdir(parents=True, exist_ok=True)
     extractor = InceptionFeatures(None, "nv-bilinear")
-    ref_file = out / f"fmnist-train{args.ref_num}.npz"
-    if not ref_file.is_file():
-        source = open_source("fashion-mnist:train", data_path=args.data_path, allow_model=False)
+    if source is not None:
         make_reference(source, extractor, args.ref_num, 250, min(args.ref_num, 5000), None).save(ref_file)
     ref = ReferenceStats.load(ref_file)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

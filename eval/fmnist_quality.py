@@ -488,7 +488,16 @@ def parse(argv=None):
     args.which = [w for w in args.which.split(",") if w]
     args.objectives = [o for o in args.objectives.split(",") if o]
     args.later = [o for o in args.later.split(",") if o]
-    args.nfe = [int(k) for k in args.nfe.split(",")]
+    def fail(message: str):  # one line and exit 2, as fastdiff's own commands
+        print(f"fmnist_quality: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    try:
+        args.nfe = [int(k) for k in args.nfe.split(",")]
+    except ValueError:
+        fail(f"--nfe {args.nfe!r}: give comma-separated step counts, e.g. 1,2,4,10")
+    if not args.configs.is_dir():
+        fail(f"--configs {args.configs}: no such folder (the rows' YAML files)")
     bad = [w for w in args.which if w not in TEACHERS] + [o for o in args.objectives if o not in OBJECTIVES] \
         + [o for o in args.later if o not in LATER]
     if bad:

@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastdiff.errors import FastdiffError, require_folder_path, script_main
+
 ROWS = [(obj, fake, ckpt) for obj in ("dmd2", "sid") for fake in (0, 64) for ckpt in (False, True)]
 # (objective, student LoRA rank, fake score LoRA rank, sharding): full networks, then LoRA ones on the shared base
 FSDP_ROWS = [(obj, lora, lora, sharding) for obj, lora in (("dmd2", 0), ("sid", 0), ("dmd2", 16))
@@ -153,6 +155,7 @@ def run_row(args) -> dict:
             "trainable_parameters": sum(p.numel() for p in trainer.opt_g.params + (trainer.opt_c.params if trainer.opt_c else []))}
 
 
+@script_main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=float, default=None,
@@ -176,6 +179,10 @@ def main() -> None:
     shape = (1.0, 64, 4) if args.sd15_gpu else (0.2, 32, 1)  # a shape given on the command line wins (smoke tests)
     args.width, args.latent, args.batch_size = (given if given is not None else default for given, default in
                                                 zip((args.width, args.latent, args.batch_size), shape))
+    if not (args.width > 0 and args.latent > 0 and args.batch_size > 0 and args.processes >= 1):
+        raise FastdiffError("--width, --latent and --batch-size must be positive and --processes at least 1")
+    if args.out:  # a file here was found only after every row
+        require_folder_path(args.out, "--out")
     work = Path(args.work)
     args.teacher = str(work / "teacher")
     if args.row:  # child process: one configuration, one JSON line

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.training.checkpoint import atomic_write_text
-from fastdiff.errors import FastdiffError
+from fastdiff.errors import FastdiffError, require_folder_path
 from fastdiff.evaluation.evaluate import evaluate
 from fastdiff.models.embedded import resolve_teacher_path
 from fastdiff.evaluation.images import is_model_folder, model_sources
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         if args.num <= 0 or args.batch_size <= 0:
             raise FastdiffError("--num and --batch-size must be positive")
         out = Path(args.out)
+        require_folder_path(out, "--out")  # a file here was found only after the whole run
         if not out.resolve().parent.is_dir():
             raise FastdiffError(f"--out {out}: folder {out.parent} does not exist")
         result = run(args.teacher, args.students, args.ref, args.num, _steps(args.teacher_nfe),

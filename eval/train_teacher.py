@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastdiff.errors import FastdiffError, refuse_replacing, require_folder_path, script_main  # noqa: E402
 
 UNET = dict(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(64, 128, 128, 128), layers_per_block=2,
             down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
@@ -119,6 +120,7 @@ def save(unet, scheduler, out: Path, args, machine: str, seconds: float) -> Path
     return out
 
 
+@script_main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="teacher folder to write")
@@ -132,9 +134,19 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--data-path", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args()
-    if min(args.steps, args.batch_size, args.warmup, args.log_every) <= 0 or not math.isfinite(args.lr):
-        raise SystemExit("train_teacher: --steps, --batch-size, --warmup and --log-every must be positive")
+    if min(args.steps, args.batch_size, args.warmup, args.log_every) <= 0:
+        raise FastdiffError("--steps, --batch-size, --warmup and --log-every must be positive")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise FastdiffError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.ema < 1:
+        raise FastdiffError(f"--ema must be in [0, 1), got {args.ema}")
+    out = Path(args.out)  # checked before training, not replaced unasked after it
+    require_folder_path(out, "--out")
+    refuse_replacing(out, "--out", {"data": args.data_path})
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FastdiffError(f"--out {out} is not empty; pass --overwrite to replace it")
     print(f"wrote {train(args)}")
 
 

@@ -267,6 +267,11 @@ def cmd_ref_stats(args) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FastdiffError(f"--out {out} exists; pass --overwrite to replace it")
+    from .evaluation.metrics import check_statistics_path
+
+    check_statistics_path(out)  # before the Inception pass, not after it
+    if out.resolve() == Path(args.source).resolve() or Path(args.source).resolve() in out.resolve().parents:
+        raise FastdiffError(f"--out {out} would replace or change the source {args.source}; give another file")
     if _is_statistics_file(args.source):  # another tool's mu/sigma: say what it is; never rewritten as fastdiff's own
         from .evaluation.metrics import ReferenceStats
 
@@ -368,6 +373,10 @@ def _integers(flag: str, text: str, what: str) -> list[int]:
 
 
 def cmd_bench(args) -> None:
+    if args.suite == "speed" and args.json:  # each suite's output flag: the other one was ignored, writing nothing
+        raise FastdiffError("--json is for bench gmm and msd; bench speed writes its table and JSON to --out FOLDER")
+    if args.suite != "speed" and args.out:
+        raise FastdiffError(f"--out is for bench speed; bench {args.suite} writes its rows to --json FILE")
     if args.suite == "speed":
         return cmd_bench_speed(args)
     if args.suite == "msd":
@@ -392,8 +401,10 @@ def cmd_bench_msd(args) -> None:
 
     objectives = _names(args.objectives, "dmd2")
     partitions = _integers("--partitions", args.partitions, "numbers of students, e.g. 1,2,4")
+    if args.steps is not None and args.steps <= 0:
+        raise FastdiffError(f"--steps must be positive, got {args.steps}")
     _check_json_target(args.json)
-    result = bench_msd.run(partitions, objectives, args.steps or 400, args.num_eval, args.seed, overrides=args.set or [])
+    result = bench_msd.run(partitions, objectives, 400 if args.steps is None else args.steps, args.num_eval, args.seed, overrides=args.set or [])
     print(bench_msd.table(result))
     if args.json:
         write_json(result, args.json)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -514,8 +515,12 @@ def validate(cfg: Config) -> None:
 
 def load_config(config: str | None = None, overrides: list[str] | tuple = ()) -> Config:
     cfg = Config()
-    if config:
-        _apply(cfg, _read_yaml(config))
+    if config is not None:
+        if not isinstance(config, (str, os.PathLike)) or not str(config):  # '' is an unset shell variable, say
+            raise FastdiffError(f"--config {config!r}: give a YAML file or a named config ({', '.join(named_configs())})")
+        _apply(cfg, _read_yaml(str(config)))
+    if isinstance(overrides, str) or not all(isinstance(item, str) for item in overrides):
+        raise FastdiffError(f"overrides must be a list of 'key=value' strings, got {overrides!r}")
     for item in overrides:
         _apply(cfg, parse_override(item))
     validate(cfg)

@@ -70,3 +70,20 @@ def refuse_replacing(folder, setting: str, inputs: dict | None = None, may_hold:
         if path in out.parents and role not in may_hold and out.exists():  # a part of the input; a new subfolder is not
             raise FastdiffError(f"{setting} {folder} lies inside the {role} folder {source}, which writing it would "
                                 "change; give a folder outside it")
+
+
+def script_main(main):
+    """``main`` of an eval/ script, as the CLI runs a command: a FastdiffError is one ``NAME: error:`` line on
+    stderr and exit status 2, not a traceback."""
+    import functools
+    import sys
+    from pathlib import Path
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except FastdiffError as exc:
+            print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return run

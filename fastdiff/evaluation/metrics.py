@@ -113,6 +113,17 @@ REF_FORMATS = ("auto", "fastdiff", *FOREIGN_RESIZE)
 _CLEAN_FID_NAME = re.compile(r"_(clean|legacy_tensorflow|legacy_pytorch)_")
 
 
+def check_statistics_path(path) -> None:
+    """Where reference statistics may be written: an .npz file name (not a folder) in an existing folder."""
+    path = Path(path)
+    if not path.name.endswith(".npz"):
+        raise FastdiffError(f"--out {path}: reference statistics are an .npz file")
+    if path.is_dir():
+        raise FastdiffError(f"--out {path} is a folder; give an .npz file name")
+    if not path.resolve().parent.is_dir():
+        raise FastdiffError(f"--out {path}: folder {path.parent} does not exist")
+
+
 @dataclass
 class ReferenceStats:
     """What ``fastdiff ref-stats`` writes: statistics, KID features and how they were made; or, labelled
@@ -150,15 +161,15 @@ class ReferenceStats:
         if self.foreign:  # never written out as if fastdiff had made it
             raise FastdiffError(f"a {self.origin} reference is not saved as fastdiff reference statistics")
         path = Path(path)
-        if not path.name.endswith(".npz"):
-            raise FastdiffError(f"--out {path}: reference statistics are an .npz file")
-        if not path.resolve().parent.is_dir():
-            raise FastdiffError(f"--out {path}: folder {path.parent} does not exist")
+        check_statistics_path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor, resize=self.resize,
-                 image_shape=np.array(self.image_shape), name=self.name, features=self.features,
-                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        os.replace(tmp, path)  # never a half-written reference
+        try:
+            np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor, resize=self.resize,
+                     image_shape=np.array(self.image_shape), name=self.name, features=self.features,
+                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            os.replace(tmp, path)  # never a half-written reference
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, fmt: str = "auto") -> "ReferenceStats":

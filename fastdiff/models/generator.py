@@ -21,11 +21,14 @@ the timesteps that diffusers' ``LCMScheduler(original_inference_steps=T).set_tim
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
 from fastdiff.pipelines.pipeline_fastdiff_flow_map import step_timesteps  # one rule for the sampler and the flow-map
 # pipeline that must reproduce it (the pipeline file imports only diffusers, so the rule lives there)
+from ..errors import FastdiffError
 from .denoiser import Denoiser, expand
 from .schedule import FlowSchedule
 
@@ -82,6 +85,11 @@ class Generator(nn.Module):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if not isinstance(denoiser, Denoiser):  # e.g. load_teacher's Teacher: its .denoiser is the one
+            raise FastdiffError(f"Generator takes a Denoiser (a Teacher's .denoiser), got {type(denoiser).__name__}")
+        T = denoiser.schedule.num_train_timesteps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= T:
+            raise FastdiffError(f"num_steps must be an integer in [1, {T}] (the teacher's timesteps), got {num_steps!r}")
         self.denoiser = denoiser
         self.num_steps = num_steps
         self.sigma_init = sigma_init

@@ -37,6 +37,9 @@ class Run:
     fails here, before anything is written."""
 
     def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False, progress: bool = True):
+        if not isinstance(cfg, Config):  # a dict or a preset name fails deep inside otherwise
+            raise FastdiffError(f"Trainer takes a Config, got {type(cfg).__name__}; make one with "
+                                "fastdiff.config.load_config(path_or_name, ['key=value', ...])")
         self.cfg = cfg
         self.progress = progress
         self.out = prepare_output_dir(cfg, resume, overwrite)
