@@ -404,7 +404,8 @@ def cmd_bench_msd(args) -> None:
     if args.steps is not None and args.steps <= 0:
         raise FastdiffError(f"--steps must be positive, got {args.steps}")
     _check_json_target(args.json)
-    result = bench_msd.run(partitions, objectives, 400 if args.steps is None else args.steps, args.num_eval, args.seed, overrides=args.set or [])
+    steps = 400 if args.steps is None else args.steps
+    result = bench_msd.run(partitions, objectives, steps, args.num_eval, args.seed, overrides=args.set or [])
     print(bench_msd.table(result))
     if args.json:
         write_json(result, args.json)
