@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.errors import script_main
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "consistency-cpu"
 
@@ -132,6 +134,7 @@ def summarize(results: Path = RESULTS) -> str:
     return text
 
 
+@script_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-path", default=os.environ.get("FASTDIFF_FASHION_MNIST", "/work/shared/datasets/fashion-mnist"))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.config import Config
+from fastdiff.errors import script_main
 from fastdiff.training.data import load_fashion_mnist, to_model_range
 from fastdiff.models.denoiser import expand
 from fastdiff.models.embedded import resolve_teacher_path
@@ -129,6 +130,7 @@ class _OneProcess:
     num_processes = 1
 
 
+@script_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="embedded:fmnist-ddpm")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fastdiff.errors import script_main  # noqa: E402
 
 TEACHERS = {"ddpm": ("fmnist-ddpm", None), "cond": ("fmnist-cond-vpred", 2.0)}  # folder, CFG of the evaluation
 OBJECTIVES = ("dmd2", "sid", "sim", "cd")
@@ -540,6 +541,7 @@ def fits(todo: list[Row], table: dict, args, spent: float = 0.0, ref_ready: bool
     return chosen
 
 
+@script_main
 def main(argv=None) -> None:
     args = parse(argv)
     table = load_table(args.out)
