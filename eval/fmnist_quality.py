@@ -499,6 +499,8 @@ def parse(argv=None):
         fail(f"--nfe {args.nfe!r}: give comma-separated step counts, e.g. 1,2,4,10")
     if not args.configs.is_dir():
         fail(f"--configs {args.configs}: no such folder (the rows' YAML files)")
+    if args.budget_minutes is not None and not args.budget_minutes > 0:
+        fail(f"--budget-minutes must be positive, got {args.budget_minutes}")
     bad = [w for w in args.which if w not in TEACHERS] + [o for o in args.objectives if o not in OBJECTIVES] \
         + [o for o in args.later if o not in LATER]
     if bad:
@@ -512,7 +514,9 @@ def select(rows: list[Row], table: dict, args) -> list[Row]:
         known = {r.name: r for r in rows}
         unknown = [n for n in names if n not in known]
         if unknown:
-            sys.exit(f"unknown row(s) {', '.join(unknown)}; known: {', '.join(known)}")
+            print(f"fmnist_quality: error: unknown row(s) {', '.join(unknown)}; known: {', '.join(known)}",
+                  file=sys.stderr)
+            raise SystemExit(2)
         return [known[n] for n in names]
     return [r for r in rows if not is_done(r, table, args)]
 

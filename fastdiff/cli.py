@@ -360,16 +360,22 @@ def cmd_clip_score(args) -> None:
 
 
 def _names(text: str | None, default: str) -> list[str]:
-    """A comma-separated list of names (``default`` when not given)."""
-    return [o.strip() for o in (text or default).split(",") if o.strip()]
+    """A comma-separated list of names (``default`` when not given); one that names nothing (',') is refused."""
+    names = [o.strip() for o in (default if text is None else text).split(",") if o.strip()]
+    if not names:
+        raise FastdiffError(f"--objectives {text!r} names no objective; e.g. --objectives {default}")
+    return names
 
 
 def _integers(flag: str, text: str, what: str) -> list[int]:
     """A comma-separated list of integers; anything else is one line naming the flag."""
     try:
-        return [int(k) for k in text.split(",") if k.strip()]
+        numbers = [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
-        raise FastdiffError(f"{flag}: expected {what}; got {text!r}") from None
+        numbers = []
+    if not numbers:  # ',' once ran nothing and exited 0
+        raise FastdiffError(f"{flag}: expected {what}; got {text!r}")
+    return numbers
 
 
 def cmd_bench(args) -> None:

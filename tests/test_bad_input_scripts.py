@@ -283,3 +283,22 @@ def test_memory_negative_width_is_refused(tmp_path, monkeypatch, capsys):
         rc = None
     assert rc == 2 and not built
     _one_line(capsys, "--width")
+
+
+@pytest.mark.parametrize("argv,flag", [(["gmm", "--objectives", ","], "--objectives"),
+                                       (["msd", "--partitions", ","], "--partitions")])
+def test_bench_lists_that_name_nothing_are_refused(argv, flag, capsys):
+    """`bench gmm --objectives ','` and `bench msd --partitions ','` ran no student and exited 0."""
+    assert main(["bench", *argv, "-q"]) == 2
+    _one_line(capsys, flag)
+
+
+@pytest.mark.parametrize("extra,fragment", [(["--next", "--budget-minutes", "-5"], "--budget-minutes"),
+                                            (["--rows", "nosuch"], "nosuch")])
+def test_fmnist_quality_bad_budget_and_unknown_rows_exit_2(tmp_path, capsys, extra, fragment):
+    """A negative --budget-minutes was accepted; an unknown --rows was one line but exit status 1."""
+    fq = _load_quality()
+    with pytest.raises(SystemExit) as exc:
+        fq.main([*extra, "--plan", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
+    assert exc.value.code == 2
+    _one_line(capsys, fragment)
