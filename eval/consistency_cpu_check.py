@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.errors import script_main
+from fastdiff.errors import FastdiffError, script_main
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "consistency-cpu"
@@ -155,8 +155,7 @@ def main(argv=None) -> int:
 
     unknown = [o for o in args.objectives.split(",") if o not in OBJECTIVES]
     if unknown:
-        print(f"consistency_cpu_check: error: --objectives: unknown {', '.join(unknown)}", file=sys.stderr)
-        return 2
+        raise FastdiffError(f"--objectives: unknown {', '.join(unknown)}")
     if args.summarize:
         print(summarize())
         return 0

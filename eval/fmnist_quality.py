@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fastdiff.errors import script_main  # noqa: E402
+from fastdiff.errors import FastdiffError, script_main  # noqa: E402
 
 TEACHERS = {"ddpm": ("fmnist-ddpm", None), "cond": ("fmnist-cond-vpred", 2.0)}  # folder, CFG of the evaluation
 OBJECTIVES = ("dmd2", "sid", "sim", "cd")
@@ -489,18 +489,14 @@ def parse(argv=None):
     args.which = [w for w in args.which.split(",") if w]
     args.objectives = [o for o in args.objectives.split(",") if o]
     args.later = [o for o in args.later.split(",") if o]
-    def fail(message: str):  # one line and exit 2, as fastdiff's own commands
-        print(f"fmnist_quality: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
     try:
         args.nfe = [int(k) for k in args.nfe.split(",")]
     except ValueError:
-        fail(f"--nfe {args.nfe!r}: give comma-separated step counts, e.g. 1,2,4,10")
+        raise FastdiffError(f"--nfe {args.nfe!r}: give comma-separated step counts, e.g. 1,2,4,10") from None
     if not args.configs.is_dir():
-        fail(f"--configs {args.configs}: no such folder (the rows' YAML files)")
+        raise FastdiffError(f"--configs {args.configs}: no such folder (the rows' YAML files)")
     if args.budget_minutes is not None and not args.budget_minutes > 0:
-        fail(f"--budget-minutes must be positive, got {args.budget_minutes}")
+        raise FastdiffError(f"--budget-minutes must be positive, got {args.budget_minutes}")
     bad = [w for w in args.which if w not in TEACHERS] + [o for o in args.objectives if o not in OBJECTIVES] \
         + [o for o in args.later if o not in LATER]
     if bad:
@@ -514,9 +510,7 @@ def select(rows: list[Row], table: dict, args) -> list[Row]:
         known = {r.name: r for r in rows}
         unknown = [n for n in names if n not in known]
         if unknown:
-            print(f"fmnist_quality: error: unknown row(s) {', '.join(unknown)}; known: {', '.join(known)}",
-                  file=sys.stderr)
-            raise SystemExit(2)
+            raise FastdiffError(f"unknown row(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return [known[n] for n in names]
     return [r for r in rows if not is_done(r, table, args)]
 

@@ -240,12 +240,17 @@ def _check_json_target(path: str | None, inputs: tuple = ()) -> None:
         raise FastdiffError(f"--json {path}: folder {Path(path).parent} does not exist")
     if path and Path(path).is_dir():
         raise FastdiffError(f"--json {path} is a folder; give a file name")
-    target = Path(path).resolve() if path else None
+    if path:
+        _refuse_writing_over(path, "--json", inputs)
+
+
+def _refuse_writing_over(path, flag: str, inputs) -> None:
+    """An output file that is one of ``inputs`` (files or folders) or lies inside an input folder: one line."""
+    target = Path(path).resolve()
     for source in inputs:
-        if path and source and Path(source).exists():
-            source = Path(source).resolve()
-            if target == source or source in target.parents:
-                raise FastdiffError(f"--json {path} would overwrite or change the input {source}; give another file")
+        if source and Path(source).exists() and (target == Path(source).resolve()
+                                                 or Path(source).resolve() in target.parents):
+            raise FastdiffError(f"{flag} {path} would overwrite or change the input {source}; give another file")
 
 
 def _write_json(path: str | None, result: dict) -> None:
@@ -270,8 +275,7 @@ def cmd_ref_stats(args) -> None:
     from .evaluation.metrics import check_statistics_path
 
     check_statistics_path(out)  # before the Inception pass, not after it
-    if out.resolve() == Path(args.source).resolve() or Path(args.source).resolve() in out.resolve().parents:
-        raise FastdiffError(f"--out {out} would replace or change the source {args.source}; give another file")
+    _refuse_writing_over(out, "--out", (args.source,))
     if _is_statistics_file(args.source):  # another tool's mu/sigma: say what it is; never rewritten as fastdiff's own
         from .evaluation.metrics import ReferenceStats
 
@@ -702,8 +706,10 @@ def _check_common(args) -> None:
     """The flags several commands share, checked before anything loads."""
     import math
 
-    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2**32:  # as train.seed (batch b: seed + b)
-        raise FastdiffError(f"--seed must be in [0, 2^32), got {args.seed}")
+    from .config import check_seed
+
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed, "--seed")
     for flag in ("guidance_scale", "guidance"):  # a NaN scale samples NaN images (and NaN reflow pairs)
         value = getattr(args, flag, None)
         if value is not None and not math.isfinite(value):

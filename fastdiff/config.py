@@ -346,6 +346,12 @@ def _read_one_yaml(name_or_path: str) -> dict:
     return data
 
 
+def check_seed(seed: int, name: str) -> None:
+    """A seed every command takes alike: [0, 2^32) (torch's generators take 64 bits; a batch b draws seed + b)."""
+    if not 0 <= seed < 2**32:
+        raise FastdiffError(f"{name} must be in [0, 2^32), got {seed}")
+
+
 def flat_config(cfg, overrides: list[str], positive: tuple[str, ...]):
     """A command's own flat settings (``fastdiff tune`` / ``upscale``): ``key=value`` overrides applied to ``cfg``
     (unknown keys and bad types refused), then the ``positive`` keys checked; returns ``cfg``."""
@@ -357,8 +363,7 @@ def flat_config(cfg, overrides: list[str], positive: tuple[str, ...]):
     for key in ("weight_decay", "grad_clip"):  # torch refuses the first with a traceback, trains on the second
         if getattr(cfg, key, 0) < 0:
             raise FastdiffError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
-    if not 0 <= getattr(cfg, "seed", 0) < 2**32:  # as train.seed
-        raise FastdiffError(f"seed must be in [0, 2^32), got {cfg.seed}")
+    check_seed(getattr(cfg, "seed", 0), "seed")
     return cfg
 
 
@@ -401,8 +406,7 @@ def validate(cfg: Config) -> None:
     if (isinstance(sigma, str) and sigma != "auto") or (not isinstance(sigma, str) and sigma is not None
                                                         and not (0 < sigma < math.inf)):
         raise FastdiffError(f"student.sigma_init must be a positive number, null (the top) or auto, got {sigma!r}")
-    if not 0 <= t.seed < 2**32:
-        raise FastdiffError(f"train.seed must be in [0, 2^32), got {t.seed}")
+    check_seed(t.seed, "train.seed")
     for key in ("lr_generator", "lr_critic", "weight_decay", "grad_clip"):  # grad_clip 0: no clip
         value = getattr(t, key)
         if value is not None and (value < 0 or (value == 0 and key.startswith("lr_"))):

@@ -227,11 +227,6 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
     batch's prompts, for text-to-image models: image i gets ``prompts[i]``). Latents are decoded by the VAE.
     """
     check_prompts(loaded, prompts)
-    if isinstance(model, Denoiser) and steps > model.schedule.num_train_timesteps:  # DDIM levels would repeat
-        from ..errors import FastdiffError
-
-        T = model.schedule.num_train_timesteps
-        raise FastdiffError(f"--steps {steps} DDIM steps are more than the teacher's {T} timesteps; use at most {T}")
     if isinstance(model, (RouterSampler, MultiGuidanceSampler)):  # pipeline-driven: their own conditions
         yield from model.sample(num, steps, seed, batch_size, prompts)
         return

@@ -21,8 +21,6 @@ the timesteps that diffusers' ``LCMScheduler(original_inference_steps=T).set_tim
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
@@ -30,7 +28,7 @@ from fastdiff.pipelines.pipeline_fastdiff_flow_map import step_timesteps  # one 
 # pipeline that must reproduce it (the pipeline file imports only diffusers, so the rule lives there)
 from ..errors import FastdiffError
 from .denoiser import Denoiser, expand
-from .schedule import FlowSchedule
+from .schedule import FlowSchedule, require_steps
 
 
 SAMPLERS = ("lcm", "ddim")
@@ -63,6 +61,7 @@ def step_sigmas(denoiser: Denoiser, num_steps: int, sigma_init: float | None = N
     the teacher's first t0 + 1 betas reproduces them exactly.
     """
     schedule = denoiser.schedule
+    require_steps(num_steps, schedule)  # the student's and ddim_sample's levels alike
     if isinstance(schedule, FlowSchedule):
         # t_i = t_0 (K - i) / K; the first level is pure noise (t_0 = 1, sigma = inf) unless sigma_init is given (the
         # library's callers only: the trainer refuses it on flow teachers), whose t_0 the later levels then divide.
@@ -87,9 +86,6 @@ class Generator(nn.Module):
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if not isinstance(denoiser, Denoiser):  # e.g. load_teacher's Teacher: its .denoiser is the one
             raise FastdiffError(f"Generator takes a Denoiser (a Teacher's .denoiser), got {type(denoiser).__name__}")
-        T = denoiser.schedule.num_train_timesteps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= T:
-            raise FastdiffError(f"num_steps must be an integer in [1, {T}] (the teacher's timesteps), got {num_steps!r}")
         self.denoiser = denoiser
         self.num_steps = num_steps
         self.sigma_init = sigma_init

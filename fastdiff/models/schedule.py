@@ -15,6 +15,7 @@ integer timestep the teacher was trained on (and that a diffusers scheduler woul
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -124,6 +125,16 @@ class FlowSchedule:
 
     def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.timestep(sigma)
+
+
+def require_steps(num_steps, schedule) -> None:
+    """A sampler's step count on the teacher's table: an integer in [1, T]; more steps than the T training
+    timesteps would repeat levels (steps of zero length, each a wasted network pass)."""
+    from ..errors import FastdiffError
+
+    T = schedule.num_train_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= T:
+        raise FastdiffError(f"{num_steps!r} steps: give an integer in [1, {T}], the teacher's timesteps")
 
 
 def schedule_from_scheduler(scheduler) -> VPSchedule | FlowSchedule:

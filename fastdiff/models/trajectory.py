@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from .schedule import FlowSchedule, VPSchedule
+from .schedule import FlowSchedule, VPSchedule, require_steps
 
 SAMPLERS = ("ddim", "heun")
 KARRAS_POINTS = 1000  # DMD2 edm_guidance.py: --num_train_timesteps 1000
@@ -48,11 +48,8 @@ def ddim_levels(schedule, num_steps: int, finite: bool = False) -> torch.Tensor:
     FlowMatchEulerDiscreteScheduler spaces them (with its shift), from t = 1 (sigma = inf, pure noise).
     ``finite``: round(linspace(T - 1, 1, K)) on a flow table instead, every level finite and above sigma = 0 (AGD
     trains at every level, and a velocity loss weight is infinite at both ends)."""
+    require_steps(num_steps, schedule)
     T = schedule.num_train_timesteps
-    if num_steps > T:  # the rounded levels would repeat: steps of zero length, each a wasted network pass
-        from ..errors import FastdiffError
-
-        raise FastdiffError(f"{num_steps} DDIM steps are more than the teacher's {T} timesteps; use at most {T}")
     if not isinstance(schedule, FlowSchedule):
         return schedule.sigma_at(torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round())
     if finite:
