@@ -3,6 +3,7 @@ a hand-made gradient all-reduce across processes, and non-finite updates skipped
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -36,7 +37,8 @@ class Optimizer:
         fused = torch.cuda.is_available() and all(p.is_cuda for p in self.params) and not self.sharded
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(cfg.train.adam_betas),
                                      weight_decay=cfg.train.weight_decay, fused=fused or None)
-        self.scaler = torch.amp.GradScaler(enabled=fp16)
+        # the parameters' own device type: torch's default ("cuda") disables itself elsewhere, with a warning
+        self.scaler = torch.amp.GradScaler(self.params[0].device.type if self.params else "cpu", enabled=fp16)
         # the gradient-norm clip (``clip``, else train.grad_clip); 0 = none: an infinite bound still measures the norm
         self.clip = (cfg.train.grad_clip if clip is None else clip) or math.inf
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step // steps_per_update, cfg.train))
@@ -76,7 +78,10 @@ class Optimizer:
             self.scaler.step(self.opt)
         self.scaler.update()  # fp16: a skipped step also lowers the loss scale
         self.opt.zero_grad(set_to_none=True)
-        self.schedule.step()
+        with warnings.catch_warnings():  # a skipped update advances the schedule too (one step, one schedule
+            # step); torch would warn that the schedule stepped before the optimizer, which is meant here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.schedule.step()
         return norm, finite
 
     def state_dict(self, is_main: bool = True):

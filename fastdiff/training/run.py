@@ -133,11 +133,12 @@ class Run:
         if self.ema is not None:
             ema_params = dict(self.ema.named_parameters())
             self._ema_pairs = [(ema_params[n], p) for n, p in student_model.named_parameters() if p.requires_grad]
+        scale_loss = mp == "fp16" and self.accelerator.native_amp  # fp16 autocast runs: its gradients need scaling
         self.opt_g = Optimizer([student_model, *self.objective.generator_modules()], cfg.train.lr_generator, cfg,
-                               mp == "fp16")
+                               scale_loss)
         critic = self.objective.critic_modules()
         # The critic's schedule follows generator updates, of which each has critic_updates critic steps.
-        self.opt_c = (Optimizer(critic, cfg.train.lr_critic, cfg, mp == "fp16", self.objective.critic_updates,
+        self.opt_c = (Optimizer(critic, cfg.train.lr_critic, cfg, scale_loss, self.objective.critic_updates,
                                 self.objective.critic_grad_clip) if critic else None)
         self.step = 0
         # Non-finite updates not applied, counted on the device (read at log steps, so no step waits for it).
