@@ -36,7 +36,7 @@ def test_class_labels_select_a_mode_and_null_is_the_mixture():
     expected = (s2 * x.reshape(3, -1) + 4.0 * gmm.means[2]) / (s2 + 4.0)
     # one mode (responsibility exactly 1): a handful of float32 operations on values of order |expected| (~1.2) each
     # side; 16 eps32 of it (measured 1 ulp, 1.2e-7).
-    assert torch.allclose(one, expected, rtol=0, atol=16 * torch.finfo(torch.float32).eps * float(expected.abs().max()))
+    assert torch.allclose(one, expected, rtol=0, atol=16 * torch.finfo(torch.float32).eps * float(expected.detach().abs().max()))
 
 
 def test_saved_teacher_loads_through_the_adapter_and_ddim_reaches_the_truth(tmp_path):
