@@ -170,3 +170,21 @@ def test_cudnn_benchmark_on_for_the_config_that_asks_off_for_naive_steps(tiny_te
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+def test_synthetic_cifar_teacher_has_google_ddpm_cifar10_shape(tmp_path):
+    """The speed table's teacher is google/ddpm-cifar10-32's network: its config's values, transcribed here (the hub's
+    unet/config.json), reach the saved UNet, above all one attention head over the 256 channels, not 32 x 8."""
+    from diffusers import UNet2DModel
+    from fastdiff.bench.speed import synthetic_teacher
+
+    google = {"block_out_channels": [128, 256, 256, 256], "layers_per_block": 2, "attention_head_dim": None,
+              "norm_eps": 1e-06, "norm_num_groups": 32, "downsample_padding": 0, "flip_sin_to_cos": False,
+              "freq_shift": 1, "act_fn": "silu", "time_embedding_type": "positional", "mid_block_scale_factor": 1,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "sample_size": 32}
+    unet = UNet2DModel.from_pretrained(synthetic_teacher("ddpm-cifar", tmp_path / "t"), subfolder="unet")
+    assert {k: unet.config[k] if not isinstance(unet.config[k], tuple) else list(unet.config[k]) for k in google} == google
+    assert sum(p.numel() for p in unet.parameters()) == 35_746_307  # this shape's count (google's model: 35.7M)
+    heads = {(m.heads, m.inner_dim // m.heads) for m in unet.modules() if type(m).__name__ == "Attention"}
+    assert heads == {(1, 256)}
