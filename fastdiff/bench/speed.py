@@ -281,6 +281,9 @@ def sampling_rows(teacher: str, batches: list[int], steps: int, warmup: int, dev
     model = loaded.model.to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
+    # fixed shapes, so cuDNN's per-shape algorithm search pays off (as fastdiff's training step has it); set here,
+    # not left to whichever trainer ran last, so eager and compiled rows run the same convolutions
+    torch.backends.cudnn.benchmark = cuda
     gen = Generator(loaded.denoiser, 1, 2.5).to(device)
     rows = []
     budget, skipped = budget or Budget(None), skipped if skipped is not None else []
