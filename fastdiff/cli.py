@@ -52,6 +52,10 @@ def cmd_distill(args) -> None:
     try:
         try:
             trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+            if cfg.train.eval_every:  # checks its reference and loads Inception before any training
+                from .evaluation.during_training import TrainingEvaluator
+
+                trainer.evaluator = TrainingEvaluator(trainer)
             out = trainer.fit()
         except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             if not _out_of_memory(exc):

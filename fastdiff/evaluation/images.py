@@ -137,8 +137,7 @@ def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float 
                   prompts: list[str] | None = None, levels=None) -> list[ImageSource]:
     """One source per step count, all sampling the same network (loaded once); text-to-image models sample
     image i from ``prompts[i]``."""
-    from .clip_score import prompts_for
-    from ..inference.sampling import check_prompts, load_sampler, sample_model
+    from ..inference.sampling import check_prompts, load_sampler
 
     for k in steps:
         if k is None or k <= 0:
@@ -147,17 +146,23 @@ def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float 
     if loaded.conditioning != "text":
         prompts = None  # class-conditional models pair prompts with classes (CLIP score), not samples
     check_prompts(loaded, prompts)  # before the slow part
+    count = len(prompts) if prompts and len(prompts) > 1 else None  # one image per prompt, unless one for all
+    return [sampled_source(f"{Path(path).name}-{k}step", model, loaded, k, seed, device, guidance_scale, prompts,
+                           count) for k in steps]
 
-    def source(k: int) -> ImageSource:
-        def read(num, batch_size):
-            paired = prompts_for(prompts, num) if prompts else None
-            for _, images in sample_model(model, loaded, num, k, seed, batch_size, device, guidance_scale, paired):
-                yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        count = len(prompts) if prompts and len(prompts) > 1 else None  # one image per prompt, unless one for all
-        return ImageSource(f"{Path(path).name}-{k}step", count, loaded.image_shape, read,
-                           is_model=True,
-                           num_classes=loaded.num_classes)
-    return [source(k) for k in steps]
+
+def sampled_source(name: str, model, loaded, steps: int, seed: int, device, guidance_scale: float | None = None,
+                   prompts: list[str] | None = None, count: int | None = None) -> ImageSource:
+    """Images sampled on the fly by ``sample_model`` (its noise: one CPU generator per batch, seeded seed + batch
+    index); ``loaded``: what describes the model (a loaded sampler, or a run's Teacher)."""
+    from .clip_score import prompts_for
+    from ..inference.sampling import sample_model
+
+    def read(num, batch_size):
+        paired = prompts_for(prompts, num) if prompts else None
+        for _, images in sample_model(model, loaded, num, steps, seed, batch_size, device, guidance_scale, paired):
+            yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return ImageSource(name, count, loaded.image_shape, read, is_model=True, num_classes=loaded.num_classes)
 
 
 def is_model_folder(path: Path) -> bool:

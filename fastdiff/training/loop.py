@@ -55,6 +55,30 @@ class Trainer(Run):
         with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda" else []):
             return self.export(self.out / "stages" / f"k{segments}", num_steps=segments)
 
+    def evaluate(self, metrics) -> float:
+        """train.eval_every: FID / KID of the student as it would be exported now (``self.evaluator``), logged to the
+        trackers, ``metrics`` (the open metrics.jsonl, main process) and the console; with train.eval_keep_best a FID
+        below every earlier one exports the student to ``student-best/`` too. Returns the seconds it took, which the
+        loop keeps out of its time limit and images/s. The random streams are left as they were."""
+        t0, acc = time.time(), self.accelerator
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with gathered_student(self), torch.random.fork_rng(devices=devices):
+            scores = self.evaluator(self) if acc.is_main_process else None
+            if scores is not None:
+                values = {k: float(scores[k]) for k in ("fid", "kid", "kid_std") if k in scores}
+                trackers.log_scalars(acc, {f"eval_{k}": v for k, v in values.items()}, self.step)
+                metrics.write(json.dumps({"step": self.step, "eval": scores["fid_label"], **values}) + "\n")
+                metrics.flush()
+                best = self.cfg.train.eval_keep_best and values["fid"] < self.best_fid
+                acc.print(f"step {self.step}: {scores['fid_label']} {values['fid']:.3f}"
+                          + (f", KID {values['kid']:.5f}" if "kid" in values else "")
+                          + (" (lowest yet: exported to student-best/)" if best else ""))
+                if best:
+                    self.best_fid = values["fid"]
+                    self.export(self.out / "student-best")
+        acc.wait_for_everyone()
+        return time.time() - t0
+
     def restart_ema(self) -> None:
         """The EMA set to the student's weights (``train.ema_stage_restart``, at a progressive stage's end)."""
         with torch.no_grad():
@@ -161,6 +185,10 @@ class Trainer(Run):
         cfg, acc = self.cfg, self.accelerator
         stage_ends = self.objective.stage_ends()  # {step: segment count}; {} unless progressive
         on_stage_end = on_stage_end or (self.export_stage if export else None)
+        if cfg.train.eval_every and self.evaluator is None:
+            raise FastdiffError("train.eval_every scores the student during `fastdiff distill`; from Python, set "
+                                "trainer.evaluator = fastdiff.evaluation.during_training.TrainingEvaluator(trainer) "
+                                "first, or set train.eval_every=0")
         if export:  # an export that cannot succeed fails now, not after training
             weights = self.student_weights()
             check_exportable(self.shards.skeleton(weights) if self.shards else weights, self.teacher)
@@ -203,6 +231,9 @@ class Trainer(Run):
                     if cfg.train.ema_stage_restart and self.step < cfg.train.max_steps:  # a next stage follows
                         self.restart_ema()
                 out_of_time = self._out_of_time(start)
+                every = cfg.train.eval_every
+                if every and (self.step % every == 0 or self.step == cfg.train.max_steps or out_of_time):
+                    start += self.evaluate(metrics)  # before the checkpoint, which keeps the lowest FID
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps or out_of_time:
                     self.save()
                 acc.wait_for_everyone()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +33,43 @@ def sample_grid(run) -> None:
         cond = run.objective.student_condition(cond, n)
     else:
         cond = guided_cond(gen.denoiser.model, cond, sum(g_range) / 2 if g_range else None)
-    with torch.no_grad(), run.accelerator.autocast():
+    with torch.no_grad(), run.accelerator.autocast(), eval_mode(gen), vae_on_device(run):
         x0 = gen(z, cond, rng=rng)
-        latents = run.teacher.latents
-        if latents is not None:  # the VAE visits the accelerator for the grid only, unless training encodes
-            home = latents.vae.device
-            latents.vae.to(run.accelerator.device)
-            x0 = latents.decode(x0)
-            latents.vae.to(home)
+        if run.teacher.latents is not None:
+            x0 = run.teacher.latents.decode(x0)
     ncol = run.teacher.num_classes or None
     path = run.out / "samples" / f"step-{run.step:08d}.png"
     save_grid(to_uint8(x0), path, ncol=ncol)
     with Image.open(path) as grid:  # the grid exactly as written, to the trackers too
         image = np.asarray(grid)
     log_image(run.accelerator, "samples", image[..., None] if image.ndim == 2 else image, run.step)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode (dropout off, as in the exported pipeline), each submodule's mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
+def vae_on_device(run):
+    """A latent teacher's VAE on the run's device for a grid or an evaluation only (unless training encodes there)."""
+    latents = run.teacher.latents
+    if latents is None:
+        yield
+        return
+    home = latents.vae.device
+    latents.vae.to(run.accelerator.device)
+    try:
+        yield
+    finally:
+        latents.vae.to(home)
 
 
 def export_run(run, out: Path | None = None, num_steps: int | None = None, **options) -> Path | None:

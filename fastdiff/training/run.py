@@ -141,6 +141,10 @@ class Run:
         self.opt_c = (Optimizer(critic, cfg.train.lr_critic, cfg, scale_loss, self.objective.critic_updates,
                                 self.objective.critic_grad_clip) if critic else None)
         self.step = 0
+        # train.eval_every: what scores the student (fastdiff.evaluation.during_training, attached by `fastdiff
+        # distill`, a layer above this one) and the lowest FID so far (checkpointed, for train.eval_keep_best)
+        self.evaluator = None
+        self.best_fid = float("inf")
         # Non-finite updates not applied, counted on the device (read at log steps, so no step waits for it).
         self.skipped = {k: torch.zeros((), dtype=torch.long, device=device) for k in ("generator", "critic", "consecutive")}
         mode = lora_export_mode(cfg, teacher)

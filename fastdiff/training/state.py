@@ -63,7 +63,7 @@ def save_checkpoint(run) -> None:
     if not main:
         return
     state = {"step": run.step, "skipped": {k: int(v) for k, v in run.skipped.items()}, "opt_g": opt_g,
-             "opt_c": opt_c, "rng": ckpt.rng_state(run._generators())}
+             "opt_c": opt_c, "rng": ckpt.rng_state(run._generators()), "best_fid": run.best_fid}
     path = ckpt.write_checkpoint(run.out, run.step, modules, state, run.cfg.train.checkpoint_limit)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
 
@@ -104,6 +104,7 @@ def load_checkpoint(run, which: str) -> None:
         run.opt_c.load_state_dict(state["opt_c"])
     ckpt.set_rng_state(state["rng"], run._generators())
     run.step = state["step"]
+    run.best_fid = float(state.get("best_fid", float("inf")))  # checkpoints from before train.eval_keep_best: none
     for key, value in state.get("skipped", {}).items():
         run.skipped[key].fill_(int(value))
     run.accelerator.print(f"resumed from {path}")

@@ -1,0 +1,68 @@
+"""FID / KID of a run's student while it trains (``train.eval_every``), as SiD's and EDM's training loops track it.
+
+Each evaluation scores the student the run would export at that step (``run.export_generator()``: the EMA where
+kept), in float32 and eval mode, sampled the way ``fastdiff fid STUDENT --steps K --seed S --batch-size B`` samples
+the exported folder (``sample_model``: one CPU noise generator per batch, seeded S + batch index; here S =
+``train.seed``, B = ``train.batch_size``), against reference statistics from ``fastdiff ref-stats``. So the number
+logged at step N is the number ``fastdiff fid`` gives for the student exported at step N (tests/test_eval_during_training.py).
+
+Settings are checked when the evaluator is built, before training; only the main process loads Inception and scores.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import FastdiffError
+from ..training.outputs import eval_mode, vae_on_device
+from .evaluate import evaluate
+from .images import sampled_source
+from .inception import InceptionFeatures
+from .metrics import ReferenceStats
+
+
+class TrainingEvaluator:
+    """``evaluator(run) -> evaluate()'s result`` for the run's current student (main process only)."""
+
+    def __init__(self, run):
+        t, teacher = run.cfg.train, run.teacher
+        if teacher.conditioning == "text" or run.cfg.objective.name == "fada":
+            raise FastdiffError("train.eval_every scores class-conditional and unconditional students; a text-to-image "
+                                "student needs prompts: score its export with `fastdiff fid STUDENT --prompts FILE`")
+        path = Path(t.eval_reference)
+        if not path.is_file():
+            raise FastdiffError(f"train.eval_reference {path}: no such file; make it once with "
+                                f"`fastdiff ref-stats IMAGES --out {path}`")
+        try:
+            self.ref = ReferenceStats.load(path)
+        except FastdiffError as exc:
+            raise FastdiffError(f"train.eval_reference: {exc}") from None
+        c, h, w = teacher.image_shape
+        if t.eval_crop is not None and t.eval_crop > min(h, w):
+            raise FastdiffError(f"train.eval_crop {t.eval_crop} is larger than the student's {h}x{w} images")
+        self.shape = (c, t.eval_crop, t.eval_crop) if t.eval_crop else (c, h, w)
+        made = self.ref.image_shape
+        if made is not None and tuple(made) != self.shape:
+            fix = f"set train.eval_crop {made[1]}" if made[0] == c and made[1] == made[2] < min(h, w) else \
+                "remake the reference from images like the student's"
+            raise FastdiffError(f"train.eval_reference was made from {'x'.join(map(str, made))} (CxHxW) images, the "
+                                f"student's are {'x'.join(map(str, self.shape))}: {fix}")
+        self.extractor = None
+        if run.accelerator.is_main_process:
+            with torch.random.fork_rng(devices=[]):  # its layers' random initial weights would shift the run's draws
+                self.extractor = InceptionFeatures(t.eval_inception, self.ref.resize).to(run.accelerator.device)
+            try:
+                self.ref.check_extractor(self.extractor.extractor_id)
+            except FastdiffError as exc:
+                raise FastdiffError(f"train.eval_reference and train.eval_inception: {exc}") from None
+
+    def __call__(self, run) -> dict:
+        t = run.cfg.train
+        gen = run.export_generator()
+        g_range = run.cfg.objective.guidance_range  # as the sample grid: the middle of the range
+        source = sampled_source(f"step-{run.step}", gen, run.teacher, run.cfg.student.num_steps, t.seed,
+                                run.accelerator.device, sum(g_range) / 2 if g_range else None)
+        with torch.no_grad(), eval_mode(gen), vae_on_device(run):
+            return evaluate(source, self.ref, self.extractor, t.eval_images, t.batch_size, t.eval_crop,
+                            progress=False)

