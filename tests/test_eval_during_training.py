@@ -138,3 +138,28 @@ def test_text_to_image_students_are_pointed_to_fastdiff_fid(tiny_teacher, tmp_pa
     monkeypatch.setattr(Teacher, "conditioning", property(lambda self: "text"))
     with pytest.raises(FastdiffError, match="text-to-image student needs prompts: .*fastdiff fid STUDENT --prompts"):
         TrainingEvaluator(trainer)
+
+
+@pytest.mark.slow
+@needs_inception
+def test_two_sharded_processes_evaluate_on_the_main_one_what_fastdiff_fid_gives(tiny_teacher, reference, tmp_path):
+    """``accelerate launch`` with 2 FSDP CPU processes: the student is gathered (a collective), only the main process
+    samples and scores, the other waits, and the number logged at the last step is `fastdiff fid`'s for the export
+    (the same uint8 images: the gathered weights are the exported ones)."""
+    from test_sharding import _two_processes
+
+    run = tmp_path / "two"
+    _two_processes(tiny_teacher, run, 2, "train.eval_every=1", f"train.eval_reference={reference}",
+                   "train.eval_images=8", "train.eval_keep_best=true")
+    rows = _eval_rows(run)
+    assert [r["step"] for r in rows] == [1, 2]  # one row per evaluation: the main process's
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes run: the same kernels sum in the same order
+    try:
+        assert main(["fid", str(run / "student"), "--steps", "1", "--seed", "0", "--batch-size", "2", "--num", "8",
+                     "--ref", str(reference), "--json", str(tmp_path / "fid.json"), "-q"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # identical images and Inception calls (with 2 threads here, features rounded otherwise moved FID by 9e-8)
+    assert json.loads((tmp_path / "fid.json").read_text())["fid"] == pytest.approx(rows[1]["fid"], rel=1e-9)
+    assert (run / "student-best" / "fastdiff.json").is_file()
