@@ -4,7 +4,8 @@ Each evaluation scores the student the run would export at that step (``run.expo
 kept), in float32 and eval mode, sampled the way ``fastdiff fid STUDENT --steps K --seed S --batch-size B`` samples
 the exported folder (``sample_model``: one CPU noise generator per batch, seeded S + batch index; here S =
 ``train.seed``, B = ``train.batch_size``), against reference statistics from ``fastdiff ref-stats``. So the number
-logged at step N is the number ``fastdiff fid`` gives for the student exported at step N (tests/test_eval_during_training.py).
+logged at step N is the number ``fastdiff fid`` gives for the student exported at step N
+(tests/test_eval_during_training.py).
 
 Settings are checked when the evaluator is built, before training; only the main process loads Inception and scores.
 """
