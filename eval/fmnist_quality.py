@@ -54,6 +54,9 @@ MAX_TRAIN_MINUTES = 5.0  # one distillation row must leave room in a 10-minute s
 REFERENCE_MINUTES = 1.0
 TEACHER_FIXED, PER_NFE_10K, PER_FID = 0.5, 0.025, 0.15
 STUDENT_OVERHEAD, STUDENT_PER_FID = 1.0, 0.3
+# --curve-every: FID@1k every 500 updates while a student trains (train.eval_every), kept out of its time limit:
+# ~3 s each (1000 one-step samples, 5.7 TFLOP of fp32 Inception), a few per row
+CURVE_MINUTES = 0.3
 
 
 @dataclass
@@ -171,7 +174,7 @@ def static_minutes(row: Row, args, train: float | None = None) -> float:
     train = train_minutes(row, args) if train is None else train
     pairs = PAIRS_MINUTES if row.objective in PAIRS else 0.0
     fids = len(row.steps) + len(EXTRA_LEVELS.get(row.objective, []))
-    return STUDENT_OVERHEAD + pairs + train + fids * STUDENT_PER_FID * scale
+    return STUDENT_OVERHEAD + pairs + train + fids * STUDENT_PER_FID * scale + (CURVE_MINUTES if args.curve_every else 0)
 
 
 def estimate_minutes(row: Row, table: dict, args) -> float:
@@ -205,6 +208,7 @@ def write_table(out: Path, table: dict) -> None:
     except ImportError:
         return
     plot(table, out / "fmnist.png")
+    plot_curves(table, out / "fmnist-curves.png")
 
 
 def nfe_series(table: dict) -> dict:
@@ -251,6 +255,43 @@ def plot(table: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def curve_series(table: dict) -> dict:
+    """Per teacher folder: {objective: [(images seen, FID), ...]}, the FIDs measured while each student trained."""
+    series: dict = {}
+    for r in table["rows"]:
+        if r.get("curve") and not r.get("error"):
+            series.setdefault(r["teacher"], {})[r["objective"]] = [(c["images_seen"], c["fid"]) for c in r["curve"]]
+    return series
+
+
+def plot_curves(table: dict, path: Path) -> None:
+    """FID against images seen while each student trained, one panel per teacher: whether a row that misses its
+    target was still improving when its time ran out. (Curve FIDs use fewer images than the table's, so they sit
+    above its numbers and are compared with each other only.)"""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = curve_series(table)
+    if not series:
+        return
+    label = next(c["fid_label"] for r in table["rows"] for c in r.get("curve") or [])
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4), squeeze=False)
+    for ax, (teacher, models) in zip(axes[0], series.items()):
+        for model, points in models.items():
+            ax.plot(*zip(*points), "o-", label=model, markersize=4)
+        ax.set_yscale("log")
+        ax.set_xlabel("images seen by the student")
+        ax.set_ylabel(label)
+        ax.set_title(teacher)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def render(table: dict) -> str:
     rows = table["rows"]
     label = next((m["fid_label"] for r in rows for m in r.get("results", [])), "FID")
@@ -276,6 +317,8 @@ def render(table: dict) -> str:
                          f"{train} | {seen} | {speed} | {common} |")
     missing = [n for n in ORDER if stored(table, n) is None]
     lines += ["", "Chart (FID against NFE; written where matplotlib is installed): fmnist.png."]
+    if curve_series(table):
+        lines += ["", "Training curves (FID measured while each student trained, `--curve-every`): fmnist-curves.png."]
     lines += ["", "## Targets", ""] + [f"- {v}" for v in verdicts(rows)]
     if missing:
         lines += ["", "Rows not measured yet: " + ", ".join(missing) + "."]
@@ -371,8 +414,10 @@ def distill(row: Row, args, run: Path, log: Path) -> dict:
     import yaml
 
     # the time limit after --set: the row records (and hashes) the capped value, so no --set may lift it
+    curve = [f"train.eval_every={args.curve_every}", f"train.eval_reference={reference_file(args)}",
+             f"train.eval_images={min(args.curve_num, args.num)}", f"train.eval_crop={args.crop}"]
     sets = [f"teacher.path={args.teachers / row.teacher}", f"output_dir={run}", f"data.path={args.data_path}",
-            *args.set, f"train.time_limit_minutes={train_minutes(row, args)}"]
+            *(curve if args.curve_every else []), *args.set, f"train.time_limit_minutes={train_minutes(row, args)}"]
     t0 = time.time()
     if row.objective in PAIRS:  # reflow trains on the teacher's ODE pairs, made here (resumable, sharded)
         pairs = args.work / f"pairs-{row.which}"
@@ -403,7 +448,11 @@ def distill(row: Row, args, run: Path, log: Path) -> dict:
                 images_seen=student["train_step"] * config["batch_size"] * config["gradient_accumulation"])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if metrics:
-        info["train_images_per_second"] = metrics[-1].get("images_per_second")
+        logged = [m for m in metrics if "images_per_second" in m]  # not the FID rows of the curve
+        info["train_images_per_second"] = logged[-1]["images_per_second"] if logged else None
+        per_step = config["batch_size"] * config["gradient_accumulation"]
+        info["curve"] = [{"step": m["step"], "images_seen": m["step"] * per_step, "fid": m["fid"],
+                          "fid_label": m["eval"]} for m in metrics if "eval" in m]
     return info
 
 
@@ -437,6 +486,8 @@ def run_row(row: Row, args, measure_fn) -> dict:
             result["results"] = measure_fn().model(teacher, row, row.guidance)
         else:
             run, logs = args.work / "runs" / row.name, args.out / "logs"
+            if args.curve_every:
+                measure_fn()  # the reference statistics the run's curve is scored against, made first
             result.update(distill(row, args, run, logs / f"{row.name}.log"))
             metrics = run / "metrics.jsonl"
             if metrics.is_file():  # the loss curves, kept beside the table as evidence
@@ -485,6 +536,10 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--set", action="append", default=[], help="extra config override for every distillation")
+    p.add_argument("--curve-every", type=int, default=500,
+                   help="while a student trains, FID every N updates (train.eval_every; 0: none): the FID-against-"
+                        "training curves of fmnist-curves.png, evidence for a row that misses its target")
+    p.add_argument("--curve-num", type=int, default=1000, help="images per curve FID (at most --num)")
     args = p.parse_args(argv)
     args.which = [w for w in args.which.split(",") if w]
     args.objectives = [o for o in args.objectives.split(",") if o]
@@ -497,6 +552,9 @@ def parse(argv=None):
         raise FastdiffError(f"--configs {args.configs}: no such folder (the rows' YAML files)")
     if args.budget_minutes is not None and not args.budget_minutes > 0:
         raise FastdiffError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    if args.curve_every < 0 or args.curve_num < 2:  # KID needs two features
+        raise FastdiffError(f"--curve-every must be >= 0 (0: none) and --curve-num at least 2, got "
+                            f"{args.curve_every} and {args.curve_num}")
     bad = [w for w in args.which if w not in TEACHERS] + [o for o in args.objectives if o not in OBJECTIVES] \
         + [o for o in args.later if o not in LATER]
     if bad:

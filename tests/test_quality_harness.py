@@ -130,6 +130,9 @@ def test_quality_runner_smoke(tmp_path):
         ("ddpm-teacher", [(1, None)]), ("ddpm-dmd2", [(1, None)]), ("ddpm-cd", [(1, None), (2, None), (4, None)]),
         ("ddpm-meanflow", [(1, None), (2, None), (4, None), (2, "flow")])]  # meanflow: 2 steps on flow levels too
     assert all(r["images_seen"] == 2 and r["train_steps"] == 1 and r["train_minutes"] == 4.5 for r in rows[1:])
+    # the curve: train.eval_every's FID at the last update (the run's only one), at --num images
+    assert all([(c["step"], c["images_seen"], c["fid_label"][:6]) for c in r["curve"]] == [(1, 2, "FID@4(")]
+               and r["curve"][0]["fid"] > 0 for r in rows[1:])
     assert all(m["fid"] > 0 and m["fid_label"].startswith("FID@4(") for r in rows for m in r["results"])
     assert (tmp_path / "table" / "logs" / "ddpm-cd-metrics.jsonl").is_file()
     assert sorted(p.name for p in (tmp_path / "table" / "grids").iterdir()) == [
@@ -161,6 +164,14 @@ def test_quality_chart(tmp_path):
     assert (tmp_path / "fmnist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "fmnist.md").read_text()
     assert "fmnist.png" in md and not list(tmp_path.glob("*.tmp*"))
+    assert not (tmp_path / "fmnist-curves.png").exists() and "fmnist-curves.png" not in md  # no curve measured yet
+    # --curve-every: the FIDs measured while a student trained, against the images it had seen
+    table["rows"][1]["curve"] = [{"step": s, "images_seen": 256 * s, "fid": f, "fid_label": "FID@1k"}
+                                 for s, f in ((500, 60.0), (1000, 31.0))]
+    assert fq.curve_series(table) == {"fmnist-ddpm": {"cd": [(128000, 60.0), (256000, 31.0)]}}
+    fq.write_table(tmp_path, table)
+    assert (tmp_path / "fmnist-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fmnist-curves.png" in (tmp_path / "fmnist.md").read_text()
     assert "| ddpm-cd | fmnist-ddpm | cd | 2 (flow levels) | 7.00 |" in md  # in the table, not on the NFE curve
 
 
