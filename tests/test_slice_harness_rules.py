@@ -23,8 +23,11 @@ fq = _load_quality()
 
 
 def _args(*argv, tmp=None):
-    """fmnist_quality's arguments at the real table's size (FID@10k), work folder in tmp (no cached reference)."""
+    """fmnist_quality's arguments at the real table's size (FID@10k), work folder in tmp (no cached reference);
+    no training curves unless asked for (their 0.3 min per student row is test_static_estimates' own case)."""
     extra = ["--work", str(tmp / "work")] if tmp else []
+    if "--curve-every" not in argv:
+        extra += ["--curve-every", "0"]
     return fq.parse([*argv, *extra] if any(a in argv for a in ("--rows", "--render")) else ["--next", *argv, *extra])
 
 
@@ -110,6 +113,10 @@ def test_static_estimates(name, fixed, per_image):
     args, half = _args(), _args("--num", "5000")  # FIDs and teacher sampling scale with the images per FID
     assert fq.static_minutes(_row(args, name), args) == pytest.approx(fixed + per_image, rel=1e-12)
     assert fq.static_minutes(_row(half, name), half) == pytest.approx(fixed + per_image / 2, rel=1e-12)
+    curves = _args("--curve-every", "500")  # the default: FIDs while a student trains, 0.3 min a row in all
+    student = not name.endswith("teacher")
+    assert fq.static_minutes(_row(curves, name), curves) == pytest.approx(fixed + per_image + 0.3 * student,
+                                                                         rel=1e-12)
 
 
 def test_estimate_takes_a_measured_gpu_rows_time_with_its_time_limit_adjusted():
