@@ -31,7 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "eval"))  # the training-curve plot of eval/plot_metrics.py
 from fastdiff.errors import FastdiffError, script_main  # noqa: E402
+from plot_metrics import plot as plot_run, read_metrics  # noqa: E402
 
 TEACHERS = {"ddpm": ("fmnist-ddpm", None), "cond": ("fmnist-cond-vpred", 2.0)}  # folder, CFG of the evaluation
 OBJECTIVES = ("dmd2", "sid", "sim", "cd")
@@ -209,6 +211,13 @@ def write_table(out: Path, table: dict) -> None:
         return
     plot(table, out / "fmnist.png")
     plot_curves(table, out / "fmnist-curves.png")
+    for log in sorted((out / "logs").glob("*-metrics.jsonl")):  # each student row's losses, norms and FIDs
+        png = log.with_name(log.name.replace("-metrics.jsonl", "-curves.png"))
+        if not png.is_file() or png.stat().st_mtime < log.stat().st_mtime:
+            try:
+                plot_run({log.name.removesuffix("-metrics.jsonl"): read_metrics(log)}, png)
+            except FastdiffError:  # a row that logged nothing to plot
+                pass
 
 
 def nfe_series(table: dict) -> dict:

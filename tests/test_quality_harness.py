@@ -169,9 +169,13 @@ def test_quality_chart(tmp_path):
     table["rows"][1]["curve"] = [{"step": s, "images_seen": 256 * s, "fid": f, "fid_label": "FID@1k"}
                                  for s, f in ((500, 60.0), (1000, 31.0))]
     assert fq.curve_series(table) == {"fmnist-ddpm": {"cd": [(128000, 60.0), (256000, 31.0)]}}
+    (tmp_path / "logs").mkdir()  # a row's training log (fmnist_quality keeps each run's metrics.jsonl there)
+    (tmp_path / "logs" / "ddpm-cd-metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss_cd": 1.0 / s, "grad_norm_generator": 2.0}) + "\n" for s in (1, 2)))
     fq.write_table(tmp_path, table)
     assert (tmp_path / "fmnist-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fmnist-curves.png" in (tmp_path / "fmnist.md").read_text()
+    assert (tmp_path / "logs" / "ddpm-cd-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # its loss curves
     assert "| ddpm-cd | fmnist-ddpm | cd | 2 (flow levels) | 7.00 |" in md  # in the table, not on the NFE curve
 
 
