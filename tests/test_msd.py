@@ -210,11 +210,15 @@ def test_msd_command_refuses_bad_input(tiny_teacher, tiny_cond_teacher, tmp_path
     assert not (tmp_path / "msd" / "student-0").exists()
 
 
-def test_bench_msd_rows(capsys):
+def test_bench_msd_rows(capsys, tmp_path):
     """`fastdiff bench msd` runs K = 1 and 2 students on the class-conditional mixture and prints a row each, after
-    the teacher's and the start's (2 updates: the rows' numbers are not quality claims)."""
-    assert main(["bench", "msd", "--partitions", "1,2", "--steps", "2", "--num-eval", "100", "--quiet"]) == 0
+    the teacher's and the start's (2 updates: the rows' numbers are not quality claims), and --json keeps them (it
+    raised KeyError 'seed' once the whole run was done)."""
+    assert main(["bench", "msd", "--partitions", "1,2", "--steps", "2", "--num-eval", "100", "--quiet",
+                 "--json", str(tmp_path / "msd.json")]) == 0
     out = capsys.readouterr().out
     for row in ("teacher-ddim-1", "start (teacher copy)", "msd K=1 (dmd2)", "msd K=2 (dmd2)"):
         assert row in out
+    saved = json.loads((tmp_path / "msd.json").read_text())
+    assert saved["seed"] == 0 and [r["objective"] for r in saved["rows"]][-2:] == ["msd K=1 (dmd2)", "msd K=2 (dmd2)"]
     assert main(["bench", "msd", "--partitions", "5"]) == 2  # the mixture has 4 modes

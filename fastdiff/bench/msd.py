@@ -92,7 +92,7 @@ def run(partitions=(1, 2, 4), objectives=("dmd2",), steps: int = 400, num_eval: 
                     with torch.no_grad():
                         samples[mine] = student(z[mine], {"class_labels": labels[mine]})
                 add(f"msd K={k} ({objective})", samples, "objective", steps, t0)
-    return {"machine": describe("cpu"), "overrides": list(overrides), "num_eval": num_eval, **floors,
+    return {"machine": describe("cpu"), "overrides": list(overrides), "num_eval": num_eval, "seed": seed, **floors,
             "seconds": round(time.time() - start, 1), "rows": rows}
 
 
