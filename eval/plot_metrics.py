@@ -63,8 +63,8 @@ def plot(runs: dict[str, list[dict]], out: Path) -> None:
                 if points:
                     name = label if len(keys) == 1 else f"{label}: {key.removeprefix('grad_norm_')}"
                     ax.plot(*zip(*points), "o-" if key == "fid" else "-", label=name, markersize=3)
-        if title.startswith(("gradient", "FID")) or all(r.get(k, 1) > 0 for rs in runs.values() for r in rs
-                                                        for k in keys):
+        positive = all(r.get(k, 1) > 0 for rs in runs.values() for r in rs for k in keys)
+        if positive and not title.startswith("FID"):  # losses and norms span decades; a FID curve rarely does
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("generator update")

@@ -208,8 +208,8 @@ class TrainConfig:
     # Experiment trackers (accelerate): tensorboard (output_dir/logs) | wandb (pip install wandb) | none | all
     # (tensorboard, and wandb when installed). Scalars every log_every steps, sample grids as images.
     report_to: str = "tensorboard"
-    # FID / KID while training (`fastdiff distill`, as SiD's and EDM's loops measure it): every eval_every generator
-    # updates (0 = never) and at the last one, the student the run exports (the EMA where kept, float32) samples
+    # FID / KID while training (`fastdiff distill`, as SiD's and EDM's loops measure it): at the start, every
+    # eval_every generator updates (0 = never) and at the last one, the student the run exports (the EMA where kept, float32) samples
     # eval_images images the way `fastdiff fid STUDENT --steps K --seed S` does (S = train.seed), scored against
     # eval_reference (statistics from `fastdiff ref-stats`), images centre-cropped to eval_crop first (the
     # Fashion-MNIST teachers make 32x32 padded images of 28x28 data); eval_inception: the Inception weights (null:

@@ -39,17 +39,17 @@ def test_logged_fid_is_fastdiff_fid_of_the_student_exported_at_that_step(tiny_te
             "train.eval_every=1", f"train.eval_reference={reference}", "train.eval_images=8", "train.eval_keep_best=true"]
     assert main(["distill", "-q", *[a for s in sets for a in ("--set", s)]]) == 0
     rows = _eval_rows(run)
-    assert [r["step"] for r in rows] == [1, 2] and all(r["eval"] == "FID@8(real12, nv-bilinear)" for r in rows)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["eval"] == "FID@8(real12, nv-bilinear)" for r in rows)
     assert all(r["fid"] > 0 and "kid" in r for r in rows)
     out = capsys.readouterr().out
-    assert f"step 2: FID@8(real12, nv-bilinear) {rows[1]['fid']:.3f}" in out
+    assert f"step 2: FID@8(real12, nv-bilinear) {rows[2]['fid']:.3f}" in out
     # The export at the last step, scored by the CLI with the evaluator's sampling (seed train.seed, batches of
     # train.batch_size): the same uint8 images through the same Inception calls and float64 statistics, so the
     # same number (no rounding differs between the two; 1e-9 relative only guards the comparison's own printing).
     assert main(["fid", str(run / "student"), "--steps", "1", "--seed", "0", "--batch-size", "4", "--num", "8",
                  "--ref", str(reference), "--json", str(tmp_path / "fid.json"), "-q"]) == 0
     cli = json.loads((tmp_path / "fid.json").read_text())
-    assert cli["fid"] == pytest.approx(rows[1]["fid"], rel=1e-9) and cli["kid"] == pytest.approx(rows[1]["kid"], rel=1e-9)
+    assert cli["fid"] == pytest.approx(rows[2]["fid"], rel=1e-9) and cli["kid"] == pytest.approx(rows[2]["kid"], rel=1e-9)
     # student-best/ is the export of the lowest-FID step
     best_step = min(rows, key=lambda r: r["fid"])["step"]
     assert json.loads((run / "student-best" / "fastdiff.json").read_text())["train_step"] == best_step
@@ -141,7 +141,7 @@ def test_two_sharded_processes_evaluate_on_the_main_one_what_fastdiff_fid_gives(
     _two_processes(tiny_teacher, run, 2, "train.eval_every=1", f"train.eval_reference={reference}",
                    "train.eval_images=8", "train.eval_keep_best=true")
     rows = _eval_rows(run)
-    assert [r["step"] for r in rows] == [1, 2]  # one row per evaluation: the main process's
+    assert [r["step"] for r in rows] == [0, 1, 2]  # one row per evaluation (the start's too): the main process's
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the launched processes run: the same kernels sum in the same order
     try:
@@ -150,5 +150,5 @@ def test_two_sharded_processes_evaluate_on_the_main_one_what_fastdiff_fid_gives(
     finally:
         torch.set_num_threads(threads)
     # identical images and Inception calls (with 2 threads here, features rounded otherwise moved FID by 9e-8)
-    assert json.loads((tmp_path / "fid.json").read_text())["fid"] == pytest.approx(rows[1]["fid"], rel=1e-9)
+    assert json.loads((tmp_path / "fid.json").read_text())["fid"] == pytest.approx(rows[2]["fid"], rel=1e-9)
     assert (run / "student-best" / "fastdiff.json").is_file()

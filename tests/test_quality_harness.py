@@ -130,8 +130,9 @@ def test_quality_runner_smoke(tmp_path):
         ("ddpm-teacher", [(1, None)]), ("ddpm-dmd2", [(1, None)]), ("ddpm-cd", [(1, None), (2, None), (4, None)]),
         ("ddpm-meanflow", [(1, None), (2, None), (4, None), (2, "flow")])]  # meanflow: 2 steps on flow levels too
     assert all(r["images_seen"] == 2 and r["train_steps"] == 1 and r["train_minutes"] == 4.5 for r in rows[1:])
-    # the curve: train.eval_every's FID at the last update (the run's only one), at --num images
-    assert all([(c["step"], c["images_seen"], c["fid_label"][:6]) for c in r["curve"]] == [(1, 2, "FID@4(")]
+    # the curve: train.eval_every's FID at the start and at the last update (the run's only one), at --num images
+    assert all([(c["step"], c["images_seen"], c["fid_label"][:6]) for c in r["curve"]] == [(0, 0, "FID@4("),
+                                                                                          (1, 2, "FID@4(")]
                and r["curve"][0]["fid"] > 0 for r in rows[1:])
     assert all(m["fid"] > 0 and m["fid_label"].startswith("FID@4(") for r in rows for m in r["results"])
     assert (tmp_path / "table" / "logs" / "ddpm-cd-metrics.jsonl").is_file()

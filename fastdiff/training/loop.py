@@ -207,6 +207,8 @@ class Trainer(Run):
         metrics = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None
         try:
             start, first_step = time.time(), self.step
+            if cfg.train.eval_every and self.step == 0:  # the curve starts where the student starts (as SiD's)
+                start += self.evaluate(metrics)
             while self.step < cfg.train.max_steps:
                 logs = self.train_step()
                 self.step += 1
