@@ -244,10 +244,11 @@ def test_sample_grid_uses_the_middle_guidance_scale_and_a_column_per_class(tmp_p
                                                                                  real_save(images, path, ncol)))
     monkeypatch.setattr(outputs, "log_image", lambda acc, name, image, step: seen.setdefault("shape", image.shape))
 
-    class Gen:
+    class Gen(torch.nn.Module):  # a module, as the Generator: the grid samples it in eval mode
         denoiser = SimpleNamespace(model=None)
 
-        def __call__(self, z, cond, rng=None):
+        def forward(self, z, cond, rng=None):
+            seen["training"] = self.training  # dropout off, as in the exported pipeline
             return torch.zeros(z.shape[0], 1, 4, 4)
 
     run = SimpleNamespace(
@@ -257,7 +258,7 @@ def test_sample_grid_uses_the_middle_guidance_scale_and_a_column_per_class(tmp_p
         teacher=SimpleNamespace(sample_shape=(1, 4, 4), num_classes=3, latents=None), text=None,
         export_generator=Gen, out=tmp_path, step=4)
     outputs.sample_grid(run)
-    assert seen == {"scale": 3.5, "ncol": 3, "shape": (8, 12, 1)}  # 6 images of 4x4: 2 rows x 3 classes
+    assert seen == {"scale": 3.5, "ncol": 3, "shape": (8, 12, 1), "training": False}  # 6 images of 4x4: 2 rows x 3 classes
     assert (tmp_path / "samples" / "step-00000004.png").is_file()
 
 

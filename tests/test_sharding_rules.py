@@ -382,7 +382,7 @@ def test_fit_checks_the_export_on_the_sharded_students_skeleton():
         pass
 
     class Stub:
-        cfg, accelerator = SimpleNamespace(), SimpleNamespace()
+        cfg, accelerator = SimpleNamespace(train=SimpleNamespace(eval_every=0)), SimpleNamespace()
         objective = SimpleNamespace(stage_ends=dict)
         teacher = SimpleNamespace(pipeline=None, denoiser=SimpleNamespace(schedule=SimpleNamespace(kind="vp")))
         shards = SimpleNamespace(skeleton=lambda weights: tiny_unet())
@@ -431,7 +431,7 @@ def _checkpoint_worker(rank, acc, folder):
     sharding.Shards(acc, "no").shard(unet, "student")
     cfg = _cfg()
     run = SimpleNamespace(accelerator=acc, shards="sharded", cfg=cfg, ema=None, opt_c=None, step=1,
-                          skipped={}, _generators=dict, out=Path(folder) / "run",
+                          skipped={}, _generators=dict, out=Path(folder) / "run", best_fid=float("inf"),
                           generator=SimpleNamespace(denoiser=SimpleNamespace(model=unet)),
                           objective=SimpleNamespace(state_modules=dict, fake=None, gan_head=None),
                           opt_g=Optimizer([unet], 1e-3, cfg, False))
