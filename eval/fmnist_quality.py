@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "eval"))  # the training-curve plot of eval/plot_metrics.py
 from fastdiff.errors import FastdiffError, script_main  # noqa: E402
-from plot_metrics import plot as plot_run, read_metrics  # noqa: E402
+from plot_metrics import plot as plot_run, read_metrics, save_figure  # noqa: E402
 
 TEACHERS = {"ddpm": ("fmnist-ddpm", None), "cond": ("fmnist-cond-vpred", 2.0)}  # folder, CFG of the evaluation
 OBJECTIVES = ("dmd2", "sid", "sim", "cd")
@@ -257,11 +257,7 @@ def plot(table: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.set_title(teacher)
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def curve_series(table: dict) -> dict:
@@ -294,11 +290,7 @@ def plot_curves(table: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.set_title(teacher)
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def render(table: dict) -> str:

@@ -72,11 +72,18 @@ def plot(runs: dict[str, list[dict]], out: Path) -> None:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(chosen):]:
         ax.axis("off")
+    save_figure(fig, out, dpi=100)
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """``fig`` laid out and written to ``path`` through a temporary file (never a half-written picture), closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    tmp.replace(out)  # never a half-written picture
+    tmp.replace(path)
 
 
 @script_main
