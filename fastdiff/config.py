@@ -220,6 +220,9 @@ class TrainConfig:
     eval_crop: typing.Optional[int] = None
     eval_inception: typing.Optional[str] = None
     eval_keep_best: bool = False
+    # text-to-image students: the prompts they sample from (a file, one per line or JSONL; one per image or one for
+    # all), as `fastdiff fid STUDENT --prompts FILE` takes them
+    eval_prompts: typing.Optional[str] = None
 
 
 @dataclass
@@ -432,8 +435,9 @@ def validate(cfg: Config) -> None:
     if t.eval_every and not t.eval_reference:
         raise FastdiffError("train.eval_every needs train.eval_reference: statistics of real images, made once with "
                             "`fastdiff ref-stats IMAGES --out ref.npz`")
-    if t.eval_keep_best and not t.eval_every:
-        raise FastdiffError("train.eval_keep_best keeps the lowest-FID student: set train.eval_every too")
+    if (t.eval_keep_best or t.eval_prompts) and not t.eval_every:
+        raise FastdiffError(f"train.{'eval_keep_best' if t.eval_keep_best else 'eval_prompts'} is for the FIDs "
+                            "measured while training: set train.eval_every too")
     if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
         raise FastdiffError(f"train.time_limit_minutes must be positive, got {t.time_limit_minutes}")
     d = cfg.data

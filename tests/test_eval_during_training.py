@@ -78,7 +78,7 @@ def test_evaluation_changes_nothing_in_training_and_the_lowest_fid_is_checkpoint
 def test_settings_are_checked_when_the_config_loads():
     with pytest.raises(FastdiffError, match="train.eval_every needs train.eval_reference: .*fastdiff ref-stats"):
         load_config(None, ["train.eval_every=100"])
-    with pytest.raises(FastdiffError, match="train.eval_keep_best keeps the lowest-FID student: set train.eval_every"):
+    with pytest.raises(FastdiffError, match="train.eval_keep_best is for the FIDs measured while training: set train.eval_every too"):
         load_config(None, ["train.eval_keep_best=true"])
     for bad in ("train.eval_every=-1", "train.eval_images=0", "train.eval_crop=0"):
         with pytest.raises(FastdiffError, match="train.eval_every must be >= 0"):
@@ -119,14 +119,54 @@ def test_distill_with_a_missing_reference_stops_before_training(tiny_teacher, tm
     assert not run.exists()
 
 
-def test_text_to_image_students_are_pointed_to_fastdiff_fid(tiny_teacher, tmp_path, monkeypatch):
+def test_prompts_are_asked_of_text_to_image_students_only(tiny_teacher, tmp_path, monkeypatch):
     from fastdiff.evaluation.during_training import TrainingEvaluator
     from fastdiff.models.teacher import Teacher
 
-    trainer = small_trainer(tiny_teacher, tmp_path / "run", "train.eval_every=1", "train.eval_reference=ref.npz")
-    monkeypatch.setattr(Teacher, "conditioning", property(lambda self: "text"))
-    with pytest.raises(FastdiffError, match="text-to-image student needs prompts: .*fastdiff fid STUDENT --prompts"):
-        TrainingEvaluator(trainer)
+    with pytest.raises(FastdiffError, match="train.eval_prompts is for the FIDs measured while training"):
+        load_config(None, ["train.eval_prompts=p.txt"])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a shoe\na bag\n")
+    plain = small_trainer(tiny_teacher, tmp_path / "run", "train.eval_every=1", "train.eval_reference=ref.npz",
+                          f"train.eval_prompts={prompts}")
+    with pytest.raises(FastdiffError, match="train.eval_prompts is for text-to-image students; this one is unconditional"):
+        TrainingEvaluator(plain)
+    text = small_trainer(tiny_teacher, tmp_path / "run", "train.eval_every=1", "train.eval_reference=ref.npz")
+    counted = small_trainer(tiny_teacher, tmp_path / "run", "train.eval_every=1", "train.eval_reference=ref.npz",
+                            f"train.eval_prompts={prompts}", "train.eval_images=3")
+    monkeypatch.setattr(Teacher, "conditioning", property(lambda self: "text"))  # as a text-to-image teacher
+    with pytest.raises(FastdiffError, match="text-to-image student needs train.eval_prompts"):
+        TrainingEvaluator(text)
+    with pytest.raises(FastdiffError, match="2 prompts for 3 images"):
+        TrainingEvaluator(counted)
+
+
+@pytest.mark.slow  # 8 s
+@needs_inception
+def test_a_text_to_image_student_is_scored_on_its_prompts_as_fastdiff_fid_scores_the_export(tmp_path):
+    """A tiny SD pipeline's dmd2 student, sampled from train.eval_prompts: the last FID logged equals `fastdiff fid
+    --prompts` on the export (the same prompts, noise and batches, so the same uint8 images)."""
+    import tiny_pipelines as tp
+
+    from fastdiff.models.teacher import load_teacher
+
+    n = 6  # prompts, one per image
+    teacher, prompts = tp.sd_pipeline(tmp_path / "sd"), tp.prompts_file(tmp_path / "prompts.txt", n)
+    c, h, w = load_teacher(str(teacher)).image_shape
+    np.savez(tmp_path / "real.npz", images=np.random.default_rng(1).integers(0, 256, (6, c, h, w), dtype=np.uint8))
+    ref = tmp_path / "ref.npz"
+    assert main(["ref-stats", str(tmp_path / "real.npz"), "--out", str(ref), "--kid-features", "6", "-q"]) == 0
+    run = tmp_path / "run"
+    sets = [f"teacher.path={teacher}", f"output_dir={run}", f"data.prompts={prompts}", "train.batch_size=2",
+            "train.max_steps=1", "objective.critic_updates=1", "train.sample_every=100", "train.checkpoint_every=100",
+            "train.eval_every=1", f"train.eval_reference={ref}", f"train.eval_prompts={prompts}",
+            f"train.eval_images={n}"]
+    assert main(["distill", "-q", *[a for s in sets for a in ("--set", s)]]) == 0
+    rows = _eval_rows(run)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert main(["fid", str(run / "student"), "--steps", "1", "--seed", "0", "--batch-size", "2", "--num", str(n),
+                 "--prompts", str(prompts), "--ref", str(ref), "--json", str(tmp_path / "fid.json"), "-q"]) == 0
+    assert json.loads((tmp_path / "fid.json").read_text())["fid"] == pytest.approx(rows[1]["fid"], rel=1e-9)
 
 
 @pytest.mark.slow

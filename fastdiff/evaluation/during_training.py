@@ -3,7 +3,8 @@
 Each evaluation scores the student the run would export at that step (``run.export_generator()``: the EMA where
 kept), in float32 and eval mode, sampled the way ``fastdiff fid STUDENT --steps K --seed S --batch-size B`` samples
 the exported folder (``sample_model``: one CPU noise generator per batch, seeded S + batch index; here S =
-``train.seed``, B = ``train.batch_size``), against reference statistics from ``fastdiff ref-stats``. So the number
+``train.seed``, B = ``train.batch_size``; a text-to-image student from ``train.eval_prompts`` as from ``--prompts``),
+against reference statistics from ``fastdiff ref-stats``. So the number
 logged at step N is the number ``fastdiff fid`` gives for the student exported at step N
 (tests/test_eval_during_training.py).
 
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 
 from ..errors import FastdiffError
+from ..models.text import read_prompts
 from ..training.outputs import eval_mode, vae_on_device
+from .clip_score import prompts_for
 from .evaluate import evaluate
 from .images import sampled_source
 from .inception import InceptionFeatures
@@ -28,9 +31,19 @@ class TrainingEvaluator:
 
     def __init__(self, run):
         t, teacher = run.cfg.train, run.teacher
-        if teacher.conditioning == "text" or run.cfg.objective.name == "fada":
-            raise FastdiffError("train.eval_every scores class-conditional and unconditional students; a text-to-image "
-                                "student needs prompts: score its export with `fastdiff fid STUDENT --prompts FILE`")
+        if run.cfg.objective.name == "fada":
+            raise FastdiffError("train.eval_every: a fada student samples with two guidance scales; score its export "
+                                "with `fastdiff fid STUDENT --prompts FILE`")
+        self.prompts = None
+        if teacher.conditioning == "text":
+            if not t.eval_prompts:
+                raise FastdiffError("train.eval_every on a text-to-image student needs train.eval_prompts: a prompts "
+                                    "file (one per line, or JSONL), one per image or one for all")
+            self.prompts = read_prompts(t.eval_prompts, "train.eval_prompts")
+            prompts_for(self.prompts, t.eval_images)  # one per image or one for all, or refused now
+        elif t.eval_prompts:
+            raise FastdiffError(f"train.eval_prompts is for text-to-image students; this one is "
+                                f"{'unconditional' if teacher.conditioning == 'none' else 'class-conditioned'}")
         path = Path(t.eval_reference)
         if not path.is_file():
             raise FastdiffError(f"train.eval_reference {path}: no such file; make it once with "
@@ -62,8 +75,10 @@ class TrainingEvaluator:
         t = run.cfg.train
         gen = run.export_generator()
         g_range = run.cfg.objective.guidance_range  # as the sample grid: the middle of the range
+        prompts = self.prompts
         source = sampled_source(f"step-{run.step}", gen, run.teacher, run.cfg.student.num_steps, t.seed,
-                                run.accelerator.device, sum(g_range) / 2 if g_range else None)
+                                run.accelerator.device, sum(g_range) / 2 if g_range else None, prompts,
+                                len(prompts) if prompts and len(prompts) > 1 else None)
         with torch.no_grad(), eval_mode(gen), vae_on_device(run):
             return evaluate(source, self.ref, self.extractor, t.eval_images, t.batch_size, t.eval_crop,
                             progress=False)
