@@ -46,6 +46,10 @@ def cmd_distill(args) -> None:
 
         print(dry_run_report(cfg))
         return
+    if cfg.train.eval_every:
+        from .evaluation.during_training import TrainingEvaluator, check_files
+
+        check_files(cfg)  # before the run is built
     run = Path(cfg.output_dir)
     existed = run.is_dir()
     new = args.resume is None and not (existed and any(run.iterdir()))
@@ -53,8 +57,6 @@ def cmd_distill(args) -> None:
         try:
             trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
             if cfg.train.eval_every:  # checks its reference and loads Inception before any training
-                from .evaluation.during_training import TrainingEvaluator
-
                 trainer.evaluator = TrainingEvaluator(trainer)
             out = trainer.fit()
         except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
@@ -102,6 +104,9 @@ def cmd_msd(args) -> None:
         raise FastdiffError("fastdiff msd: give --partitions K or --partition-file FILE (one of them)")
     parts = args.partitions if args.partition_file is None else read_partition(args.partition_file)
     cfg = load_config(args.config, args.set or [])
+    if cfg.train.eval_every:
+        raise FastdiffError("train.eval_every runs under fastdiff distill; fastdiff msd trains several students: "
+                            "score the router's export with `fastdiff fid`, or leave train.eval_every at 0")
     out = train_students(cfg, parts, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
                          warmup_steps=args.warmup_steps, warmup_lr=args.warmup_lr)
     print(f"router pipeline of the students exported to {out}")

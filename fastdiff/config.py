@@ -209,11 +209,12 @@ class TrainConfig:
     # (tensorboard, and wandb when installed). Scalars every log_every steps, sample grids as images.
     report_to: str = "tensorboard"
     # FID / KID while training (`fastdiff distill`, as SiD's and EDM's loops measure it): at the start, every
-    # eval_every generator updates (0 = never) and at the last one, the student the run exports (the EMA where kept, float32) samples
-    # eval_images images the way `fastdiff fid STUDENT --steps K --seed S` does (S = train.seed), scored against
-    # eval_reference (statistics from `fastdiff ref-stats`), images centre-cropped to eval_crop first (the
-    # Fashion-MNIST teachers make 32x32 padded images of 28x28 data); eval_inception: the Inception weights (null:
-    # as `fastdiff fid` finds them). eval_keep_best: the lowest-FID student also exported to output_dir/student-best.
+    # eval_every generator updates (0 = never) and at the last one, the student the run exports (the EMA where
+    # kept, float32) samples eval_images images the way `fastdiff fid STUDENT --steps K --seed S --batch-size B`
+    # does (S = train.seed, B = train.batch_size), scored against eval_reference (statistics from `fastdiff
+    # ref-stats`), images centre-cropped to eval_crop first (the Fashion-MNIST teachers make 32x32 padded images of
+    # 28x28 data); eval_inception: the Inception weights (null: as `fastdiff fid` finds them). eval_keep_best: the
+    # lowest-FID student also exported to output_dir/student-best.
     eval_every: int = 0
     eval_reference: typing.Optional[str] = None
     eval_images: int = 10000
@@ -429,9 +430,9 @@ def validate(cfg: Config) -> None:
                                 f"{' (0: no clip)' if key == 'grad_clip' else ''}, got {value}")
     if t.adam_betas is not None and (len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas)):
         raise FastdiffError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
-    if t.eval_every < 0 or t.eval_images <= 0 or (t.eval_crop is not None and t.eval_crop <= 0):
-        raise FastdiffError(f"train.eval_every must be >= 0 (0 = never), train.eval_images and train.eval_crop positive; "
-                            f"got {t.eval_every}, {t.eval_images}, {t.eval_crop}")
+    if t.eval_every < 0 or t.eval_images < 2 or (t.eval_crop is not None and t.eval_crop <= 0):
+        raise FastdiffError(f"train.eval_every must be >= 0 (0 = never), train.eval_images at least 2 (a covariance) "
+                            f"and train.eval_crop positive; got {t.eval_every}, {t.eval_images}, {t.eval_crop}")
     if t.eval_every and not t.eval_reference:
         raise FastdiffError("train.eval_every needs train.eval_reference: statistics of real images, made once with "
                             "`fastdiff ref-stats IMAGES --out ref.npz`")

@@ -92,8 +92,13 @@ def test_a_trainer_without_its_evaluator_refuses_to_start(tiny_teacher, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_a_reference_of_other_images_is_refused_before_inception_loads(tiny_teacher, tmp_path):
+def test_a_reference_of_other_images_is_refused_before_inception_loads(tiny_teacher, tmp_path, monkeypatch):
+    from fastdiff.evaluation import during_training
     from fastdiff.evaluation.during_training import TrainingEvaluator
+
+    def no_inception(*args, **kwargs):
+        raise AssertionError("Inception loaded before the reference was checked")
+    monkeypatch.setattr(during_training, "InceptionFeatures", no_inception)
 
     def evaluator(shape, *sets):
         ref = tmp_path / f"ref-{'x'.join(map(str, shape))}.npz"
@@ -192,3 +197,65 @@ def test_two_sharded_processes_evaluate_on_the_main_one_what_fastdiff_fid_gives(
     # identical images and Inception calls (with 2 threads here, features rounded otherwise moved FID by 9e-8)
     assert json.loads((tmp_path / "fid.json").read_text())["fid"] == pytest.approx(rows[2]["fid"], rel=1e-9)
     assert (run / "student-best" / "fastdiff.json").is_file()
+
+
+def test_the_evaluation_moves_text_encoders_and_vae_to_the_device_and_back():
+    """Setup parks a text-to-image teacher's encoders on the CPU once the training prompts are encoded; the
+    evaluation encodes its own prompts on the run's device, so it takes them (and the VAE) there and back."""
+    from types import SimpleNamespace
+
+    from fastdiff.training.outputs import vae_on_device
+
+    class Part(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.moves = []
+
+        def to(self, device):  # recorded, not moved: the test has one device
+            self.moves.append(str(device))
+            return self
+
+    encoder, encoder_2, vae = Part(), Part(), Part()
+    run = SimpleNamespace(accelerator=SimpleNamespace(device="cuda:3"),
+                          teacher=SimpleNamespace(latents=SimpleNamespace(vae=vae), pipeline=SimpleNamespace(
+                              components={"text_encoder": encoder, "text_encoder_2": encoder_2, "tokenizer": None,
+                                          "vae": vae, "unet": Part()})))
+    with vae_on_device(run, text_encoders=True):
+        assert [p.moves for p in (encoder, encoder_2, vae)] == [["cuda:3"]] * 3
+    assert [p.moves for p in (encoder, encoder_2, vae)] == [["cuda:3", "cpu"]] * 3
+    with vae_on_device(run):  # a sample grid: the VAE only (it encodes no prompt)
+        pass
+    assert (len(encoder.moves), vae.moves[-2:]) == (2, ["cuda:3", "cpu"])
+
+
+def test_missing_files_stop_the_run_before_it_is_built(tiny_teacher, tmp_path, capsys):
+    """The reference, prompts and Inception files are looked for before the teacher loads; each missing one is one
+    line naming its setting, and nothing is written."""
+    real = tmp_path / "p.txt"
+    real.write_text("a shoe\n")
+    for key, value in (("eval_prompts", tmp_path / "none.txt"), ("eval_inception", tmp_path / "none.pt")):
+        code = main(["distill", "--set", f"teacher.path={tmp_path / 'no-teacher'}", "--set",
+                     f"output_dir={tmp_path / 'run'}", "--set", "train.eval_every=1", "--set",
+                     f"train.eval_reference={real}", "--set", f"train.{key}={value}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"train.{key} {value}: no such file" in err[0], err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FastdiffError, match="train.eval_images at least 2"):
+        load_config(None, ["train.eval_every=1", "train.eval_reference=r.npz", "train.eval_images=1"])
+
+
+def test_msd_refuses_eval_every_before_writing(tiny_cond_teacher, tmp_path, capsys):
+    code = main(["msd", "--partitions", "2", "--set", f"teacher.path={tiny_cond_teacher}", "--set",
+                 f"output_dir={tmp_path / 'msd'}", "--set", "train.eval_every=1", "--set", "train.eval_reference=r.npz"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "train.eval_every runs under fastdiff distill" in err[0]
+    assert not (tmp_path / "msd").exists()
+
+
+def test_waiting_processes_get_two_hours_while_the_main_one_evaluates(tiny_teacher, tmp_path):
+    import datetime
+
+    scored = small_trainer(tiny_teacher, tmp_path / "a", "train.eval_every=1", "train.eval_reference=r.npz")
+    assert scored.accelerator.init_handler.timeout == datetime.timedelta(hours=2)
+    assert small_trainer(tiny_teacher, tmp_path / "b").accelerator.init_handler is None  # torch's default otherwise

@@ -26,6 +26,16 @@ from .inception import InceptionFeatures
 from .metrics import ReferenceStats
 
 
+def check_files(cfg) -> None:
+    """The evaluation's files exist, checked before a run is built (a teacher loaded, latents cached)."""
+    t = cfg.train
+    for key in ("eval_reference", "eval_prompts", "eval_inception"):
+        path = getattr(t, key)
+        if t.eval_every and path is not None and not Path(path).is_file():
+            make = f"; make it once with `fastdiff ref-stats IMAGES --out {path}`" if key == "eval_reference" else ""
+            raise FastdiffError(f"train.{key} {path}: no such file{make}")
+
+
 class TrainingEvaluator:
     """``evaluator(run) -> evaluate()'s result`` for the run's current student (main process only)."""
 
@@ -40,7 +50,10 @@ class TrainingEvaluator:
                 raise FastdiffError("train.eval_every on a text-to-image student needs train.eval_prompts: a prompts "
                                     "file (one per line, or JSONL), one per image or one for all")
             self.prompts = read_prompts(t.eval_prompts, "train.eval_prompts")
-            prompts_for(self.prompts, t.eval_images)  # one per image or one for all, or refused now
+            try:  # one per image or one for all, or refused now
+                prompts_for(self.prompts, t.eval_images)
+            except FastdiffError as exc:
+                raise FastdiffError(f"train.eval_prompts and train.eval_images: {exc}") from None
         elif t.eval_prompts:
             raise FastdiffError(f"train.eval_prompts is for text-to-image students; this one is "
                                 f"{'unconditional' if teacher.conditioning == 'none' else 'class-conditioned'}")
@@ -64,8 +77,12 @@ class TrainingEvaluator:
                                 f"student's are {'x'.join(map(str, self.shape))}: {fix}")
         self.extractor = None
         if run.accelerator.is_main_process:
-            with torch.random.fork_rng(devices=[]):  # its layers' random initial weights would shift the run's draws
-                self.extractor = InceptionFeatures(t.eval_inception, self.ref.resize).to(run.accelerator.device)
+            try:
+                with torch.random.fork_rng(devices=[]):  # its layers' random initial weights would shift the run's draws
+                    self.extractor = InceptionFeatures(t.eval_inception, self.ref.resize).to(run.accelerator.device)
+            except FastdiffError as exc:
+                raise FastdiffError(f"train.eval_inception: {exc}".replace("pass --inception FILE", "set "
+                                    "train.eval_inception")) from None
             try:
                 self.ref.check_extractor(self.extractor.extractor_id)
             except FastdiffError as exc:
@@ -79,6 +96,6 @@ class TrainingEvaluator:
         source = sampled_source(f"step-{run.step}", gen, run.teacher, run.cfg.student.num_steps, t.seed,
                                 run.accelerator.device, sum(g_range) / 2 if g_range else None, prompts,
                                 len(prompts) if prompts and len(prompts) > 1 else None)
-        with torch.no_grad(), eval_mode(gen), vae_on_device(run):
+        with torch.no_grad(), eval_mode(gen), vae_on_device(run, text_encoders=prompts is not None):
             return evaluate(source, self.ref, self.extractor, t.eval_images, t.batch_size, t.eval_crop,
                             progress=False)

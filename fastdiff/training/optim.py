@@ -2,6 +2,7 @@
 a hand-made gradient all-reduce across processes, and non-finite updates skipped without waiting for the device."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -78,9 +79,13 @@ class Optimizer:
             self.scaler.step(self.opt)
         self.scaler.update()  # fp16: a skipped step also lowers the loss scale
         self.opt.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped update advances the schedule too (one step, one schedule
-            # step); torch would warn that the schedule stepped before the optimizer, which is meant here
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        # A skipped update advances the schedule too (one step, one schedule step). torch warns, at the schedule's
+        # first step only, that it stepped before the optimizer, which is meant here: silenced there and only there
+        # (catching warnings resets Python's once-per-place registry, so other warnings would repeat every step).
+        first = getattr(self.schedule, "_step_count", 1) <= 1
+        with warnings.catch_warnings() if first else contextlib.nullcontext():
+            if first:
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.schedule.step()
         return norm, finite
 

@@ -58,18 +58,21 @@ def eval_mode(module: torch.nn.Module):
 
 
 @contextmanager
-def vae_on_device(run):
-    """A latent teacher's VAE on the run's device for a grid or an evaluation only (unless training encodes there)."""
-    latents = run.teacher.latents
-    if latents is None:
-        yield
-        return
-    home = latents.vae.device
-    latents.vae.to(run.accelerator.device)
+def vae_on_device(run, text_encoders: bool = False):
+    """A latent teacher's VAE on the run's device for a grid or an evaluation only (unless training encodes there);
+    with ``text_encoders``, the pipeline's text encoders too (setup parks them on the CPU once the training prompts
+    are encoded; an evaluation encodes its own prompts)."""
+    parts = [run.teacher.latents.vae] if run.teacher.latents is not None else []
+    if text_encoders and run.teacher.pipeline is not None:
+        parts += [m for k, m in run.teacher.pipeline.components.items() if k.startswith("text_encoder") and m is not None]
+    homes = [next(m.parameters()).device for m in parts]
+    for m in parts:
+        m.to(run.accelerator.device)
     try:
         yield
     finally:
-        latents.vae.to(home)
+        for m, home in zip(parts, homes):
+            m.to(home)
 
 
 def export_run(run, out: Path | None = None, num_steps: int | None = None, **options) -> Path | None:

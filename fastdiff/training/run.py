@@ -3,10 +3,11 @@ the objective, the EMA and the optimizers, on accelerate; plus the inputs each u
 from __future__ import annotations
 
 import copy
+import datetime
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from ..config import Config
 from ..errors import FastdiffError
@@ -50,8 +51,11 @@ class Run:
         # The teacher loads on every process at once (hub downloads share huggingface_hub's file-locked cache; a
         # main-process-first barrier would leave the others waiting forever when the main one stops on bad input).
         mp = cfg.train.mixed_precision
+        # train.eval_every: the main process samples and scores alone while the others wait in a barrier, which
+        # NCCL's default 10-minute timeout would end on an SD-size FID@10k
+        waits = [InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))] if cfg.train.eval_every else []
         self.accelerator = Accelerator(
-            mixed_precision=mp, log_with=trackers_for(cfg.train.report_to) or None,
+            mixed_precision=mp, log_with=trackers_for(cfg.train.report_to) or None, kwargs_handlers=waits,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         refuse_accelerate_sharding(self.accelerator.distributed_type)
         teacher_path = resolve_teacher_path(cfg.teacher.path)
