@@ -105,7 +105,9 @@ def train_minutes(row: Row, args) -> float | None:
 
 
 def config_hash(row: Row, args) -> str:
-    """What makes a result: never machine paths (the GPU sees the teachers and data elsewhere)."""
+    """What makes a result: never machine paths (the GPU sees the teachers and data elsewhere); nor the training
+    curve's settings (--curve-every, --curve-num), which leave the trained student as it is (a stored row without
+    a curve stays done)."""
     spec = {"objective": row.objective, "steps": row.steps, "guidance": row.guidance, "num": args.num,
             "ref_num": args.ref_num, "crop": args.crop, "seed": args.seed}
     if row.config is not None:
@@ -280,7 +282,7 @@ def plot_curves(table: dict, path: Path) -> None:
     series = curve_series(table)
     if not series:
         return
-    label = next(c["fid_label"] for r in table["rows"] for c in r.get("curve") or [])
+    label = next(c["fid_label"] for r in table["rows"] if not r.get("error") for c in r.get("curve") or [])
     fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4), squeeze=False)
     for ax, (teacher, models) in zip(axes[0], series.items()):
         for model, points in models.items():

@@ -70,9 +70,16 @@ def test_evaluation_changes_nothing_in_training_and_the_lowest_fid_is_checkpoint
         assert torch.equal(a, b)  # the evaluation draws from its own generators, and its forks of the global ones
     fids = [r["fid"] for r in _eval_rows(tmp_path / "scored")]
     assert scored.best_fid == min(fids) and (tmp_path / "scored" / "student-best").is_dir()
+    recorded = json.loads((tmp_path / "scored" / "student-best" / "eval.json").read_text())
+    assert recorded["fid"] == scored.best_fid and recorded["step"] == min(_eval_rows(tmp_path / "scored"),
+                                                                         key=lambda r: r["fid"])["step"]
     resumed = small_trainer(tiny_teacher, tmp_path / "scored", *sets, resume="latest")
     resumed.load("latest")
     assert resumed.best_fid == scored.best_fid
+    # a run killed after exporting a better student than its last checkpoint knows of: that one's FID counts
+    (tmp_path / "scored" / "student-best" / "eval.json").write_text(json.dumps({**recorded, "fid": 1.0}))
+    resumed.load("latest")
+    assert resumed.best_fid == 1.0
 
 
 def test_settings_are_checked_when_the_config_loads():

@@ -365,5 +365,5 @@ def write_json(result: dict, path: str) -> None:
     rows = [{k: r[k] for k in keep} for r in result["rows"]]
     # the seed draws the floor's and the scores' samples too (the mixture is fixed): rows compare within one seed
     meta = {k: result[k] for k in ("machine", "overrides", "num_eval", "seed", "sw2_floor", "sw2_floor_sd",
-                                   "floor_draws", "sw2_floor_single")}
+                                   "floor_draws", "sw2_floor_single", "seconds") if k in result}
     atomic_write_text(Path(path), json.dumps({**meta, "rows": rows}, indent=2))

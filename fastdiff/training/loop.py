@@ -67,7 +67,9 @@ class Trainer(Run):
             if scores is not None:
                 values = {k: float(scores[k]) for k in ("fid", "kid", "kid_std") if k in scores}
                 trackers.log_scalars(acc, {f"eval_{k}": v for k, v in values.items()}, self.step)
-                metrics.write(json.dumps({"step": self.step, "eval": scores["fid_label"], **values}) + "\n")
+                g_range = self.cfg.objective.guidance_range  # an LCM-style student: scored at the middle scale
+                extra = {"guidance_scale": sum(g_range) / 2} if g_range else {}
+                metrics.write(json.dumps({"step": self.step, "eval": scores["fid_label"], **values, **extra}) + "\n")
                 metrics.flush()
                 best = self.cfg.train.eval_keep_best and values["fid"] < self.best_fid
                 acc.print(f"step {self.step}: {scores['fid_label']} {values['fid']:.3f}"
@@ -75,7 +77,10 @@ class Trainer(Run):
                           + (" (lowest yet: exported to student-best/)" if best else ""))
                 if best:
                     self.best_fid = values["fid"]
-                    self.export(self.out / "student-best")
+                    best_dir = self.export(self.out / "student-best")
+                    # its score beside it: a resumed run never replaces it with a worse one (state.recorded_best_fid)
+                    (best_dir / "eval.json").write_text(json.dumps({"step": self.step, "eval": scores["fid_label"],
+                                                                    **values}) + "\n")
         acc.wait_for_everyone()
         return time.time() - t0
 

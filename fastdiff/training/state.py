@@ -104,10 +104,19 @@ def load_checkpoint(run, which: str) -> None:
         run.opt_c.load_state_dict(state["opt_c"])
     ckpt.set_rng_state(state["rng"], run._generators())
     run.step = state["step"]
-    run.best_fid = float(state.get("best_fid", float("inf")))  # checkpoints from before train.eval_keep_best: none
+    # the lowest FID: the checkpoint's, or student-best's own when lower (exported after the checkpoint was written)
+    run.best_fid = min(float(state.get("best_fid", float("inf"))), recorded_best_fid(run.out))
     for key, value in state.get("skipped", {}).items():
         run.skipped[key].fill_(int(value))
     run.accelerator.print(f"resumed from {path}")
+
+
+def recorded_best_fid(out: Path) -> float:
+    """The FID written beside ``out/student-best`` (train.eval_keep_best); infinity without one."""
+    try:
+        return float(json.loads((out / "student-best" / "eval.json").read_text())["fid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def keep_metrics_upto(path: Path, step: int) -> None:
