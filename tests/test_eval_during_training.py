@@ -266,3 +266,26 @@ def test_waiting_processes_get_two_hours_while_the_main_one_evaluates(tiny_teach
     scored = small_trainer(tiny_teacher, tmp_path / "a", "train.eval_every=1", "train.eval_reference=r.npz")
     assert scored.accelerator.init_handler.timeout == datetime.timedelta(hours=2)
     assert small_trainer(tiny_teacher, tmp_path / "b").accelerator.init_handler is None  # torch's default otherwise
+
+
+@pytest.mark.parametrize("name", ["meanflow", "dmd2"])
+def test_the_run_samples_its_student_as_the_export_does(name, tiny_teacher, tmp_path):
+    """What grids and evaluations sample (``export_generator``) gives the exported folder's images: a two-step
+    flow-map student with map steps told r, as its pipeline (it once took student.sampler's steps), a dmd2 student
+    with its own sampler."""
+    from fastdiff.config import load_config
+    from fastdiff.inference.sampling import load_sampler, sample_model
+    from fastdiff.training import Trainer
+    from test_export_e2e import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path / "fmnist", size=8)  # meanflow trains on (noised) images
+    cfg = load_config(None, [f"teacher.path={tiny_teacher}", f"output_dir={tmp_path / 'run'}", f"objective.name={name}",
+                             f"data.path={tmp_path / 'fmnist'}", "data.resolution=8", "student.num_steps=2",
+                             "train.batch_size=2", "train.max_steps=1", "train.sample_every=100",
+                             "train.checkpoint_every=100", "train.log_every=100"])
+    trainer = Trainer(cfg, overwrite=True, progress=False)
+    out = trainer.fit()
+    exported, loaded = load_sampler(str(out), torch.device("cpu"))
+    ours = next(sample_model(trainer.export_generator().eval(), trainer.teacher, 4, 2, 7, 4, torch.device("cpu")))[1]
+    theirs = next(sample_model(exported, loaded, 4, 2, 7, 4, torch.device("cpu")))[1]
+    assert np.array_equal(ours, theirs)  # uint8: the same network and steps in the same float32 order
