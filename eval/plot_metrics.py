@@ -103,11 +103,12 @@ def main(argv=None) -> None:
                                                          for r in args.runs]
     if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
         raise FastdiffError(f"--labels: {len(args.runs)} distinct labels needed, one per run; got {labels}")
+    runs = dict(zip(labels, (read_metrics(r) for r in args.runs)))  # every input checked first
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise FastdiffError("plotting needs matplotlib: pip install matplotlib") from None
-    plot(dict(zip(labels, (read_metrics(r) for r in args.runs))), out)
+        raise FastdiffError("plotting needs matplotlib: pip install matplotlib (or fastdiff[eval])") from None
+    plot(runs, out)
     print(f"wrote {out}")
 
 

@@ -58,3 +58,18 @@ def test_bad_input_is_one_line_and_nothing_written(tmp_path, capsys, case, messa
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_without_matplotlib_the_inputs_are_checked_then_one_line(tmp_path, capsys, monkeypatch):
+    """CI's environment (the dev extra) has no matplotlib: bad inputs are still named first, then the missing
+    package, one line each."""
+    import sys
+
+    pm = eval_script("plot_metrics")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    for runs, message in (([str(tmp_path / "nope")], "no metrics.jsonl there"),
+                          ([str(_run(tmp_path / "a"))], "plotting needs matplotlib")):
+        with pytest.raises(SystemExit) as stop:
+            pm.main([*runs, "--out", str(tmp_path / "c.png")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and message in err[0]
