@@ -94,7 +94,7 @@ def test_bench_gmm_objectives_reach_the_target(tmp_path):
 
 
 @pytest.mark.slow  # about 30 s on one core
-@pytest.mark.xfail(strict=True, reason="since 0fbd9c5 (2026-11-30): sida 0.0498 = 2.00 x floor from a 0.0410 start "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="since 0fbd9c5 (2026-11-30): sida 0.0498 = 2.00 x floor from a 0.0410 start "
                                        "(was 0.0335); not investigated yet")
 def test_bench_gmm_sida_bar(tmp_path):
     """SiDA's bar on the analytic bench as measured on 2026-11-28 (0.0335, 1.62 x floor, 18% below its start)."""
@@ -103,7 +103,7 @@ def test_bench_gmm_sida_bar(tmp_path):
 
 
 @pytest.mark.slow  # about 60 s on one core: two 400-update rows
-@pytest.mark.xfail(strict=True, reason="since 0fbd9c5 (2026-11-30, SiDA's GAN head and Uni-Instruct's per-sample "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="since 0fbd9c5 (2026-11-30, SiDA's GAN head and Uni-Instruct's per-sample "
                                        "logit mean as their references): js 2.10 x, kl 2.28 x floor (were 1.56 / "
                                        "1.84 x); not investigated yet")
 def test_bench_gmm_uni_instruct_bar(tmp_path):
