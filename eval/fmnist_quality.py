@@ -447,13 +447,12 @@ def distill(row: Row, args, run: Path, log: Path) -> dict:
         raise RowFailed("\n".join(tail) or f"fastdiff distill exited with {code}")
     student = json.loads((run / "student" / "fastdiff.json").read_text())
     config = yaml.safe_load((run / "config.yaml").read_text())["train"]
-    info.update(train_steps=student["train_step"],
-                images_seen=student["train_step"] * config["batch_size"] * config["gradient_accumulation"])
+    per_step = config["batch_size"] * config["gradient_accumulation"]  # images per update (one process)
+    info.update(train_steps=student["train_step"], images_seen=student["train_step"] * per_step)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if metrics:
         logged = [m for m in metrics if "images_per_second" in m]  # not the FID rows of the curve
         info["train_images_per_second"] = logged[-1]["images_per_second"] if logged else None
-        per_step = config["batch_size"] * config["gradient_accumulation"]
         info["curve"] = [{"step": m["step"], "images_seen": m["step"] * per_step, "fid": m["fid"],
                           "fid_label": m["eval"]} for m in metrics if "eval" in m]
     return info

@@ -211,7 +211,7 @@ def test_the_evaluation_moves_text_encoders_and_vae_to_the_device_and_back():
     evaluation encodes its own prompts on the run's device, so it takes them (and the VAE) there and back."""
     from types import SimpleNamespace
 
-    from fastdiff.training.outputs import vae_on_device
+    from fastdiff.training.outputs import frozen_parts_on_device as vae_on_device
 
     class Part(torch.nn.Module):
         def __init__(self):

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import FastdiffError
 from ..models.text import read_prompts
-from ..training.outputs import eval_mode, vae_on_device
+from ..training.outputs import eval_mode, frozen_parts_on_device, middle_guidance
 from .clip_score import prompts_for
 from .evaluate import evaluate
 from .images import sampled_source
@@ -57,12 +57,9 @@ class TrainingEvaluator:
         elif t.eval_prompts:
             raise FastdiffError(f"train.eval_prompts is for text-to-image students; this one is "
                                 f"{'unconditional' if teacher.conditioning == 'none' else 'class-conditioned'}")
-        path = Path(t.eval_reference)
-        if not path.is_file():
-            raise FastdiffError(f"train.eval_reference {path}: no such file; make it once with "
-                                f"`fastdiff ref-stats IMAGES --out {path}`")
+        check_files(run.cfg)  # `fastdiff distill` checked them before building the run; a Python caller may not
         try:
-            self.ref = ReferenceStats.load(path)
+            self.ref = ReferenceStats.load(t.eval_reference)
         except FastdiffError as exc:
             raise FastdiffError(f"train.eval_reference: {exc}") from None
         c, h, w = teacher.image_shape
@@ -91,11 +88,8 @@ class TrainingEvaluator:
     def __call__(self, run) -> dict:
         t = run.cfg.train
         gen = run.export_generator()
-        g_range = run.cfg.objective.guidance_range  # as the sample grid: the middle of the range
-        prompts = self.prompts
         source = sampled_source(f"step-{run.step}", gen, run.teacher, run.cfg.student.num_steps, t.seed,
-                                run.accelerator.device, sum(g_range) / 2 if g_range else None, prompts,
-                                len(prompts) if prompts and len(prompts) > 1 else None)
-        with torch.no_grad(), eval_mode(gen), vae_on_device(run, text_encoders=prompts is not None):
+                                run.accelerator.device, middle_guidance(run.cfg), self.prompts)
+        with torch.no_grad(), eval_mode(gen), frozen_parts_on_device(run, text_encoders=self.prompts is not None):
             return evaluate(source, self.ref, self.extractor, t.eval_images, t.batch_size, t.eval_crop,
                             progress=False)

@@ -146,15 +146,15 @@ def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float 
     if loaded.conditioning != "text":
         prompts = None  # class-conditional models pair prompts with classes (CLIP score), not samples
     check_prompts(loaded, prompts)  # before the slow part
-    count = len(prompts) if prompts and len(prompts) > 1 else None  # one image per prompt, unless one for all
-    return [sampled_source(f"{Path(path).name}-{k}step", model, loaded, k, seed, device, guidance_scale, prompts,
-                           count) for k in steps]
+    return [sampled_source(f"{Path(path).name}-{k}step", model, loaded, k, seed, device, guidance_scale, prompts)
+            for k in steps]
 
 
 def sampled_source(name: str, model, loaded, steps: int, seed: int, device, guidance_scale: float | None = None,
-                   prompts: list[str] | None = None, count: int | None = None) -> ImageSource:
+                   prompts: list[str] | None = None) -> ImageSource:
     """Images sampled on the fly by ``sample_model`` (its noise: one CPU generator per batch, seeded seed + batch
-    index); ``loaded``: what describes the model (a loaded sampler, or a run's Teacher)."""
+    index); ``loaded``: what describes the model (a loaded sampler, or a run's Teacher). With several prompts, one
+    image each (so that many images); one prompt serves any number."""
     from .clip_score import prompts_for
     from ..inference.sampling import sample_model
 
@@ -162,6 +162,7 @@ def sampled_source(name: str, model, loaded, steps: int, seed: int, device, guid
         paired = prompts_for(prompts, num) if prompts else None
         for _, images in sample_model(model, loaded, num, steps, seed, batch_size, device, guidance_scale, paired):
             yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    count = len(prompts) if prompts and len(prompts) > 1 else None
     return ImageSource(name, count, loaded.image_shape, read, is_model=True, num_classes=loaded.num_classes)
 
 

@@ -25,7 +25,7 @@ from ..inference.export import check_exportable
 from . import checkpoint as ckpt
 from . import trackers
 from .optim import Optimizer
-from .outputs import export_run, sample_grid
+from .outputs import export_run, middle_guidance, sample_grid
 from .run import Run
 from .setup import ema_beta
 from .sharding import gathered_student
@@ -67,9 +67,9 @@ class Trainer(Run):
             if scores is not None:
                 values = {k: float(scores[k]) for k in ("fid", "kid", "kid_std") if k in scores}
                 trackers.log_scalars(acc, {f"eval_{k}": v for k, v in values.items()}, self.step)
-                g_range = self.cfg.objective.guidance_range  # an LCM-style student: scored at the middle scale
-                extra = {"guidance_scale": sum(g_range) / 2} if g_range else {}
-                metrics.write(json.dumps({"step": self.step, "eval": scores["fid_label"], **values, **extra}) + "\n")
+                record = {"step": self.step, "eval": scores["fid_label"], **values}
+                scale = middle_guidance(self.cfg)  # an LCM-style student is scored at its range's middle
+                metrics.write(json.dumps({**record, **({} if scale is None else {"guidance_scale": scale})}) + "\n")
                 metrics.flush()
                 best = self.cfg.train.eval_keep_best and values["fid"] < self.best_fid
                 acc.print(f"step {self.step}: {scores['fid_label']} {values['fid']:.3f}"
@@ -79,8 +79,7 @@ class Trainer(Run):
                     self.best_fid = values["fid"]
                     best_dir = self.export(self.out / "student-best")
                     # its score beside it: a resumed run never replaces it with a worse one (state.recorded_best_fid)
-                    (best_dir / "eval.json").write_text(json.dumps({"step": self.step, "eval": scores["fid_label"],
-                                                                    **values}) + "\n")
+                    (best_dir / "eval.json").write_text(json.dumps(record) + "\n")
         acc.wait_for_everyone()
         return time.time() - t0
 

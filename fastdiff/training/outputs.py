@@ -28,12 +28,11 @@ def sample_grid(run) -> None:
     if run.text is not None:
         cond = {**(cond or {}), **run.text(run.sample_prompts())}  # fada: class labels and prompts
     gen = run.export_generator()
-    g_range = run.cfg.objective.guidance_range
     if run.cfg.objective.name == "fada":  # both scales at the middle of their ranges
         cond = run.objective.student_condition(cond, n)
     else:
-        cond = guided_cond(gen.denoiser.model, cond, sum(g_range) / 2 if g_range else None)
-    with torch.no_grad(), run.accelerator.autocast(), eval_mode(gen), vae_on_device(run):
+        cond = guided_cond(gen.denoiser.model, cond, middle_guidance(run.cfg))
+    with torch.no_grad(), run.accelerator.autocast(), eval_mode(gen), frozen_parts_on_device(run):
         x0 = gen(z, cond, rng=rng)
         if run.teacher.latents is not None:
             x0 = run.teacher.latents.decode(x0)
@@ -43,6 +42,12 @@ def sample_grid(run) -> None:
     with Image.open(path) as grid:  # the grid exactly as written, to the trackers too
         image = np.asarray(grid)
     log_image(run.accelerator, "samples", image[..., None] if image.ndim == 2 else image, run.step)
+
+
+def middle_guidance(cfg) -> float | None:
+    """The scale a student with an LCM guidance embedding is shown at (grids, evaluations): its range's middle."""
+    g_range = cfg.objective.guidance_range
+    return sum(g_range) / 2 if g_range else None
 
 
 @contextmanager
@@ -58,7 +63,7 @@ def eval_mode(module: torch.nn.Module):
 
 
 @contextmanager
-def vae_on_device(run, text_encoders: bool = False):
+def frozen_parts_on_device(run, text_encoders: bool = False):
     """A latent teacher's VAE on the run's device for a grid or an evaluation only (unless training encodes there);
     with ``text_encoders``, the pipeline's text encoders too (setup parks them on the CPU once the training prompts
     are encoded; an evaluation encodes its own prompts)."""
