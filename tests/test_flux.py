@@ -196,3 +196,26 @@ def test_flux_sid_and_scm_students_export(files, tmp_path, objective):
     pipe = FluxPipeline.from_pretrained(student)
     assert_same(ours(student, 1), flux_call(pipe, 1, guidance=0))
 
+
+
+def test_the_run_samples_a_two_step_flux_student_as_its_export_does(files, tmp_path):
+    """Sample grids and train.eval_every sample ``export_generator``; for a 2-step Flux student it re-noises between
+    steps in FluxPipeline's packed layout, as the export's sampler (``fastdiff fid``) does. It once took the
+    unpacked layout, so evaluations during training scored other images than ``fastdiff fid`` of the export."""
+    from fastdiff.config import load_config
+    from fastdiff.inference.sampling import load_sampler, sample_model
+    from fastdiff.models.flux import FluxGenerator
+    from fastdiff.training import Trainer
+    from test_text_to_image import FAST
+
+    cfg = load_config(None, [f"teacher.path={files['flux']}", f"output_dir={tmp_path / 'run'}", *FAST,
+                             f"data.prompts={files['prompts']}", "teacher.guidance_scale=3", "student.num_steps=2"])
+    trainer = Trainer(cfg, overwrite=True, progress=False)
+    out = trainer.fit()
+    gen = trainer.export_generator().eval()
+    assert isinstance(gen, FluxGenerator) and gen.sampler == "lcm"
+    exported, loaded = load_sampler(str(out), torch.device("cpu"))
+    with torch.no_grad():
+        ours = next(sample_model(gen, trainer.teacher, 3, 2, 7, 3, "cpu", prompts=PROMPTS))[1]
+        theirs = next(sample_model(exported, loaded, 3, 2, 7, 3, "cpu", prompts=PROMPTS))[1]
+    assert np.array_equal(ours, theirs)  # uint8: the same network, noise and steps in the same float32 order

@@ -335,11 +335,13 @@ class Run:
     def export_generator(self) -> Generator:
         """The student as its export samples it (sample grids, train.eval_every): a two-time (flow-map) student
         with map steps told r, as its pipeline; others with student.sampler."""
+        from ..models import flux
         from ..models.flow_map import FlowMapGenerator, flow_map_embedding
 
         model = self.student_weights()
         denoiser, top = student_denoiser(self.cfg, self.teacher, model), sigma_init(self.cfg, self.teacher)
         if flow_map_embedding(model) is not None:
             return FlowMapGenerator(denoiser, self.cfg.student.num_steps, top)
-        return Generator(denoiser, self.cfg.student.num_steps, top, self.cfg.student.sampler)
+        cls = flux.FluxGenerator if flux.takes_packed_latents(model) else Generator  # FluxPipeline's noise layout
+        return cls(denoiser, self.cfg.student.num_steps, top, self.cfg.student.sampler)
 
