@@ -348,6 +348,8 @@ def _read_one_yaml(name_or_path: str) -> dict:
     if path.is_file():
         text = read_text(path, "config")
     else:
+        if path.name != name_or_path or path.suffix in (".yaml", ".yml"):  # a path, not a name: no named-config lookup
+            raise FastdiffError(f"config file {name_or_path} not found")  # (a name joined as a path could escape)
         packaged = resources.files("fastdiff.configs") / f"{name_or_path}.yaml"
         if not packaged.is_file():
             raise FastdiffError(

@@ -18,7 +18,7 @@ and the run-state cases in test_reliability.py):
 | config     | ddim sampler with a truncated first level         | set student.sigma_init to null                 |
 | config     | lora_export lora on a teacher without LoRA loading| set student.lora_export=fused                  |
 | export     | a student no pipeline can take (analytic teacher) | not supported (before any training step)       |
-| config     | config file missing / not a mapping               | neither a file nor a named config / mapping    |
+| config     | config file missing / not a mapping               | not found / neither a file nor a named config / mapping |
 | data       | data resolution != teacher resolution             | does not match the teacher's sample size       |
 | data       | missing data folder for the GAN head              | is not a folder                                |
 | data       | Fashion-MNIST folder missing / unknown split      | --data-path / fashion-mnist:test               |
@@ -169,7 +169,7 @@ def test_export_and_sample_bad_input(tmp_path, capsys, tiny_teacher):
 
 def test_config_file_and_resume_bad_input(tmp_path, capsys, tiny_teacher):
     (tmp_path / "list.yaml").write_text("[1, 2]\n")
-    cases = [(["distill", "--config", str(tmp_path / "nope.yaml")], "is neither a file nor a named config"),
+    cases = [(["distill", "--config", str(tmp_path / "nope.yaml")], "nope.yaml not found"),
              (["distill", "--config", str(tmp_path / "list.yaml")], "the top level must be a mapping"),
              (["distill", "--set", f"teacher.path={tiny_teacher}", "--set", f"output_dir={tmp_path / 'o'}",
                "--resume", "latest"], "no readable checkpoint to resume from")]

@@ -41,9 +41,16 @@ def test_bad_overrides_are_one_line_errors(override, message):
     assert "\n" not in str(info.value)
 
 
-def test_missing_config_file():
-    with pytest.raises(FastdiffError, match="neither a file nor a named config"):
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FastdiffError, match="config file no-such-config.yaml not found"):
         load_config("no-such-config.yaml")
+    with pytest.raises(FastdiffError, match="neither a file nor a named config"):
+        load_config("no-such-config")
+    # A path is a file or nothing: "dir/foo" is not read as dir/foo.yaml through the named-config lookup.
+    (tmp_path / "foo.yaml").write_text("train:\n  max_steps: 3\n")
+    with pytest.raises(FastdiffError, match=f"config file {tmp_path / 'foo'} not found"):
+        load_config(str(tmp_path / "foo"))
+    assert load_config(str(tmp_path / "foo.yaml")).train.max_steps == 3
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
