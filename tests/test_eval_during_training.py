@@ -82,6 +82,36 @@ def test_evaluation_changes_nothing_in_training_and_the_lowest_fid_is_checkpoint
     assert resumed.best_fid == 1.0
 
 
+@needs_inception
+def test_processes_sample_their_share_and_the_main_one_scores_as_one_process_would(tiny_teacher, reference, tmp_path,
+                                                                                   monkeypatch):
+    """On P processes (each holding the whole student) process i samples batches i, i + P, ...; the main process
+    adds everyone's features in batch order, so FID and KID are one process's to the last bit. Two processes are
+    played in turn here: process 1, then process 0 receiving both shares (process 1's first, so the order is
+    restored by the batch index, not by arrival); tests below run them as real processes."""
+    from accelerate import Accelerator
+
+    from fastdiff.evaluation import during_training
+    from fastdiff.evaluation.during_training import TrainingEvaluator
+
+    trainer = small_trainer(tiny_teacher, tmp_path / "run", "train.eval_every=1", f"train.eval_reference={reference}",
+                            "train.eval_images=10")  # 5 batches of 2
+    alone = TrainingEvaluator(trainer)
+    assert not alone.every_process
+    whole = alone(trainer)
+    shares, main_process = [], [True]
+    monkeypatch.setattr(during_training, "gather_object", lambda mine: shares.extend(mine) or list(shares))
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: main_process[0]))
+    split = TrainingEvaluator(trainer)
+    for rank in (1, 0):
+        split.part, main_process[0] = (rank, 2), rank == 0
+        result = split(trainer)
+        assert (result is None) == (rank == 1)
+    assert [index for index, _ in shares] == [1, 3, 0, 2, 4]  # each process sampled only its own batches
+    assert (result["fid"], result["kid"], result["kid_std"]) == (whole["fid"], whole["kid"], whole["kid_std"])
+    assert result["fid_label"] == whole["fid_label"]
+
+
 def test_settings_are_checked_when_the_config_loads():
     with pytest.raises(FastdiffError, match="train.eval_every needs train.eval_reference: .*fastdiff ref-stats"):
         load_config(None, ["train.eval_every=100"])
@@ -183,15 +213,17 @@ def test_a_text_to_image_student_is_scored_on_its_prompts_as_fastdiff_fid_scores
 
 @pytest.mark.slow
 @needs_inception
-def test_two_sharded_processes_evaluate_on_the_main_one_what_fastdiff_fid_gives(tiny_teacher, reference, tmp_path):
-    """``accelerate launch`` with 2 FSDP CPU processes: the student is gathered (a collective), only the main process
-    samples and scores, the other waits, and the number logged at the last step is `fastdiff fid`'s for the export
-    (the same uint8 images: the gathered weights are the exported ones)."""
+@pytest.mark.parametrize("sharding", ["fsdp", "none"])
+def test_two_processes_log_what_fastdiff_fid_gives(sharding, tiny_teacher, reference, tmp_path):
+    """``accelerate launch`` with 2 CPU processes. FSDP: the student is gathered (a collective), only the main process
+    samples and scores, the other waits. Replicated: each samples half the batches, the main one scores them all.
+    Either way the number logged at the last step is `fastdiff fid`'s for the export (the same uint8 images: the
+    gathered or replicated weights are the exported ones)."""
     from test_sharding import _two_processes
 
     run = tmp_path / "two"
     _two_processes(tiny_teacher, run, 2, "train.eval_every=1", f"train.eval_reference={reference}",
-                   "train.eval_images=8", "train.eval_keep_best=true")
+                   "train.eval_images=8", "train.eval_keep_best=true", sharding=sharding)
     rows = _eval_rows(run)
     assert [r["step"] for r in rows] == [0, 1, 2]  # one row per evaluation (the start's too): the main process's
     threads = torch.get_num_threads()

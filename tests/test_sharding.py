@@ -463,15 +463,16 @@ def _sets(teacher, out, steps, *extra) -> list:
     return [a for item in items for a in ("--set", item)]
 
 
-def _two_processes(teacher, out, steps, *extra, resume: bool = False, sets=None) -> None:
-    """``fastdiff distill`` on 2 FSDP CPU processes with ``sets`` (default ``_sets``) and ``extra``."""
+def _two_processes(teacher, out, steps, *extra, resume: bool = False, sets=None, sharding: str = "fsdp") -> None:
+    """``fastdiff distill`` on 2 CPU processes (FSDP unless ``sharding``) with ``sets`` (default ``_sets``) and
+    ``extra``."""
     import subprocess
 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", "0",  # 0: a free port (test workers run side by side)
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    args = (sets or _sets)(teacher, out, steps, "train.sharding=fsdp", *extra) + (["--resume", "latest"] if resume
+    args = (sets or _sets)(teacher, out, steps, f"train.sharding={sharding}", *extra) + (["--resume", "latest"] if resume
                                                                                   else [])
     done = subprocess.run(launch + args, env=env,
                           capture_output=True, text=True)

@@ -8,22 +8,26 @@ against reference statistics from ``fastdiff ref-stats``. So the number
 logged at step N is the number ``fastdiff fid`` gives for the student exported at step N
 (tests/test_eval_during_training.py).
 
-Settings are checked when the evaluator is built, before training; only the main process loads Inception and scores.
+Settings are checked when the evaluator is built, before training. On several processes each samples its share of
+the batches (batch b on process b mod P: every process holds the whole student) and the main process adds their
+Inception features in batch order, so the number is the one process's, bit for bit; a sharded run (train.sharding:
+fsdp) gathers its student on the main process only, which then samples and scores alone.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 
 from ..errors import FastdiffError
 from ..models.text import read_prompts
 from ..training.outputs import eval_mode, frozen_parts_on_device, middle_guidance
 from .clip_score import prompts_for
-from .evaluate import evaluate
+from .evaluate import evaluate, scores
 from .images import sampled_source
 from .inception import InceptionFeatures
-from .metrics import ReferenceStats
+from .metrics import FeatureStats, ReferenceStats
 
 
 def check_files(cfg) -> None:
@@ -37,7 +41,8 @@ def check_files(cfg) -> None:
 
 
 class TrainingEvaluator:
-    """``evaluator(run) -> evaluate()'s result`` for the run's current student (main process only)."""
+    """``evaluator(run) -> evaluate()'s result`` for the run's current student (None on processes other than the
+    main one); called on every process when ``every_process``, else on the main one only."""
 
     def __init__(self, run):
         t, teacher = run.cfg.train, run.teacher
@@ -72,8 +77,10 @@ class TrainingEvaluator:
                 "remake the reference from images like the student's"
             raise FastdiffError(f"train.eval_reference was made from {'x'.join(map(str, made))} (CxHxW) images, the "
                                 f"student's are {'x'.join(map(str, self.shape))}: {fix}")
+        acc = run.accelerator
+        self.part = (acc.process_index, acc.num_processes) if acc.num_processes > 1 and run.shards is None else None
         self.extractor = None
-        if run.accelerator.is_main_process:
+        if acc.is_main_process or self.part is not None:
             try:
                 with torch.random.fork_rng(devices=[]):  # its layers' random initial weights would shift the run's draws
                     self.extractor = InceptionFeatures(t.eval_inception, self.ref.resize).to(run.accelerator.device)
@@ -85,11 +92,27 @@ class TrainingEvaluator:
             except FastdiffError as exc:
                 raise FastdiffError(f"train.eval_reference and train.eval_inception: {exc}") from None
 
-    def __call__(self, run) -> dict:
+    @property
+    def every_process(self) -> bool:
+        """Whether each process takes part in an evaluation (it samples its share of the batches)."""
+        return self.part is not None
+
+    def __call__(self, run) -> dict | None:
+        """The scores on the main process; None on the others."""
         t = run.cfg.train
         gen = run.export_generator()
         source = sampled_source(f"step-{run.step}", gen, run.teacher, run.cfg.student.num_steps, t.seed,
-                                run.accelerator.device, middle_guidance(run.cfg), self.prompts)
+                                run.accelerator.device, middle_guidance(run.cfg), self.prompts, self.part)
         with torch.no_grad(), eval_mode(gen), frozen_parts_on_device(run, text_encoders=self.prompts is not None):
-            return evaluate(source, self.ref, self.extractor, t.eval_images, t.batch_size, t.eval_crop,
-                            progress=False)
+            if self.part is None:
+                return evaluate(source, self.ref, self.extractor, t.eval_images, t.batch_size, t.eval_crop,
+                                progress=False)
+            mine = [(self.part[0] + i * self.part[1], self.extractor(batch).cpu())
+                    for i, batch in enumerate(source.batches(t.eval_images, t.batch_size, t.eval_crop))]
+        every = gather_object(mine)  # all processes' (batch index, features), on every process
+        if not run.accelerator.is_main_process:
+            return None
+        stats = FeatureStats(self.extractor.num_features, 0 if self.ref.kid_unavailable() else t.eval_images)
+        for _, features in sorted(every, key=lambda item: item[0]):  # in batch order: one process's sums exactly
+            stats.add(features)
+        return scores(stats, self.ref, source.name)

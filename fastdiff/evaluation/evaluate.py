@@ -56,19 +56,26 @@ def evaluate(source: ImageSource, ref: ReferenceStats, extractor: InceptionFeatu
     no_kid = ref.kid_unavailable()  # then no features are kept
     stats, timing = source_features(source, extractor, num, batch_size, crop, keep=0 if no_kid else num,
                                     progress=progress)
+    result = scores(stats, ref, source.name, kid_subset_size)
+    result.update(timing, total_seconds=time.perf_counter() - t0)
+    if source.is_model and timing["image_seconds"] > 0:
+        result["images_per_second"] = stats.n / timing["image_seconds"]
+    return result
+
+
+def scores(stats: FeatureStats, ref: ReferenceStats, name: str, kid_subset_size: int = 1000) -> dict:
+    """FID (and KID where ``ref`` keeps features) of the images behind ``stats`` against ``ref``."""
+    no_kid = ref.kid_unavailable()
     mu, sigma = stats.mean_cov()
     fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     result = {"fid_label": ref.label("FID", stats.n), "fid": fid, "n": stats.n, "reference": ref.name,
               "reference_format": ref.origin, "reference_n": ref.n, "resize": ref.resize, "extractor": ref.extractor,
-              "input": source.name}
+              "input": name}
     if no_kid is None:
         kid, kid_std = kernel_inception_distance(stats.features(), ref.features, subset_size=kid_subset_size)
         result.update(kid_label=ref.label("KID", stats.n), kid=kid, kid_std=kid_std)
     else:
         result["kid_unavailable"] = no_kid
-    result.update(timing, total_seconds=time.perf_counter() - t0)
-    if source.is_model and timing["image_seconds"] > 0:
-        result["images_per_second"] = stats.n / timing["image_seconds"]
     return result
 
 

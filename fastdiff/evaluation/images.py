@@ -151,16 +151,17 @@ def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float 
 
 
 def sampled_source(name: str, model, loaded, steps: int, seed: int, device, guidance_scale: float | None = None,
-                   prompts: list[str] | None = None) -> ImageSource:
+                   prompts: list[str] | None = None, part: tuple[int, int] | None = None) -> ImageSource:
     """Images sampled on the fly by ``sample_model`` (its noise: one CPU generator per batch, seeded seed + batch
     index); ``loaded``: what describes the model (a loaded sampler, or a run's Teacher). With several prompts, one
-    image each (so that many images); one prompt serves any number."""
+    image each (so that many images); one prompt serves any number. ``part=(i, P)``: only batches i, i + P, ..."""
     from .clip_score import prompts_for
     from ..inference.sampling import sample_model
 
     def read(num, batch_size):
         paired = prompts_for(prompts, num) if prompts else None
-        for _, images in sample_model(model, loaded, num, steps, seed, batch_size, device, guidance_scale, paired):
+        for _, images in sample_model(model, loaded, num, steps, seed, batch_size, device, guidance_scale, paired,
+                                      part):
             yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     count = len(prompts) if prompts and len(prompts) > 1 else None
     return ImageSource(name, count, loaded.image_shape, read, is_model=True, num_classes=loaded.num_classes)

@@ -219,12 +219,15 @@ def check_prompts(loaded, prompts: list[str] | None) -> None:
 
 @torch.no_grad()
 def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed: int, batch_size: int, device,
-                 guidance_scale: float | None = None, prompts: list[str] | None = None):
+                 guidance_scale: float | None = None, prompts: list[str] | None = None,
+                 part: tuple[int, int] | None = None):
     """Yield (start, uint8 images): a student Generator samples K steps, a teacher Denoiser runs DDIM.
 
     Each batch draws its noise from ``torch.Generator().manual_seed(seed + batch_index)`` on the CPU, the
     way diffusers pipelines draw it, so a batch equals the exported pipeline's output for that seed (with the
     batch's prompts, for text-to-image models: image i gets ``prompts[i]``). Latents are decoded by the VAE.
+    ``part=(i, P)``: only the batches whose index is i mod P (process i of P's share; each batch is the same
+    images whichever process samples it).
     """
     check_prompts(loaded, prompts)
     if isinstance(model, (RouterSampler, MultiGuidanceSampler)):  # pipeline-driven: their own conditions
@@ -237,6 +240,8 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
 
         text = PromptEncoder(loaded.pipeline, device=device, max_cached=0)  # each prompt is used once: no cache
     for b, start in enumerate(range(0, num, batch_size)):
+        if part is not None and b % part[1] != part[0]:
+            continue
         n = min(batch_size, num - start)
         rng = torch.Generator().manual_seed(seed + b)
         z = torch.randn((n, *loaded.sample_shape), generator=rng).to(device)

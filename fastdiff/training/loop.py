@@ -63,7 +63,7 @@ class Trainer(Run):
         t0, acc = time.time(), self.accelerator
         devices = [acc.device] if acc.device.type == "cuda" else []
         with gathered_student(self), torch.random.fork_rng(devices=devices):
-            scores = self.evaluator(self) if acc.is_main_process else None
+            scores = self.evaluator(self) if acc.is_main_process or self.evaluator.every_process else None
             if scores is not None:
                 values = {k: float(scores[k]) for k in ("fid", "kid", "kid_std") if k in scores}
                 trackers.log_scalars(acc, {f"eval_{k}": v for k, v in values.items()}, self.step)
