@@ -25,6 +25,28 @@ def _device(name: str | None):
     return device
 
 
+def _launched_part(device: str | None):
+    """Under ``torchrun`` / ``accelerate launch`` on P processes: (this process's share (i, P), its device: the
+    launcher's GPU for it unless --device names a CPU); alone: (None, --device)."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, _device(device)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)  # joins the launcher's process group (gloo on CPUs)
+    if state.num_processes != world:  # else every process would score everything and write the same file
+        raise FastdiffError(f"launched on {world} processes but joined a group of {state.num_processes}; launch with "
+                            "torchrun or accelerate launch")
+    own = state.device if device in (None, "cuda") else _device(device)
+    return (state.process_index, state.num_processes), own
+
+
 def _check_out(out: Path, overwrite: bool, keep: dict | None = None, may_hold: tuple = ()) -> None:
     """An output folder a command may write: not a file (nor under one), not non-empty unless ``overwrite``, never
     the working directory or a folder holding it, and never one of ``keep`` ({role: path}, the command's inputs), a
@@ -235,11 +257,10 @@ def _paired_prompts(path: str | None, num: int, loaded=None) -> list[str] | None
     return prompts_for(prompts, num)
 
 
-def _extractor(args, resize: str):
+def _extractor(args, resize: str, device):
     from .evaluation.inception import InceptionFeatures
 
-    extractor = InceptionFeatures(args.inception, resize)
-    return extractor.to(_device(args.device))
+    return InceptionFeatures(args.inception, resize).to(device)
 
 
 def _check_json_target(path: str | None, inputs: tuple = ()) -> None:
@@ -295,9 +316,12 @@ def cmd_ref_stats(args) -> None:
         return
     source = open_source(args.source, data_path=args.data_path, allow_model=False)
     source.cropped_shape(args.crop)
-    extractor = _extractor(args, args.resize)
+    part, device = _launched_part(args.device)
+    extractor = _extractor(args, args.resize, device)
     ref = make_reference(source, extractor, args.num, args.batch_size, args.kid_features, args.crop,
-                         progress=not args.quiet)
+                         progress=not args.quiet, part=part)
+    if ref is None:  # launched on several processes: the main one writes
+        return
     ref.save(out)
     print(f"wrote {out}: {ref.n} images of {args.source}, extractor {ref.extractor}, resize {ref.resize}")
 
@@ -325,7 +349,7 @@ def cmd_fid(args) -> None:
     check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
     _check_json_target(args.json, (args.input, args.ref, args.prompts, args.data_path))
     ref = ReferenceStats.load(args.ref, args.ref_format)
-    device = _device(args.device)
+    part, device = _launched_part(args.device)
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
                          device=device, data_path=args.data_path, levels=parse_levels(args.levels, args.steps),
                          prompts=read_prompts(args.prompts) if args.prompts else None)
@@ -333,8 +357,10 @@ def cmd_fid(args) -> None:
         raise FastdiffError(f"--prompts samples a text-to-image model; {args.input} holds images: leave it out")
     num = source.resolve_num(args.num)  # before the slow part, like the checks below
     ref.check_images(args.resize or ref.resize, source.cropped_shape(args.crop))  # before the slow part
-    extractor = _extractor(args, args.resize or ref.resize)
-    result = evaluate(source, ref, extractor, num, args.batch_size, args.crop, progress=not args.quiet)
+    extractor = _extractor(args, args.resize or ref.resize, device)
+    result = evaluate(source, ref, extractor, num, args.batch_size, args.crop, progress=not args.quiet, part=part)
+    if result is None:  # launched on several processes: the main one reports
+        return
     result["steps"] = args.steps if source.is_model else None
     if args.levels is not None:
         result["levels"] = args.levels
@@ -361,13 +387,16 @@ def cmd_clip_score(args) -> None:
     check_positive(num=args.num, batch_size=args.batch_size, steps=args.steps)
     _check_json_target(args.json, (args.input, args.prompts, args.data_path, args.clip_weights, args.clip_config))
     prompts = read_prompts(args.prompts)
-    device = _device(args.device)
+    part, device = _launched_part(args.device)
     # A text-to-image model samples image i from prompt i (one image per prompt when --num is not given).
     source = open_source(args.input, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
                          device=device, data_path=args.data_path, levels=parse_levels(args.levels, args.steps),
                          prompts=prompts)
     scorer = ClipScorer(args.clip_model, args.clip_weights, args.clip_config, args.convention).to(device)
-    result = clip_score(source, scorer, prompts, args.num, args.batch_size, args.crop, progress=not args.quiet)
+    result = clip_score(source, scorer, prompts, args.num, args.batch_size, args.crop, progress=not args.quiet,
+                        part=part)
+    if result is None:  # launched on several processes: the main one reports
+        return
     print(f"{result['clip_score_label']} = {result['clip_score']:.4f} (std {result['clip_score_std']:.4f})")
     _write_json(args.json, result)
 

@@ -85,31 +85,37 @@ def test_evaluation_changes_nothing_in_training_and_the_lowest_fid_is_checkpoint
 @needs_inception
 def test_processes_sample_their_share_and_the_main_one_scores_as_one_process_would(tiny_teacher, reference, tmp_path,
                                                                                    monkeypatch):
-    """On P processes (each holding the whole student) process i samples batches i, i + P, ...; the main process
-    adds everyone's features in batch order, so FID and KID are one process's to the last bit. Two processes are
-    played in turn here: process 1, then process 0 receiving both shares (process 1's first, so the order is
-    restored by the batch index, not by arrival); tests below run them as real processes."""
+    """On P processes (each holding the whole student) process i samples batches i, i + P, ...; in each round the
+    main process adds the round's features in batch order, so FID and KID are one process's to the last bit. Two
+    processes are played in turn here (process 1, then process 0, each gather handing process 0 what process 1 sent
+    at the same call); tests below run them as real processes."""
+    import accelerate.utils
     from accelerate import Accelerator
 
-    from fastdiff.evaluation import during_training
     from fastdiff.evaluation.during_training import TrainingEvaluator
 
     trainer = small_trainer(tiny_teacher, tmp_path / "run", "train.eval_every=1", f"train.eval_reference={reference}",
-                            "train.eval_images=10")  # 5 batches of 2
+                            "train.eval_images=10")  # 5 batches of 2: rounds (0, 1), (2, 3), (4, -)
     alone = TrainingEvaluator(trainer)
     assert not alone.every_process
     whole = alone(trainer)
-    shares, main_process = [], [True]
-    monkeypatch.setattr(during_training, "gather_object", lambda mine: shares.extend(mine) or list(shares))
-    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: main_process[0]))
+    sent, rank = {0: [], 1: []}, [0]
+
+    def gather(objects):  # accelerate's gather_object([obj]): every process's obj, in process order
+        sent[rank[0]].append(objects[0])
+        return [objects[0], sent[1][len(sent[0]) - 1]] if rank[0] == 0 else [None, objects[0]]
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: rank[0] == 0))
     split = TrainingEvaluator(trainer)
-    for rank in (1, 0):
-        split.part, main_process[0] = (rank, 2), rank == 0
+    for rank[0] in (1, 0):
+        split.part = (rank[0], 2)
         result = split(trainer)
-        assert (result is None) == (rank == 1)
-    assert [index for index, _ in shares] == [1, 3, 0, 2, 4]  # each process sampled only its own batches
+        assert (result is None) == (rank[0] == 1)
+    batches = {r: [item[0] for item in sent[r][:-1] if item is not None] for r in sent}  # the last: timings
+    assert batches == {0: [0, 2, 4], 1: [1, 3]}  # each process sampled only its own batches
     assert (result["fid"], result["kid"], result["kid_std"]) == (whole["fid"], whole["kid"], whole["kid_std"])
-    assert result["fid_label"] == whole["fid_label"]
+    assert result["fid_label"] == whole["fid_label"] and result["processes"] == 2
 
 
 def test_settings_are_checked_when_the_config_loads():

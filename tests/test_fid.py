@@ -13,7 +13,7 @@ from fastdiff.cli import main
 from fastdiff.errors import FastdiffError
 from fastdiff.evaluation.metrics import FeatureStats, ReferenceStats, count_label, frechet_distance, kernel_inception_distance
 
-from conftest import SHARED
+from conftest import SHARED, TINY_CLIP_NAME
 
 FMNIST = next((p for p in (SHARED / "datasets" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
                if p.is_dir()), None)
@@ -319,6 +319,61 @@ def test_cli_ref_stats_and_fid(tmp_path, capsys, tiny_teacher):
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["n"] == 6 and result["steps"] == 2 and result["images_per_second"] > 0 and result["fid"] > 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["m.json"])
+
+
+def _launched_on_two_processes(*argv) -> str:
+    """``fastdiff ARGV`` under ``accelerate launch`` on 2 CPU processes (gloo); its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "fastdiff", *map(str, argv)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow  # 3 launches of 2 processes, ~40 s
+@needs_inception
+def test_ref_stats_fid_and_clip_score_on_two_processes_give_one_process_numbers(tmp_path, capsys, tiny_teacher,
+                                                                                tiny_clip):
+    """Launched on 2 processes, each makes every other batch and the main one adds the features (CLIP scores) in
+    batch order: the reference statistics, FID, KID and CLIP score are the single process's bit for bit, reported
+    once. Both run with one thread, so Inception sums in the same order."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "real.npz", images=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8))
+    (tmp_path / "one.txt").write_text("a photo\n")
+    config, weights = tiny_clip
+    commands = {"ref": ["ref-stats", tmp_path / "real.npz", "--batch-size", 5, "--kid-features", 12],  # 3 batches
+                "fid": ["fid", tiny_teacher, "--num", 6, "--steps", 2, "--batch-size", 2],
+                "clip": ["clip-score", tmp_path / "real.npz", "--batch-size", 5, "--prompts", tmp_path / "one.txt",
+                         "--clip-config", config, "--clip-model", TINY_CLIP_NAME, "--clip-weights", weights]}
+    out = {}
+    for how in ("one", "two"):
+        ref = tmp_path / f"ref-{how}.npz"
+        args = {"ref": ["--out", ref], "fid": ["--ref", tmp_path / "ref-one.npz", "--json", tmp_path / f"fid-{how}.json"],
+                "clip": ["--json", tmp_path / f"clip-{how}.json"]}
+        for name, argv in commands.items():
+            if how == "two":
+                out[name] = _launched_on_two_processes(*argv, *args[name])
+                continue
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                assert main([str(a) for a in [*argv, *args[name], "-q"]]) == 0
+            finally:
+                torch.set_num_threads(threads)
+    one, two = ReferenceStats.load(tmp_path / "ref-one.npz"), ReferenceStats.load(tmp_path / "ref-two.npz")
+    for field in ("mu", "sigma", "features"):
+        assert np.array_equal(getattr(one, field), getattr(two, field)), field
+    fid = [json.loads((tmp_path / f"fid-{how}.json").read_text()) for how in ("one", "two")]
+    assert (fid[1]["fid"], fid[1]["kid"], fid[1]["n"]) == (fid[0]["fid"], fid[0]["kid"], 6) and fid[1]["processes"] == 2
+    clip = [json.loads((tmp_path / f"clip-{how}.json").read_text()) for how in ("one", "two")]
+    assert clip[1]["clip_score"] == clip[0]["clip_score"] and clip[1]["n"] == 12
+    assert out["fid"].count("FID@6") == 1 and out["ref"].count("wrote") == 1  # the main process reports
 
 
 def _ref(tmp_path, **over) -> Path:

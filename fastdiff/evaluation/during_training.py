@@ -18,16 +18,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
 
 from ..errors import FastdiffError
 from ..models.text import read_prompts
 from ..training.outputs import eval_mode, frozen_parts_on_device, middle_guidance
 from .clip_score import prompts_for
-from .evaluate import evaluate, scores
+from .evaluate import evaluate
 from .images import sampled_source
 from .inception import InceptionFeatures
-from .metrics import FeatureStats, ReferenceStats
+from .metrics import ReferenceStats
 
 
 def check_files(cfg) -> None:
@@ -102,17 +101,7 @@ class TrainingEvaluator:
         t = run.cfg.train
         gen = run.export_generator()
         source = sampled_source(f"step-{run.step}", gen, run.teacher, run.cfg.student.num_steps, t.seed,
-                                run.accelerator.device, middle_guidance(run.cfg), self.prompts, self.part)
+                                run.accelerator.device, middle_guidance(run.cfg), self.prompts)
         with torch.no_grad(), eval_mode(gen), frozen_parts_on_device(run, text_encoders=self.prompts is not None):
-            if self.part is None:
-                return evaluate(source, self.ref, self.extractor, t.eval_images, t.batch_size, t.eval_crop,
-                                progress=False)
-            mine = [(self.part[0] + i * self.part[1], self.extractor(batch).cpu())
-                    for i, batch in enumerate(source.batches(t.eval_images, t.batch_size, t.eval_crop))]
-        every = gather_object(mine)  # all processes' (batch index, features), on every process
-        if not run.accelerator.is_main_process:
-            return None
-        stats = FeatureStats(self.extractor.num_features, 0 if self.ref.kid_unavailable() else t.eval_images)
-        for _, features in sorted(every, key=lambda item: item[0]):  # in batch order: one process's sums exactly
-            stats.add(features)
-        return scores(stats, self.ref, source.name)
+            return evaluate(source, self.ref, self.extractor, t.eval_images, t.batch_size, t.eval_crop,
+                            progress=False, part=self.part)

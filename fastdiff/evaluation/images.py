@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import FastdiffError
+from ..inference.sampling import batch_starts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FMNIST_PREFIX = "fashion-mnist:"
@@ -20,7 +21,7 @@ class ImageSource:
     name: str                         # short label base, e.g. "fmnist-train" or a folder's name
     count: int | None                 # images available; None for a model (unlimited)
     shape: tuple[int, int, int]       # (C, H, W)
-    read: Callable[[int, int], Iterator[torch.Tensor]]  # (num, batch_size) -> uint8 batches
+    read: Callable[..., Iterator[torch.Tensor]]  # (num, batch_size, part) -> uint8 batches (``batch_starts``)
     is_model: bool = False
     num_classes: int | None = None    # class-conditional models: image i has label i mod num_classes
 
@@ -36,10 +37,12 @@ class ImageSource:
             raise FastdiffError(f"--num {num} but {self.name} has only {self.count} images")
         return num
 
-    def batches(self, num: int | None, batch_size: int, crop: int | None = None) -> Iterator[torch.Tensor]:
+    def batches(self, num: int | None, batch_size: int, crop: int | None = None,
+                part: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+        """The images in batches; ``part=(i, P)``: only batches i, i + P, i + 2P, ... (process i of P's share)."""
         if batch_size <= 0:
             raise FastdiffError(f"--batch-size must be positive, got {batch_size}")
-        for batch in self.read(self.resolve_num(num), batch_size):
+        for batch in self.read(self.resolve_num(num), batch_size, part):
             yield centre_crop(batch, crop) if crop else batch
 
     def cropped_shape(self, crop: int | None) -> tuple[int, int, int]:
@@ -58,8 +61,8 @@ def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _array_batches(images: np.ndarray) -> Callable:
-    def read(num, batch_size):
-        for start in range(0, num, batch_size):
+    def read(num, batch_size, part=None):
+        for _, start in batch_starts(num, batch_size, part):
             yield torch.from_numpy(np.array(images[start:min(num, start + batch_size)]))
     return read
 
@@ -110,8 +113,8 @@ def _folder_source(path: Path) -> ImageSource:
         raise FastdiffError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) and not a model folder")
     shape = _read_image(files[0]).shape
 
-    def read(num, batch_size):
-        for start in range(0, num, batch_size):
+    def read(num, batch_size, part=None):
+        for _, start in batch_starts(num, batch_size, part):
             batch = []
             for f in files[start:min(num, start + batch_size)]:
                 img = _read_image(f)
@@ -151,14 +154,14 @@ def model_sources(path: str, steps: list[int], seed: int, guidance_scale: float 
 
 
 def sampled_source(name: str, model, loaded, steps: int, seed: int, device, guidance_scale: float | None = None,
-                   prompts: list[str] | None = None, part: tuple[int, int] | None = None) -> ImageSource:
+                   prompts: list[str] | None = None) -> ImageSource:
     """Images sampled on the fly by ``sample_model`` (its noise: one CPU generator per batch, seeded seed + batch
     index); ``loaded``: what describes the model (a loaded sampler, or a run's Teacher). With several prompts, one
-    image each (so that many images); one prompt serves any number. ``part=(i, P)``: only batches i, i + P, ..."""
+    image each (so that many images); one prompt serves any number."""
     from .clip_score import prompts_for
     from ..inference.sampling import sample_model
 
-    def read(num, batch_size):
+    def read(num, batch_size, part=None):
         paired = prompts_for(prompts, num) if prompts else None
         for _, images in sample_model(model, loaded, num, steps, seed, batch_size, device, guidance_scale, paired,
                                       part):

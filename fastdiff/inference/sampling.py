@@ -218,6 +218,14 @@ def check_prompts(loaded, prompts: list[str] | None) -> None:
 
 
 @torch.no_grad()
+def batch_starts(num: int, batch_size: int, part: tuple[int, int] | None = None):
+    """(index, first image) of each batch of ``num`` images; with ``part=(i, P)`` only those whose index is i mod P
+    (process i of P's share: a batch is the same images whichever process makes it)."""
+    for b, start in enumerate(range(0, num, batch_size)):
+        if part is None or b % part[1] == part[0]:
+            yield b, start
+
+
 def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed: int, batch_size: int, device,
                  guidance_scale: float | None = None, prompts: list[str] | None = None,
                  part: tuple[int, int] | None = None):
@@ -239,9 +247,7 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
         from ..models.text import PromptEncoder
 
         text = PromptEncoder(loaded.pipeline, device=device, max_cached=0)  # each prompt is used once: no cache
-    for b, start in enumerate(range(0, num, batch_size)):
-        if part is not None and b % part[1] != part[0]:
-            continue
+    for b, start in batch_starts(num, batch_size, part):
         n = min(batch_size, num - start)
         rng = torch.Generator().manual_seed(seed + b)
         z = torch.randn((n, *loaded.sample_shape), generator=rng).to(device)
