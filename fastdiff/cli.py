@@ -47,6 +47,14 @@ def _launched_part(device: str | None):
     return (state.process_index, state.num_processes), own
 
 
+def _wait_for_everyone(part) -> None:
+    """A barrier across the launched processes (nothing alone)."""
+    if part is not None:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
 def _check_out(out: Path, overwrite: bool, keep: dict | None = None, may_hold: tuple = ()) -> None:
     """An output folder a command may write: not a file (nor under one), not non-empty unless ``overwrite``, never
     the working directory or a folder holding it, and never one of ``keep`` ({role: path}, the command's inputs), a
@@ -194,30 +202,39 @@ def cmd_sample(args) -> None:
 
     from .machine import progress
     from .models.generator import Generator
-    from .inference.sampling import MultiGuidanceSampler, RouterSampler, load_sampler, sample_model, save_pngs
+    from .inference.sampling import (MultiGuidanceSampler, RouterSampler, batch_starts, load_sampler, sample_model,
+                                     save_pngs)
 
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
         raise FastdiffError("--num, --steps and --batch-size must be positive")
     out = Path(args.out)
     _check_out(out, args.overwrite, keep={"model": args.model_dir})
-    device = _device(args.device)
+    part, device = _launched_part(args.device)  # launched on P processes: each writes every P-th batch
     model, loaded = load_sampler(args.model_dir, device, args.guidance_scale, parse_levels(args.levels, args.steps))
     prompts = _paired_prompts(args.prompts, args.num, loaded)
     # The images go to a staging folder beside --out and move in only when all are written, so a call that fails
     # (or is stopped) partway leaves --out as it was: never a mix of old and new images for `fastdiff fid` to score.
     staging = out.parent / f".{out.name}.fastdiff-partial"
-    shutil.rmtree(staging, ignore_errors=True)  # what a killed earlier call left
+    main = part is None or part[0] == 0
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed earlier call left
+    _wait_for_everyone(part)
     try:
-        with torch.no_grad(), progress(total=args.num, desc="sample", unit="img", enabled=not args.quiet) as bar:
+        share = sum(min(args.batch_size, args.num - s) for _, s in batch_starts(args.num, args.batch_size, part))
+        with torch.no_grad(), progress(total=share, desc="sample", unit="img", enabled=main and not args.quiet) as bar:
             for start, images in sample_model(model, loaded, args.num, args.steps, args.seed, args.batch_size,
-                                              device, args.guidance_scale, prompts):
+                                              device, args.guidance_scale, prompts, part):
                 save_pngs(images, staging, start)
                 bar.update(len(images))
+        _wait_for_everyone(part)  # every process's images are in staging
+        if not main:
+            return
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(staging.iterdir()):
             shutil.move(f, out / f.name)  # a rename, or a copy where --out is a mount point
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:  # the others leave it to the main process, which moves their images out of it
+            shutil.rmtree(staging, ignore_errors=True)
     stale = [f for f in out.iterdir() if re.fullmatch(r"\d{6}\.png", f.name) and int(f.name[:6]) >= args.num]
     for f in stale:  # --overwrite: the images of an earlier, larger call go, so the folder holds this call's only
         f.unlink()

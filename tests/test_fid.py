@@ -321,6 +321,24 @@ def test_cli_ref_stats_and_fid(tmp_path, capsys, tiny_teacher):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["m.json"])
 
 
+def test_a_process_share_is_every_pth_batch_of_the_same_images(tmp_path, tiny_teacher):
+    """What process i of P makes under a launcher (``part=(i, P)``): batches i, i + P, ... of an image file, a
+    folder and a sampled model, each the very batch one process alone makes (a model's noise is seeded by the
+    batch index)."""
+    from fastdiff.evaluation.images import open_source
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "real.npz", images=images)
+    _write_pngs(tmp_path / "pngs", images)
+    for spec, options in ((tmp_path / "real.npz", {}), (tmp_path / "pngs", {}),
+                          (tiny_teacher, {"steps": 2, "device": "cpu"})):
+        source = open_source(str(spec), **options)
+        alone = list(source.batches(7, 2))  # 4 batches: 2, 2, 2, 1 images
+        for i in range(3):
+            share = list(source.batches(7, 2, part=(i, 3)))
+            assert len(share) == len(alone[i::3]) and all(map(torch.equal, share, alone[i::3])), (spec, i)
+
+
 def _launched_on_two_processes(*argv) -> str:
     """``fastdiff ARGV`` under ``accelerate launch`` on 2 CPU processes (gloo); its stdout."""
     import os
@@ -336,13 +354,13 @@ def _launched_on_two_processes(*argv) -> str:
     return done.stdout
 
 
-@pytest.mark.slow  # 3 launches of 2 processes, ~40 s
+@pytest.mark.slow  # 4 launches of 2 processes, ~50 s
 @needs_inception
-def test_ref_stats_fid_and_clip_score_on_two_processes_give_one_process_numbers(tmp_path, capsys, tiny_teacher,
-                                                                                tiny_clip):
+def test_ref_stats_fid_clip_score_and_sample_on_two_processes_give_one_process_results(tmp_path, capsys,
+                                                                                       tiny_teacher, tiny_clip):
     """Launched on 2 processes, each makes every other batch and the main one adds the features (CLIP scores) in
     batch order: the reference statistics, FID, KID and CLIP score are the single process's bit for bit, reported
-    once. Both run with one thread, so Inception sums in the same order."""
+    once; `fastdiff sample` writes the same PNGs. Both run with one thread, so Inception sums in the same order."""
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "real.npz", images=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8))
     (tmp_path / "one.txt").write_text("a photo\n")
@@ -374,6 +392,14 @@ def test_ref_stats_fid_and_clip_score_on_two_processes_give_one_process_numbers(
     clip = [json.loads((tmp_path / f"clip-{how}.json").read_text()) for how in ("one", "two")]
     assert clip[1]["clip_score"] == clip[0]["clip_score"] and clip[1]["n"] == 12
     assert out["fid"].count("FID@6") == 1 and out["ref"].count("wrote") == 1  # the main process reports
+    # fastdiff sample: each process writes every other batch, the main one moves them all into --out
+    sample = ["sample", tiny_teacher, "--num", 5, "--steps", 2, "--batch-size", 2, "--device", "cpu"]
+    assert main([str(a) for a in [*sample, "--out", tmp_path / "png-one", "-q"]]) == 0
+    said = _launched_on_two_processes(*sample, "--out", tmp_path / "png-two")
+    assert said.count("wrote 5 images") == 1 and not list(tmp_path.glob(".png-two*"))  # no staging left
+    one, two = (sorted((tmp_path / f"png-{how}").iterdir()) for how in ("one", "two"))
+    assert [f.name for f in one] == [f.name for f in two] == [f"{i:06d}.png" for i in range(5)]
+    assert all(np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))) for a, b in zip(one, two))
 
 
 def _ref(tmp_path, **over) -> Path:

@@ -189,6 +189,9 @@ def test_sample_and_fid_source_load_a_class_router(tmp_path):
     assert source.is_model and source.num_classes == 3 and source.shape == (1, 8, 8)
     got = torch.cat(list(source.batches(5, 3)))
     assert np.array_equal(got.permute(0, 2, 3, 1).numpy(), expected)
+    # process 1 of 2 (`fastdiff fid` launched on two): the second batch only, the same images as alone
+    assert np.array_equal(torch.cat(list(source.batches(5, 3, part=(1, 2)))).permute(0, 2, 3, 1).numpy(),
+                          expected[3:])
     assert main(["sample", str(tmp_path / "router"), "--num", "1", "--steps", "1", "--out", str(tmp_path / "x"),
                  "--guidance-scale", "2", "--quiet"]) == 2
 

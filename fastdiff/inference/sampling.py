@@ -105,8 +105,9 @@ class RouterSampler:
         else:
             self.image_shape = (net.in_channels, size, size)
 
-    def sample(self, num: int, steps: int, seed: int, batch_size: int, prompts: list[str] | None = None):
-        for b, start in enumerate(range(0, num, batch_size)):
+    def sample(self, num: int, steps: int, seed: int, batch_size: int, prompts: list[str] | None = None,
+               part: tuple[int, int] | None = None):
+        for b, start in batch_starts(num, batch_size, part):
             n = min(batch_size, num - start)
             call = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed + b),
                     "output_type": "np"}
@@ -147,8 +148,9 @@ class MultiGuidanceSampler:
         size = net.sample_size if isinstance(net.sample_size, int) else net.sample_size[0]
         self.image_shape = (net.in_channels, size, size)
 
-    def sample(self, num: int, steps: int, seed: int, batch_size: int, prompts: list[str] | None = None):
-        for b, start in enumerate(range(0, num, batch_size)):
+    def sample(self, num: int, steps: int, seed: int, batch_size: int, prompts: list[str] | None = None,
+               part: tuple[int, int] | None = None):
+        for b, start in batch_starts(num, batch_size, part):
             n = min(batch_size, num - start)
             text = self.text(prompts[start:start + n])["encoder_hidden_states"]
             images = self.pipe((torch.arange(n) + start) % self.num_classes, text, class_guidance_scale=self.scales[0],
@@ -239,7 +241,7 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
     """
     check_prompts(loaded, prompts)
     if isinstance(model, (RouterSampler, MultiGuidanceSampler)):  # pipeline-driven: their own conditions
-        yield from model.sample(num, steps, seed, batch_size, prompts)
+        yield from model.sample(num, steps, seed, batch_size, prompts, part)
         return
     num_classes, latents = loaded.num_classes, loaded.latents
     text = None
