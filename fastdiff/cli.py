@@ -252,10 +252,21 @@ def cmd_pairs(args) -> None:
     from .machine import progress
     from .training.pairs import make_pairs
 
-    with progress(total=args.num, desc="pairs", unit="pair", enabled=not args.quiet) as bar:
+    part, device = _launched_part(args.device)  # launched on P processes: each makes every P-th shard
+    starts = range(0, args.num, args.shard_size) if args.shard_size > 0 else ()  # make_pairs refuses a bad size
+    share = sum(min(args.shard_size, args.num - s) for k, s in enumerate(starts) if part is None or k % part[1] == part[0])
+    with progress(total=share, desc="pairs", unit="pair", enabled=not args.quiet and (part is None or part[0] == 0)) \
+            as bar:
         made, kept = make_pairs(args.teacher, args.out, args.num, args.steps, args.shard_size, args.batch_size,
-                                args.seed, args.guidance, args.sampler, args.prompts, _device(args.device),
-                                args.overwrite, on_shard=bar.update)
+                                args.seed, args.guidance, args.sampler, args.prompts, device, args.overwrite,
+                                on_shard=bar.update, part=part, wait=lambda: _wait_for_everyone(part))
+    if part is not None:
+        from accelerate.utils import gather_object
+
+        counts = gather_object([(made, kept)])  # every process's
+        if part[0] != 0:
+            return
+        made, kept = (sum(c[i] for c in counts) for i in (0, 1))
     print(f"{args.out}: {args.num} pairs ({made} shards made now, {kept} already there)")
 
 

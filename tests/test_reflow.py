@@ -257,6 +257,20 @@ def test_pairs_are_the_teachers_ode_and_resume_after_a_crash(gmm_dir, tmp_path):
     assert torch.equal(x[:, 0], noise[idx]) and torch.equal(labels, torch.cat([s["cond"] for s in first])[idx])
 
 
+@pytest.mark.slow  # one launch of 2 processes, ~20 s
+def test_pairs_launched_on_two_processes_are_one_process_pairs(gmm_dir, tmp_path):
+    """Under a launcher each process makes every other shard (shard i's noise comes from its own seed): the folder
+    is the one a single process writes, shard for shard, and the counts are reported once."""
+    from test_fid import _launched_on_two_processes
+
+    assert main(_pairs_args(gmm_dir, tmp_path / "one")) == 0
+    said = _launched_on_two_processes(*_pairs_args(gmm_dir, tmp_path / "two"))
+    assert said.count("300 pairs (3 shards made now, 0 already there)") == 1, said
+    for a, b in zip(_shards(tmp_path / "one"), _shards(tmp_path / "two")):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "one" / "manifest.json").read_text() == (tmp_path / "two" / "manifest.json").read_text()
+
+
 def test_pairs_bad_input(gmm_dir, tmp_path, capsys):
     out = tmp_path / "p"
     assert main(_pairs_args(gmm_dir, out)) == 0

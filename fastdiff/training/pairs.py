@@ -64,11 +64,14 @@ def draw_conditions(teacher, n: int, gen: torch.Generator, prompts: list[str] | 
 
 def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, shard_size: int = 4096,
                batch_size: int = 256, seed: int = 0, guidance: float | None = None, sampler: str = "heun",
-               prompts_file: str | None = None, device=None, overwrite: bool = False, on_shard=None) -> tuple[int, int]:
+               prompts_file: str | None = None, device=None, overwrite: bool = False, on_shard=None,
+               part: tuple[int, int] | None = None, wait=None) -> tuple[int, int]:
     """Write (or complete) the pairs folder ``out``; returns (shards made now, shards that were already there).
 
     ``guidance``: CFG scale of the teacher's ODE (None = the teacher's own, 1 = none). ``on_shard(rows)`` is called
-    after each shard (progress bars)."""
+    after each shard (progress bars). ``part=(i, P)``, on P launched processes: process i makes shards i, i + P, ...
+    (a shard's content depends on its index only); the main one (i = 0) prepares the folder first, and ``wait()``,
+    a barrier, holds the others until it has; the counts are then this process's."""
     from ..models.embedded import resolve_teacher_path
     from ..models.teacher import load_teacher, require_condition
     from ..models.text import read_prompts
@@ -89,7 +92,10 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
     key = pairs_key(teacher, resolved, num, steps, sampler, shard_size, seed, guidance, prompts)
     out = Path(out)
     refuse_replacing(out, "--out", {"teacher": path, "prompts file": prompts_file})
-    _open_folder(out, key, overwrite)
+    if part is None or part[0] == 0:
+        _open_folder(out, key, overwrite)  # may empty it (--overwrite): before any other process writes
+    if part is not None:
+        wait()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     (teacher.pipeline if teacher.pipeline is not None else teacher.model).to(device)  # a pipeline moves its VAE, encoders
     encode = None
@@ -100,6 +106,8 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
         encode = lambda idx: text([prompts[i] for i in idx.tolist()])  # noqa: E731
     made = kept = 0
     for index in range(key["num_shards"]):
+        if part is not None and index % part[1] != part[0]:
+            continue
         target = out / shard_name(index)
         rows = min(shard_size, num - index * shard_size)
         if target.is_file():
