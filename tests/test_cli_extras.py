@@ -82,7 +82,7 @@ def test_fid_against_edm_npz_equals_fid_against_the_same_statistics(images, stat
 def test_cli_fid_labels_a_foreign_reference_and_says_why_no_kid(images, statistics, tmp_path, capsys, monkeypatch):
     import fastdiff.cli
 
-    monkeypatch.setattr(fastdiff.cli, "_extractor", lambda args, resize: Projection())
+    monkeypatch.setattr(fastdiff.cli, "_extractor", lambda args, resize, device: Projection())
     _, edm = statistics
     assert main(["fid", str(images), "--ref", str(edm), "--json", str(tmp_path / "r.json")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

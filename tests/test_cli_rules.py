@@ -317,7 +317,7 @@ def test_fid_json_records_the_model_steps_and_levels(tmp_path, monkeypatch, caps
         return SimpleNamespace(is_model=True, resolve_num=lambda n: n, cropped_shape=lambda crop: (1, 8, 8))
 
     monkeypatch.setattr(images, "open_source", fake_source)
-    monkeypatch.setattr(cli, "_extractor", lambda args, resize: None)
+    monkeypatch.setattr(cli, "_extractor", lambda args, resize, device: None)
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **kw: {"fid": 12.5, "fid_label": "FID@4(x10, nv-bilinear)"})
     out = tmp_path / "r.json"
     assert main(["fid", "student", "--ref", str(ref), "--num", "4", "--steps", "2", "--levels", "727,234",
