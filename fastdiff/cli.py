@@ -38,6 +38,11 @@ def _launched_part(device: str | None):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    if device is not None:
+        asked = _device(device)  # refuses cuda where there is no GPU, as a single process does
+        if asked.type == "cuda" and asked.index is not None:
+            raise FastdiffError(f"--device {device} under a launcher would put every process on one GPU; pass "
+                                "--device cuda (or leave it out): each process takes the launcher's GPU for it")
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)  # joins the launcher's process group (gloo on CPUs)
     if state.num_processes != world:  # else every process would score everything and write the same file
@@ -229,6 +234,10 @@ def cmd_sample(args) -> None:
         _wait_for_everyone(part)  # every process's images are in staging
         if not main:
             return
+        found = len(list(staging.glob("*.png")))
+        if found != args.num:  # processes on other machines wrote where this one cannot see
+            raise FastdiffError(f"only {found} of {args.num} images reached {staging}: launched on several machines, "
+                                "--out must be on a filesystem they share")
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(staging.iterdir()):
             shutil.move(f, out / f.name)  # a rename, or a copy where --out is a mount point

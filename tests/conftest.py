@@ -118,9 +118,10 @@ def bench_gmm_rows(tmp_path, *args: str) -> dict:
 
 
 def assert_same_uint8(a, b, bound: float) -> None:
-    """Two float images in [0, 1] that agree to ``bound`` (max |a - b|) give the same uint8 images, except where a
-    value lies within ``bound`` of a rounding boundary (255 x ~ n + 1/2): there either rounding is right, and which
-    one a CPU's kernels land on is not the code's property, so those values may differ by one level."""
+    """Two images in [0, 1] that should agree to ``bound`` give the same uint8 images, except where a value lies
+    within ``bound`` of a rounding boundary (255 x ~ n + 1/2): there either rounding is right, and which one a CPU's
+    kernels land on is not the code's property, so those values may differ by one level. It checks the uint8 images
+    only (one side may be uint8 / 255 already); a caller with two float images asserts max |a - b| <= bound itself."""
     import numpy as np
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -236,7 +236,7 @@ def test_two_processes_log_what_fastdiff_fid_gives(sharding, tiny_teacher, refer
     torch.set_num_threads(1)  # as the launched processes run: the same kernels sum in the same order
     try:
         assert main(["fid", str(run / "student"), "--steps", "1", "--seed", "0", "--batch-size", "2", "--num", "8",
-                     "--ref", str(reference), "--json", str(tmp_path / "fid.json"), "-q"]) == 0
+                     "--ref", str(reference), "--json", str(tmp_path / "fid.json"), "-q", "--device", "cpu"]) == 0
     finally:
         torch.set_num_threads(threads)
     # identical images and Inception calls (with 2 threads here, features rounded otherwise moved FID by 9e-8)
@@ -327,3 +327,15 @@ def test_the_run_samples_its_student_as_the_export_does(name, tiny_teacher, tmp_
     ours = next(sample_model(trainer.export_generator().eval(), trainer.teacher, 4, 2, 7, 4, torch.device("cpu")))[1]
     theirs = next(sample_model(exported, loaded, 4, 2, 7, 4, torch.device("cpu")))[1]
     assert np.array_equal(ours, theirs)  # uint8: the same network and steps in the same float32 order
+
+
+def test_sample_model_runs_without_gradients_on_a_trainable_student(tiny_teacher, tmp_path):
+    """``sample_model`` turns gradients off itself: a run without an EMA samples its trainable student (a decorator
+    once slipped onto the helper above it, and sampling such a student raised in .numpy())."""
+    from fastdiff.inference.sampling import sample_model
+
+    trainer = small_trainer(tiny_teacher, tmp_path / "run", "train.ema_halflife_kimg=0")
+    gen = trainer.export_generator().eval()
+    assert any(p.requires_grad for p in gen.parameters())
+    (_, images), = list(sample_model(gen, trainer.teacher, 2, 1, 0, 2, "cpu"))
+    assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8

@@ -339,6 +339,20 @@ def test_a_process_share_is_every_pth_batch_of_the_same_images(tmp_path, tiny_te
             assert len(share) == len(alone[i::3]) and all(map(torch.equal, share, alone[i::3])), (spec, i)
 
 
+def test_a_launched_command_refuses_a_device_it_cannot_give_each_process(monkeypatch):
+    """Under a launcher (WORLD_SIZE > 1) --device cuda:N would put every process on one GPU, and --device cuda on a
+    machine without one is refused as a single process refuses it; both before the process group is joined."""
+    from fastdiff import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FastdiffError, match="no CUDA GPU is available here"):
+        cli._launched_part("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(FastdiffError, match="every process on one GPU; pass --device cuda"):
+        cli._launched_part("cuda:1")
+
+
 def _launched_on_two_processes(*argv) -> str:
     """``fastdiff ARGV`` under ``accelerate launch`` on 2 CPU processes (gloo); its stdout."""
     import os
@@ -365,10 +379,11 @@ def test_ref_stats_fid_clip_score_and_sample_on_two_processes_give_one_process_r
     np.savez(tmp_path / "real.npz", images=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8))
     (tmp_path / "one.txt").write_text("a photo\n")
     config, weights = tiny_clip
-    commands = {"ref": ["ref-stats", tmp_path / "real.npz", "--batch-size", 5, "--kid-features", 12],  # 3 batches
-                "fid": ["fid", tiny_teacher, "--num", 6, "--steps", 2, "--batch-size", 2],
+    cpu = ["--device", "cpu"]  # the launched processes run on the CPU (gloo): the single one too, GPU or not
+    commands = {"ref": ["ref-stats", tmp_path / "real.npz", "--batch-size", 5, "--kid-features", 12, *cpu],  # 3 batches
+                "fid": ["fid", tiny_teacher, "--num", 6, "--steps", 2, "--batch-size", 2, *cpu],
                 "clip": ["clip-score", tmp_path / "real.npz", "--batch-size", 5, "--prompts", tmp_path / "one.txt",
-                         "--clip-config", config, "--clip-model", TINY_CLIP_NAME, "--clip-weights", weights]}
+                         "--clip-config", config, "--clip-model", TINY_CLIP_NAME, "--clip-weights", weights, *cpu]}
     out = {}
     for how in ("one", "two"):
         ref = tmp_path / f"ref-{how}.npz"

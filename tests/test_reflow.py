@@ -263,8 +263,8 @@ def test_pairs_launched_on_two_processes_are_one_process_pairs(gmm_dir, tmp_path
     is the one a single process writes, shard for shard, and the counts are reported once."""
     from test_fid import _launched_on_two_processes
 
-    assert main(_pairs_args(gmm_dir, tmp_path / "one")) == 0
-    said = _launched_on_two_processes(*_pairs_args(gmm_dir, tmp_path / "two"))
+    assert main(_pairs_args(gmm_dir, tmp_path / "one", "--device", "cpu")) == 0  # as the launched CPU processes
+    said = _launched_on_two_processes(*_pairs_args(gmm_dir, tmp_path / "two", "--device", "cpu"))
     assert said.count("300 pairs (3 shards made now, 0 already there)") == 1, said
     for a, b in zip(_shards(tmp_path / "one"), _shards(tmp_path / "two")):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -150,6 +150,7 @@ def test_the_run_samples_its_student_as_its_export_does(family, setting, teacher
     ours = images(gen, trainer.teacher, steps, prompts)
     theirs = images(*load_sampler(str(out), torch.device("cpu")), steps, prompts)
     if setting == "lora-fused":
+        assert np.abs(ours - theirs).max() <= FUSED_BOUND
         assert_same_uint8(ours, theirs, FUSED_BOUND)  # uint8: equal but at rounding ties
     else:  # uint8: the same network, noise and steps in the same float32 order
         differ = int((uint8(ours) != uint8(theirs)).sum())

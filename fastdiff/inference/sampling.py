@@ -219,7 +219,6 @@ def check_prompts(loaded, prompts: list[str] | None) -> None:
         raise FastdiffError(f"--prompts is for text-to-image models; this one is {kind}")
 
 
-@torch.no_grad()
 def batch_starts(num: int, batch_size: int, part: tuple[int, int] | None = None):
     """(index, first image) of each batch of ``num`` images; with ``part=(i, P)`` only those whose index is i mod P
     (process i of P's share: a batch is the same images whichever process makes it)."""
@@ -228,6 +227,7 @@ def batch_starts(num: int, batch_size: int, part: tuple[int, int] | None = None)
             yield b, start
 
 
+@torch.no_grad()
 def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed: int, batch_size: int, device,
                  guidance_scale: float | None = None, prompts: list[str] | None = None,
                  part: tuple[int, int] | None = None):

@@ -71,7 +71,8 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
     ``guidance``: CFG scale of the teacher's ODE (None = the teacher's own, 1 = none). ``on_shard(rows)`` is called
     after each shard (progress bars). ``part=(i, P)``, on P launched processes: process i makes shards i, i + P, ...
     (a shard's content depends on its index only); the main one (i = 0) prepares the folder first, and ``wait()``,
-    a barrier, holds the others until it has; the counts are then this process's."""
+    a barrier, holds the others until it has, and all of them at the end until every shard is written (each then
+    checks that it sees them all: several machines need a shared folder); the counts are then this process's."""
     from ..models.embedded import resolve_teacher_path
     from ..models.teacher import load_teacher, require_condition
     from ..models.text import read_prompts
@@ -121,6 +122,13 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
             made += 1
         if on_shard is not None:
             on_shard(rows)
+    if part is not None:
+        wait()  # every process's shards are written
+        missing = [i for i in range(key["num_shards"]) if not (out / shard_name(i)).is_file()]
+        if missing:  # processes on other machines wrote where this one cannot see
+            raise FastdiffError(f"{out}: {len(missing)} of {key['num_shards']} shards are not there after every "
+                                "process finished: launched on several machines, --out must be on a filesystem "
+                                "they share")
     return made, kept
 
 
