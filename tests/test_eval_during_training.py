@@ -339,3 +339,29 @@ def test_sample_model_runs_without_gradients_on_a_trainable_student(tiny_teacher
     assert any(p.requires_grad for p in gen.parameters())
     (_, images), = list(sample_model(gen, trainer.teacher, 2, 1, 0, 2, "cpu"))
     assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_grids_and_evaluations_call_compiled_networks_eagerly_in_eval_mode():
+    """``as_exported``: a network compiled in place (train.compile) runs its eager forward inside (the export's
+    float order, and no graph compiled for eval mode and no-grad) and in eval mode; both are restored after."""
+    from fastdiff.training.outputs import as_exported
+
+    compiled_calls = []
+
+    def backend(graph, example_inputs):  # a counting backend: how often a compiled graph runs
+        def run(*args):
+            compiled_calls.append(1)
+            return graph.forward(*args)
+        return run
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
+    net.compile(backend=backend)
+    x = torch.ones(2, 3)
+    net(x)
+    assert compiled_calls == [1]
+    with as_exported(net):
+        assert not net.training and not net[1].training
+        assert torch.equal(net(x), net[0](x))  # eager, dropout off
+    assert compiled_calls == [1] and net.training and net[1].training
+    net(x)
+    assert len(compiled_calls) == 2  # compiled again after

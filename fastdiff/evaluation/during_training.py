@@ -1,8 +1,8 @@
 """FID / KID of a run's student while it trains (``train.eval_every``), as SiD's and EDM's training loops track it.
 
 Each evaluation scores the student the run would export at that step (``run.export_generator()``: the EMA where
-kept), in float32 and eval mode, sampled the way ``fastdiff fid STUDENT --steps K --seed S --batch-size B`` samples
-the exported folder (``sample_model``: one CPU noise generator per batch, seeded S + batch index; here S =
+kept), in float32, eval mode and eager (uncompiled under train.compile), sampled the way ``fastdiff fid STUDENT
+--steps K --seed S --batch-size B`` samples the exported folder (``sample_model``: one CPU noise generator per batch, seeded S + batch index; here S =
 ``train.seed``, B = ``train.batch_size``; a text-to-image student from ``train.eval_prompts`` as from ``--prompts``),
 against reference statistics from ``fastdiff ref-stats``. So the number
 logged at step N is the number ``fastdiff fid`` gives for the student exported at step N
@@ -21,7 +21,7 @@ import torch
 
 from ..errors import FastdiffError
 from ..models.text import read_prompts
-from ..training.outputs import eval_mode, frozen_parts_on_device, middle_guidance
+from ..training.outputs import as_exported, frozen_parts_on_device, middle_guidance
 from .clip_score import prompts_for
 from .evaluate import evaluate
 from .images import sampled_source
@@ -102,6 +102,6 @@ class TrainingEvaluator:
         gen = run.export_generator()
         source = sampled_source(f"step-{run.step}", gen, run.teacher, run.cfg.student.num_steps, t.seed,
                                 run.accelerator.device, middle_guidance(run.cfg), self.prompts)
-        with torch.no_grad(), eval_mode(gen), frozen_parts_on_device(run, text_encoders=self.prompts is not None):
+        with torch.no_grad(), as_exported(gen), frozen_parts_on_device(run, text_encoders=self.prompts is not None):
             return evaluate(source, self.ref, self.extractor, t.eval_images, t.batch_size, t.eval_crop,
                             progress=False, part=self.part)

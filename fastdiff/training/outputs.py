@@ -32,7 +32,7 @@ def sample_grid(run) -> None:
         cond = run.objective.student_condition(cond, n)
     else:
         cond = guided_cond(gen.denoiser.model, cond, middle_guidance(run.cfg))
-    with torch.no_grad(), run.accelerator.autocast(), eval_mode(gen), frozen_parts_on_device(run):
+    with torch.no_grad(), run.accelerator.autocast(), as_exported(gen), frozen_parts_on_device(run):
         x0 = gen(z, cond, rng=rng)
         if run.teacher.latents is not None:
             x0 = run.teacher.latents.decode(x0)
@@ -51,15 +51,23 @@ def middle_guidance(cfg) -> float | None:
 
 
 @contextmanager
-def eval_mode(module: torch.nn.Module):
-    """``module`` in eval mode (dropout off, as in the exported pipeline), each submodule's mode restored after."""
+def as_exported(module: torch.nn.Module):
+    """``module`` run as its export runs: in eval mode (dropout off) and eager. ``train.compile`` compiles networks
+    in place (``nn.Module.compile``); a grid or an evaluation calls them uncompiled, so their images are the
+    export's float for float (inductor's fused kernels round otherwise) and no graph is compiled for eval mode and
+    no-grad, states a training step never reaches. Each submodule's mode and compiled call are restored after."""
     modes = [(m, m.training) for m in module.modules()]
+    compiled = [(m, m._compiled_call_impl) for m in module.modules() if m._compiled_call_impl is not None]
     module.eval()
+    for m, _ in compiled:
+        m._compiled_call_impl = None  # nn.Module.__call__ then takes the eager _call_impl
     try:
         yield
     finally:
         for m, training in modes:
             m.training = training
+        for m, call in compiled:
+            m._compiled_call_impl = call
 
 
 @contextmanager
