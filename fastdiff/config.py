@@ -349,7 +349,9 @@ def _read_one_yaml(name_or_path: str) -> dict:
         text = read_text(path, "config")
     else:
         if path.name != name_or_path or path.suffix in (".yaml", ".yml"):  # a path, not a name: no named-config lookup
-            raise FastdiffError(f"config file {name_or_path} not found")  # (a name joined as a path could escape)
+            named = path.stem if path.suffix in (".yaml", ".yml") and path.stem in named_configs() else None
+            hint = f" (the named config is --config {named}, without {path.suffix})" if named else ""
+            raise FastdiffError(f"config file {name_or_path} not found{hint}")  # a name joined as a path could escape
         packaged = resources.files("fastdiff.configs") / f"{name_or_path}.yaml"
         if not packaged.is_file():
             raise FastdiffError(

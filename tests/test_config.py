@@ -46,6 +46,9 @@ def test_missing_config_file(tmp_path):
         load_config("no-such-config.yaml")
     with pytest.raises(FastdiffError, match="neither a file nor a named config"):
         load_config("no-such-config")
+    with pytest.raises(FastdiffError, match=r"config file quickstart.yaml not found \(the named config is --config "
+                                            r"quickstart, without .yaml\)"):
+        load_config("quickstart.yaml")
     # A path is a file or nothing: "dir/foo" is not read as dir/foo.yaml through the named-config lookup.
     (tmp_path / "foo.yaml").write_text("train:\n  max_steps: 3\n")
     with pytest.raises(FastdiffError, match=f"config file {tmp_path / 'foo'} not found"):
