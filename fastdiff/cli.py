@@ -207,8 +207,8 @@ def cmd_sample(args) -> None:
 
     from .machine import progress
     from .models.generator import Generator
-    from .inference.sampling import (MultiGuidanceSampler, RouterSampler, batch_starts, load_sampler, sample_model,
-                                     save_pngs)
+    from .inference.sampling import (MultiGuidanceSampler, RouterSampler, is_main, load_sampler, sample_model,
+                                     save_pngs, share_size)
 
     if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
         raise FastdiffError("--num, --steps and --batch-size must be positive")
@@ -220,12 +220,12 @@ def cmd_sample(args) -> None:
     # The images go to a staging folder beside --out and move in only when all are written, so a call that fails
     # (or is stopped) partway leaves --out as it was: never a mix of old and new images for `fastdiff fid` to score.
     staging = out.parent / f".{out.name}.fastdiff-partial"
-    main = part is None or part[0] == 0
+    main = is_main(part)
     if main:
         shutil.rmtree(staging, ignore_errors=True)  # what a killed earlier call left
     _wait_for_everyone(part)
     try:
-        share = sum(min(args.batch_size, args.num - s) for _, s in batch_starts(args.num, args.batch_size, part))
+        share = share_size(args.num, args.batch_size, part)
         with torch.no_grad(), progress(total=share, desc="sample", unit="img", enabled=main and not args.quiet) as bar:
             for start, images in sample_model(model, loaded, args.num, args.steps, args.seed, args.batch_size,
                                               device, args.guidance_scale, prompts, part):
@@ -258,14 +258,13 @@ def cmd_sample(args) -> None:
 
 
 def cmd_pairs(args) -> None:
+    from .inference.sampling import is_main, share_size
     from .machine import progress
     from .training.pairs import make_pairs
 
     part, device = _launched_part(args.device)  # launched on P processes: each makes every P-th shard
-    starts = range(0, args.num, args.shard_size) if args.shard_size > 0 else ()  # make_pairs refuses a bad size
-    share = sum(min(args.shard_size, args.num - s) for k, s in enumerate(starts) if part is None or k % part[1] == part[0])
-    with progress(total=share, desc="pairs", unit="pair", enabled=not args.quiet and (part is None or part[0] == 0)) \
-            as bar:
+    share = share_size(args.num, args.shard_size, part) if args.shard_size > 0 else 0  # make_pairs refuses a bad size
+    with progress(total=share, desc="pairs", unit="pair", enabled=not args.quiet and is_main(part)) as bar:
         made, kept = make_pairs(args.teacher, args.out, args.num, args.steps, args.shard_size, args.batch_size,
                                 args.seed, args.guidance, args.sampler, args.prompts, device, args.overwrite,
                                 on_shard=bar.update, part=part, wait=lambda: _wait_for_everyone(part))
@@ -273,7 +272,7 @@ def cmd_pairs(args) -> None:
         from accelerate.utils import gather_object
 
         counts = gather_object([(made, kept)])  # every process's
-        if part[0] != 0:
+        if not is_main(part):
             return
         made, kept = (sum(c[i] for c in counts) for i in (0, 1))
     print(f"{args.out}: {args.num} pairs ({made} shards made now, {kept} already there)")

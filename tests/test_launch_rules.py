@@ -275,7 +275,7 @@ def test_clip_score_pairs_each_batch_with_its_own_prompts(tiny_clip, tmp_path):
 
 
 def test_kid_subset_size_reaches_the_kid(tmp_path):
-    """evaluate's kid_subset_size is the subset size scores() draws KID with. Kills: E24 (not passed on: 1000)."""
+    """evaluate's kid_subset_size is the subset size its KID is drawn with. Kills: E24 (not passed on: 1000)."""
     from fastdiff.evaluation.evaluate import evaluate, make_reference, source_features
     from fastdiff.evaluation.images import open_source
     from fastdiff.evaluation.metrics import kernel_inception_distance

@@ -5,7 +5,7 @@ import time
 
 from ..errors import FastdiffError
 from ..machine import progress as progress_bar
-from ..inference.sampling import batch_starts
+from ..inference.sampling import share_size
 from .images import ImageSource
 from .inception import InceptionFeatures
 from .metrics import FeatureStats, ReferenceStats, count_label, frechet_distance, kernel_inception_distance
@@ -25,8 +25,8 @@ def per_batch(source: ImageSource, num: int, batch_size: int, crop: int | None, 
     count, (rank, size) = -(-num // batch_size), part or (0, 1)
     timing = {"image_seconds": 0.0, "feature_seconds": 0.0}
     batches = source.batches(num, batch_size, crop, part)
-    share = sum(min(batch_size, num - start) for _, start in batch_starts(num, batch_size, part))
-    with progress_bar(total=share, desc=desc, unit="img", enabled=progress and rank == 0) as bar:
+    with progress_bar(total=share_size(num, batch_size, part), desc=desc, unit="img",
+                      enabled=progress and rank == 0) as bar:
         for first in range(0, count, size):  # one round: batches first .. first + size - 1
             index, item = first + rank, None
             if index < count:
@@ -95,28 +95,21 @@ def evaluate(source: ImageSource, ref: ReferenceStats, extractor: InceptionFeatu
                                     progress=progress, part=part)
     if stats is None:
         return None
-    result = scores(stats, ref, source.name, kid_subset_size)
-    if part is not None:
-        result["processes"] = part[1]
-    result.update(timing, total_seconds=time.perf_counter() - t0)
-    if source.is_model and timing["image_seconds"] > 0:
-        result["images_per_second"] = stats.n / timing["image_seconds"]
-    return result
-
-
-def scores(stats: FeatureStats, ref: ReferenceStats, name: str, kid_subset_size: int = 1000) -> dict:
-    """FID (and KID where ``ref`` keeps features) of the images behind ``stats`` against ``ref``."""
-    no_kid = ref.kid_unavailable()
     mu, sigma = stats.mean_cov()
     fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     result = {"fid_label": ref.label("FID", stats.n), "fid": fid, "n": stats.n, "reference": ref.name,
               "reference_format": ref.origin, "reference_n": ref.n, "resize": ref.resize, "extractor": ref.extractor,
-              "input": name}
+              "input": source.name}
     if no_kid is None:
         kid, kid_std = kernel_inception_distance(stats.features(), ref.features, subset_size=kid_subset_size)
         result.update(kid_label=ref.label("KID", stats.n), kid=kid, kid_std=kid_std)
     else:
         result["kid_unavailable"] = no_kid
+    if part is not None:
+        result["processes"] = part[1]
+    result.update(timing, total_seconds=time.perf_counter() - t0)
+    if source.is_model and timing["image_seconds"] > 0:
+        result["images_per_second"] = stats.n / timing["image_seconds"]
     return result
 
 

@@ -227,6 +227,16 @@ def batch_starts(num: int, batch_size: int, part: tuple[int, int] | None = None)
             yield b, start
 
 
+def share_size(num: int, batch_size: int, part: tuple[int, int] | None = None) -> int:
+    """How many of the ``num`` images ``batch_starts(num, batch_size, part)``'s batches hold (a progress bar's total)."""
+    return sum(min(batch_size, num - start) for _, start in batch_starts(num, batch_size, part))
+
+
+def is_main(part: tuple[int, int] | None) -> bool:
+    """Whether this process reports and writes: alone, or process 0 of a launched group."""
+    return part is None or part[0] == 0
+
+
 @torch.no_grad()
 def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed: int, batch_size: int, device,
                  guidance_scale: float | None = None, prompts: list[str] | None = None,

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import FastdiffError, read_json_object, refuse_replacing, require_folder_path
+from ..inference.sampling import batch_starts, is_main
 from ..models.trajectory import SAMPLERS, ode_sample, trajectory_levels
 
 MANIFEST = "manifest.json"
@@ -93,7 +94,7 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
     key = pairs_key(teacher, resolved, num, steps, sampler, shard_size, seed, guidance, prompts)
     out = Path(out)
     refuse_replacing(out, "--out", {"teacher": path, "prompts file": prompts_file})
-    if part is None or part[0] == 0:
+    if is_main(part):
         _open_folder(out, key, overwrite)  # may empty it (--overwrite): before any other process writes
     if part is not None:
         wait()
@@ -106,11 +107,9 @@ def make_pairs(teacher_path: str, out: str | Path, num: int, steps: int = 40, sh
         text = PromptEncoder(teacher.pipeline, device=device, max_cached=0)
         encode = lambda idx: text([prompts[i] for i in idx.tolist()])  # noqa: E731
     made = kept = 0
-    for index in range(key["num_shards"]):
-        if part is not None and index % part[1] != part[0]:
-            continue
+    for index, start in batch_starts(num, shard_size, part):  # shards are batches of the pairs: this process's
         target = out / shard_name(index)
-        rows = min(shard_size, num - index * shard_size)
+        rows = min(shard_size, num - start)
         if target.is_file():
             kept += 1
         else:
