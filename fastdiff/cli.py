@@ -38,12 +38,19 @@ def _launched_part(device: str | None):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    told_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")  # accelerate launch --cpu
     if device is not None:
         asked = _device(device)  # refuses cuda where there is no GPU, as a single process does
         if asked.type == "cuda" and asked.index is not None:
             raise FastdiffError(f"--device {device} under a launcher would put every process on one GPU; pass "
                                 "--device cuda (or leave it out): each process takes the launcher's GPU for it")
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
+        if asked.type not in ("cpu", "cuda"):  # the launcher gives out CPU or CUDA processes only
+            raise FastdiffError(f"--device {device} under a launcher: launched processes run on cpu or cuda; pass one "
+                                "of those, or run a single process")
+        if asked.type == "cuda" and told_cpu:  # else the processes would run on the CPU without a word
+            raise FastdiffError(f"--device {device} but the launcher was told to use the CPU (accelerate launch --cpu "
+                                "/ ACCELERATE_USE_CPU); drop one of the two")
+    cpu = told_cpu or device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)  # joins the launcher's process group (gloo on CPUs)
     if state.num_processes != world:  # else every process would score everything and write the same file
         raise FastdiffError(f"launched on {world} processes but joined a group of {state.num_processes}; launch with "

@@ -328,6 +328,30 @@ def test_launched_part_joins_the_group_and_gives_each_process_its_device(monkeyp
             cli._launched_part(None)
 
 
+def test_launched_part_refuses_devices_a_launcher_does_not_give_out(monkeypatch):
+    """Under WORLD_SIZE=2 (a GPU machine pretended): a device type other than cpu / cuda is refused before any group
+    is joined (was the mutation audit's C4 survivor: it ran every process there); --device cuda under
+    ``accelerate launch --cpu`` is refused (it ran on the CPU without a word), and without --device the launcher's
+    --cpu is followed."""
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(FakeState, "made", [])
+    monkeypatch.setattr(FakeState, "size", 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(FastdiffError, match="--device meta under a launcher: launched processes run on cpu or cuda"):
+        cli._launched_part("meta")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    with pytest.raises(FastdiffError, match="--device cuda but the launcher was told to use the CPU"):
+        cli._launched_part("cuda")
+    assert FakeState.made == []
+    assert cli._launched_part(None) == ((1, 2), torch.device("cpu"))
+    assert cli._launched_part("cpu") == ((1, 2), torch.device("cpu"))
+    assert FakeState.made == [True, True]
+
+
 def test_the_barrier_is_the_group_s_and_nothing_alone(monkeypatch):
     """Kills: C8 (the barrier taken alone and skipped launched)."""
     import accelerate
