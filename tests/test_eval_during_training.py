@@ -221,10 +221,10 @@ def test_a_text_to_image_student_is_scored_on_its_prompts_as_fastdiff_fid_scores
 @needs_inception
 @pytest.mark.parametrize("sharding", ["fsdp", "none"])
 def test_two_processes_log_what_fastdiff_fid_gives(sharding, tiny_teacher, reference, tmp_path):
-    """``accelerate launch`` with 2 CPU processes. FSDP: the student is gathered (a collective), only the main process
-    samples and scores, the other waits. Replicated: each samples half the batches, the main one scores them all.
-    Either way the number logged at the last step is `fastdiff fid`'s for the export (the same uint8 images: the
-    gathered or replicated weights are the exported ones)."""
+    """``accelerate launch`` with 2 CPU processes, each sampling half the batches, the main one scoring them all. FSDP:
+    the student is first gathered whole on both (a collective). Either way the number logged at the last step is
+    `fastdiff fid`'s for the export (the same uint8 images: the gathered or replicated weights are the exported
+    ones)."""
     from test_sharding import _two_processes
 
     run = tmp_path / "two"

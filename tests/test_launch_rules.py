@@ -531,11 +531,11 @@ def _processes(monkeypatch, rank, size):
     monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: rank == 0))
 
 
-def test_the_evaluator_s_share_comes_from_the_accelerator_and_a_sharded_run_scores_on_the_main_process(
+def test_the_evaluator_s_share_comes_from_the_accelerator_sharded_or_not(
         tiny_teacher, stand_in_reference, tmp_path, monkeypatch):
-    """Replicated on 2 processes, process 1's evaluator takes share (1, 2) and loads its extractor; in a sharded run
-    (run.shards set) it takes none and loads nothing (the main process samples and scores alone). Kills: D1 (sharded
-    runs split too), D3 (share swapped), D4 (the others load no extractor)."""
+    """On 2 processes, process 1's evaluator takes share (1, 2) and loads its extractor, replicated or sharded (run.shards
+    set: the student is gathered on every process for it); alone it takes none. Kills: D3 (share swapped), D4 (the
+    others load no extractor), and a sharded run left to the main process (before 2026-12-01 it was)."""
     from fastdiff.evaluation import during_training
     from fastdiff.evaluation.during_training import TrainingEvaluator
 
@@ -547,7 +547,10 @@ def test_the_evaluator_s_share_comes_from_the_accelerator_and_a_sharded_run_scor
     assert evaluator.part == (1, 2) and evaluator.every_process and isinstance(evaluator.extractor, StandIn)
     trainer.shards = object()
     evaluator = TrainingEvaluator(trainer)
-    assert evaluator.part is None and not evaluator.every_process and evaluator.extractor is None
+    assert evaluator.part == (1, 2) and evaluator.every_process and isinstance(evaluator.extractor, StandIn)
+    _processes(monkeypatch, 0, 1)
+    evaluator = TrainingEvaluator(trainer)
+    assert evaluator.part is None and not evaluator.every_process and isinstance(evaluator.extractor, StandIn)
 
 
 def test_every_process_takes_part_in_a_replicated_evaluation(tiny_teacher, tmp_path, monkeypatch):

@@ -188,6 +188,56 @@ def test_a_gathered_lora_network_shares_the_teachers_base():
     assert other is None and main == {"shared": True, "meta": False}, main
 
 
+def _gathered_everywhere_worker(rank, acc, folder):
+    plain_net, (teacher, lora) = _FORKED["nets"]
+    out = {}
+    for name, net, keep in (("plain", plain_net, set()), ("lora", lora, set(teacher.parameters()))):
+        shards = sharding.Shards(acc, "no")
+        shards.shard(net, "student", keep)
+        everywhere = shards.gathered(net, everywhere=True)
+        on_main = shards.gathered(net)  # the grid's and export's copy, as before
+        own = {id(p) for p in teacher.parameters()}
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out[name] = {"state": {k: v.clone() for k, v in everywhere.state_dict().items()},
+                         "main_state": None if on_main is None else on_main.state_dict(),
+                         "sharded": sharding.is_sharded(everywhere), "output": everywhere(x, 500).sample,
+                         "base_shared": all(id(p) in own for n, p in everywhere.named_parameters() if "lora_" not in n)}
+    return out
+
+
+def test_a_student_gathered_everywhere_is_the_main_process_copy_on_each():
+    """train.eval_every on a sharded run samples on every process from ``gathered(model, everywhere=True)``: each
+    process's copy is plain (unsharded), its state the main process's gathered copy bit for bit, and its output the
+    same on both processes; a LoRA network's copy shares the teacher's base there too (no second teacher)."""
+    from fastdiff.models.lora import with_lora
+
+    teacher = tiny_unet().requires_grad_(False)
+    with torch.no_grad():
+        for q in teacher.parameters():  # not the init's zero / one tensors: the gather must move real values
+            q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())) * 0.01)
+    lora = with_lora(teacher, 4, "student")
+    with torch.no_grad():
+        for n, q in lora.named_parameters():
+            if "lora_B" in n:  # zero at init: the adapters would not show in the output
+                q.normal_(0, 0.1, generator=torch.Generator().manual_seed(q.numel()))
+    _FORKED["nets"] = (copy.deepcopy(teacher).requires_grad_(True), (teacher, lora))
+    try:
+        rows = _on_two(_gathered_everywhere_worker)
+    finally:
+        _FORKED.clear()
+    for name in ("plain", "lora"):
+        main, other = rows[0][name], rows[1][name]
+        assert other["main_state"] is None and main["main_state"] is not None
+        assert not main["sharded"] and not other["sharded"], name
+        assert main["base_shared"] == other["base_shared"] == (name == "lora"), name
+        for state in (main["state"], other["state"]):
+            assert state.keys() == main["main_state"].keys(), name
+            for k, v in main["main_state"].items():
+                assert torch.equal(state[k].cpu(), v), (name, k)
+        assert torch.equal(main["output"], other["output"]), name
+
+
 # --- clip_grad_norm over shards and replicated heads --------------------------------------------------------
 
 def _grads(seed: int) -> tuple[nn.Module, nn.Module]:
@@ -342,15 +392,16 @@ def test_gathered_student_gathers_once_per_block_and_resets():
     run = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), gathered_student=None,
                           student_weights=lambda: "ema",
                           shards=SimpleNamespace(gathering=False,
-                                                 gathered=lambda model: gathered.append(model) or nn.Linear(1, 1)))
-    with sharding.gathered_student(run):
+                                                 gathered=lambda model, everywhere=False:
+                                                 gathered.append((model, everywhere)) or nn.Linear(1, 1)))
+    with sharding.gathered_student(run, everywhere=True):  # an evaluation split over the processes
         first = run.gathered_student
-        with sharding.gathered_student(run):  # the export inside fit's last block
+        with sharding.gathered_student(run):  # the export of student-best/ inside it
             assert run.gathered_student is first
-    assert gathered == ["ema"] and run.gathered_student is None and run.shards.gathering is False
-    with sharding.gathered_student(run):  # the next sample grid gathers afresh
+    assert gathered == [("ema", True)] and run.gathered_student is None and run.shards.gathering is False
+    with sharding.gathered_student(run):  # the next sample grid gathers afresh, on the main process
         pass
-    assert gathered == ["ema", "ema"]
+    assert gathered == [("ema", True), ("ema", False)]
 
 
 def test_the_trainer_syncs_gradients_on_the_last_micro_batch_only():

@@ -10,8 +10,9 @@ logged at step N is the number ``fastdiff fid`` gives for the student exported a
 
 Settings are checked when the evaluator is built, before training. On several processes each samples its share of
 the batches (batch b on process b mod P: every process holds the whole student) and the main process adds their
-Inception features in batch order, so the number is the one process's, bit for bit; a sharded run (train.sharding:
-fsdp) gathers its student on the main process only, which then samples and scores alone.
+Inception features in batch order, so the number is the one process's, bit for bit. A sharded run (train.sharding:
+fsdp) gathers its student whole on every process for the evaluation (the copy the main process holds for a sample
+grid or the export), then splits the batches alike.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ class TrainingEvaluator:
             raise FastdiffError(f"train.eval_reference was made from {'x'.join(map(str, made))} (CxHxW) images, the "
                                 f"student's are {'x'.join(map(str, self.shape))}: {fix}")
         acc = run.accelerator
-        self.part = (acc.process_index, acc.num_processes) if acc.num_processes > 1 and run.shards is None else None
+        self.part = (acc.process_index, acc.num_processes) if acc.num_processes > 1 else None
         self.extractor = None
         if acc.is_main_process or self.part is not None:
             try:

@@ -62,7 +62,7 @@ class Trainer(Run):
         loop keeps out of its time limit and images/s. The random streams are left as they were."""
         t0, acc = time.time(), self.accelerator
         devices = [acc.device] if acc.device.type == "cuda" else []
-        with gathered_student(self), torch.random.fork_rng(devices=devices):
+        with gathered_student(self, self.evaluator.every_process), torch.random.fork_rng(devices=devices):
             scores = self.evaluator(self) if acc.is_main_process or self.evaluator.every_process else None
             if scores is not None:
                 values = {k: float(scores[k]) for k in ("fid", "kid", "kid_std") if k in scores}

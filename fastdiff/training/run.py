@@ -51,8 +51,9 @@ class Run:
         # The teacher loads on every process at once (hub downloads share huggingface_hub's file-locked cache; a
         # main-process-first barrier would leave the others waiting forever when the main one stops on bad input).
         mp = cfg.train.mixed_precision
-        # train.eval_every: the main process samples and scores alone while the others wait in a barrier, which
-        # NCCL's default 10-minute timeout would end on an SD-size FID@10k
+        # train.eval_every: the processes sample their shares, then the main one scores and may export student-best/
+        # alone while the others wait in a barrier, which NCCL's default 10-minute timeout could end on an SD-size
+        # student (a slow disk, FID's matrix square root on the CPU)
         waits = [InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))] if cfg.train.eval_every else []
         self.accelerator = Accelerator(
             mixed_precision=mp, log_with=trackers_for(cfg.train.report_to) or None, kwargs_handlers=waits,

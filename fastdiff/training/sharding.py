@@ -227,13 +227,19 @@ class Shards:
         """The plain module structure of a sharded network (its type is what export checks), weightless."""
         return self._skeletons.get(id(model), model)
 
-    def gathered(self, model: nn.Module) -> nn.Module | None:
+    def gathered(self, model: nn.Module, everywhere: bool = False) -> nn.Module | None:
         """A full, unsharded copy of a sharded network on the main process (CPU), None elsewhere. Collective.
-        A network with parameters left whole (a LoRA's base) gets its sharded ones gathered and shares the rest."""
+        A network with parameters left whole (a LoRA's base) gets its sharded ones gathered and shares the rest.
+        ``everywhere``: a copy on every process, on its device (an evaluation split over the processes samples on
+        each); each process then holds what the main one holds for a grid or the export."""
         kept = self._kept.get(id(model), [])
-        state = gather_dtensors(model.state_dict(), self.is_main) if kept else full_state_dict(model)
-        if not self.is_main:
-            return None
+        if everywhere:
+            state = {name: value.full_tensor() if is_dtensor(value) else value  # one at a time, the same order on each
+                     for name, value in model.state_dict().items() if is_dtensor(value) or not kept}
+        else:
+            state = gather_dtensors(model.state_dict(), self.is_main) if kept else full_state_dict(model)
+            if not self.is_main:
+                return None
         plain = copy.deepcopy(self._skeletons[id(model)], {id(p): p for p in kept})
         plain.load_state_dict(state, strict=not kept, assign=True)  # its parameters become the gathered tensors
         return plain
@@ -530,13 +536,14 @@ class ShardedAdapterWeights(AdapterWeights):
 
 
 @contextlib.contextmanager
-def gathered_student(run):
+def gathered_student(run, everywhere: bool = False):
     """Sample grids and export on a sharded run: the student's weights gathered once (collective) into a plain copy
-    on the main process, which ``run.student_weights()`` returns inside this block."""
+    on the main process (``everywhere``: on every process, for an evaluation each samples a share of), which
+    ``run.student_weights()`` returns inside this block."""
     if run.shards is None or run.shards.gathering:  # unsharded, or already inside such a block
         yield
         return
-    plain = run.shards.gathered(run.student_weights())
+    plain = run.shards.gathered(run.student_weights(), everywhere)
     if plain is not None:
         plain = plain.to(run.accelerator.device)
     run.gathered_student, run.shards.gathering = plain, True
