@@ -1,29 +1,29 @@
 """fastdiff: distill a frozen diffusers teacher into a one- or few-step student."""
-# First: attention preloads CUDA 12's runtime for xformers, which must happen before anything imports xformers
-# (diffusers' attention modules do, through config -> objectives -> models).
-from .models import attention as _attention  # noqa: I001
-
-del _attention  # imported for its side effect only
-
-from .models.denoiser import Denoiser
+# CUDA 12's runtime for xformers must be in the process before anything imports xformers (diffusers' attention
+# modules do): a hook loads it then (fastdiff.cudart). The rest of the package (torch, diffusers) is imported on
+# first use, so `fastdiff --help` answers at once.
+from .cudart import install_hook as _install_hook
 from .errors import FastdiffError
-from .models.generator import Generator
-from .models.schedule import FlowSchedule, VPSchedule
-from .models.teacher import Teacher, load_teacher
+
+_install_hook()
+del _install_hook
 
 __version__ = "0.1.0"
 
-# fastdiff's own diffusers models, found by name when diffusers loads a pipeline folder whose
-# model_index.json says ["fastdiff", "<class>"]; imported on first use (they import diffusers).
-_MODELS = {"GuidanceEmbeddedUNet": ".models.guidance", "MLPDenoiser": ".models.mlp", "GaussianMixtureModel": ".models.analytic",
-           "FlowMapModel": ".models.flow_map"}
+# The public names, each imported from its module on first use. fastdiff's own diffusers models are among them:
+# diffusers finds them by name when it loads a pipeline folder whose model_index.json says ["fastdiff", "<class>"].
+_LAZY = {"Denoiser": ".models.denoiser", "Generator": ".models.generator", "FlowSchedule": ".models.schedule",
+         "VPSchedule": ".models.schedule", "Teacher": ".models.teacher", "load_teacher": ".models.teacher",
+         "GuidanceEmbeddedUNet": ".models.guidance", "MLPDenoiser": ".models.mlp",
+         "GaussianMixtureModel": ".models.analytic", "FlowMapModel": ".models.flow_map"}
 
 
 def __getattr__(name):
-    if name in _MODELS:
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_MODELS[name], __name__), name)
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
+
 
 __all__ = ["Denoiser", "FastdiffError", "Generator", "FlowSchedule", "VPSchedule", "Teacher", "load_teacher"]

@@ -573,7 +573,7 @@ def _eval_args(p, inception: bool = True, model_input: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import named_configs
+    from .configs import named_configs  # not .config: that builds the config types from every objective (torch)
 
     p = argparse.ArgumentParser(prog="fastdiff", description="Distill a diffusers teacher into a one- or few-step student.")
     p.add_argument("--version", action="version", version=f"fastdiff {__version__}")

@@ -18,6 +18,7 @@ import re
 import yaml
 
 from .errors import FastdiffError, read_text
+from .configs import named_configs
 
 DEFAULT_TEACHER = "embedded:fmnist-ddpm"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -310,10 +311,6 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
             _apply(current, value, full + ".")
         else:
             setattr(obj, key, _coerce(full, value, hints[key]))
-
-
-def named_configs() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("fastdiff.configs").iterdir() if p.name.endswith(".yaml"))
 
 
 def _merged(base: dict, child: dict) -> dict:

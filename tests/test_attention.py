@@ -260,3 +260,30 @@ def test_dispatcher_modules_outside_a_diffusers_model_are_set_one_by_one():
         b.processor._attention_backend = AttentionBackendName._NATIVE_MATH
     assert A.set_attention(blocks, "sdpa") == (3, 0, 0, ("AttentionModuleMixin.set_attention_backend",))
     assert all(b.processor._attention_backend == AttentionBackendName.NATIVE for b in blocks)
+
+
+def test_cuda_12_runtime_is_loaded_after_torch_and_before_xformers_first_import(tmp_path):
+    """``import fastdiff`` imports neither torch nor xformers; the first import of xformers (diffusers' attention
+    modules make it) imports torch, then loads ``libcudart.so.12`` from the nvidia-cuda-runtime-cu12 layout, then
+    lets xformers load: the order fastdiff kept when its package root imported torch eagerly. A stand-in xformers
+    records what was in the process when it loaded; a stand-in runtime is any loadable shared object (_ctypes')."""
+    import _ctypes
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "xformers").mkdir()
+    (tmp_path / "xformers" / "__init__.py").write_text(
+        "import sys\nSAW = ('torch' in sys.modules, any('libcudart.so.12' in line for line in open('/proc/self/maps')))\n")
+    lib = tmp_path / "nvidia" / "cuda_runtime" / "lib"
+    lib.mkdir(parents=True)
+    shutil.copy(_ctypes.__file__, lib / "libcudart.so.12")
+    probe = ("import sys\nimport fastdiff, fastdiff.cudart as c\nassert 'torch' not in sys.modules\n"
+             "assert any(type(f).__name__ == '_BeforeXformers' for f in sys.meta_path)\nimport xformers\n"
+             "print(xformers.SAW, c.PRELOADED_BEFORE_XFORMERS, any(type(f).__name__ == '_BeforeXformers' "
+             "for f in sys.meta_path))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["(True,", "True)", "True", "False"], done.stdout  # then the hook stepped aside

@@ -13,48 +13,27 @@ module of the model has an exact xformers twin, and otherwise swaps per module. 
 IP-adapter's, custom ones) stay as they are and are counted, never reported as the backend.
 
 xformers wheels are built against CUDA 12's runtime; on a CUDA 13 torch their kernels load once
-``libcudart.so.12`` is found. fastdiff preloads it from the ``nvidia-cuda-runtime-cu12`` package (the
-``xformers`` extra installs it) when this module is imported and again before its own xformers import, then checks
-that a kernel really runs and agrees with SDPA before ``auto`` picks it.
+``libcudart.so.12`` is found. ``import fastdiff`` has it loaded before xformers' first import (``fastdiff.cudart``),
+this module again before its own xformers import, then checks that a kernel really runs and agrees with SDPA before
+``auto`` picks it.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import glob
 import importlib.util
-import os
 import sys
 import warnings
 from typing import Iterable, NamedTuple
 
 import torch
 
+from .. import cudart
+from ..cudart import preload_cudart12
 from ..errors import FastdiffError
 
 BACKENDS = ("auto", "sdpa", "xformers")
 DISPATCHER_NAMES = {"sdpa": "native", "xformers": "xformers"}  # fastdiff's backend -> diffusers' dispatcher name
-
-
-def preload_cudart12() -> str | None:
-    """Load libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel into the process (global symbols)."""
-    spec = importlib.util.find_spec("nvidia")
-    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
-    for root in roots:
-        for lib in sorted(glob.glob(os.path.join(root, "cuda_runtime", "lib", "libcudart.so.12*"))):
-            try:
-                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-                return lib
-            except OSError:
-                continue
-    return None
-
-
-# xformers loads its kernels when first imported (diffusers imports it with its attention modules), so the
-# runtime has to be in the process before that: done here, at import, when xformers is installed at all.
-_PRELOADED_BEFORE_XFORMERS = ("xformers" not in sys.modules and importlib.util.find_spec("xformers") is not None
-                              and preload_cudart12() is not None)
 
 
 @functools.cache
@@ -64,7 +43,7 @@ def xformers_status() -> tuple[bool, str]:
         return False, "no CUDA device"
     if importlib.util.find_spec("xformers") is None:
         return False, "xformers is not installed (pip install 'fastdiff[xformers]')"
-    late = "xformers" in sys.modules and not _PRELOADED_BEFORE_XFORMERS  # its kernels tried to load without it
+    late = "xformers" in sys.modules and not cudart.PRELOADED_BEFORE_XFORMERS  # its kernels tried to load without it
     lib = preload_cudart12()
     try:
         import xformers.ops as xops
@@ -76,7 +55,7 @@ def xformers_status() -> tuple[bool, str]:
         err = (out.float() - ref.float()).abs().max().item()
     except Exception as exc:  # noqa: BLE001 - any failure to load or run means "not usable", with the reason
         hint = (" (no libcudart.so.12 found: pip install 'nvidia-cuda-runtime-cu12==12.8.*')" if not lib else
-                " (xformers was imported before libcudart.so.12 was loaded: import fastdiff.models.attention before "
+                " (xformers was imported before libcudart.so.12 was loaded: import fastdiff before "
                 "diffusers' models)" if late else "")
         return False, f"xformers kernels do not run: {str(exc).splitlines()[0][:160]}{hint}"
     if err > 2e-2:
