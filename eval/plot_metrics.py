@@ -3,6 +3,7 @@ while training (``train.eval_every``), against the generator update; one PNG, on
 
     python eval/plot_metrics.py runs/quickstart --out curves.png
     python eval/plot_metrics.py runs/a runs/b/metrics.jsonl --labels a,b --out compare.png
+    python eval/plot_metrics.py runs/a runs/b --label "dmd2, lr 1e-5" --label "dmd2, lr 2e-5" --out lr.png
 
 A run is its output folder or its metrics.jsonl. Needs matplotlib (``pip install matplotlib``); TensorBoard
 (``train.report_to``) shows the same scalars live.
@@ -94,15 +95,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders or metrics.jsonl files")
     p.add_argument("--out", required=True, help="the PNG to write")
-    p.add_argument("--labels", help="comma-separated, one per run (default: the folders' names)")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--labels", help="comma-separated, one per run (default: the folders' names)")
+    names.add_argument("--label", action="append", help="one run's label, in the runs' order (repeat it; a label "
+                       "may hold commas)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.suffix.lower() != ".png" or not out.parent.is_dir():
         raise FastdiffError(f"--out {out}: give a .png file name in an existing folder")
-    labels = args.labels.split(",") if args.labels else [Path(r).name if Path(r).is_dir() else Path(r).parent.name
-                                                         for r in args.runs]
+    labels = args.label or (args.labels.split(",") if args.labels else
+                            [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in args.runs])
     if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
-        raise FastdiffError(f"--labels: {len(args.runs)} distinct labels needed, one per run; got {labels}")
+        flag = "--label" if args.label else "--labels"
+        raise FastdiffError(f"{flag}: {len(args.runs)} distinct labels needed, one per run; got {labels}")
     runs = dict(zip(labels, (read_metrics(r) for r in args.runs)))  # every input checked first
     try:
         import matplotlib  # noqa: F401

@@ -39,7 +39,7 @@ def test_writes_one_png_for_several_runs(tmp_path, capsys):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "no metrics.jsonl there"), ("empty", "no logged steps yet"), ("not-png", "give a .png file name"),
-    ("labels", "2 distinct labels needed")])
+    ("labels", "--labels: 2 distinct labels needed"), ("label", "--label: 2 distinct labels needed")])
 def test_bad_input_is_one_line_and_nothing_written(tmp_path, capsys, case, message):
     pm = eval_script("plot_metrics")
     a, b = _run(tmp_path / "a"), _run(tmp_path / "b")
@@ -51,13 +51,33 @@ def test_bad_input_is_one_line_and_nothing_written(tmp_path, capsys, case, messa
         (b / "metrics.jsonl").write_text("")
     elif case == "not-png":
         out = tmp_path / "c.jpg"
-    else:
+    elif case == "labels":
         extra = ["--labels", "a,a"]
+    else:
+        extra = ["--label", "a, b"]  # one label for two runs
     with pytest.raises(SystemExit) as stop:
         pm.main([*runs, "--out", str(out), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_repeated_label_flags_may_hold_commas(tmp_path, monkeypatch):
+    """--label, repeated, names each run (commas and all); --labels splits at commas; the two do not mix."""
+    import sys
+    import types
+
+    pm = eval_script("plot_metrics")
+    plotted = []
+    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))  # CI's dev extra has none
+    monkeypatch.setattr(pm, "plot", lambda runs, out: plotted.append(list(runs)))
+    a, b, out = str(_run(tmp_path / "a")), str(_run(tmp_path / "b")), str(tmp_path / "c.png")
+    pm.main([a, b, "--out", out, "--label", "dmd2, lr 1e-5", "--label", "dmd2, lr 2e-5"])
+    pm.main([a, b, "--out", out, "--labels", "dmd2,sid"])
+    assert plotted == [["dmd2, lr 1e-5", "dmd2, lr 2e-5"], ["dmd2", "sid"]]
+    with pytest.raises(SystemExit) as stop:
+        pm.main([a, b, "--out", out, "--label", "x", "--labels", "y,z"])
+    assert stop.value.code == 2
 
 
 def test_without_matplotlib_the_inputs_are_checked_then_one_line(tmp_path, capsys, monkeypatch):
