@@ -251,6 +251,22 @@ def _nuclear_frechet(fa: np.ndarray, fb: np.ndarray) -> float:
     return float(((fa.mean(0) - fb.mean(0)) ** 2).sum() + traces - 2 * trace_sqrt)
 
 
+class _Computed(torch.nn.Module):
+    """torchmetrics' feature extractor in _compare_with_independent: the features ``extractor`` gave above for the
+    very images torchmetrics hands it (checked equal), so its FID reads ours without a second Inception pass (4 s
+    at N = 24 on 2 cores); ``num_features`` spares torchmetrics its probe call."""
+
+    def __init__(self, extractor, computed: dict):
+        super().__init__()
+        self.num_features, self.computed = extractor.num_features, computed
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        for gray, features in self.computed.values():
+            if images.shape[0] == gray.shape[0] and torch.equal(images, gray.expand(-1, 3, -1, -1)):
+                return torch.from_numpy(features).float()
+        raise AssertionError("torchmetrics passed images the extractor was not run on")
+
+
 def _compare_with_independent(extractor, n):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -260,7 +276,7 @@ def _compare_with_independent(extractor, n):
     sa.add(fa), sb.add(fb)
     ours = frechet_distance(*sa.mean_cov(), *sb.mean_cov())
     assert ours == pytest.approx(_nuclear_frechet(fa, fb), rel=1e-9)
-    metric = FrechetInceptionDistance(feature=extractor)
+    metric = FrechetInceptionDistance(feature=_Computed(extractor, {"test": (test, fa), "train": (train, fb)}))
     metric.update(test.expand(-1, 3, -1, -1).contiguous(), real=True)
     metric.update(train.expand(-1, 3, -1, -1).contiguous(), real=False)
     # torchmetrics takes square roots of the eigenvalues of the singular product S1 S2 itself; its ~1550 null
