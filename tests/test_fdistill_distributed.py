@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 
 from fastdiff.models.schedule import schedule_from_scheduler
 from fastdiff.objectives.fdistill import DensityRatio, FDistill
-from test_sharding import WORLD, _free_port, gloo_process
+from test_sharding import WORLD, forked, gloo_process
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -56,12 +56,8 @@ def _worker(rank: int, port: int, folder: str) -> None:
 
 def test_ratio_bins_and_h_use_the_global_batch_on_every_process(tmp_path):
     """~3 s on one core (two forked processes and a gloo group)."""
-    import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="fork",
-                             join=False)
-    while not ctx.join(timeout=120):
-        pass
+    forked(_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     obj = _objective()  # one process, the whole batch
     for step in range(STEPS):

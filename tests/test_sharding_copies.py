@@ -23,7 +23,7 @@ from fastdiff.training import sharding
 from fastdiff.training.networks import student_model_for
 from fastdiff.training.run import Run
 from fastdiff.training.setup import build_objective, sigma_init, student_denoiser
-from test_sharding import EPS32, WORLD, ZERO_GRADIENT, _assert_grads_close, _free_port, _grad_tolerance, gloo_process
+from test_sharding import EPS32, WORLD, ZERO_GRADIENT, _assert_grads_close, _grad_tolerance, forked, gloo_process
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -120,13 +120,9 @@ def _worker(rank: int, port: int, folder: str, name: str, teacher_path: str) -> 
 
 
 def _two_processes(name: str, teacher_path: str) -> dict:
-    import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as folder:
-        ctx = mp.start_processes(_worker, args=(_free_port(), folder, name, teacher_path), nprocs=WORLD,
-                                 start_method="fork", join=False)
-        while not ctx.join(timeout=120):
-            pass
+        forked(_worker, folder, name, teacher_path)
         return torch.load(Path(folder) / "fsdp.pt", weights_only=True)
 
 

@@ -15,7 +15,7 @@ from conftest import tiny_unet
 from fastdiff.config import Config
 from fastdiff.training import sharding
 from fastdiff.training.networks import trainable_copy
-from test_sharding import WORLD, _free_port, gloo_process
+from test_sharding import WORLD, forked, gloo_process
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -72,12 +72,8 @@ def _worker(rank: int, port: int, folder: str, dtype: str) -> None:
 def test_copies_made_from_the_teachers_shards_equal_the_slices_of_full_copies(tmp_path, dtype):
     """bfloat16: a teacher in teacher.dtype bf16, whose float32 trainable copies cast each slice (exact: elementwise).
     ~10 s each on one core."""
-    import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), dtype), nprocs=WORLD, start_method="fork",
-                             join=False)
-    while not ctx.join(timeout=120):
-        pass
+    forked(_worker, str(tmp_path), dtype)
     for rank in range(WORLD):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert out["sharded"] == [True] * 3 and out["training"] == [True, True, False]
@@ -151,16 +147,12 @@ def test_setup_from_shards_peaks_below_whole_copies(tmp_path):
     """Whole copies peak at four networks (teacher, student, fake score, EMA) before sharding; made from the shards,
     at the teacher whole plus three halves (2.5 copies; measured 142 against 258 MB). Required: at least one copy
     (61 MB) lower. ~15 s."""
-    import torch.multiprocessing as mp
 
     peaks = {}
     for from_shards in (True, False):
         folder = tmp_path / str(from_shards)
         folder.mkdir()
-        ctx = mp.start_processes(_setup_worker, args=(_free_port(), str(folder), from_shards), nprocs=WORLD,
-                                 start_method="fork", join=False)
-        while not ctx.join(timeout=120):
-            pass
+        forked(_setup_worker, str(folder), from_shards)
         peaks[from_shards] = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     copy_mb = peaks[True][0]["copy"]
     for rank in range(WORLD):
@@ -219,13 +211,9 @@ def _load_worker(rank: int, port: int, folder: str, out: str, kind: str, dtype: 
 
 
 def _load_on_two(tmp_path, kind, dtype, split, mutate=False) -> list[dict]:
-    import torch.multiprocessing as mp
 
     folder = _teacher_folder(tmp_path / "teacher", kind, split)
-    ctx = mp.start_processes(_load_worker, args=(_free_port(), folder, str(tmp_path), kind, dtype, mutate),
-                             nprocs=WORLD, start_method="fork", join=False)
-    while not ctx.join(timeout=120):
-        pass
+    forked(_load_worker, folder, str(tmp_path), kind, dtype, mutate)
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
@@ -296,7 +284,6 @@ def test_loading_into_shards_peaks_below_a_whole_load(tmp_path):
     """A 15.8M-parameter UNet (60 MB in float32): loaded whole, each process holds at least the whole copy; into
     shards, its half and the pages of its own rows of the file. Required: at least 40% of a copy (24 MB) lower.
     ~15 s."""
-    import torch.multiprocessing as mp
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
@@ -311,10 +298,7 @@ def test_loading_into_shards_peaks_below_a_whole_load(tmp_path):
     for into_shards in (True, False):
         out = tmp_path / str(into_shards)
         out.mkdir()
-        ctx = mp.start_processes(_load_peak_worker, args=(_free_port(), str(tmp_path / "teacher"), str(out),
-                                                          into_shards), nprocs=WORLD, start_method="fork", join=False)
-        while not ctx.join(timeout=120):
-            pass
+        forked(_load_peak_worker, str(tmp_path / "teacher"), str(out), into_shards)
         peaks[into_shards] = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for rank in range(WORLD):
         assert peaks[True][rank]["sharded"] and peaks[False][rank]["sharded"]

@@ -16,7 +16,7 @@ from conftest import tiny_unet
 from fastdiff.models.lora import AdapterWeights, lora_state_dict, with_lora
 from fastdiff.training import sharding
 from fastdiff.training.optim import Optimizer
-from test_sharding import EPS32, LR, _cfg, _free_port, _micro_batches
+from test_sharding import EPS32, LR, _cfg, _micro_batches, forked
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -147,14 +147,10 @@ def _run_two_processes(folder: Path, nets, full: bool, accum: int) -> dict:
     """The 2-process run on deep copies of ``nets`` (as built before any update: the copies keep one shared base)."""
     import copy
 
-    import torch.multiprocessing as mp
 
     _FORKED.update(first=copy.deepcopy(nets), second=copy.deepcopy(nets) if full else None)
     try:  # fork: the children inherit the imported modules and these networks
-        ctx = mp.start_processes(_worker, args=(_free_port(), str(folder), full, accum), nprocs=WORLD, start_method="fork",
-                                 join=False)
-        while not ctx.join(timeout=120):
-            pass
+        forked(_worker, str(folder), full, accum)
     finally:
         _FORKED.clear()
     return torch.load(folder / "fsdp.pt", weights_only=True)

@@ -8,7 +8,6 @@ modules and stand-ins for the run."""
 import contextlib
 import copy
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +19,7 @@ from torch import nn
 from conftest import tiny_unet
 from fastdiff.errors import FastdiffError
 from fastdiff.training import sharding
-from test_sharding import EPS32, WORLD, _free_port, gloo_process
+from test_sharding import EPS32, WORLD, forked, gloo_process
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -31,21 +30,12 @@ _FORKED = {}  # what a test builds before the fork (the children inherit it)
 def _on_two(worker, *args, limit: float = 60) -> list:
     """``worker(rank, port, folder, *args)`` on WORLD forked gloo processes; each returns a result, saved per rank.
     A process still running after ``limit`` seconds (a collective one process skipped) fails the test."""
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as folder:
-        ctx = mp.start_processes(_save_result, args=(worker, _free_port(), folder, args), nprocs=WORLD,
-                                 start_method="fork", join=False)
-        deadline = time.time() + limit
-        while not ctx.join(timeout=1):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise AssertionError(f"{worker.__name__}: still running after {limit} s (a collective deadlocked)")
+        forked(_save_result, worker, folder, args, limit=limit, name=worker.__name__)
         return [torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _save_result(rank, worker, port, folder, args):
+def _save_result(rank, port, worker, folder, args):
     with gloo_process(rank, port) as acc:
         result = worker(rank, acc, folder, *args)
     torch.save(result, Path(folder) / f"rank{rank}.pt")

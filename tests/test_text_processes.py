@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import tiny_pipelines as tp
 from fastdiff.config import load_config
-from test_sharding import EPS32, _free_port
+from test_sharding import EPS32, forked
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -90,12 +90,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
 
 
 def _two_processes(folder: Path) -> dict:
-    import torch.multiprocessing as mp
 
     # fork: the children inherit the imported modules (spawn re-imports torch, diffusers and transformers)
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, start_method="fork", join=False)
-    while not ctx.join(timeout=300):
-        pass
+    forked(_worker, str(folder))
     return torch.load(folder / "two.pt", weights_only=True)
 
 
