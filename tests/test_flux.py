@@ -219,3 +219,27 @@ def test_the_run_samples_a_two_step_flux_student_as_its_export_does(files, tmp_p
         ours = next(sample_model(gen, trainer.teacher, 3, 2, 7, 3, "cpu", prompts=PROMPTS))[1]
         theirs = next(sample_model(exported, loaded, 3, 2, 7, 3, "cpu", prompts=PROMPTS))[1]
     assert np.array_equal(ours, theirs)  # uint8: the same network, noise and steps in the same float32 order
+
+
+def test_tune_a_flux_student(files, tmp_path):
+    """`fastdiff tune` (PSO) on a 2-step Flux student of the guidance-distilled teacher: targets VAE-encoded with
+    Flux's shift and scale, references sampled with the targets' captions and the student's embedded guidance, the
+    export the same FluxPipeline folder (the guidance value kept), whose 1- and 2-step images are fastdiff's; the
+    tuned weights, not the student's, are in it."""
+    from diffusers import FluxPipeline
+
+    from fastdiff.cli import main
+
+    student = distill(files["flux"], tmp_path / "run", "objective.name=dmd2", f"data.prompts={files['prompts']}",
+                      "objective.critic_updates=1", "teacher.guidance_scale=3", "student.num_steps=2")
+    out = tmp_path / "tuned"
+    assert main(["tune", str(student), "--targets", files["images"], "--out", str(out), "--quiet", "--set", "steps=3",
+                 "--set", "lr=1e-3", "--set", "batch_size=2"]) == 0
+    info = json.loads((out / "fastdiff.json").read_text())
+    assert info["pipeline_class"] == "FluxPipeline" and info["embedded_guidance"] == 3.0
+    assert info["tuned"]["method"] == "pso" and "guidance_scale" not in info["tuned"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in student.iterdir())
+    pipe = FluxPipeline.from_pretrained(out)
+    for steps in (1, 2):
+        assert_same(ours(out, steps), flux_call(pipe, steps, guidance=3.0))
+    assert not np.array_equal(ours(out, 2), ours(student, 2))

@@ -17,7 +17,7 @@ from fastdiff.models.schedule import schedule_from_scheduler
 from fastdiff.objectives.pso import pair_losses, pso_loss
 
 from conftest import tiny_unet
-from test_export_e2e import distill, fastdiff_images, image_bound
+from test_export_e2e import assert_pipeline_matches, distill, fastdiff_images, image_bound, write_fake_fashion_mnist
 
 
 def diffusion_dpo_loss(model_pred, ref_pred, target, beta_dpo):
@@ -227,6 +227,29 @@ def test_tuning_moves_the_samples_toward_the_targets(tmp_path):
     assert after[False] < 0.8 * before and after[True] < 0.5 * before, (before, after)
 
 
+def test_tune_a_guidance_embedded_student_at_one_scale(tiny_cond_teacher, tmp_path):
+    """A student distilled for a range of CFG scales (objective.guidance_range: LCM's embedding, a
+    GuidanceEmbeddedUNet) is tuned at one scale, its range's middle unless --set guidance_scale=W: the references are
+    sampled and both networks told that scale (the network refuses a call without it). The export is the same
+    FastdiffClassConditionalPipeline, equal to fastdiff's sampler at that scale, with that scale's images moved."""
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=6)
+    from test_consistency import distill as distill_cd  # no critic keys: cd has no fake score
+
+    student = distill_cd(tiny_cond_teacher, tmp_path / "run", "objective.name=cd", f"data.path={data}",
+                         "objective.guidance_range=[1.0, 3.0]", "train.max_steps=1") / "student"
+    write_targets(tmp_path / "targets")
+    for name, extra in (("middle", ()), ("at-3", ("guidance_scale=3",))):
+        out = tmp_path / name
+        tune_cli(student, tmp_path / "targets", out, "steps=3", "lr=1e-3", "batch_size=2", "class_label=1", *extra)
+        scale = 3.0 if extra else 2.0
+        assert json.loads((out / "fastdiff.json").read_text())["tuned"]["guidance_scale"] == scale
+        assert_pipeline_matches(out, labels=[0, 1, 2], guidance_scale=scale)
+        moved = np.abs(fastdiff_images(out, 1, 11, 3, [0, 1, 2], scale)
+                       - fastdiff_images(student, 1, 11, 3, [0, 1, 2], scale)).max()
+        assert moved > 1e-3, (name, moved)
+
+
 def test_tune_refuses_bad_input_in_one_line(tiny_student, tiny_teacher, tmp_path, capsys):
     write_targets(tmp_path / "targets")
     (tmp_path / "empty").mkdir()
@@ -239,6 +262,10 @@ def test_tune_refuses_bad_input_in_one_line(tiny_student, tiny_teacher, tmp_path
         (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "beta=0"], "must be positive"),
         (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "class_label=1"],
          "class_label is for class-conditional students"),
+        (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "guidance_scale=2"],
+         "guidance_scale is for guidance-embedded students"),
+        (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "guidance_scale=nan"],
+         "guidance_scale: expected a finite number"),
     ]
     for args, message in cases:
         assert main([*args, "--out", str(tmp_path / "out"), "--quiet"]) == 2, args

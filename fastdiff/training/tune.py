@@ -25,9 +25,8 @@ from ..config import flat_config
 from ..errors import FastdiffError
 from ..inference.export import export_student
 from ..inference.students import read_student_info, student_generator, teacher_location
-from ..inference.sampling import save_grid, to_uint8
+from ..inference.sampling import guided_cond, save_grid, to_uint8
 from ..machine import progress
-from ..models import flux
 from ..models.teacher import Teacher, load_teacher
 from ..objectives.pso import pso_loss
 from .data import IMAGE_SUFFIXES, as_model_range, load_image_folder
@@ -44,6 +43,9 @@ class TuneConfig:
     beta: float = 5000.0  # the Bradley-Terry temperature; Diffusion-DPO's beta_dpo for SD1.5 / SDXL (launchers/*.sh)
     online: bool = False  # references from the current student (online PSO) instead of the frozen initial one
     class_label: typing.Optional[int] = None  # class-conditional students: the class of the targets (required)
+    # guidance-embedded students (objective.guidance_range): the scale they are tuned at, which the references are
+    # sampled with and both networks are told (null: the range's middle, as grids and evaluations show them)
+    guidance_scale: typing.Optional[float] = None
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
@@ -55,6 +57,23 @@ def tune_config(overrides: list[str]) -> TuneConfig:
     if cfg.lr <= 0 or cfg.beta <= 0:
         raise FastdiffError(f"lr and beta must be positive, got lr {cfg.lr}, beta {cfg.beta}")
     return cfg
+
+
+def tuned_guidance(info: dict, cfg: TuneConfig) -> float | None:
+    """The scale a guidance-embedded student is tuned at: ``guidance_scale``, else the middle of the range it was
+    distilled for; None for other students (which refuse ``guidance_scale``)."""
+    if not info.get("guidance_embedded"):
+        if cfg.guidance_scale is not None:
+            raise FastdiffError("guidance_scale is for guidance-embedded students (objective.guidance_range); this one "
+                                "has its guidance distilled in")
+        return None
+    if cfg.guidance_scale is not None:
+        return cfg.guidance_scale
+    g_range = info.get("settings", {}).get("objective", {}).get("guidance_range")
+    if not g_range:
+        raise FastdiffError("this guidance-embedded student's fastdiff.json names no guidance range: pass --set "
+                            "guidance_scale=W, the scale to tune it at")
+    return sum(g_range) / 2
 
 
 def load_student(folder: str) -> tuple[Teacher, dict]:
@@ -69,19 +88,15 @@ def load_student(folder: str) -> tuple[Teacher, dict]:
                             "exported beside them with student.lora_export both")
     if info.get("flow_map"):
         raise FastdiffError(f"{folder}: tuning flow-map (meanflow) students is not supported yet")
-    if info.get("guidance_embedded"):
-        raise FastdiffError(f"{folder}: tuning guidance-embedded students (objective.guidance_range) is not "
-                            "supported yet")
-    loaded = load_teacher(folder)
-    if flux.takes_packed_latents(loaded.model):
-        raise FastdiffError(f"{folder}: tuning Flux students is not supported yet")
-    return loaded, info
+    return load_teacher(folder), info
 
 
 class Targets:
     """The target images (in the student's sample space: latents for latent students) and their conditions."""
 
-    def __init__(self, folder: str, loaded: Teacher, class_label: int | None, device):
+    def __init__(self, folder: str, loaded: Teacher, class_label: int | None, device, guidance_scale=None):
+        # a guidance-embedded student's conditions carry the scale it is tuned at (guided_cond; others: as they are)
+        self.model, self.guidance_scale = loaded.model, guidance_scale
         root = Path(folder)
         if not root.is_dir():
             raise FastdiffError(f"--targets {folder} is not a folder")
@@ -121,10 +136,12 @@ class Targets:
         if self.latents is not None:
             x = self.latents.sample(x, rng)
         if self.kind == "class":
-            return x, {"class_labels": torch.full((n,), self.label, device=x.device)}
-        if self.text is not None:
-            return x, self.text([self.captions[i] for i in idx.tolist()])
-        return x, None
+            cond = {"class_labels": torch.full((n,), self.label, device=x.device)}
+        elif self.text is not None:
+            cond = self.text([self.captions[i] for i in idx.tolist()])
+        else:
+            cond = None
+        return x, guided_cond(self.model, cond, self.guidance_scale)
 
 
 def _draw(shape, rng: torch.Generator, device) -> torch.Tensor:
@@ -137,7 +154,9 @@ def tune(student_dir: str, targets_dir: str, out: str, cfg: TuneConfig, device=N
     """Tune the student in ``student_dir`` toward the images of ``targets_dir`` and export it to ``out``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded, info = load_student(student_dir)
-    targets = Targets(targets_dir, loaded, cfg.class_label, device)  # bad targets fail before anything is written
+    scale = tuned_guidance(info, cfg)
+    # bad targets fail before anything is written
+    targets = Targets(targets_dir, loaded, cfg.class_label, device, scale)
     (loaded.pipeline if loaded.pipeline is not None else loaded.model).to(device)
     frozen = student_generator(loaded, info).to(device)  # theta_0: PSO's reference policy, never trained
     tuned_model = trainable_copy(loaded.model)
@@ -181,7 +200,9 @@ def export_tuned(tuned, loaded: Teacher, info: dict, student_dir: str, targets: 
     new_info = {k: v for k, v in info.items() if k not in derived}
     new_info.update(teacher_folder=teacher_folder, tuned={"method": "pso", "steps": cfg.steps,
                                                           "targets": Path(targets.folder).name,
-                                                          "from_objective": info.get("objective")})
+                                                          "from_objective": info.get("objective"),
+                                                          **({} if targets.guidance_scale is None else
+                                                             {"guidance_scale": targets.guidance_scale})})
     new_info["settings"] = {**info.get("settings", {}), "tune.pso": dataclasses.asdict(cfg)}
     model = tuned.denoiser.model.eval()
     with tempfile.TemporaryDirectory() as tmp:
