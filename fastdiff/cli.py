@@ -39,6 +39,7 @@ def _launched_part(device: str | None):
     from accelerate.utils import parse_flag_from_env
 
     told_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")  # accelerate launch --cpu
+    asked = None
     if device is not None:
         asked = _device(device)  # refuses cuda where there is no GPU, as a single process does
         if asked.type == "cuda" and asked.index is not None:
@@ -50,12 +51,12 @@ def _launched_part(device: str | None):
         if asked.type == "cuda" and told_cpu:  # else the processes would run on the CPU without a word
             raise FastdiffError(f"--device {device} but the launcher was told to use the CPU (accelerate launch --cpu "
                                 "/ ACCELERATE_USE_CPU); drop one of the two")
-    cpu = told_cpu or device == "cpu" or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)  # joins the launcher's process group (gloo on CPUs)
+    on_cpu = asked is not None and asked.type == "cpu"  # cpu or cpu:N: gloo, no GPU taken
+    state = PartialState(cpu=told_cpu or on_cpu or not torch.cuda.is_available())  # joins the launcher's group
     if state.num_processes != world:  # else every process would score everything and write the same file
         raise FastdiffError(f"launched on {world} processes but joined a group of {state.num_processes}; launch with "
                             "torchrun or accelerate launch")
-    own = state.device if device in (None, "cuda") else _device(device)
+    own = asked if on_cpu else state.device  # cuda: the launcher's GPU for this process
     return (state.process_index, state.num_processes), own
 
 

@@ -104,9 +104,23 @@ class Threads:
         return got
 
     def run(self, fn, ranks=None):
+        """Each thread loads its models one at a time: diffusers builds them under accelerate's
+        ``init_empty_weights``, which swaps ``nn.Module.register_parameter`` process-wide and puts back what it found.
+        Two threads inside it at once could leave the meta-device version in place for good, and every module made
+        later in this process (the forked FSDP tests' networks among them) had meta parameters: a flaky failure of
+        tests that ran after these on the same pytest worker."""
         import threading
 
-        results = {}
+        import accelerate
+        from torch import nn
+
+        results, real, lock = {}, accelerate.init_empty_weights, threading.Lock()
+        register = (nn.Module.register_parameter, nn.Module.register_buffer)
+
+        @contextlib.contextmanager
+        def one_at_a_time(*args, **kwargs):
+            with lock, real(*args, **kwargs):
+                yield
 
         def body(rank):
             self.local.rank = rank
@@ -115,10 +129,15 @@ class Threads:
             except BaseException as exc:  # noqa: BLE001 (the caller compares it)
                 results[rank] = exc
         threads = [threading.Thread(target=body, args=(r,)) for r in (range(self.size) if ranks is None else ranks)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        accelerate.init_empty_weights = one_at_a_time
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            accelerate.init_empty_weights = real
+        assert (nn.Module.register_parameter, nn.Module.register_buffer) == register, "a loader left its patch behind"
         return results
 
 
@@ -332,7 +351,7 @@ def test_launched_part_refuses_devices_a_launcher_does_not_give_out(monkeypatch)
     """Under WORLD_SIZE=2 (a GPU machine pretended): a device type other than cpu / cuda is refused before any group
     is joined (was the mutation audit's C4 survivor: it ran every process there); --device cuda under
     ``accelerate launch --cpu`` is refused (it ran on the CPU without a word), and without --device the launcher's
-    --cpu is followed."""
+    --cpu is followed; --device cpu:0 joins as a CPU process."""
     import accelerate
 
     monkeypatch.setattr(accelerate, "PartialState", FakeState)
@@ -349,7 +368,10 @@ def test_launched_part_refuses_devices_a_launcher_does_not_give_out(monkeypatch)
     assert FakeState.made == []
     assert cli._launched_part(None) == ((1, 2), torch.device("cpu"))
     assert cli._launched_part("cpu") == ((1, 2), torch.device("cpu"))
-    assert FakeState.made == [True, True]
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    # cpu:0 is a CPU too: the group joined as CPU processes (gloo), no GPU taken (found by review: it joined NCCL)
+    assert cli._launched_part("cpu:0") == ((1, 2), torch.device("cpu", 0))
+    assert FakeState.made == [True, True, True]
 
 
 def test_the_barrier_is_the_group_s_and_nothing_alone(monkeypatch):
