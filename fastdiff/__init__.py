@@ -26,4 +26,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = ["Denoiser", "FastdiffError", "Generator", "FlowSchedule", "VPSchedule", "Teacher", "load_teacher"]

@@ -262,28 +262,58 @@ def test_dispatcher_modules_outside_a_diffusers_model_are_set_one_by_one():
     assert all(b.processor._attention_backend == AttentionBackendName.NATIVE for b in blocks)
 
 
-def test_cuda_12_runtime_is_loaded_after_torch_and_before_xformers_first_import(tmp_path):
-    """``import fastdiff`` imports neither torch nor xformers; the first import of xformers (diffusers' attention
-    modules make it) imports torch, then loads ``libcudart.so.12`` from the nvidia-cuda-runtime-cu12 layout, then
-    lets xformers load: the order fastdiff kept when its package root imported torch eagerly. A stand-in xformers
-    records what was in the process when it loaded; a stand-in runtime is any loadable shared object (_ctypes')."""
+def _stand_in_xformers(root):
+    """A folder to put first on PYTHONPATH: an xformers package that records, when it executes, whether torch and a
+    libcudart.so.12 were in the process, and an nvidia-cuda-runtime-cu12 layout whose libcudart.so.12 is any
+    loadable shared object (_ctypes')."""
     import _ctypes
-    import os
     import shutil
+
+    (root / "xformers").mkdir(parents=True)
+    (root / "xformers" / "__init__.py").write_text(
+        "import sys\nSAW = ('torch' in sys.modules, any('libcudart.so.12' in line for line in open('/proc/self/maps')))\n")
+    lib = root / "nvidia" / "cuda_runtime" / "lib"
+    lib.mkdir(parents=True)
+    shutil.copy(_ctypes.__file__, lib / "libcudart.so.12")
+    return root
+
+
+def _probe(code: str, path) -> list[str]:
+    import os
     import subprocess
     import sys
 
-    (tmp_path / "xformers").mkdir()
-    (tmp_path / "xformers" / "__init__.py").write_text(
-        "import sys\nSAW = ('torch' in sys.modules, any('libcudart.so.12' in line for line in open('/proc/self/maps')))\n")
-    lib = tmp_path / "nvidia" / "cuda_runtime" / "lib"
-    lib.mkdir(parents=True)
-    shutil.copy(_ctypes.__file__, lib / "libcudart.so.12")
-    probe = ("import sys\nimport fastdiff, fastdiff.cudart as c\nassert 'torch' not in sys.modules\n"
-             "assert any(type(f).__name__ == '_BeforeXformers' for f in sys.meta_path)\nimport xformers\n"
-             "print(xformers.SAW, c.PRELOADED_BEFORE_XFORMERS, any(type(f).__name__ == '_BeforeXformers' "
-             "for f in sys.meta_path))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["(True,", "True)", "True", "False"], done.stdout  # then the hook stepped aside
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(path), *sys.path])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
+def test_cuda_12_runtime_is_loaded_after_torch_and_before_xformers_first_import(tmp_path):
+    """``import fastdiff`` imports neither torch nor xformers, and a lookup of xformers (diffusers' availability
+    check) loads nothing; when xformers first executes, torch is imported, then ``libcudart.so.12`` loaded (torch is
+    there when the runtime loads), then xformers runs. Meanwhile another thread imports numpy, which torch imports
+    too: the work is done in the loader, under xformers' module lock, not in the finder under Python's global import
+    lock, where it deadlocked (found by review: 5 hangs in 6 runs; a hang here ends at the 60 s timeout)."""
+    probe = ("import sys, threading, importlib.util\nimport fastdiff, fastdiff.cudart as c\nreal, seen = c.preload_cudart12, []\n"
+             "c.preload_cudart12 = lambda: (seen.append('torch' in sys.modules), real())[1]\n"
+             "assert importlib.util.find_spec('xformers') is not None and 'torch' not in sys.modules\n"
+             "t = threading.Thread(target=lambda: __import__('numpy'))\nt.start()\nimport xformers\nt.join()\n"
+             "print(*xformers.SAW, *seen, c.PRELOADED_BEFORE_XFORMERS)")
+    assert _probe(probe, _stand_in_xformers(tmp_path)) == ["True", "True", "True", "True"]
+
+
+def test_the_xformers_hook_leaves_other_finders_their_turn(tmp_path):
+    """A finder that serves xformers itself (a zip, a frozen app, a vendored wheel), ahead of the path: the hook,
+    put in front of it, finds xformers through it on the first try and still runs torch and the runtime first (it
+    once removed itself mid-lookup, and that lookup skipped the finder behind it: ImportError)."""
+    probe = ("import importlib.abc, importlib.machinery, sys\n"
+             "class Serves(importlib.abc.MetaPathFinder, importlib.abc.Loader):\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        return importlib.machinery.ModuleSpec(name, self) if name == 'xformers' else None\n"
+             "    def create_module(self, spec):\n        return None\n"
+             "    def exec_module(self, module):\n        module.SAW = 'torch' in sys.modules\n"
+             "sys.meta_path.insert(0, Serves())\nimport fastdiff, fastdiff.cudart as c\nimport xformers\n"
+             "print(xformers.SAW, c.PRELOADED_BEFORE_XFORMERS, type(sys.meta_path[0]).__name__)")
+    # the stand-in folder is on the path too (so the hook is installed), but Serves answers first
+    assert _probe(probe, _stand_in_xformers(tmp_path)) == ["True", "True", "_BeforeXformers"]

@@ -86,20 +86,35 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
                                                                            "fastdiff.training.Trainer"]
 
 
-def test_help_and_version_import_neither_torch_nor_diffusers():
+def test_help_and_version_import_neither_torch_nor_diffusers(tmp_path):
     """`fastdiff --help`, a command's --help and --version answer without the heavy libraries (7.6 s before on a
-    2-core CPU, 0.06 s now): the package's public names, the config types and the commands import them on use."""
+    2-core CPU, 0.06 s now): the package's public names, the config types and the commands import them on use. With
+    xformers installed (a stand-in here) the runtime hook is in place and imports nothing either."""
+    import os
     import subprocess
     import sys
 
+    (tmp_path / "xformers").mkdir()
+    (tmp_path / "xformers" / "__init__.py").write_text("")
+
     probe = ("import sys\nfrom fastdiff.cli import main\nfor argv in (['--help'], ['distill', '--help'], "
              "['--version']):\n    try:\n        main(argv)\n    except SystemExit as exc:\n        assert exc.code == 0\n"
+             "print('HOOK', any(type(f).__name__ == '_BeforeXformers' for f in sys.meta_path))\n"
              "print('HEAVY', sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
     assert done.returncode == 0, done.stderr
     # the help did list the named configs, and the version was printed
     assert "quickstart" in done.stdout and f"fastdiff {fastdiff.__version__}" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == "HEAVY []", done.stdout[-300:]
+    assert done.stdout.strip().splitlines()[-2:] == ["HOOK True", "HEAVY []"], done.stdout[-300:]
+
+
+def test_the_lazy_public_names_are_listed_and_resolve():
+    """dir(fastdiff) lists the names the package imports on first use, and each resolves to its class."""
+    names = {"Denoiser", "Generator", "FlowSchedule", "VPSchedule", "Teacher", "load_teacher", "GuidanceEmbeddedUNet",
+             "MLPDenoiser", "GaussianMixtureModel", "FlowMapModel", "FastdiffError"}
+    assert names <= set(dir(fastdiff)) and set(fastdiff.__all__) <= names
+    assert all(getattr(fastdiff, n).__name__ == n for n in names)
 
 
 def test_readme_package_map_matches_the_tree():
