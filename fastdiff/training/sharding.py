@@ -228,13 +228,13 @@ class Shards:
         return self._skeletons.get(id(model), model)
 
     def gathered(self, model: nn.Module, everywhere: bool = False) -> nn.Module | None:
-        """A full, unsharded copy of a sharded network on the main process (CPU), None elsewhere. Collective.
-        A network with parameters left whole (a LoRA's base) gets its sharded ones gathered and shares the rest.
-        ``everywhere``: a copy on every process, on its device (an evaluation split over the processes samples on
-        each); each process then holds what the main one holds for a grid or the export."""
+        """A full, unsharded copy of a sharded network on the main process (its gathered tensors on the CPU), None
+        elsewhere. Collective. A network with parameters left whole (a LoRA's base) gets its sharded ones gathered
+        and shares the rest. ``everywhere``: a copy on every process, on its device (an evaluation split over the
+        processes samples on each); each process then holds what the main one holds for a grid or the export."""
         kept = self._kept.get(id(model), [])
-        if everywhere:
-            state = {name: value.full_tensor() if is_dtensor(value) else value  # one at a time, the same order on each
+        if everywhere:  # gathered one at a time, in the same order on each; buffers copied, never the live ones
+            state = {name: value.full_tensor() if is_dtensor(value) else value.detach().clone()
                      for name, value in model.state_dict().items() if is_dtensor(value) or not kept}
         else:
             state = gather_dtensors(model.state_dict(), self.is_main) if kept else full_state_dict(model)
