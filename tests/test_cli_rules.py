@@ -326,3 +326,22 @@ def test_fid_json_records_the_model_steps_and_levels(tmp_path, monkeypatch, caps
     assert json.loads(out.read_text()) == {"fid": 12.5, "fid_label": "FID@4(x10, nv-bilinear)", "steps": 2,
                                            "levels": "727,234"}
     assert capsys.readouterr().out.startswith("FID@4(x10, nv-bilinear) = 12.5000")
+
+
+@pytest.mark.parametrize("command, config", [("tune", "fastdiff.training.tune:TuneConfig"),
+                                             ("upscale", "fastdiff.training.upscale:UpscaleConfig")])
+def test_help_names_every_key_its_set_takes(command, config, capsys):
+    """tune and upscale list their --set keys in their help by hand (the help imports no torch, so it cannot read
+    the dataclass): every field of the config is named there."""
+    import dataclasses
+    import importlib
+    import re
+
+    module, name = config.split(":")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    keys = text[text.index("Keys:"):]
+    missing = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))
+               if not re.search(rf"\b{f.name}\b", keys)]
+    assert not missing, f"fastdiff {command} --help does not name {missing}"
