@@ -51,10 +51,10 @@ class _RuntimeFirst(importlib.abc.Loader):
 
     def exec_module(self, module):
         global PRELOADED_BEFORE_XFORMERS
-        if not self.hook.done:
-            self.hook.done = True
+        if not self.hook.done:  # under xformers' module lock: one thread at a time
             importlib.import_module("torch")  # its own CUDA runtime first
             PRELOADED_BEFORE_XFORMERS = preload_cudart12() is not None
+            self.hook.done = True  # only now: a first import that failed leaves the next one the same order
         self.loader.exec_module(module)
 
     def __getattr__(self, name):  # the rest of the loader's interface (resource readers, get_code, ...)

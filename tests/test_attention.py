@@ -263,15 +263,15 @@ def test_dispatcher_modules_outside_a_diffusers_model_are_set_one_by_one():
 
 
 def _stand_in_xformers(root):
-    """A folder to put first on PYTHONPATH: an xformers package that records, when it executes, whether torch and a
-    libcudart.so.12 were in the process, and an nvidia-cuda-runtime-cu12 layout whose libcudart.so.12 is any
-    loadable shared object (_ctypes')."""
+    """A folder to put first on PYTHONPATH: an xformers package that records, when it executes, whether torch was
+    imported and a libcudart.so.12 loaded (fastdiff.cudart's record of it: portable, unlike /proc/self/maps), and an
+    nvidia-cuda-runtime-cu12 layout whose libcudart.so.12 is any loadable shared object (_ctypes')."""
     import _ctypes
     import shutil
 
     (root / "xformers").mkdir(parents=True)
     (root / "xformers" / "__init__.py").write_text(
-        "import sys\nSAW = ('torch' in sys.modules, any('libcudart.so.12' in line for line in open('/proc/self/maps')))\n")
+        "import sys\nSAW = ('torch' in sys.modules, sys.modules['fastdiff.cudart'].PRELOADED_BEFORE_XFORMERS)\n")
     lib = root / "nvidia" / "cuda_runtime" / "lib"
     lib.mkdir(parents=True)
     shutil.copy(_ctypes.__file__, lib / "libcudart.so.12")
@@ -317,3 +317,17 @@ def test_the_xformers_hook_leaves_other_finders_their_turn(tmp_path):
              "print(xformers.SAW, c.PRELOADED_BEFORE_XFORMERS, type(sys.meta_path[0]).__name__)")
     # the stand-in folder is on the path too (so the hook is installed), but Serves answers first
     assert _probe(probe, _stand_in_xformers(tmp_path)) == ["True", "True", "_BeforeXformers"]
+
+
+def test_a_failed_first_xformers_import_leaves_the_hook_armed(tmp_path):
+    """If torch fails to import during xformers' first import (here a stand-in torch that raises once), the next
+    import of xformers still gets torch and the runtime first (the hook once marked itself done before the work,
+    and the second import ran xformers with neither; found by review)."""
+    root = _stand_in_xformers(tmp_path)
+    (root / "torch").mkdir()
+    (root / "torch" / "__init__.py").write_text(
+        "import os\nmarker = os.path.join(os.path.dirname(__file__), 'failed-once')\nif not os.path.exists(marker):\n"
+        "    open(marker, 'w').close()\n    raise ImportError('a transient failure')\n")
+    probe = ("import fastdiff, fastdiff.cudart as c\ntry:\n    import xformers\nexcept ImportError as e:\n    print('first:', e.args[0].split()[1])\n"
+             "import xformers\nprint(*xformers.SAW)")
+    assert _probe(probe, root) == ["first:", "transient", "True", "True"]

@@ -243,3 +243,6 @@ def test_tune_a_flux_student(files, tmp_path):
     for steps in (1, 2):
         assert_same(ours(out, steps), flux_call(pipe, steps, guidance=3.0))
     assert not np.array_equal(ours(out, 2), ours(student, 2))
+    bad = main(["tune", str(student), "--targets", files["images"], "--out", str(tmp_path / "bad"), "--quiet", "--set",
+                "guidance_scale=2"])
+    assert bad == 2 and not (tmp_path / "bad").exists()  # its guidance value is fixed: 3.0, as distilled

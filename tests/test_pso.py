@@ -15,6 +15,7 @@ from fastdiff.pipelines import FastdiffClassConditionalPipeline
 from fastdiff.models.denoiser import Denoiser
 from fastdiff.models.schedule import schedule_from_scheduler
 from fastdiff.objectives.pso import pair_losses, pso_loss
+from fastdiff.models.teacher import load_teacher
 
 from conftest import tiny_unet
 from test_export_e2e import assert_pipeline_matches, distill, fastdiff_images, image_bound, write_fake_fashion_mnist
@@ -243,11 +244,17 @@ def test_tune_a_guidance_embedded_student_at_one_scale(tiny_cond_teacher, tmp_pa
         out = tmp_path / name
         tune_cli(student, tmp_path / "targets", out, "steps=3", "lr=1e-3", "batch_size=2", "class_label=1", *extra)
         scale = 3.0 if extra else 2.0
-        assert json.loads((out / "fastdiff.json").read_text())["tuned"]["guidance_scale"] == scale
+        info = json.loads((out / "fastdiff.json").read_text())
+        assert info["tuned"]["guidance_scale"] == info["settings"]["tune.pso"]["guidance_scale"] == scale
+        assert f"guidance_scale={scale}" in (out / "README.md").read_text()  # the card's call shows it
         assert_pipeline_matches(out, labels=[0, 1, 2], guidance_scale=scale)
         moved = np.abs(fastdiff_images(out, 1, 11, 3, [0, 1, 2], scale)
                        - fastdiff_images(student, 1, 11, 3, [0, 1, 2], scale)).max()
         assert moved > 1e-3, (name, moved)
+    # the same seed and targets, only the scale differs: the two tunes trained differently (a tune that ignored
+    # the scale would give equal weights; found by review)
+    assert any(not torch.equal(a, b) for a, b in zip(*(load_teacher(str(tmp_path / n)).model.state_dict().values()
+                                                     for n in ("middle", "at-3"))))
 
 
 def test_tune_refuses_bad_input_in_one_line(tiny_student, tiny_teacher, tmp_path, capsys):

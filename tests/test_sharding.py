@@ -164,7 +164,8 @@ def forked(worker, *args, limit: float | None = None, name: str | None = None) -
     ``limit``: a process still running after that many seconds (a collective that one process skipped) is killed and
     fails the test. A process killed by SIGSEGV has the whole group run once more, on a fresh port, with a warning:
     seen once in about ten full runs, cause not found (gloo_process puts the crashed process's Python stack in the
-    captured stderr). A crash that recurs fails the test."""
+    captured stderr). A crash that recurs fails the test. Workers write their results when they finish, so a rerun
+    never reads what a crashed attempt left."""
     import warnings
 
     import torch.multiprocessing as mp
@@ -178,6 +179,7 @@ def forked(worker, *args, limit: float | None = None, name: str | None = None) -
                 if deadline is not None and time.time() > deadline:
                     for process in ctx.processes:
                         process.kill()
+                        process.join()  # reaped: no zombie left
                     raise AssertionError(f"{name}: still running after {limit} s (a collective deadlocked)")
             return
         except mp.ProcessExitedException as exc:

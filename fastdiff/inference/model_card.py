@@ -59,7 +59,12 @@ def _call_guidance(info: dict):
     student's example scale, else 0 (no CFG: the student's guidance is distilled in)."""
     if info.get("embedded_guidance") is not None:
         return info["embedded_guidance"]
-    return "3.0" if info.get("guidance_embedded") else "0"
+    return _embedded_scale(info, "3.0") if info.get("guidance_embedded") else "0"
+
+
+def _embedded_scale(info: dict, example: str):
+    """The scale an LCM-style student's example call shows: the one it was tuned at (``fastdiff tune``), if it was."""
+    return info.get("tuned", {}).get("guidance_scale", example)
 
 
 def card_data(info: dict) -> ModelCardData:
@@ -101,7 +106,7 @@ def model_card_body(info: dict, where: str = ".") -> str:
              "from fastdiff.pipelines import FastdiffClassConditionalPipeline\n"
              f"pipe = FastdiffClassConditionalPipeline.from_pretrained({load})\n"
              f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}"
-             f"{', guidance_scale=2.0' if info.get('guidance_embedded') else ''}).images\n"
+             f"{f', guidance_scale={_embedded_scale(info, 2.0)}' if info.get('guidance_embedded') else ''}).images\n"
              + ("# the network is fastdiff's GuidanceEmbeddedUNet: loading needs fastdiff installed and imported"
                 if info.get("guidance_embedded") else
                 "# without fastdiff, run the pipeline.py in this folder (read it first):\n"

@@ -64,8 +64,10 @@ def tuned_guidance(info: dict, cfg: TuneConfig) -> float | None:
     distilled for; None for other students (which refuse ``guidance_scale``)."""
     if not info.get("guidance_embedded"):
         if cfg.guidance_scale is not None:
-            raise FastdiffError("guidance_scale is for guidance-embedded students (objective.guidance_range); this one "
-                                "has its guidance distilled in")
+            fixed = info.get("embedded_guidance")
+            why = (f"this Flux student is always fed the guidance value it was distilled with ({fixed})"
+                   if fixed is not None else "this one has its guidance distilled in")
+            raise FastdiffError(f"guidance_scale is for guidance-embedded students (objective.guidance_range); {why}")
         return None
     if cfg.guidance_scale is not None:
         return cfg.guidance_scale
@@ -203,7 +205,8 @@ def export_tuned(tuned, loaded: Teacher, info: dict, student_dir: str, targets: 
                                                           "from_objective": info.get("objective"),
                                                           **({} if targets.guidance_scale is None else
                                                              {"guidance_scale": targets.guidance_scale})})
-    new_info["settings"] = {**info.get("settings", {}), "tune.pso": dataclasses.asdict(cfg)}
+    resolved = {} if targets.guidance_scale is None else {"guidance_scale": targets.guidance_scale}  # null: the middle
+    new_info["settings"] = {**info.get("settings", {}), "tune.pso": {**dataclasses.asdict(cfg), **resolved}}
     model = tuned.denoiser.model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         grid = Path(tmp) / "samples.png"
