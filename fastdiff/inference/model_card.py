@@ -62,9 +62,13 @@ def _call_guidance(info: dict):
     return _embedded_scale(info, "3.0") if info.get("guidance_embedded") else "0"
 
 
-def _embedded_scale(info: dict, example: str):
-    """The scale an LCM-style student's example call shows: the one it was tuned at (``fastdiff tune``), if it was."""
-    return info.get("tuned", {}).get("guidance_scale", example)
+def _embedded_scale(info: dict, example):
+    """The scale an LCM-style student's example call shows: the one fastdiff samples it at by default (the one it
+    was tuned at, else its range's middle), else ``example``."""
+    from .students import embedded_guidance_default
+
+    scale = embedded_guidance_default(info)
+    return example if scale is None else scale
 
 
 def card_data(info: dict) -> ModelCardData:

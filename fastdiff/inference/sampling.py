@@ -269,7 +269,8 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
         if text is not None:
             cond = text(prompts[start:start + n])
         if isinstance(model, Generator):
-            x0 = model(z, guided_cond(model.denoiser.model, cond, guidance_scale), num_steps=steps, rng=rng)
+            scale = guidance_scale if guidance_scale is not None else getattr(model, "default_guidance", None)
+            x0 = model(z, guided_cond(model.denoiser.model, cond, scale), num_steps=steps, rng=rng)
         else:
             x0 = ddim_sample(model, z, steps, cond, guidance_scale)
         if latents is not None:

@@ -82,6 +82,19 @@ def read_student_info(folder: str | Path) -> dict | None:
     return read_json_object(path, "re-export the student with fastdiff export")
 
 
+def embedded_guidance_default(info: dict) -> float | None:
+    """The scale a guidance-embedded (LCM-style) student samples at when none is given: the one it was tuned at
+    (``fastdiff tune``), else the middle of the range it was distilled for (where its grids and ``train.eval_every``
+    showed it); None for other students, and for one whose fastdiff.json names no range."""
+    if not info.get("guidance_embedded"):
+        return None
+    tuned = info.get("tuned", {}).get("guidance_scale")
+    if tuned is not None:
+        return float(tuned)
+    g_range = info.get("settings", {}).get("objective", {}).get("guidance_range")
+    return sum(g_range) / 2 if g_range else None
+
+
 def student_generator(loaded, info: dict, levels=None):
     """fastdiff's K-step sampler for an exported student folder loaded with ``load_teacher``: the consistency
     boundary scalings when it was trained with them, and the top of its (truncated) table as first level.
@@ -102,4 +115,6 @@ def student_generator(loaded, info: dict, levels=None):
         except ValueError as e:
             raise FastdiffError(f"--levels: {e}") from None
     cls = flux.FluxGenerator if flux.takes_packed_latents(loaded.model) else Generator  # FluxPipeline's noise layout
-    return cls(d, info["num_steps"], sampler=info.get("sampler", "lcm"))
+    generator = cls(d, info["num_steps"], sampler=info.get("sampler", "lcm"))
+    generator.default_guidance = embedded_guidance_default(info)  # sample_model's scale when none is given
+    return generator

@@ -24,7 +24,7 @@ import torch
 from ..config import flat_config
 from ..errors import FastdiffError
 from ..inference.export import export_student
-from ..inference.students import read_student_info, student_generator, teacher_location
+from ..inference.students import embedded_guidance_default, read_student_info, student_generator, teacher_location
 from ..inference.sampling import guided_cond, save_grid, to_uint8
 from ..machine import progress
 from ..models.teacher import Teacher, load_teacher
@@ -60,8 +60,8 @@ def tune_config(overrides: list[str]) -> TuneConfig:
 
 
 def tuned_guidance(info: dict, cfg: TuneConfig) -> float | None:
-    """The scale a guidance-embedded student is tuned at: ``guidance_scale``, else the middle of the range it was
-    distilled for; None for other students (which refuse ``guidance_scale``)."""
+    """The scale a guidance-embedded student is tuned at: ``guidance_scale``, else the one it samples at by default
+    (``embedded_guidance_default``: the middle of its range); None for other students (which refuse it)."""
     if not info.get("guidance_embedded"):
         if cfg.guidance_scale is not None:
             fixed = info.get("embedded_guidance")
@@ -69,13 +69,11 @@ def tuned_guidance(info: dict, cfg: TuneConfig) -> float | None:
                    if fixed is not None else "this one has its guidance distilled in")
             raise FastdiffError(f"guidance_scale is for guidance-embedded students (objective.guidance_range); {why}")
         return None
-    if cfg.guidance_scale is not None:
-        return cfg.guidance_scale
-    g_range = info.get("settings", {}).get("objective", {}).get("guidance_range")
-    if not g_range:
+    scale = cfg.guidance_scale if cfg.guidance_scale is not None else embedded_guidance_default(info)
+    if scale is None:
         raise FastdiffError("this guidance-embedded student's fastdiff.json names no guidance range: pass --set "
                             "guidance_scale=W, the scale to tune it at")
-    return sum(g_range) / 2
+    return scale
 
 
 def load_student(folder: str) -> tuple[Teacher, dict]:
