@@ -408,6 +408,7 @@ def cmd_fid(args) -> None:
     result["steps"] = args.steps if source.is_model else None
     if args.levels is not None:
         result["levels"] = args.levels
+    _record_guidance(result, source)
     line = f"{result['fid_label']} = {result['fid']:.4f}"
     if "kid" in result:
         line += f"   {result['kid_label']} = {result['kid']:.6f} +- {result['kid_std']:.6f}"
@@ -442,7 +443,15 @@ def cmd_clip_score(args) -> None:
     if result is None:  # launched on several processes: the main one reports
         return
     print(f"{result['clip_score_label']} = {result['clip_score']:.4f} (std {result['clip_score_std']:.4f})")
+    _record_guidance(result, source)
     _write_json(args.json, result)
+
+
+def _record_guidance(result: dict, source) -> None:
+    """A sampled model's guidance scale in the JSON, when it has one (given, or a guidance-embedded student's own
+    default): a setting a reader needs to reproduce the number."""
+    if source.is_model and source.guidance_scale is not None:
+        result["guidance_scale"] = source.guidance_scale
 
 
 def _names(text: str | None, default: str) -> list[str]:

@@ -314,7 +314,8 @@ def test_fid_json_records_the_model_steps_and_levels(tmp_path, monkeypatch, caps
 
     def fake_source(spec, **kwargs):
         opened.update(kwargs)
-        return SimpleNamespace(is_model=True, resolve_num=lambda n: n, cropped_shape=lambda crop: (1, 8, 8))
+        return SimpleNamespace(is_model=True, resolve_num=lambda n: n, cropped_shape=lambda crop: (1, 8, 8),
+                               guidance_scale=None)
 
     monkeypatch.setattr(images, "open_source", fake_source)
     monkeypatch.setattr(cli, "_extractor", lambda args, resize, device: None)
@@ -326,6 +327,11 @@ def test_fid_json_records_the_model_steps_and_levels(tmp_path, monkeypatch, caps
     assert json.loads(out.read_text()) == {"fid": 12.5, "fid_label": "FID@4(x10, nv-bilinear)", "steps": 2,
                                            "levels": "727,234"}
     assert capsys.readouterr().out.startswith("FID@4(x10, nv-bilinear) = 12.5000")
+    # a model sampled at a guidance scale (given, or a guidance-embedded student's default) records it
+    monkeypatch.setattr(images, "open_source", lambda spec, **kwargs: SimpleNamespace(
+        is_model=True, resolve_num=lambda n: n, cropped_shape=lambda crop: (1, 8, 8), guidance_scale=2.5))
+    assert main(["fid", "student", "--ref", str(ref), "--num", "4", "--steps", "2", "--json", str(out), "-q"]) == 0
+    assert json.loads(out.read_text())["guidance_scale"] == 2.5
 
 
 @pytest.mark.parametrize("command, config", [("tune", "fastdiff.training.tune:TuneConfig"),

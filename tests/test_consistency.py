@@ -334,6 +334,10 @@ def test_a_guidance_range_student_samples_at_its_range_middle_by_default(tiny_co
         images[name] = [f.read_bytes() for f in sorted((tmp_path / name).glob("*.png"))]
     assert images["default"] == images["middle"] != images["one"]
     assert "guidance_scale=2.5" in (run / "student" / "README.md").read_text()
+    from fastdiff.evaluation.images import open_source  # what fid / clip-score sample, and write in their JSON
+
+    assert open_source(str(run / "student"), steps=1, device="cpu").guidance_scale == 2.5
+    assert open_source(str(run / "student"), steps=1, device="cpu", guidance_scale=1.0).guidance_scale == 1.0
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ class ImageSource:
     read: Callable[..., Iterator[torch.Tensor]]  # (num, batch_size, part) -> uint8 batches (``batch_starts``)
     is_model: bool = False
     num_classes: int | None = None    # class-conditional models: image i has label i mod num_classes
+    guidance_scale: float | None = None  # a sampled model's scale: the one given, or its own default (else None)
 
     def resolve_num(self, num: int | None) -> int:
         """How many images ``num`` means here (None: all of them), checked against what the source has."""
@@ -167,7 +168,9 @@ def sampled_source(name: str, model, loaded, steps: int, seed: int, device, guid
                                       part):
             yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     count = len(prompts) if prompts and len(prompts) > 1 else None
-    return ImageSource(name, count, loaded.image_shape, read, is_model=True, num_classes=loaded.num_classes)
+    scale = guidance_scale if guidance_scale is not None else getattr(model, "default_guidance", None)
+    return ImageSource(name, count, loaded.image_shape, read, is_model=True, num_classes=loaded.num_classes,
+                       guidance_scale=scale)
 
 
 def is_model_folder(path: Path) -> bool:
