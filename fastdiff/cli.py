@@ -225,6 +225,10 @@ def cmd_sample(args) -> None:
     part, device = _launched_part(args.device)  # launched on P processes: each writes every P-th batch
     model, loaded = load_sampler(args.model_dir, device, args.guidance_scale, parse_levels(args.levels, args.steps))
     prompts = _paired_prompts(args.prompts, args.num, loaded)
+    default = getattr(model, "default_guidance", None)
+    if args.guidance_scale is None and default is not None and is_main(part) and not args.quiet:
+        print(f"guidance-embedded student: sampling at its default guidance scale {default:g} (its range's middle, "
+              "or the scale it was tuned at); --guidance-scale W for another")
     # The images go to a staging folder beside --out and move in only when all are written, so a call that fails
     # (or is stopped) partway leaves --out as it was: never a mix of old and new images for `fastdiff fid` to score.
     staging = out.parent / f".{out.name}.fastdiff-partial"

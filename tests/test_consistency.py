@@ -318,7 +318,7 @@ def test_guidance_range_student_reads_the_scale(tiny_cond_teacher, tmp_path):
     assert_pipeline_matches(run / "student", labels=[0, 1, 2], guidance_scale=3.0)
 
 
-def test_a_guidance_range_student_samples_at_its_range_middle_by_default(tiny_cond_teacher, tmp_path):
+def test_a_guidance_range_student_samples_at_its_range_middle_by_default(tiny_cond_teacher, tmp_path, capsys):
     """`fastdiff sample` (and fid / clip-score, through sample_model) without --guidance-scale samples an LCM-style
     student at the middle of its range, where its grids and train.eval_every show it (it used 1: no guidance at
     all), and its card's example call says that scale; a tuned student's own scale comes first
@@ -329,8 +329,11 @@ def test_a_guidance_range_student_samples_at_its_range_middle_by_default(tiny_co
                   "objective.guidance_range=[1.0, 4.0]", "train.lr_generator=1e-2")  # the embedding trained
     images = {}
     for name, extra in (("default", []), ("middle", ["--guidance-scale", "2.5"]), ("one", ["--guidance-scale", "1"])):
+        capsys.readouterr()
         assert main(["sample", str(run / "student"), "--num", "3", "--steps", "1", "--seed", "4", "--out",
-                     str(tmp_path / name), "-q", *extra]) == 0
+                     str(tmp_path / name), *extra]) == 0
+        said = "sampling at its default guidance scale 2.5" in capsys.readouterr().out
+        assert said == (name == "default"), name  # the default is said, a given scale is not
         images[name] = [f.read_bytes() for f in sorted((tmp_path / name).glob("*.png"))]
     assert images["default"] == images["middle"] != images["one"]
     assert "guidance_scale=2.5" in (run / "student" / "README.md").read_text()
