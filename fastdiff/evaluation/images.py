@@ -160,7 +160,7 @@ def sampled_source(name: str, model, loaded, steps: int, seed: int, device, guid
     index); ``loaded``: what describes the model (a loaded sampler, or a run's Teacher). With several prompts, one
     image each (so that many images); one prompt serves any number."""
     from .clip_score import prompts_for
-    from ..inference.sampling import sample_model
+    from ..inference.sampling import sample_model, sampling_guidance
 
     def read(num, batch_size, part=None):
         paired = prompts_for(prompts, num) if prompts else None
@@ -168,9 +168,8 @@ def sampled_source(name: str, model, loaded, steps: int, seed: int, device, guid
                                       part):
             yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     count = len(prompts) if prompts and len(prompts) > 1 else None
-    scale = guidance_scale if guidance_scale is not None else getattr(model, "default_guidance", None)
     return ImageSource(name, count, loaded.image_shape, read, is_model=True, num_classes=loaded.num_classes,
-                       guidance_scale=scale)
+                       guidance_scale=sampling_guidance(model, guidance_scale))
 
 
 def is_model_folder(path: Path) -> bool:

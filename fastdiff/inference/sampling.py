@@ -237,6 +237,12 @@ def is_main(part: tuple[int, int] | None) -> bool:
     return part is None or part[0] == 0
 
 
+def sampling_guidance(model, guidance_scale: float | None) -> float | None:
+    """The scale ``sample_model`` samples ``model`` at: ``guidance_scale``, else a guidance-embedded student's own
+    default (``students.embedded_guidance_default``, set on its generator), else None."""
+    return guidance_scale if guidance_scale is not None else getattr(model, "default_guidance", None)
+
+
 @torch.no_grad()
 def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed: int, batch_size: int, device,
                  guidance_scale: float | None = None, prompts: list[str] | None = None,
@@ -259,6 +265,7 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
         from ..models.text import PromptEncoder
 
         text = PromptEncoder(loaded.pipeline, device=device, max_cached=0)  # each prompt is used once: no cache
+    scale = sampling_guidance(model, guidance_scale)
     for b, start in batch_starts(num, batch_size, part):
         n = min(batch_size, num - start)
         rng = torch.Generator().manual_seed(seed + b)
@@ -269,7 +276,6 @@ def sample_model(model: Generator | Denoiser, loaded, num: int, steps: int, seed
         if text is not None:
             cond = text(prompts[start:start + n])
         if isinstance(model, Generator):
-            scale = guidance_scale if guidance_scale is not None else getattr(model, "default_guidance", None)
             x0 = model(z, guided_cond(model.denoiser.model, cond, scale), num_steps=steps, rng=rng)
         else:
             x0 = ddim_sample(model, z, steps, cond, guidance_scale)

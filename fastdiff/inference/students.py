@@ -91,7 +91,11 @@ def embedded_guidance_default(info: dict) -> float | None:
     tuned = info.get("tuned", {}).get("guidance_scale")
     if tuned is not None:
         return float(tuned)
-    g_range = info.get("settings", {}).get("objective", {}).get("guidance_range")
+    return range_middle(info.get("settings", {}).get("objective", {}).get("guidance_range"))
+
+
+def range_middle(g_range) -> float | None:
+    """The middle of a guidance range [lo, hi] (None for none): where an LCM-style student is shown by default."""
     return sum(g_range) / 2 if g_range else None
 
 

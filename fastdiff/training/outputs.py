@@ -12,6 +12,7 @@ from PIL import Image
 from ..config import Config, to_dict
 from ..inference.export import export_student
 from ..inference.sampling import class_labels_for, guided_cond, save_grid, to_uint8
+from ..inference.students import range_middle
 from ..models.lora import is_lora
 from ..models.teacher import Teacher
 from .setup import sigma_init, timestep_scaling
@@ -46,8 +47,7 @@ def sample_grid(run) -> None:
 
 def middle_guidance(cfg) -> float | None:
     """The scale a student with an LCM guidance embedding is shown at (grids, evaluations): its range's middle."""
-    g_range = cfg.objective.guidance_range
-    return sum(g_range) / 2 if g_range else None
+    return range_middle(cfg.objective.guidance_range)
 
 
 @contextmanager
