@@ -84,6 +84,27 @@ def test_frechet_exact_on_singular_covariances():
     assert near == pytest.approx(64.0, rel=0, abs=1e-6)
 
 
+def test_frechet_from_the_few_images_factor_equals_the_full_route():
+    """N <= feature size: the k x k route (``factor1``) against the d x d one and the independent nuclear-norm
+    route. All float64 over ~d^2 = 4e3-term sums of O(1) values: rounding ~1e4 x 1e-16 relative; 1e-10 leaves room."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 64)) @ rng.standard_normal((64, 64)) * 0.3 + 1.0
+    y = rng.standard_normal((200, 64)) * 1.3 + 0.2
+    stats = FeatureStats(64)
+    for chunk in np.array_split(x, 3):
+        stats.add(chunk)
+    mu, sigma = stats.mean_cov()
+    factor = stats.cov_factor()
+    assert factor.shape == (20, 64)
+    np.testing.assert_allclose(factor.T @ factor, sigma, rtol=0, atol=1e-12 * np.abs(sigma).max())
+    m2, s2 = y.mean(0), np.cov(y, rowvar=False)
+    fast = frechet_distance(mu, sigma, m2, s2, factor1=factor)
+    assert fast == pytest.approx(frechet_distance(mu, sigma, m2, s2), rel=1e-10)
+    assert fast == pytest.approx(_nuclear_frechet(x, y), rel=1e-10)
+    stats.add(rng.standard_normal((45, 64)))  # 65 > 64 features: no factor kept, the d x d route
+    assert stats.cov_factor() is None and stats.rows is None
+
+
 def test_feature_stats_streaming_equals_numpy():
     rng = np.random.default_rng(2)
     f = rng.standard_normal((300, 16)) * 3 + 5

@@ -96,7 +96,7 @@ def evaluate(source: ImageSource, ref: ReferenceStats, extractor: InceptionFeatu
     if stats is None:
         return None
     mu, sigma = stats.mean_cov()
-    fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    fid = frechet_distance(mu, sigma, ref.mu, ref.sigma, factor1=stats.cov_factor())
     result = {"fid_label": ref.label("FID", stats.n), "fid": fid, "n": stats.n, "reference": ref.name,
               "reference_format": ref.origin, "reference_n": ref.n, "resize": ref.resize, "extractor": ref.extractor,
               "input": source.name}
