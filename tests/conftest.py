@@ -32,6 +32,22 @@ def eval_script(name: str):
     return module
 
 
+def accelerate_launch(*argv, processes: int = 2):
+    """``fastdiff ARGV`` under ``accelerate launch`` on ``processes`` CPU processes (gloo), one thread each: the real
+    launcher, each process a fresh interpreter (~10 s of imports each on 2 cores; test_sharding.cli_on_processes forks
+    them instead). Asserts it exited 0; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--main_process_port", "0",  # 0: a free port (test workers run side by side)
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch + list(map(str, argv)), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def tiny_unet(num_class_embeds=None, sample_size=8, seed=0) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16),

@@ -392,17 +392,9 @@ def test_a_launched_command_refuses_a_device_it_cannot_give_each_process(monkeyp
 
 def _launched_on_two_processes(*argv) -> str:
     """``fastdiff ARGV`` under ``accelerate launch`` on 2 CPU processes (gloo); its stdout."""
-    import os
-    import subprocess
-    import sys
+    from conftest import accelerate_launch
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "fastdiff", *map(str, argv)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launch, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return accelerate_launch(*argv).stdout
 
 
 @pytest.mark.slow  # 4 launches of 2 processes, ~50 s

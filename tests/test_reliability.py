@@ -64,14 +64,16 @@ def _assert_identical(a, b, path="") -> None:
 
 
 def test_sigkill_and_resume_is_bit_identical(tiny_teacher, tmp_path):
+    """Only the killed run is a process of its own (the one thing SIGKILL needs); the uninterrupted run and the resume
+    run here, sparing two interpreter starts with torch and diffusers (~10 s each). The child is given this
+    process's thread count (OMP_NUM_THREADS), so all three compute alike."""
     steps = 8
-    whole = subprocess.run(_cli(*_sets(tiny_teacher, tmp_path / "whole", steps)), env=ENV, capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr
+    assert main(["distill", "-q", *_sets(tiny_teacher, tmp_path / "whole", steps)]) == 0
 
     kill_after = random.Random().randint(2, 5)  # a random step, printed on failure
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*_sets(tiny_teacher, run, steps)), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cli(*_sets(tiny_teacher, run, steps)), env={**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run / "checkpoints" / f"step-{kill_after:08d}").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -81,9 +83,7 @@ def test_sigkill_and_resume_is_bit_identical(tiny_teacher, tmp_path):
     done = ckpt.checkpoint_dirs(run)
     assert ckpt.step_of(done[-1]) < steps, f"killed too late (after step {kill_after})"
 
-    resumed = subprocess.run(_cli(*_sets(tiny_teacher, run, steps), "--resume", "latest"), env=ENV,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["distill", "-q", *_sets(tiny_teacher, run, steps), "--resume", "latest"]) == 0
     _assert_identical(_final_state(run, steps), _final_state(tmp_path / "whole", steps))
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, steps + 1)), f"killed after step {kill_after}: {logged}"
@@ -197,17 +197,15 @@ def _metrics(run: Path) -> dict:
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_teacher, tmp_path):
-    """Two gloo processes (accelerate launch, CPU) at batch 2 each against one process accumulating two micro-batches
-    of 2: every micro-batch draws from (seed, step, update, global index), so both see the same global batch and
-    differ only in float summation order. Tolerance: the updates agree to 1e-2 relative (measured ~2e-4 after
-    2 steps; Adam's first steps amplify rounding where gradients are near zero); half the global batch differs by ~1.
-    The two-process checkpoint then resumes on one process."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "0",  # 0: a free port (test workers run side by side)
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
-    env = {**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(launch + _sets(tiny_teacher, tmp_path / "two", 2), env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
+    """Two gloo CPU processes (forked with accelerate launch's environment: test_sharding.cli_on_processes) at batch 2
+    each against one process accumulating two micro-batches of 2: every micro-batch draws from (seed, step, update,
+    global index), so both see the same global batch and differ only in float summation order. Tolerance: the
+    updates agree to 1e-2 relative (measured ~2e-4 after 2 steps; Adam's first steps amplify rounding where
+    gradients are near zero); half the global batch differs by ~1. The two-process checkpoint then resumes on one
+    process."""
+    from test_sharding import cli_on_processes
+
+    cli_on_processes("distill", *_sets(tiny_teacher, tmp_path / "two", 2))
     assert main(["distill", *_sets(tiny_teacher, tmp_path / "accumulated", 3, "train.gradient_accumulation=2")]) == 0
     assert main(["distill", *_sets(tiny_teacher, tmp_path / "half", 2)]) == 0
     # The gradients themselves, as logged before clipping (grad norms stay far below train.grad_clip here, so Adam,

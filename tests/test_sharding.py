@@ -20,7 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import tiny_unet
+from conftest import accelerate_launch, tiny_unet
 from fastdiff.config import Config
 from fastdiff.errors import FastdiffError
 from fastdiff.training import optim, sharding
@@ -186,6 +186,32 @@ def forked(worker, *args, limit: float | None = None, name: str | None = None) -
             if exc.signal_name != "SIGSEGV" or attempt == 2:
                 raise
             warnings.warn(f"{name}: a forked process died of SIGSEGV; running the group again once")
+
+
+def _cli_worker(rank: int, port: int, argv: list) -> None:
+    from accelerate.state import AcceleratorState
+
+    from fastdiff.cli import main
+
+    faulthandler.enable(sys.__stderr__, all_threads=True)  # as gloo_process
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), ACCELERATE_USE_CPU="true")
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's single-process state
+    torch.manual_seed(1000 + rank)  # a launched process's generator starts at random: seeding must not rely on it
+    try:
+        code = main(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert code == 0, f"rank {rank}: fastdiff {' '.join(argv[:1])} exited {code}"
+
+
+def cli_on_processes(*argv, limit: float | None = 600) -> None:
+    """``fastdiff ARGV`` on WORLD CPU processes (gloo), one thread each, with the environment ``accelerate launch``
+    gives its processes (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ACCELERATE_USE_CPU), forked from this one: the CLI's
+    multi-process path without three interpreter starts (conftest.accelerate_launch runs the real launcher)."""
+    forked(_cli_worker, list(map(str, argv)), limit=limit, name=f"fastdiff {argv[0]} on {WORLD} processes")
 
 
 def _crash_first_time(rank, port, folder, always):
@@ -520,20 +546,13 @@ def _sets(teacher, out, steps, *extra) -> list:
     return [a for item in items for a in ("--set", item)]
 
 
-def _two_processes(teacher, out, steps, *extra, resume: bool = False, sets=None, sharding: str = "fsdp") -> None:
+def _two_processes(teacher, out, steps, *extra, resume: bool = False, sets=None, sharding: str = "fsdp",
+                   launch: bool = False) -> None:
     """``fastdiff distill`` on 2 CPU processes (FSDP unless ``sharding``) with ``sets`` (default ``_sets``) and
-    ``extra``."""
-    import subprocess
-
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "0",  # 0: a free port (test workers run side by side)
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    ``extra``: forked (cli_on_processes), or under the real ``accelerate launch`` with ``launch``."""
     args = (sets or _sets)(teacher, out, steps, f"train.sharding={sharding}", *extra) + (["--resume", "latest"] if resume
                                                                                   else [])
-    done = subprocess.run(launch + args, env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    (accelerate_launch if launch else cli_on_processes)("distill", *args)
 
 
 def _update_difference(run_a: Path, run_b: Path, start: dict, step: int, name: str = "generator") -> float:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import tiny_unet
+from conftest import accelerate_launch, tiny_unet
 from fastdiff.models.lora import AdapterWeights, lora_state_dict, with_lora
 from fastdiff.training import sharding
 from fastdiff.training.optim import Optimizer
@@ -282,9 +282,6 @@ def test_fsdp_lora_run_exports_the_single_process_lora(tmp_path):
     test_text_processes.py: bit-equal gradients at step 1). The 1.4 relative difference once measured here for the
     student, with train.sharding none as with fsdp, was its LoRA adapters starting from an unseeded generator in
     each process (fixed: ``with_lora(..., seed=train.seed)``, tests/test_resume_lora.py). ~2.5 minutes on 2 cores."""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
     import tiny_pipelines as tp
@@ -297,13 +294,7 @@ def test_fsdp_lora_run_exports_the_single_process_lora(tmp_path):
     extra = [f"data.prompts={prompts}", "student.lora_rank=4", "objective.fake_lora_rank=4", "student.lora_export=lora",
              "train.lr_warmup_steps=0"]
     two, one = tmp_path / "two", tmp_path / "one"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "0",  # 0: a free port (test workers run side by side)
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launch + _sets(teacher, two, 2, "train.sharding=fsdp", *extra), env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    accelerate_launch("distill", *_sets(teacher, two, 2, "train.sharding=fsdp", *extra))  # the real launcher, once
     assert main(["distill", *_sets(teacher, one, 2, "train.gradient_accumulation=2", *extra)]) == 0
 
     import json

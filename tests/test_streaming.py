@@ -345,13 +345,10 @@ def test_latent_encoding_is_split_over_ranks(source, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_draw_what_one_accumulating_process_draws(tiny_teacher, tmp_path):
-    """Two gloo processes (accelerate launch, CPU) streaming shards at batch 2 each against one process accumulating
-    two micro-batches of 2 (cd: one draw per micro-batch): the same global batch, so the first update's gradient
-    norm agrees to float32 summation order (~1e4 terms x 1.2e-7 ~ 1e-3 relative); a run whose ranks drew the same
-    samples, like one process at batch 2, sees another batch and misses by far more."""
-    import os
-    import subprocess
-    import sys
+    """Two gloo CPU processes (test_sharding.cli_on_processes) streaming shards at batch 2 each against one process
+    accumulating two micro-batches of 2 (cd: one draw per micro-batch): the same global batch, so the first update's
+    gradient norm agrees to float32 summation order (~1e4 terms x 1.2e-7 ~ 1e-3 relative); a run whose ranks drew
+    the same samples, like one process at batch 2, sees another batch and misses by far more."""
 
     shards = write_shards(tmp_path / "wds", sizes=(16, 16), caption=False, label=False)
     items = ["objective.name=cd", "data.name=webdataset", f"data.path={shards}", "train.max_steps=1",
@@ -364,12 +361,9 @@ def test_two_processes_draw_what_one_accumulating_process_draws(tiny_teacher, tm
     def grad_norm(out):
         return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["grad_norm_generator"]
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "0",  # 0: a free port (test workers run side by side)
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastdiff", "distill"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    two = subprocess.run(launch + sets(tmp_path / "two"), env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
+    from test_sharding import cli_on_processes
+
+    cli_on_processes("distill", *sets(tmp_path / "two"))
     from fastdiff.cli import main
 
     assert main(["distill", *sets(tmp_path / "acc", "train.gradient_accumulation=2")]) == 0
