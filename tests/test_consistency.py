@@ -369,12 +369,18 @@ def test_resumed_cd_run_equals_an_uninterrupted_one(tiny_teacher, tmp_path):
 
 
 def assert_resume_equals_whole(teacher: str, tmp_path, common: list[str], subs=("generator", "cd_target")) -> Path:
-    """A 4-update run, and a 2-update run resumed to 4 with the same settings, end with equal checkpointed networks
-    ``subs`` (None: every one the checkpoint holds, the same set in both); returns the uninterrupted run's folder."""
+    """A 4-update run, and the same run as a kill after update 2 leaves it (its config and step-2 checkpoint, copied)
+    resumed to 4, end with equal checkpointed networks ``subs`` (None: every one the checkpoint holds, the same set
+    in both); returns the uninterrupted run's folder. Resuming reads everything from the copy: nothing of the
+    first run's process carries over (test_reliability's SIGKILL test kills a real one)."""
+    import shutil
+
     from safetensors.torch import load_file
 
     whole = distill(teacher, tmp_path / "whole", *common, "train.max_steps=4")
-    part = distill(teacher, tmp_path / "part", *common, "train.max_steps=2")
+    part = tmp_path / "part"
+    shutil.copytree(whole / "checkpoints" / "step-00000002", part / "checkpoints" / "step-00000002")
+    shutil.copy(whole / "config.yaml", part / "config.yaml")
     args = ["distill", "--resume", "latest"]
     for item in [f"teacher.path={teacher}", f"output_dir={part}", *FAST, *common, "train.max_steps=4"]:
         args += ["--set", item]
