@@ -20,14 +20,19 @@ def _need(path: Path):
 
 
 @pytest.mark.parametrize("conditional", [False, pytest.param(True, marks=pytest.mark.slow)])  # 8 s each
-def test_teacher_recipe_trains_and_loads(tmp_path, conditional):
+def test_teacher_recipe_trains_and_loads(tmp_path, conditional, monkeypatch, capsys):
+    """eval/train_teacher.py's main() as `python eval/train_teacher.py ARGV` runs it, in this process (a fresh one
+    spends ~10 s importing torch and diffusers)."""
     _need(DATA)
+    from conftest import eval_script
     from fastdiff.models.teacher import load_teacher
 
     out = tmp_path / "teacher"
-    cmd = [sys.executable, str(ROOT / "eval" / "train_teacher.py"), "--out", str(out), "--steps", "2",
-           "--batch-size", "4", "--warmup", "2", "--log-every", "1", "--data-path", str(DATA), "--device", "cpu"]
-    subprocess.run(cmd + (["--conditional"] if conditional else []), check=True, capture_output=True)
+    argv = ["train_teacher.py", "--out", str(out), "--steps", "2", "--batch-size", "4", "--warmup", "2",
+            "--log-every", "1", "--data-path", str(DATA), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", argv + (["--conditional"] if conditional else []))
+    eval_script("train_teacher").main()
+    assert f"wrote {out}" in capsys.readouterr().out
     teacher = load_teacher(str(out))
     assert teacher.sample_shape == (1, 32, 32)
     assert teacher.num_classes == (10 if conditional else None)
