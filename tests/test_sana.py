@@ -63,10 +63,13 @@ def test_sana_prompt_encoding_is_the_pipelines_own(files):
                            (cond["uncond_encoder_hidden_states"], neg), (cond["uncond_encoder_attention_mask"], neg_mask)):
         assert ours_.shape == theirs_.shape and torch.equal(ours_, theirs_)
     assert pos.shape == (3, 300, 16)
-    # The instruction is there: the kept window ends with the instruction's last tokens before each prompt...
+    # The instruction is there: the pipeline pads instruction + prompt to n - 2 + 300 tokens (n: the instruction's
+    # own) and keeps <bos> and the last 299, so <bos>, the instruction's last token and the prompt's are attended...
     plain, plain_mask, _, _ = pipe.encode_prompt(PROMPTS, complex_human_instruction=None)
     assert not torch.equal(pos, plain)
-    assert (mask.sum(1) > plain_mask.sum(1)).all() and (plain_mask.sum(1) == torch.tensor([len(p) + 1 for p in PROMPTS])).all()
+    text, encode = "\n".join(instruction), pipe.tokenizer.encode
+    assert mask.sum(1).tolist() == [len(encode(text + p)) - len(encode(text)) + 2 for p in PROMPTS]
+    assert plain_mask.sum(1).tolist() == [len(encode(p)) for p in PROMPTS]
     # ...and none of it in the negative: <bos> alone (the empty prompt) is attended.
     assert neg_mask.sum(1).tolist() == [1, 1, 1]
 
