@@ -426,13 +426,14 @@ def test_consistency_bad_input(sets, fragment, tiny_teacher, tmp_path, capsys):
                                                pytest.param("cd", "fmnist-ddpm", marks=pytest.mark.slow),
                                                pytest.param("scm", "fmnist-cond-vpred", marks=pytest.mark.slow)])
 def test_reference_teacher_consistency_smoke(name, teacher_name, shared_teacher, tmp_path):
-    """Two steps on each reference teacher, exported; diffusers reproduces fastdiff's 1-, 2- and 4-step sampler."""
+    """One update on each reference teacher (several run on the tiny teachers), exported with no intermediate
+    checkpoint or sample grid; diffusers reproduces fastdiff's 1-, 2- and 4-step sampler."""
     teacher = shared_teacher(teacher_name)
     data = tmp_path / "fmnist"
     write_fake_fashion_mnist(data, size=28, n=8)
     extra = ["teacher.guidance_scale=2.0"] if teacher_name == "fmnist-cond-vpred" else []
     run = distill(teacher, tmp_path / "run", f"objective.name={name}", f"data.path={data}", "student.num_steps=2",
-                  *extra)
+                  "train.max_steps=1", "train.checkpoint_every=100", "train.sample_every=100", *extra)
     labels = [3, 7] if teacher_name == "fmnist-cond-vpred" else None
     info = json.loads((run / "student" / "fastdiff.json").read_text())
     # epsilon teachers: consistency students start where 1 / a_t <= 15 (t0 + 1 a multiple of 8); v: the top
