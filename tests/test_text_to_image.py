@@ -216,7 +216,9 @@ def test_dit_distill_export_matches_dit_pipeline(files, tmp_path):
     run_model_card(student)
 
 
-@pytest.mark.parametrize("alpha", [None, 1.0])  # scale 1, and DMD2's SDXL kind of scale (alpha / rank = 0.25 here)
+# scale 1, and DMD2's SDXL kind of scale (alpha / rank = 0.25 here): slow, as an alpha folded into the exported lora_B
+# and loaded by load_lora_weights is checked by test_run_samples_as_export's sd-lora-alpha and flux-lora-alpha
+@pytest.mark.parametrize("alpha", [None, pytest.param(1.0, marks=pytest.mark.slow)])
 def test_lora_student_loads_with_load_lora_weights_and_fused(files, tmp_path, alpha):
     """A LoRA student (student.lora_alpha: its scale alpha / rank, folded into lora_B in the exported file, which
     diffusers loads at scale 1) samples the same in fastdiff, through load_lora_weights and fused."""
