@@ -341,6 +341,20 @@ def test_a_guidance_range_student_samples_at_its_range_middle_by_default(tiny_co
 
     assert open_source(str(run / "student"), steps=1, device="cpu").guidance_scale == 2.5
     assert open_source(str(run / "student"), steps=1, device="cpu", guidance_scale=1.0).guidance_scale == 1.0
+    # Outside [1, 4] the w-embedding never trained: refused in one line, nothing written, by sample / fid /
+    # clip-score (load_sampler) and tune alike; the range's ends are in it.
+    for scale in ("0.5", "4.5"):
+        capsys.readouterr()
+        assert main(["sample", str(run / "student"), "--num", "1", "--steps", "1", "--out", str(tmp_path / "out"),
+                     "--guidance-scale", scale]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"fastdiff: error: --guidance-scale {scale} is outside the range [1, 4] this student was "
+                       "distilled for (objective.guidance_range); pass a scale in it"), err
+        assert not (tmp_path / "out").exists()
+    assert main(["tune", str(run / "student"), "--targets", str(data), "--out", str(tmp_path / "tuned"),
+                 "--set", "guidance_scale=9", "--set", "class_label=0"]) == 2
+    assert "guidance_scale 9 is outside the range [1, 4]" in capsys.readouterr().err
+    assert not (tmp_path / "tuned").exists()
 
 
 @pytest.mark.slow

@@ -168,7 +168,8 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
     sampling levels (``student_generator``)."""
     from ..models.embedded import resolve_teacher_path
     from ..errors import FastdiffError
-    from .students import load_flow_map_student, load_lora_student, read_student_info, student_generator
+    from .students import (check_guidance_in_range, load_flow_map_student, load_lora_student, read_student_info,
+                           student_generator)
     from ..models.teacher import could_be_hub_id, load_teacher, require_condition
 
     model_dir = resolve_teacher_path(model_dir)
@@ -203,6 +204,8 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
     if info and guidance_scale is not None and not guided:
         raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; "
                             "this student has its guidance distilled in")
+    if info:
+        check_guidance_in_range(info, guidance_scale, "--guidance-scale")
     if not info and guidance_scale is not None and guidance_scale != 1:
         require_condition(loaded, f"--guidance-scale {guidance_scale}")
     return (student_generator(loaded, info, levels) if info else loaded.denoiser), loaded

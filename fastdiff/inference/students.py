@@ -94,6 +94,17 @@ def embedded_guidance_default(info: dict) -> float | None:
     return range_middle(info.get("settings", {}).get("objective", {}).get("guidance_range"))
 
 
+def check_guidance_in_range(info: dict, scale: float | None, flag: str) -> None:
+    """A guidance-embedded student's scale inside the range it was distilled for (objective.guidance_range, its ends
+    included): outside it the w-embedding was never trained, and the images are whatever the network extrapolates
+    to, so a scale there is refused rather than sampled silently."""
+    g_range = info.get("settings", {}).get("objective", {}).get("guidance_range") if info.get("guidance_embedded") \
+        else None
+    if scale is not None and g_range and not g_range[0] <= scale <= g_range[1]:
+        raise FastdiffError(f"{flag} {scale:g} is outside the range [{g_range[0]:g}, {g_range[1]:g}] this student was "
+                            "distilled for (objective.guidance_range); pass a scale in it")
+
+
 def range_middle(g_range) -> float | None:
     """The middle of a guidance range [lo, hi] (None for none): where an LCM-style student is shown by default."""
     return sum(g_range) / 2 if g_range else None

@@ -24,7 +24,8 @@ import torch
 from ..config import flat_config
 from ..errors import FastdiffError
 from ..inference.export import export_student
-from ..inference.students import embedded_guidance_default, read_student_info, student_generator, teacher_location
+from ..inference.students import (check_guidance_in_range, embedded_guidance_default, read_student_info,
+                                  student_generator, teacher_location)
 from ..inference.sampling import guided_cond, save_grid, to_uint8
 from ..machine import progress
 from ..models.teacher import Teacher, load_teacher
@@ -69,6 +70,7 @@ def tuned_guidance(info: dict, cfg: TuneConfig) -> float | None:
                    if fixed is not None else "this one has its guidance distilled in")
             raise FastdiffError(f"guidance_scale is for guidance-embedded students (objective.guidance_range); {why}")
         return None
+    check_guidance_in_range(info, cfg.guidance_scale, "guidance_scale")
     scale = cfg.guidance_scale if cfg.guidance_scale is not None else embedded_guidance_default(info)
     if scale is None:
         raise FastdiffError("this guidance-embedded student's fastdiff.json names no guidance range: pass --set "
