@@ -71,8 +71,8 @@ def fid_kid(features: torch.Tensor, ref: ReferenceStats) -> dict:
     stats.add(features)
     mu, sigma = stats.mean_cov()
     kid, kid_std = kernel_inception_distance(stats.features(), ref.features, subset_size=1000)
-    return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma, factor1=stats.cov_factor()), "fid_label": ref.label("FID", stats.n),
-            "kid": kid, "kid_std": kid_std}
+    return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma, factor1=stats.cov_factor()),
+            "fid_label": ref.label("FID", stats.n), "kid": kid, "kid_std": kid_std}
 
 
 def ladder_rows(args) -> list[dict]:

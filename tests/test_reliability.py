@@ -72,8 +72,9 @@ def test_sigkill_and_resume_is_bit_identical(tiny_teacher, tmp_path):
 
     kill_after = random.Random().randint(2, 5)  # a random step, printed on failure
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*_sets(tiny_teacher, run, steps)), env={**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(_cli(*_sets(tiny_teacher, run, steps)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run / "checkpoints" / f"step-{kill_after:08d}").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import accelerate_launch, tiny_unet
+from conftest import tiny_unet
 from fastdiff.config import Config
 from fastdiff.errors import FastdiffError
 from fastdiff.training import optim, sharding
@@ -546,13 +546,12 @@ def _sets(teacher, out, steps, *extra) -> list:
     return [a for item in items for a in ("--set", item)]
 
 
-def _two_processes(teacher, out, steps, *extra, resume: bool = False, sets=None, sharding: str = "fsdp",
-                   launch: bool = False) -> None:
+def _two_processes(teacher, out, steps, *extra, resume: bool = False, sets=None, sharding: str = "fsdp") -> None:
     """``fastdiff distill`` on 2 CPU processes (FSDP unless ``sharding``) with ``sets`` (default ``_sets``) and
-    ``extra``: forked (cli_on_processes), or under the real ``accelerate launch`` with ``launch``."""
+    ``extra``, forked (cli_on_processes; test_sharding_lora's slow run goes through the real launcher)."""
     args = (sets or _sets)(teacher, out, steps, f"train.sharding={sharding}", *extra) + (["--resume", "latest"] if resume
                                                                                   else [])
-    (accelerate_launch if launch else cli_on_processes)("distill", *args)
+    cli_on_processes("distill", *args)
 
 
 def _update_difference(run_a: Path, run_b: Path, start: dict, step: int, name: str = "generator") -> float:

@@ -38,8 +38,10 @@ class FeatureStats:
         have = sum(len(k) for k in self.kept)
         if have < self.keep:
             self.kept.append(f[: self.keep - have].astype(np.float32))
-        if self.rows is not None:
-            self.rows = self.rows + [f] if self.n <= len(self.sum) else None
+        if self.rows is not None and self.n <= len(self.sum):
+            self.rows.append(f.copy())  # a copy: the caller's array may be a buffer it reuses
+        else:
+            self.rows = None
 
     def cov_factor(self) -> np.ndarray | None:
         """F (n x dim) with F'F the covariance, (features - mean) / sqrt(n - 1), while n <= dim; else None."""
