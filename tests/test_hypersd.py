@@ -347,7 +347,7 @@ def test_resume_across_a_stage_equals_an_uninterrupted_run(tiny_teacher, tmp_pat
               "data.resolution=8", "student.sampler=ddim", "train.lr_generator=1e-2",
               f"train.ema_stage_restart={str(restart).lower()}"]
     whole = assert_resume_equals_whole(tiny_teacher, tmp_path, common, ("generator", "cd_target", "ema"))
-    assert exported == [("whole", 3, 2), ("part", 3, 2)]  # the part run's first leg (2 updates) ends before it
+    assert exported == [("whole", 3, 2), ("part", 3, 2)]  # the resumed run (from update 2) exports it once too
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["segments"] for r in rows] == [2, 2, 2, 1]
     assert_pipeline_matches(whole / "student")

@@ -157,7 +157,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def forked(worker, *args, limit: float | None = None, name: str | None = None) -> None:
+def forked(worker, *args, limit: float | None = None, name: str | None = None, before_rerun=None) -> None:
     """``worker(rank, port, *args)`` on WORLD processes forked from this one, joined. Fork: the children inherit the
     imported modules and what the test built (spawn would re-import torch and diffusers: ~15 s on 2 cores).
 
@@ -165,7 +165,7 @@ def forked(worker, *args, limit: float | None = None, name: str | None = None) -
     fails the test. A process killed by SIGSEGV has the whole group run once more, on a fresh port, with a warning:
     seen once in about ten full runs, cause not found (gloo_process puts the crashed process's Python stack in the
     captured stderr). A crash that recurs fails the test. Workers write their results when they finish, so a rerun
-    never reads what a crashed attempt left."""
+    never reads what a crashed attempt left; ``before_rerun()`` undoes what else an attempt may have written."""
     import warnings
 
     import torch.multiprocessing as mp
@@ -186,6 +186,8 @@ def forked(worker, *args, limit: float | None = None, name: str | None = None) -
             if exc.signal_name != "SIGSEGV" or attempt == 2:
                 raise
             warnings.warn(f"{name}: a forked process died of SIGSEGV; running the group again once")
+            if before_rerun is not None:
+                before_rerun()
 
 
 def _cli_worker(rank: int, port: int, argv: list) -> None:
@@ -195,8 +197,11 @@ def _cli_worker(rank: int, port: int, argv: list) -> None:
 
     faulthandler.enable(sys.__stderr__, all_threads=True)  # as gloo_process
     torch.set_num_threads(1)
+    # OMP_NUM_THREADS as the launcher sets it: unset, accelerate's CPU setup sets torch's threads to half the
+    # physical cores, and a child forked from a parent with a live multi-thread OpenMP pool then hangs
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), ACCELERATE_USE_CPU="true")
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), ACCELERATE_USE_CPU="true",
+                      OMP_NUM_THREADS="1")
     AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's single-process state
     torch.manual_seed(1000 + rank)  # a launched process's generator starts at random: seeding must not rely on it
     try:
@@ -209,9 +214,28 @@ def _cli_worker(rank: int, port: int, argv: list) -> None:
 
 def cli_on_processes(*argv, limit: float | None = 600) -> None:
     """``fastdiff ARGV`` on WORLD CPU processes (gloo), one thread each, with the environment ``accelerate launch``
-    gives its processes (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ACCELERATE_USE_CPU), forked from this one: the CLI's
-    multi-process path without three interpreter starts (conftest.accelerate_launch runs the real launcher)."""
-    forked(_cli_worker, list(map(str, argv)), limit=limit, name=f"fastdiff {argv[0]} on {WORLD} processes")
+    gives its processes (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ACCELERATE_USE_CPU, OMP_NUM_THREADS), forked from this
+    one: the CLI's multi-process path without three interpreter starts (conftest.accelerate_launch runs the real
+    launcher). A run that ``forked`` starts again after a SIGSEGV finds its output folder as it was before the first
+    attempt (a resume must not continue from what the crashed attempt wrote)."""
+    import shutil
+
+    argv = list(map(str, argv))
+    out = next((Path(a.split("=", 1)[1]) for a in argv if a.startswith("output_dir=")), None)
+    backup = Path(tempfile.mkdtemp(prefix="cli-on-processes-")) / "out"
+    if out is not None and out.exists():
+        shutil.copytree(out, backup)
+
+    def restore():
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            if backup.exists():
+                shutil.copytree(backup, out)
+
+    try:
+        forked(_cli_worker, argv, limit=limit, name=f"fastdiff {argv[0]} on {WORLD} processes", before_rerun=restore)
+    finally:
+        shutil.rmtree(backup.parent, ignore_errors=True)
 
 
 def _crash_first_time(rank, port, folder, always):
@@ -228,12 +252,14 @@ def _hang(rank, port):
 
 
 def test_forked_runs_a_group_again_once_after_a_sigsegv_and_no_more(tmp_path):
-    """A group whose process 1 crashes once runs again and completes (with a warning); one that crashes every time
-    fails; a process that outlives ``limit`` is killed and fails the test."""
+    """A group whose process 1 crashes once runs again (after ``before_rerun``) and completes (with a warning); one
+    that crashes every time fails; a process that outlives ``limit`` is killed and fails the test."""
     import torch.multiprocessing as mp
 
+    reruns = []
     with pytest.warns(UserWarning, match="_crash_first_time: a forked process died of SIGSEGV"):
-        forked(_crash_first_time, str(tmp_path), False)
+        forked(_crash_first_time, str(tmp_path), False, before_rerun=lambda: reruns.append("rerun"))
+    assert reruns == ["rerun"]  # once, between the attempts
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ran0", "ran1"]
     with pytest.raises(mp.ProcessExitedException, match="SIGSEGV"), pytest.warns(UserWarning):
         forked(_crash_first_time, str(tmp_path), True)

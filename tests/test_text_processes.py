@@ -75,7 +75,8 @@ def _worker(rank: int, port: int, folder: str) -> None:
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), ACCELERATE_USE_CPU="true")
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), ACCELERATE_USE_CPU="true",
+                      OMP_NUM_THREADS="1")  # test_sharding._cli_worker says why
     AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's single-process state
     root = Path(folder)
     torch.manual_seed(1000 + rank)  # a real process's generator starts at random: what is built unseeded differs

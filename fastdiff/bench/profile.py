@@ -43,7 +43,7 @@ def profile_step(step, device: torch.device, steps: int | None = None, top: int 
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    steps = steps or (3 if cuda else 1)
+    steps = (3 if cuda else 1) if steps is None else steps
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):

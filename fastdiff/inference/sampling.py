@@ -178,6 +178,8 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
         what = "is a file" if Path(model_dir).exists() else "does not exist"
         raise FastdiffError(f"{model_dir} {what}: pass an exported student's or a teacher's folder")
     info = read_student_info(model_dir)
+    if info:  # before the (possibly large) pipeline loads
+        check_guidance_in_range(info, guidance_scale, "--guidance-scale")
     if levels is not None and not (info and info.get("flow_map")):
         raise FastdiffError(f"--levels is for flow-map students (objective meanflow or ayf); {model_dir} is "
                             f"{'a teacher' if not info else 'another kind of student'}, sampled on its own levels")
@@ -204,8 +206,6 @@ def load_sampler(model_dir: str, device, guidance_scale: float | None = None, le
     if info and guidance_scale is not None and not guided:
         raise FastdiffError("--guidance-scale is for teachers and guidance-embedded students; "
                             "this student has its guidance distilled in")
-    if info:
-        check_guidance_in_range(info, guidance_scale, "--guidance-scale")
     if not info and guidance_scale is not None and guidance_scale != 1:
         require_condition(loaded, f"--guidance-scale {guidance_scale}")
     return (student_generator(loaded, info, levels) if info else loaded.denoiser), loaded
