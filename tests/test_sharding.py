@@ -190,12 +190,11 @@ def forked(worker, *args, limit: float | None = None, name: str | None = None, b
                 before_rerun()
 
 
-def _cli_worker(rank: int, port: int, argv: list) -> None:
+def as_launched(rank: int, port: int) -> None:
+    """This forked process as ``accelerate launch`` starts one of WORLD CPU processes: its environment (ranks,
+    MASTER_ADDR/PORT, ACCELERATE_USE_CPU, OMP_NUM_THREADS), one thread, and no state left from the parent."""
     from accelerate.state import AcceleratorState
 
-    from fastdiff.cli import main
-
-    faulthandler.enable(sys.__stderr__, all_threads=True)  # as gloo_process
     torch.set_num_threads(1)
     # OMP_NUM_THREADS as the launcher sets it: unset, accelerate's CPU setup sets torch's threads to half the
     # physical cores, and a child forked from a parent with a live multi-thread OpenMP pool then hangs
@@ -203,6 +202,13 @@ def _cli_worker(rank: int, port: int, argv: list) -> None:
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), ACCELERATE_USE_CPU="true",
                       OMP_NUM_THREADS="1")
     AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's single-process state
+
+
+def _cli_worker(rank: int, port: int, argv: list) -> None:
+    from fastdiff.cli import main
+
+    faulthandler.enable(sys.__stderr__, all_threads=True)  # as gloo_process
+    as_launched(rank, port)
     torch.manual_seed(1000 + rank)  # a launched process's generator starts at random: seeding must not rely on it
     try:
         code = main(argv)

@@ -11,7 +11,6 @@ before the run seeds torch, from a generator each process seeds at random, so ev
 from other ``lora_A`` adapters; ``with_lora(seed=train.seed)`` fixed that (tests/test_resume_lora.py). Measured
 before that fix: noise, prompts, timesteps and the fake score's weights bit-equal, the critic's gradient equal, the
 generator's 1.35-1.43 relative apart; after it: both gradients bit-equal (one thread per process)."""
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import torch.distributed as dist
 
 import tiny_pipelines as tp
 from fastdiff.config import load_config
-from test_sharding import EPS32, forked
+from test_sharding import EPS32, as_launched, forked
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -71,13 +70,7 @@ def _first_update(cfg) -> dict:
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
-    from accelerate.state import AcceleratorState
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), ACCELERATE_USE_CPU="true",
-                      OMP_NUM_THREADS="1")  # test_sharding._cli_worker says why
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's single-process state
+    as_launched(rank, port)
     root = Path(folder)
     torch.manual_seed(1000 + rank)  # a real process's generator starts at random: what is built unseeded differs
     try:

@@ -91,15 +91,21 @@ def embedded_guidance_default(info: dict) -> float | None:
     tuned = info.get("tuned", {}).get("guidance_scale")
     if tuned is not None:
         return float(tuned)
-    return range_middle(info.get("settings", {}).get("objective", {}).get("guidance_range"))
+    return range_middle(distilled_guidance_range(info))
+
+
+def distilled_guidance_range(info: dict) -> list | None:
+    """[lo, hi], the objective.guidance_range a guidance-embedded student was distilled for (None for others)."""
+    if not info.get("guidance_embedded"):
+        return None
+    return info.get("settings", {}).get("objective", {}).get("guidance_range")
 
 
 def check_guidance_in_range(info: dict, scale: float | None, flag: str) -> None:
     """A guidance-embedded student's scale inside the range it was distilled for (objective.guidance_range, its ends
     included): outside it the w-embedding was never trained, and the images are whatever the network extrapolates
     to, so a scale there is refused rather than sampled silently."""
-    g_range = info.get("settings", {}).get("objective", {}).get("guidance_range") if info.get("guidance_embedded") \
-        else None
+    g_range = distilled_guidance_range(info)
     if scale is not None and g_range and not g_range[0] <= scale <= g_range[1]:
         raise FastdiffError(f"{flag} {scale:g} is outside the range [{g_range[0]:g}, {g_range[1]:g}] this student was "
                             "distilled for (objective.guidance_range); pass a scale in it")
