@@ -2,6 +2,7 @@
 the robust square root on singular covariances, the Inception port against NVIDIA's TorchScript, the resize
 conventions against their defining formulas, reference files, and clear errors for bad evaluation input."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,24 @@ def test_frechet_from_the_few_images_factor_equals_the_full_route():
     assert fast == pytest.approx(_nuclear_frechet(x, y), rel=1e-10)
     stats.add(rng.standard_normal((45, 64)))  # 65 > 64 features: no factor kept, the d x d route
     assert stats.cov_factor() is None and stats.rows is None
+
+
+def test_fid_route_bench_times_both_routes_to_the_same_number(tmp_path, monkeypatch, capsys):
+    """eval/fid_route.py (the table behind README's route timings) at d = 32: both routes give the same FID (float64
+    over ~1e3-term sums: 1e-12 relative leaves room), one row per N, the table and JSON written; bad --n refused."""
+    from conftest import eval_script
+
+    bench = eval_script("fid_route")
+    monkeypatch.setattr(sys, "argv", ["fid_route.py", "--dim", "32", "--n", "4,32", "--repeats", "1",
+                                      "--out", str(tmp_path / "r")])
+    bench.main()
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert [r["n"] for r in result["rows"]] == [4, 32] and all(r["relative_difference"] < 1e-12 for r in result["rows"])
+    assert "| 4 | 32 |" in (tmp_path / "r" / "README.md").read_text() and "| 32 | 32 |" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["fid_route.py", "--dim", "32", "--n", "64"])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2 and "each --n in [2, --dim]" in capsys.readouterr().err
 
 
 def test_feature_stats_streaming_equals_numpy():
