@@ -229,6 +229,36 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_teacher, tmp_pa
     assert _update_difference(tmp_path / "two", tmp_path / "accumulated", start, 3) < 1e-2
 
 
+def test_a_finished_run_extends_to_more_steps(tiny_teacher, tmp_path, capsys):
+    """A run finished at 2 updates and resumed with train.max_steps=4 ends as a 4-update run does: every
+    checkpointed network equal bit for bit (constant learning rate, the default) and its export replaced by the
+    step-4 student's; the changed max_steps is said in one line."""
+    from test_consistency import FAST, distill
+    from test_export_e2e import write_fake_fashion_mnist
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=8)
+    common = [f"data.path={data}", "data.resolution=8"]
+    whole = distill(tiny_teacher, tmp_path / "whole", *common, "train.max_steps=4")
+    part = distill(tiny_teacher, tmp_path / "part", *common)  # train.max_steps=2
+    exported = part / "student" / "unet" / "diffusion_pytorch_model.safetensors"
+    at_two = load_file(exported)
+    capsys.readouterr()
+    args = ["distill", "--resume", "latest"]
+    for item in [f"teacher.path={tiny_teacher}", f"output_dir={part}", *FAST, *common, "train.max_steps=4"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    assert "resuming with train.max_steps=4; the run was trained with 2 until now" in capsys.readouterr().out
+    last = "checkpoints/step-00000004"
+    subs = sorted(p.stem for p in (whole / last).glob("*.safetensors"))
+    assert {"generator", "fake"} <= set(subs) and subs == sorted(p.stem for p in (part / last).glob("*.safetensors"))
+    for sub in subs:
+        a, b = load_file(whole / last / f"{sub}.safetensors"), load_file(part / last / f"{sub}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    a, b = load_file(whole / "student" / "unet" / "diffusion_pytorch_model.safetensors"), load_file(exported)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], at_two[k]) for k in a)
+
+
 # Objectives whose resume is tested in their own files: dmd2 (SIGKILL above), cd (test_consistency), hyper-sd
 # (test_hypersd, across a stage), disback (test_disback), fada (test_fada); the rest here, one case each.
 RESUMED_HERE = ["ayf", "boot", "fdistill", "hyper-sd-dmd", "ladd", "meanflow", "pg-sb", "rcm", "scm", "scm-ladd",

@@ -26,8 +26,10 @@ RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lo
                # the distribution it is trained towards (for cd, the scale distilled in); fastdiff.json records one
                "teacher.guidance_scale", "objective.fake_guidance", "objective.fake_train_guidance")
 # Allowed to change on resume, with a logged line: SiD's alpha weights the two terms of the generator gradient,
-# whose fixed point (fake score = teacher score) does not depend on it, so the checkpoint's networks keep their meaning.
-LOGGED_RESUME_KEYS = ("objective.alpha",)
+# whose fixed point (fake score = teacher score) does not depend on it, so the checkpoint's networks keep their meaning;
+# train.max_steps extends (or ends early) a run, and what follows it changes from there on: a cosine learning rate
+# then decays to the new last step, from the value it has there.
+LOGGED_RESUME_KEYS = ("objective.alpha", "train.max_steps")
 
 
 def changed_keys(saved: dict, now: dict, keys):
