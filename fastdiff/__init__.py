@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 # diffusers finds them by name when it loads a pipeline folder whose model_index.json says ["fastdiff", "<class>"].
 _LAZY = {"Denoiser": ".models.denoiser", "Generator": ".models.generator", "FlowSchedule": ".models.schedule",
          "VPSchedule": ".models.schedule", "Teacher": ".models.teacher", "load_teacher": ".models.teacher",
-         "GuidanceEmbeddedUNet": ".models.guidance", "MLPDenoiser": ".models.mlp",
-         "GaussianMixtureModel": ".models.analytic", "FlowMapModel": ".models.flow_map"}
+         "GuidanceEmbeddedUNet": ".models.guidance_unet", "MLPDenoiser": ".models.mlp",
+         "GaussianMixtureModel": ".models.analytic", "FlowMapModel": ".models.flow_map_model"}
 
 
 def __getattr__(name):

@@ -81,9 +81,8 @@ def _check_out(out: Path, overwrite: bool, keep: dict | None = None, may_hold: t
 
 def cmd_distill(args) -> None:
     from .config import load_config
-    from .training import Trainer
 
-    cfg = load_config(args.config, args.set or [])
+    cfg = load_config(args.config, args.set or [])  # before the trainer's imports (diffusers): a config error in ~2 s
     if args.dry_run:  # the resolved config, parameter counts and memory estimate; nothing written, nothing trained
         from .training.dry_run import dry_run_report
 
@@ -96,6 +95,8 @@ def cmd_distill(args) -> None:
     run = Path(cfg.output_dir)
     existed = run.is_dir()
     new = args.resume is None and not (existed and any(run.iterdir()))
+    from .training import Trainer
+
     try:
         try:
             trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -158,7 +159,6 @@ def cmd_msd(args) -> None:
 def cmd_export(args) -> None:
     from .training import checkpoint as ckpt
     from .config import Config, _apply, _read_one_yaml
-    from .training import Trainer
 
     run = Path(args.run_dir)
     config_file = run / "config.yaml"
@@ -175,6 +175,7 @@ def cmd_export(args) -> None:
                                           "teacher": cfg.teacher.path, "student model": cfg.student.model},
                may_hold=("run",))
     from .inference.export import push_to_hub, weight_options
+    from .training import Trainer
     from .training.outputs import export_run
 
     options = weight_options(args.dtype, args.variant)  # refused before the slow part

@@ -11,10 +11,11 @@ from fastdiff.inference.export import export_student
 from fastdiff.inference.students import read_student_info, student_generator
 from fastdiff.inference.sampling import guided_cond
 from fastdiff.models.denoiser import Denoiser
-from fastdiff.models.guidance import guidance_embedding, with_guidance_embedding
+from fastdiff.models.guidance import with_guidance_embedding
 from fastdiff.models.lora import is_lora
 from fastdiff.models.teacher import load_teacher
 from fastdiff.pipelines import FastdiffClassConditionalPipeline
+from fastdiff.pipelines.pipeline_fastdiff_class_conditional import guidance_embedding
 from conftest import assert_same_uint8
 from test_export_e2e import image_bound
 

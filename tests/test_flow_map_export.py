@@ -19,7 +19,8 @@ from fastdiff.inference.export import export_student
 from fastdiff.inference.sampling import to_uint8
 from fastdiff.models.consistency import consistency_start
 from fastdiff.models.denoiser import Denoiser
-from fastdiff.models.flow_map import FlowMapGenerator, FlowMapModel, add_flow_map_embedding, target_time
+from fastdiff.models.flow_map import FlowMapGenerator, add_flow_map_embedding, target_time
+from fastdiff.models.flow_map_model import FlowMapModel
 from fastdiff.models.teacher import load_teacher
 from fastdiff.models.text import PromptEncoder
 from fastdiff.objectives.meanflow import MeanFlow

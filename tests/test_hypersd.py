@@ -10,12 +10,12 @@ import torch
 
 from fastdiff.models.analytic import GaussianMixtureModel
 from fastdiff.models.denoiser import Denoiser
-from fastdiff.models.generator import step_timesteps
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.schedule import VPSchedule
 from fastdiff.objectives import OBJECTIVES, build
 from fastdiff.objectives.cd import ConsistencyDistillation
 from fastdiff.objectives.hypersd import HyperSD, segment_edges, stage_at
+from fastdiff.pipelines.pipeline_fastdiff_flow_map import step_timesteps
 from conftest import bench_gmm_rows
 
 EPS32 = torch.finfo(torch.float32).eps

@@ -11,7 +11,8 @@ import torch
 from fastdiff.inference.export import export_student
 from fastdiff.models.consistency import consistency_start
 from fastdiff.models.denoiser import Denoiser
-from fastdiff.models.flow_map import FlowMapGenerator, FlowMapModel, r_timestep
+from fastdiff.models.flow_map import FlowMapGenerator, r_timestep
+from fastdiff.models.flow_map_model import FlowMapModel
 from fastdiff.models.mlp import MLPDenoiser
 from fastdiff.models.teacher import load_teacher
 from fastdiff.objectives.meanflow import MeanFlow, meanflow_target, total_derivative

@@ -366,7 +366,7 @@ def test_teacher_guidance_draws_scales_in_range_and_embeds_w_minus_one():
     """guidance.py TeacherGuidance.draw: w ~ U[lo, hi] per example (LCM's range), the student's condition the
     embedding of w - 1 (diffusers' LCM convention, as the exported pipeline embeds guidance_scale - 1); the same
     function on the same w: bit-equal. 400 draws reach within 5% of each end with probability > 0.999."""
-    from fastdiff.models.guidance import guidance_embedding
+    from fastdiff.pipelines.pipeline_fastdiff_class_conditional import guidance_embedding
     from fastdiff.objectives.guidance import TeacherGuidance
 
     guidance = TeacherGuidance(*guidance_stubs(), guidance_range=[2.0, 6.0])

@@ -266,7 +266,8 @@ def test_guidance_embedded_class_card_imports_the_network_class_before_loading()
 def test_flow_map_pipeline_output_types_are_one_image_in_three_forms():
     """output_type "pt" is a (B, C, H, W) tensor in [0, 1], as diffusers' pipelines return (it once gave the numpy
     array regardless), "np" the same values as (B, H, W, C), "pil" those as uint8 images."""
-    from fastdiff.models.flow_map import FlowMapModel, add_flow_map_embedding
+    from fastdiff.models.flow_map import add_flow_map_embedding
+    from fastdiff.models.flow_map_model import FlowMapModel
     from fastdiff.pipelines.pipeline_fastdiff_flow_map import FastdiffFlowMapPipeline
 
     pipe = FastdiffFlowMapPipeline(unet=FlowMapModel.wrap(add_flow_map_embedding(tiny_unet())), scheduler=DDIMScheduler())

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from fastdiff.models.analytic import GaussianMixtureModel
 from fastdiff.models.denoiser import Denoiser
-from fastdiff.models.generator import step_timesteps
 from fastdiff.models.schedule import VPSchedule
 from fastdiff.objectives import build
 from fastdiff.objectives.reward import ClipReward, RewardFeedback, late_step, refl_loss
+from fastdiff.pipelines.pipeline_fastdiff_flow_map import step_timesteps
 
 from conftest import TINY_CLIP_NAME  # noqa: F401 - the tiny_clip fixture registers this open_clip config
 

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from fastdiff.config import load_config
-from fastdiff.models.flow_map import FlowMapModel, flow_map_embedding
+from fastdiff.models.flow_map import flow_map_embedding
+from fastdiff.models.flow_map_model import FlowMapModel
 from fastdiff.models.teacher import load_teacher
 from fastdiff.objectives.base import network_copies
 from fastdiff.training import sharding

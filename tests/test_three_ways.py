@@ -414,7 +414,7 @@ def test_agd_parameter_gradient_is_the_single_pass_regression_onto_cfg(tiny_cond
     one student pass alone, the CFG target from two raw teacher passes in float64. fastdiff computes the loss in x0
     space times the teacher's loss weight (1 / s^2 for v): equal in exact arithmetic, so the gradient must be the VJP
     of the student's v with 2 (v_s - v_cfg) / (B D)."""
-    from fastdiff.models.guidance import guidance_embedding
+    from fastdiff.pipelines.pipeline_fastdiff_class_conditional import guidance_embedding
     from test_agd import build as agd_build
 
     teacher, obj = agd_build(tiny_cond_teacher)
@@ -511,7 +511,8 @@ def test_cd_guidance_range_loss_and_gradient_match_lcm(tiny_cond_teacher):
     t = 899 (sigma 6.4: this cosine table's sigma at 999 is 2e4, where the x0 read-out amplifies float32 rounding
     1 / a_t = 2e4 times)."""
     from fastdiff.models.consistency import ConsistencyDenoiser
-    from fastdiff.models.guidance import guidance_embedding, with_guidance_embedding
+    from fastdiff.models.guidance import with_guidance_embedding
+    from fastdiff.pipelines.pipeline_fastdiff_class_conditional import guidance_embedding
     from fastdiff.models.teacher import load_teacher
 
     teacher = load_teacher(tiny_cond_teacher)

@@ -86,7 +86,8 @@ def export_student(unet, teacher, info: dict, out: str | Path, sample_grid: str 
 
     if is_lora(unet):  # pipelines without a latent / text part take LoRA students fused
         unet = merged_model(unet)
-    from ..models.flow_map import FlowMapModel, flow_map_embedding
+    from ..models.flow_map import flow_map_embedding
+    from ..models.flow_map_model import FlowMapModel
 
     flow_map = flow_map_embedding(unet) is not None
     if flow_map:  # a two-time (meanflow) student: its own network class and pipeline, DDIM steps told r
@@ -344,7 +345,7 @@ def export_flow_map_pipeline_student(model, teacher, info: dict, out: Path, card
     passing the levels ``1 - i/K`` (``flux_scheduler``'s configuration)."""
     import importlib
 
-    from ..models.flow_map import FlowMapModel
+    from ..models.flow_map_model import FlowMapModel
     from ..models.teacher import load_pipeline, pipeline_index
 
     index = pipeline_index(teacher.path)

@@ -17,7 +17,7 @@ def load_flow_map_student(folder: str | Path, info: dict):
     import torch
 
     from ..models.denoiser import Denoiser
-    from ..models.flow_map import FlowMapModel
+    from ..models.flow_map_model import FlowMapModel
     from ..models.schedule import schedule_from_scheduler
     from ..models.teacher import Teacher, prediction_type_of
 

@@ -14,26 +14,23 @@ input of the network's timestep MLP (UNets: ``time_proj`` features into ``time_e
 pooled-text projection; fastdiff's MLP: added to its first layer's output), with ``proj`` zero-initialised, so the
 student starts as the teacher: at every r its output is the teacher's, i.e. ``u(z, r, t) = v(z, t)``. r is given
 in the network's native timestep units (the VP table's timestep, ``t * T`` for flow teachers); the data end
-(sigma = 0) is timestep 0. The embedding is added to
-the student network in place (``add_flow_map_embedding``) so the trainer's optimizer, EMA and checkpoints carry it;
-the export saves the network as :class:`FlowMapModel`, whose forward takes ``r_timestep`` (pixel students in
+(sigma = 0) is timestep 0. The embedding is added to the student network in place (``add_flow_map_embedding``)
+so the trainer's optimizer, EMA and checkpoints carry it; the export saves the network as
+:class:`.flow_map_model.FlowMapModel`, whose forward takes ``r_timestep`` (pixel students in
 ``FastdiffFlowMapPipeline``, SD / SD3 ones in ``FastdiffFlowMapSDPipeline`` / ``FastdiffFlowMapSD3Pipeline``).
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 
-import diffusers
 import torch
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import FrozenDict, register_to_config
-from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from .denoiser import Denoiser
 from .generator import Generator, flow_time_levels
-from .mlp import MLPDenoiser
+
+# diffusers (and fastdiff's diffusers models) are imported on first use below, when a network exists: the objectives
+# import this module, and config checks import the objectives, which then answer without loading diffusers.
 
 MLP_FEATURES = 64  # sinusoidal features of r for fastdiff's MLP (UNets reuse their own time_proj)
 
@@ -54,7 +51,12 @@ class TargetTimeEmbedding(nn.Module):
         r = r.reshape(-1).float()
         r = r.expand(batch) if r.numel() == 1 else r.repeat(batch // r.numel())  # CFG: [uncond, cond] halves
         proj = self._time_proj[0]
-        feats = proj(r) if proj is not None else get_timestep_embedding(r, self.features, flip_sin_to_cos=True)
+        if proj is not None:
+            feats = proj(r)
+        else:
+            from diffusers.models.embeddings import get_timestep_embedding
+
+            feats = get_timestep_embedding(r, self.features, flip_sin_to_cos=True)
         return self.proj(feats.to(self.proj.weight.dtype)).to(like.dtype)
 
     def add_to_input(self, module, args):
@@ -65,7 +67,7 @@ class TargetTimeEmbedding(nn.Module):
 
 
 def flow_map_embedding(model: nn.Module) -> TargetTimeEmbedding | None:
-    """The r embedding of a flow-map network (in place or a :class:`FlowMapModel`), or None."""
+    """The r embedding of a flow-map network (in place or a :class:`.flow_map_model.FlowMapModel`), or None."""
     found = getattr(model, "flow_map_r", None) or getattr(getattr(model, "base", None), "flow_map_r", None)
     return found if isinstance(found, TargetTimeEmbedding) else None
 
@@ -75,6 +77,10 @@ def add_flow_map_embedding(model: nn.Module) -> nn.Module:
     beside their timestep features, SD3Transformer2DModel beside the timestep features of its ``time_text_embed``
     (the timestep MLP whose output is added to the pooled-text projection), fastdiff's MLPDenoiser after its first
     layer. Other networks: ValueError."""
+    import diffusers
+
+    from .mlp import MLPDenoiser
+
     if flow_map_embedding(model) is not None:
         return model
     device = next(model.parameters(), torch.empty(0)).device
@@ -117,48 +123,6 @@ def r_timestep(schedule, sigma_r: torch.Tensor) -> torch.Tensor:
     """Native timestep fed for the target level sigma_r (float32; sigma 0, the data end, is timestep 0)."""
     sigma_r = torch.as_tensor(sigma_r, dtype=torch.float32).reshape(-1)
     return schedule.model_timestep(sigma_r)
-
-
-class FlowMapModel(ModelMixin, ConfigMixin):
-    """An exported flow-map network: ``base`` (its class and config recorded) with the r embedding; ``forward``
-    takes ``r_timestep`` (native timesteps; default 0, the map to the data)."""
-
-    @register_to_config
-    def __init__(self, base_class: str, base_config: dict, sample_size=None, in_channels: int = 1,
-                 num_class_embeds: int | None = None):
-        super().__init__()
-        cls = MLPDenoiser if base_class == "MLPDenoiser" else getattr(diffusers, base_class)
-        self.base = add_flow_map_embedding(cls.from_config(base_config))
-
-    @classmethod
-    def wrap(cls, model: nn.Module) -> "FlowMapModel":
-        """The in-place flow-map network ``model`` as a FlowMapModel with the same weights."""
-        cfg = model.config
-        wrapped = cls(type(model).__name__, dict(cfg), getattr(cfg, "sample_size", None),
-                      getattr(cfg, "in_channels", 1), getattr(cfg, "num_class_embeds", None))
-        wrapped.base.load_state_dict(model.state_dict())
-        return wrapped.to(next(model.parameters()).device)
-
-    @property
-    def config(self) -> FrozenDict:
-        """Its own config with the base network's keys readable beside it: the teacher pipelines' code reads e.g.
-        ``transformer.config.patch_size`` or ``joint_attention_dim`` (only its own keys are saved)."""
-        own = self._internal_dict
-        return FrozenDict({**own.get("base_config", {}), **own})
-
-    def forward(self, sample: torch.Tensor | None = None, timestep=None, class_labels=None, r_timestep=None,
-                return_dict: bool = True, **kwargs):
-        """The base network's forward mapping to ``r_timestep``; its other inputs pass through by name
-        (``encoder_hidden_states``, ``pooled_projections``, ...; transformers' ``hidden_states`` is ``sample``)."""
-        if sample is not None:
-            first = "sample" if "sample" in inspect.signature(self.base.forward).parameters else "hidden_states"
-            kwargs[first] = sample
-        if class_labels is not None:
-            kwargs["class_labels"] = class_labels
-        if r_timestep is None:  # fastdiff's samplers set it through target_time
-            return self.base(timestep=timestep, return_dict=return_dict, **kwargs)
-        with target_time(self.base, torch.as_tensor(r_timestep, device=self.device)):
-            return self.base(timestep=timestep, return_dict=return_dict, **kwargs)
 
 
 LEVELS = ("table", "flow")

@@ -24,8 +24,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastdiff.pipelines.pipeline_fastdiff_flow_map import step_timesteps  # one rule for the sampler and the flow-map
-# pipeline that must reproduce it (the pipeline file imports only diffusers, so the rule lives there)
 from ..errors import FastdiffError
 from .denoiser import Denoiser, expand
 from .schedule import FlowSchedule, require_steps
@@ -66,6 +64,11 @@ def step_sigmas(denoiser: Denoiser, num_steps: int, sigma_init: float | None = N
         # t_i = t_0 (K - i) / K; the first level is pure noise (t_0 = 1, sigma = inf) unless sigma_init is given (the
         # library's callers only: the trainer refuses it on flow teachers), whose t_0 the later levels then divide.
         return flow_time_levels(torch.tensor(float("inf") if sigma_init is None else float(sigma_init)), num_steps)
+    # One rule for the student and the flow-map pipeline that must reproduce it: the pipeline file's (it imports only
+    # diffusers, so the rule lives there), imported on first use so that importing the objectives (config checks do)
+    # does not load diffusers.
+    from fastdiff.pipelines.pipeline_fastdiff_flow_map import step_timesteps
+
     top = top_timestep(denoiser, sigma_init)
     return schedule.sigma_at(torch.tensor(step_timesteps(top + 1, num_steps))).float()
 

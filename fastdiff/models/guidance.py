@@ -2,7 +2,7 @@
 
 LCM (Luo et al. 2023, Sec. 4.2) distils a whole range of CFG scales into one student by feeding it the
 scale w as an extra embedding added to the timestep embedding (diffusers' ``time_cond_proj_dim`` on
-``UNet2DConditionModel``). ``UNet2DModel`` has no such input, so :class:`GuidanceEmbeddedUNet` wraps one
+``UNet2DConditionModel``). ``UNet2DModel`` has no such input, so :class:`.guidance_unet.GuidanceEmbeddedUNet` wraps one
 and adds ``cond_proj(embedding(w))`` to the input of its timestep MLP, which is exactly where
 ``TimestepEmbedding(cond_proj_dim=...)`` adds it. ``cond_proj`` starts at zero, so the wrapped student
 starts as an exact copy of the teacher.
@@ -10,48 +10,20 @@ starts as an exact copy of the teacher.
 from __future__ import annotations
 
 import torch
-from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel, UNet2DModel
-from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from fastdiff.pipelines.pipeline_fastdiff_class_conditional import guidance_embedding
+__all__ = ["guided_condition", "with_guidance_embedding"]
 
-__all__ = ["GuidanceEmbeddedUNet", "guidance_embedding", "guided_condition", "with_guidance_embedding"]
+# diffusers is imported on first use below: the objectives import this module, and config checks import the
+# objectives, which then answer without loading diffusers (seconds).
 
 
 def guided_condition(cond: dict, w: torch.Tensor, dim: int, device) -> dict:
     """The condition of a guidance-embedded student: ``cond`` plus the embedding of ``w = guidance_scale - 1``
     (computed where w lives, as the exported pipeline computes it on the CPU, then moved to ``device``)."""
+    from fastdiff.pipelines.pipeline_fastdiff_class_conditional import guidance_embedding  # the pipeline's own rule
+
     return {**cond, "timestep_cond": guidance_embedding(w, dim).to(device)}
-
-
-class GuidanceEmbeddedUNet(ModelMixin, ConfigMixin):
-    """A ``UNet2DModel`` that also takes ``timestep_cond`` (the embedded guidance scale)."""
-
-    @register_to_config
-    def __init__(self, unet_config: dict, time_cond_proj_dim: int = 256, sample_size=None, in_channels: int = 1,
-                 num_class_embeds: int | None = None):
-        super().__init__()
-        self.unet = UNet2DModel.from_config(unet_config)
-        width = self.unet.time_embedding.linear_1.in_features
-        self.cond_proj = nn.Linear(time_cond_proj_dim, width, bias=False)
-        nn.init.zeros_(self.cond_proj.weight)
-        self._pending = None
-        self.unet.time_embedding.register_forward_pre_hook(self._add_guidance)
-
-    def _add_guidance(self, module, args):
-        if self._pending is None:
-            return None
-        return (args[0] + self.cond_proj(self._pending).to(args[0].dtype),) + tuple(args[1:])
-
-    def forward(self, sample: torch.Tensor, timestep, class_labels=None, timestep_cond=None, return_dict: bool = True):
-        if timestep_cond is None:
-            raise ValueError("GuidanceEmbeddedUNet needs timestep_cond (guidance_embedding(guidance_scale - 1))")
-        self._pending = timestep_cond.to(self.dtype)
-        try:
-            return self.unet(sample, timestep, class_labels=class_labels, return_dict=return_dict)
-        finally:
-            self._pending = None
 
 
 def with_guidance_embedding(model: nn.Module, dim: int = 256) -> nn.Module:
@@ -59,6 +31,10 @@ def with_guidance_embedding(model: nn.Module, dim: int = 256) -> nn.Module:
     teacher): a UNet2DModel is wrapped as :class:`GuidanceEmbeddedUNet`; a UNet2DConditionModel is rebuilt with
     diffusers' own ``time_cond_proj_dim`` (LCM-SD's layout, which StableDiffusionPipeline feeds from its
     ``guidance_scale``). Other models raise ValueError."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from .guidance_unet import GuidanceEmbeddedUNet
+
     device = next(model.parameters()).device
     if isinstance(model, UNet2DConditionModel):
         guided = UNet2DConditionModel.from_config({**model.config, "time_cond_proj_dim": dim})

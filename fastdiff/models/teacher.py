@@ -143,8 +143,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 def fastdiff_model_classes() -> dict:
     """fastdiff's own diffusers-style models (the analytic benchmark's teacher and student, guided students)."""
     from .analytic import GaussianMixtureModel
-    from .flow_map import FlowMapModel
-    from .guidance import GuidanceEmbeddedUNet
+    from .flow_map_model import FlowMapModel
+    from .guidance_unet import GuidanceEmbeddedUNet
     from .mlp import MLPDenoiser
 
     return {"GaussianMixtureModel": GaussianMixtureModel, "MLPDenoiser": MLPDenoiser,

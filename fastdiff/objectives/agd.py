@@ -38,7 +38,7 @@ import math
 import torch
 
 from ..models.denoiser import Denoiser
-from ..models.guidance import GuidanceEmbeddedUNet, guided_condition
+from ..models.guidance import guided_condition
 from ..models.lora import is_lora, lora_targets
 from ..models.trajectory import ddim_levels, ode_trajectory
 from .base import Objective, finite_mean, per_sample_mean
@@ -55,6 +55,8 @@ AGD_OPTIMIZER = {"lr_generator": 1e-4, "weight_decay": 0.0, "adam_betas": [0.9, 
 def attach_adapters(model: torch.nn.Module, rank: int) -> torch.nn.Module:
     """LoRA adapters (rank r, alpha r, B = 0) in place on a guidance-embedded network; then only the adapters and
     the scale embedding (``cond_proj``) train."""
+    from ..models.guidance_unet import GuidanceEmbeddedUNet  # a diffusers model: imported once one exists
+
     base = model.unet if isinstance(model, GuidanceEmbeddedUNet) else model
     if not is_lora(base):
         from peft import LoraConfig, inject_adapter_in_model
@@ -117,6 +119,8 @@ class AdapterGuidanceDistillation(Objective):
     def state_modules(self) -> dict[str, torch.nn.Module]:
         """The scale embedding: a LoRA student's checkpoint keeps only its ``lora_`` weights (``AdapterWeights``),
         so the trained ``cond_proj`` is checkpointed here."""
+        from ..models.guidance_unet import GuidanceEmbeddedUNet
+
         model = self.student.model
         proj = model.cond_proj if isinstance(model, GuidanceEmbeddedUNet) else model.time_embedding.cond_proj
         return {"agd_scale_embedding": proj}

@@ -38,8 +38,6 @@ import copy
 
 import torch
 
-from fastdiff.pipelines.pipeline_fastdiff_multi_guidance import (GUIDANCE_ORDERS, FastdiffMultiGuidancePipeline,
-                                                                  nested_guidance, scales_embedding)
 
 from ..models.denoiser import Denoiser, expand
 from ..models.guidance import with_guidance_embedding
@@ -85,6 +83,14 @@ def _cat(conds: list[dict]) -> dict:
     return out
 
 
+def pipeline_rules():
+    """The exported pipeline's module, whose rules the student trains to (guidance orders, nested CFG, the scales'
+    embedding): imported on first use, as it brings diffusers and config checks import every objective."""
+    from fastdiff.pipelines import pipeline_fastdiff_multi_guidance
+
+    return pipeline_fastdiff_multi_guidance
+
+
 def multi_cfg(teacher: Denoiser, x_native: torch.Tensor, sigma: torch.Tensor, cond: dict, class_scale: torch.Tensor,
               text_scale: torch.Tensor, class_first: bool = True) -> torch.Tensor:
     """The teacher's nested two-condition CFG as an x0 estimate: its three passes as one batch of 3B."""
@@ -94,14 +100,14 @@ def multi_cfg(teacher: Denoiser, x_native: torch.Tensor, sigma: torch.Tensor, co
                                 _cat([null, first, full]), 1.0)
     s_first, s_second = (class_scale, text_scale) if class_first else (text_scale, class_scale)
     uncond, only_first, both = x0.chunk(3)
-    return nested_guidance(uncond, only_first, both, expand(s_first, x0), expand(s_second, x0))
+    return pipeline_rules().nested_guidance(uncond, only_first, both, expand(s_first, x0), expand(s_second, x0))
 
 
 def scales_condition(cond: dict, class_scale: torch.Tensor, text_scale: torch.Tensor, dim: int, device) -> dict:
     """The student's condition: the conditions (no ``uncond_`` entries) plus both scales' embedding (computed on the
     scales' device, as the pipeline does, then moved)."""
     kept = {k: v for k, v in cond.items() if not k.startswith("uncond_") and k != WEIGHT_KEY}
-    return {**kept, "timestep_cond": scales_embedding(class_scale, text_scale, dim).to(device)}
+    return {**kept, "timestep_cond": pipeline_rules().scales_embedding(class_scale, text_scale, dim).to(device)}
 
 
 class MultiGuidanceDistillation(Objective):
@@ -123,8 +129,9 @@ class MultiGuidanceDistillation(Objective):
         super().__init__(teacher, None, 0, None)
         self.class_range = check_range("class_guidance_range", class_guidance_range)
         self.text_range = check_range("text_guidance_range", text_guidance_range)
-        if guidance_order not in GUIDANCE_ORDERS:
-            raise ValueError(f"objective.guidance_order must be one of {GUIDANCE_ORDERS}, got {guidance_order!r}")
+        orders = pipeline_rules().GUIDANCE_ORDERS
+        if guidance_order not in orders:
+            raise ValueError(f"objective.guidance_order must be one of {orders}, got {guidance_order!r}")
         if adapter_rank < 1 or data_weight < 0:
             raise ValueError("objective.adapter_rank must be positive and objective.data_weight non-negative")
         if teacher.null_class is None:
@@ -204,8 +211,8 @@ class MultiGuidanceDistillation(Objective):
 def export_multi_guidance(student_model: torch.nn.Module, scheduler, out, guidance_order: str = "class_first"):
     """Save the student (adapters merged into its weights) as a :class:`FastdiffMultiGuidancePipeline` folder with
     ``scheduler`` (e.g. the teacher's DDIMScheduler); returns the folder."""
-    pipe = FastdiffMultiGuidancePipeline(unet=merged_model(student_model), scheduler=scheduler,
-                                         guidance_order=guidance_order)
+    pipe = pipeline_rules().FastdiffMultiGuidancePipeline(unet=merged_model(student_model), scheduler=scheduler,
+                                                           guidance_order=guidance_order)
     pipe.save_pretrained(out)
     return out
 

@@ -23,7 +23,6 @@ import torch
 
 from ..config import flat_config
 from ..errors import FastdiffError
-from ..inference.export import export_student
 from ..inference.students import (check_guidance_in_range, embedded_guidance_default, read_student_info,
                                   student_generator, teacher_location)
 from ..inference.sampling import guided_cond, save_grid, to_uint8
@@ -193,6 +192,8 @@ def export_tuned(tuned, loaded: Teacher, info: dict, student_dir: str, targets: 
                  device) -> Path:
     """The tuned network exported as ``student_dir`` was (same pipeline, scheduler, dtype and variant), with the
     tune's settings on its card and a grid of its samples."""
+    from ..inference.export import export_student  # diffusers' pipelines: not imported for a bad --set
+
     recorded = str(info["teacher_folder"])
     try:  # where the original teacher is, for the card (export_student makes it relative to ``out`` again)
         teacher_folder = teacher_location(student_dir, info)
