@@ -92,6 +92,10 @@ def cmd_distill(args) -> None:
         from .evaluation.during_training import TrainingEvaluator, check_files
 
         check_files(cfg)  # before the run is built
+    from .models.embedded import resolve_teacher_path
+    from .models.teacher import check_teacher_location
+
+    check_teacher_location(resolve_teacher_path(cfg.teacher.path))  # the most common mistake, told in ~2 s
     run = Path(cfg.output_dir)
     existed = run.is_dir()
     new = args.resume is None and not (existed and any(run.iterdir()))

@@ -112,10 +112,10 @@ def test_help_and_version_import_neither_torch_nor_diffusers(tmp_path):
 
 
 def test_bad_config_is_answered_without_diffusers(tmp_path):
-    """A config or argument error of distill, msd, export and tune is found before diffusers and transformers are
-    imported (2.2 s against 7.7 s with the Trainer's imports first: eval/results/cli-errors-cpu): checking
-    a config imports every objective, so the objectives reach diffusers only on use, and the CLI builds the Trainer
-    (diffusers) after the config has loaded."""
+    """A config or argument error of distill, msd, export and tune (a missing teacher folder too) is found before
+    diffusers and transformers are imported (2.2 s against 7.7 s with the Trainer's imports first:
+    eval/results/cli-errors-cpu): checking a config imports every objective, so the objectives reach diffusers only
+    on use, and the CLI builds the Trainer (diffusers) after the config and the teacher's path have been checked."""
     import os
     import subprocess
     import sys
@@ -123,6 +123,7 @@ def test_bad_config_is_answered_without_diffusers(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("objective:\n  name: nope\n")
     calls = [["distill", "--config", str(bad)], ["distill", "--set", "train.lr_schedule=cos"],
+             ["distill", "--set", "teacher.path=/nope", "--set", f"output_dir={tmp_path / 'run'}"],
              ["msd", "--config", str(bad), "--partitions", "2"], ["export", str(tmp_path), "--out", str(tmp_path / "o")],
              ["tune", str(tmp_path), "--targets", str(tmp_path), "--set", "lr=-1"]]
     probe = (f"import sys\nfrom fastdiff.cli import main\nfor argv in {calls!r}:\n    print('RC', main(argv))\n"
@@ -134,7 +135,7 @@ def test_bad_config_is_answered_without_diffusers(tmp_path):
     errors = done.stderr.splitlines()  # one line each, the reason named
     assert len(errors) == len(calls), errors
     for line, reason in zip(errors, ["unknown objective 'nope'", "train.lr_schedule must be constant or cosine",
-                                     "unknown objective 'nope'", "is not a fastdiff run folder",
+                                     "teacher path '/nope' does not exist", "unknown objective 'nope'", "is not a fastdiff run folder",
                                      "lr and beta must be positive"]):
         assert reason in line, errors
 

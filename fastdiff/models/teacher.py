@@ -207,6 +207,18 @@ def could_be_hub_id(path: str) -> bool:
     return not os.path.exists(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1
 
 
+def check_teacher_location(path: str) -> None:
+    """Refuse a teacher path that cannot load before anything heavy runs (the CLI checks it before the trainer's
+    imports): neither a local folder nor, on a machine allowed to use the hub, a hub id."""
+    if os.path.isdir(path):
+        return
+    if not could_be_hub_id(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise FastdiffError(f"teacher path {path!r} {what}; pass a local diffusers folder (teacher.path)")
+    if offline():
+        raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE / FASTDIFF_OFFLINE forbid the hub")
+
+
 def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None = None,
                  dtype: torch.dtype = torch.float32, load_network=None) -> Teacher:
     """Load a teacher from a local diffusers folder, or from a hub id on a machine with a network.
@@ -221,15 +233,8 @@ def load_teacher(path: str, guidance_scale: float = 1.0, null_class: int | None 
     """
     path = str(path)
     pipeline = None
-    if os.path.isdir(path):
-        index = pipeline_index(path)
-    elif not could_be_hub_id(path):
-        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise FastdiffError(f"teacher path {path!r} {what}; pass a local diffusers folder (teacher.path)")
-    elif offline():
-        raise FastdiffError(f"teacher {path!r} is not a local folder and HF_HUB_OFFLINE / FASTDIFF_OFFLINE forbid the hub")
-    else:
-        index = pipeline_index(path)
+    check_teacher_location(path)
+    index = pipeline_index(path)
     if index is not None and any(k in index for k in LATENT_OR_TEXT):
         given = {}
         if load_network is not None and os.path.isdir(path):
