@@ -238,7 +238,8 @@ def test_a_finished_run_extends_to_more_steps(tiny_teacher, tmp_path, capsys):
 
     data = tmp_path / "fmnist"
     write_fake_fashion_mnist(data, size=8)
-    common = [f"data.path={data}", "data.resolution=8"]
+    common = [f"data.path={data}", "data.resolution=8", "train.checkpoint_every=2", "train.sample_every=100",
+              "train.num_sample_images=1"]  # the checkpoints compared; one sample grid, at the end
     whole = distill(tiny_teacher, tmp_path / "whole", *common, "train.max_steps=4")
     part = distill(tiny_teacher, tmp_path / "part", *common)  # train.max_steps=2
     exported = part / "student" / "unet" / "diffusion_pytorch_model.safetensors"
