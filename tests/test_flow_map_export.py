@@ -169,7 +169,6 @@ def test_distill_cli_exports_text_flow_map_students(kind, objective, teachers, t
     import importlib
 
     from fastdiff.cli import main
-    from fastdiff.inference.sampling import load_sampler, sample_model
 
     name, _, _, absent = PIPELINES[kind]
     images = tp.caption_folder(tmp_path / "images")
@@ -191,11 +190,22 @@ def test_distill_cli_exports_text_flow_map_students(kind, objective, teachers, t
         assert run.returncode == 0, run.stderr[-2000:]
     pipe = getattr(importlib.import_module("fastdiff.pipelines"), name).from_pretrained(out, **absent)
     assert getattr(pipe, "unet" if kind == "sd" else "transformer").base.flow_map_r.proj.weight.abs().sum() > 0
+    sample_cli_images(out, pipe)
+
+
+def sample_cli_images(out: Path, pipe, steps=(1, 2, 4)) -> dict:
+    """``fastdiff sample``'s path (``load_sampler`` on the folder, then ``sample_model``) on PROMPTS, seed 5, checked
+    against the pipeline's uint8 images at each K: returns fastdiff's, by K."""
+    from fastdiff.inference.sampling import load_sampler, sample_model
+
     sampler, loaded = load_sampler(str(out), "cpu")
-    for k in (1, 2, 4):
+    images = {}
+    for k in steps:
         (_, ours), = list(sample_model(sampler, loaded, len(PROMPTS), k, 5, len(PROMPTS), "cpu", None, PROMPTS))
         theirs = pipe(PROMPTS, num_inference_steps=k, generator=torch.Generator().manual_seed(5), output_type="np")
         theirs = (theirs.images * 255).round().astype(int)
         differ = ours.astype(int) != theirs
         # as assert_reproduced: measured equal; at most 1 apart in at most 0.5% of values on another CPU
         assert np.abs(ours.astype(int) - theirs).max() <= 1 and differ.mean() <= 0.005, (k, differ.mean())
+        images[k] = ours
+    return images

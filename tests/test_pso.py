@@ -257,6 +257,101 @@ def test_tune_a_guidance_embedded_student_at_one_scale(tiny_cond_teacher, tmp_pa
                                                      for n in ("middle", "at-3"))))
 
 
+def test_a_flow_map_student_is_scored_at_the_map_its_sampler_takes(tiny_teacher):
+    """For a flow-map (meanflow) student, PSO's level k is a map step: inside tune.mapping_to_next_level both
+    networks are told each pair's next level (the data, 0, after the last), and the loss equals the mean of the pairs'
+    losses computed one by one, each network told that pair's level by hand (float64: the same operations on other
+    batch sizes, rel 1e-12); told the data end instead, the loss differs, so the level told is what is scored."""
+    import copy
+
+    from fastdiff.models.flow_map import add_flow_map_embedding, r_timestep, target_time
+    from fastdiff.models.generator import step_sigmas
+    from fastdiff.training.tune import mapping_to_next_level
+
+    teacher = load_teacher(tiny_teacher)
+    torch.manual_seed(0)
+    networks = []
+    for _ in range(2):  # student and frozen reference, their r embeddings random (zero would make r irrelevant)
+        net = add_flow_map_embedding(copy.deepcopy(teacher.model)).double()
+        torch.nn.init.normal_(net.flow_map_r.proj.weight, std=0.3)
+        networks.append(net)
+    student, reference = (Denoiser(n, teacher.denoiser.schedule, teacher.denoiser.prediction_type) for n in networks)
+    levels = step_sigmas(student, 3)
+    k = torch.tensor([0, 1, 2, 1])
+    x_target, x_reference, noise = (torch.randn(4, 1, 8, 8, dtype=torch.float64) for _ in range(3))
+    with mapping_to_next_level(networks, student, levels, k):
+        loss, _ = pso_loss(student, reference, x_target, x_reference, levels[k], noise, beta=50.0)
+    following = torch.cat([levels[1:], levels.new_zeros(1)])
+    by_hand = []
+    for i in range(4):
+        r = r_timestep(student.schedule, following[k[i]])
+        with target_time(networks[0], r), target_time(networks[1], r):
+            pair, _ = pso_loss(student, reference, x_target[i:i + 1], x_reference[i:i + 1], levels[k[i:i + 1]],
+                               noise[i:i + 1], beta=50.0)
+        by_hand.append(pair)
+    assert loss.item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-12)
+    with target_time(networks[0], torch.zeros(())), target_time(networks[1], torch.zeros(())):
+        to_data, _ = pso_loss(student, reference, x_target, x_reference, levels[k], noise, beta=50.0)
+    assert abs(to_data.item() - loss.item()) > 1e-6 * abs(loss.item())
+
+
+def test_tune_a_flow_map_student_for_every_step_count(tiny_teacher, tmp_path):
+    """A two-step meanflow student tuned (scored at its two levels, each told the next) exports as the same
+    FastdiffFlowMapPipeline folder, which diffusers samples at K = 1, 2, 4 as fastdiff's any-K sampler does (floats
+    within image_bound), with its images moved from the student's."""
+    from fastdiff.pipelines import FastdiffFlowMapPipeline
+    from test_consistency import distill as distill_consistency  # no critic keys: meanflow has no fake score
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=6)
+    student = distill_consistency(tiny_teacher, tmp_path / "run", "objective.name=meanflow", f"data.path={data}",
+                                  "data.resolution=8", "student.num_steps=2", "train.max_steps=1") / "student"
+    write_targets(tmp_path / "targets")
+    out = tmp_path / "tuned"
+    tune_cli(student, tmp_path / "targets", out, "steps=3", "lr=1e-3", "batch_size=2")
+    info = json.loads((out / "fastdiff.json").read_text())
+    assert info["flow_map"] and info["tuned"]["method"] == "pso" and info["num_steps"] == 2
+    pipe = FastdiffFlowMapPipeline.from_pretrained(out)
+    for steps in (1, 2, 4):
+        ref = pipe(batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(11),
+                   output_type="np").images
+        assert np.abs(fastdiff_images(out, steps, 11, 3) - ref).max() <= image_bound(out, 3, 11), steps
+    moved = np.abs(fastdiff_images(out, 2, 11, 3) - fastdiff_images(student, 2, 11, 3)).max()
+    assert moved > 1e-3, moved
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_tune_a_text_to_image_flow_map_student(kind, tmp_path):
+    """An SD / SD3-style two-step meanflow student (its own FastdiffFlowMapSD(3)Pipeline folder) tuned toward
+    captioned targets is re-exported as that folder, the teacher's components kept: `fastdiff sample`'s path gives the
+    reloaded pipeline's uint8 images at K = 1, 2, 4, moved from the student's."""
+    import importlib
+
+    import tiny_pipelines as tp
+    from test_flow_map_export import PIPELINES, sample_cli_images
+
+    name, _, _, absent = PIPELINES[kind]
+    teacher = str(getattr(tp, f"{kind}_pipeline")(tmp_path / kind))
+    args = ["distill"]
+    for item in [f"teacher.path={teacher}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                 "train.batch_size=2", "train.num_sample_images=2", "objective.name=meanflow", "student.num_steps=2",
+                 "data.name=imagefolder", f"data.path={tp.caption_folder(tmp_path / 'images')}",
+                 "train.lr_generator=1e-2", "train.ema_decay=0"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    student = tmp_path / "run" / "student"
+    tp.caption_folder(tmp_path / "targets", n=4)
+    out = tmp_path / "tuned"
+    tune_cli(student, tmp_path / "targets", out, "steps=2", "lr=1e-3", "batch_size=2")
+    info = json.loads((out / "fastdiff.json").read_text())
+    assert info["pipeline_class"] == name and info["tuned"]["method"] == "pso"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in student.iterdir())
+    cls = getattr(importlib.import_module("fastdiff.pipelines"), name)
+    tuned = sample_cli_images(out, cls.from_pretrained(out, **absent))
+    before = sample_cli_images(student, cls.from_pretrained(student, **absent), steps=(2,))
+    assert np.abs(tuned[2].astype(int) - before[2].astype(int)).max() > 0  # the tuned weights were exported
+
+
 def test_tune_refuses_bad_input_in_one_line(tiny_student, tiny_teacher, tmp_path, capsys):
     write_targets(tmp_path / "targets")
     (tmp_path / "empty").mkdir()

@@ -349,8 +349,14 @@ def export_flow_map_pipeline_student(model, teacher, info: dict, out: Path, card
     from ..models.teacher import load_pipeline, pipeline_index
 
     index = pipeline_index(teacher.path)
-    check_flow_map_exportable(model, index["_class_name"])
-    file, name = FLOW_MAP_PIPELINES[index["_class_name"]]
+    parent = index["_class_name"]
+    # a flow-map export itself (``fastdiff tune`` re-exports one): ``load_flow_map_student`` loaded every component
+    # of its folder into the parent class, which then gives the components instead of the folder's custom class
+    again = any(name == parent for _, name in FLOW_MAP_PIPELINES.values())
+    if again:
+        parent = type(teacher.pipeline).__name__
+    check_flow_map_exportable(model, parent)
+    file, name = FLOW_MAP_PIPELINES[parent]
     info = _student_info({**info, "flow_map": True, "sampler": "ddim"}, teacher, False)
     flow = teacher.denoiser.schedule.kind == "flow"
     scheduler = flux_scheduler(teacher.scheduler, info["num_steps"], "ddim") if flow else scheduler_for(teacher, info)
@@ -358,11 +364,11 @@ def export_flow_map_pipeline_student(model, teacher, info: dict, out: Path, card
     expected, _ = cls._get_signature_keys(cls)
     absent = [k for k in expected if index.get(k) in (None, [None, None]) and k not in cls._optional_components]
     info.update(pipeline_class=name, scheduler_class=type(scheduler).__name__, absent_components=absent)
-    base = load_pipeline(teacher.path, index, safety_checker=True, **{teacher.model_folder: teacher.model,
-                                                                      "scheduler": scheduler})
+    base = teacher.pipeline if again else load_pipeline(teacher.path, index, safety_checker=True,
+                                                        **{teacher.model_folder: teacher.model, "scheduler": scheduler})
     network = model if isinstance(model, FlowMapModel) else FlowMapModel.wrap(model)
     # the teacher's components and settings (requires_safety_checker), its network replaced by the flow-map one
-    pipe = cls(**{**base.components, teacher.model_folder: network},
+    pipe = cls(**{**base.components, "scheduler": scheduler, teacher.model_folder: network},
                **{k: v for k, v in base.config.items() if k in cls._get_signature_keys(cls)[1]
                   and k not in base.components})
 

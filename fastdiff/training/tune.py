@@ -8,10 +8,14 @@ Diffusion-DPO trains (its defaults: weight decay 0.01, clip 1.0), float32 master
 
 Each update draws ``batch_size`` targets, samples as many references with the student's K-step sampler (the frozen
 initial student: offline PSO; ``online: true``: the current one) under the same condition, picks one of the student's
-K levels and one noise per pair, and takes a step on the PSO loss.
+K levels and one noise per pair, and takes a step on the PSO loss. A flow-map (meanflow, ayf) student's step at level
+k is its map to the next level (the data after the last): both networks are told that level while the pair is scored
+(``mapping_to_next_level``), so the loss is that of the x0 estimate its sampler uses there; the export still samples
+any K.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -23,8 +27,8 @@ import torch
 
 from ..config import flat_config
 from ..errors import FastdiffError
-from ..inference.students import (check_guidance_in_range, embedded_guidance_default, read_student_info,
-                                  student_generator, teacher_location)
+from ..inference.students import (check_guidance_in_range, embedded_guidance_default, load_flow_map_student,
+                                  read_student_info, student_generator, teacher_location)
 from ..inference.sampling import guided_cond, save_grid, to_uint8
 from ..machine import progress
 from ..models.teacher import Teacher, load_teacher
@@ -87,9 +91,27 @@ def load_student(folder: str) -> tuple[Teacher, dict]:
     if info.get("export") == "lora":
         raise FastdiffError(f"{folder} holds LoRA weights: tune its fused pipeline ({Path(folder) / 'fused'}), "
                             "exported beside them with student.lora_export both")
-    if info.get("flow_map"):
-        raise FastdiffError(f"{folder}: tuning flow-map (meanflow) students is not supported yet")
+    if info.get("flow_map") and info.get("pipeline_class"):  # text-to-image flow-map exports: their own class
+        return load_flow_map_student(folder, info), info
     return load_teacher(folder), info
+
+
+@contextlib.contextmanager
+def mapping_to_next_level(networks, denoiser, levels: torch.Tensor, k: torch.Tensor):
+    """While PSO scores a flow-map (meanflow, ayf) student at its levels ``levels[k]``, both networks are told the
+    level each step maps to (the next one; the data, 0, after the last), as its sampler tells them: the loss is then
+    that of the x0 estimate the sampler uses at each step. Other students: nothing to tell."""
+    from ..models.flow_map import flow_map_embedding, r_timestep, target_time
+
+    if flow_map_embedding(networks[0]) is None:
+        yield
+        return
+    following = torch.cat([levels[1:], levels.new_zeros(1)])[k.to(levels.device)]
+    r = r_timestep(denoiser.schedule, following.cpu()).to(levels.device)  # (N,): each pair's, for both its halves
+    with contextlib.ExitStack() as stack:
+        for network in networks:
+            stack.enter_context(target_time(network, r))
+        yield
 
 
 class Targets:
@@ -175,8 +197,9 @@ def tune(student_dir: str, targets_dir: str, out: str, cfg: TuneConfig, device=N
                 x_reference = sampler(_draw((cfg.batch_size, *shape), rng, device), cond, rng=rng)
             k = torch.randint(len(levels), (cfg.batch_size,), generator=rng)
             noise = _draw((cfg.batch_size, *shape), rng, device)
-            loss, logs = pso_loss(tuned.denoiser, frozen.denoiser, x_target, x_reference, levels[k.to(device)],
-                                  noise, cond, cfg.beta)
+            with mapping_to_next_level((tuned_model, loaded.model), frozen.denoiser, levels, k):
+                loss, logs = pso_loss(tuned.denoiser, frozen.denoiser, x_target, x_reference, levels[k.to(device)],
+                                      noise, cond, cfg.beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tuned_model.parameters(), cfg.grad_clip)
