@@ -27,6 +27,7 @@ from fastdiff.objectives.meanflow import MeanFlow
 
 PROMPTS = ["a red shoe on a table", "a blue bag", "a green shirt"]
 PIPELINES = {"sd": ("FastdiffFlowMapSDPipeline", "pipeline_fastdiff_flow_map_sd", "DDIMScheduler", {}),
+             "sdxl": ("FastdiffFlowMapSDXLPipeline", "pipeline_fastdiff_flow_map_sdxl", "DDIMScheduler", {}),
              "sd3": ("FastdiffFlowMapSD3Pipeline", "pipeline_fastdiff_flow_map_sd3", "FlowMatchEulerDiscreteScheduler",
                      {"text_encoder_3": None, "tokenizer_3": None})}
 
@@ -34,13 +35,18 @@ PIPELINES = {"sd": ("FastdiffFlowMapSDPipeline", "pipeline_fastdiff_flow_map_sd"
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow_map_t2i")
-    return {"sd": str(tp.sd_pipeline(root / "sd")), "sd3": str(tp.sd3_pipeline(root / "sd3"))}
+    return {kind: str(getattr(tp, f"{kind}_pipeline")(root / kind)) for kind in PIPELINES}
 
 
 def network_call(kind, net, batch: int, timestep: float, gen: torch.Generator):
-    """A direct call of the tiny SD UNet / SD3 transformer on random inputs of their shapes (fixed by ``gen``)."""
+    """A direct call of the tiny SD / SDXL UNet / SD3 transformer on random inputs of their shapes (fixed by
+    ``gen``)."""
     x = torch.randn(batch, 4, tp.LATENT, tp.LATENT, generator=gen)
     t = torch.full((batch,), timestep)
+    if kind == "sdxl":  # both encoders' states side by side; the pooled text and the six time ids
+        text, added = torch.randn(batch, 5, 64, generator=gen), {"text_embeds": torch.randn(batch, 32, generator=gen),
+                                                                 "time_ids": torch.randn(batch, 6, generator=gen)}
+        return lambda: net(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
     text = torch.randn(batch, 5, 32, generator=gen)
     if kind == "sd":
         return lambda: net(x, t, encoder_hidden_states=text).sample
@@ -48,7 +54,7 @@ def network_call(kind, net, batch: int, timestep: float, gen: torch.Generator):
     return lambda: net(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled).sample
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", PIPELINES)
 def test_second_time_starts_as_the_teacher_and_is_wired(kind, teachers):
     """The r embedding adds an exact zero at the start, so the student's output equals the teacher's bit for bit at
     r = 0, mid-way and r = t (SD3: into the timestep MLP of ``time_text_embed``); once trained (weights set nonzero
@@ -136,7 +142,7 @@ def assert_reproduced(measured: dict) -> None:
         assert most <= 1 and share <= 0.005, (k, share, most)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", PIPELINES)
 def test_text_flow_map_student_exports_any_k(kind, teachers, tmp_path):
     """Distil a few updates, export, reload with diffusers (``DiffusionPipeline.from_pretrained`` with the pipeline
     file in the folder as custom pipeline), and sample K = 1, 2, 4 from the one student: fastdiff's images."""
@@ -150,7 +156,7 @@ def test_text_flow_map_student_exports_any_k(kind, teachers, tmp_path):
     assert f'custom_pipeline="{module}"' in card
     # one student samples any K: the card says so, not "trained for 1 step (others not trained)"
     assert "# Flow-map student (any step count)" in card and "K = 1, 2, 4, 8" in card and "not trained" not in card
-    assert ("For two steps pass `timesteps=[" in card) == (kind == "sd")  # SD3's levels are flow-time already
+    assert ("For two steps pass `timesteps=[" in card) == (kind != "sd3")  # SD3's levels are flow-time already
     pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=module, trust_remote_code=True, **absent)
     assert type(pipe).__name__ == name and isinstance(getattr(pipe, teacher.model_folder), FlowMapModel)
     d = teacher.denoiser
@@ -160,7 +166,7 @@ def test_text_flow_map_student_exports_any_k(kind, teachers, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["meanflow", "ayf"])  # ayf: its default AYF-EMD loss, the same export
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", PIPELINES)
 def test_distill_cli_exports_text_flow_map_students(kind, objective, teachers, tmp_path):
     """``fastdiff distill objective.name=meanflow`` (or ayf) on a captioned image folder (teacher CFG 2, JVP
     tangent): the trainer's own export reloads through the class the model card names (the card's code runs), and
@@ -189,7 +195,7 @@ def test_distill_cli_exports_text_flow_map_students(kind, objective, teachers, t
                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert run.returncode == 0, run.stderr[-2000:]
     pipe = getattr(importlib.import_module("fastdiff.pipelines"), name).from_pretrained(out, **absent)
-    assert getattr(pipe, "unet" if kind == "sd" else "transformer").base.flow_map_r.proj.weight.abs().sum() > 0
+    assert getattr(pipe, "transformer" if kind == "sd3" else "unet").base.flow_map_r.proj.weight.abs().sum() > 0
     sample_cli_images(out, pipe)
 
 

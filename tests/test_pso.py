@@ -320,9 +320,9 @@ def test_tune_a_flow_map_student_for_every_step_count(tiny_teacher, tmp_path):
     assert moved > 1e-3, moved
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
 def test_tune_a_text_to_image_flow_map_student(kind, tmp_path):
-    """An SD / SD3-style two-step meanflow student (its own FastdiffFlowMapSD(3)Pipeline folder) tuned toward
+    """An SD / SDXL / SD3-style two-step meanflow student (its own FastdiffFlowMapSD*Pipeline folder) tuned toward
     captioned targets is re-exported as that folder, the teacher's components kept: `fastdiff sample`'s path gives the
     reloaded pipeline's uint8 images at K = 1, 2, 4, moved from the student's."""
     import importlib

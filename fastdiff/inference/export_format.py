@@ -11,6 +11,7 @@ TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # --dtype / --variant na
 SAMPLE_GRID = "samples.png"  # the run's last sample grid, shown by the model card
 # teacher pipeline class -> fastdiff's flow-map pipeline for its students (file in pipelines/, class)
 FLOW_MAP_PIPELINES = {"StableDiffusionPipeline": ("pipeline_fastdiff_flow_map_sd.py", "FastdiffFlowMapSDPipeline"),
+                      "StableDiffusionXLPipeline": ("pipeline_fastdiff_flow_map_sdxl.py", "FastdiffFlowMapSDXLPipeline"),
                       "StableDiffusion3Pipeline": ("pipeline_fastdiff_flow_map_sd3.py", "FastdiffFlowMapSD3Pipeline")}
 
 
