@@ -4,9 +4,9 @@
   ``cond_proj``) that is not a LoRA weight, so a file for ``load_lora_weights`` would sample without it. The student
   exports fused only, and ``StableDiffusionPipeline`` told ``guidance_scale`` samples fastdiff's own images.
 - agd's guided sampler is the teacher's own deterministic one: the fresh-noise (lcm) sampler is refused.
-- flow-map students (meanflow, ayf) of pipelines without a fastdiff flow-map pipeline (SDXL): one line before
-  training, not an error after it; so are objectives on teachers they do not support (boot, tdm, agd on SD3,
-  meanflow on Flux).
+- flow-map students (meanflow, ayf) whose network takes no second time (PixArt's transformer) and LoRA flow-map
+  students asked for a LoRA file (it would lose the r embedding): one line before training, not an error after it;
+  so are objectives on teachers they do not support (boot, tdm, agd on SD3, meanflow on Flux).
 """
 import json
 
@@ -22,7 +22,7 @@ from test_text_to_image import FAST, assert_same, ours, theirs
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("guards")
-    return {"sd": str(tp.sd_pipeline(root / "sd")), "sdxl": str(tp.sdxl_pipeline(root / "sdxl")),
+    return {"sd": str(tp.sd_pipeline(root / "sd")), "pixart": str(tp.pixart_pipeline(root / "pixart")),
             "sd3": str(tp.sd3_pipeline(root / "sd3")), "flux": str(tp.flux_pipeline(root / "flux")),
             "prompts": str(tp.prompts_file(root / "prompts.txt"))}
 
@@ -58,15 +58,14 @@ def test_agd_on_stable_diffusion_exports_fused_and_the_pipeline_samples_it(files
 
 
 FLOW_MAP = ["data.name=teacher", "data.teacher_steps=2"]  # no images: the refusal comes first either way
-# case: (teacher, settings, the one line's words). The first four are exports that would lose what the student
-# learnt; the rest objectives on teachers they do not support.
+# case: (teacher, settings, the one line's words). The first three are exports or samplers that would lose what the
+# student learnt; the rest objectives on teachers they do not support.
 REFUSED = {
     "agd-lora": ("sd", [*AGD, "student.lora_export=lora"], "objective agd: its scale embedding is not a LoRA weight"),
     "agd-lcm": ("sd", [*AGD, "student.sampler=lcm"], "set student.sampler=ddim"),
-    "meanflow-sdxl": ("sdxl", ["objective.name=meanflow", *FLOW_MAP],
-                      "flow-map (meanflow, ayf) students of StableDiffusionXLPipeline teachers"),
-    "ayf-sdxl": ("sdxl", ["objective.name=ayf", *FLOW_MAP],
-                 "flow-map (meanflow, ayf) students of StableDiffusionXLPipeline teachers"),
+    "meanflow-lora": ("sd", ["objective.name=meanflow", "student.lora_rank=2", "student.lora_export=lora", *FLOW_MAP],
+                      "objective meanflow: its r embedding is a new layer, not a LoRA weight"),
+    "ayf-pixart": ("pixart", ["objective.name=ayf", *FLOW_MAP], "a flow-map student needs a UNet2DModel"),
     "meanflow-flux": ("flux", ["objective.name=meanflow", *FLOW_MAP], "FluxTransformer2DModel"),
     "boot-sd3": ("sd3", ["objective.name=boot"], "needs a VP teacher"),
     "tdm-sd3": ("sd3", ["objective.name=tdm"], "flow-matching teachers are not supported"),

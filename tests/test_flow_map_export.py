@@ -215,3 +215,27 @@ def sample_cli_images(out: Path, pipe, steps=(1, 2, 4)) -> dict:
         assert np.abs(ours.astype(int) - theirs).max() <= 1 and differ.mean() <= 0.005, (k, differ.mean())
         images[k] = ours
     return images
+
+
+def test_lora_text_flow_map_student_exports_fused(teachers, tmp_path):
+    """A LoRA meanflow student of an SD teacher (student.lora_rank: adapters and the r embedding train) exports as
+    FastdiffFlowMapSDPipeline with the adapters fused and the trained embedding kept (no LoRA file: it would lose the
+    embedding; student.lora_export both falls back to fused, said in one line): `fastdiff sample`'s path gives the
+    pipeline's uint8 images at K = 1, 2, 4."""
+    from fastdiff.cli import main
+    from fastdiff.pipelines import FastdiffFlowMapSDPipeline
+
+    images = tp.caption_folder(tmp_path / "images")
+    args = ["distill"]
+    for item in [f"teacher.path={teachers['sd']}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
+                 "train.batch_size=2", "train.num_sample_images=2", "objective.name=meanflow", "student.lora_rank=4",
+                 "data.name=imagefolder", f"data.path={images}", "train.lr_generator=1e-2", "train.ema_decay=0"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = tmp_path / "run" / "student"
+    info = json.loads((out / "fastdiff.json").read_text())
+    assert info["pipeline_class"] == "FastdiffFlowMapSDPipeline" and info["lora_export"] == "fused"
+    assert not list(out.glob("*lora*.safetensors")) and not (out / "fused").exists()
+    pipe = FastdiffFlowMapSDPipeline.from_pretrained(out)
+    assert pipe.unet.base.flow_map_r.proj.weight.abs().sum() > 0  # the embedding trained and was exported
+    sample_cli_images(out, pipe)

@@ -402,3 +402,40 @@ def test_bench_gmm_meanflow_meets_the_two_step_target(tmp_path):
         r = rows[name]
         assert r["sw2"] <= 2 * r["sw2_floor"] and r["max_mode_weight_error"] <= 0.02, r
     assert rows["meanflow, 4 steps"]["sw2"] < rows["teacher-ddim-4"]["sw2"] / 2, rows["meanflow, 4 steps"]
+
+
+def test_lora_student_trains_its_r_embedding_resumes_and_exports_fused(tiny_teacher, tmp_path):
+    """student.lora_rank with meanflow: the r embedding trains beside the adapters (both start inert: B = 0, proj
+    = 0), its checkpoint keeps it (``flow_map_r``; the generator's keeps only ``lora_`` weights), a resumed run ends
+    equal bit for bit to an uninterrupted one (every checkpointed network), and the export is the fused network with
+    the trained (EMA) embedding in FastdiffFlowMapPipeline, which diffusers samples as fastdiff's sampler does at
+    K = 1, 2, 4 (a LoRA file could not carry the embedding: student.lora_export lora is refused in one line)."""
+    from safetensors.torch import load_file
+
+    from fastdiff.cli import main
+    from test_consistency import assert_resume_equals_whole
+    from test_export_e2e import fastdiff_images, write_fake_fashion_mnist
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=8)
+    common = ["objective.name=meanflow", f"data.path={data}", "data.resolution=8", "student.lora_rank=4",
+              "train.lr_generator=1e-2", "student.num_steps=2"]
+    whole = assert_resume_equals_whole(tiny_teacher, tmp_path, common, subs=None)
+    last = whole / "checkpoints" / "step-00000004"
+    proj = load_file(last / "flow_map_r.safetensors")["proj.weight"]
+    assert proj.abs().max() > 0 and all("lora_" in k for k in load_file(last / "generator.safetensors"))
+    out = whole / "student"
+    info = json.loads((out / "fastdiff.json").read_text())
+    assert info["flow_map"] and info["lora_export"] == "fused"
+    pipe = FastdiffFlowMapPipeline.from_pretrained(out)
+    assert torch.equal(pipe.unet.base.flow_map_r.proj.weight, load_file(last / "ema.safetensors")["flow_map_r.proj.weight"])
+    for steps in (1, 2, 4):
+        ref = pipe(batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(11),
+                   output_type="np").images
+        # the same weights on the same inputs: image_bound as the other exports
+        assert np.abs(fastdiff_images(out, steps, 11, 3) - ref).max() <= image_bound(out, 3, 11), steps
+    args = ["distill"]
+    for item in [f"teacher.path={tiny_teacher}", f"output_dir={tmp_path / 'refused'}", *common,
+                 "student.lora_export=lora"]:
+        args += ["--set", item]
+    assert main(args) == 2 and not (tmp_path / "refused").exists()

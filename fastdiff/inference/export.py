@@ -84,8 +84,8 @@ def export_student(unet, teacher, info: dict, out: str | Path, sample_grid: str 
         return export_pipeline_student(unet, teacher, info, out, card)
     from ..models.lora import is_lora, merged_model
 
-    if is_lora(unet):  # pipelines without a latent / text part take LoRA students fused
-        unet = merged_model(unet)
+    if is_lora(unet):  # pipelines without a latent / text part take LoRA students fused (fastdiff.json says so)
+        unet, info = merged_model(unet), {**info, "lora_export": "fused"}
     from ..models.flow_map import flow_map_embedding
     from ..models.flow_map_model import FlowMapModel
 
@@ -328,13 +328,11 @@ def export_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -
 
 
 def check_flow_map_exportable(model, pipeline_class: str) -> None:
-    from ..models.lora import is_lora
-
     if pipeline_class not in FLOW_MAP_PIPELINES:
         raise FastdiffError(f"export of flow-map (meanflow, ayf) students of {pipeline_class} teachers is not "
                             f"supported yet; supported: {', '.join(FLOW_MAP_PIPELINES)} and pixel VP teachers")
-    if is_lora(model) or getattr(model.config, "time_cond_proj_dim", None):
-        raise FastdiffError("export of flow-map students with LoRA layers or a guidance embedding is not supported")
+    if getattr(model.config, "time_cond_proj_dim", None):
+        raise FastdiffError("export of flow-map students with a guidance embedding is not supported")
 
 
 def export_flow_map_pipeline_student(model, teacher, info: dict, out: Path, card: dict) -> Path:
@@ -346,8 +344,11 @@ def export_flow_map_pipeline_student(model, teacher, info: dict, out: Path, card
     import importlib
 
     from ..models.flow_map_model import FlowMapModel
+    from ..models.lora import is_lora, merged_model
     from ..models.teacher import load_pipeline, pipeline_index
 
+    if is_lora(model):  # the r embedding is no LoRA weight: the adapters fused, the embedding kept
+        model, info = merged_model(model), {**info, "lora_export": "fused"}
     index = pipeline_index(teacher.path)
     parent = index["_class_name"]
     # a flow-map export itself (``fastdiff tune`` re-exports one): ``load_flow_map_student`` loaded every component

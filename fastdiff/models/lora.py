@@ -131,8 +131,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merged_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A plain diffusers model (same class and config) whose weights are base + LoRA delta; the shared base is
-    left untouched."""
+    """A plain diffusers model (same class and config, and a flow-map network's r embedding) whose weights are
+    base + LoRA delta; the shared base is left untouched."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     state = {}
@@ -149,5 +149,9 @@ def merged_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mod
                 continue
             state.setdefault(name, value.float() if value.is_floating_point() else value)
     plain = type(model).from_config(model.config)
+    from .flow_map import add_flow_map_embedding, flow_map_embedding
+
+    if flow_map_embedding(model) is not None:  # a flow-map LoRA student: its r embedding, trained beside the adapters
+        add_flow_map_embedding(plain)
     plain.load_state_dict(state)
     return (plain if dtype == torch.float32 else plain.to(dtype)).eval()

@@ -96,6 +96,7 @@ class AdapterGuidanceDistillation(Objective):
     sampler = "ddim"
     sampler_reason = "distils CFG into the teacher's own deterministic sampler, which its export runs"
     fused_export_reason = "its scale embedding is not a LoRA weight, so a LoRA file would lose it"
+    attaches_adapters = True
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None,
                  guidance_range: list[float] | None = None, adapter_rank: int = 8, trajectory_steps: int = 25):

@@ -177,7 +177,8 @@ class Objective(nn.Module):
     ``needs_sigma_init``: the constructor takes ``sigma_max`` = ``student.sigma_init`` (as consistency objectives,
     ``trains_on`` "data", always do): BOOT reads its one-step sample g(eps, 0) there.
     ``sampler``: the ``student.sampler`` the objective needs (None: either), with ``sampler_reason`` saying why;
-    ``fused_export_reason``: why its LoRA student cannot be exported as a LoRA file (None: it can).
+    ``fused_export_reason``: why its LoRA student cannot be exported as a LoRA file (None: it can);
+    ``attaches_adapters``: its student is always a LoRA, with adapters the objective attaches itself (AGD).
     ``tf32``: whether float32 matmuls and convolutions may run in TF32 on GPUs that have it (fast, 10-bit mantissa);
     False for objectives that differentiate the networks along time (a JVP or a finite difference: sCM, rCM,
     MeanFlow), which FastGen trains with TF32 off (``tf32_enabled = False`` in config_scm.py, config_mean_flow.py).
@@ -197,6 +198,7 @@ class Objective(nn.Module):
     sampler: str | None = None
     sampler_reason = ""
     fused_export_reason: str | None = None
+    attaches_adapters = False
     critic_grad_clip: float | None = None
     gan_readout = "dmd2"
     tf32 = True

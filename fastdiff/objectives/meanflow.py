@@ -96,6 +96,7 @@ class MeanFlow(Objective):
     trains_on = "data"
     uses_fake_score = False
     tf32 = False  # its tangent differentiates the networks along time (FastGen: tf32_enabled False)
+    fused_export_reason = "its r embedding is a new layer, not a LoRA weight, so a LoRA file would lose it"
     name = "meanflow"  # in messages and log keys (AYF, objectives/ayf.py, shares this machinery)
 
     def __init__(self, teacher: Denoiser, fake, student: Denoiser, gan_head=None, tangent: str = "auto",
@@ -118,11 +119,8 @@ class MeanFlow(Objective):
         self.adaptive_power, self.adaptive_const = adaptive_power, adaptive_const
         self.sigma_max, self.tangent_warmup = sigma_max, tangent_warmup
         self.two_time = consistency_ratio < 1
-        if self.two_time:
-            if is_lora(student.model):
-                raise ValueError(f"objective {self.name} trains full students (student.lora_rank 0): the flow-map "
-                                 "embedding is a new layer")
-            self.add_second_time(student.model)  # in place: the optimizer, EMA and checkpoints see the new layer
+        if self.two_time:  # in place: the optimizer, EMA and checkpoints see the new layer (a LoRA's: beside it)
+            self.add_second_time(student.model)
 
     @classmethod
     def add_second_time(cls, model) -> None:
@@ -137,8 +135,14 @@ class MeanFlow(Objective):
     def prepare_student(cls, model, options: dict) -> None:
         """The flow-map embedding added before setup copies or shards the student (train.sharding fsdp: so FSDP
         shards it with the rest; the constructor then finds it there)."""
-        if options["consistency_ratio"] < 1 and not is_lora(model):
+        if options["consistency_ratio"] < 1:
             cls.add_second_time(model)
+
+    def state_modules(self) -> dict[str, torch.nn.Module]:
+        """A LoRA student's r embedding: its checkpoint keeps only the ``lora_`` weights (``AdapterWeights``), so the
+        embedding trained beside them is checkpointed here (a full student's checkpoint holds it already)."""
+        model = self.student.model
+        return {"flow_map_r": model.flow_map_r} if self.two_time and is_lora(model) else {}
 
     def train_defaults(self) -> dict:
         """FastGen's config_mean_flow.py: no weight decay, no learning-rate warm-up; Adam's betas stay fastdiff's, and

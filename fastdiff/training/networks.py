@@ -77,10 +77,11 @@ def lora_export_mode(cfg: Config, teacher: Teacher) -> str | None:
     """How a LoRA student is exported: ``student.lora_export`` where the teacher has a pipeline that loads LoRA
     weights; fused for pixel teachers, whose pipelines (DDPMPipeline, fastdiff's class-conditional one) do not.
     None for students that are not LoRAs."""
-    if objective_class(cfg.objective.name).fused_export_reason:  # agd: adapters and a scale embedding no LoRA file carries
-        return "fused"
-    if not cfg.student.lora_rank:
+    cls = objective_class(cfg.objective.name)
+    if not (cfg.student.lora_rank or cls.attaches_adapters):
         return None
+    if cls.fused_export_reason:  # agd's scale embedding, a flow-map student's r embedding: no LoRA file carries them
+        return "fused"
     return cfg.student.lora_export if teacher.pipeline is not None else "fused"
 
 

@@ -100,7 +100,7 @@ def check_objective_settings(cfg: Config, teacher: Teacher) -> None:
                             "student.model or objective.guidance_range")
     if cls.sampler is not None and cfg.student.sampler != cls.sampler:
         raise FastdiffError(f"objective {o.name} {cls.sampler_reason}: set student.sampler={cls.sampler}")
-    if cls.fused_export_reason and cfg.student.lora_export == "lora":
+    if cls.fused_export_reason and cfg.student.lora_export == "lora" and (cfg.student.lora_rank or cls.attaches_adapters):
         raise FastdiffError(f"objective {o.name}: {cls.fused_export_reason}; its student exports fused: set "
                             "student.lora_export=fused")
     pipe = teacher.pipeline
