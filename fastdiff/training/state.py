@@ -27,8 +27,8 @@ RESUME_KEYS = ("teacher.path", "student.model", "student.num_steps", "student.lo
                "teacher.guidance_scale", "objective.fake_guidance", "objective.fake_train_guidance")
 # Allowed to change on resume, with a logged line: SiD's alpha weights the two terms of the generator gradient,
 # whose fixed point (fake score = teacher score) does not depend on it, so the checkpoint's networks keep their meaning;
-# train.max_steps extends (or ends early) a run, and what follows it changes from there on: a cosine learning rate
-# then decays to the new last step, from the value it has there.
+# train.max_steps extends (or ends early) a run: a cosine learning rate is a function of the step and the new
+# max_steps, so a finished cosine run (rate 0) restarts warm (max_steps 2 -> 4: factor 0.5 at update 3).
 LOGGED_RESUME_KEYS = ("objective.alpha", "train.max_steps")
 
 
