@@ -38,7 +38,6 @@ import copy
 
 import torch
 
-
 from ..models.denoiser import Denoiser, expand
 from ..models.guidance import with_guidance_embedding
 from ..models.lora import merged_model
