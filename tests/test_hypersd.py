@@ -388,6 +388,34 @@ def test_ema_restarts_when_a_stage_ends(tiny_teacher, tmp_path, restart):
         assert all(torch.equal(ema[k], student[k]) for k in ema) == equal, step
 
 
+def test_a_run_finished_at_a_stage_end_extends_with_the_ema_restart(tiny_teacher, tmp_path):
+    """A run whose max_steps is the 2-segment stage's end (update 2) skips the EMA restart there (no next stage then);
+    extended to 3 updates it restarts the EMA on resume, so its networks equal a 3-update run's bit for bit."""
+    from safetensors.torch import load_file
+    from test_consistency import FAST, distill
+    from test_export_e2e import write_fake_fashion_mnist
+
+    from fastdiff.cli import main
+
+    data = tmp_path / "fmnist"
+    write_fake_fashion_mnist(data, size=8)
+    common = ["objective.name=hyper-sd", "objective.segments=[2,1]", "objective.stage_steps=[2]", f"data.path={data}",
+              "data.resolution=8", "train.lr_generator=1e-2", "train.ema_decay=0.9", "train.sample_every=100",
+              "train.num_sample_images=1"]
+    whole = distill(tiny_teacher, tmp_path / "whole", *common, "train.max_steps=3")
+    part = distill(tiny_teacher, tmp_path / "part", *common)  # train.max_steps=2: ends where the stage does
+    at_two = {sub: load_file(part / "checkpoints" / "step-00000002" / f"{sub}.safetensors") for sub in ("ema", "generator")}
+    assert any(not torch.equal(at_two["ema"][k], at_two["generator"][k]) for k in at_two["ema"])  # not restarted
+    args = ["distill", "--resume", "latest"]
+    for item in [f"teacher.path={tiny_teacher}", f"output_dir={part}", *FAST, *common, "train.max_steps=3"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    for sub in ("ema", "generator", "cd_target"):
+        a = load_file(whole / "checkpoints" / "step-00000003" / f"{sub}.safetensors")
+        b = load_file(part / "checkpoints" / "step-00000003" / f"{sub}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
 def test_bench_gmm_scores_each_stage_student_at_its_own_step_count(tmp_path, monkeypatch):
     """fastdiff bench gmm keeps each finished stage's student (a copy, taken when the stage ends) and scores it at its
     segment count on the ddim sampler: stages of 2, 1 and 1 updates in a 4-update run, so the 2-segment stage ends

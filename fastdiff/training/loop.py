@@ -213,6 +213,10 @@ class Trainer(Run):
             start, first_step = time.time(), self.step
             if cfg.train.eval_every and self.step == 0:  # the curve starts where the student starts (as SiD's)
                 start += self.evaluate(metrics)
+            if cfg.train.ema_stage_restart and self.step in stage_ends and self.step < cfg.train.max_steps:
+                # A finished run that ended at a stage's end, extended: the restart its last update skipped (no next
+                # stage followed then). A no-op where the checkpoint holds the restarted EMA already.
+                self.restart_ema()
             while self.step < cfg.train.max_steps:
                 logs = self.train_step()
                 self.step += 1
