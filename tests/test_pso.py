@@ -257,14 +257,34 @@ def test_tune_a_guidance_embedded_student_at_one_scale(tiny_cond_teacher, tmp_pa
                                                      for n in ("middle", "at-3"))))
 
 
+def sampler_targets(denoiser, num_steps: int, shape=(1, 8, 8)) -> dict[float, torch.Tensor]:
+    """{level sigma: the r the flow-map network is told there}, read from FlowMapGenerator.forward's own calls (a
+    forward pre-hook records the embedding's pending r at each of its K network calls)."""
+    from fastdiff.models.flow_map import FlowMapGenerator, flow_map_embedding
+
+    generator = FlowMapGenerator(denoiser, num_steps)
+    told = []
+    hook = denoiser.model.register_forward_pre_hook(
+        lambda module, args: told.append(flow_map_embedding(module).pending.clone()))
+    try:
+        with torch.no_grad():
+            generator(torch.zeros(1, *shape, dtype=next(denoiser.model.parameters()).dtype))
+    finally:
+        hook.remove()
+    levels = generator.levels(num_steps)
+    assert len(told) == len(levels)
+    return {float(sigma): r for sigma, r in zip(levels, told)}
+
+
 def test_a_flow_map_student_is_scored_at_the_map_its_sampler_takes(tiny_teacher):
     """For a flow-map (meanflow) student, PSO's level k is a map step: inside tune.mapping_to_next_level both
-    networks are told each pair's next level (the data, 0, after the last), and the loss equals the mean of the pairs'
-    losses computed one by one, each network told that pair's level by hand (float64: the same operations on other
-    batch sizes, rel 1e-12); told the data end instead, the loss differs, so the level told is what is scored."""
+    networks are told what FlowMapGenerator tells them at that level, and the loss equals the mean of the pairs'
+    losses computed one by one, each network told that pair's r (as recorded from the sampler) by hand (float64: the
+    same operations on other batch sizes, rel 1e-12); told the data end instead, the loss differs, so the level told
+    is what is scored."""
     import copy
 
-    from fastdiff.models.flow_map import add_flow_map_embedding, r_timestep, target_time
+    from fastdiff.models.flow_map import add_flow_map_embedding, target_time
     from fastdiff.models.generator import step_sigmas
     from fastdiff.training.tune import mapping_to_next_level
 
@@ -277,14 +297,15 @@ def test_a_flow_map_student_is_scored_at_the_map_its_sampler_takes(tiny_teacher)
         networks.append(net)
     student, reference = (Denoiser(n, teacher.denoiser.schedule, teacher.denoiser.prediction_type) for n in networks)
     levels = step_sigmas(student, 3)
+    told = sampler_targets(student, 3)
+    assert sorted(told) == sorted(float(s) for s in levels)
     k = torch.tensor([0, 1, 2, 1])
     x_target, x_reference, noise = (torch.randn(4, 1, 8, 8, dtype=torch.float64) for _ in range(3))
     with mapping_to_next_level(networks, student, levels, k):
         loss, _ = pso_loss(student, reference, x_target, x_reference, levels[k], noise, beta=50.0)
-    following = torch.cat([levels[1:], levels.new_zeros(1)])
     by_hand = []
     for i in range(4):
-        r = r_timestep(student.schedule, following[k[i]])
+        r = told[float(levels[k[i]])]
         with target_time(networks[0], r), target_time(networks[1], r):
             pair, _ = pso_loss(student, reference, x_target[i:i + 1], x_reference[i:i + 1], levels[k[i:i + 1]],
                                noise[i:i + 1], beta=50.0)
@@ -295,12 +316,24 @@ def test_a_flow_map_student_is_scored_at_the_map_its_sampler_takes(tiny_teacher)
     assert abs(to_data.item() - loss.item()) > 1e-6 * abs(loss.item())
 
 
-def test_tune_a_flow_map_student_for_every_step_count(tiny_teacher, tmp_path):
-    """A two-step meanflow student tuned (scored at its two levels, each told the next) exports as the same
-    FastdiffFlowMapPipeline folder, which diffusers samples at K = 1, 2, 4 as fastdiff's any-K sampler does (floats
-    within image_bound), with its images moved from the student's."""
+def test_tune_a_flow_map_student_for_every_step_count(tiny_teacher, tmp_path, monkeypatch):
+    """A two-step meanflow student tuned exports as the same FastdiffFlowMapPipeline folder, which diffusers samples
+    at K = 1, 2, 4 as fastdiff's any-K sampler does (floats within image_bound), with its images moved from the
+    student's. In every update both networks were told, for each pair, the r its sampler tells them at that pair's
+    level (recorded as pso_loss is called)."""
+    from fastdiff.models.flow_map import flow_map_embedding
     from fastdiff.pipelines import FastdiffFlowMapPipeline
+    from fastdiff.training import tune as tune_module
     from test_consistency import distill as distill_consistency  # no critic keys: meanflow has no fake score
+
+    calls = []
+
+    def recording(student, reference, x_target, x_reference, sigma, *args, **kwargs):
+        told = [flow_map_embedding(d.model).pending for d in (student, reference)]
+        calls.append((sigma.clone(), *(None if r is None else r.clone() for r in told), reference))
+        return pso_loss(student, reference, x_target, x_reference, sigma, *args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "pso_loss", recording)
 
     data = tmp_path / "fmnist"
     write_fake_fashion_mnist(data, size=6)
@@ -311,6 +344,12 @@ def test_tune_a_flow_map_student_for_every_step_count(tiny_teacher, tmp_path):
     tune_cli(student, tmp_path / "targets", out, "steps=3", "lr=1e-3", "batch_size=2")
     info = json.loads((out / "fastdiff.json").read_text())
     assert info["flow_map"] and info["tuned"]["method"] == "pso" and info["num_steps"] == 2
+    assert len(calls) == 3
+    expected = sampler_targets(calls[0][3], 2)
+    for sigma, student_r, reference_r, _ in calls:
+        want = torch.cat([expected[float(s)].reshape(-1) for s in sigma])
+        assert student_r is not None and reference_r is not None
+        assert torch.equal(student_r.reshape(-1), want) and torch.equal(reference_r.reshape(-1), want)
     pipe = FastdiffFlowMapPipeline.from_pretrained(out)
     for steps in (1, 2, 4):
         ref = pipe(batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(11),
