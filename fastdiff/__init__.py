@@ -4,6 +4,7 @@
 # first use, so `fastdiff --help` answers at once.
 from .cudart import install_hook as _install_hook
 from .errors import FastdiffError
+from .lazy import lazy_names as _lazy_names
 
 _install_hook()
 del _install_hook
@@ -18,16 +19,6 @@ _LAZY = {"Denoiser": ".models.denoiser", "Generator": ".models.generator", "Flow
          "GaussianMixtureModel": ".models.analytic", "FlowMapModel": ".models.flow_map_model"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted({*globals(), *_LAZY})
-
+__getattr__, __dir__ = _lazy_names(__name__, __package__, _LAZY, globals())
 
 __all__ = ["Denoiser", "FastdiffError", "Generator", "FlowSchedule", "VPSchedule", "Teacher", "load_teacher"]

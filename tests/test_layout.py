@@ -15,7 +15,7 @@ PACKAGE = Path(fastdiff.__file__).parent
 README = PACKAGE.parent / "README.md"
 
 # Higher numbers may import lower ones and their own layer; never the other way.
-LAYERS = {"errors": 0, "machine": 0, "pipelines": 0, "configs": 0, "cudart": 0,
+LAYERS = {"errors": 0, "machine": 0, "pipelines": 0, "configs": 0, "cudart": 0, "lazy": 0,
           "models": 1,
           "objectives": 2, "inference": 2,
           "config": 3,
@@ -138,6 +138,27 @@ def test_bad_config_is_answered_without_diffusers(tmp_path):
                                      "teacher path '/nope' does not exist", "unknown objective 'nope'", "is not a fastdiff run folder",
                                      "lr and beta must be positive"]):
         assert reason in line, errors
+
+
+def test_moved_names_resolve_where_they_were():
+    """Names moved into modules of their own (so that importing the objectives does not load diffusers) still resolve
+    from where outside code imported them, as the same objects; a name that never existed is still an AttributeError;
+    dir() lists the lazy names."""
+    import importlib
+
+    import fastdiff
+    from fastdiff.pipelines import pipeline_fastdiff_class_conditional, pipeline_fastdiff_flow_map
+
+    moved = {("fastdiff.models.flow_map", "FlowMapModel"): fastdiff.FlowMapModel,
+             ("fastdiff.models.guidance", "GuidanceEmbeddedUNet"): fastdiff.GuidanceEmbeddedUNet,
+             ("fastdiff.models.guidance", "guidance_embedding"): pipeline_fastdiff_class_conditional.guidance_embedding,
+             ("fastdiff.models.generator", "step_timesteps"): pipeline_fastdiff_flow_map.step_timesteps,
+             ("fastdiff.training", "Trainer"): importlib.import_module("fastdiff.training.loop").Trainer}
+    for (module_name, name), obj in moved.items():
+        module = importlib.import_module(module_name)
+        assert getattr(module, name) is obj and name in dir(module), (module_name, name)
+        with pytest.raises(AttributeError, match=f"module '{module_name}' has no attribute 'nope'"):
+            getattr(module, "nope")
 
 
 def test_cli_errors_bench_refuses_what_it_cannot_compare(tmp_path, monkeypatch, capsys):

@@ -26,11 +26,15 @@ import contextlib
 import torch
 from torch import nn
 
+from ..lazy import lazy_names
 from .denoiser import Denoiser
 from .generator import Generator, flow_time_levels
 
 # diffusers (and fastdiff's diffusers models) are imported on first use below, when a network exists: the objectives
 # import this module, and config checks import the objectives, which then answer without loading diffusers.
+
+# FlowMapModel lived here (a diffusers model: it moved so that importing this module does not load diffusers)
+__getattr__, __dir__ = lazy_names(__name__, __package__, {"FlowMapModel": ".flow_map_model"}, globals())
 
 MLP_FEATURES = 64  # sinusoidal features of r for fastdiff's MLP (UNets reuse their own time_proj)
 

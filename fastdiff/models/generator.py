@@ -25,8 +25,13 @@ import torch
 from torch import nn
 
 from ..errors import FastdiffError
+from ..lazy import lazy_names
 from .denoiser import Denoiser, expand
 from .schedule import FlowSchedule, require_steps
+
+# step_timesteps, the flow-map pipeline's rule, was imported here; it is now imported on use (diffusers with it)
+__getattr__, __dir__ = lazy_names(__name__, __package__, {
+    "step_timesteps": "fastdiff.pipelines.pipeline_fastdiff_flow_map"}, globals())
 
 
 SAMPLERS = ("lcm", "ddim")

@@ -12,10 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..lazy import lazy_names
+
 __all__ = ["guided_condition", "with_guidance_embedding"]
 
 # diffusers is imported on first use below: the objectives import this module, and config checks import the
-# objectives, which then answer without loading diffusers (seconds).
+# objectives, which then answer without loading diffusers (seconds). The names that lived here resolve on first use.
+__getattr__, __dir__ = lazy_names(__name__, __package__, {
+    "GuidanceEmbeddedUNet": ".guidance_unet",
+    "guidance_embedding": "fastdiff.pipelines.pipeline_fastdiff_class_conditional"}, globals())
 
 
 def guided_condition(cond: dict, w: torch.Tensor, dim: int, device) -> dict:

@@ -4,11 +4,8 @@ checkpoint.py), optimizers (optim.py), networks (networks.py), data (data.py) an
 __all__ = ["Trainer"]
 
 
-def __getattr__(name):
-    # the Trainer (and with it diffusers) on first use: the CLI reads a checkpoint's config or a partition through
-    # this package's light modules and answers bad input in ~2 s (eval/results/cli-errors-cpu)
-    if name == "Trainer":
-        from .loop import Trainer
+from ..lazy import lazy_names
 
-        return Trainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# the Trainer (and with it diffusers) on first use: the CLI reads a checkpoint's config or a partition through this
+# package's light modules and answers bad input in ~2 s (eval/results/cli-errors-cpu)
+__getattr__, __dir__ = lazy_names(__name__, __package__, {"Trainer": ".loop"}, globals())
