@@ -46,7 +46,7 @@ def timed_call(code: str, config: Path, repeats: int) -> tuple[float, str]:
 def table(result: dict) -> str:
     lines = [f"# A config error's answer time ({result['machine']}, {result['date']})", "",
              f"{', '.join(f'{k} {v}' for k, v in result['versions'].items())}; fastest of {result['repeats']} fresh "
-             "interpreters each.", "", f"Error: `{result['error']}`", "", "| call | seconds | ratio to baseline |",
+             "interpreters each.", "", f"Error: `{result['error']}`", "", "| call | seconds | speed-up (baseline seconds / seconds) |",
              "|---|---|---|"]
     base = result["rows"][-1]["seconds"]
     lines += [f"| {r['call']} | {r['seconds']:.2f} | {base / r['seconds']:.1f}x |" for r in result["rows"]]

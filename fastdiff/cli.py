@@ -82,7 +82,7 @@ def _check_out(out: Path, overwrite: bool, keep: dict | None = None, may_hold: t
 def cmd_distill(args) -> None:
     from .config import load_config
 
-    cfg = load_config(args.config, args.set or [])  # before the trainer's imports (diffusers): a config error in ~2 s
+    cfg = load_config(args.config, args.set or [])  # before the trainer's imports (diffusers): a config error told in seconds
     if args.dry_run:  # the resolved config, parameter counts and memory estimate; nothing written, nothing trained
         from .training.dry_run import dry_run_report
 
@@ -95,7 +95,7 @@ def cmd_distill(args) -> None:
     from .models.embedded import resolve_teacher_path
     from .models.teacher import check_teacher_location
 
-    check_teacher_location(resolve_teacher_path(cfg.teacher.path))  # the most common mistake, told in ~2 s
+    check_teacher_location(resolve_teacher_path(cfg.teacher.path))  # the most common mistake, told in seconds
     run = Path(cfg.output_dir)
     existed = run.is_dir()
     new = args.resume is None and not (existed and any(run.iterdir()))

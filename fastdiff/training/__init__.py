@@ -7,5 +7,5 @@ __all__ = ["Trainer"]
 from ..lazy import lazy_names
 
 # the Trainer (and with it diffusers) on first use: the CLI reads a checkpoint's config or a partition through this
-# package's light modules and answers bad input in ~2 s (eval/results/cli-errors-cpu)
+# package's light modules and answers bad input in seconds (eval/results/cli-errors-cpu)
 __getattr__, __dir__ = lazy_names(__name__, __package__, {"Trainer": ".loop"}, globals())
