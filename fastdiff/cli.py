@@ -82,7 +82,7 @@ def _check_out(out: Path, overwrite: bool, keep: dict | None = None, may_hold: t
 def cmd_distill(args) -> None:
     from .config import load_config
 
-    cfg = load_config(args.config, args.set or [])  # before the trainer's imports (diffusers): a config error in seconds
+    cfg = load_config(args.config, args.set or [])  # before the trainer's imports (diffusers): config errors in seconds
     if args.dry_run:  # the resolved config, parameter counts and memory estimate; nothing written, nothing trained
         from .training.dry_run import dry_run_report
 
