@@ -391,6 +391,40 @@ def test_tune_a_text_to_image_flow_map_student(kind, tmp_path):
     assert np.abs(tuned[2].astype(int) - before[2].astype(int)).max() > 0  # the tuned weights were exported
 
 
+def test_a_flow_map_students_safety_checker_is_exported_and_kept_by_tune(tmp_path):
+    """An SD teacher with a safety checker: its meanflow student's FastdiffFlowMapSDPipeline folder carries the
+    checker, its feature extractor and requires_safety_checker, and so does the folder `fastdiff tune` re-exports
+    (from the loaded student's components), the checker's weights the teacher's bit for bit; diffusers runs it
+    (nsfw_content_detected is a list, not None as without a checker)."""
+    from safetensors.torch import load_file
+
+    import tiny_pipelines as tp
+    from fastdiff.pipelines import FastdiffFlowMapSDPipeline
+
+    teacher = tp.sd_pipeline(tmp_path / "sd", with_safety_checker=True)
+    args = ["distill"]
+    for item in [f"teacher.path={teacher}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                 "train.batch_size=2", "train.num_sample_images=2", "objective.name=meanflow", "student.num_steps=2",
+                 "data.name=imagefolder", f"data.path={tp.caption_folder(tmp_path / 'images')}"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    student = tmp_path / "run" / "student"
+    tp.caption_folder(tmp_path / "targets", n=4)
+    out = tmp_path / "tuned"
+    tune_cli(student, tmp_path / "targets", out, "steps=1", "lr=1e-3", "batch_size=2")
+    weights = lambda folder: load_file(folder / "safety_checker" / "model.safetensors")  # noqa: E731
+    theirs = weights(teacher)
+    for folder in (student, out):
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["safety_checker"][1] == "StableDiffusionSafetyChecker", folder
+        assert index["feature_extractor"][1] == "CLIPImageProcessor" and index["requires_safety_checker"], folder
+        ours = weights(folder)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), folder
+    pipe = FastdiffFlowMapSDPipeline.from_pretrained(out)
+    result = pipe(["a shirt"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert result.nsfw_content_detected == [False]
+
+
 def test_tune_refuses_bad_input_in_one_line(tiny_student, tiny_teacher, tmp_path, capsys):
     write_targets(tmp_path / "targets")
     (tmp_path / "empty").mkdir()

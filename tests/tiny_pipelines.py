@@ -48,8 +48,24 @@ def _save(pipe, path: Path) -> Path:
     return path
 
 
-def sd_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
-    """A StableDiffusionPipeline folder: UNet2DConditionModel, AutoencoderKL, CLIP text model, DDPM schedule."""
+def safety_checker(seed: int = 0):
+    """A tiny StableDiffusionSafetyChecker and its CLIPImageProcessor (32 x 32 crops). Its concept thresholds start at
+    the weights' 1, above any cosine similarity, so it flags nothing and images pass through unchanged."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1)
+    cfg = CLIPConfig(text_config=dict(small, vocab_size=514, max_position_embeddings=16, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(small, image_size=32, patch_size=8), projection_dim=32)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return StableDiffusionSafetyChecker(cfg).eval(), processor
+
+
+def sd_pipeline(path: Path, prediction_type: str = "epsilon", with_safety_checker: bool = False) -> Path:
+    """A StableDiffusionPipeline folder: UNet2DConditionModel, AutoencoderKL, CLIP text model, DDPM schedule (and,
+    ``with_safety_checker``, a tiny safety checker and its feature extractor)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -59,9 +75,10 @@ def sd_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
                                 attention_head_dim=4, norm_num_groups=8)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    checker, extractor = safety_checker() if with_safety_checker else (None, None)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae(), text_encoder=text_encoder(), tokenizer=tokenizer(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=scheduler, safety_checker=checker, feature_extractor=extractor,
+                                   requires_safety_checker=with_safety_checker)
     return _save(pipe, path)
 
 
