@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import FastdiffError, refuse_replacing, require_folder_path
+from .inference.students import parse_levels
 
 
 def _device(name: str | None):
@@ -555,21 +556,6 @@ def cmd_bench_speed(args) -> None:
 LEVELS_HELP = ("flow-map (meanflow, ayf) students: the K levels, `table` (default: the exported scheduler's), `flow` "
                "(uniform in flow time; the run prints them) or timesteps highest first from the student's own, e.g. "
                "727,234 (--steps their number)")
-
-
-def parse_levels(text: str | None, steps: int | None):
-    """--levels: None, a rule name, or comma-separated timesteps (their number must be --steps)."""
-    if text is None or text in ("table", "flow"):
-        return text
-    try:
-        values = [float(v) for v in text.split(",")]
-        values = [int(v) if v == int(v) else v for v in values]  # inf / nan fail here too
-    except (ValueError, OverflowError):
-        raise FastdiffError(f"--levels {text!r}: use table, flow or timesteps such as 727,234 (highest first, the "
-                            "first the student's own: `--levels flow` prints them)") from None
-    if steps is not None and steps != len(values):
-        raise FastdiffError(f"--levels {text} gives {len(values)} levels: pass --steps {len(values)}")
-    return values
 
 
 def _eval_args(p, inception: bool = True, model_input: bool = False) -> None:

@@ -87,7 +87,7 @@ def test_an_input_not_given_does_not_skip_the_non_empty_out_check(tiny_teacher, 
 
 def test_explicit_levels_are_kept_as_given_not_rounded():
     """727.5 stays 727.5 (a VP student then refuses it as not an integer) instead of silently becoming 727."""
-    from fastdiff.cli import parse_levels
+    from fastdiff.inference.students import parse_levels
 
     levels = parse_levels("727.5,234", 2)
     assert levels == [727.5, 234] and isinstance(levels[1], int)

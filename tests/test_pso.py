@@ -257,12 +257,12 @@ def test_tune_a_guidance_embedded_student_at_one_scale(tiny_cond_teacher, tmp_pa
                                                      for n in ("middle", "at-3"))))
 
 
-def sampler_targets(denoiser, num_steps: int, shape=(1, 8, 8)) -> dict[float, torch.Tensor]:
+def sampler_targets(denoiser, num_steps: int, shape=(1, 8, 8), levels="table") -> dict[float, torch.Tensor]:
     """{level sigma: the r the flow-map network is told there}, read from FlowMapGenerator.forward's own calls (a
     forward pre-hook records the embedding's pending r at each of its K network calls)."""
     from fastdiff.models.flow_map import FlowMapGenerator, flow_map_embedding
 
-    generator = FlowMapGenerator(denoiser, num_steps)
+    generator = FlowMapGenerator(denoiser, num_steps, levels=levels)
     told = []
     hook = denoiser.model.register_forward_pre_hook(
         lambda module, args: told.append(flow_map_embedding(module).pending.clone()))
@@ -316,15 +316,23 @@ def test_a_flow_map_student_is_scored_at_the_map_its_sampler_takes(tiny_teacher)
     assert abs(to_data.item() - loss.item()) > 1e-6 * abs(loss.item())
 
 
-def test_tune_a_flow_map_student_for_every_step_count(tiny_teacher, tmp_path, monkeypatch):
-    """A two-step meanflow student tuned exports as the same FastdiffFlowMapPipeline folder, which diffusers samples
-    at K = 1, 2, 4 as fastdiff's any-K sampler does (floats within image_bound), with its images moved from the
-    student's. In every update both networks were told, for each pair, the r its sampler tells them at that pair's
-    level (recorded as pso_loss is called)."""
-    from fastdiff.models.flow_map import flow_map_embedding
-    from fastdiff.pipelines import FastdiffFlowMapPipeline
-    from fastdiff.training import tune as tune_module
+@pytest.fixture(scope="module")
+def meanflow_student(tiny_teacher, tmp_path_factory) -> Path:
+    """A two-step meanflow student (one update) and a folder of targets beside it."""
     from test_consistency import distill as distill_consistency  # no critic keys: meanflow has no fake score
+
+    root = tmp_path_factory.mktemp("meanflow_student")
+    write_fake_fashion_mnist(root / "fmnist", size=6)
+    write_targets(root / "targets")
+    return distill_consistency(tiny_teacher, root / "run", "objective.name=meanflow", f"data.path={root / 'fmnist'}",
+                               "data.resolution=8", "student.num_steps=2", "train.max_steps=1") / "student"
+
+
+@pytest.fixture
+def told_levels(monkeypatch) -> list:
+    """Each pso_loss call of tune(): (its pairs' levels, the r each network is told then, the reference denoiser)."""
+    from fastdiff.models.flow_map import flow_map_embedding
+    from fastdiff.training import tune as tune_module
 
     calls = []
 
@@ -334,22 +342,34 @@ def test_tune_a_flow_map_student_for_every_step_count(tiny_teacher, tmp_path, mo
         return pso_loss(student, reference, x_target, x_reference, sigma, *args, **kwargs)
 
     monkeypatch.setattr(tune_module, "pso_loss", recording)
+    return calls
 
-    data = tmp_path / "fmnist"
-    write_fake_fashion_mnist(data, size=6)
-    student = distill_consistency(tiny_teacher, tmp_path / "run", "objective.name=meanflow", f"data.path={data}",
-                                  "data.resolution=8", "student.num_steps=2", "train.max_steps=1") / "student"
-    write_targets(tmp_path / "targets")
-    out = tmp_path / "tuned"
-    tune_cli(student, tmp_path / "targets", out, "steps=3", "lr=1e-3", "batch_size=2")
-    info = json.loads((out / "fastdiff.json").read_text())
-    assert info["flow_map"] and info["tuned"]["method"] == "pso" and info["num_steps"] == 2
-    assert len(calls) == 3
-    expected = sampler_targets(calls[0][3], 2)
+
+def assert_told_as_sampled(calls, levels: str, updates: int) -> set:
+    """Every pair of every update was scored at one of the sampler's levels, both networks told the r the sampler
+    tells them there; returns the levels scored."""
+    assert len(calls) == updates
+    expected = sampler_targets(calls[0][3], 2, levels=levels)
     for sigma, student_r, reference_r, _ in calls:
         want = torch.cat([expected[float(s)].reshape(-1) for s in sigma])
         assert student_r is not None and reference_r is not None
         assert torch.equal(student_r.reshape(-1), want) and torch.equal(reference_r.reshape(-1), want)
+    return {float(s) for sigma, *_ in calls for s in sigma}
+
+
+def test_tune_a_flow_map_student_for_every_step_count(meanflow_student, tmp_path, told_levels):
+    """A two-step meanflow student tuned exports as the same FastdiffFlowMapPipeline folder, which diffusers samples
+    at K = 1, 2, 4 as fastdiff's any-K sampler does (floats within image_bound), with its images moved from the
+    student's. In every update both networks were told, for each pair, the r its sampler tells them at that pair's
+    level (recorded as pso_loss is called)."""
+    from fastdiff.pipelines import FastdiffFlowMapPipeline
+
+    student, out = meanflow_student, tmp_path / "tuned"
+    tune_cli(student, student.parent.parent / "targets", out, "steps=3", "lr=1e-3", "batch_size=2")
+    info = json.loads((out / "fastdiff.json").read_text())
+    assert info["flow_map"] and info["tuned"]["method"] == "pso" and info["num_steps"] == 2
+    assert "timesteps" not in info["tuned"]
+    assert_told_as_sampled(told_levels, "table", 3)
     pipe = FastdiffFlowMapPipeline.from_pretrained(out)
     for steps in (1, 2, 4):
         ref = pipe(batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(11),
@@ -357,6 +377,23 @@ def test_tune_a_flow_map_student_for_every_step_count(tiny_teacher, tmp_path, mo
         assert np.abs(fastdiff_images(out, steps, 11, 3) - ref).max() <= image_bound(out, 3, 11), steps
     moved = np.abs(fastdiff_images(out, 2, 11, 3) - fastdiff_images(student, 2, 11, 3)).max()
     assert moved > 1e-3, moved
+
+
+def test_tune_a_flow_map_student_on_its_flow_levels(meanflow_student, tmp_path, told_levels):
+    """levels=flow: PSO scores the pairs on the flow levels (727 / 234 for this epsilon student, not the table's),
+    the references are sampled on them, both networks told the r the flow-level sampler tells them; fastdiff.json and
+    the card give the timesteps= that samples as tuned. A student that is no flow map refuses levels in one line."""
+    from fastdiff.models.flow_map import FlowMapGenerator
+
+    student, out = meanflow_student, tmp_path / "tuned"
+    tune_cli(student, student.parent.parent / "targets", out, "steps=4", "lr=1e-3", "batch_size=2", "levels=flow")
+    scored = assert_told_as_sampled(told_levels, "flow", 4)
+    generator = FlowMapGenerator(told_levels[0][3], 2, levels="flow")
+    assert scored <= {float(s) for s in generator.levels()} and len(scored) == 2  # 8 pairs: both drawn
+    info = json.loads((out / "fastdiff.json").read_text())
+    table = FlowMapGenerator(told_levels[0][3], 2).timesteps()
+    assert info["tuned"]["timesteps"] == generator.timesteps() == [727, 234] != table  # table: [727, 363]
+    assert "timesteps=[727, 234]" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
@@ -441,6 +478,10 @@ def test_tune_refuses_bad_input_in_one_line(tiny_student, tiny_teacher, tmp_path
          "guidance_scale is for guidance-embedded students"),
         (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "guidance_scale=nan"],
          "guidance_scale: expected a finite number"),
+        (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "levels=karras"],
+         "levels 'karras': use table, flow or timesteps"),
+        (["tune", str(tiny_student), "--targets", str(tmp_path / "targets"), "--set", "levels=flow"],
+         "levels is for flow-map students"),
     ]
     for args, message in cases:
         assert main([*args, "--out", str(tmp_path / "out"), "--quiet"]) == 2, args

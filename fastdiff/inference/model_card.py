@@ -127,7 +127,9 @@ def model_card_body(info: dict, where: str = ".") -> str:
                       "the student's own)." + (
                           f"\nFor two steps pass `timesteps={info['flow_levels_2']}`: levels uniform in flow time, better "
                           "than the default's\nat two steps (not at four) on fastdiff's analytic benchmark."
-                          if info.get("flow_levels_2") else "")
+                          if info.get("flow_levels_2") else "") + (
+                          f"\nTuned (PSO) on the levels `timesteps={info['tuned']['timesteps']}`: pass them to sample "
+                          "as it was tuned." if (info.get("tuned") or {}).get("timesteps") else "")
                       if info.get("flow_map") else
                       "The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` with shift 1: FluxPipeline passes "
                       "fastdiff's levels\nt = 1 - i/K for every `num_inference_steps=K`."

@@ -116,6 +116,22 @@ def range_middle(g_range) -> float | None:
     return sum(g_range) / 2 if g_range else None
 
 
+def parse_levels(text: str | None, steps: int | None, option: str = "--levels"):
+    """A flow-map student's levels as given (``--levels``, tune's ``levels``): None, a rule name, or comma-separated
+    timesteps (their number must be ``steps`` when given)."""
+    if text is None or text in ("table", "flow"):
+        return text
+    try:
+        values = [float(v) for v in str(text).split(",")]
+        values = [int(v) if v == int(v) else v for v in values]  # inf / nan fail here too
+    except (ValueError, OverflowError):
+        raise FastdiffError(f"{option} {text!r}: use table, flow or timesteps such as 727,234 (highest first, the "
+                            "first the student's own: `fastdiff sample --levels flow` prints them)") from None
+    if steps is not None and steps != len(values):
+        raise FastdiffError(f"{option} {text} gives {len(values)} levels: pass --steps {len(values)}")
+    return values
+
+
 def student_generator(loaded, info: dict, levels=None):
     """fastdiff's K-step sampler for an exported student folder loaded with ``load_teacher``: the consistency
     boundary scalings when it was trained with them, and the top of its (truncated) table as first level.
@@ -134,7 +150,7 @@ def student_generator(loaded, info: dict, levels=None):
         try:
             return FlowMapGenerator(d, info["num_steps"], levels="table" if levels is None else levels)
         except ValueError as e:
-            raise FastdiffError(f"--levels: {e}") from None
+            raise FastdiffError(f"levels {levels!r}: {e}") from None
     cls = flux.FluxGenerator if flux.takes_packed_latents(loaded.model) else Generator  # FluxPipeline's noise layout
     generator = cls(d, info["num_steps"], sampler=info.get("sampler", "lcm"))
     generator.default_guidance = embedded_guidance_default(info)  # sample_model's scale when none is given

@@ -28,7 +28,7 @@ import torch
 from ..config import flat_config
 from ..errors import FastdiffError
 from ..inference.students import (check_guidance_in_range, embedded_guidance_default, load_flow_map_student,
-                                  read_student_info, student_generator, teacher_location)
+                                  parse_levels, read_student_info, student_generator, teacher_location)
 from ..inference.sampling import guided_cond, save_grid, to_uint8
 from ..machine import progress
 from ..models.teacher import Teacher, load_teacher
@@ -54,12 +54,16 @@ class TuneConfig:
     grad_clip: float = 1.0
     seed: int = 0
     num_sample_images: int = 16  # the model card's grid of tuned samples
+    # flow-map (meanflow, ayf) students: the levels scored and sampled, as `fastdiff sample --levels` takes them
+    # (table, flow, or timesteps such as 999,256); null: the table's, which the exported scheduler steps on
+    levels: typing.Optional[str] = None
 
 
 def tune_config(overrides: list[str]) -> TuneConfig:
     cfg = flat_config(TuneConfig(), overrides, positive=("steps", "batch_size", "num_sample_images"))
     if cfg.lr <= 0 or cfg.beta <= 0:
         raise FastdiffError(f"lr and beta must be positive, got lr {cfg.lr}, beta {cfg.beta}")
+    parse_levels(cfg.levels, None, "levels")  # a malformed value before anything loads
     return cfg
 
 
@@ -178,16 +182,20 @@ def tune(student_dir: str, targets_dir: str, out: str, cfg: TuneConfig, device=N
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded, info = load_student(student_dir)
     scale = tuned_guidance(info, cfg)
+    level_rule = parse_levels(cfg.levels, None, "levels")
+    if level_rule is not None and not info.get("flow_map"):
+        raise FastdiffError("levels is for flow-map students (objective meanflow or ayf); this one samples on its own "
+                            "levels")
     # bad targets fail before anything is written
     targets = Targets(targets_dir, loaded, cfg.class_label, device, scale)
     (loaded.pipeline if loaded.pipeline is not None else loaded.model).to(device)
-    frozen = student_generator(loaded, info).to(device)  # theta_0: PSO's reference policy, never trained
+    frozen = student_generator(loaded, info, level_rule).to(device)  # theta_0: PSO's reference policy, never trained
     tuned_model = trainable_copy(loaded.model)
-    tuned = student_generator(dataclasses.replace(loaded, model=tuned_model), info).to(device)
+    tuned = student_generator(dataclasses.replace(loaded, model=tuned_model), info, level_rule).to(device)
     opt = torch.optim.AdamW([p for p in tuned_model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     rng = torch.Generator().manual_seed(cfg.seed)
-    levels, shape = frozen.sigmas, loaded.sample_shape
+    levels, shape = frozen.levels(), loaded.sample_shape  # the sampler's own: a flow-map student's given ones
     logs = {}
     with progress(total=cfg.steps, desc="tune (pso)", unit="step", enabled=show_progress) as bar:
         for _ in range(cfg.steps):
@@ -228,7 +236,11 @@ def export_tuned(tuned, loaded: Teacher, info: dict, student_dir: str, targets: 
                                                           "targets": Path(targets.folder).name,
                                                           "from_objective": info.get("objective"),
                                                           **({} if targets.guidance_scale is None else
-                                                             {"guidance_scale": targets.guidance_scale})})
+                                                             {"guidance_scale": targets.guidance_scale}),
+                                                          # flow-map students tuned on given levels: the pipeline's
+                                                          # timesteps= that samples on them (the card says so)
+                                                          **({} if cfg.levels is None else
+                                                             {"timesteps": tuned.timesteps()})})
     resolved = {} if targets.guidance_scale is None else {"guidance_scale": targets.guidance_scale}  # null: the middle
     new_info["settings"] = {**info.get("settings", {}), "tune.pso": {**dataclasses.asdict(cfg), **resolved}}
     model = tuned.denoiser.model.eval()
