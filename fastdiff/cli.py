@@ -639,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pairwise sample optimisation (Miao et al. 2024): raise the likelihood of the "
                        "target images over the student's own samples, relative to the student as it was; the result "
                        "is exported like the student. Keys: steps, batch_size, lr, beta, online, class_label, "
-                       "guidance_scale (guidance-embedded students), weight_decay, grad_clip, seed, num_sample_images "
-                       "(training/tune.py).")
+                       "guidance_scale (guidance-embedded students), weight_decay, grad_clip, seed, num_sample_images, "
+                       "levels (flow-map students: table, flow or timesteps, as sample --levels) (training/tune.py).")
     t.add_argument("student", help="an exported student folder (fastdiff distill / export)")
     t.add_argument("--targets", required=True, help="folder of target images (with metadata.jsonl captions for "
                    "text-to-image students)")

@@ -247,8 +247,8 @@ def test_tune_feeds_pso_the_targets_and_the_frozen_students_samples(tiny_student
     made, sampled, fed = [], [], []
     original_generator, original_loss = tune_mod.student_generator, tune_mod.pso_loss
 
-    def tagged_generator(loaded, info):
-        gen = original_generator(loaded, info)
+    def tagged_generator(loaded, info, levels=None):
+        gen = original_generator(loaded, info, levels)
         name = ("frozen", "tuned")[len(made)]
         made.append(name)
 
