@@ -32,6 +32,16 @@ def eval_script(name: str):
     return module
 
 
+def by_default(cases, ids, keep):
+    """Parametrize values for a family check: the cases whose id is in ``keep`` run in the default suite, the rest
+    (the same check on more families, objectives or settings) behind the slow marker (``pytest -m slow``), so the
+    default suite stays within its 5 minutes on 2 cores while every case still runs somewhere."""
+    unknown = set(keep) - set(ids)
+    assert not unknown, f"kept ids that are no case: {sorted(unknown)}"
+    return [pytest.param(*(case if isinstance(case, tuple) else (case,)), id=i,
+                         marks=() if i in keep else pytest.mark.slow) for case, i in zip(cases, ids)]
+
+
 def accelerate_launch(*argv, processes: int = 2):
     """``fastdiff ARGV`` under ``accelerate launch`` on ``processes`` CPU processes (gloo), one thread each: the real
     launcher, each process a fresh interpreter (~10 s of imports each on 2 cores; test_sharding.cli_on_processes forks

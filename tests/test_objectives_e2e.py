@@ -47,11 +47,10 @@ def test_options_that_do_not_apply_are_errors(tiny_teacher, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-# The default suite runs one objective of each family on the real teacher's shapes, dmd2 and sid (~7 s each on 2 busy
-# cores); vsd (dmd2 with a LoRA fake score), sida (sid with a GAN head) and sim are slow: their own paths run on the
-# tiny teachers (test_reliability resumes and exports each, test_text_objectives trains each on a tiny SD).
-@pytest.mark.parametrize("name", [n if n in ("dmd2", "sid") else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in OBJECTIVES])
+# The default suite runs dmd2 on the real teacher's shapes (~7 s on 2 busy cores); sid, vsd (dmd2 with a LoRA fake
+# score), sida (sid with a GAN head) and sim are slow: their own paths run on the tiny teachers (test_objectives_e2e
+# trains and exports each below, test_text_objectives trains each on a tiny SD).
+@pytest.mark.parametrize("name", [n if n == "dmd2" else pytest.param(n, marks=pytest.mark.slow) for n in OBJECTIVES])
 def test_reference_teacher_smoke(name, shared_teacher, tmp_path):
     """One update of each objective on fmnist-cond-vpred (the real teacher's shapes: 32 x 32, four levels, classes,
     v-prediction; several updates run on the tiny teachers, ~3 s each here), exported and reproduced by diffusers."""

@@ -17,7 +17,7 @@ from fastdiff.models.schedule import schedule_from_scheduler
 from fastdiff.objectives.pso import pair_losses, pso_loss
 from fastdiff.models.teacher import load_teacher
 
-from conftest import tiny_unet
+from conftest import by_default, tiny_unet
 from test_export_e2e import assert_pipeline_matches, distill, fastdiff_images, image_bound, write_fake_fashion_mnist
 
 
@@ -396,7 +396,9 @@ def test_tune_a_flow_map_student_on_its_flow_levels(meanflow_student, tmp_path, 
     assert "timesteps=[727, 234]" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
+# SD by default; SDXL and SD3 (their re-export's only differences: the pipeline class and absent components, which
+# test_flow_map_export checks on their first export) behind the slow marker
+@pytest.mark.parametrize("kind", by_default(["sd", "sdxl", "sd3"], ["sd", "sdxl", "sd3"], {"sd"}))
 def test_tune_a_text_to_image_flow_map_student(kind, tmp_path):
     """An SD / SDXL / SD3-style two-step meanflow student (its own FastdiffFlowMapSD*Pipeline folder) tuned toward
     captioned targets is re-exported as that folder, the teacher's components kept: `fastdiff sample`'s path gives the
